@@ -1,0 +1,38 @@
+# Two commands a new user needs: `make demo` and `make test`. Both set up .venv on first use
+# (idempotent, seconds when already done), build the native op, then run.
+SYS_PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV       ?= .venv
+PYTHON     := $(VENV)/bin/python
+STAMP      := $(VENV)/.e2e-vl-installed
+# torch is installed first, on its own, because the extension compiles against it.
+TORCH_SPEC ?= torch torchvision
+PYTEST_ARGS ?= -n 2 --timeout 900
+
+.PHONY: setup build test demo bench clean
+
+$(PYTHON):
+	$(SYS_PYTHON) -m venv $(VENV)
+
+$(STAMP): setup.py pyproject.toml | $(PYTHON)
+	$(PYTHON) -m pip install --upgrade pip setuptools wheel ninja
+	$(PYTHON) -m pip install $(TORCH_SPEC)
+	$(PYTHON) -m pip install -e '.[test,demo]' --no-build-isolation
+	touch $@
+
+setup: $(STAMP)
+
+# Recompiles only what changed (ninja); --force so header edits are noticed too.
+build: setup
+	$(PYTHON) setup.py -q build_ext --inplace --force
+
+test: build
+	$(PYTHON) -m pytest $(PYTEST_ARGS) tests
+
+demo: build
+	$(PYTHON) tools/train_net.py
+
+bench: build
+	for b in benchmarks/*.py; do $(PYTHON) $$b || exit 1; done
+
+clean:
+	rm -rf build detector/_C*.so *.egg-info

@@ -1,0 +1,24 @@
+"""Shared test set-up: small, deterministic, CPU by default; GPU and Detectron2 tests skip cleanly."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = torch.cuda.is_available()
+    try:
+        import detectron2  # noqa: F401
+
+        has_d2 = True
+    except ImportError:
+        has_d2 = False
+    for item in items:
+        if "cuda" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "detectron2" in item.keywords and not has_d2:
+            item.add_marker(pytest.mark.skip(reason="needs Detectron2 importable"))
