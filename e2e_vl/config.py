@@ -1,0 +1,161 @@
+"""Training configuration: the detector's defaults plus the sections a VL-BERT training run needs.
+
+The schema, YAML `_BASE_` chains, type checking and "did you mean" errors all come from
+`detector.config`; this module only adds keys. Every key a YAML file or a `KEY VALUE` override may
+set must appear here, so a typo fails with the key's name instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from detector.config import CfgNode, ConfigError, get_cfg
+
+__all__ = ["CfgNode", "ConfigError", "get_train_cfg", "load_train_cfg", "validate_train_cfg"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# MODEL.VLBERT — owned by the VL-BERT model (engineer D). Keys for the transformer, visual embedding,
+# heads and masking live in this block only.
+# ----------------------------------------------------------------------------------------------------
+def _vlbert_defaults() -> dict:
+    return {}
+
+
+# ----------------------------------------------------------------------------------------------------
+# End of MODEL.VLBERT block.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _training_defaults() -> dict:
+    """Engine-owned sections (solver, data, task, output)."""
+    return {
+        "TASK": "vqa",
+        "OUTPUT_DIR": "output/easy_vqa",
+        "SEED": 0,
+        "SOLVER": {
+            "OPTIMIZER": "AdamW",
+            "BASE_LR": 1e-4,
+            "WEIGHT_DECAY": 1e-4,
+            # Norm weights and all biases get no weight decay (standard for BERT-style training).
+            "WEIGHT_DECAY_NORM_BIAS": 0.0,
+            "BETAS": [0.9, 0.999],
+            "EPS": 1e-6,
+            # Learning rate of detector parameters = BASE_LR * DETECTOR_LR_MULT.
+            "DETECTOR_LR_MULT": 1.0,
+            # Learning rate of parameters outside the detector and the pre-trained BERT (heads, visual
+            # embedding); lets freshly initialised layers move faster than the checkpointed encoder.
+            "HEAD_LR_MULT": 1.0,
+            "WARMUP_ITERS": 0,
+            "WARMUP_FACTOR": 0.0,
+            "LR_SCHEDULER": "linear",  # linear | cosine | constant (after warm-up)
+            "MIN_LR_FACTOR": 0.0,
+            # Length of the run in optimiser steps; MAX_EPOCHS > 0 takes precedence (converted to steps).
+            "MAX_ITER": 1000,
+            "MAX_EPOCHS": 0.0,
+            # Images per optimiser step over all processes (each image carries its questions).
+            "IMS_PER_BATCH": 16,
+            "GRAD_ACCUM_STEPS": 1,
+            "CLIP_GRAD_NORM": 10.0,  # <= 0 disables clipping
+            "AMP": {"DTYPE": "none"},  # none | bf16 | fp16 (fp16 uses a gradient scaler)
+            "GRADIENT_CHECKPOINTING": False,
+            "CHECKPOINT_PERIOD": 500,
+            "CHECKPOINT_KEEP_LAST": 2,
+            "LOG_PERIOD": 20,
+        },
+        "DATALOADER": {
+            "NUM_WORKERS": 2,
+            "PIN_MEMORY": True,
+            # Questions of one image that ride along with it in a batch (0 = all of them).
+            "QUESTIONS_PER_IMAGE": 0,
+        },
+        "DATASETS": {
+            "TRAIN": "easy_vqa_train",
+            "TEST": "easy_vqa_test",
+            # VQA v2: folder holding the question/annotation json files and images; empty for easy-VQA.
+            "ROOT": "",
+            "IMAGE_DIR_TRAIN": "",
+            "IMAGE_DIR_TEST": "",
+            "QUESTIONS_TRAIN": "",
+            "ANNOTATIONS_TRAIN": "",
+            "QUESTIONS_TEST": "",
+            "ANNOTATIONS_TEST": "",
+            "ANSWER_VOCAB": "",
+            # RoI store (tools/extract_rois.py output) for VQA v2 boxes.
+            "ROI_STORE": "",
+            "MAX_QUESTION_TOKENS": 16,
+            # Cap the number of training/test questions (0 = all): for smoke runs.
+            "TRAIN_LIMIT": 0,
+            "TEST_LIMIT": 0,
+        },
+        "TEST": {
+            "EVAL_PERIOD": 0,  # 0 = evaluate only at the end
+            "IMS_PER_BATCH": 64,
+        },
+    }
+
+
+def get_train_cfg() -> CfgNode:
+    """Fresh training defaults: detector keys + MODEL.VLBERT + engine sections."""
+    cfg = get_cfg()
+    cfg.MODEL["VLBERT"] = CfgNode(_vlbert_defaults())
+    _merge_new(cfg, _training_defaults())
+    return cfg
+
+
+def _merge_new(node: CfgNode, extra: dict) -> None:
+    """Add keys (recursively) that the detector defaults do not have; never override one it has."""
+    for key, value in extra.items():
+        if isinstance(value, dict):
+            if key not in node:
+                node[key] = CfgNode({})
+            _merge_new(node[key], value)
+        elif key in node:
+            raise AssertionError(f"training default '{key}' collides with a detector default")
+        else:
+            node[key] = value
+
+
+_CHOICES = {
+    ("SOLVER", "OPTIMIZER"): ("AdamW",),
+    ("SOLVER", "LR_SCHEDULER"): ("linear", "cosine", "constant"),
+    ("SOLVER", "AMP", "DTYPE"): ("none", "bf16", "fp16"),
+    ("TASK",): ("vqa",),
+}
+
+
+def validate_train_cfg(cfg: CfgNode) -> None:
+    """Check values the type system cannot (choices, ranges); raise ConfigError naming the key."""
+    for path, allowed in _CHOICES.items():
+        value = cfg
+        for part in path:
+            value = value[part]
+        if value not in allowed:
+            raise ConfigError(f"'{'.'.join(path)}' must be one of {list(allowed)}, got {value!r}")
+    s = cfg.SOLVER
+    positive = {"SOLVER.IMS_PER_BATCH": s.IMS_PER_BATCH, "SOLVER.GRAD_ACCUM_STEPS": s.GRAD_ACCUM_STEPS,
+                "SOLVER.CHECKPOINT_KEEP_LAST": s.CHECKPOINT_KEEP_LAST, "TEST.IMS_PER_BATCH": cfg.TEST.IMS_PER_BATCH}
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"'{name}' must be >= 1, got {value}")
+    if s.MAX_ITER < 1 and s.MAX_EPOCHS <= 0:
+        raise ConfigError(f"set 'SOLVER.MAX_ITER' >= 1 or 'SOLVER.MAX_EPOCHS' > 0 (got {s.MAX_ITER}, {s.MAX_EPOCHS})")
+    if s.BASE_LR <= 0:
+        raise ConfigError(f"'SOLVER.BASE_LR' must be > 0, got {s.BASE_LR}")
+    if len(s.BETAS) != 2:
+        raise ConfigError(f"'SOLVER.BETAS' must have two values, got {s.BETAS}")
+    if s.IMS_PER_BATCH % s.GRAD_ACCUM_STEPS:
+        raise ConfigError(
+            f"'SOLVER.IMS_PER_BATCH' ({s.IMS_PER_BATCH}) must be divisible by 'SOLVER.GRAD_ACCUM_STEPS' "
+            f"({s.GRAD_ACCUM_STEPS})"
+        )
+
+
+def load_train_cfg(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> CfgNode:
+    """Training defaults merged with a YAML file (and its bases) and `KEY VALUE` overrides; validated, frozen."""
+    cfg = get_train_cfg()
+    if path:
+        cfg.merge_from_file(path)
+    cfg.merge_from_list(list(overrides))
+    validate_train_cfg(cfg)
+    return cfg.freeze()
