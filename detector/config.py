@@ -277,6 +277,8 @@ def _detector_defaults() -> dict:
                 # ROIAlignV2 (aligned=True), ROIAlign (legacy, aligned=False) or ROIPool.
                 "POOLER_TYPE": "ROIAlignV2",
                 "CLS_AGNOSTIC_BBOX_REG": False,
+                # Res5ROIHeads: False keeps res5's first block at stride 1 (py-bottom-up-attention's VG model).
+                "RES5HALVE": True,
             },
             # Visual Genome attribute head (py-bottom-up-attention's Detectron2 extension).
             "ATTRIBUTE_ON": False,

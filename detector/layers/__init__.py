@@ -1,1 +1,2 @@
-
+from detector.layers.batch_norm import FrozenBatchNorm2d, get_norm
+from detector.layers.wrappers import Conv2d

@@ -1,0 +1,52 @@
+"""RoI pooling of one feature map: ROIAlign (legacy), ROIAlignV2 (aligned) or ROIPool."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torchvision.ops import roi_pool
+
+POOLER_TYPES = ("ROIAlign", "ROIAlignV2", "ROIPool")
+
+
+def boxes_to_rois(boxes: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-image (K_i, 4) boxes -> one (sum K_i, 5) tensor [batch_index, x1, y1, x2, y2]."""
+    if len(boxes) == 0:
+        raise ValueError("boxes must be a list with one (K, 4) tensor per image; got an empty list")
+    dtype = dtype or boxes[0].dtype
+    rois = [torch.cat((b.new_full((b.shape[0], 1), float(i), dtype=dtype), b.to(dtype)), dim=1)
+            for i, b in enumerate(boxes)]
+    return torch.cat(rois, dim=0)
+
+
+class ROIPooler(nn.Module):
+    """Pools each box of a single-level feature map (stride `1/scale`) into `output_size` bins.
+
+    ROIAlign is the legacy (aligned=False) sampling of Detectron2/Caffe2; ROIAlignV2 shifts box
+    coordinates by half a pixel (aligned=True); ROIPool is Caffe's max pooling (torchvision op).
+    """
+
+    def __init__(self, output_size: int, scale: float, sampling_ratio: int, pooler_type: str):
+        super().__init__()
+        if pooler_type not in POOLER_TYPES:
+            raise ValueError(f"MODEL.ROI_BOX_HEAD.POOLER_TYPE: unknown pooler {pooler_type!r}; "
+                             f"expected one of {POOLER_TYPES}")
+        self.output_size = (output_size, output_size)
+        self.scale = scale
+        self.sampling_ratio = sampling_ratio
+        self.pooler_type = pooler_type
+
+    def forward(self, feature: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """feature (N, C, H, W), boxes: N tensors (K_i, 4) in input pixels -> (sum K_i, C, S, S)."""
+        if len(boxes) != feature.shape[0]:
+            raise ValueError(f"got boxes for {len(boxes)} images but a feature batch of {feature.shape[0]}")
+        rois = boxes_to_rois(boxes, dtype=feature.dtype)
+        if rois.shape[0] == 0:
+            return feature.new_zeros((0, feature.shape[1]) + self.output_size)
+        if self.pooler_type == "ROIPool":
+            return roi_pool(feature, rois, self.output_size, self.scale)
+        from detector.layers import roi_align  # engineer A's native op
+
+        return roi_align(feature, rois, self.output_size, spatial_scale=self.scale,
+                         sampling_ratio=self.sampling_ratio, aligned=self.pooler_type == "ROIAlignV2")

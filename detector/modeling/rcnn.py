@@ -1,0 +1,136 @@
+"""GeneralizedRCNN for the C4 design: backbone (res4) + RPN + Res5ROIHeads, Detectron2's module tree.
+
+Two ways to run it:
+- `fast_rcnn(images, boxes)`: region features and scores for given boxes (what VL-BERT trains through);
+- `inference(images, image_sizes)`: Faster R-CNN detections with class/attribute probabilities and features.
+Both take a batch that is already resized, normalised (`preprocess_image`) and padded.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detector.config import CfgNode
+from detector.modeling.resnet import build_resnet_backbone
+from detector.modeling.roi_heads import Res5ROIHeads
+from detector.modeling.rpn import RPN
+from detector.structures import clip_boxes, nonempty, scale_boxes
+
+
+class GeneralizedRCNN(nn.Module):
+    """Faster/Fast R-CNN with keys `backbone.*`, `proposal_generator.*`, `roi_heads.*` as in Detectron2."""
+
+    def __init__(self, cfg: CfgNode):
+        super().__init__()
+        m = cfg.MODEL
+        if m.META_ARCHITECTURE != "GeneralizedRCNN":
+            raise ValueError(f"MODEL.META_ARCHITECTURE: only 'GeneralizedRCNN' is supported, got {m.META_ARCHITECTURE!r}")
+        if m.ROI_HEADS.NAME != "Res5ROIHeads":
+            raise ValueError(f"MODEL.ROI_HEADS.NAME: only 'Res5ROIHeads' (C4) is supported, got {m.ROI_HEADS.NAME!r}")
+        if m.PROPOSAL_GENERATOR.NAME not in ("RPN", "PrecomputedProposals"):
+            raise ValueError(f"MODEL.PROPOSAL_GENERATOR.NAME: expected 'RPN' or 'PrecomputedProposals', "
+                             f"got {m.PROPOSAL_GENERATOR.NAME!r}")
+        if len(m.PIXEL_MEAN) != len(m.PIXEL_STD):
+            raise ValueError(f"MODEL.PIXEL_MEAN {m.PIXEL_MEAN} and MODEL.PIXEL_STD {m.PIXEL_STD} differ in length")
+        if cfg.INPUT.FORMAT not in ("BGR", "RGB"):
+            raise ValueError(f"INPUT.FORMAT: expected 'BGR' or 'RGB', got {cfg.INPUT.FORMAT!r}")
+        self.input_format = cfg.INPUT.FORMAT
+        self.backbone = build_resnet_backbone(cfg)
+        shapes = self.backbone.output_shape()
+        feature = m.ROI_HEADS.IN_FEATURES[0]
+        if feature not in shapes:
+            raise ValueError(f"MODEL.ROI_HEADS.IN_FEATURES {m.ROI_HEADS.IN_FEATURES} is not produced by the backbone "
+                             f"(MODEL.RESNETS.OUT_FEATURES = {list(shapes)})")
+        channels, stride = shapes[feature]
+        self.in_feature = feature
+        # PrecomputedProposals: a Fast R-CNN-only model without RPN weights.
+        self.proposal_generator = RPN(cfg, channels, stride) if m.PROPOSAL_GENERATOR.NAME == "RPN" else None
+        self.roi_heads = Res5ROIHeads(cfg, channels, stride)
+        # Not part of checkpoints (as in Detectron2): they come from the config.
+        self.register_buffer("pixel_mean", torch.tensor(m.PIXEL_MEAN).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(m.PIXEL_STD).view(-1, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) floats 0..255 in INPUT.FORMAT channel order -> (x - PIXEL_MEAN) / PIXEL_STD.
+
+        Images must already be resized (detector.transforms) and, for a batch, padded; pad *after*
+        normalising with zeros to match Detectron2 (see detector.structures.pad_images).
+        """
+        if images.dim() != 4 or images.shape[1] != self.pixel_mean.shape[0]:
+            raise ValueError(f"preprocess_image expects (B, {self.pixel_mean.shape[0]}, H, W), got {tuple(images.shape)}")
+        return (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The C4 feature map (res4) of a normalised batch."""
+        return self.backbone(images)[self.in_feature]
+
+    def fast_rcnn(self, images: torch.Tensor, boxes: Sequence[torch.Tensor],
+                  classes: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Fast R-CNN on given boxes (input-tensor pixels, one (K_i, 4) tensor per image).
+
+        Boxes are used as given (not clipped), like Detectron2's pooler. `classes` (optional, one (K_i,)
+        tensor per image) feed the attribute head instead of the arg-max class (training).
+        Returns features (sum K_i, 2048), class_logits, class_probs (background last), box_deltas,
+        and with attributes attr_logits / attr_probs ("no attribute" last); rows follow the boxes.
+        """
+        if len(boxes) != images.shape[0]:
+            raise ValueError(f"fast_rcnn got {len(boxes)} box tensors for a batch of {images.shape[0]} images")
+        res4 = self.features(images)
+        features = self.roi_heads.region_features(res4, boxes)
+        given = torch.cat(list(classes)).to(features.device).long() if classes is not None else None
+        out = self.roi_heads.predict(features, given)
+        out["features"] = features
+        out["class_probs"] = F.softmax(out["class_logits"].float(), dim=-1)
+        if "attr_logits" in out:
+            out["attr_probs"] = F.softmax(out["attr_logits"].float(), dim=-1)
+        return out
+
+    @torch.no_grad()
+    def inference(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
+                  output_sizes: Sequence[tuple[int, int]] | None = None,
+                  proposals: Sequence[torch.Tensor] | None = None) -> list[dict[str, torch.Tensor]]:
+        """Faster R-CNN detections per image: boxes, scores, classes, class_probs, attr_probs, features,
+        proposal_boxes (the proposal each detection was regressed from), proposal_indices.
+
+        `image_sizes`: each image's (h, w) inside the padded batch. With `output_sizes` (e.g. the
+        original image sizes) boxes are rescaled to them, clipped, and empty boxes dropped, as in
+        Detectron2's detector_postprocess. `proposals` replaces the RPN (PrecomputedProposals).
+        """
+        if len(image_sizes) != images.shape[0]:
+            raise ValueError(f"got {len(image_sizes)} image sizes for a batch of {images.shape[0]} images")
+        res4 = self.features(images)
+        if proposals is None:
+            if self.proposal_generator is None:
+                raise ValueError("this model has no RPN (PROPOSAL_GENERATOR.NAME = PrecomputedProposals); "
+                                 "pass proposals=")
+            proposals = [p["proposal_boxes"] for p in self.proposal_generator(res4, image_sizes)]
+        results = self.roi_heads(res4, proposals, image_sizes)
+        if output_sizes is None:
+            return results
+        return [postprocess(r, size, out) for r, size, out in zip(results, image_sizes, output_sizes)]
+
+
+def postprocess(result: dict[str, torch.Tensor], image_size: tuple[int, int],
+                output_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Rescale one image's boxes from the network input size to `output_size`, clip, drop empty boxes."""
+    scale_x = output_size[1] / image_size[1]
+    scale_y = output_size[0] / image_size[0]
+    boxes = clip_boxes(scale_boxes(result["boxes"], scale_x, scale_y), output_size)
+    keep = nonempty(boxes)
+    out = {k: v[keep] for k, v in result.items()}
+    out["boxes"] = boxes[keep]
+    out["proposal_boxes"] = scale_boxes(out["proposal_boxes"], scale_x, scale_y)
+    return out
+
+
+def build_detector(cfg: CfgNode) -> GeneralizedRCNN:
+    """The detector described by `cfg`, on MODEL.DEVICE, in eval mode."""
+    model = GeneralizedRCNN(cfg)
+    return model.to(torch.device(cfg.MODEL.DEVICE)).eval()

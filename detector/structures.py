@@ -1,0 +1,68 @@
+"""Small helpers on XYXY box tensors and image batches (the parts of Detectron2's Boxes/ImageList we use)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Clamp (N, 4) XYXY boxes to an image of (height, width): x to [0, w], y to [0, h]."""
+    h, w = image_size
+    x1 = boxes[:, 0].clamp(min=0, max=w)
+    y1 = boxes[:, 1].clamp(min=0, max=h)
+    x2 = boxes[:, 2].clamp(min=0, max=w)
+    y2 = boxes[:, 3].clamp(min=0, max=h)
+    return torch.stack((x1, y1, x2, y2), dim=-1)
+
+
+def nonempty(boxes: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Mask of boxes whose width and height both exceed `threshold`."""
+    return ((boxes[:, 2] - boxes[:, 0]) > threshold) & ((boxes[:, 3] - boxes[:, 1]) > threshold)
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def check_boxes(boxes: torch.Tensor, name: str = "boxes") -> torch.Tensor:
+    """Validate one image's boxes: a (K, 4) floating tensor of finite XYXY values with x2 >= x1, y2 >= y1."""
+    if not isinstance(boxes, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (K, 4), got {type(boxes).__name__}")
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{name} must have shape (K, 4) (x1, y1, x2, y2), got {tuple(boxes.shape)}")
+    if not boxes.is_floating_point():
+        boxes = boxes.float()
+    if boxes.numel() and not torch.isfinite(boxes).all():
+        raise ValueError(f"{name} contains NaN or infinite coordinates")
+    if boxes.numel() and ((boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any()):
+        bad = torch.nonzero((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))[0, 0].item()
+        raise ValueError(f"{name}[{bad}] = {boxes[bad].tolist()} has x2 < x1 or y2 < y1 (expected XYXY)")
+    return boxes
+
+
+def scale_boxes(boxes: torch.Tensor, scale_x: float, scale_y: float) -> torch.Tensor:
+    return boxes * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
+
+
+def pad_images(images: Sequence[torch.Tensor], size_divisibility: int = 0,
+               pad_value: float = 0.0) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Stack (C, H_i, W_i) images into one (N, C, H, W) batch, padding bottom/right (Detectron2's ImageList).
+
+    Returns the batch and each image's (height, width) before padding.
+    """
+    if len(images) == 0:
+        raise ValueError("pad_images needs at least one image")
+    for i, img in enumerate(images):
+        if img.dim() != 3 or img.shape[0] != images[0].shape[0]:
+            raise ValueError(f"image {i} has shape {tuple(img.shape)}; expected (C, H, W) with C={images[0].shape[0]}")
+    sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    max_h = max(s[0] for s in sizes)
+    max_w = max(s[1] for s in sizes)
+    if size_divisibility > 1:
+        max_h = (max_h + size_divisibility - 1) // size_divisibility * size_divisibility
+        max_w = (max_w + size_divisibility - 1) // size_divisibility * size_divisibility
+    batch = images[0].new_full((len(images), images[0].shape[0], max_h, max_w), pad_value)
+    for img, out in zip(images, batch):
+        out[:, : img.shape[-2], : img.shape[-1]].copy_(img)
+    return batch, sizes
