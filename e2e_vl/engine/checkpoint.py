@@ -1,0 +1,130 @@
+"""Training checkpoints that survive being killed at any moment.
+
+A checkpoint is one file `model_<step>.pth` holding everything needed to continue exactly: model,
+optimizer, scheduler, grad scaler, the RNG states of python/numpy/torch/cuda of every rank, the data
+position and the step. It is written to a temporary file, fsync'ed and renamed, so a reader sees
+either the old set of files or the new one. Resuming picks the newest file that loads; a damaged
+one (truncated by a full disk, copied half-way) is skipped with a warning.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+_STEP_FILE = re.compile(r"^model_(\d{7,})\.pth$")
+BEST_NAME = "model_best.pth"
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "step", "data", "rng")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to `path` so that `path` is never seen half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a training checkpoint safely (tensors and plain containers only; no pickled code)."""
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a training checkpoint (top level is {type(state).__name__})")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"{path}: not a training checkpoint, missing {missing}")
+    return state
+
+
+# RNG states -------------------------------------------------------------------------------------------
+# Stored as tensors and ints so that `weights_only=True` loading accepts them.
+def capture_rng_state() -> dict:
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+class Checkpointer:
+    """Writes step checkpoints (keeping the last K) and the best one; finds the newest valid one."""
+
+    def __init__(self, directory: str | os.PathLike, keep_last: int):
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+
+    def step_checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, path) of every `model_<step>.pth`, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for p in self.directory.iterdir():
+            m = _STEP_FILE.match(p.name)
+            if m:
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def save(self, state: dict, step: int) -> Path:
+        """Write `model_<step>.pth` atomically, then delete all but the newest `keep_last`."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"model_{step:07d}.pth"
+        atomic_torch_save(state, path)
+        for _, old in self.step_checkpoints()[:-self.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def save_best(self, state: dict) -> Path:
+        path = self.directory / BEST_NAME
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(state, path)
+        return path
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
+        """The newest checkpoint that loads, or None; unreadable ones are skipped with a warning."""
+        for step, path in reversed(self.step_checkpoints()):
+            try:
+                return load_checkpoint_file(path, map_location), path
+            except Exception as exc:  # a damaged file of any kind must not stop the resume
+                logger.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(exc).__name__,
+                               str(exc).splitlines()[0] if str(exc) else "")
+        return None

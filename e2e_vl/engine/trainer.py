@@ -1,0 +1,234 @@
+"""The training loop, in one function you can read top to bottom.
+
+One optimiser step = GRAD_ACCUM_STEPS micro-batches (DDP gradient sync only on the last one), under
+autocast when SOLVER.AMP.DTYPE asks for it (fp16 adds a gradient scaler), gradient clipping, an
+AdamW step and a schedule step. Around it: periodic logging, evaluation and atomic checkpoints,
+and `resume`, which restores every piece of state so the run continues as if never stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
+
+from detector.config import CfgNode, ConfigError
+from e2e_vl.engine import distributed as du
+from e2e_vl.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from e2e_vl.engine.logger import MetricWriter, ProgressMeter
+from e2e_vl.engine.optim import build_lr_scheduler, build_optimizer, lr_factor
+from e2e_vl.engine.sampler import EpochLoader, ResumableBatchSampler
+
+logger = logging.getLogger("e2e_vl.train")
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; training stops before the bad gradients reach the weights."""
+
+
+@dataclass
+class TrainTask:
+    """What the loop needs from a task: data, how to batch it, and how to score the model."""
+
+    train_set: Dataset
+    collate_fn: Callable[[list], dict]
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    metric: str = "accuracy"  # key of evaluate()'s result that selects model_best.pth (higher is better)
+
+
+def move_to_device(obj: Any, device: torch.device) -> Any:
+    """Tensors inside nested dicts/lists/tuples moved to `device` (non-blocking from pinned memory)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: move_to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move_to_device(v, device) for v in obj)
+    return obj
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def steps_for(cfg: CfgNode, batches_per_epoch: int) -> int:
+    """Total optimiser steps: MAX_EPOCHS (if > 0) converted with the epoch length, else MAX_ITER."""
+    s = cfg.SOLVER
+    if s.MAX_EPOCHS > 0:
+        return max(1, math.ceil(s.MAX_EPOCHS * batches_per_epoch / s.GRAD_ACCUM_STEPS))
+    return s.MAX_ITER
+
+
+def train(cfg: CfgNode, model: nn.Module, task: TrainTask, device: torch.device, resume: bool = False) -> dict:
+    """Train `model` (already on `device`) per `cfg`; return the final evaluation metrics (may be empty)."""
+    s = cfg.SOLVER
+    rank, world = du.get_rank(), du.get_world_size()
+    out_dir = Path(cfg.OUTPUT_DIR)
+    micro_batch = s.IMS_PER_BATCH // (world * s.GRAD_ACCUM_STEPS)
+    if micro_batch < 1 or s.IMS_PER_BATCH % (world * s.GRAD_ACCUM_STEPS):
+        raise ConfigError(
+            f"'SOLVER.IMS_PER_BATCH' ({s.IMS_PER_BATCH}) must be a multiple of processes ({world}) x "
+            f"'SOLVER.GRAD_ACCUM_STEPS' ({s.GRAD_ACCUM_STEPS})"
+        )
+    amp_dtype = AMP_DTYPES[s.AMP.DTYPE]
+    if s.DETECTOR_LR_MULT == 0 and hasattr(model, "detector"):
+        # A zero learning rate means a frozen detector: skip its backward pass entirely.
+        model.detector.requires_grad_(False)
+    if s.GRADIENT_CHECKPOINTING:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ConfigError(f"'SOLVER.GRADIENT_CHECKPOINTING' is on but {type(model).__name__} does not support it")
+        model.gradient_checkpointing_enable()
+
+    # --- data, optimiser, schedule, scaler ----------------------------------------------------------
+    sampler = ResumableBatchSampler(len(task.train_set), micro_batch, cfg.SEED, rank, world)
+    data = EpochLoader(task.train_set, sampler, task.collate_fn, cfg.DATALOADER.NUM_WORKERS,
+                       cfg.DATALOADER.PIN_MEMORY and device.type == "cuda")
+    max_iter = steps_for(cfg, len(data))
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_lr_scheduler(optimizer, cfg, max_iter)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    checkpointer = Checkpointer(out_dir, s.CHECKPOINT_KEEP_LAST)
+    step, best = 0, -math.inf
+
+    # --- resume: every rank restores everything (optimizer included) from the same file --------------
+    if resume:
+        found = checkpointer.load_latest(map_location=device) if rank == 0 else None
+        path = du.broadcast_object(str(found[1]) if found else None)
+        if path is None:
+            logger.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
+        else:
+            state = found[0] if rank == 0 else torch.load(path, map_location=device, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            data.load_state_dict(_convert_position(state["data"], micro_batch * world))
+            step, best = int(state["step"]), float(state["best_metric"])
+            rng = state["rng"]
+            if len(rng) != world:
+                logger.warning("checkpoint was written by %d processes, now %d: RNG streams differ", len(rng), world)
+            restore_rng_state(rng[min(rank, len(rng) - 1)])
+            logger.info("resumed from %s at step %d", path, step)
+
+    ddp = world > 1
+    train_model = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                find_unused_parameters=True)
+        if ddp else model
+    )
+
+    def state_dict() -> dict:
+        rngs = du.all_gather_objects(capture_rng_state())  # collective: every rank calls it
+        return {
+            "model": unwrap(train_model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+            "data": {**data.state_dict(), "items_per_step": micro_batch * world},
+            "step": step, "best_metric": best, "config": cfg.dump(),
+        }
+
+    def save(path_kind: str) -> None:
+        state = state_dict()
+        if rank == 0:
+            p = checkpointer.save(state, step) if path_kind == "step" else checkpointer.save_best(state)
+            logger.info("saved %s", p)
+        du.barrier()
+
+    def evaluate() -> dict[str, float]:
+        nonlocal best
+        if task.evaluate is None:
+            return {}
+        metrics = task.evaluate(unwrap(train_model))
+        train_model.train()
+        writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+        logger.info("eval at step %d: %s", step, "  ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+        if metrics.get(task.metric, -math.inf) > best:
+            best = metrics[task.metric]
+            save("best")
+        return metrics
+
+    writer = MetricWriter(out_dir, enabled=rank == 0)
+    meter = ProgressMeter(step, max_iter)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    metrics: dict[str, float] = {}
+    train_model.train()
+    logger.info("training %d steps: %d images/step (%d per micro-batch x %d accumulation x %d processes), "
+                "%d micro-batches per epoch", max_iter, s.IMS_PER_BATCH, micro_batch, s.GRAD_ACCUM_STEPS, world,
+                len(data))
+
+    # --- the loop --------------------------------------------------------------------------------------
+    while step < max_iter:
+        loss_sums: dict[str, torch.Tensor] = {}
+        bad: dict[str, float] | None = None
+        n_images = 0
+        for micro in range(s.GRAD_ACCUM_STEPS):
+            batch = move_to_device(data.next(), device)
+            n_images += int(batch["images"].shape[0])
+            last = micro == s.GRAD_ACCUM_STEPS - 1
+            sync = contextlib.nullcontext() if (last or not ddp) else train_model.no_sync()
+            with sync:
+                with autocast:
+                    out = train_model(batch)
+                loss = out["loss"].float()
+                scaler.scale(loss / s.GRAD_ACCUM_STEPS).backward()
+            parts = {"loss": loss.detach(), **{k: v.detach().float() for k, v in sorted(out["losses"].items())}}
+            if bad is None and not all(torch.isfinite(v) for v in parts.values()):
+                bad = {k: v.item() for k, v in parts.items()}
+            for k, v in parts.items():
+                loss_sums[k] = loss_sums.get(k, 0.0) + v
+
+        # One collective per step: loss sums, image count and the "something went non-finite" flag.
+        names = list(loss_sums)
+        stats = torch.stack([*(torch.nan_to_num(loss_sums[k], nan=0.0, posinf=0.0, neginf=0.0) for k in names),
+                             torch.tensor(float(n_images), device=device),
+                             torch.tensor(float(bad is not None), device=device)])
+        du.all_reduce_sum(stats)
+        if stats[-1].item() > 0:
+            where = ", ".join(f"{k}={v}" for k, v in bad.items()) if bad else "on another process"
+            raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {where}")
+
+        scaler.unscale_(optimizer)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), s.CLIP_GRAD_NORM)
+                     if s.CLIP_GRAD_NORM > 0 else None)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        meter.add_images(stats[-2].item())
+
+        if step % s.LOG_PERIOD == 0 or step == max_iter:
+            denom = s.GRAD_ACCUM_STEPS * world
+            losses = {k: stats[i].item() / denom for i, k in enumerate(names)}
+            scalars = meter.report(step, losses, s.BASE_LR * lr_factor(step, cfg, max_iter), device)
+            if grad_norm is not None:
+                scalars["grad_norm"] = float(grad_norm)
+            writer.write(step, {**{f"train/{k}": v for k, v in losses.items()}, **scalars})
+        if cfg.TEST.EVAL_PERIOD > 0 and step % cfg.TEST.EVAL_PERIOD == 0 and step < max_iter:
+            evaluate()
+        if step % s.CHECKPOINT_PERIOD == 0 or step == max_iter:
+            save("step")
+
+    if task.evaluate is not None:
+        metrics = evaluate()
+    writer.close()
+    return metrics
+
+
+def _convert_position(data_state: dict, items_per_step: int) -> dict:
+    """Map a saved data position onto this run's step size (differs when the process count changed)."""
+    saved = int(data_state.get("items_per_step", items_per_step))
+    if saved == items_per_step:
+        return data_state
+    consumed = int(data_state["batch_in_epoch"]) * saved
+    logger.warning("resuming with %d items per step instead of %d: continuing at item %d of the epoch",
+                   items_per_step, saved, consumed)
+    return {"epoch": data_state["epoch"], "batch_in_epoch": consumed // items_per_step}

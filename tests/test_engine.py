@@ -1,0 +1,272 @@
+"""The training engine with a tiny stand-in model: exact resume after SIGKILL, DDP (gloo), checkpoints,
+NaN handling, optimiser groups, the resumable sampler.
+
+This file is also the worker script the subprocess tests run (`python tests/test_engine.py ...`), so
+the stand-in model lives here and nowhere in the library.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from e2e_vl.config import get_train_cfg  # noqa: E402
+from e2e_vl.engine import distributed as du  # noqa: E402
+from e2e_vl.engine.checkpoint import Checkpointer, load_checkpoint_file  # noqa: E402
+from e2e_vl.engine.logger import setup_logging  # noqa: E402
+from e2e_vl.engine.optim import build_optimizer, lr_factor  # noqa: E402
+from e2e_vl.engine.sampler import EpochLoader, ResumableBatchSampler  # noqa: E402
+from e2e_vl.engine.trainer import NonFiniteLossError, TrainTask, train  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stand-in task: an "image" of 3x8x8 whose brightest channel is the answer; 3 questions per image.
+# ---------------------------------------------------------------------------------------------------
+class StandInData(torch.utils.data.Dataset):
+    def __init__(self, n: int = 64):
+        g = torch.Generator().manual_seed(123)
+        self.labels = torch.randint(0, 3, (n,), generator=g)
+        bright = torch.nn.functional.one_hot(self.labels, 3).float()[:, :, None, None]
+        self.images = torch.rand(n, 3, 8, 8, generator=g) * 0.5 + bright
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": self.labels[i], "question": torch.tensor([1, 2, 3])}
+
+
+def collate(items: list[dict]) -> dict:
+    images = torch.stack([it["image"] for it in items])
+    q = torch.cat([it["question"] for it in items])
+    index = torch.arange(len(items)).repeat_interleave(3)
+    targets = torch.nn.functional.one_hot(torch.stack([it["label"] for it in items]), 3).float()[index]
+    return {"images": images, "question_ids": q, "sample_image_index": index, "vqa_targets": targets}
+
+
+class StandInModel(nn.Module):
+    """A detector-like conv, a question embedding, dropout (so the RNG matters) and an answer head."""
+
+    def __init__(self, nan_at_call: int = -1):
+        super().__init__()
+        self.detector = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.question = nn.Embedding(4, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(8, 3))
+        self.nan_at_call, self.calls = nan_at_call, 0
+
+    def forward(self, batch: dict) -> dict:
+        self.calls += 1
+        feats = self.detector(batch["images"]).mean(dim=(2, 3))[batch["sample_image_index"]]
+        logits = self.head(self.norm(feats + self.question(batch["question_ids"])))
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["vqa_targets"]) * logits.shape[1]
+        if self.calls == self.nan_at_call:
+            loss = loss * float("nan")
+        return {"loss": loss, "losses": {"vqa": loss}, "vqa_logits": logits}
+
+
+def standin_cfg(out: Path, max_iter: int, extra: list[str] = ()):
+    cfg = get_train_cfg()
+    cfg.merge_from_list([
+        "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", str(max_iter), "SOLVER.IMS_PER_BATCH", "8",
+        "SOLVER.BASE_LR", "0.05", "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
+        "SOLVER.LOG_PERIOD", "1", "DATALOADER.NUM_WORKERS", "0", "SOLVER.DETECTOR_LR_MULT", "0.5",
+        *extra,
+    ])
+    return cfg.freeze()
+
+
+def accuracy(model: nn.Module, data: StandInData) -> dict:
+    model.eval()
+    with torch.no_grad():
+        batch = collate([data[i] for i in range(len(data))])
+        logits = model(batch)["vqa_logits"]
+    return {"accuracy": (logits.argmax(1) == batch["vqa_targets"].argmax(1)).float().mean().item()}
+
+
+def worker(argv: list[str]) -> None:
+    """Entry point of the subprocess tests (also under torchrun)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-iter", type=int, default=12)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--nan-at", type=int, default=-1)
+    p.add_argument("--sleep", type=float, default=0.0)
+    p.add_argument("opts", nargs="*")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    device = du.init_distributed("cpu")
+    setup_logging(a.out, du.get_rank())
+    cfg = standin_cfg(Path(a.out), a.max_iter, a.opts)
+    torch.manual_seed(cfg.SEED)
+    model = StandInModel(a.nan_at)
+    if a.sleep:  # slow the steps down so the parent can kill the run mid-way
+        model.register_forward_hook(lambda *_: time.sleep(a.sleep))
+    data = StandInData()
+    try:
+        train(cfg, model, TrainTask(data, collate, lambda m: accuracy(m, data)), device, resume=a.resume)
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
+    finally:
+        du.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------
+def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, timeout=300, **kw)
+
+
+def _final_weights(out: Path) -> dict:
+    steps = Checkpointer(out, 2).step_checkpoints()
+    return load_checkpoint_file(steps[-1][1])["model"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_exact(tmp_path):
+    ref = _run(["--out", str(tmp_path / "ref"), "DATALOADER.NUM_WORKERS", "1"])
+    assert ref.returncode == 0, ref.stderr
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, __file__, "--out", str(killed), "--sleep", "0.05",
+                             "DATALOADER.NUM_WORKERS", "1"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(killed.glob("model_0000004.pth")):
+        time.sleep(0.01)
+    time.sleep(0.07)  # somewhere inside a later step (possibly while writing model_0000006)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not list(killed.glob("model_0000012.pth")), "the run finished before it was killed"
+    resumed = _run(["--out", str(killed), "--resume", "DATALOADER.NUM_WORKERS", "1"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    a, b = _final_weights(tmp_path / "ref"), _final_weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_two_process_gloo_trains_checkpoints_and_resumes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", __file__]
+    whole = subprocess.run(torchrun + ["--out", str(tmp_path / "whole"), "--max-iter", "6"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = subprocess.run(torchrun + ["--out", str(tmp_path / "parts"), "--max-iter", "6",
+                                       "SOLVER.CHECKPOINT_PERIOD", "4"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # Pretend the run died after step 4: drop the final checkpoint, then resume on two processes.
+    (tmp_path / "parts" / "model_0000006.pth").unlink()
+    second = subprocess.run(torchrun + ["--out", str(tmp_path / "parts"), "--max-iter", "6", "--resume"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr and "model_0000004.pth" in second.stderr
+    state = load_checkpoint_file(tmp_path / "parts" / "model_0000006.pth")
+    assert len(state["rng"]) == 2 and state["step"] == 6
+    a, b = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "parts")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_truncated_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+    ck = Checkpointer(tmp_path, keep_last=3)
+    base = {"model": {"w": torch.ones(3)}, "optimizer": {}, "scheduler": {}, "data": {}, "rng": [], "step": 0}
+    ck.save({**base, "step": 2}, 2)
+    path4 = ck.save({**base, "step": 4}, 4)
+    path4.write_bytes(path4.read_bytes()[:-50])
+    with caplog.at_level(logging.WARNING):
+        state, path = ck.load_latest()
+    assert state["step"] == 2 and path.name == "model_0000002.pth"
+    assert "skipping unreadable checkpoint" in caplog.text and "model_0000004.pth" in caplog.text
+
+
+def test_keep_last_k_and_no_temporary_files_left(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=2)
+    base = {"model": {}, "optimizer": {}, "scheduler": {}, "data": {}, "rng": []}
+    for step in (1, 2, 3, 4):
+        ck.save({**base, "step": step}, step)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_0000003.pth", "model_0000004.pth"]
+
+
+def test_nan_loss_stops_with_step_and_losses(tmp_path):
+    r = _run(["--out", str(tmp_path), "--nan-at", "3"])
+    assert r.returncode == 3
+    assert "non-finite loss at step 3: loss=nan, vqa=nan" in r.stderr
+    # nothing after step 2 was saved, and the step-2 checkpoint has finite weights
+    state = load_checkpoint_file(tmp_path / "model_0000002.pth")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (tmp_path / "model_0000004.pth").exists()
+
+
+def test_in_process_training_learns_and_writes_logs(tmp_path):
+    cfg = standin_cfg(tmp_path, 30, ["SOLVER.CHECKPOINT_PERIOD", "100", "TEST.EVAL_PERIOD", "10"])
+    torch.manual_seed(0)
+    model, data = StandInModel(), StandInData()
+    before = accuracy(model, data)["accuracy"]
+    metrics = train(cfg, model, TrainTask(data, collate, lambda m: accuracy(m, data)), torch.device("cpu"))
+    assert metrics["accuracy"] > max(0.8, before)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) >= 30 and '"eval/accuracy"' in lines[-1]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "model_best.pth").exists() and (tmp_path / "model_0000030.pth").exists()
+
+
+def test_param_groups_no_decay_and_detector_lr_mult(tmp_path):
+    cfg = standin_cfg(tmp_path, 10, ["SOLVER.WEIGHT_DECAY", "0.01"])
+    opt = build_optimizer(StandInModel(), cfg)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert set(by_name) == {"detector/decay", "detector/no_decay", "model/decay", "model/no_decay"}
+    assert by_name["detector/decay"]["lr"] == pytest.approx(0.025) and by_name["model/decay"]["lr"] == 0.05
+    assert by_name["model/no_decay"]["weight_decay"] == 0.0 and by_name["model/decay"]["weight_decay"] == 0.01
+    # LayerNorm weight/bias and all biases are in the no-decay group
+    assert sum(p.numel() for p in by_name["model/no_decay"]["params"]) == 8 + 8 + 3
+
+
+def test_lr_schedule_warmup_then_linear_and_cosine(tmp_path):
+    cfg = standin_cfg(tmp_path, 10, ["SOLVER.WARMUP_ITERS", "4", "SOLVER.WARMUP_FACTOR", "0.1"])
+    assert lr_factor(0, cfg, 10) == pytest.approx(0.1) and lr_factor(2, cfg, 10) == pytest.approx(0.55)
+    assert lr_factor(4, cfg, 10) == 1.0 and lr_factor(7, cfg, 10) == pytest.approx(0.5) and lr_factor(10, cfg, 10) == 0
+    cos = standin_cfg(tmp_path, 10, ["SOLVER.WARMUP_ITERS", "0", "SOLVER.LR_SCHEDULER", "cosine"])
+    assert lr_factor(5, cos, 10) == pytest.approx(0.5) and lr_factor(10, cos, 10) == pytest.approx(0.0)
+
+
+def test_sampler_shards_are_disjoint_and_resume_continues_the_same_order():
+    ranks = [list(ResumableBatchSampler(50, 4, seed=7, rank=r, world_size=2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 6
+    flat = [i for r in ranks for b in r for i in b]
+    assert len(flat) == len(set(flat)) == 48
+    s = ResumableBatchSampler(50, 4, seed=7, rank=1, world_size=2)
+    s.set_position(0, 2)
+    assert list(s) == ranks[1][2:]
+    s.set_position(1, 0)
+    assert list(s) != ranks[1]  # a new permutation each epoch
+
+    loader = EpochLoader(list(range(10)), ResumableBatchSampler(10, 3, seed=1), collate_fn=list)
+    stream = [loader.next() for _ in range(7)]  # 3 batches per epoch: crosses two epoch boundaries
+    again = EpochLoader(list(range(10)), ResumableBatchSampler(10, 3, seed=1), collate_fn=list)
+    again.load_state_dict({"epoch": 1, "batch_in_epoch": 1})
+    assert [again.next() for _ in range(3)] == stream[4:7]
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1:])
