@@ -1,0 +1,238 @@
+"""Pre-training data: image captions joined with the RoI store, and a text-only corpus.
+
+Caption sources: COCO captions json (via pycocotools; image id = the COCO id, as the RoI extractor
+names COCO images) and Conceptual-Captions-style TSV lines `image_path<TAB>caption` (image id = the file
+stem, as the extractor names images from a list of paths). Each caption is joined with its image's RoI
+record (`e2e_vl.data.roi_store.RoIStore`, or any mapping id -> RoIRecord) by image id; a caption whose
+image has no record is an error that names the id and the caption file.
+
+A sample (see `e2e_vl.data.collate`) gets: the resized (and possibly flipped) image, box 0 = the whole
+image followed by the stored boxes (the highest-scoring ones that fit the sequence budget), whole-word
+MLM masking of the caption, and masked-RoI-classification targets = the stored class distributions.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import random
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from e2e_vl.data.masking import mask_whole_words, select_masked_regions
+from e2e_vl.data.transforms import ResizeFlip
+
+
+class CaptionDataError(ValueError):
+    """A caption file that cannot be read, or a caption that cannot be joined with its regions."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Caption:
+    image_id: str
+    text: str
+    path: str | None = None  # image file; None: use the RoI record's path
+    source: str = ""  # "file:line" for error messages
+
+
+def read_coco_captions(annotation_file: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[Caption]:
+    """COCO captions json (`captions_train2017.json`): one Caption per annotation, in annotation id order.
+
+    `image_root` (default: the json's folder) is joined with each image's `file_name`."""
+    from pycocotools.coco import COCO
+
+    path = os.fspath(annotation_file)
+    if not os.path.isfile(path):
+        raise CaptionDataError(f"caption file not found: {path}")
+    try:
+        coco = COCO(path)
+    except Exception as exc:  # pycocotools raises assorted errors on bad files
+        raise CaptionDataError(f"{path}: not a readable COCO captions json: {exc}") from None
+    root = os.fspath(image_root) if image_root is not None else os.path.dirname(path)
+    captions = []
+    for ann_id in sorted(coco.anns):
+        ann = coco.anns[ann_id]
+        if "caption" not in ann or "image_id" not in ann:
+            raise CaptionDataError(f"{path}: annotation {ann_id} lacks 'caption' or 'image_id'")
+        info = coco.imgs.get(ann["image_id"], {})
+        image_path = os.path.join(root, info["file_name"]) if "file_name" in info else None
+        captions.append(Caption(str(ann["image_id"]), ann["caption"].strip(), image_path, f"{path}:ann {ann_id}"))
+    return captions
+
+
+def read_tsv_captions(tsv_file: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[Caption]:
+    """`image_path<TAB>caption` per line (Conceptual Captions style); relative paths are under `image_root`."""
+    path = os.fspath(tsv_file)
+    if not os.path.isfile(path):
+        raise CaptionDataError(f"caption file not found: {path}")
+    captions = []
+    with open(path, encoding="utf-8", newline="") as f:
+        for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                raise CaptionDataError(f"{path}:{line_no}: expected 'image_path<TAB>caption', got {row!r}")
+            image_path = row[0].strip()
+            if image_root is not None and not os.path.isabs(image_path):
+                image_path = os.path.join(os.fspath(image_root), image_path)
+            stem = os.path.splitext(os.path.basename(image_path))[0]
+            captions.append(Caption(stem, row[1].strip(), image_path, f"{path}:{line_no}"))
+    return captions
+
+
+def read_captions(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[Caption]:
+    """COCO json (`.json`) or TSV (anything else)."""
+    if os.fspath(path).endswith(".json"):
+        return read_coco_captions(path, image_root)
+    return read_tsv_captions(path, image_root)
+
+
+class CaptionPretrainDataset(Dataset):
+    """Captions + regions -> VL-BERT pre-training samples (MLM with visual clues, masked RoI classification).
+
+    Randomness (flip, masking) comes from a `random.Random` seeded by (seed, epoch, index): a sample is
+    reproducible, which exact resume needs; call `set_epoch` to draw new masks each epoch.
+    `image_loader(path) -> HxWx3 uint8` defaults to the RoI extractor's decoder, so images are read the
+    way they were when the boxes were extracted.
+    """
+
+    def __init__(self, captions: Sequence[Caption], regions: Mapping[str, Any], tokenizer, transform: ResizeFlip, *,
+                 mlm_prob: float = 0.15, mrc_prob: float = 0.15, mrc_mask_frac: float = 0.9,
+                 max_seq_len: int = 64, max_text_len: int = 40, seed: int = 0, image_loader=None,
+                 check_regions: bool = True):
+        self.captions = list(captions)
+        self.regions = regions
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.mlm_prob, self.mrc_prob, self.mrc_mask_frac = mlm_prob, mrc_prob, mrc_mask_frac
+        self.max_seq_len, self.max_text_len = max_seq_len, max_text_len
+        if max_seq_len < max_text_len + 2:
+            raise ValueError(f"max_seq_len ({max_seq_len}) must leave room for the whole-image box and [END] "
+                             f"after max_text_len ({max_text_len}) tokens")
+        self.seed = seed
+        self.epoch = 0
+        if image_loader is None:
+            from e2e_vl.data.image_sources import load_image as image_loader
+        self.image_loader = image_loader
+        self.special_ids = list(tokenizer.all_special_ids)
+        if check_regions:
+            self.check_regions()
+
+    def check_regions(self) -> None:
+        """Fail early, naming the caption, if any caption's image has no RoI record."""
+        for caption in self.captions:
+            if caption.image_id not in self.regions:
+                raise CaptionDataError(_missing_message(caption))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def aspect_ratios(self) -> list[float]:
+        """width / height of each caption's image (for `AspectRatioGroupedBatchSampler`)."""
+        out = []
+        for caption in self.captions:
+            record = self._record(caption)
+            out.append(record.width / record.height)
+        return out
+
+    def _record(self, caption: Caption):
+        try:
+            return self.regions[caption.image_id]
+        except KeyError:
+            raise CaptionDataError(_missing_message(caption)) from None
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        caption = self.captions[index]
+        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+        record = self._record(caption)
+        image = self.image_loader(caption.path or record.path)
+        if tuple(image.shape[:2]) != (record.height, record.width):
+            raise CaptionDataError(
+                f"image {caption.image_id!r} ({caption.path or record.path}) is {image.shape[1]}x{image.shape[0]} "
+                f"but its RoI record says {record.width}x{record.height}")
+
+        encoded = self.tokenizer(caption.text, truncation=True, max_length=self.max_text_len)
+        budget = self.max_seq_len - len(encoded["input_ids"]) - 2  # whole-image box and [END]
+        keep = _top_boxes(record, budget)
+        whole = np.array([[0.0, 0.0, record.width, record.height]], dtype=np.float32)
+        boxes = torch.from_numpy(np.concatenate([whole, np.asarray(record.boxes, np.float32)[keep]]))
+        out = self.transform(image, boxes, caption.text, rng)
+        if out.text != caption.text:  # flipped: the text changed ("left" <-> "right"), re-encode it
+            encoded = self.tokenizer(out.text, truncation=True, max_length=self.max_text_len)
+        ids, labels = mask_whole_words(
+            encoded["input_ids"], encoded.word_ids(), mask_token_id=self.tokenizer.mask_token_id,
+            vocab_size=len(self.tokenizer), special_ids=self.special_ids, rng=rng, prob=self.mlm_prob)
+        labelled, masked = select_masked_regions(len(boxes), rng=rng, prob=self.mrc_prob, mask_frac=self.mrc_mask_frac)
+        sample = {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "token_type_ids": torch.zeros(len(ids), dtype=torch.long),
+            "mlm_labels": torch.tensor(labels, dtype=torch.long),
+            "image": out.image,
+            "boxes": out.boxes,
+            "region_masked": masked,
+            "image_id": caption.image_id,
+        }
+        if record.class_probs is not None:
+            probs = torch.from_numpy(np.asarray(record.class_probs, dtype=np.float32)[keep])
+            sample["mrc_targets"] = torch.cat([torch.zeros(1, probs.shape[1]), probs])
+            sample["region_labelled"] = labelled
+        return sample
+
+
+class TextOnlyDataset(Dataset):
+    """Text-only MLM samples (one passage per line of a text file), mixed into pre-training batches."""
+
+    def __init__(self, lines: Sequence[str], tokenizer, *, mlm_prob: float = 0.15, max_len: int = 64, seed: int = 0):
+        self.lines = [line.strip() for line in lines if line.strip()]
+        self.tokenizer = tokenizer
+        self.mlm_prob = mlm_prob
+        self.max_len = max_len
+        self.seed = seed
+        self.epoch = 0
+        self.special_ids = list(tokenizer.all_special_ids)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, tokenizer, **kwargs) -> "TextOnlyDataset":
+        if not os.path.isfile(path):
+            raise CaptionDataError(f"text corpus not found: {os.fspath(path)}")
+        with open(path, encoding="utf-8") as f:
+            return cls(f.readlines(), tokenizer, **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = random.Random(f"text/{self.seed}/{self.epoch}/{index}")
+        encoded = self.tokenizer(self.lines[index], truncation=True, max_length=self.max_len)
+        ids, labels = mask_whole_words(
+            encoded["input_ids"], encoded.word_ids(), mask_token_id=self.tokenizer.mask_token_id,
+            vocab_size=len(self.tokenizer), special_ids=self.special_ids, rng=rng, prob=self.mlm_prob)
+        return {"input_ids": torch.tensor(ids), "token_type_ids": torch.zeros(len(ids), dtype=torch.long),
+                "mlm_labels": torch.tensor(labels)}
+
+
+def _top_boxes(record, budget: int) -> np.ndarray:
+    """Indices of the stored boxes that fit `budget`, dropping the lowest-scoring first (order kept)."""
+    num = record.num_boxes
+    if budget >= num:
+        return np.arange(num)
+    if budget <= 0:
+        return np.zeros(0, dtype=np.int64)
+    scores = record.object_conf if record.object_conf is not None and len(record.object_conf) == num else None
+    if scores is None:
+        return np.arange(budget)
+    return np.sort(np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:budget])
+
+
+def _missing_message(caption: Caption) -> str:
+    return (f"caption at {caption.source or '?'}: image id {caption.image_id!r} has no RoI record in the store "
+            f"(extract its regions with tools/extract_rois.py, or drop the caption)")

@@ -1,0 +1,170 @@
+"""Collation of VL-BERT samples (variable numbers of tokens and boxes) into the model's batch dict.
+
+A *sample* is one text (caption, question, expression) with its image. Keys (tensors unless noted):
+
+    input_ids        Long [T]        [CLS] text-A [SEP] (text-B [SEP]) as token ids
+    token_type_ids   Long [T]        0 for text A, 1 for text B (optional: all 0)
+    image            [3, h, w]       resized image, uint8 or float 0..255 in the detector's channel order;
+                                     absent or None for a text-only sample
+    boxes            Float [K, 4]    x1, y1, x2, y2 in the resized image; box 0 is the whole image
+    image_key        hashable        optional: samples with the same key carry the same image and boxes,
+                                     which is then put in the batch (and run through the detector) once
+    region_masked    Bool [K]        optional: regions whose pixels (or features) are masked
+    region_labelled  Bool [K]        optional: regions with a masked-RoI-classification target
+    mrc_targets      Float [K, C]    optional: class distributions (rows of labelled regions are used)
+    mlm_labels       Long [T]        optional: target ids at masked words, -100 elsewhere
+    vqa_targets      Float [A]       optional: soft answer scores
+    answer_pos       int             optional: index of the answer [MASK] token in input_ids
+    ref_labels       Float [K]       optional: per-region targets (RefCOCO+), -1 = ignore
+    choice_label     int             optional: on the first sample of each group of choices (VCR)
+
+A data set item may also be a list of samples (e.g. an image with all its questions); lists are
+flattened. The batch layout is documented in `e2e_vl.modeling.vlbert.VLBert`.
+"""
+from __future__ import annotations
+
+from typing import Any, Hashable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from e2e_vl.data.masking import IGNORE_INDEX
+
+Sample = dict[str, Any]
+
+
+class VLCollator:
+    """Callable collate_fn; `pad_token_id` from the tokenizer, `size_divisibility` pads image sides up to
+    a multiple (0: to the batch maximum, Detectron2's choice for C4 models)."""
+
+    def __init__(self, pad_token_id: int = 0, size_divisibility: int = 0):
+        self.pad_token_id = pad_token_id
+        self.size_divisibility = size_divisibility
+
+    def __call__(self, items: Sequence[Sample | Sequence[Sample]]) -> dict[str, Any]:
+        samples: list[Sample] = []
+        for item in items:
+            samples.extend(item if isinstance(item, (list, tuple)) else [item])
+        if not samples:
+            raise ValueError("cannot collate an empty batch")
+        return collate_samples(samples, self.pad_token_id, self.size_divisibility)
+
+
+def collate_samples(samples: Sequence[Sample], pad_token_id: int = 0, size_divisibility: int = 0) -> dict[str, Any]:
+    """Build the batch dict from samples (see the module docstring for the keys)."""
+    batch: dict[str, Any] = {}
+    # ---- images: one slot per distinct image (samples sharing an image_key share a slot) --------------
+    image_slots: list[Sample] = []
+    key_to_slot: dict[Hashable, int] = {}
+    sample_image_index = []
+    for i, sample in enumerate(samples):
+        if sample.get("image") is None:
+            sample_image_index.append(-1)
+            continue
+        if "boxes" not in sample:
+            raise KeyError(f"sample {i} has an image but no 'boxes'")
+        key = sample.get("image_key")
+        if key is not None and key in key_to_slot:
+            slot = key_to_slot[key]
+            _check_same_image(image_slots[slot], sample, key)
+        else:
+            slot = len(image_slots)
+            image_slots.append(sample)
+            if key is not None:
+                key_to_slot[key] = slot
+        sample_image_index.append(slot)
+    batch["sample_image_index"] = torch.tensor(sample_image_index, dtype=torch.long)
+    if image_slots:
+        batch["images"], batch["image_sizes"] = pad_images([s["image"] for s in image_slots], size_divisibility)
+        batch["boxes"] = [s["boxes"].float() for s in image_slots]
+        if any("region_masked" in s for s in image_slots):
+            batch["region_masked"] = [
+                s.get("region_masked", torch.zeros(len(s["boxes"]), dtype=torch.bool)).bool() for s in image_slots
+            ]
+
+    # ---- text ----------------------------------------------------------------------------------------
+    batch["input_ids"] = _pad_1d([s["input_ids"] for s in samples], pad_token_id)
+    lengths = torch.tensor([len(s["input_ids"]) for s in samples])
+    batch["text_mask"] = torch.arange(batch["input_ids"].shape[1])[None, :] < lengths[:, None]
+    batch["token_type_ids"] = _pad_1d(
+        [s.get("token_type_ids", torch.zeros(len(s["input_ids"]), dtype=torch.long)) for s in samples], 0
+    )
+    if any("mlm_labels" in s for s in samples):
+        batch["mlm_labels"] = _pad_1d(
+            [s.get("mlm_labels", torch.full((len(s["input_ids"]),), IGNORE_INDEX)) for s in samples], IGNORE_INDEX
+        )
+
+    # ---- per-sample region targets ---------------------------------------------------------------------
+    if any("region_labelled" in s for s in samples):
+        num_boxes = [len(s["boxes"]) if s.get("image") is not None else 0 for s in samples]
+        flags = [s.get("region_labelled", torch.zeros(n, dtype=torch.bool)).bool() for s, n in zip(samples, num_boxes)]
+        batch["region_labelled"] = _pad_1d(flags, False, min_len=max(num_boxes))
+        rows = [s["mrc_targets"][f] for s, f in zip(samples, flags) if f.any()]
+        if rows:
+            batch["mrc_targets"] = torch.cat(rows).float()
+        else:
+            width = next((s["mrc_targets"].shape[1] for s in samples if "mrc_targets" in s), 0)
+            batch["mrc_targets"] = torch.zeros(0, width)
+    if any("ref_labels" in s for s in samples):
+        batch["ref_labels"] = _pad_1d([s.get("ref_labels", torch.zeros(0)).float() for s in samples], -1.0)
+
+    # ---- answers -----------------------------------------------------------------------------------------
+    if any("vqa_targets" in s for s in samples):
+        _require_all(samples, ("vqa_targets", "answer_pos"))
+        batch["vqa_targets"] = torch.stack([torch.as_tensor(s["vqa_targets"]).float() for s in samples])
+        batch["answer_pos"] = torch.tensor([int(s["answer_pos"]) for s in samples], dtype=torch.long)
+    elif any("answer_pos" in s for s in samples):
+        _require_all(samples, ("answer_pos",))
+        batch["answer_pos"] = torch.tensor([int(s["answer_pos"]) for s in samples], dtype=torch.long)
+    if any("choice_label" in s for s in samples):
+        batch["choice_labels"] = torch.tensor([int(s["choice_label"]) for s in samples if "choice_label" in s])
+    return batch
+
+
+def vqa_text_inputs(tokenizer, question: str, max_question_tokens: int = 32) -> dict[str, Any]:
+    """The VL-BERT VQA text `[CLS] question [SEP] [MASK] [SEP]`: ids, segments (question A = 0, answer
+    slot B = 1) and `answer_pos`, the index of the [MASK] whose output the answer head reads."""
+    question_ids = tokenizer(question, add_special_tokens=False, truncation=True,
+                             max_length=max_question_tokens)["input_ids"]
+    ids = [tokenizer.cls_token_id, *question_ids, tokenizer.sep_token_id, tokenizer.mask_token_id,
+           tokenizer.sep_token_id]
+    segments = [0] * (len(question_ids) + 2) + [1, 1]
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "token_type_ids": torch.tensor(segments),
+            "answer_pos": len(question_ids) + 2}
+
+
+def pad_images(images: Sequence[torch.Tensor], size_divisibility: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad `[3, h_i, w_i]` images at the bottom/right into `[N, 3, H, W]`; also return sizes `[N, 2]` (h, w)."""
+    for i, image in enumerate(images):
+        if image.ndim != 3:
+            raise ValueError(f"image {i} must be [C, H, W], got shape {tuple(image.shape)}")
+    sizes = torch.tensor([tuple(image.shape[-2:]) for image in images], dtype=torch.long)
+    height, width = (int(v) for v in sizes.max(dim=0).values)
+    if size_divisibility > 1:
+        height = -(-height // size_divisibility) * size_divisibility
+        width = -(-width // size_divisibility) * size_divisibility
+    out = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+    for i, image in enumerate(images):
+        out[i, :, : image.shape[1], : image.shape[2]] = image
+    return out, sizes
+
+
+def _pad_1d(rows: Sequence[Any], value: Any, min_len: int = 0) -> torch.Tensor:
+    tensors = [torch.as_tensor(row) for row in rows]
+    length = max([min_len] + [len(t) for t in tensors])
+    return torch.stack([F.pad(t, (0, length - len(t)), value=value) if len(t) < length else t for t in tensors])
+
+
+def _check_same_image(first: Sample, other: Sample, key: Hashable) -> None:
+    if first["image"].shape != other["image"].shape or first["boxes"].shape != other["boxes"].shape:
+        raise ValueError(f"samples with image_key {key!r} carry different images or boxes")
+    for sample in (first, other):
+        if "region_masked" in sample and bool(sample["region_masked"].any()):
+            raise ValueError(f"a sample with image_key {key!r} masks regions; masked images cannot be shared")
+
+
+def _require_all(samples: Sequence[Sample], keys: Sequence[str]) -> None:
+    for i, sample in enumerate(samples):
+        missing = [k for k in keys if k not in sample]
+        if missing:
+            raise KeyError(f"sample {i} lacks {missing}; either every sample in a batch has them or none")
