@@ -38,6 +38,7 @@ class DefaultAnchorGenerator(nn.Module):
             raise ValueError(f"MODEL.ANCHOR_GENERATOR.OFFSET must be in [0, 1), got {offset}")
         self.stride = stride
         self.offset = offset
+        self.num_sizes, self.num_ratios = len(sizes), len(aspect_ratios)
         # Not saved in checkpoints: derived from the config (Detectron2 also keeps them out of state dicts).
         self.register_buffer("cell_anchors", generate_cell_anchors(sizes, aspect_ratios), persistent=False)
 

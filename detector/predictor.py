@@ -1,0 +1,89 @@
+"""One-call detector for BGR uint8 images (as read by cv2.imread): resize, run, map back.
+
+Accepted images and conversions (documented, never silent about anything ambiguous):
+- HxWx3 uint8 BGR: used as is (converted to RGB first if INPUT.FORMAT is RGB);
+- HxW or HxWx1 uint8 grayscale: replicated to three channels;
+- HxWx4 uint8 BGRA (cv2.IMREAD_UNCHANGED of a PNG with alpha): the alpha channel is dropped;
+- anything else (16-bit, float, empty, other channel counts, non-arrays) raises ImageError saying
+  what was received and how to convert it.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from detector.config import CfgNode
+from detector.modeling import GeneralizedRCNN, build_detector
+from detector.transforms import resize_shortest_edge
+
+
+class ImageError(ValueError):
+    """An input image the detector cannot take."""
+
+
+def as_bgr_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Validate and convert an image to HxWx3 uint8 following the rules in the module docstring."""
+    if not isinstance(image, np.ndarray):
+        raise ImageError(f"{name} must be a numpy array (HxWx3 uint8 BGR), got {type(image).__name__}")
+    if image.size == 0 or image.ndim < 2 or min(image.shape[:2]) == 0:
+        raise ImageError(f"{name} is empty (shape {image.shape}); was the file read correctly?")
+    if image.dtype == np.uint16:
+        raise ImageError(f"{name} is 16-bit (uint16, shape {image.shape}); the detector takes 8-bit images: "
+                         "convert with (image >> 8).astype(np.uint8) or read with cv2.IMREAD_COLOR")
+    if image.dtype != np.uint8:
+        raise ImageError(f"{name} has dtype {image.dtype}; expected uint8 BGR values 0..255 "
+                         "(for floats in 0..1 use (image * 255).round().astype(np.uint8))")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3:
+        raise ImageError(f"{name} has shape {image.shape}; expected HxW, HxWx1, HxWx3 or HxWx4")
+    channels = image.shape[2]
+    if channels == 1:
+        return np.repeat(image, 3, axis=2)
+    if channels == 4:
+        return np.ascontiguousarray(image[:, :, :3])
+    if channels != 3:
+        raise ImageError(f"{name} has {channels} channels (shape {image.shape}); expected 1, 3 or 4")
+    return image
+
+
+class DetectorPredictor:
+    """Builds the detector of `cfg`, loads `weights` (or MODEL.WEIGHTS), and runs single images."""
+
+    def __init__(self, cfg: CfgNode, weights: str | os.PathLike | None = None):
+        self.cfg = cfg.clone()
+        self.model: GeneralizedRCNN = build_detector(self.cfg)
+        weights = weights if weights is not None else (self.cfg.MODEL.WEIGHTS or None)
+        if weights:
+            from detector.checkpoint import load_checkpoint
+
+            load_checkpoint(self.model, weights)
+        self.min_size = self.cfg.INPUT.MIN_SIZE_TEST
+        self.max_size = self.cfg.INPUT.MAX_SIZE_TEST
+
+    def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        image = as_bgr_uint8(image)
+        if self.model.input_format == "RGB":
+            image = image[:, :, ::-1]
+        resized, _ = resize_shortest_edge(image, self.min_size, self.max_size)
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), device=self.model.device)
+        x = self.model.preprocess_image(tensor[None].float())
+        return x, tuple(resized.shape[:2]), tuple(image.shape[:2])
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray) -> dict[str, torch.Tensor]:
+        """Faster R-CNN detections in the original image's pixels (see GeneralizedRCNN.inference)."""
+        x, size, original = self._prepare(image)
+        return self.model.inference(x, [size], output_sizes=[original])[0]
+
+    @torch.no_grad()
+    def fast_rcnn(self, image: np.ndarray, boxes: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        """Region features and scores for `boxes` (K, 4) XYXY in the original image's pixels."""
+        x, size, original = self._prepare(image)
+        boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32), device=self.model.device)
+        if boxes.numel() == 0:
+            boxes = boxes.reshape(0, 4)
+        factors = boxes.new_tensor([size[1] / original[1], size[0] / original[0]] * 2)
+        return self.model.fast_rcnn(x, [boxes * factors])
