@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torchvision.ops import roi_pool
 
+from detector.layers import roi_align
+
 POOLER_TYPES = ("ROIAlign", "ROIAlignV2", "ROIPool")
 
 
@@ -46,7 +48,5 @@ class ROIPooler(nn.Module):
             return feature.new_zeros((0, feature.shape[1]) + self.output_size)
         if self.pooler_type == "ROIPool":
             return roi_pool(feature, rois, self.output_size, self.scale)
-        from detector.layers import roi_align  # engineer A's native op
-
         return roi_align(feature, rois, self.output_size, spatial_scale=self.scale,
                          sampling_ratio=self.sampling_ratio, aligned=self.pooler_type == "ROIAlignV2")
