@@ -1,0 +1,302 @@
+"""VL-BERT model: geometry embedding, sequence layout, pixel masking, joint updates, heads.
+
+A tiny random detector (ResNet-50 layout with narrow widths) and a tiny random BERT keep every test
+to CPU seconds; the real MiniLM folder is used once to check loading from a checkpoint.
+"""
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from detector.config import get_cfg
+from detector.layers import FrozenBatchNorm2d
+from detector.modeling import build_detector
+from e2e_vl.config import get_train_cfg
+from e2e_vl.data.collate import collate_samples, vqa_text_inputs
+from e2e_vl.modeling.embeddings import box_geometry_embedding
+from e2e_vl.modeling.heads import soft_cross_entropy
+from e2e_vl.modeling.vlbert import VLBert, build_vlbert
+
+VOCAB = 120
+NUM_CLASSES = 11
+
+
+def tiny_detector_cfg(cfg=None):
+    cfg = cfg or get_cfg()
+    r = cfg.MODEL.RESNETS
+    r.DEPTH, r.RES2_OUT_CHANNELS, r.STEM_OUT_CHANNELS, r.WIDTH_PER_GROUP = 50, 32, 16, 8
+    cfg.MODEL.PROPOSAL_GENERATOR.NAME = "PrecomputedProposals"
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 4
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = NUM_CLASSES - 1
+    return cfg
+
+
+def tiny_model(heads=("mlm", "mrc", "vqa"), masking="pixel", **kwargs) -> VLBert:
+    torch.manual_seed(0)
+    detector = build_detector(tiny_detector_cfg())
+    bert = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False)
+    return VLBert(detector, bert, heads=heads, num_answers=5, num_mrc_classes=NUM_CLASSES, masking=masking,
+                  sep_token_id=3, mask_token_id=4, **kwargs)
+
+
+def image_sample(num_boxes=3, text_len=6, height=64, width=48, seed=0, **extra):
+    g = torch.Generator().manual_seed(seed)
+    boxes = torch.tensor([[0, 0, width, height], [4, 6, 20, 30], [20, 30, 44, 60], [10, 2, 40, 22.0]])[:num_boxes]
+    sample = {
+        "input_ids": torch.randint(5, VOCAB, (text_len,), generator=g),
+        "image": torch.rand(3, height, width, generator=g) * 255,
+        "boxes": boxes,
+    }
+    sample.update(extra)
+    return sample
+
+
+def switch_on_visual_norms(model: VLBert) -> None:
+    """VL-BERT starts the visual LayerNorms at gamma 0 (visual term off); tests that need the visual path
+    to matter set them to 1, as training quickly does."""
+    with torch.no_grad():
+        model.visual_norms.text.weight.fill_(1.0)
+        model.visual_norms.region.weight.fill_(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+def test_geometry_embedding_matches_formula():
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 80.0], [0.0, 0.0, 200.0, 100.0]])
+    width, height = 200.0, 100.0
+    out = box_geometry_embedding(boxes, torch.tensor([width, height]))
+    assert out.shape == (2, 2048)
+    for k, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        values = [(x1 + x2) / 2 / width * 100, (y1 + y2) / 2 / height * 100, (x2 - x1) / width * 100,
+                  (y2 - y1) / height * 100]
+        for j, v in enumerate(values):
+            for i in (0, 1, 17, 255):
+                angle = v / 1000 ** (i / 256)
+                assert out[k, j * 512 + i].item() == pytest.approx(math.sin(angle), abs=1e-5)
+                assert out[k, j * 512 + 256 + i].item() == pytest.approx(math.cos(angle), abs=1e-5)
+
+
+def test_visual_norms_start_at_zero_so_text_input_is_bert():
+    model = tiny_model().eval()
+    batch = collate_samples([image_sample()])
+    emb = model.embed(batch)
+    words = model.bert.embeddings.word_embeddings(batch["input_ids"])
+    assert torch.equal(emb["inputs_embeds"][:, :6], words)
+
+
+def test_sequence_layout_one_and_two_segments():
+    model = tiny_model().eval()
+    one = image_sample(num_boxes=3, text_len=5)
+    two = image_sample(num_boxes=2, text_len=4, seed=1)
+    two["token_type_ids"] = torch.tensor([0, 0, 1, 1])
+    text_only = {"input_ids": torch.arange(5, 12)}
+    emb = model.embed(collate_samples([one, two, text_only]))
+    assert emb["inputs_embeds"].shape[:2] == (3, 9)  # longest: 5 text + 3 regions + [END]
+    assert emb["token_type_ids"][0].tolist() == [0] * 5 + [2] * 4
+    assert emb["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 5, 5, 6]
+    assert emb["attention_mask"][0].all()
+    valid = emb["attention_mask"][1]
+    assert valid.tolist() == [True] * 7 + [False] * 2  # 4 text + 2 regions + [END], padding after [END]
+    assert emb["token_type_ids"][1, :7].tolist() == [0, 0, 1, 1, 2, 2, 2]
+    assert emb["position_ids"][1, :7].tolist() == [0, 1, 2, 3, 4, 4, 5]
+    assert emb["attention_mask"][2].tolist() == [True] * 7 + [False] * 2  # text only: no regions, no [END]
+    assert emb["position_ids"][2, :7].tolist() == list(range(7))
+    # Where each element landed: regions of sample 1 follow its 4 text tokens.
+    assert emb["region_index"][1, :2].tolist() == [4, 5]
+    assert emb["region_valid"].tolist() == [[True] * 3, [True, True, False], [False] * 3]
+
+
+def test_embeddings_of_text_and_region_tokens():
+    model = tiny_model().eval()
+    switch_on_visual_norms(model)
+    sample = image_sample(num_boxes=3, text_len=5, region_masked=torch.tensor([False, True, False]))
+    batch = collate_samples([sample, {"input_ids": torch.arange(5, 9)}])
+    emb = model.embed(batch)
+    objects, _ = model.encode_regions(batch)
+    words = model.bert.embeddings.word_embeddings(batch["input_ids"])
+    expect_text = words[0, :5] + model.visual_norms.text(objects[0, 0])
+    torch.testing.assert_close(emb["inputs_embeds"][0, :5], expect_text)
+    regions = model.visual_norms.region(objects[0])
+    torch.testing.assert_close(emb["inputs_embeds"][0, 5], model.img_token + regions[0])
+    torch.testing.assert_close(emb["inputs_embeds"][0, 6], model.masked_region_token + regions[1])
+    torch.testing.assert_close(emb["inputs_embeds"][0, 8], model.end_token)
+    expect_text_only = words[1, :4] + model.visual_norms.text(model.text_only_visual)
+    torch.testing.assert_close(emb["inputs_embeds"][1, :4], expect_text_only)
+
+
+def capture_backbone_input(model: VLBert) -> list:
+    seen = []
+    model.detector.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    return seen
+
+
+def test_pixel_masking_zeroes_exactly_the_masked_box():
+    model = tiny_model().eval()
+    seen = capture_backbone_input(model)
+    masked = torch.tensor([False, True, False])  # box 1 = [4, 6, 20, 30]
+    small = image_sample(num_boxes=3, height=40, width=30, seed=2)  # padded up to the other image's size
+    small["boxes"] = torch.tensor([[0, 0, 30, 40], [2.5, 3.2, 9.7, 11.0], [10, 10, 20, 20]])
+    batch = collate_samples([image_sample(region_masked=masked), dict(small, region_masked=masked)])
+    model.encode_regions(batch)
+    x = seen[0]
+    normalised = model.detector.preprocess_image(batch["images"].float())
+    inside = torch.zeros(64, 48, dtype=torch.bool)
+    inside[6:30, 4:20] = True
+    assert (x[0][:, inside] == 0).all()
+    assert torch.equal(x[0][:, ~inside], normalised[0][:, ~inside])
+    # Fractional box: every pixel it touches is blanked (rows 3..10, columns 2..9); padding is zero too.
+    inside = torch.zeros(64, 48, dtype=torch.bool)
+    inside[3:11, 2:10] = True
+    real = torch.zeros(64, 48, dtype=torch.bool)
+    real[:40, :30] = True
+    assert (x[1][:, inside | ~real] == 0).all()
+    assert torch.equal(x[1][:, real & ~inside], normalised[1][:, real & ~inside])
+
+
+def test_feature_masking_leaves_pixels_and_replaces_the_object_feature():
+    model = tiny_model(masking="feature").eval()
+    seen = capture_backbone_input(model)
+    batch = collate_samples([image_sample(region_masked=torch.tensor([False, True, False]))])
+    objects, _ = model.encode_regions(batch)
+    assert torch.equal(seen[0][0], model.detector.preprocess_image(batch["images"].float())[0])
+    assert torch.equal(objects[0, 1], model.masked_region_feature)
+    assert not torch.equal(objects[0, 2], model.masked_region_feature)
+
+
+def test_one_step_updates_unfrozen_detector_only():
+    model = tiny_model().train()
+    switch_on_visual_norms(model)
+    names = dict(model.named_parameters())
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    frozen_bn = [k for k, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert frozen_bn and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    samples = [
+        image_sample(region_masked=torch.tensor([False, True, False]), region_labelled=torch.tensor([False, True, True]),
+                     mrc_targets=torch.softmax(torch.randn(3, NUM_CLASSES), -1),
+                     mlm_labels=torch.tensor([-100, 7, -100, 9, -100, -100]), answer_pos=2, vqa_targets=torch.rand(5)),
+    ]
+    out = model(collate_samples(samples))
+    assert set(out["losses"]) == {"mlm", "mrc", "vqa"}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    out["loss"].backward()
+    optimizer.step()
+    after = model.state_dict()
+
+    def changed(prefix):
+        keys = [k for k in names if k.startswith(prefix)]
+        assert keys, prefix
+        return [not torch.equal(before[k], after[k]) for k in keys]
+
+    assert not any(changed("detector.backbone.stem.")) and not any(changed("detector.backbone.res2."))
+    for frozen in ("detector.backbone.stem.", "detector.backbone.res2.", "detector.roi_heads.box_predictor."):
+        assert all(not names[k].requires_grad for k in names if k.startswith(frozen))
+    for trained in ("detector.backbone.res3.", "detector.backbone.res4.", "detector.roi_heads.res5."):
+        assert all(changed(trained)), trained
+    for module in frozen_bn:
+        for buf in ("weight", "bias", "running_mean", "running_var"):
+            assert torch.equal(before[f"{module}.{buf}"], after[f"{module}.{buf}"])
+
+
+def test_freeze_detector_option_stops_all_detector_updates():
+    model = tiny_model(freeze_detector=True)
+    assert not any(p.requires_grad for p in model.detector.parameters())
+    switch_on_visual_norms(model)
+    out = model(collate_samples([image_sample(answer_pos=1, vqa_targets=torch.rand(5))]))
+    out["loss"].backward()
+    assert model.object_embedding.proj.weight.grad is not None
+
+
+def test_samples_sharing_an_image_run_the_detector_once_and_match_separate_runs():
+    model = tiny_model(heads=("vqa",)).eval()
+    switch_on_visual_norms(model)
+    seen = capture_backbone_input(model)
+    first = image_sample(text_len=5, image_key="img-7", answer_pos=2)
+    second = dict(first, input_ids=torch.arange(10, 17), answer_pos=4)
+    joint = model(collate_samples([first, second]))
+    assert len(seen) == 1 and seen[0].shape[0] == 1
+    alone = [model(collate_samples([s]))["vqa_logits"] for s in (first, second)]
+    torch.testing.assert_close(joint["vqa_logits"], torch.cat(alone), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="masks regions"):
+        collate_samples([first, dict(second, region_masked=torch.tensor([False, True, False]))])
+
+
+def test_heads_outputs_and_losses():
+    model = tiny_model(heads=("mlm", "mrc", "vqa", "ref", "vcr")).eval()
+    targets = torch.softmax(torch.randn(3, NUM_CLASSES), -1)
+    samples = []
+    for i in range(4):  # one VCR question with 4 choices
+        samples.append(image_sample(seed=i, answer_pos=3, vqa_targets=torch.rand(5),
+                                    ref_labels=torch.tensor([-1.0, 1.0, 0.0]),
+                                    region_labelled=torch.tensor([False, True, True]), mrc_targets=targets,
+                                    mlm_labels=torch.tensor([-100, 8, -100, -100, -100, -100]),
+                                    **({"choice_label": 2} if i == 0 else {})))
+    batch = collate_samples(samples)
+    out = model(batch)
+    assert out["vqa_logits"].shape == (4, 5)
+    assert out["ref_logits"].shape == (4, 3)
+    assert out["vcr_logits"].shape == (1, 4)
+    assert out["mrc_logits"].shape == (8, NUM_CLASSES)
+    assert out["mlm_logits"].shape == (4, VOCAB) and out["mlm_labels"].tolist() == [8] * 4
+    expected_vqa = torch.nn.functional.binary_cross_entropy_with_logits(
+        out["vqa_logits"], batch["vqa_targets"], reduction="none").sum(1).mean()
+    torch.testing.assert_close(out["losses"]["vqa"], expected_vqa)
+    expected_mrc = -(targets[1:].repeat(4, 1) * out["mrc_logits"].log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(out["losses"]["mrc"], expected_mrc)
+    torch.testing.assert_close(out["losses"]["vcr"], torch.nn.functional.cross_entropy(out["vcr_logits"],
+                                                                                      torch.tensor([2])))
+    assert set(out["losses"]) == {"mlm", "mrc", "vqa", "ref", "vcr"}
+    torch.testing.assert_close(out["loss"], sum(out["losses"].values()))
+
+
+def test_soft_cross_entropy_without_rows_keeps_the_graph():
+    logits = torch.zeros(0, 4, requires_grad=True)
+    loss = soft_cross_entropy(logits, torch.zeros(0, 4))
+    loss.backward()
+    assert loss.item() == 0.0
+
+
+def test_mlm_head_is_tied_and_keys_follow_detectron2():
+    model = tiny_model()
+    model.heads["mlm"](torch.zeros(1, 32)).sum().backward()
+    assert model.bert.embeddings.word_embeddings.weight.grad is not None
+    keys = model.state_dict().keys()
+    assert "detector.backbone.stem.conv1.weight" in keys
+    assert "detector.roi_heads.res5.0.conv1.weight" in keys
+    assert "detector.roi_heads.box_predictor.cls_score.weight" in keys
+    assert not any("mlm.word_embeddings" in k for k in keys)
+    kinds = {VLBert.parameter_kind(k) for k, _ in model.named_parameters()}
+    assert kinds == {"detector", "bert", "head"}
+    assert model.bert.embeddings.token_type_embeddings.num_embeddings == 3
+
+
+def test_text_only_batch_needs_no_images():
+    model = tiny_model(heads=("mlm",))
+    out = model(collate_samples([{"input_ids": torch.arange(5, 12), "mlm_labels": torch.tensor([-100, 9] + [-100] * 5)}]))
+    assert set(out["losses"]) == {"mlm_text"}
+    assert out["mlm_logits"].shape == (1, VOCAB) and torch.isfinite(out["loss"])
+
+
+def test_batch_without_targets_is_a_clear_error():
+    model = tiny_model(heads=("mrc",))
+    with pytest.raises(ValueError, match="inputs for none"):
+        model(collate_samples([image_sample()]))
+
+
+def test_build_from_config_with_the_embedded_minilm():
+    cfg = tiny_detector_cfg(get_train_cfg())
+    cfg.MODEL.VLBERT.NUM_ANSWERS = 13
+    model = build_vlbert(cfg)
+    assert model.bert.config.hidden_size == 384
+    rows = model.bert.embeddings.token_type_embeddings.weight
+    assert torch.equal(rows[2], rows[0]) and not torch.equal(rows[1], rows[0])
+    from e2e_vl.modeling import load_tokenizer
+
+    tok = load_tokenizer("")
+    text = vqa_text_inputs(tok, "what color is the shape?")
+    assert text["input_ids"][text["answer_pos"]].item() == tok.mask_token_id
+    assert torch.equal(model.end_token.detach(), model.bert.embeddings.word_embeddings.weight[tok.sep_token_id])
+    sample = image_sample(**text)
+    sample["vqa_targets"] = torch.zeros(13)
+    out = model(collate_samples([sample]))
+    assert out["vqa_logits"].shape == (1, 13)
