@@ -5,6 +5,8 @@ to CPU seconds; the real MiniLM folder is used once to check loading from a chec
 """
 import math
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertModel
@@ -13,12 +15,15 @@ from detector.config import get_cfg
 from detector.layers import FrozenBatchNorm2d
 from detector.modeling import build_detector
 from e2e_vl.config import get_train_cfg
+from e2e_vl.data.captions import CaptionPretrainDataset, read_tsv_captions
 from e2e_vl.data.collate import collate_samples, vqa_text_inputs
+from e2e_vl.data.roi_store import RoIRecord
+from e2e_vl.data.transforms import ResizeFlip
 from e2e_vl.modeling.embeddings import box_geometry_embedding
 from e2e_vl.modeling.heads import soft_cross_entropy
-from e2e_vl.modeling.vlbert import VLBert, build_vlbert
+from e2e_vl.modeling.vlbert import VLBert, build_vlbert, load_tokenizer
 
-VOCAB = 120
+VOCAB = 30522  # the uncased BERT vocabulary, so real tokenizer output fits the tiny model
 NUM_CLASSES = 11
 
 
@@ -38,7 +43,7 @@ def tiny_model(heads=("mlm", "mrc", "vqa"), masking="pixel", **kwargs) -> VLBert
     bert = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False)
     return VLBert(detector, bert, heads=heads, num_answers=5, num_mrc_classes=NUM_CLASSES, masking=masking,
-                  sep_token_id=3, mask_token_id=4, **kwargs)
+                  sep_token_id=102, mask_token_id=103, **kwargs)
 
 
 def image_sample(num_boxes=3, text_len=6, height=64, width=48, seed=0, **extra):
@@ -152,6 +157,31 @@ def test_pixel_masking_zeroes_exactly_the_masked_box():
     real[:40, :30] = True
     assert (x[1][:, inside | ~real] == 0).all()
     assert torch.equal(x[1][:, real & ~inside], normalised[1][:, real & ~inside])
+
+
+def test_masked_region_pixels_and_label_from_the_caption_data_set(tmp_path):
+    """Data set -> collate -> model: the masked box is zero in the backbone input at its resized
+    coordinates, untouched elsewhere, and its MRC target is the stored distribution."""
+    cv2.imwrite(str(tmp_path / "17.png"), (np.arange(30 * 60 * 3) % 251).astype(np.uint8).reshape(30, 60, 3))
+    probs = np.random.default_rng(0).dirichlet(np.ones(NUM_CLASSES), size=1).astype(np.float16)
+    record = RoIRecord("17", str(tmp_path / "17.png"), 30, 60, boxes=np.array([[20, 5, 40, 25]], np.float32),
+                       class_probs=probs, object_conf=np.array([0.9], np.float32))
+    (tmp_path / "caps.tsv").write_text("17.png\ta red circle\n")
+    captions = read_tsv_captions(tmp_path / "caps.tsv", image_root=str(tmp_path))
+    data = CaptionPretrainDataset(captions, {"17": record}, load_tokenizer(""), ResizeFlip(45, 1000),
+                                  mrc_prob=1.0, mrc_mask_frac=1.0)
+    batch = collate_samples([data[0]])
+    model = tiny_model(heads=("mrc",)).eval()
+    seen = capture_backbone_input(model)
+    out = model(batch)
+    x = seen[0][0]
+    inside = torch.zeros(45, 90, dtype=torch.bool)
+    inside[7:38, 30:60] = True  # stored box (20, 5, 40, 25) at scale 1.5 -> (30, 7.5, 60, 37.5)
+    assert (x[:, inside] == 0).all()
+    normalised = model.detector.preprocess_image(batch["images"].float())[0]
+    assert torch.equal(x[:, ~inside], normalised[:, ~inside])
+    torch.testing.assert_close(batch["mrc_targets"], torch.from_numpy(probs.astype(np.float32)))
+    assert out["mrc_logits"].shape == (1, NUM_CLASSES)
 
 
 def test_feature_masking_leaves_pixels_and_replaces_the_object_feature():
@@ -290,8 +320,6 @@ def test_build_from_config_with_the_embedded_minilm():
     assert model.bert.config.hidden_size == 384
     rows = model.bert.embeddings.token_type_embeddings.weight
     assert torch.equal(rows[2], rows[0]) and not torch.equal(rows[1], rows[0])
-    from e2e_vl.modeling import load_tokenizer
-
     tok = load_tokenizer("")
     text = vqa_text_inputs(tok, "what color is the shape?")
     assert text["input_ids"][text["answer_pos"]].item() == tok.mask_token_id

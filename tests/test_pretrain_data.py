@@ -1,0 +1,209 @@
+"""Pre-training data: whole-word / region masking, pixel masks, collation, transforms, samplers, captions."""
+import json
+import random
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from e2e_vl.data.captions import (CaptionDataError, CaptionPretrainDataset, TextOnlyDataset, read_captions,
+                                  read_coco_captions, read_tsv_captions)
+from e2e_vl.data.collate import VLCollator, collate_samples, pad_images, vqa_text_inputs
+from e2e_vl.data.masking import IGNORE_INDEX, box_pixel_mask, mask_whole_words, select_masked_regions
+from e2e_vl.data.roi_store import RoIRecord
+from e2e_vl.data.samplers import AspectRatioGroupedBatchSampler
+from e2e_vl.data.transforms import ResizeFlip, swap_left_right
+from e2e_vl.modeling import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("")
+
+
+# ---- masking -------------------------------------------------------------------------------------------
+def test_whole_word_masking_rates_and_word_pieces():
+    rng = random.Random(0)
+    n_words = 4000
+    ids = [101] + [1000 + (i % 7) for i in range(2 * n_words)] + [102]
+    word_ids = [None] + [i // 2 for i in range(2 * n_words)] + [None]  # every word = 2 pieces
+    new, labels = mask_whole_words(ids, word_ids, mask_token_id=103, vocab_size=30522, special_ids=[0, 100, 101, 102, 103],
+                                   rng=rng)
+    assert labels[0] == labels[-1] == IGNORE_INDEX and new[0] == 101 and new[-1] == 102
+    chosen = masked = kept = 0
+    for w in range(n_words):
+        a, b = 1 + 2 * w, 2 + 2 * w
+        assert (labels[a] == IGNORE_INDEX) == (labels[b] == IGNORE_INDEX)  # pieces go together
+        if labels[a] != IGNORE_INDEX:
+            chosen += 1
+            assert labels[a] == ids[a] and labels[b] == ids[b]
+            masked += new[a] == 103 and new[b] == 103
+            kept += new[a] == ids[a] and new[b] == ids[b]
+        else:
+            assert new[a] == ids[a]
+    assert 0.13 < chosen / n_words < 0.17
+    assert 0.75 < masked / chosen < 0.85
+    assert 0.05 < kept / chosen < 0.16
+    assert all(t not in (0, 100, 101, 102) for t in new[1:-1])
+
+
+def test_region_selection_skips_the_whole_image():
+    rng = random.Random(1)
+    labelled_total = masked_total = 0
+    for _ in range(400):
+        labelled, masked = select_masked_regions(21, rng=rng)
+        assert not labelled[0] and not masked[0]
+        assert not (masked & ~labelled).any()
+        labelled_total += int(labelled.sum())
+        masked_total += int(masked.sum())
+    assert 0.13 < labelled_total / (400 * 20) < 0.17
+    assert 0.85 < masked_total / labelled_total < 0.95
+
+
+def test_box_pixel_mask_covers_touched_pixels():
+    mask = box_pixel_mask(torch.tensor([[1.0, 2.0, 4.0, 3.0], [5.5, 0.2, 6.1, 1.0]]), 6, 8)
+    expected = torch.zeros(6, 8, dtype=torch.bool)
+    expected[2:3, 1:4] = True
+    expected[0:1, 5:7] = True
+    assert torch.equal(mask, expected)
+    assert not box_pixel_mask(torch.zeros(0, 4), 3, 3).any()
+
+
+# ---- collation -----------------------------------------------------------------------------------------
+def test_collate_pads_tokens_boxes_and_images():
+    a = {"input_ids": torch.tensor([1, 2, 3]), "image": torch.ones(3, 4, 6, dtype=torch.uint8),
+         "boxes": torch.tensor([[0, 0, 6, 4.0], [1, 1, 2, 2]]), "region_labelled": torch.tensor([False, True]),
+         "mrc_targets": torch.tensor([[0.0, 0.0], [0.3, 0.7]]), "mlm_labels": torch.tensor([-100, 5, -100])}
+    b = {"input_ids": torch.tensor([1, 9]), "image": torch.full((3, 5, 2), 2, dtype=torch.uint8),
+         "boxes": torch.tensor([[0, 0, 2, 5.0], [0, 1, 1, 2], [0, 0, 1, 1]]),
+         "region_labelled": torch.tensor([False, True, True]), "mrc_targets": torch.tensor([[0, 0], [1, 0], [0.5, 0.5]]),
+         "region_masked": torch.tensor([False, False, True])}
+    batch = VLCollator(pad_token_id=0)([a, [b]])
+    assert batch["images"].shape == (2, 3, 5, 6) and batch["images"].dtype == torch.uint8
+    assert batch["image_sizes"].tolist() == [[4, 6], [5, 2]]
+    assert batch["images"][0, :, 4:].eq(0).all() and batch["images"][1, :, :, 2:].eq(0).all()
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [1, 9, 0]]
+    assert batch["text_mask"].tolist() == [[True] * 3, [True, True, False]]
+    assert batch["mlm_labels"].tolist() == [[-100, 5, -100], [-100, -100, -100]]
+    assert batch["region_labelled"].tolist() == [[False, True, False], [False, True, True]]
+    assert torch.equal(batch["mrc_targets"], torch.tensor([[0.3, 0.7], [1, 0], [0.5, 0.5]]))
+    assert [m.tolist() for m in batch["region_masked"]] == [[False, False], [False, False, True]]
+    assert batch["sample_image_index"].tolist() == [0, 1]
+
+
+def test_collate_shares_images_by_key_and_rejects_mixed_answers():
+    image = torch.zeros(3, 4, 4)
+    boxes = torch.tensor([[0, 0, 4, 4.0]])
+    q1 = {"input_ids": torch.tensor([1, 2]), "image": image, "boxes": boxes, "image_key": 5, "answer_pos": 1,
+          "vqa_targets": torch.tensor([1.0, 0.0])}
+    q2 = dict(q1, input_ids=torch.tensor([1, 3, 4]))
+    other = dict(q1, image_key=6)
+    batch = collate_samples([q1, other, q2])
+    assert batch["images"].shape[0] == 2 and batch["sample_image_index"].tolist() == [0, 1, 0]
+    assert batch["answer_pos"].tolist() == [1, 1, 1] and batch["vqa_targets"].shape == (3, 2)
+    with pytest.raises(KeyError, match="sample 1 lacks"):
+        collate_samples([q1, {"input_ids": torch.tensor([1])}])
+    with pytest.raises(ValueError, match="different images"):
+        collate_samples([q1, dict(q1, image=torch.zeros(3, 5, 4))])
+
+
+def test_pad_images_size_divisibility():
+    out, sizes = pad_images([torch.ones(3, 5, 7), torch.ones(3, 9, 2)], size_divisibility=4)
+    assert out.shape == (2, 3, 12, 8) and sizes.tolist() == [[5, 7], [9, 2]]
+
+
+def test_vqa_text_layout(tokenizer):
+    text = vqa_text_inputs(tokenizer, "What colour is the shape?")
+    tokens = tokenizer.convert_ids_to_tokens(text["input_ids"].tolist())
+    assert tokens == ["[CLS]", "what", "colour", "is", "the", "shape", "?", "[SEP]", "[MASK]", "[SEP]"]
+    assert text["token_type_ids"].tolist() == [0] * 8 + [1, 1]
+    assert text["answer_pos"] == 8
+
+
+# ---- transforms and samplers ---------------------------------------------------------------------------
+def test_swap_left_right():
+    assert swap_left_right("the Left cup, right of LEFT; leftover") == "the Right cup, left of RIGHT; leftover"
+
+
+def test_resize_and_flip_boxes_and_text():
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[10:20, 0:10] = 255
+    boxes = torch.tensor([[0.0, 10.0, 10.0, 20.0]])
+    out = ResizeFlip(20, 1000, flip_prob=1.0, swap_text_sides=True)(image, boxes, "a box on the left", random.Random(0))
+    assert out.image.shape == (3, 20, 40) and out.flipped and out.text == "a box on the right"
+    torch.testing.assert_close(out.boxes, torch.tensor([[35.0, 5.0, 40.0, 10.0]]))
+    assert out.image[:, 5:10, 35:40].float().mean() > 200 and out.image[:, 5:10, 0:5].max() == 0
+    kept = ResizeFlip(20, 1000)(image, boxes, "left")
+    assert not kept.flipped and kept.text == "left"
+    torch.testing.assert_close(kept.boxes, torch.tensor([[0.0, 5.0, 5.0, 10.0]]))
+
+
+def test_aspect_ratio_grouping():
+    ratios = [1.5, 0.5, 2.0, 0.7, 1.0, 0.9, 1.2]
+    order = [6, 5, 4, 3, 2, 1, 0]
+    sampler = AspectRatioGroupedBatchSampler(order, ratios, batch_size=2)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    for b in batches:
+        assert len({ratios[i] >= 1 for i in b}) == 1
+    assert len(batches) == len(sampler) == 4
+    assert len(AspectRatioGroupedBatchSampler(order, ratios, 2, drop_last=True)) == len(
+        list(AspectRatioGroupedBatchSampler(order, ratios, 2, drop_last=True))) == 3
+
+
+# ---- captions ------------------------------------------------------------------------------------------
+def test_read_coco_and_tsv_captions(tmp_path):
+    coco = {"images": [{"id": 7, "file_name": "a.jpg", "height": 4, "width": 4}],
+            "annotations": [{"id": 2, "image_id": 7, "caption": " A dog. "}, {"id": 1, "image_id": 7, "caption": "x"}]}
+    (tmp_path / "caps.json").write_text(json.dumps(coco))
+    caps = read_coco_captions(tmp_path / "caps.json", image_root="imgs")
+    assert [(c.image_id, c.text) for c in caps] == [("7", "x"), ("7", "A dog.")]
+    assert caps[0].path.endswith("imgs/a.jpg")
+    (tmp_path / "cc.tsv").write_text("dir/123.jpg\ta cat\n\nother/456.png\ttwo dogs\n")
+    caps = read_captions(tmp_path / "cc.tsv", image_root=str(tmp_path))
+    assert [(c.image_id, c.text) for c in caps] == [("123", "a cat"), ("456", "two dogs")]
+    assert caps[1].source.endswith("cc.tsv:3")
+    (tmp_path / "bad.tsv").write_text("only-a-path\n")
+    with pytest.raises(CaptionDataError, match="bad.tsv:1"):
+        read_tsv_captions(tmp_path / "bad.tsv")
+
+
+def _store_with_one_image(tmp_path, num_classes=5):
+    image = (np.arange(30 * 60 * 3) % 251).astype(np.uint8).reshape(30, 60, 3)
+    cv2.imwrite(str(tmp_path / "17.png"), image)
+    probs = np.random.default_rng(0).dirichlet(np.ones(num_classes), size=3).astype(np.float16)
+    record = RoIRecord("17", str(tmp_path / "17.png"), 30, 60,
+                       boxes=np.array([[0, 0, 10, 10], [20, 5, 40, 25], [30, 0, 60, 30]], np.float32),
+                       class_probs=probs, object_conf=np.array([0.9, 0.2, 0.8], np.float32))
+    return {"17": record}, record
+
+
+def test_caption_dataset_sample_and_missing_record(tmp_path, tokenizer):
+    store, record = _store_with_one_image(tmp_path)
+    (tmp_path / "caps.tsv").write_text("17.png\ta red circle on the left\nmissing.png\tno regions\n")
+    caps = read_tsv_captions(tmp_path / "caps.tsv", image_root=str(tmp_path))
+    transform = ResizeFlip(60, 1000)
+    with pytest.raises(CaptionDataError, match=r"caps.tsv:2: image id 'missing' has no RoI record"):
+        CaptionPretrainDataset(caps, store, tokenizer, transform)
+    text_len = len(tokenizer("a red circle on the left")["input_ids"])
+    ds = CaptionPretrainDataset(caps[:1], store, tokenizer, transform, mrc_prob=1.0, mrc_mask_frac=1.0,
+                                max_seq_len=text_len + 4, max_text_len=text_len)
+    sample = ds[0]
+    # Whole image + the two highest-scoring boxes (0.9 and 0.8), in stored order, scaled x2.
+    torch.testing.assert_close(sample["boxes"], torch.tensor([[0, 0, 120, 60.0], [0, 0, 20, 20], [60, 0, 120, 60]]))
+    assert sample["image"].shape == (3, 60, 120)
+    assert sample["region_masked"].tolist() == [False, True, True]
+    assert sample["region_labelled"].tolist() == [False, True, True]
+    torch.testing.assert_close(sample["mrc_targets"][1:], torch.from_numpy(record.class_probs[[0, 2]].astype(np.float32)))
+    again = ds[0]
+    assert torch.equal(again["input_ids"], sample["input_ids"])  # reproducible per (seed, epoch, index)
+    assert ds.aspect_ratios() == [2.0]
+
+
+def test_text_only_dataset(tokenizer):
+    ds = TextOnlyDataset(["a sentence about shapes and colours", "  ", "another one"], tokenizer, mlm_prob=1.0)
+    assert len(ds) == 2
+    sample = ds[0]
+    assert (sample["mlm_labels"][1:-1] != IGNORE_INDEX).all() and sample["mlm_labels"][0] == IGNORE_INDEX
+    assert "image" not in sample
