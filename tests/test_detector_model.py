@@ -198,3 +198,53 @@ def test_tiny_faster_rcnn_inference_maps_to_output_size(tiny):
     # the features reported for a detection are those of its proposal
     again = tiny.fast_rcnn(x, [raw["proposal_boxes"]])
     torch.testing.assert_close(again["features"], raw["features"], atol=1e-4, rtol=1e-4)
+
+
+def test_anchor_order_and_offset():
+    from detector.modeling.rpn import DefaultAnchorGenerator
+
+    gen = DefaultAnchorGenerator([32, 64], [0.5, 1.0, 2.0], stride=16, offset=0.0)
+    cell = gen.cell_anchors
+    assert cell.shape == (6, 4)
+    widths, heights = cell[:, 2] - cell[:, 0], cell[:, 3] - cell[:, 1]
+    torch.testing.assert_close(widths * heights, torch.tensor([32.0**2] * 3 + [64.0**2] * 3))  # size-major
+    torch.testing.assert_close(heights / widths, torch.tensor([0.5, 1.0, 2.0] * 2))
+    torch.testing.assert_close(cell[:, :2] + cell[:, 2:], torch.zeros(6, 2))  # centred on 0
+    anchors = gen(torch.zeros(1, 1, 2, 3))  # positions row-major, anchors innermost
+    assert anchors.shape == (2 * 3 * 6, 4)
+    torch.testing.assert_close(anchors[6] - cell[0], torch.tensor([16.0, 0.0, 16.0, 0.0]))
+    torch.testing.assert_close(anchors[18] - cell[0], torch.tensor([0.0, 16.0, 0.0, 16.0]))
+    shifted = DefaultAnchorGenerator([32], [1.0], stride=16, offset=0.5)(torch.zeros(1, 1, 1, 1))
+    torch.testing.assert_close(shifted[0], torch.tensor([-8.0, -8.0, 24.0, 24.0]))
+
+
+def test_box_coder_round_trip_and_clamp():
+    from detector.modeling.box_regression import DEFAULT_SCALE_CLAMP, Box2BoxTransform
+
+    coder = Box2BoxTransform((10.0, 10.0, 5.0, 5.0))
+    src = torch.tensor([[10.0, 20.0, 50.0, 80.0], [0.0, 0.0, 16.0, 16.0]])
+    tgt = torch.tensor([[12.0, 18.0, 60.0, 70.0], [2.0, 4.0, 30.0, 20.0]])
+    torch.testing.assert_close(coder.apply_deltas(coder.get_deltas(src, tgt), src), tgt)
+    huge = coder.apply_deltas(torch.tensor([[0.0, 0.0, 1e4, 1e4]]), torch.tensor([[0.0, 0.0, 16.0, 16.0]]))
+    side = 16 * torch.exp(torch.tensor(DEFAULT_SCALE_CLAMP))
+    torch.testing.assert_close(huge[0, 2] - huge[0, 0], side)  # clamped at log(1000/16): 1000 px
+    two_class = coder.apply_deltas(torch.zeros(1, 8), src[:1])
+    torch.testing.assert_close(two_class, src[:1].repeat(1, 2))
+
+
+def test_tiny_fast_rcnn_trains_the_unfrozen_stages():
+    torch.manual_seed(0)
+    model = build_detector(load_cfg(TINY)).train()
+    assert not any(p.requires_grad for p in model.backbone.stem.parameters())
+    assert not any(p.requires_grad for p in model.backbone.res2.parameters())
+    x = model.preprocess_image(_images(1))
+    boxes = [torch.tensor([[0.0, 0.0, 50.0, 50.0], [10.0, 12.0, 100.0, 90.0]])]
+    labels = torch.tensor([3, 10])
+    out = model.fast_rcnn(x, boxes, classes=[labels])
+    loss = torch.nn.functional.cross_entropy(out["class_logits"], labels) + out["attr_logits"].logsumexp(1).mean()
+    loss.backward()
+    for name in ("backbone.res3.0.conv1.weight", "backbone.res4.1.conv2.weight", "roi_heads.res5.2.conv3.weight",
+                 "roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_embedding.weight"):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert model.get_parameter("backbone.stem.conv1.weight").grad is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -23,11 +24,10 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features) - eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Fold the statistics into one scale and shift; computed in fp32 and cast so that bf16
-        # activations do not lose the precision of the folded constants.
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
+        # Inference-mode batch_norm: one fused pass of x * scale + shift with the statistics folded
+        # in fp32 (bf16/fp16 activations keep fp32 constants), differentiable w.r.t. x only.
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=False, momentum=0.0, eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"

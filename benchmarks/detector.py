@@ -1,0 +1,148 @@
+"""Throughput of the detector: Faster R-CNN inference and Fast R-CNN training steps.
+
+Prints a table of images/s for each (device, dtype) with the ratio to the fp32 row of the same
+device measured in the same run. Weights are random (no downloads); with random weights the VG
+model's class scores stay below SCORE_THRESH_TEST, so the per-class NMS stage is cheap here and real
+weights may spend somewhat more time after the RoI head.
+
+    python benchmarks/detector.py            # VG R101-C4 at 600x1000, 100 boxes per image
+    python benchmarks/detector.py --quick    # tiny R18 model, small images: a smoke run
+
+Detectron2 is not importable in this environment, so no Detectron2 rows are printed; see the parity
+tests for output equality.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the package.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(ROOT)
+
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from detector.config import load_cfg  # noqa: E402
+from detector.modeling import build_detector  # noqa: E402
+
+VG = ROOT / "configs" / "vg" / "faster_rcnn_R_101_C4_attr_caffemaxpool.yaml"
+E2E = ROOT / "configs" / "vg" / "vlbert_e2e_R_101_C4.yaml"
+TINY = ROOT / "configs" / "vg" / "tiny_R_18_C4_attr.yaml"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _random_boxes(n: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=gen) * torch.tensor([w * 0.8, h * 0.8])
+    wh = torch.rand(n, 2, generator=gen) * torch.tensor([w * 0.5, h * 0.5]) + 16
+    return torch.cat((xy, torch.minimum(xy + wh, torch.tensor([w - 1.0, h - 1.0]))), dim=1)
+
+
+def _time(fn, warmup: int, iters: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def bench_inference(cfg_path: Path, device: torch.device, dtype: torch.dtype, h: int, w: int,
+                    warmup: int, iters: int) -> float:
+    """Seconds per image of Faster R-CNN inference (backbone, RPN, RoI head, per-class NMS)."""
+    cfg = load_cfg(cfg_path, ["MODEL.DEVICE", device.type])
+    model = build_detector(cfg)
+    gen = torch.Generator().manual_seed(0)
+    x = model.preprocess_image((torch.rand(1, 3, h, w, generator=gen) * 255).to(device))
+
+    def step():
+        with torch.no_grad(), _autocast(device, dtype):
+            model.inference(x, [(h, w)])
+
+    return _time(step, warmup, iters, device)
+
+
+def bench_train(cfg_path: Path, device: torch.device, dtype: torch.dtype, h: int, w: int, num_boxes: int,
+                warmup: int, iters: int) -> float:
+    """Seconds per image of a Fast R-CNN training step on given boxes (forward, losses, backward, SGD)."""
+    cfg = load_cfg(cfg_path, ["MODEL.DEVICE", device.type])
+    model = build_detector(cfg).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    x = model.preprocess_image((torch.rand(1, 3, h, w, generator=gen) * 255).to(device))
+    boxes = [_random_boxes(num_boxes, h, w, gen).to(device)]
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    labels = torch.randint(0, num_classes + 1, (num_boxes,), generator=gen).to(device)
+    attr_labels = torch.randint(0, cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES + 1, (num_boxes,), generator=gen)
+
+    def step():
+        with _autocast(device, dtype):
+            out = model.fast_rcnn(x, boxes, classes=[labels])
+            loss = F.cross_entropy(out["class_logits"].float(), labels)
+            if "attr_logits" in out:
+                loss = loss + F.cross_entropy(out["attr_logits"].float(), attr_labels.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return _time(step, warmup, iters, device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model and images, few iterations")
+    parser.add_argument("--devices", default="cpu,cuda", help="comma list; cuda rows only when available")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--skip", default="", help="comma list of rows to skip: inference,train")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        infer_cfg, train_cfg, (h, w), boxes, warmup, iters = TINY, TINY, (96, 128), 10, 1, args.iters or 2
+    else:
+        infer_cfg, train_cfg, (h, w), boxes, warmup, iters = VG, E2E, (600, 1000), 100, 1, args.iters or 3
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    devices = [torch.device(d) for d in args.devices.split(",")
+               if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
+    skip = set(filter(None, args.skip.split(",")))
+    print(f"detector benchmark: {h}x{w}, {boxes} boxes/image, batch 1, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads, inference cfg {infer_cfg.name}, train cfg {train_cfg.name}")
+    print(f"{'task':<22}{'device':<8}{'dtype':<7}{'s/img':>9}{'img/s':>9}{'vs fp32':>9}")
+    for task in ("inference", "train"):
+        if task in skip:
+            continue
+        for device in devices:
+            base = None
+            for name in args.dtypes.split(","):
+                if task == "inference":
+                    sec = bench_inference(infer_cfg, device, dtypes[name], h, w, warmup, iters)
+                    label = "Faster R-CNN infer"
+                else:
+                    sec = bench_train(train_cfg, device, dtypes[name], h, w, boxes, warmup, iters)
+                    label = "Fast R-CNN train"
+                base = base or (sec if name == "fp32" else None)
+                ratio = f"{base / sec:.2f}x" if base else "-"
+                print(f"{label:<22}{device.type:<8}{name:<7}{sec:>9.3f}{1 / sec:>9.2f}{ratio:>9}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
