@@ -1,0 +1,310 @@
+"""tools/extract_rois.py and tools/visualize_rois.py end to end with a tiny random-weight detector."""
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import nms
+
+from detector.checkpoint import load_checkpoint, save_checkpoint
+from detector.config import load_cfg
+from detector.modeling import build_detector
+from detector.transforms import resize_shortest_edge
+from e2e_vl.data.roi_store import RoIRecord, RoIStore, RoIStoreWriter, read_npz
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "vg" / "tiny_R_18_C4_attr.yaml"
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+extract_tool = load_tool("extract_rois")
+visualize_tool = load_tool("visualize_rois")
+
+
+def make_images(folder, sizes, seed=0):
+    """Smooth random blobs (JPEG-friendly), one file per size, named so that sorted order is creation order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (h, w) in enumerate(sizes):
+        img = cv2.resize(rng.integers(0, 255, (6, 6, 3), np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(folder / f"im{i:03d}.png"), img)
+    return sorted(folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Tiny detector whose class scores vary across proposals (random init gives near-uniform ones)."""
+    torch.manual_seed(0)
+    model = build_detector(load_cfg(CONFIG))
+    x = model.preprocess_image(torch.rand(1, 3, 96, 120) * 255)
+    with torch.no_grad():
+        res4 = model.features(x)
+        props = model.proposal_generator(res4, [(96, 120)])[0]["proposal_boxes"]
+        f = model.roi_heads.region_features(res4, [props])
+        mu, sd = f.mean(0), f.std(0).clamp(min=1e-3)
+        cls = model.roi_heads.box_predictor.cls_score
+        w = torch.randn_like(cls.weight) * 3.0 / (sd * f.shape[1] ** 0.5)
+        cls.weight.copy_(w)
+        cls.bias.copy_(-w @ mu)
+        model.roi_heads.box_predictor.attr_score.weight.mul_(200)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
+    save_checkpoint(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(weights):
+    m = build_detector(load_cfg(CONFIG))
+    load_checkpoint(m, weights)
+    return m
+
+
+def run_tool(weights, inputs, output, *extra):
+    """In-process run (decoding in the main process unless a test asks for workers)."""
+    args = ["--config-file", str(CONFIG), "--weights", str(weights), "--input", *map(str, inputs),
+            "--output", str(output), "--device", "cpu", "--no-progress", "--num-workers", "0", *map(str, extra)]
+    return extract_tool.main(args)
+
+
+def reference_regions(model, path, min_boxes=10, max_boxes=100, conf=0.2):
+    """The detector called step by step through its public API, selection as a per-class NMS loop."""
+    img = cv2.imread(str(path))
+    resized, _ = resize_shortest_edge(img, 96, 128)
+    sy, sx = resized.shape[0] / img.shape[0], resized.shape[1] / img.shape[1]
+    x = model.preprocess_image(torch.from_numpy(resized).permute(2, 0, 1)[None].float())
+    with torch.no_grad():
+        res4 = model.features(x)
+        props = model.proposal_generator(res4, [resized.shape[:2]])[0]["proposal_boxes"]
+        feats = model.roi_heads.region_features(res4, [props])
+        preds = model.roi_heads.predict(feats)
+    probs = preds["class_logits"].softmax(-1)
+    boxes = props / torch.tensor([sx, sy, sx, sy])
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, img.shape[1])
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, img.shape[0])
+    max_conf = torch.zeros(len(boxes))
+    for c in range(probs.shape[1] - 1):
+        keep = nms(boxes, probs[:, c], 0.3)
+        max_conf[keep] = torch.maximum(max_conf[keep], probs[keep, c])
+    count = min(max(int((max_conf >= conf).sum()), min_boxes), max_boxes, len(boxes))
+    keep = torch.argsort(max_conf, descending=True, stable=True)[:count]
+    return img.shape[:2], boxes[keep], probs[keep], preds["attr_logits"][keep].softmax(-1), feats[keep]
+
+
+def check_valid(rec: RoIRecord, num_classes=11, num_attrs=7):
+    k = rec.num_boxes
+    assert rec.boxes.dtype == np.float32 and rec.boxes.shape == (k, 4)
+    assert rec.class_probs.dtype == np.float16 and rec.class_probs.shape == (k, num_classes)
+    assert rec.attr_probs.dtype == np.float16 and rec.attr_probs.shape == (k, num_attrs)
+    assert rec.object_ids.dtype == np.int32 and (rec.object_ids < num_classes - 1).all()
+    np.testing.assert_allclose(rec.class_probs.astype(np.float32).sum(1), 1, atol=1e-2)
+    assert (rec.boxes[:, 2] >= rec.boxes[:, 0]).all() and (rec.boxes[:, 2] <= rec.width + 1e-3).all()
+
+
+def test_store_matches_detector_called_directly(tmp_path, weights, model):
+    # Pairs of equal sizes so batches of 2 need no padding (padding changes border activations).
+    files = make_images(tmp_path / "imgs", [(90, 120), (90, 120), (130, 100), (130, 100), (64, 200)])
+    assert run_tool(weights, [tmp_path / "imgs"], tmp_path / "out", "--features", "--batch-size", 2) == 0
+    store = RoIStore(tmp_path / "out")
+    assert sorted(store.ids()) == [f.stem for f in files]
+    header = store.header
+    assert header["mode"] == "faster_rcnn" and header["features"] is True and len(header["weights_sha256"]) == 64
+    assert "ROI_HEADS" in header["detector_config"] and header["selection"]["min_boxes"] == 10
+    for f in files:
+        rec = store[f.stem]
+        check_valid(rec)
+        (h, w), boxes, probs, attr_probs, feats = reference_regions(model, f)
+        assert (rec.height, rec.width, rec.path) == (h, w, str(f))
+        assert 10 <= rec.num_boxes <= 100 and rec.num_boxes == len(boxes)
+        np.testing.assert_allclose(rec.boxes, boxes.numpy(), atol=1e-3)
+        np.testing.assert_allclose(rec.class_probs, probs.numpy(), atol=2e-3)
+        np.testing.assert_allclose(rec.attr_probs, attr_probs.numpy(), atol=2e-3)
+        np.testing.assert_allclose(rec.features, feats.numpy(), atol=2e-2, rtol=1e-2)
+        np.testing.assert_array_equal(rec.object_ids, probs[:, :-1].argmax(1).numpy())
+        np.testing.assert_array_equal(rec.attr_ids, attr_probs[:, :-1].argmax(1).numpy())
+    store.close()
+
+
+def test_min_max_counts_and_npz_format(tmp_path, weights):
+    make_images(tmp_path / "imgs", [(90, 120), (100, 100), (70, 140)])
+    assert run_tool(weights, [tmp_path / "imgs"], tmp_path / "few", "--min-boxes", 4, "--max-boxes", 6,
+                    "--conf-thresh", 0.0) == 0
+    with RoIStore(tmp_path / "few") as store:
+        assert [r.num_boxes for r in store] == [6, 6, 6]  # everything passes conf 0: cut to max
+    assert run_tool(weights, [tmp_path / "imgs"], tmp_path / "npz", "--min-boxes", 4, "--max-boxes", 6,
+                    "--conf-thresh", 1.0, "--format", "npz", "--features") == 0
+    files = sorted((tmp_path / "npz").glob("*.npz"))
+    assert [f.stem for f in files] == ["im000", "im001", "im002"]
+    assert (tmp_path / "npz" / "failures.tsv").is_file() and (tmp_path / "npz" / "header.json").is_file()
+    for f in files:
+        with np.load(f, allow_pickle=True) as data:
+            assert int(data["num_bbox"]) == 4  # nothing reaches conf 1.0: topped up to min
+            assert data["x"].dtype == np.float32 and data["x"].shape == (4, 512)
+            assert data["bbox"].dtype == np.float32 and data["bbox"].shape == (4, 4)
+            info = data["info"].item()
+            assert info["objects_id"].dtype == np.int64 and info["objects_conf"].dtype == np.float32
+            assert info["attrs_id"].shape == (4,) and info["image_h"] == int(data["image_h"])
+            assert (info["objects_id"] < 10).all()  # 0-based, background excluded
+        check_valid(read_npz(f))
+
+
+def test_bad_files_are_listed_and_run_completes(tmp_path, weights):
+    imgs = tmp_path / "imgs"
+    make_images(imgs, [(90, 120), (80, 100)])
+    good = cv2.imencode(".jpg", np.full((60, 70, 3), 128, np.uint8))[1].tobytes()
+    (imgs / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (imgs / "zero.jpg").write_bytes(b"")
+    (imgs / "text.png").write_text("not an image")
+    (imgs / "noise.jpg").write_bytes(os.urandom(3000))
+    cv2.imwrite(str(imgs / "huge.png"), np.zeros((300, 300, 3), np.uint8))
+    cv2.imwrite(str(imgs / "gray16.png"), (np.arange(90 * 120).reshape(90, 120) * 7 % 65535).astype(np.uint16))
+    (imgs / "sub").mkdir()
+    cv2.imwrite(str(imgs / "sub" / "im000.png"), np.zeros((50, 50, 3), np.uint8))  # duplicate id "im000"
+    assert run_tool(weights, [imgs], tmp_path / "out", "--num-workers", 2, "--batch-size", 3,
+                    "--max-pixels", 50_000) == 0
+    lines = (tmp_path / "out" / "failures.tsv").read_text().splitlines()
+    assert lines[0] == "image_id\tpath\treason"
+    reasons = {line.split("\t")[0]: line.split("\t")[2] for line in lines[1:]}
+    assert set(reasons) == {"truncated", "zero", "text", "noise", "huge", "im000"}
+    assert "empty file" in reasons["zero"] and "too large" in reasons["huge"]
+    assert "not a decodable image" in reasons["text"] and "duplicate image id" in reasons["im000"]
+    with RoIStore(tmp_path / "out") as store:
+        assert sorted(store.ids()) == ["gray16", "im000", "im001"]
+        assert store["im000"].path == str(imgs / "im000.png")
+    # Nothing usable at all: non-zero exit. Bad arguments: exit 2.
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jpg").write_bytes(b"junk")
+    assert run_tool(weights, [tmp_path / "bad"], tmp_path / "out2") == 1
+    assert run_tool(weights, [imgs], tmp_path / "out3", "--min-boxes", 20, "--max-boxes", 10) == 2
+    assert run_tool(tmp_path / "missing.pth", [imgs], tmp_path / "out3") == 2
+
+
+def test_boxes_from_gives_features_for_exactly_those_boxes(tmp_path, weights, model):
+    files = make_images(tmp_path / "imgs", [(90, 120), (100, 80)])
+    given = {
+        "im000": np.array([[0, 0, 120, 90], [10.5, 20.25, 60, 70], [30, 5, 31, 6]], np.float32),
+        "im001": np.array([[5, 5, 50, 60]], np.float32),
+    }
+    with RoIStoreWriter(tmp_path / "gt", {"fingerprint": "gt"}) as w:
+        w.write_batch([RoIRecord(k, "", 0, 0, boxes=b) for k, b in given.items()])
+    make_images(tmp_path / "imgs2", [(90, 120)] * 3)  # a third image without given boxes -> failure
+    (tmp_path / "imgs2" / "im002.png").rename(tmp_path / "imgs" / "im002.png")
+    assert run_tool(weights, [tmp_path / "imgs"], tmp_path / "out", "--boxes-from", tmp_path / "gt",
+                    "--features", "--batch-size", 1) == 0
+    with RoIStore(tmp_path / "out") as store:
+        assert store.header["mode"] == "fast_rcnn"
+        assert sorted(store.ids()) == ["im000", "im001"]
+        for f in files:
+            rec = store[f.stem]
+            np.testing.assert_array_equal(rec.boxes, given[f.stem])  # exactly the given boxes, in order
+            img = cv2.imread(str(f))
+            resized, _ = resize_shortest_edge(img, 96, 128)
+            scale = np.array([resized.shape[1] / img.shape[1], resized.shape[0] / img.shape[0]] * 2, np.float32)
+            x = model.preprocess_image(torch.from_numpy(resized).permute(2, 0, 1)[None].float())
+            with torch.no_grad():
+                out = model.fast_rcnn(x, [torch.from_numpy(given[f.stem] * scale)])
+            np.testing.assert_allclose(rec.features, out["features"].numpy(), atol=2e-2, rtol=1e-2)
+            np.testing.assert_allclose(rec.class_probs, out["class_probs"].numpy(), atol=2e-3)
+    assert "no boxes" in (tmp_path / "out" / "failures.tsv").read_text()
+
+
+def test_shards_are_disjoint_and_read_together(tmp_path, weights):
+    files = make_images(tmp_path / "imgs", [(64, 80)] * 5)
+    for part in ("0/2", "1/2"):
+        assert run_tool(weights, [tmp_path / "imgs"], tmp_path / "out", "--shard", part) == 0
+    with RoIStore(tmp_path / "out") as store:
+        assert len(store.paths) == 2 and len(store) == 5
+        assert sorted(store.ids()) == [f.stem for f in files]
+    assert extract_tool.resolve_shard(None, {"RANK": "3", "WORLD_SIZE": "4"}) == (3, 4)
+    assert extract_tool.resolve_shard(None, {}) == (0, 1)
+    with pytest.raises(extract_tool.UsageError, match="i/N"):
+        extract_tool.resolve_shard("2of4", {})
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume(tmp_path, weights):
+    files = make_images(tmp_path / "imgs", [(96, 128)] * 30)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "tools" / "extract_rois.py"), "--config-file", str(CONFIG),
+           "--weights", str(weights), "--input", str(tmp_path / "imgs"), "--output", str(out),
+           "--device", "cpu", "--batch-size", "2", "--num-workers", "1", "--no-progress", "--features"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    stored = 0
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "data.mdb").exists():
+            with RoIStore(out) as store:
+                stored = len(store)
+            if stored >= 1:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    proc.stdout.close()
+    with RoIStore(out) as store:
+        at_kill = len(store)
+    assert 1 <= at_kill < len(files)
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"skipped {at_kill}" in rerun.stdout or f"skipped {at_kill}" in rerun.stderr
+    with RoIStore(out) as store:
+        ids = store.ids()
+        assert sorted(ids) == [f.stem for f in files] and len(ids) == len(set(ids)) == len(store)
+        for rec in store:
+            check_valid(rec)
+            assert rec.features.shape == (rec.num_boxes, 512) and 10 <= rec.num_boxes <= 100
+
+
+def test_webdataset_input_and_visualization(tmp_path, weights):
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(3)
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key in ("000000000", "000000001"):
+            img = cv2.resize(rng.integers(0, 255, (5, 5, 3), np.uint8), (140, 100), interpolation=cv2.INTER_CUBIC)
+            for ext, data in ((".jpg", cv2.imencode(".jpg", img)[1].tobytes()), (".txt", b"caption"),
+                              (".json", b"{}")):
+                info = tarfile.TarInfo(key + ext)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert run_tool(weights, [shard], tmp_path / "out") == 0
+    with RoIStore(tmp_path / "out") as store:
+        assert store.ids() == ["000000000", "000000001"]
+        assert store["000000001"].path == f"{shard}::000000001.jpg"
+    assert visualize_tool.main(["--store", str(tmp_path / "out"), "--image-id", "000000001",
+                                "--output", str(tmp_path / "vis"), "--max-boxes", "5"]) == 0
+    png = cv2.imread(str(tmp_path / "vis" / "000000001.png"))
+    assert png.shape == (100, 140, 3)
+    from e2e_vl.data.image_sources import load_image
+
+    assert (png != load_image(f"{shard}::000000001.jpg")).any(axis=2).mean() > 0.01  # boxes were drawn
+
+
+def test_visualize_labels_use_vg_names():
+    k = 2
+    cp = np.zeros((k, 1601), np.float16)
+    ap = np.zeros((k, 401), np.float16)
+    rec = RoIRecord("1", "x.jpg", 10, 10, boxes=np.zeros((k, 4), np.float32), class_probs=cp, attr_probs=ap,
+                    object_ids=np.array([0, 1], np.int32), object_conf=np.array([0.9, 0.5], np.float32),
+                    attr_ids=np.array([0, 0], np.int32), attr_conf=np.array([0.8, 0.05], np.float32))
+    from detector import vocab
+
+    labels = visualize_tool.box_labels(rec, attr_thresh=0.1)
+    assert labels[0] == f"{vocab.attribute_names()[0]} {vocab.object_names()[0]} 0.90"
+    assert labels[1] == f"{vocab.object_names()[1]} 0.50"  # attribute below the threshold is left out

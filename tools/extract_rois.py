@@ -1,0 +1,328 @@
+#!/usr/bin/env python
+"""Run the detector over an image collection into a resumable RoI store (bottom-up-attention outputs).
+
+    python tools/extract_rois.py --config-file configs/vg/faster_rcnn_R_101_C4_attr_caffemaxpool.yaml \
+        --weights faster_rcnn_from_caffe_attr_original.pkl --input images/ --output rois/ [--features]
+
+Re-running the same command skips the images already stored; a killed run loses at most the batch in
+flight. Unreadable images are listed in `failures.tsv` next to the store and never stop the run.
+`--shard i/N` (or torchrun's RANK / WORLD_SIZE) writes part i of N; `RoIStore(output)` reads all parts.
+Exit status: 0 when anything was processed (or everything was already done), 1 when nothing could be
+processed, 2 for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from detector.config import ConfigError, load_cfg  # noqa: E402
+from detector.extraction import PreparedImage, RegionExtractor, Selection, prepare_image  # noqa: E402
+from e2e_vl.data import image_sources as sources  # noqa: E402
+from e2e_vl.data.roi_store import (  # noqa: E402
+    SCHEMA_VERSION, RoIRecord, RoIStore, RoIStoreError, RoIStoreWriter, npz_ids, shard_name, write_npz)
+
+log = logging.getLogger("extract_rois")
+
+
+class UsageError(ValueError):
+    """Bad command-line arguments (exit status 2)."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True, help="detector YAML (configs/vg/...)")
+    p.add_argument("--weights", required=True, help="checkpoint (.pth/.pkl/.safetensors, Detectron2 or bua layout)")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="image folder, text file of paths, COCO-style json, or webdataset .tar shard(s)")
+    p.add_argument("--input-type", default="auto", choices=["auto", "folder", "list", "coco", "wds"])
+    p.add_argument("--image-root", default=None,
+                   help="root for relative paths of a list file / COCO file_name (default: cwd / the json's folder)")
+    p.add_argument("--output", required=True, help="store directory (lmdb) or npz directory")
+    p.add_argument("--format", default="lmdb", choices=["lmdb", "npz"])
+    p.add_argument("--min-boxes", type=int, default=10)
+    p.add_argument("--max-boxes", type=int, default=100)
+    p.add_argument("--conf-thresh", type=float, default=0.2)
+    p.add_argument("--nms-thresh", type=float, default=0.3)
+    p.add_argument("--features", action="store_true", help="store the 2048-d region features (fp16 in lmdb)")
+    p.add_argument("--boxes-from", default=None,
+                   help="RoI store with the boxes to use (Fast R-CNN mode: features/scores for exactly those boxes)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader processes decoding images (0: decode in this process)")
+    p.add_argument("--max-pixels", type=int, default=sources.DEFAULT_MAX_PIXELS,
+                   help="refuse images with more pixels than this")
+    p.add_argument("--shard", default=None, help="i/N: process the i-th of N disjoint parts (default from torchrun)")
+    p.add_argument("--overwrite", action="store_true", help="delete this shard's existing output first")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE", help="config overrides")
+    return p.parse_args(argv)
+
+
+def resolve_shard(arg: str | None, env: dict[str, str]) -> tuple[int, int]:
+    """`--shard i/N`, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    if arg is None:
+        world = int(env.get("WORLD_SIZE", "1"))
+        return (int(env.get("RANK", "0")), world) if world > 1 else (0, 1)
+    try:
+        index, count = (int(x) for x in arg.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard must look like i/N (e.g. 0/4), got {arg!r}") from None
+    if not 0 <= index < count:
+        raise UsageError(f"--shard {arg}: need 0 <= i < N")
+    return index, count
+
+
+def resolve_device(arg: str, env: dict[str, str]) -> torch.device:
+    """A bare `cuda` under torchrun means this process's GPU (LOCAL_RANK)."""
+    if arg == "cuda" and "LOCAL_RANK" in env:
+        return torch.device("cuda", int(env["LOCAL_RANK"]))
+    try:
+        device = torch.device(arg)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {arg!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {arg}: CUDA is not available on this machine")
+    return device
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_header(cfg_yaml: str, weights: str, selection: Selection, args: argparse.Namespace,
+                 boxes_header: dict[str, Any] | None) -> dict[str, Any]:
+    """What produced the store; `fingerprint` covers everything that changes the stored values."""
+    mode = "fast_rcnn" if args.boxes_from else "faster_rcnn"
+    weights_sha = file_sha256(weights)
+    result_defining = {
+        "detector_config": cfg_yaml, "weights_sha256": weights_sha, "mode": mode, "features": args.features,
+        "selection": None if args.boxes_from else vars_of(selection),
+        "boxes_from": None if boxes_header is None else boxes_header.get("fingerprint"),
+    }
+    fingerprint = hashlib.sha256(json.dumps(result_defining, sort_keys=True).encode()).hexdigest()
+    return {**result_defining, "weights": os.path.basename(weights), "fingerprint": fingerprint,
+            "schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def vars_of(selection: Selection) -> dict[str, Any]:
+    return {f: getattr(selection, f) for f in selection.__dataclass_fields__}
+
+
+class FailureLog:
+    """`image_id<TAB>path<TAB>reason` lines; rewritten per run (failed images are retried on re-runs)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.count = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f: TextIO = open(path, "w", encoding="utf-8")
+        self._f.write("image_id\tpath\treason\n")
+        self._f.flush()
+
+    def add(self, item: sources.ImageItem, reason: str) -> None:
+        clean = " ".join(reason.split())
+        log.warning("skipping %s: %s", item.path, clean)
+        self._f.write(f"{item.image_id}\t{item.path}\t{clean}\n")
+        self.count += 1
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _collate(batch: list) -> list:
+    return batch
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+class Sink:
+    """Where finished records go: an LMDB store (one transaction per batch) or npz files."""
+
+    def __init__(self, args: argparse.Namespace, shard: tuple[int, int], header: dict[str, Any]):
+        out = Path(args.output)
+        index, count = shard
+        suffix = "" if count == 1 else shard_name(index, count)
+        if args.format == "lmdb":
+            self.dir = out / suffix if suffix else out
+            self.writer: RoIStoreWriter | None = RoIStoreWriter(self.dir, header, overwrite=args.overwrite)
+            self.failures_path = self.dir / "failures.tsv"
+            self.done = self.writer.existing_ids()
+        else:
+            self.dir = out
+            self.writer = None
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.failures_path = out / (f"failures-{suffix}.tsv" if suffix else "failures.tsv")
+            header_path = out / (f"header-{suffix}.json" if suffix else "header.json")
+            self.done = self._npz_state(header_path, header, args.overwrite, shard)
+
+    def _npz_state(self, header_path: Path, header: dict[str, Any], overwrite: bool,
+                   shard: tuple[int, int]) -> set[str]:
+        if header_path.exists() and not overwrite:
+            old = json.loads(header_path.read_text(encoding="utf-8"))
+            if old.get("fingerprint") != header["fingerprint"]:
+                raise RoIStoreError(f"{self.dir}: npz files were written with a different detector config, "
+                                    "weights or selection settings; write to a new output or pass --overwrite")
+            return npz_ids(self.dir)
+        header_path.write_text(json.dumps(header, indent=1, sort_keys=True), encoding="utf-8")
+        return set() if overwrite else npz_ids(self.dir)
+
+    def write(self, records: list[RoIRecord]) -> None:
+        if self.writer is not None:
+            self.writer.write_batch(records)
+        else:
+            for record in records:
+                write_npz(self.dir, record)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def load_model(cfg, weights: str) -> torch.nn.Module:
+    from detector.checkpoint import load_checkpoint
+    from detector.modeling import build_detector
+
+    model = build_detector(cfg)
+    load_checkpoint(model, weights)
+    return model.eval()
+
+
+def run(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict[str, int]:
+    env = dict(os.environ if env is None else env)
+    shard = resolve_shard(args.shard, env)
+    device = resolve_device(args.device, env)
+    if args.batch_size < 1 or args.num_workers < 0 or args.max_pixels < 1:
+        raise UsageError("--batch-size and --max-pixels must be >= 1 and --num-workers >= 0")
+    try:
+        selection = Selection(args.min_boxes, args.max_boxes, args.conf_thresh, args.nms_thresh)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not os.path.isfile(args.weights):
+        raise UsageError(f"--weights: file not found: {args.weights}")
+    try:
+        cfg = load_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", str(device)])
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    boxes_store = RoIStore(args.boxes_from) if args.boxes_from else None
+    try:
+        items = sources.list_images(args.input, args.image_root, args.input_type)
+    except sources.SourceError as exc:
+        raise UsageError(str(exc)) from None
+    if not items:
+        raise UsageError(f"no images found in {args.input}")
+    items, duplicates = sources.dedupe(items)
+    index, count = shard
+    items = items[index::count]
+    duplicates = duplicates[index::count]
+
+    header = build_header(cfg.dump(), args.weights, selection, args,
+                          boxes_store.header if boxes_store is not None else None)
+    sink = Sink(args, shard, header)
+    todo = [it for it in items if it.image_id not in sink.done]
+    stats = {"done": 0, "skipped": len(items) - len(todo), "failed": 0}
+    failures = FailureLog(sink.failures_path)
+    for item, reason in duplicates:
+        failures.add(item, reason)
+    log.info("shard %d/%d: %d images, %d already done, %d to process", index, count, len(items),
+             stats["skipped"], len(todo))
+    try:
+        if todo:
+            model = load_model(cfg, args.weights)
+            extractor = RegionExtractor(model, cfg.INPUT.FORMAT, selection, with_features=args.features)
+            process(todo, extractor, cfg, args, sink, failures, boxes_store, stats)
+    finally:
+        stats["failed"] = failures.count
+        failures.close()
+        sink.close()
+    return stats
+
+
+def process(todo: list[sources.ImageItem], extractor: RegionExtractor, cfg, args: argparse.Namespace,
+            sink: Sink, failures: FailureLog, boxes_store: RoIStore | None, stats: dict[str, int]) -> None:
+    prepare = functools.partial(prepare_image, min_size=cfg.INPUT.MIN_SIZE_TEST, max_size=cfg.INPUT.MAX_SIZE_TEST)
+    dataset = sources.ImageDataset(todo, prepare, args.max_pixels)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=_collate,
+                        worker_init_fn=_worker_init if args.num_workers else None,
+                        pin_memory=False, persistent_workers=False)
+    bar = tqdm(total=len(todo), unit="img", dynamic_ncols=True, disable=args.no_progress, smoothing=0.1)
+    for batch in loader:
+        ready: list[tuple[sources.ImageItem, PreparedImage, np.ndarray | None]] = []
+        for item, prepared, reason in batch:
+            if reason is None and boxes_store is not None:
+                given = boxes_store.get(item.image_id)
+                if given is None:
+                    reason = "no boxes for this image id in --boxes-from"
+                else:
+                    ready.append((item, prepared, given.boxes))
+                    continue
+            if reason is not None:
+                failures.add(item, reason)
+            else:
+                ready.append((item, prepared, None))
+        records = extract_batch(ready, extractor, boxes_store is not None, failures)
+        sink.write(records)  # one transaction: the batch is stored entirely or not at all
+        failures.flush()
+        stats["done"] += len(records)
+        bar.update(len(batch))
+        bar.set_postfix(failed=failures.count, refresh=False)
+    bar.close()
+
+
+def extract_batch(ready: list, extractor: RegionExtractor, given_boxes: bool,
+                  failures: FailureLog) -> list[RoIRecord]:
+    """Run a batch; if it fails as a whole (e.g. out of memory), retry image by image to isolate the culprit."""
+    if not ready:
+        return []
+    try:
+        outputs = extractor([p for _, p, _ in ready], [b for _, _, b in ready] if given_boxes else None)
+    except Exception as exc:  # noqa: BLE001
+        if len(ready) == 1:
+            failures.add(ready[0][0], f"detector failed: {type(exc).__name__}: {exc}")
+            return []
+        return [r for one in ready for r in extract_batch([one], extractor, given_boxes, failures)]
+    return [RoIRecord(image_id=item.image_id, path=item.path, height=p.height, width=p.width, **out)
+            for (item, p, _), out in zip(ready, outputs)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        stats = run(args)
+    except (UsageError, RoIStoreError) as exc:
+        log.error("%s", exc)
+        return 2
+    print(f"done {stats['done']}, skipped {stats['skipped']} (already stored), failed {stats['failed']}"
+          f"{' (see failures.tsv)' if stats['failed'] else ''}", flush=True)
+    return 0 if stats["done"] + stats["skipped"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
