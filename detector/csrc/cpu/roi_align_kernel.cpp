@@ -303,7 +303,8 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
   const auto acc_type = r.scalar_type();
   const bool same = acc_type == grad.scalar_type();
   const auto sizes = std::vector<int64_t>{batch_size, channels, height, width};
-  at::Tensor acc = at::zeros(sizes, grad.options().dtype(acc_type).memory_format(memory_format));
+  // at::zeros drops a memory format given in TensorOptions, hence empty + zero_.
+  at::Tensor acc = at::empty(sizes, grad.options().dtype(acc_type).memory_format(memory_format)).zero_();
   const int64_t K = rois.size(0);
   if (K > 0 && acc.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "roi_align_backward_cpu", [&] {
