@@ -235,11 +235,11 @@ def test_param_groups_no_decay_and_detector_lr_mult(tmp_path):
     cfg = standin_cfg(tmp_path, 10, ["SOLVER.WEIGHT_DECAY", "0.01"])
     opt = build_optimizer(StandInModel(), cfg)
     by_name = {g["name"]: g for g in opt.param_groups}
-    assert set(by_name) == {"detector/decay", "detector/no_decay", "model/decay", "model/no_decay"}
-    assert by_name["detector/decay"]["lr"] == pytest.approx(0.025) and by_name["model/decay"]["lr"] == 0.05
-    assert by_name["model/no_decay"]["weight_decay"] == 0.0 and by_name["model/decay"]["weight_decay"] == 0.01
+    assert set(by_name) == {"detector/decay", "detector/no_decay", "bert/decay", "bert/no_decay"}
+    assert by_name["detector/decay"]["lr"] == pytest.approx(0.025) and by_name["bert/decay"]["lr"] == 0.05
+    assert by_name["bert/no_decay"]["weight_decay"] == 0.0 and by_name["bert/decay"]["weight_decay"] == 0.01
     # LayerNorm weight/bias and all biases are in the no-decay group
-    assert sum(p.numel() for p in by_name["model/no_decay"]["params"]) == 8 + 8 + 3
+    assert sum(p.numel() for p in by_name["bert/no_decay"]["params"]) == 8 + 8 + 3
 
 
 def test_lr_schedule_warmup_then_linear_and_cosine(tmp_path):

@@ -12,30 +12,36 @@ DETECTOR_PREFIX = "detector."
 
 
 def param_groups(model: nn.Module, cfg: CfgNode) -> list[dict]:
-    """Split trainable parameters by (detector or not) x (decayed or not).
+    """Split trainable parameters by kind (detector / bert / head) x (decayed or not).
 
-    Biases and normalisation weights (every parameter with at most one dimension) get
+    The kind comes from `model.parameter_kind(name)` when the model defines it (VLBert does), else
+    from the name: `detector.*` is the detector, everything else counts as "bert". Learning rates:
+    detector BASE_LR * DETECTOR_LR_MULT, head (freshly initialised layers) BASE_LR * HEAD_LR_MULT,
+    bert BASE_LR. Biases and normalisation weights (every parameter with at most one dimension) get
     SOLVER.WEIGHT_DECAY_NORM_BIAS (0 by default): decaying a LayerNorm gain towards zero only hurts.
-    Parameters of `model.detector` get BASE_LR * DETECTOR_LR_MULT. Each group keeps its multiplier
-    in "lr_mult" so the schedule can rescale it.
+    Each group keeps its multiplier in "lr_mult".
     """
     s = cfg.SOLVER
-    groups: dict[tuple[bool, bool], dict] = {}
+    mults = {"detector": s.DETECTOR_LR_MULT, "head": s.HEAD_LR_MULT, "bert": 1.0}
+    kind_of = getattr(model, "parameter_kind", None) or (
+        lambda name: "detector" if name.startswith(DETECTOR_PREFIX) else "bert")
+    groups: dict[tuple[str, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_det = name.startswith(DETECTOR_PREFIX)
+        kind = kind_of(name)
+        if kind not in mults:
+            raise ValueError(f"parameter_kind({name!r}) returned {kind!r}; expected one of {sorted(mults)}")
         no_decay = p.ndim <= 1
-        key = (is_det, no_decay)
+        key = (kind, no_decay)
         if key not in groups:
-            mult = s.DETECTOR_LR_MULT if is_det else 1.0
+            mult = mults[kind]
             groups[key] = {
-                "params": [], "names": [], "lr": s.BASE_LR * mult, "initial_lr": s.BASE_LR * mult,
-                "lr_mult": mult, "weight_decay": s.WEIGHT_DECAY_NORM_BIAS if no_decay else s.WEIGHT_DECAY,
-                "name": ("detector" if is_det else "model") + ("/no_decay" if no_decay else "/decay"),
+                "params": [], "lr": s.BASE_LR * mult, "initial_lr": s.BASE_LR * mult, "lr_mult": mult,
+                "weight_decay": s.WEIGHT_DECAY_NORM_BIAS if no_decay else s.WEIGHT_DECAY,
+                "name": kind + ("/no_decay" if no_decay else "/decay"),
             }
         groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return [groups[k] for k in sorted(groups)]
@@ -43,10 +49,7 @@ def param_groups(model: nn.Module, cfg: CfgNode) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: CfgNode) -> torch.optim.Optimizer:
     s = cfg.SOLVER
-    groups = param_groups(model, cfg)
-    for g in groups:
-        del g["names"]  # not part of the optimizer state (keeps checkpoints small and loadable)
-    return torch.optim.AdamW(groups, lr=s.BASE_LR, betas=tuple(s.BETAS), eps=s.EPS, weight_decay=s.WEIGHT_DECAY)
+    return torch.optim.AdamW(param_groups(model, cfg), lr=s.BASE_LR, betas=tuple(s.BETAS), eps=s.EPS, weight_decay=s.WEIGHT_DECAY)
 
 
 def lr_factor(step: int, cfg: CfgNode, max_iter: int) -> float:

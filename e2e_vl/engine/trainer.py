@@ -80,13 +80,10 @@ def train(cfg: CfgNode, model: nn.Module, task: TrainTask, device: torch.device,
             f"'SOLVER.GRAD_ACCUM_STEPS' ({s.GRAD_ACCUM_STEPS})"
         )
     amp_dtype = AMP_DTYPES[s.AMP.DTYPE]
-    if s.DETECTOR_LR_MULT == 0 and hasattr(model, "detector"):
-        # A zero learning rate means a frozen detector: skip its backward pass entirely.
-        model.detector.requires_grad_(False)
     if s.GRADIENT_CHECKPOINTING:
-        if not hasattr(model, "gradient_checkpointing_enable"):
+        if not hasattr(model, "enable_gradient_checkpointing"):
             raise ConfigError(f"'SOLVER.GRADIENT_CHECKPOINTING' is on but {type(model).__name__} does not support it")
-        model.gradient_checkpointing_enable()
+        model.enable_gradient_checkpointing()
 
     # --- data, optimiser, schedule, scaler ----------------------------------------------------------
     sampler = ResumableBatchSampler(len(task.train_set), micro_batch, cfg.SEED, rank, world)

@@ -1,0 +1,93 @@
+"""easy-VQA (the `easy-vqa` PyPI package): 64x64 images of one coloured shape on a plain background.
+
+Regions per image: box 0 is the whole image, box 1 the shape. The shape's box is derived from the
+pixels alone: the background colour is the per-channel median of the image's border pixels (the
+shape never covers most of the border), and the box is the tight bounding box of every pixel whose
+largest channel difference from that colour exceeds `threshold` (anti-aliased edge pixels that stay
+within the threshold are left out). No answer, question or file name is looked at.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from e2e_vl.data.vqa import ImageQuestionsDataset, Question
+
+SPLITS = ("train", "test")
+BOX_THRESHOLD = 48
+
+
+def shape_box(image: np.ndarray, threshold: int = BOX_THRESHOLD) -> np.ndarray | None:
+    """XYXY box (pixel edges, so x2 = last column + 1) of the pixels that differ from the plain
+    background colour of `image` (HxWx3 uint8), or None when every pixel is background."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.int16)
+    background = np.median(border, axis=0)
+    differs = np.abs(image.astype(np.int16) - background).max(axis=2) > threshold
+    ys, xs = np.nonzero(differs)
+    if len(xs) == 0:
+        return None
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+
+
+class EasyVQAImages:
+    """All images of a split decoded once (64x64x3 each, ~12 KiB) with their boxes; BGR like the detector."""
+
+    def __init__(self, split: str, image_ids=None):
+        import easy_vqa
+        from PIL import Image
+
+        paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
+        ids = sorted(paths) if image_ids is None else sorted(set(image_ids))
+        self.images: dict[int, np.ndarray] = {}
+        self.boxes: dict[int, np.ndarray] = {}
+        for image_id in ids:
+            rgb = np.asarray(Image.open(paths[image_id]).convert("RGB"))
+            h, w = rgb.shape[:2]
+            boxes = [np.array([0, 0, w, h], np.float32)]
+            box = shape_box(rgb)
+            if box is not None:
+                boxes.append(box)
+            self.images[image_id] = np.ascontiguousarray(rgb[:, :, ::-1])
+            self.boxes[image_id] = np.stack(boxes)
+
+    def __call__(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[image_id], self.boxes[image_id]
+
+
+def answer_vocab() -> list[str]:
+    import easy_vqa
+
+    return list(easy_vqa.get_answers())
+
+
+def load_questions(split: str, limit: int = 0) -> list[Question]:
+    """The split's questions with one-hot scores; `limit` > 0 keeps the questions of the first images
+    (whole images, so batching by image still holds) until at least `limit` questions are kept."""
+    import easy_vqa
+
+    if split not in SPLITS:
+        raise ValueError(f"easy-VQA split must be one of {SPLITS}, got {split!r}")
+    texts, answers, image_ids = easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
+    index = {a: i for i, a in enumerate(answer_vocab())}
+    questions = [Question(i, image_id, text, {index[a]: 1.0})
+                 for i, (text, a, image_id) in enumerate(zip(texts, answers, image_ids))]
+    if limit > 0:
+        per_image = Counter(q.image_id for q in questions)
+        keep: set[int] = set()
+        count = 0
+        for image_id in sorted(per_image):
+            if count >= limit:
+                break
+            keep.add(image_id)
+            count += per_image[image_id]
+        questions = [q for q in questions if q.image_id in keep]
+    return questions
+
+
+def build_easy_vqa(split: str, tokenizer, min_size: int, max_size: int, max_question_tokens: int = 16,
+                   questions_per_item: int = 0, limit: int = 0) -> ImageQuestionsDataset:
+    questions = load_questions(split, limit)
+    images = EasyVQAImages(split, {q.image_id for q in questions})
+    return ImageQuestionsDataset(questions, images, tokenizer, len(answer_vocab()), min_size, max_size,
+                                 max_question_tokens, questions_per_item)

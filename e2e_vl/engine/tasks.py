@@ -1,0 +1,64 @@
+"""From DATASETS/TASK keys to the data sets, collate function and evaluator the loop needs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from detector.config import CfgNode, ConfigError
+from e2e_vl.engine.trainer import AMP_DTYPES, TrainTask
+
+EASY_VQA = {"easy_vqa_train": "train", "easy_vqa_test": "test"}
+VQA_V2 = ("vqa_v2_train", "vqa_v2_val", "vqa_v2_test")
+
+
+def _vqa_dataset(cfg: CfgNode, name: str, tokenizer, train: bool):
+    d = cfg.DATASETS
+    min_size = cfg.INPUT.MIN_SIZE_TRAIN[0] if train else cfg.INPUT.MIN_SIZE_TEST
+    max_size = cfg.INPUT.MAX_SIZE_TRAIN if train else cfg.INPUT.MAX_SIZE_TEST
+    per_item = cfg.DATALOADER.QUESTIONS_PER_IMAGE
+    limit = d.TRAIN_LIMIT if train else d.TEST_LIMIT
+    if name in EASY_VQA:
+        from e2e_vl.data.easy_vqa import answer_vocab, build_easy_vqa
+
+        ds = build_easy_vqa(EASY_VQA[name], tokenizer, min_size, max_size, d.MAX_QUESTION_TOKENS, per_item, limit)
+        return ds, answer_vocab()
+    if name in VQA_V2:
+        from e2e_vl.data.roi_store import RoIStore
+        from e2e_vl.data.vqa import CocoImageLoader, ImageQuestionsDataset, load_vqa_v2, read_answer_vocab
+
+        for key in ("ANSWER_VOCAB", "ROI_STORE"):
+            if not d[key]:
+                raise ConfigError(f"'DATASETS.{key}' must be set for {name}")
+        questions_key, ann_key, dir_key = (("QUESTIONS_TRAIN", "ANNOTATIONS_TRAIN", "IMAGE_DIR_TRAIN") if train
+                                           else ("QUESTIONS_TEST", "ANNOTATIONS_TEST", "IMAGE_DIR_TEST"))
+        root = Path(d.ROOT)
+        vocab = read_answer_vocab(root / d.ANSWER_VOCAB)
+        questions = load_vqa_v2(root / d[questions_key], (root / d[ann_key]) if d[ann_key] else None, vocab)
+        if limit > 0:
+            questions = questions[:limit]
+        loader = CocoImageLoader(root / d[dir_key], RoIStore(root / d.ROI_STORE))
+        ds = ImageQuestionsDataset(questions, loader, tokenizer, len(vocab), min_size, max_size,
+                                   d.MAX_QUESTION_TOKENS, per_item)
+        return ds, vocab
+    raise ConfigError(f"unknown data set '{name}' in DATASETS; expected one of {[*EASY_VQA, *VQA_V2]}")
+
+
+def build_task(cfg: CfgNode, tokenizer, device: torch.device, eval_only: bool = False) -> TrainTask:
+    """The VQA task: training items (images with their questions), VL-BERT collation, VQA accuracy."""
+    from e2e_vl.data.collate import VLCollator
+    from e2e_vl.evaluation.vqa import VQAEvaluator
+
+    if cfg.MODEL.VLBERT.NUM_ANSWERS < 1:
+        raise ConfigError("'MODEL.VLBERT.NUM_ANSWERS' must be set for the VQA task")
+    collate = VLCollator(pad_token_id=tokenizer.pad_token_id)
+    train_set = None if eval_only else _vqa_dataset(cfg, cfg.DATASETS.TRAIN, tokenizer, train=True)[0]
+    evaluate = None
+    if cfg.DATASETS.TEST:
+        test_set, answers = _vqa_dataset(cfg, cfg.DATASETS.TEST, tokenizer, train=False)
+        if len(answers) != cfg.MODEL.VLBERT.NUM_ANSWERS:
+            raise ConfigError(f"'MODEL.VLBERT.NUM_ANSWERS' is {cfg.MODEL.VLBERT.NUM_ANSWERS} but "
+                              f"{cfg.DATASETS.TEST} has {len(answers)} answers")
+        evaluate = VQAEvaluator(test_set, collate, cfg.TEST.IMS_PER_BATCH, device, AMP_DTYPES[cfg.SOLVER.AMP.DTYPE],
+                                answers, Path(cfg.OUTPUT_DIR) / "predictions.json", cfg.DATALOADER.NUM_WORKERS)
+    return TrainTask(train_set, collate, evaluate, metric="accuracy")

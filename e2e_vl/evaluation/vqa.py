@@ -1,0 +1,71 @@
+"""VQA accuracy: the soft score of the predicted answer, averaged over questions.
+
+With VQA v2's targets (min(1, matches/3), leave-one-out averaged; see `e2e_vl.data.vqa`) this is the
+official VQA accuracy; with one-hot targets (easy-VQA) it is plain accuracy. Evaluation is sharded
+over ranks and the per-question results are gathered, so every rank returns the same numbers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from e2e_vl.engine import distributed as du
+from e2e_vl.engine.sampler import ShardedEvalSampler
+
+
+def vqa_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-question accuracy `[B]`: the target score of the arg-max answer."""
+    return targets.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
+class VQAEvaluator:
+    """Runs the model over a data set of `ImageQuestionsDataset` items and scores its answers."""
+
+    def __init__(self, dataset, collate_fn: Callable, batch_size: int, device: torch.device,
+                 amp_dtype: torch.dtype | None = None, answers: list[str] | None = None,
+                 predictions_path: str | Path | None = None, num_workers: int = 0):
+        self.dataset, self.collate_fn, self.batch_size = dataset, collate_fn, batch_size
+        self.device, self.amp_dtype = device, amp_dtype
+        self.answers, self.predictions_path = answers, predictions_path
+        self.num_workers = num_workers
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        from e2e_vl.engine.trainer import move_to_device
+
+        was_training = model.training
+        model.eval()
+        sampler = ShardedEvalSampler(len(self.dataset), self.batch_size, du.get_rank(), du.get_world_size())
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+                            num_workers=self.num_workers)
+        results: dict[int, tuple[int, float]] = {}  # question id -> (answer index, score or nan)
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        for indices, batch in zip(sampler, loader):
+            qids = [q for i in indices for q in self.dataset.item_question_ids(i)]
+            batch = move_to_device(batch, self.device)
+            with autocast:
+                logits = model(batch)["vqa_logits"].float()
+            pred = logits.argmax(dim=1)
+            score = vqa_accuracy(logits, batch["vqa_targets"].float()) if "vqa_targets" in batch else None
+            for j, q in enumerate(qids):
+                results[q] = (int(pred[j]), float(score[j]) if score is not None else float("nan"))
+        merged: dict[int, tuple[int, float]] = {}
+        for part in du.all_gather_objects(results):
+            merged.update(part)
+        if was_training:
+            model.train()
+        if self.predictions_path is not None and du.is_main_process() and self.answers is not None:
+            Path(self.predictions_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.predictions_path, "w", encoding="utf-8") as f:
+                json.dump([{"question_id": q, "answer": self.answers[a]} for q, (a, _) in sorted(merged.items())], f)
+        scores = [s for _, s in merged.values() if s == s]
+        out = {"num_questions": float(len(merged))}
+        if scores:
+            out["accuracy"] = sum(scores) / len(scores)
+        return out
+

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Train or evaluate VL-BERT with the detector in the loop.
+
+    python tools/train_net.py                                   # the embedded default: easy-VQA, CPU
+    python tools/train_net.py --config-file configs/vqa/base.yaml SOLVER.BASE_LR 5e-5
+    torchrun --nproc_per_node 8 tools/train_net.py --config-file ... MODEL.DEVICE cuda
+    python tools/train_net.py --config-file ... --resume          # continue from the newest checkpoint
+    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_best.pth
+
+Trailing `KEY VALUE` pairs override the config. The loop itself is `e2e_vl.engine.trainer.train`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_CONFIG = REPO / "configs" / "easy_vqa" / "e2e.yaml"
+
+logger = logging.getLogger("e2e_vl.train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", default=None, metavar="FILE",
+                   help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(REPO)})")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in OUTPUT_DIR")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate (MODEL.WEIGHTS or the newest checkpoint)")
+    p.add_argument("--output-dir", default=None, help="shorthand for OUTPUT_DIR")
+    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
+    return p
+
+
+def setup_cfg(args: argparse.Namespace):
+    from e2e_vl.config import load_train_cfg
+
+    overrides = list(args.opts)
+    if args.output_dir:
+        overrides += ["OUTPUT_DIR", args.output_dir]
+    return load_train_cfg(args.config_file or DEFAULT_CONFIG, overrides)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _load_eval_weights(cfg, model, device) -> str:
+    """Weights for --eval-only: MODEL.WEIGHTS if it is a training checkpoint, else the newest one."""
+    from e2e_vl.config import ConfigError
+    from e2e_vl.engine.checkpoint import Checkpointer, load_checkpoint_file
+
+    if cfg.MODEL.WEIGHTS and _is_training_checkpoint(cfg.MODEL.WEIGHTS):
+        state, path = load_checkpoint_file(cfg.MODEL.WEIGHTS, device), cfg.MODEL.WEIGHTS
+    else:
+        found = Checkpointer(cfg.OUTPUT_DIR, 1).load_latest(device)
+        if found is None:
+            raise ConfigError(f"--eval-only: no training checkpoint in MODEL.WEIGHTS or in {cfg.OUTPUT_DIR}")
+        state, path = found
+    model.load_state_dict(state["model"])
+    return str(path)
+
+
+def _is_training_checkpoint(path: str) -> bool:
+    from e2e_vl.engine.checkpoint import load_checkpoint_file
+
+    try:
+        load_checkpoint_file(path)
+        return True
+    except Exception:  # a detector-only weight file: build_vlbert loads it into the detector
+        return False
+
+
+def main(args: argparse.Namespace) -> dict:
+    cfg = setup_cfg(args)  # first, so that a config error is reported before the slow imports
+
+    from e2e_vl.engine import distributed as du
+    from e2e_vl.engine.logger import setup_logging
+    from e2e_vl.engine.tasks import build_task
+    from e2e_vl.engine.trainer import train
+    from e2e_vl.modeling.vlbert import build_vlbert, load_tokenizer
+
+    device = du.init_distributed(cfg.MODEL.DEVICE)
+    rank = du.get_rank()
+    setup_logging(cfg.OUTPUT_DIR, rank)
+    if rank == 0:
+        Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.OUTPUT_DIR) / "config.yaml").write_text(cfg.dump())
+        logger.info("config %s -> %s/config.yaml", args.config_file or DEFAULT_CONFIG.relative_to(REPO), cfg.OUTPUT_DIR)
+
+    seed_everything(cfg.SEED)  # the same initial weights on every rank
+    build_cfg = cfg
+    if args.eval_only and cfg.MODEL.WEIGHTS and _is_training_checkpoint(cfg.MODEL.WEIGHTS):
+        build_cfg = cfg.clone()  # an unfrozen copy: the whole-model checkpoint is loaded below instead
+        build_cfg.MODEL.WEIGHTS = ""
+    model = build_vlbert(build_cfg).to(device)
+    tokenizer = load_tokenizer(cfg.MODEL.VLBERT.BERT_PATH)
+    task = build_task(cfg, tokenizer, device, eval_only=args.eval_only)
+    seed_everything(cfg.SEED + rank)  # different dropout masks per rank
+
+    if args.eval_only:
+        path = _load_eval_weights(cfg, model, device)
+        metrics = task.evaluate(model) if task.evaluate else {}
+        logger.info("evaluated %s", path)
+    else:
+        metrics = train(cfg, model, task, device, resume=args.resume)
+    if rank == 0 and "accuracy" in metrics:
+        print(f"{cfg.DATASETS.TEST} accuracy: {metrics['accuracy']:.4f} "
+              f"({int(metrics.get('num_questions', 0))} questions)", flush=True)
+    du.cleanup()
+    return metrics
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from e2e_vl.config import ConfigError
+    from e2e_vl.engine.trainer import NonFiniteLossError
+
+    try:
+        main(args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(cli())
