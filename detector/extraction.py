@@ -6,10 +6,11 @@ each proposal's `max_conf` is the best class score it keeps through its classes'
 *proposal* boxes (not the regressed ones) are returned, as Caffe did, with their class and attribute
 distributions and pooled features.
 
-The per-class NMS is one NMS call over the (proposal, class) pairs whose score reaches a small floor
-(classes kept apart by coordinate offsets), never a Python loop over the 1600 classes. Dropping pairs
-below the floor changes nothing at or above it: a pair can only be suppressed by a higher-scoring pair of
-its class. Only when fewer than `min_boxes` proposals reach the floor does the exact dense path run.
+The per-class NMS is one NMS call over the (proposal, class) pairs whose score reaches a floor (classes
+kept apart by coordinate offsets), never a Python loop over the 1600 classes. Dropping pairs below the
+floor changes nothing at or above it: a pair can only be suppressed by a higher-scoring pair of its class.
+The first floor is `conf_thresh` itself (at most 1/conf_thresh pairs per proposal, so the NMS is small);
+only when fewer than `min_boxes` proposals reach it are lower floors tried, then the exact dense path.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from torch.nn import functional as F
 from torchvision.ops import box_iou, nms
 
 from detector.structures import pad_images
+from detector.transforms import resize_shortest_edge
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +36,8 @@ class Selection:
     max_boxes: int = 100
     conf_thresh: float = 0.2
     nms_thresh: float = 0.3
-    score_floor: float = 0.01
+    # Lower floors tried, in order, when fewer than min_boxes proposals reach conf_thresh (top-up case).
+    score_floors: tuple[float, ...] = (0.05, 0.01)
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_boxes <= self.max_boxes:
@@ -117,11 +120,14 @@ def select_boxes(boxes: torch.Tensor, class_probs: torch.Tensor, selection: Sele
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     scores = class_probs[:, :-1]
-    floor = min(selection.score_floor, selection.conf_thresh)
-    max_conf = max_conf_per_class_nms(boxes, scores, selection.nms_thresh, floor) if floor > 0 else None
-    if max_conf is None or (int((max_conf >= selection.conf_thresh).sum()) < selection.min_boxes
-                            and int((max_conf >= floor).sum()) < min(selection.min_boxes, n)):
-        # The top-up needs the order of boxes below the floor too.
+    floors = sorted({f for f in (selection.conf_thresh, *selection.score_floors) if 0 < f <= selection.conf_thresh},
+                    reverse=True)
+    need = min(selection.min_boxes, n)
+    for floor in floors:
+        max_conf = max_conf_per_class_nms(boxes, scores, selection.nms_thresh, floor)
+        if int((max_conf >= floor).sum()) >= need:  # every value that decides the selection is exact
+            break
+    else:  # the top-up needs the order of boxes below every floor
         max_conf = max_conf_dense(boxes, scores, selection.nms_thresh)
     above = int((max_conf >= selection.conf_thresh).sum())
     count = min(max(above, selection.min_boxes), selection.max_boxes, n)
@@ -142,8 +148,6 @@ class PreparedImage:
 
 
 def prepare_image(image_bgr: np.ndarray, min_size: int, max_size: int) -> PreparedImage:
-    from detector.transforms import resize_shortest_edge
-
     resized, _ = resize_shortest_edge(image_bgr, min_size, max_size)
     return PreparedImage(resized, int(image_bgr.shape[0]), int(image_bgr.shape[1]))
 

@@ -1,4 +1,5 @@
 """Bottom-up-attention box selection against a plain per-class NMS loop, and image decoding/sources."""
+import io
 import json
 import tarfile
 
@@ -144,7 +145,7 @@ def test_sources_folder_list_coco_and_webdataset(tmp_path):
             for ext, data in [(".jpg", img), (".txt", b"a caption"), (".json", b'{"key": "%s"}' % key.encode())]:
                 info = tarfile.TarInfo(key + ext)
                 info.size = len(data)
-                tar.addfile(info, __import__("io").BytesIO(data))
+                tar.addfile(info, io.BytesIO(data))
     wds = src.list_images([shard])
     assert [i.image_id for i in wds] == ["000000001", "000000002"]
     assert src.read_bytes(wds[0]) == img

@@ -303,6 +303,8 @@ def extract_batch(ready: list, extractor: RegionExtractor, given_boxes: bool,
     try:
         outputs = extractor([p for _, p, _ in ready], [b for _, _, b in ready] if given_boxes else None)
     except Exception as exc:  # noqa: BLE001
+        if extractor.device.type == "cuda":
+            torch.cuda.empty_cache()  # after an out-of-memory error, before the one-by-one retry
         if len(ready) == 1:
             failures.add(ready[0][0], f"detector failed: {type(exc).__name__}: {exc}")
             return []

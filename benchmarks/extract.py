@@ -1,0 +1,178 @@
+"""Region extraction throughput (tools/extract_rois.py's per-image work) and where the time goes.
+
+    python benchmarks/extract.py           # VG R101-C4 config, 480x800 JPEGs resized to 600x1000
+    python benchmarks/extract.py --quick   # tiny R18 model, small images: a smoke run
+
+Table 1: images/s with and without --features (ratio to the no-features row of the same device), and the
+share of time in decoding (+ resize), backbone, RPN, RoI heads and box selection (per-class NMS).
+"serial" counts decoding in the same process; "pipelined" is the model alone, which is what the tool
+reaches when its DataLoader workers decode ahead. Table 2: the box selection alone against a Python
+loop of per-class NMS (what the original extractors ran), both measured here.
+
+Weights are random (nothing is downloaded), made to behave like trained ones where it matters for timing
+(see `sane_random_weights`): FrozenBN statistics from one image so the RPN yields proposals, and a class
+scorer under which a few classes dominate each box (with raw random weights every class is near 1/1601
+and the selection would take its rarer, slower exact top-up path).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the package.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(ROOT)
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torchvision.ops import nms  # noqa: E402
+
+from detector.config import load_cfg  # noqa: E402
+from detector.extraction import (  # noqa: E402
+    RegionExtractor, Selection, max_conf_dense, prepare_image, select_boxes)
+from detector.modeling import build_detector  # noqa: E402
+from e2e_vl.data.image_sources import decode_image  # noqa: E402
+
+VG = ROOT / "configs" / "vg" / "faster_rcnn_R_101_C4_attr_caffemaxpool.yaml"
+TINY = ROOT / "configs" / "vg" / "tiny_R_18_C4_attr.yaml"
+STAGES = ("backbone", "rpn", "roi_heads", "selection")
+
+
+def make_jpegs(n: int, h: int, w: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        img = cv2.resize(rng.integers(0, 255, (12, 20, 3), np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+        out.append(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+    return out
+
+
+def sane_random_weights(model: torch.nn.Module, image: np.ndarray, min_size: int, max_size: int) -> None:
+    """Make a randomly initialised detector behave like a trained one where it matters for timing.
+
+    Random convolutions under identity FrozenBN blow activations up through ResNet-101 (res4 ~1e6), so the
+    RPN's boxes degenerate and no proposal survives. Each FrozenBN takes the statistics of its input on
+    one image (a data-dependent init), then cls_score is rescaled so that a few classes dominate each box.
+    """
+    from detector.layers.batch_norm import FrozenBatchNorm2d
+
+    def set_stats(module: FrozenBatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].float()
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3)).clamp(min=1e-4))
+
+    hooks = [m.register_forward_pre_hook(set_stats) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    p = prepare_image(image, min_size, max_size)
+    x = model.preprocess_image(torch.from_numpy(p.image).permute(2, 0, 1)[None].float().to(model.device))
+    with torch.no_grad():
+        res4 = model.features(x)
+        props = model.proposal_generator(res4, [p.image.shape[:2]])[0]["proposal_boxes"]
+        f = model.roi_heads.region_features(res4, [props])
+        for h in hooks:
+            h.remove()
+        f = model.roi_heads.region_features(res4, [props])
+        mu, sd = f.mean(0), f.std(0).clamp(min=1e-3)
+        cls = model.roi_heads.box_predictor.cls_score
+        w = torch.randn_like(cls.weight) * 4.0 / (sd * f.shape[1] ** 0.5)
+        cls.weight.copy_(w)
+        cls.bias.copy_(-w @ mu)
+
+
+def bench_device(cfg_path: Path, device: torch.device, jpegs: list[bytes], batch: int, warmup: int) -> list[dict]:
+    cfg = load_cfg(cfg_path, ["MODEL.DEVICE", str(device)])
+    lo, hi = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+    torch.manual_seed(0)
+    model = build_detector(cfg)
+    sane_random_weights(model, decode_image(jpegs[0]), lo, hi)
+
+    t = time.perf_counter()
+    prepared = [prepare_image(decode_image(j), lo, hi) for j in jpegs]
+    decode_s = (time.perf_counter() - t) / len(jpegs)
+
+    rows = []
+    for features in (False, True):
+        ex = RegionExtractor(model, cfg.INPUT.FORMAT, Selection(), with_features=features)
+        for i in range(warmup):
+            ex(prepared[i * batch:(i + 1) * batch] or prepared[:batch])
+        ex.timings.clear()
+        boxes = 0
+        for i in range(0, len(prepared), batch):
+            boxes += sum(len(r["boxes"]) for r in ex(prepared[i:i + batch]))
+        per_image = {k: ex.timings[k] / len(prepared) for k in STAGES}
+        model_s = sum(per_image.values())
+        rows.append({"device": str(device), "features": features, "decode": decode_s, **per_image,
+                     "model": model_s, "boxes": boxes / len(prepared)})
+    return rows
+
+
+def bench_selection(n: int, c: int, repeats: int) -> list[tuple[str, float]]:
+    gen = torch.Generator().manual_seed(0)
+    xy = torch.rand(n, 2, generator=gen) * 800
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=gen) * 300 + 4], 1)
+    probs = (torch.randn(n, c + 1, generator=gen) * 4.0).softmax(-1)
+
+    def python_loop():
+        mc = torch.zeros(n)
+        for k in range(c):
+            keep = nms(boxes, probs[:, k], 0.3)
+            mc[keep] = torch.maximum(mc[keep], probs[keep, k])
+        return mc
+
+    def timed(fn):
+        fn()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t) / repeats
+
+    return [("python loop over classes (baseline)", timed(python_loop)),
+            ("select_boxes (pairs above floor, one NMS)", timed(lambda: select_boxes(boxes, probs, Selection()))),
+            ("max_conf_dense (exact top-up path)", timed(lambda: max_conf_dense(boxes, probs[:, :-1], 0.3)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny model, small images")
+    ap.add_argument("--images", type=int, default=None, help="images per setting (default 2, quick 8)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg_path, (h, w) = (TINY, (90, 120)) if args.quick else (VG, (480, 800))
+    n = args.images or (8 if args.quick else 2)
+    jpegs = make_jpegs(n, h, w)
+    rows = bench_device(cfg_path, torch.device("cpu"), jpegs, batch=1, warmup=1 if args.quick else 0)
+    if torch.cuda.is_available():
+        rows += bench_device(cfg_path, torch.device("cuda"), make_jpegs(max(n, 32), h, w), batch=4, warmup=2)
+
+    name = "tiny R18-C4" if args.quick else "VG R101-C4"
+    print(f"\nExtraction, {name}, {n} {w}x{h} JPEGs (resized per config), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads")
+    head = (f"{'device':<8} {'features':<8} {'serial img/s':>12} {'pipelined img/s':>15} {'ratio':>6} "
+            f"{'boxes':>6} " + " ".join(f"{s:>9}" for s in ("decode", *STAGES)))
+    print(head)
+    print("-" * len(head))
+    base = {}
+    for r in rows:
+        total = r["decode"] + r["model"]
+        base.setdefault(r["device"], r["model"])
+        shares = [r["decode"] / total] + [r[s] / total for s in STAGES]
+        print(f"{r['device']:<8} {'yes' if r['features'] else 'no':<8} {1 / total:>12.2f} {1 / r['model']:>15.2f} "
+              f"{base[r['device']] / r['model']:>6.2f} {r['boxes']:>6.1f} "
+              + " ".join(f"{100 * s:>8.1f}%" for s in shares))
+
+    sel = bench_selection(300, 1600, repeats=1 if args.quick else 3)
+    print("\nBox selection, 300 proposals x 1600 classes (CPU)")
+    print(f"{'method':<44} {'ms':>9} {'speed-up':>9}")
+    for label, seconds in sel:
+        print(f"{label:<44} {1000 * seconds:>9.1f} {sel[0][1] / seconds:>8.1f}x")
+
+
+if __name__ == "__main__":
+    main()
