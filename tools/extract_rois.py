@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run the detector over an image collection into a resumable RoI store (bottom-up-attention outputs).
+r"""Run the detector over an image collection into a resumable RoI store (bottom-up-attention outputs).
 
     python tools/extract_rois.py --config-file configs/vg/faster_rcnn_R_101_C4_attr_caffemaxpool.yaml \
         --weights faster_rcnn_from_caffe_attr_original.pkl --input images/ --output rois/ [--features]
@@ -242,7 +242,9 @@ def run(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict[str
     items = items[index::count]
     duplicates = duplicates[index::count]
 
-    header = build_header(cfg.dump(), args.weights, selection, args,
+    portable = cfg.clone()
+    portable.MODEL.DEVICE = ""  # resuming on another device (or GPU index) must not look like another config
+    header = build_header(portable.dump(), args.weights, selection, args,
                           boxes_store.header if boxes_store is not None else None)
     sink = Sink(args, shard, header)
     todo = [it for it in items if it.image_id not in sink.done]
