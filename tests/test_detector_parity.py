@@ -15,6 +15,7 @@ py-bottom-up-attention extensions, covered by the goldens only).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -22,6 +23,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,6 +31,7 @@ GOLDEN_DIR = Path(__file__).parent / "data" / "detector"
 GOLDENS = sorted(GOLDEN_DIR.glob("parity_*.json"))
 ATOL = 1e-4
 SUM_RTOL = 1e-5
+GRAD_RTOL = 1e-4
 # Weight gains that keep random-weight outputs O(1), RPN deltas moderate and class scores peaked.
 _WEIGHT_GAIN = {"anchor_deltas": 0.2, "cls_score": 15.0, "bbox_pred": 3.0}
 
@@ -70,6 +73,12 @@ def parity_images(seed: int, batch_shape: list[int]) -> torch.Tensor:
     return torch.randint(0, 256, tuple(batch_shape), generator=gen).float()
 
 
+def parity_uint8_image(seed: int, shape: list[int]) -> np.ndarray:
+    """A random HxWx3 uint8 BGR image, as a user would pass to the predictor."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, tuple(shape), generator=gen, dtype=torch.uint8).numpy()
+
+
 def zero_padding(images: torch.Tensor, image_sizes: list[list[int]]) -> torch.Tensor:
     """Zero everything outside each image's (h, w): Detectron2 pads the *normalised* images with 0."""
     images = images.clone()
@@ -77,6 +86,22 @@ def zero_padding(images: torch.Tensor, image_sizes: list[list[int]]) -> torch.Te
         images[i, :, h:, :] = 0
         images[i, :, :, w:] = 0
     return images
+
+
+def parity_loss(outputs: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
+    """A scalar touching every Fast R-CNN output with fixed random weights, to compare gradients."""
+    loss = torch.zeros((), dtype=torch.float64)
+    for key in ("features", "class_logits", "box_deltas", "attr_logits"):
+        if outputs.get(key) is not None:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+            weight = torch.randn(outputs[key].shape, generator=gen)
+            loss = loss + (outputs[key] * weight).sum()
+    return loss
+
+
+def grad_norms(model: torch.nn.Module) -> dict[str, float]:
+    """L2 norm of every parameter gradient (parameters frozen by FREEZE_AT have none)."""
+    return {name: float(p.grad.double().norm()) for name, p in model.named_parameters() if p.grad is not None}
 
 
 # -- reduction of full outputs to what a golden stores --------------------------------------------------
@@ -98,24 +123,27 @@ def summarize(outputs: dict[str, Any], stored: dict[str, int]) -> dict[str, Any]
         "proposals": [{"count": len(boxes), "boxes": _rows(boxes[:npr]),
                        "objectness_logits": _rows(logits[:npr])}
                       for boxes, logits in outputs["proposals"]],
-        "detections": [],
     }
     if fast.get("attr_logits") is not None:
         out["fast"]["attr_logits"] = _rows(fast["attr_logits"])
-    for det in outputs["detections"]:
-        entry = {"count": len(det["scores"]), "boxes": _rows(det["boxes"][:nd]),
-                 "scores": _rows(det["scores"][:nd]), "classes": det["classes"][:nd].tolist(),
-                 "proposal_boxes": _rows(det["proposal_boxes"][:nd]),
-                 "class_probs": _rows(det["class_probs"][:nd]),
-                 "features": _rows(det["features"][:nd, :nf]),
-                 "features_sum": _rows(det["features"][:nd].double().sum(1))}
-        if "attr_probs" in det:
-            entry["attr_probs"] = _rows(det["attr_probs"][:nd])
-        out["detections"].append(entry)
+    out["detections"] = [summarize_detections(det, nd, nf) for det in outputs["detections"]]
     return out
 
 
-_EXACT = {"count", "classes", "shape"}
+def summarize_detections(det: dict[str, torch.Tensor], nd: int, nf: int) -> dict[str, Any]:
+    """One image's detections: count, then the leading `nd` rows (features: `nf` channels + sum)."""
+    entry = {"count": len(det["scores"]), "boxes": _rows(det["boxes"][:nd]),
+             "scores": _rows(det["scores"][:nd]), "classes": det["classes"][:nd].tolist(),
+             "class_probs": _rows(det["class_probs"][:nd]), "features": _rows(det["features"][:nd, :nf]),
+             "features_sum": _rows(det["features"][:nd].double().sum(1))}
+    if "proposal_boxes" in det:
+        entry["proposal_boxes"] = _rows(det["proposal_boxes"][:nd])
+    if "attr_probs" in det:
+        entry["attr_probs"] = _rows(det["attr_probs"][:nd])
+    return entry
+
+
+_EXACT = {"count", "classes", "shape", "resized_shape"}
 _SUMS = {"sum", "abs_sum", "features_sum"}
 
 
@@ -150,17 +178,25 @@ def compare(ours: Any, ref: Any, path: str, diffs: dict[str, float]) -> None:
 
 
 # -- our model --------------------------------------------------------------------------------------------
-def build_ours(golden: dict[str, Any]):
+def parity_cfg(golden: dict[str, Any]):
     from detector.config import get_cfg
-    from detector.modeling.rcnn import build_detector
 
     cfg = get_cfg()
     cfg.merge_from_dict(golden["config"], source="golden config")
     cfg.MODEL.DEVICE = "cpu"
-    model = build_detector(cfg.freeze())
+    return cfg.freeze()
+
+
+def load_parity_weights(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    model.load_state_dict(parity_state_dict(shapes, golden["seed"]), strict=True)
+    model.load_state_dict(parity_state_dict(shapes, seed), strict=True)
     return model.float().eval()
+
+
+def build_ours(golden: dict[str, Any]):
+    from detector.modeling.rcnn import build_detector
+
+    return load_parity_weights(build_detector(parity_cfg(golden)), golden["seed"])
 
 
 @torch.no_grad()
@@ -180,15 +216,33 @@ def our_outputs(model, golden: dict[str, Any]) -> dict[str, Any]:
             "detections": detections}
 
 
+def our_grad_norms(model, golden: dict[str, Any]) -> dict[str, float]:
+    """Backward of `parity_loss` through Fast R-CNN on the golden's boxes (the path VL-BERT trains)."""
+    raw = parity_images(golden["image_seed"], golden["batch_shape"])
+    images = zero_padding(model.preprocess_image(raw), golden["image_sizes"])
+    boxes = [torch.tensor(b, dtype=torch.float32) for b in golden["boxes"]]
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        parity_loss(model.fast_rcnn(images, boxes), golden["seed"]).backward()
+    return grad_norms(model)
+
+
 def _load(path: Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
+@functools.lru_cache(maxsize=None)
+def _golden_and_model(path: Path):
+    """Each golden's model is built once per session (weights are never modified by the tests)."""
+    golden = _load(path)
+    return golden, build_ours(golden)
+
+
 @pytest.fixture(scope="module", params=GOLDENS, ids=[p.stem.removeprefix("parity_") for p in GOLDENS])
 def golden_run(request):
-    golden = _load(request.param)
-    return golden, summarize(our_outputs(build_ours(golden), golden), golden["stored"])
+    golden, model = _golden_and_model(request.param)
+    return golden, summarize(our_outputs(model, golden), golden["stored"])
 
 
 def test_goldens_present():
@@ -206,6 +260,22 @@ def test_matches_detectron2_golden(golden_run, section):
     assert diffs, f"nothing compared in {section}"
 
 
+def test_fast_rcnn_gradients_match_detectron2_golden():
+    """Gradients of every trainable parameter (res3..res5, heads) equal Detectron2's, relative 1e-4.
+
+    Covers the backward of our RoIAlign/ROIPool, res5 and the attribute head; FREEZE_AT=2 must leave
+    the stem and res2 without gradients, as Detectron2 does.
+    """
+    for path in GOLDENS:
+        golden, model = _golden_and_model(path)
+        ours = our_grad_norms(model, golden)
+        ref = golden["grad_norms"]
+        assert set(ours) == set(ref), (path.name, sorted(set(ours) ^ set(ref)))
+        for name, value in ref.items():
+            assert abs(ours[name] - value) <= GRAD_RTOL * max(value, 1.0), \
+                f"{path.name}: grad norm of {name} {ours[name]} != Detectron2's {value}"
+
+
 def test_golden_detections_are_nontrivial():
     """Guard against goldens that would pass vacuously (no detections, no proposals)."""
     for path in GOLDENS:
@@ -217,11 +287,42 @@ def test_golden_detections_are_nontrivial():
         assert len(classes) >= 2, f"{path.name}: per-class NMS needs several detected classes, got {classes}"
 
 
+# Known gap (reported to the detector owner): detector.transforms resizes uint8 images with torch's
+# antialiased bilinear, Detectron2 with PIL's BILINEAR; they differ by one grey level on ~15% of pixels,
+# enough to change detections. strict: once the resize uses PIL these pass and the marker must go.
+_PIL_RESIZE_GAP = pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="uint8 resize is torch antialias bilinear, Detectron2 uses PIL BILINEAR (off by 1 grey level)")
+
+
+@_PIL_RESIZE_GAP
+def test_predictor_matches_detectron2_default_predictor():
+    """BGR uint8 image -> resize (Detectron2's PIL bilinear) -> detections in original pixels.
+
+    The golden follows Detectron2's DefaultPredictor: ResizeShortestEdge to 96 (max 160), the model,
+    detector_postprocess to the original size; the second image is limited by the max size.
+    """
+    from detector.predictor import DetectorPredictor
+    from detector.transforms import get_output_shape
+
+    golden = _load(GOLDEN_DIR / "predictor_r50_vg_roipool_attr.json")
+    predictor = DetectorPredictor(parity_cfg(golden))
+    load_parity_weights(predictor.model, golden["seed"])
+    stored = golden["stored"]
+    for spec, ref in zip(golden["images"], golden["results"], strict=True):
+        image = parity_uint8_image(spec["seed"], spec["shape"])
+        (new_h, new_w), _ = get_output_shape(*spec["shape"][:2], predictor.min_size, predictor.max_size)
+        det = predictor(image)
+        det.pop("proposal_boxes")  # Detectron2 does not rescale proposals: compared in the batch tests
+        ours = {"resized_shape": [new_h, new_w, 3],
+                **summarize_detections(det, stored["detections"], stored["features"])}
+        compare(ours, ref, f"image{spec['shape']}", {})
+
+
 # -- live comparison against stock Detectron2 ----------------------------------------------------------------
-def _stock_detectron2_model(golden: dict[str, Any]):
-    """Detectron2's own C4 GeneralizedRCNN for a golden config, with our parity weights loaded strictly."""
+def _stock_detectron2_cfg(golden: dict[str, Any]):
+    """Detectron2's config for a golden's C4 model (our overrides use Detectron2's key names)."""
     from detectron2.config import get_cfg as d2_get_cfg
-    from detectron2.modeling import build_model
 
     cfg = d2_get_cfg()
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.MASK_ON", "False",
@@ -238,10 +339,14 @@ def _stock_detectron2_model(golden: dict[str, Any]):
 
     flatten(golden["config"], "")
     cfg.merge_from_list(pairs)
-    model = build_model(cfg).eval()
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    model.load_state_dict(parity_state_dict(shapes, golden["seed"]), strict=True)
-    return model
+    return cfg
+
+
+def _stock_detectron2_model(golden: dict[str, Any]):
+    """Detectron2's own C4 GeneralizedRCNN for a golden config, with our parity weights loaded strictly."""
+    from detectron2.modeling import build_model
+
+    return load_parity_weights(build_model(_stock_detectron2_cfg(golden)), golden["seed"])
 
 
 @torch.no_grad()
@@ -321,3 +426,28 @@ def test_golden_reproduced_by_detectron2(path):
     ref = summarize(_detectron2_outputs(_stock_detectron2_model(golden), golden), golden["stored"])
     for section in ("res4", "fast", "proposals", "detections"):
         compare(ref[section], golden[section], section, {})
+
+
+@pytest.mark.detectron2
+@_PIL_RESIZE_GAP
+@pytest.mark.parametrize("path", _stock_goldens(), ids=lambda p: p.stem.removeprefix("parity_"))
+def test_predictor_matches_detectron2_default_predictor_live(path):
+    """Detectron2's DefaultPredictor and ours on the same BGR uint8 images, boxes in original pixels."""
+    from detectron2.engine import DefaultPredictor
+
+    from detector.predictor import DetectorPredictor
+
+    golden = _load(path)
+    golden["config"]["INPUT"] = {"MIN_SIZE_TEST": 96, "MAX_SIZE_TEST": 160}
+    theirs = DefaultPredictor(_stock_detectron2_cfg(golden))
+    load_parity_weights(theirs.model, golden["seed"])
+    ours = DetectorPredictor(parity_cfg(golden))
+    load_parity_weights(ours.model, golden["seed"])
+    for seed, shape in ((13, [150, 200, 3]), (12, [100, 300, 3])):
+        image = parity_uint8_image(seed, shape)
+        ref = theirs(image)["instances"]
+        det = ours(image)
+        compare({"count": len(det["scores"]), "boxes": _rows(det["boxes"]), "scores": _rows(det["scores"]),
+                 "classes": det["classes"].tolist()},
+                {"count": len(ref), "boxes": _rows(ref.pred_boxes.tensor), "scores": _rows(ref.scores),
+                 "classes": ref.pred_classes.tolist()}, f"image{shape}", {})
