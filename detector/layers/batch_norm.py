@@ -24,10 +24,15 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features) - eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Inference-mode batch_norm: one fused pass of x * scale + shift with the statistics folded
-        # in fp32 (bf16/fp16 activations keep fp32 constants), differentiable w.r.t. x only.
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            training=False, momentum=0.0, eps=self.eps)
+        if x.dtype == self.weight.dtype:
+            # One fused inference-mode pass; differentiable w.r.t. x only.
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                training=False, momentum=0.0, eps=self.eps)
+        # Reduced-precision activations (autocast): fold the statistics in fp32, then apply them in
+        # x's dtype. F.batch_norm would be run in fp32 by autocast, costing two casts per layer.
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
