@@ -3,7 +3,8 @@
     python benchmarks/extract.py           # VG R101-C4 config, 480x800 JPEGs resized to 600x1000
     python benchmarks/extract.py --quick   # tiny R18 model, small images: a smoke run
 
-Table 1: images/s with and without --features (ratio to the no-features row of the same device), and the
+Table 1: images/s with and without --features (ratio to the fp32 no-features row of the same device;
+with CUDA also bf16 autocast rows, batch 4), and the
 share of time in decoding (+ resize), backbone, RPN, RoI heads and box selection (per-class NMS).
 "serial" counts decoding in the same process; "pipelined" is the model alone, which is what the tool
 reaches when its DataLoader workers decode ahead. Table 2: the box selection alone against a Python
@@ -82,7 +83,8 @@ def sane_random_weights(model: torch.nn.Module, image: np.ndarray, min_size: int
         cls.bias.copy_(-w @ mu)
 
 
-def bench_device(cfg_path: Path, device: torch.device, jpegs: list[bytes], batch: int, warmup: int) -> list[dict]:
+def bench_device(cfg_path: Path, device: torch.device, jpegs: list[bytes], batch: int, warmup: int,
+                 dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> list[dict]:
     cfg = load_cfg(cfg_path, ["MODEL.DEVICE", str(device)])
     lo, hi = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
     torch.manual_seed(0)
@@ -94,8 +96,8 @@ def bench_device(cfg_path: Path, device: torch.device, jpegs: list[bytes], batch
     decode_s = (time.perf_counter() - t) / len(jpegs)
 
     rows = []
-    for features in (False, True):
-        ex = RegionExtractor(model, cfg.INPUT.FORMAT, Selection(), with_features=features)
+    for dtype, features in [(d, f) for d in dtypes for f in (False, True)]:
+        ex = RegionExtractor(model, cfg.INPUT.FORMAT, Selection(), with_features=features, autocast_dtype=dtype)
         for i in range(warmup):
             ex(prepared[i * batch:(i + 1) * batch] or prepared[:batch])
         ex.timings.clear()
@@ -104,7 +106,8 @@ def bench_device(cfg_path: Path, device: torch.device, jpegs: list[bytes], batch
             boxes += sum(len(r["boxes"]) for r in ex(prepared[i:i + batch]))
         per_image = {k: ex.timings[k] / len(prepared) for k in STAGES}
         model_s = sum(per_image.values())
-        rows.append({"device": str(device), "features": features, "decode": decode_s, **per_image,
+        rows.append({"device": str(device), "dtype": str(dtype).replace("torch.", ""), "features": features,
+                     "decode": decode_s, **per_image,
                      "model": model_s, "boxes": boxes / len(prepared)})
     return rows
 
@@ -149,12 +152,13 @@ def main() -> None:
     jpegs = make_jpegs(n, h, w)
     rows = bench_device(cfg_path, torch.device("cpu"), jpegs, batch=1, warmup=1 if args.quick else 0)
     if torch.cuda.is_available():
-        rows += bench_device(cfg_path, torch.device("cuda"), make_jpegs(max(n, 32), h, w), batch=4, warmup=2)
+        rows += bench_device(cfg_path, torch.device("cuda"), make_jpegs(max(n, 32), h, w), batch=4, warmup=2,
+                             dtypes=(torch.float32, torch.bfloat16))
 
     name = "tiny R18-C4" if args.quick else "VG R101-C4"
     print(f"\nExtraction, {name}, {n} {w}x{h} JPEGs (resized per config), torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
-    head = (f"{'device':<8} {'features':<8} {'serial img/s':>12} {'pipelined img/s':>15} {'ratio':>6} "
+    head = (f"{'device':<8} {'dtype':<8} {'features':<8} {'s/img':>8} {'serial img/s':>12} {'pipelined img/s':>15} {'ratio':>6} "
             f"{'boxes':>6} " + " ".join(f"{s:>9}" for s in ("decode", *STAGES)))
     print(head)
     print("-" * len(head))
@@ -163,7 +167,7 @@ def main() -> None:
         total = r["decode"] + r["model"]
         base.setdefault(r["device"], r["model"])
         shares = [r["decode"] / total] + [r[s] / total for s in STAGES]
-        print(f"{r['device']:<8} {'yes' if r['features'] else 'no':<8} {1 / total:>12.2f} {1 / r['model']:>15.2f} "
+        print(f"{r['device']:<8} {r['dtype']:<8} {'yes' if r['features'] else 'no':<8} {total:>8.3g} {1 / total:>12.3g} {1 / r['model']:>15.3g} "
               f"{base[r['device']] / r['model']:>6.2f} {r['boxes']:>6.1f} "
               + " ".join(f"{100 * s:>8.1f}%" for s in shares))
 

@@ -14,6 +14,7 @@ only when fewer than `min_boxes` proposals reach it are lower floors tried, then
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections import defaultdict
@@ -161,12 +162,19 @@ class RegionExtractor:
     """
 
     def __init__(self, model: torch.nn.Module, input_format: str, selection: Selection = Selection(),
-                 with_features: bool = False):
+                 with_features: bool = False, autocast_dtype: torch.dtype | None = None):
         self.model = model
         self.flip_channels = input_format == "RGB"
         self.selection = selection
         self.with_features = with_features
         self.timings: dict[str, float] = defaultdict(float)
+        # bf16/fp16 autocast for the network; scores, boxes and selection stay in fp32.
+        self.autocast_dtype = autocast_dtype
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None or self.autocast_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @property
     def device(self) -> torch.device:
@@ -189,12 +197,14 @@ class RegionExtractor:
             x = x.to(self.device, non_blocking=True).permute(2, 0, 1).float()
             tensors.append(self.model.preprocess_image(x[None])[0])
         batch, sizes = pad_images(tensors)  # pad after normalising, like Detectron2
-        res4 = self.model.features(batch)
+        with self._autocast():
+            res4 = self.model.features(batch)
         t = self._tick("backbone", t)
         # Scale from original pixels to network input pixels, per axis (rounding makes them differ).
         scales = [(h / p.height, w / p.width) for p, (h, w) in zip(images, sizes)]
         if boxes is None:
-            props = [r["proposal_boxes"] for r in self.model.proposal_generator(res4, sizes)]
+            with self._autocast():
+                props = [r["proposal_boxes"].float() for r in self.model.proposal_generator(res4, sizes)]
             t = self._tick("rpn", t)
         else:
             if len(boxes) != len(images):
@@ -202,8 +212,9 @@ class RegionExtractor:
             props = [torch.as_tensor(np.asarray(b, np.float32).reshape(-1, 4), device=self.device)
                      * torch.tensor([sx, sy, sx, sy], device=self.device)
                      for b, (sy, sx) in zip(boxes, scales)]
-        feats = self.model.roi_heads.region_features(res4, props)
-        preds = self.model.roi_heads.predict(feats)
+        with self._autocast():
+            feats = self.model.roi_heads.region_features(res4, props)
+            preds = self.model.roi_heads.predict(feats)
         class_probs = F.softmax(preds["class_logits"].float(), dim=-1)
         attr_probs = F.softmax(preds["attr_logits"].float(), dim=-1) if "attr_logits" in preds else None
         if not torch.isfinite(class_probs).all() or (attr_probs is not None and not torch.isfinite(attr_probs).all()):
@@ -246,5 +257,5 @@ class RegionExtractor:
                        attr_ids=attr_ids.cpu().numpy().astype(np.int32),
                        attr_conf=attr_conf.cpu().numpy().astype(np.float32))
         if self.with_features:
-            out["features"] = feats[keep].cpu().numpy().astype(np.float16)
+            out["features"] = feats[keep].to(torch.float16).cpu().numpy()
         return out

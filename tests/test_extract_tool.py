@@ -308,3 +308,13 @@ def test_visualize_labels_use_vg_names():
     labels = visualize_tool.box_labels(rec, attr_thresh=0.1)
     assert labels[0] == f"{vocab.attribute_names()[0]} {vocab.object_names()[0]} 0.90"
     assert labels[1] == f"{vocab.object_names()[1]} 0.50"  # attribute below the threshold is left out
+
+
+def test_bf16_autocast_run_stores_valid_fp32_boxes(tmp_path, weights):
+    make_images(tmp_path / "imgs", [(90, 120), (100, 100)])
+    assert run_tool(weights, [tmp_path / "imgs"], tmp_path / "out", "--precision", "bf16", "--features") == 0
+    with RoIStore(tmp_path / "out") as store:
+        assert store.header["precision"] == "bf16" and len(store) == 2
+        for rec in store:
+            check_valid(rec)
+            assert rec.features.dtype == np.float16 and 10 <= rec.num_boxes <= 100

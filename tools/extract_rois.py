@@ -37,6 +37,7 @@ from e2e_vl.data.roi_store import (  # noqa: E402
     SCHEMA_VERSION, RoIRecord, RoIStore, RoIStoreError, RoIStoreWriter, npz_ids, shard_name, write_npz)
 
 log = logging.getLogger("extract_rois")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class UsageError(ValueError):
@@ -63,6 +64,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="RoI store with the boxes to use (Fast R-CNN mode: features/scores for exactly those boxes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
+                   help="autocast dtype for the network (bf16/fp16 on GPUs); scores and boxes stay fp32")
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader processes decoding images (0: decode in this process)")
     p.add_argument("--max-pixels", type=int, default=sources.DEFAULT_MAX_PIXELS,
@@ -116,6 +119,7 @@ def build_header(cfg_yaml: str, weights: str, selection: Selection, args: argpar
     weights_sha = file_sha256(weights)
     result_defining = {
         "detector_config": cfg_yaml, "weights_sha256": weights_sha, "mode": mode, "features": args.features,
+        "precision": args.precision,
         "selection": None if args.boxes_from else vars_of(selection),
         "boxes_from": None if boxes_header is None else boxes_header.get("fingerprint"),
     }
@@ -257,7 +261,8 @@ def run(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict[str
     try:
         if todo:
             model = load_model(cfg, args.weights)
-            extractor = RegionExtractor(model, cfg.INPUT.FORMAT, selection, with_features=args.features)
+            extractor = RegionExtractor(model, cfg.INPUT.FORMAT, selection, with_features=args.features,
+                                        autocast_dtype=PRECISIONS[args.precision])
             process(todo, extractor, cfg, args, sink, failures, boxes_store, stats)
     finally:
         stats["failed"] = failures.count
