@@ -1,13 +1,16 @@
-"""Test-time resizing exactly as Detectron2's ResizeShortestEdge computes the new size.
+"""Test-time resizing exactly as Detectron2's ResizeShortestEdge does it.
 
 The new (h, w) is the shortest side scaled to `min_size`, shrunk if the longest side would exceed
-`max_size`, each side then rounded with int(x + 0.5). Pixels: uint8 images are resized with
-antialiased bilinear filtering (Detectron2 uses PIL's BILINEAR, which antialiases when shrinking;
-torch's antialias mode follows PIL's filter, values may differ by one grey level from PIL's
-fixed-point arithmetic); float images use plain bilinear interpolation (align_corners=False), as
-Detectron2 does for them.
+`max_size`, each side then rounded with int(x + 0.5). Pixels: Detectron2 resizes uint8 images with
+PIL's BILINEAR filter, so uint8 images are resampled here with the same arithmetic (PIL's
+antialiasing triangle filter, 22-bit fixed-point weights, a horizontal pass rounded to uint8 then a
+vertical pass), which gives identical bytes without needing PIL; every channel is resampled
+independently (PIL would premultiply an RGBA image's alpha). Float images use plain bilinear
+interpolation (align_corners=False), as Detectron2 does for them.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -33,6 +36,53 @@ def get_output_shape(height: int, width: int, min_size: int, max_size: int) -> t
     return (int(new_h + 0.5), int(new_w + 0.5)), scale
 
 
+_PIL_PRECISION_BITS = 22  # 32 bits - 8 for the pixel - 2 of headroom
+
+
+def _pil_bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, int weights), both (out_size, taps), of PIL's BILINEAR resampling along one axis.
+
+    Follows PIL's coefficient computation step by step (same float operations in the same order)
+    so the fixed-point weights are bit-identical.
+    """
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale  # the triangle filter has support 1, widened when shrinking
+    taps = int(math.ceil(support)) * 2 + 1
+    center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    first = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    count = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - first
+    pos = first[:, None] + np.arange(taps)[None, :]
+    arg = np.abs((pos - center[:, None] + 0.5) * (1.0 / filterscale))
+    weights = np.where((arg < 1.0) & (np.arange(taps)[None, :] < count[:, None]), 1.0 - arg, 0.0)
+    total = np.zeros(out_size)
+    for j in range(taps):  # sequential sum, as PIL adds them
+        total += weights[:, j]
+    weights = weights / np.where(total != 0.0, total, 1.0)[:, None]
+    fixed = np.trunc(0.5 + weights * (1 << _PIL_PRECISION_BITS)).astype(np.int64)
+    return np.minimum(pos, in_size - 1), fixed
+
+
+def _pil_resample_axis(img: np.ndarray, out_size: int, axis: int) -> np.ndarray:
+    """One PIL pass along `axis` (1: width, 0: height) of an HxWxC uint8 array, rounded to uint8."""
+    index, weight = _pil_bilinear_taps(img.shape[axis], out_size)
+    acc = np.full(img.shape[:axis] + (out_size,) + img.shape[axis + 1:], 1 << (_PIL_PRECISION_BITS - 1), np.int64)
+    shape = (1, -1, 1) if axis == 1 else (-1, 1, 1)
+    for j in range(index.shape[1]):
+        acc += np.take(img, index[:, j], axis=axis).astype(np.int64) * weight[:, j].reshape(shape)
+    return np.clip(acc >> _PIL_PRECISION_BITS, 0, 255).astype(np.uint8)
+
+
+def pil_bilinear_resize(img: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
+    """PIL's `Image.resize((new_w, new_h), BILINEAR)` of an HxWxC uint8 array, per channel."""
+    out = img
+    if new_w != img.shape[1]:
+        out = _pil_resample_axis(out, new_w, axis=1)
+    if new_h != img.shape[0]:
+        out = _pil_resample_axis(out, new_h, axis=0)
+    return out if out is not img else img.copy()
+
+
 def resize_shortest_edge(img: np.ndarray, min_size: int, max_size: int) -> tuple[np.ndarray, float]:
     """Resize an HxWxC (or HxW) image; returns (resized, scale).
 
@@ -46,13 +96,11 @@ def resize_shortest_edge(img: np.ndarray, min_size: int, max_size: int) -> tuple
     (new_h, new_w), scale = get_output_shape(img.shape[0], img.shape[1], min_size, max_size)
     if (new_h, new_w) == img.shape[:2]:
         return img.copy(), scale
+    if img.dtype == np.uint8:
+        out = pil_bilinear_resize(img[:, :, None] if img.ndim == 2 else img, new_h, new_w)
+        return (out[:, :, 0] if img.ndim == 2 else out), scale
     t = torch.from_numpy(np.ascontiguousarray(img))
     t = (t[..., None] if img.ndim == 2 else t).permute(2, 0, 1)[None].float()
-    if img.dtype == np.uint8:
-        out = F.interpolate(t, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-        out = out.round_().clamp_(0, 255).to(torch.uint8)
-    else:
-        out = F.interpolate(t, size=(new_h, new_w), mode="bilinear", align_corners=False)
-    out = out[0].permute(1, 2, 0).numpy()
+    out = F.interpolate(t, size=(new_h, new_w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
     out = out[..., 0] if img.ndim == 2 else out
     return out.astype(img.dtype, copy=False), scale

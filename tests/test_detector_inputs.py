@@ -10,7 +10,7 @@ import torch
 from detector import vocab
 from detector.config import load_cfg
 from detector.predictor import DetectorPredictor, ImageError, as_bgr_uint8
-from detector.transforms import get_output_shape, resize_shortest_edge
+from detector.transforms import get_output_shape, pil_bilinear_resize, resize_shortest_edge
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "vg" / "tiny_R_18_C4_attr.yaml"
 
@@ -42,6 +42,21 @@ def test_resize_keeps_dtype_and_content():
     assert np.array_equal(same, img)
     with pytest.raises(ValueError, match="empty"):
         resize_shortest_edge(np.zeros((0, 5, 3), np.uint8), 20, 100)
+
+
+def test_uint8_resize_follows_pil_bilinear_arithmetic():
+    # values worked out by hand from PIL's algorithm (triangle filter widened by the scale when
+    # shrinking, weights normalised then rounded to 22-bit fixed point, +half, >> 22)
+    row = np.array([[0, 100, 200, 255]], np.uint8)[:, :, None]
+    assert pil_bilinear_resize(row, 1, 2)[0, :, 0].tolist() == [71, 209]
+    assert pil_bilinear_resize(np.array([[10, 50]], np.uint8)[:, :, None], 1, 4)[0, :, 0].tolist() == [10, 20, 40, 50]
+    column = np.array([[10], [50]], np.uint8)[:, :, None]
+    assert pil_bilinear_resize(column, 4, 1)[:, 0, 0].tolist() == [10, 20, 40, 50]
+    img = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    assert np.array_equal(pil_bilinear_resize(img, 37, 53), img)
+    out, _ = resize_shortest_edge(img, 74, 1000)  # channels are independent
+    for c in range(3):
+        assert np.array_equal(resize_shortest_edge(np.ascontiguousarray(img[:, :, c]), 74, 1000)[0], out[:, :, c])
 
 
 def test_image_conversions_and_errors():
