@@ -189,6 +189,8 @@ def test_bad_files_are_listed_and_run_completes(tmp_path, weights):
     assert run_tool(weights, [tmp_path / "bad"], tmp_path / "out2") == 1
     assert run_tool(weights, [imgs], tmp_path / "out3", "--min-boxes", 20, "--max-boxes", 10) == 2
     assert run_tool(tmp_path / "missing.pth", [imgs], tmp_path / "out3") == 2
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert run_tool(tmp_path / "junk.pth", [imgs], tmp_path / "out4") == 2
 
 
 def test_boxes_from_gives_features_for_exactly_those_boxes(tmp_path, weights, model):

@@ -30,8 +30,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from detector.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from detector.config import ConfigError, load_cfg  # noqa: E402
 from detector.extraction import PreparedImage, RegionExtractor, Selection, prepare_image  # noqa: E402
+from detector.modeling import build_detector  # noqa: E402
 from e2e_vl.data import image_sources as sources  # noqa: E402
 from e2e_vl.data.roi_store import (  # noqa: E402
     SCHEMA_VERSION, RoIRecord, RoIStore, RoIStoreError, RoIStoreWriter, npz_ids, shard_name, write_npz)
@@ -210,9 +212,6 @@ class Sink:
 
 
 def load_model(cfg, weights: str) -> torch.nn.Module:
-    from detector.checkpoint import load_checkpoint
-    from detector.modeling import build_detector
-
     model = build_detector(cfg)
     load_checkpoint(model, weights)
     return model.eval()
@@ -325,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         stats = run(args)
-    except (UsageError, RoIStoreError) as exc:
+    except (UsageError, RoIStoreError, CheckpointError) as exc:
         log.error("%s", exc)
         return 2
     print(f"done {stats['done']}, skipped {stats['skipped']} (already stored), failed {stats['failed']}"
