@@ -407,6 +407,44 @@ def test_matches_detectron2_live(path, pooler_type):
     assert diffs, "nothing compared"
 
 
+# Config knobs stock Detectron2 also has, each applied on top of the stock R50-C4 golden config.
+_LIVE_VARIANTS = {
+    "cls_agnostic_bbox_reg": {"ROI_BOX_HEAD": {"CLS_AGNOSTIC_BBOX_REG": True}},
+    "resnext_2x4d": {"RESNETS": {"NUM_GROUPS": 2, "WIDTH_PER_GROUP": 4}},
+    "stride_in_3x3": {"RESNETS": {"STRIDE_IN_1X1": False}},
+    "norm_bn_eval": {"RESNETS": {"NORM": "BN"}},
+    "norm_gn": {"RESNETS": {"NORM": "GN", "STEM_OUT_CHANNELS": 32, "WIDTH_PER_GROUP": 32,
+                            "RES2_OUT_CHANNELS": 64}},
+    "r34": {"RESNETS": {"DEPTH": 34, "RES2_OUT_CHANNELS": 64}},
+    "anchor_offset_ratios": {"ANCHOR_GENERATOR": {"OFFSET": 0.5, "ASPECT_RATIOS": [[0.25, 1.0, 4.0]]}},
+    "rpn_box_weights_nms": {"RPN": {"BBOX_REG_WEIGHTS": [2.0, 2.0, 1.0, 1.0], "NMS_THRESH": 0.5}},
+    "pool7_sampling2": {"ROI_BOX_HEAD": {"POOLER_RESOLUTION": 7, "POOLER_SAMPLING_RATIO": 2}},
+    "proposal_min_size": {"PROPOSAL_GENERATOR": {"MIN_SIZE": 8}},
+    "pixel_std": {"PIXEL_MEAN": [123.675, 116.28, 103.53], "PIXEL_STD": [58.395, 57.12, 57.375]},
+}
+
+
+def _deep_merge(dst: dict, src: dict) -> dict:
+    for key, value in src.items():
+        if isinstance(value, dict):
+            _deep_merge(dst.setdefault(key, {}), value)
+        else:
+            dst[key] = value
+    return dst
+
+
+@pytest.mark.detectron2
+@pytest.mark.parametrize("variant", sorted(_LIVE_VARIANTS))
+def test_config_variants_match_detectron2_live(variant):
+    golden = _load(GOLDEN_DIR / "parity_r50_c4_alignv2.json")
+    _deep_merge(golden["config"]["MODEL"], _LIVE_VARIANTS[variant])
+    ref = summarize(_detectron2_outputs(_stock_detectron2_model(golden), golden), golden["stored"])
+    ours = summarize(our_outputs(build_ours(golden), golden), golden["stored"])
+    diffs: dict[str, float] = {}
+    compare(ours, ref, variant, diffs)
+    assert diffs, "nothing compared"
+
+
 @pytest.mark.detectron2
 @pytest.mark.parametrize("path", _stock_goldens(), ids=lambda p: p.stem.removeprefix("parity_"))
 def test_state_dict_layout_matches_detectron2(path):
