@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from detector.config import load_cfg  # noqa: E402
+from detector.layers import fold_frozen_batchnorm  # noqa: E402
 from detector.modeling import build_detector  # noqa: E402
 
 VG = ROOT / "configs" / "vg" / "faster_rcnn_R_101_C4_attr_caffemaxpool.yaml"
@@ -64,10 +65,12 @@ def _time(fn, warmup: int, iters: int, device: torch.device) -> float:
 
 
 def bench_inference(cfg_path: Path, device: torch.device, dtype: torch.dtype, h: int, w: int,
-                    warmup: int, iters: int) -> float:
+                    warmup: int, iters: int, fold: bool = False) -> float:
     """Seconds per image of Faster R-CNN inference (backbone, RPN, RoI head, per-class NMS)."""
     cfg = load_cfg(cfg_path, ["MODEL.DEVICE", device.type])
     model = build_detector(cfg)
+    if fold:
+        fold_frozen_batchnorm(model)
     gen = torch.Generator().manual_seed(0)
     x = model.preprocess_image((torch.rand(1, 3, h, w, generator=gen) * 255).to(device))
 
@@ -109,7 +112,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model and images, few iterations")
     parser.add_argument("--devices", default="cpu,cuda", help="comma list; cuda rows only when available")
-    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--dtypes", default="fp32,bf16",
+                        help="comma list of fp32, bf16, fp16; a '+fold' suffix (inference only) folds the "
+                             "frozen BatchNorms into the convs first, e.g. fp32+fold")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip", default="", help="comma list of rows to skip: inference,train")
@@ -126,22 +131,25 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     print(f"detector benchmark: {h}x{w}, {boxes} boxes/image, batch 1, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads, inference cfg {infer_cfg.name}, train cfg {train_cfg.name}")
-    print(f"{'task':<22}{'device':<8}{'dtype':<7}{'s/img':>9}{'img/s':>9}{'vs fp32':>9}")
+    print(f"{'task':<22}{'device':<8}{'dtype':<11}{'s/img':>9}{'img/s':>9}{'vs fp32':>9}")
     for task in ("inference", "train"):
         if task in skip:
             continue
         for device in devices:
             base = None
             for name in args.dtypes.split(","):
+                dtype, fold = dtypes[name.split("+")[0]], name.endswith("+fold")
                 if task == "inference":
-                    sec = bench_inference(infer_cfg, device, dtypes[name], h, w, warmup, iters)
+                    sec = bench_inference(infer_cfg, device, dtype, h, w, warmup, iters, fold)
                     label = "Faster R-CNN infer"
+                elif fold:
+                    continue  # folding is an inference-only transformation
                 else:
-                    sec = bench_train(train_cfg, device, dtypes[name], h, w, boxes, warmup, iters)
+                    sec = bench_train(train_cfg, device, dtype, h, w, boxes, warmup, iters)
                     label = "Fast R-CNN train"
                 base = base or (sec if name == "fp32" else None)
                 ratio = f"{base / sec:.2f}x" if base else "-"
-                print(f"{label:<22}{device.type:<8}{name:<7}{sec:>9.3f}{1 / sec:>9.2f}{ratio:>9}", flush=True)
+                print(f"{label:<22}{device.type:<8}{name:<11}{sec:>9.3f}{1 / sec:>9.2f}{ratio:>9}", flush=True)
 
 
 if __name__ == "__main__":

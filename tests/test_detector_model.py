@@ -248,3 +248,29 @@ def test_tiny_fast_rcnn_trains_the_unfrozen_stages():
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
     assert model.get_parameter("backbone.stem.conv1.weight").grad is None
+
+
+def test_folding_frozen_batchnorm_keeps_outputs():
+    from detector.layers import fold_frozen_batchnorm
+
+    torch.manual_seed(0)
+    model = build_detector(load_cfg(TINY))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # statistics that keep activations O(1) so the comparison is meaningful
+        for name, t in model.state_dict().items():
+            if name.endswith("norm.weight"):
+                t.copy_(torch.rand(t.shape, generator=g) * 0.3 + 0.2)
+            elif name.endswith(("norm.bias", "running_mean")):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+            elif name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+    x = model.preprocess_image(_images(1))
+    boxes = [torch.tensor([[0.0, 0.0, 50.0, 50.0], [10.0, 12.0, 100.0, 90.0]])]
+    before = model.fast_rcnn(x, boxes)
+    fold_frozen_batchnorm(model)
+    assert not any(".norm." in k for k in model.state_dict())
+    assert "backbone.res4.0.conv1.bias" in model.state_dict()
+    after = model.fast_rcnn(x, boxes)
+    scale = before["features"].abs().max()
+    torch.testing.assert_close(after["features"] / scale, before["features"] / scale, atol=1e-5, rtol=0)
+    torch.testing.assert_close(after["class_logits"], before["class_logits"], atol=1e-4, rtol=1e-4)

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from detector.layers.batch_norm import FrozenBatchNorm2d
+
 
 class Conv2d(nn.Conv2d):
     """`nn.Conv2d` followed by an optional `norm` submodule and activation (Detectron2's layout)."""
@@ -31,3 +33,24 @@ def c2_msra_fill(module: nn.Conv2d) -> None:
     nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
     if module.bias is not None:
         nn.init.constant_(module.bias, 0)
+
+
+@torch.no_grad()
+def fold_frozen_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every FrozenBatchNorm2d that follows a Conv2d into the conv's weight and bias, in place.
+
+    For inference only: it saves one pass over every feature map (and, under autocast, the
+    normalisation in reduced precision) at the cost of fp32 rounding-level differences. The state-dict
+    keys change (`*.norm.*` disappear, `*.bias` appear), so save checkpoints before folding.
+    """
+    for conv in module.modules():
+        if isinstance(conv, Conv2d) and isinstance(conv.norm, FrozenBatchNorm2d):
+            norm = conv.norm
+            scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+            shift = norm.bias - norm.running_mean * scale
+            if conv.bias is not None:
+                shift = shift + conv.bias * scale
+            conv.weight.mul_(scale.view(-1, 1, 1, 1).to(conv.weight.dtype))
+            conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+            conv.norm = None
+    return module
