@@ -287,15 +287,6 @@ def test_golden_detections_are_nontrivial():
         assert len(classes) >= 2, f"{path.name}: per-class NMS needs several detected classes, got {classes}"
 
 
-# Known gap (reported to the detector owner): detector.transforms resizes uint8 images with torch's
-# antialiased bilinear, Detectron2 with PIL's BILINEAR; they differ by one grey level on ~15% of pixels,
-# enough to change detections. strict: once the resize uses PIL these pass and the marker must go.
-_PIL_RESIZE_GAP = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="uint8 resize is torch antialias bilinear, Detectron2 uses PIL BILINEAR (off by 1 grey level)")
-
-
-@_PIL_RESIZE_GAP
 def test_predictor_matches_detectron2_default_predictor():
     """BGR uint8 image -> resize (Detectron2's PIL bilinear) -> detections in original pixels.
 
@@ -467,7 +458,6 @@ def test_golden_reproduced_by_detectron2(path):
 
 
 @pytest.mark.detectron2
-@_PIL_RESIZE_GAP
 @pytest.mark.parametrize("path", _stock_goldens(), ids=lambda p: p.stem.removeprefix("parity_"))
 def test_predictor_matches_detectron2_default_predictor_live(path):
     """Detectron2's DefaultPredictor and ours on the same BGR uint8 images, boxes in original pixels."""
