@@ -2,11 +2,12 @@
 
 The new (h, w) is the shortest side scaled to `min_size`, shrunk if the longest side would exceed
 `max_size`, each side then rounded with int(x + 0.5). Pixels: Detectron2 resizes uint8 images with
-PIL's BILINEAR filter, so uint8 images are resampled here with the same arithmetic (PIL's
-antialiasing triangle filter, 22-bit fixed-point weights, a horizontal pass rounded to uint8 then a
-vertical pass), which gives identical bytes without needing PIL; every channel is resampled
-independently (PIL would premultiply an RGBA image's alpha). Float images use plain bilinear
-interpolation (align_corners=False), as Detectron2 does for them.
+PIL's BILINEAR filter, so uint8 images go through PIL here too when Pillow is installed (bytes then
+equal Detectron2's in the same environment). Without Pillow, `pil_bilinear_resize` reproduces
+Pillow's arithmetic in numpy (antialiasing triangle filter, 22-bit fixed-point weights, horizontal
+pass rounded to uint8, then vertical pass): identical bytes whenever the height grows or stays, while
+Pillow 13 may run the vertical pass first when the height shrinks, which moves some pixels by one
+grey level. Float images use plain bilinear interpolation (align_corners=False), as Detectron2 does.
 """
 from __future__ import annotations
 
@@ -83,6 +84,23 @@ def pil_bilinear_resize(img: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
     return out if out is not img else img.copy()
 
 
+def _resize_uint8(img: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
+    """Detectron2's ResizeTransform on uint8: PIL BILINEAR (single channel as mode "L")."""
+    try:
+        from PIL import Image
+    except ImportError:
+        out = pil_bilinear_resize(img[:, :, None] if img.ndim == 2 else img, new_h, new_w)
+        return out[:, :, 0] if img.ndim == 2 else out
+    squeeze = img.ndim == 3 and img.shape[2] == 1
+    if img.ndim == 3 and img.shape[2] not in (1, 3):
+        # PIL would treat 4 channels as RGBA and premultiply alpha: resample channels independently.
+        return np.stack([_resize_uint8(np.ascontiguousarray(img[:, :, c]), new_h, new_w)
+                         for c in range(img.shape[2])], axis=2)
+    pil = Image.fromarray(np.ascontiguousarray(img[:, :, 0] if squeeze else img))
+    out = np.asarray(pil.resize((new_w, new_h), Image.BILINEAR))
+    return out[:, :, None] if squeeze else out
+
+
 def resize_shortest_edge(img: np.ndarray, min_size: int, max_size: int) -> tuple[np.ndarray, float]:
     """Resize an HxWxC (or HxW) image; returns (resized, scale).
 
@@ -97,8 +115,7 @@ def resize_shortest_edge(img: np.ndarray, min_size: int, max_size: int) -> tuple
     if (new_h, new_w) == img.shape[:2]:
         return img.copy(), scale
     if img.dtype == np.uint8:
-        out = pil_bilinear_resize(img[:, :, None] if img.ndim == 2 else img, new_h, new_w)
-        return (out[:, :, 0] if img.ndim == 2 else out), scale
+        return _resize_uint8(img, new_h, new_w), scale
     t = torch.from_numpy(np.ascontiguousarray(img))
     t = (t[..., None] if img.ndim == 2 else t).permute(2, 0, 1)[None].float()
     out = F.interpolate(t, size=(new_h, new_w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()

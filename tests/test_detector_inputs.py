@@ -59,6 +59,18 @@ def test_uint8_resize_follows_pil_bilinear_arithmetic():
         assert np.array_equal(resize_shortest_edge(np.ascontiguousarray(img[:, :, c]), 74, 1000)[0], out[:, :, c])
 
 
+@pytest.mark.parametrize("shape,new", [((37, 53), (74, 106)), ((40, 90), (60, 45)), ((90, 40), (90, 20)),
+                                       ((31, 77), (31, 120)), ((300, 200), (450, 100))])
+def test_numpy_resize_equals_pillow_when_height_does_not_shrink(shape, new):
+    image_mod = pytest.importorskip("PIL.Image")
+    img = np.random.default_rng(1).integers(0, 256, shape + (3,), dtype=np.uint8)
+    ref = np.asarray(image_mod.fromarray(img).resize((new[1], new[0]), image_mod.BILINEAR))
+    assert np.array_equal(pil_bilinear_resize(img, *new), ref)
+    out, _ = resize_shortest_edge(img, min(new), 10_000)
+    ref2 = np.asarray(image_mod.fromarray(img).resize((out.shape[1], out.shape[0]), image_mod.BILINEAR))
+    assert np.array_equal(out, ref2)
+
+
 def test_image_conversions_and_errors():
     gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
     assert as_bgr_uint8(gray).shape == (3, 4, 3) and (as_bgr_uint8(gray)[..., 2] == gray).all()
