@@ -29,7 +29,7 @@ using roi::AxisSample;
 using roi::Geometry;
 
 constexpr int kThreads = 256;
-constexpr int kChannelsPerThread = 4;  // deterministic gather: channels accumulated per thread
+constexpr int kChannelsPerThread = 4;  // channels one thread accumulates (geometry and taps reused)
 
 int64_t blocks_for(int64_t n) {
   // Grid-stride loops cover anything beyond this.
@@ -50,106 +50,164 @@ __device__ __forceinline__ int64_t batch_of(const acc_t* roi, int64_t N) {
   return (b >= acc_t(0) && b < static_cast<acc_t>(N)) ? static_cast<int64_t>(b) : -1;
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Forward: one thread per output element.
+// Forward and atomic backward: one thread per (region, bin, group of kChannelsPerThread channels). The
+// bin's geometry and each sample's four taps are computed once and reused for all of the thread's
+// channels. Channel mapping keeps memory accesses coalesced within a warp:
+//  - NCHW: lanes take consecutive bins; a thread's channels are c0 .. c0 + kChannelsPerThread - 1.
+//  - channels-last: lanes take consecutive channels; a thread's channels are strided by the warp size.
+
+template <typename index_t, bool kChannelsLast>
+struct ChannelMap {
+  index_t r, bin, first, step;  // region, bin (ph * PW + pw), first channel, channel stride
+
+  __device__ __forceinline__ ChannelMap(index_t idx, index_t C, index_t bins) {
+    constexpr index_t kWarp = 32;
+    if constexpr (kChannelsLast) {
+      const index_t groups = (C + kWarp * kChannelsPerThread - 1) / (kWarp * kChannelsPerThread);
+      const index_t lane = idx % kWarp;
+      index_t rest = idx / kWarp;
+      const index_t group = rest % groups;
+      rest /= groups;
+      bin = rest % bins;
+      r = rest / bins;
+      first = group * kWarp * kChannelsPerThread + lane;
+      step = kWarp;
+    } else {
+      const index_t groups = (C + kChannelsPerThread - 1) / kChannelsPerThread;
+      bin = idx % bins;
+      const index_t rest = idx / bins;
+      r = rest / groups;
+      first = (rest % groups) * kChannelsPerThread;
+      step = 1;
+    }
+  }
+
+  static int64_t threads(int64_t K, int64_t C, int64_t bins) {
+    return kChannelsLast ? K * bins * 32 * ((C + 32 * kChannelsPerThread - 1) / (32 * kChannelsPerThread))
+                         : K * bins * ((C + kChannelsPerThread - 1) / kChannelsPerThread);
+  }
+};
+
+// Offset of channel c of image n in an (N, C, H, W) tensor stored NCHW or NHWC, and the offset of pixel
+// (y, x) relative to it.
+template <typename index_t, bool kChannelsLast>
+__device__ __forceinline__ index_t channel_base(index_t n, index_t c, index_t C, index_t H, index_t W) {
+  return kChannelsLast ? n * H * W * C + c : (n * C + c) * H * W;
+}
+template <typename index_t, bool kChannelsLast>
+__device__ __forceinline__ index_t pixel_offset(int y, int x, index_t C, index_t W) {
+  const index_t p = static_cast<index_t>(y) * W + static_cast<index_t>(x);
+  return kChannelsLast ? p * C : p;
+}
+
+// Offset of output element (r, c, bin) in a (K, C, PH, PW) tensor stored NCHW or NHWC.
+template <typename index_t, bool kChannelsLast>
+__device__ __forceinline__ index_t output_offset(index_t r, index_t c, index_t bin, index_t C, index_t bins) {
+  return kChannelsLast ? (r * bins + bin) * C + c : (r * C + c) * bins + bin;
+}
 
 template <typename scalar_t, typename index_t, bool kChannelsLast>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const scalar_t* __restrict__ in, const at::opmath_type<scalar_t>* __restrict__ rois,
-                   scalar_t* __restrict__ out, index_t total, int64_t N, index_t C, index_t H, index_t W,
+                   scalar_t* __restrict__ out, int64_t total, int64_t N, index_t C, index_t H, index_t W,
                    index_t PH, index_t PW, double scale, int64_t sr, bool aligned) {
   using acc_t = at::opmath_type<scalar_t>;
+  const index_t bins = PH * PW;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(blockDim.x) * gridDim.x) {
-    const index_t idx = static_cast<index_t>(i);
-    index_t c, ph, pw, r;
-    if constexpr (kChannelsLast) {  // memory order (K, PH, PW, C)
-      c = idx % C;
-      pw = (idx / C) % PW;
-      ph = (idx / C / PW) % PH;
-      r = idx / C / PW / PH;
-    } else {  // memory order (K, C, PH, PW)
-      pw = idx % PW;
-      ph = (idx / PW) % PH;
-      c = (idx / PW / PH) % C;
-      r = idx / PW / PH / C;
-    }
-    const acc_t* roi = rois + static_cast<int64_t>(r) * 5;
+    const ChannelMap<index_t, kChannelsLast> m(static_cast<index_t>(i), C, bins);
+    const acc_t* roi = rois + static_cast<int64_t>(m.r) * 5;
     const int64_t n = batch_of(roi, N);
-    if (n < 0) {
-      out[idx] = scalar_t(0);
-      continue;
-    }
+    acc_t acc[kChannelsPerThread];
+#pragma unroll
+    for (int k = 0; k < kChannelsPerThread; ++k) acc[k] = acc_t(0);
     const Geometry<acc_t> g = roi::make_geometry<acc_t>(roi, scale, PH, PW, sr, aligned);
-    // Offsets of channel c of image n, and the stride between pixels.
-    const index_t base = kChannelsLast ? static_cast<index_t>(n) * H * W * C + c : (static_cast<index_t>(n) * C + c) * H * W;
-    const index_t pixel = kChannelsLast ? C : 1;
-    acc_t acc = 0;
-    for (int iy = 0; iy < g.grid_h; ++iy) {
-      const AxisSample<acc_t> y = roi::axis_sample<acc_t>(roi::sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), H);
-      if (y.w_low == acc_t(0) && y.w_high == acc_t(0)) continue;
-      const index_t row_low = base + static_cast<index_t>(y.low) * W * pixel;
-      const index_t row_high = base + static_cast<index_t>(y.high) * W * pixel;
-      for (int ix = 0; ix < g.grid_w; ++ix) {
-        const AxisSample<acc_t> x =
-            roi::axis_sample<acc_t>(roi::sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), W);
-        if (x.w_low == acc_t(0) && x.w_high == acc_t(0)) continue;
-        const index_t xl = static_cast<index_t>(x.low) * pixel, xh = static_cast<index_t>(x.high) * pixel;
-        acc += y.w_low * x.w_low * static_cast<acc_t>(in[row_low + xl]) +
-               y.w_low * x.w_high * static_cast<acc_t>(in[row_low + xh]) +
-               y.w_high * x.w_low * static_cast<acc_t>(in[row_high + xl]) +
-               y.w_high * x.w_high * static_cast<acc_t>(in[row_high + xh]);
+    if (n >= 0) {
+      const index_t ph = m.bin / PW, pw = m.bin % PW;
+      for (int iy = 0; iy < g.grid_h; ++iy) {
+        const AxisSample<acc_t> y =
+            roi::axis_sample<acc_t>(roi::sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), H);
+        if (y.w_low == acc_t(0) && y.w_high == acc_t(0)) continue;
+        for (int ix = 0; ix < g.grid_w; ++ix) {
+          const AxisSample<acc_t> x =
+              roi::axis_sample<acc_t>(roi::sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), W);
+          if (x.w_low == acc_t(0) && x.w_high == acc_t(0)) continue;
+          const acc_t w1 = y.w_low * x.w_low, w2 = y.w_low * x.w_high;
+          const acc_t w3 = y.w_high * x.w_low, w4 = y.w_high * x.w_high;
+          const index_t o1 = pixel_offset<index_t, kChannelsLast>(y.low, x.low, C, W);
+          const index_t o2 = pixel_offset<index_t, kChannelsLast>(y.low, x.high, C, W);
+          const index_t o3 = pixel_offset<index_t, kChannelsLast>(y.high, x.low, C, W);
+          const index_t o4 = pixel_offset<index_t, kChannelsLast>(y.high, x.high, C, W);
+#pragma unroll
+          for (int k = 0; k < kChannelsPerThread; ++k) {
+            const index_t c = m.first + k * m.step;
+            if (c < C) {
+              const scalar_t* p = in + channel_base<index_t, kChannelsLast>(static_cast<index_t>(n), c, C, H, W);
+              acc[k] += w1 * static_cast<acc_t>(p[o1]) + w2 * static_cast<acc_t>(p[o2]) +
+                        w3 * static_cast<acc_t>(p[o3]) + w4 * static_cast<acc_t>(p[o4]);
+            }
+          }
+        }
       }
     }
-    out[idx] = static_cast<scalar_t>(acc / g.count);
+#pragma unroll
+    for (int k = 0; k < kChannelsPerThread; ++k) {
+      const index_t c = m.first + k * m.step;
+      if (c < C) {
+        out[output_offset<index_t, kChannelsLast>(m.r, c, m.bin, C, bins)] = static_cast<scalar_t>(acc[k] / g.count);
+      }
+    }
   }
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Fast backward: one thread per grad element, atomicAdd into an accumulation-type buffer.
-
+// Fast backward: the same thread layout, atomicAdd into an accumulation-type (fp32/fp64) buffer.
 template <typename scalar_t, typename index_t, bool kChannelsLast>
 __global__ void __launch_bounds__(kThreads)
     backward_atomic_kernel(const scalar_t* __restrict__ grad, const at::opmath_type<scalar_t>* __restrict__ rois,
-                           at::opmath_type<scalar_t>* __restrict__ gin, index_t total, int64_t N, index_t C,
+                           at::opmath_type<scalar_t>* __restrict__ gin, int64_t total, int64_t N, index_t C,
                            index_t H, index_t W, index_t PH, index_t PW, double scale, int64_t sr, bool aligned) {
   using acc_t = at::opmath_type<scalar_t>;
+  const index_t bins = PH * PW;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(blockDim.x) * gridDim.x) {
-    const index_t idx = static_cast<index_t>(i);
-    index_t c, ph, pw, r;
-    if constexpr (kChannelsLast) {
-      c = idx % C;
-      pw = (idx / C) % PW;
-      ph = (idx / C / PW) % PH;
-      r = idx / C / PW / PH;
-    } else {
-      pw = idx % PW;
-      ph = (idx / PW) % PH;
-      c = (idx / PW / PH) % C;
-      r = idx / PW / PH / C;
-    }
-    const acc_t* roi = rois + static_cast<int64_t>(r) * 5;
+    const ChannelMap<index_t, kChannelsLast> m(static_cast<index_t>(i), C, bins);
+    const acc_t* roi = rois + static_cast<int64_t>(m.r) * 5;
     const int64_t n = batch_of(roi, N);
     if (n < 0) continue;
     const Geometry<acc_t> g = roi::make_geometry<acc_t>(roi, scale, PH, PW, sr, aligned);
-    const acc_t go = static_cast<acc_t>(grad[idx]) / g.count;
-    if (go == acc_t(0)) continue;
-    const index_t base = kChannelsLast ? static_cast<index_t>(n) * H * W * C + c : (static_cast<index_t>(n) * C + c) * H * W;
-    const index_t pixel = kChannelsLast ? C : 1;
+    acc_t go[kChannelsPerThread];
+    bool any = false;
+#pragma unroll
+    for (int k = 0; k < kChannelsPerThread; ++k) {
+      const index_t c = m.first + k * m.step;
+      go[k] = c < C ? static_cast<acc_t>(grad[output_offset<index_t, kChannelsLast>(m.r, c, m.bin, C, bins)]) / g.count
+                    : acc_t(0);
+      any = any || go[k] != acc_t(0);
+    }
+    if (!any) continue;
+    const index_t ph = m.bin / PW, pw = m.bin % PW;
     for (int iy = 0; iy < g.grid_h; ++iy) {
       const AxisSample<acc_t> y = roi::axis_sample<acc_t>(roi::sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), H);
       if (y.w_low == acc_t(0) && y.w_high == acc_t(0)) continue;
-      const index_t row_low = base + static_cast<index_t>(y.low) * W * pixel;
-      const index_t row_high = base + static_cast<index_t>(y.high) * W * pixel;
-      const acc_t g_low = go * y.w_low, g_high = go * y.w_high;
       for (int ix = 0; ix < g.grid_w; ++ix) {
         const AxisSample<acc_t> x =
             roi::axis_sample<acc_t>(roi::sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), W);
         if (x.w_low == acc_t(0) && x.w_high == acc_t(0)) continue;
-        const index_t xl = static_cast<index_t>(x.low) * pixel, xh = static_cast<index_t>(x.high) * pixel;
-        atomicAdd(gin + row_low + xl, g_low * x.w_low);
-        atomicAdd(gin + row_low + xh, g_low * x.w_high);
-        atomicAdd(gin + row_high + xl, g_high * x.w_low);
-        atomicAdd(gin + row_high + xh, g_high * x.w_high);
+        const acc_t w1 = y.w_low * x.w_low, w2 = y.w_low * x.w_high;
+        const acc_t w3 = y.w_high * x.w_low, w4 = y.w_high * x.w_high;
+        const index_t o1 = pixel_offset<index_t, kChannelsLast>(y.low, x.low, C, W);
+        const index_t o2 = pixel_offset<index_t, kChannelsLast>(y.low, x.high, C, W);
+        const index_t o3 = pixel_offset<index_t, kChannelsLast>(y.high, x.low, C, W);
+        const index_t o4 = pixel_offset<index_t, kChannelsLast>(y.high, x.high, C, W);
+#pragma unroll
+        for (int k = 0; k < kChannelsPerThread; ++k) {
+          const index_t c = m.first + k * m.step;
+          if (c < C && go[k] != acc_t(0)) {
+            acc_t* p = gin + channel_base<index_t, kChannelsLast>(static_cast<index_t>(n), c, C, H, W);
+            atomicAdd(p + o1, go[k] * w1);
+            atomicAdd(p + o2, go[k] * w2);
+            atomicAdd(p + o3, go[k] * w3);
+            atomicAdd(p + o4, go[k] * w4);
+          }
+        }
       }
     }
   }
@@ -290,17 +348,18 @@ at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& roi
   const at::Tensor r = rois_in_acc_type(rois, input);
   const int64_t K = rois.size(0), N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   at::Tensor out = at::empty({K, C, pooled_h, pooled_w}, x.options().memory_format(memory_format));
-  const int64_t total = out.numel();
-  if (total == 0) return out;
+  if (out.numel() == 0) return out;
+  const int64_t total = nhwc ? ChannelMap<int64_t, true>::threads(K, C, pooled_h * pooled_w)
+                             : ChannelMap<int64_t, false>::threads(K, C, pooled_h * pooled_w);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool small = fits_int32({total, x.numel()});
+  const bool small = fits_int32({total, out.numel(), x.numel()});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "roi_align_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto launch = [&](auto index_zero, auto channels_last) {
       using index_t = decltype(index_zero);
       forward_kernel<scalar_t, index_t, decltype(channels_last)::value><<<blocks_for(total), kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), r.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
-          static_cast<index_t>(total), N, C, H, W, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned);
+          x.const_data_ptr<scalar_t>(), r.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), total, N, C, H,
+          W, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned);
     };
     if (small)
       nhwc ? launch(int32_t(0), std::true_type{}) : launch(int32_t(0), std::false_type{});
@@ -350,18 +409,19 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
 
   if (!deterministic) {
     at::Tensor acc = at::empty(sizes, options.dtype(r.scalar_type())).zero_();
-    const int64_t total = g.numel();
+    const int64_t total = nhwc ? ChannelMap<int64_t, true>::threads(K, channels, pooled_h * pooled_w)
+                               : ChannelMap<int64_t, false>::threads(K, channels, pooled_h * pooled_w);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "roi_align_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       auto launch = [&](auto index_zero, auto channels_last) {
         using index_t = decltype(index_zero);
         backward_atomic_kernel<scalar_t, index_t, decltype(channels_last)::value>
             <<<blocks_for(total), kThreads, 0, stream>>>(
-                g.const_data_ptr<scalar_t>(), r.const_data_ptr<acc_t>(), acc.mutable_data_ptr<acc_t>(),
-                static_cast<index_t>(total), batch_size, channels, height, width, pooled_h, pooled_w, spatial_scale,
+                g.const_data_ptr<scalar_t>(), r.const_data_ptr<acc_t>(), acc.mutable_data_ptr<acc_t>(), total,
+                batch_size, channels, height, width, pooled_h, pooled_w, spatial_scale,
                 sampling_ratio, aligned);
       };
-      if (small)
+      if (small && fits_int32({total}))
         nhwc ? launch(int32_t(0), std::true_type{}) : launch(int32_t(0), std::false_type{});
       else
         nhwc ? launch(int64_t(0), std::true_type{}) : launch(int64_t(0), std::false_type{});
