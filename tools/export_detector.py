@@ -23,8 +23,8 @@ if str(REPO) not in sys.path:  # runnable from a checkout without installing
 
 import yaml  # noqa: E402
 
-from detector.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
-from detector.checkpoint.export import assemble_detector_state, file_sha256  # noqa: E402
+from detector.checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint  # noqa: E402
+from detector.checkpoint.export import assemble_detector_state  # noqa: E402
 from detector.config import ConfigError, get_cfg  # noqa: E402
 from detector.modeling import build_detector  # noqa: E402
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from detector.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from detector.checkpoint import CheckpointError, file_sha256, load_checkpoint  # noqa: E402
 from detector.config import ConfigError, load_cfg  # noqa: E402
 from detector.extraction import PreparedImage, RegionExtractor, Selection, prepare_image  # noqa: E402
 from detector.modeling import build_detector  # noqa: E402
@@ -104,14 +104,6 @@ def resolve_device(arg: str, env: dict[str, str]) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {arg}: CUDA is not available on this machine")
     return device
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_header(cfg_yaml: str, weights: str, selection: Selection, args: argparse.Namespace,

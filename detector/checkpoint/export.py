@@ -6,8 +6,6 @@ detector weights when they are given, so those parts stay bit-for-bit what the u
 """
 from __future__ import annotations
 
-import hashlib
-import os
 from typing import Mapping
 
 import torch
@@ -17,15 +15,6 @@ from detector.checkpoint.loading import _ignored, _listing
 from detector.checkpoint.unpickler import CheckpointError
 
 TRAINED_PREFIXES = ("backbone.", "roi_heads.res5.")
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, for provenance records."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def assemble_detector_state(model: nn.Module, trained: Mapping[str, torch.Tensor],

@@ -11,6 +11,7 @@ The format is recognised from the file's first bytes, not its name.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import struct
@@ -32,6 +33,15 @@ BUA_RENAMES = {
     "roi_heads.box_predictor.attr_linear1.": "roi_heads.box_predictor.fc_attr.",
     "roi_heads.box_predictor.attr_linear2.": "roi_heads.box_predictor.attr_score.",
 }
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, for provenance records."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def sniff_format(path: str) -> str:
