@@ -106,6 +106,37 @@ __device__ __forceinline__ index_t output_offset(index_t r, index_t c, index_t b
   return kChannelsLast ? (r * bins + bin) * C + c : (r * C + c) * bins + bin;
 }
 
+// The four taps of one bilinear sample: pixel offsets (relative to a channel's base) and weights.
+template <typename acc_t, typename index_t>
+struct Taps {
+  index_t o1, o2, o3, o4;
+  acc_t w1, w2, w3, w4;
+};
+
+// Calls f(taps) for every in-range sample of bin (ph, pw), in the fixed order iy-major, ix-minor.
+template <typename index_t, bool kChannelsLast, typename acc_t, typename F>
+__device__ __forceinline__ void for_each_sample(const Geometry<acc_t>& g, index_t ph, index_t pw, index_t C, index_t H,
+                                                index_t W, F&& f) {
+  for (int iy = 0; iy < g.grid_h; ++iy) {
+    const AxisSample<acc_t> y = roi::axis_sample<acc_t>(roi::sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), H);
+    if (y.w_low == acc_t(0) && y.w_high == acc_t(0)) continue;
+    for (int ix = 0; ix < g.grid_w; ++ix) {
+      const AxisSample<acc_t> x = roi::axis_sample<acc_t>(roi::sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), W);
+      if (x.w_low == acc_t(0) && x.w_high == acc_t(0)) continue;
+      Taps<acc_t, index_t> t;
+      t.w1 = y.w_low * x.w_low;
+      t.w2 = y.w_low * x.w_high;
+      t.w3 = y.w_high * x.w_low;
+      t.w4 = y.w_high * x.w_high;
+      t.o1 = pixel_offset<index_t, kChannelsLast>(y.low, x.low, C, W);
+      t.o2 = pixel_offset<index_t, kChannelsLast>(y.low, x.high, C, W);
+      t.o3 = pixel_offset<index_t, kChannelsLast>(y.high, x.low, C, W);
+      t.o4 = pixel_offset<index_t, kChannelsLast>(y.high, x.high, C, W);
+      f(t);
+    }
+  }
+}
+
 template <typename scalar_t, typename index_t, bool kChannelsLast>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const scalar_t* __restrict__ in, const at::opmath_type<scalar_t>* __restrict__ rois,
@@ -122,32 +153,17 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < kChannelsPerThread; ++k) acc[k] = acc_t(0);
     const Geometry<acc_t> g = roi::make_geometry<acc_t>(roi, scale, PH, PW, sr, aligned);
     if (n >= 0) {
-      const index_t ph = m.bin / PW, pw = m.bin % PW;
-      for (int iy = 0; iy < g.grid_h; ++iy) {
-        const AxisSample<acc_t> y =
-            roi::axis_sample<acc_t>(roi::sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), H);
-        if (y.w_low == acc_t(0) && y.w_high == acc_t(0)) continue;
-        for (int ix = 0; ix < g.grid_w; ++ix) {
-          const AxisSample<acc_t> x =
-              roi::axis_sample<acc_t>(roi::sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), W);
-          if (x.w_low == acc_t(0) && x.w_high == acc_t(0)) continue;
-          const acc_t w1 = y.w_low * x.w_low, w2 = y.w_low * x.w_high;
-          const acc_t w3 = y.w_high * x.w_low, w4 = y.w_high * x.w_high;
-          const index_t o1 = pixel_offset<index_t, kChannelsLast>(y.low, x.low, C, W);
-          const index_t o2 = pixel_offset<index_t, kChannelsLast>(y.low, x.high, C, W);
-          const index_t o3 = pixel_offset<index_t, kChannelsLast>(y.high, x.low, C, W);
-          const index_t o4 = pixel_offset<index_t, kChannelsLast>(y.high, x.high, C, W);
+      for_each_sample<index_t, kChannelsLast>(g, m.bin / PW, m.bin % PW, C, H, W, [&](const Taps<acc_t, index_t>& t) {
 #pragma unroll
-          for (int k = 0; k < kChannelsPerThread; ++k) {
-            const index_t c = m.first + k * m.step;
-            if (c < C) {
-              const scalar_t* p = in + channel_base<index_t, kChannelsLast>(static_cast<index_t>(n), c, C, H, W);
-              acc[k] += w1 * static_cast<acc_t>(p[o1]) + w2 * static_cast<acc_t>(p[o2]) +
-                        w3 * static_cast<acc_t>(p[o3]) + w4 * static_cast<acc_t>(p[o4]);
-            }
+        for (int k = 0; k < kChannelsPerThread; ++k) {
+          const index_t c = m.first + k * m.step;
+          if (c < C) {
+            const scalar_t* p = in + channel_base<index_t, kChannelsLast>(static_cast<index_t>(n), c, C, H, W);
+            acc[k] += t.w1 * static_cast<acc_t>(p[t.o1]) + t.w2 * static_cast<acc_t>(p[t.o2]) +
+                      t.w3 * static_cast<acc_t>(p[t.o3]) + t.w4 * static_cast<acc_t>(p[t.o4]);
           }
         }
-      }
+      });
     }
 #pragma unroll
     for (int k = 0; k < kChannelsPerThread; ++k) {
@@ -183,33 +199,19 @@ __global__ void __launch_bounds__(kThreads)
       any = any || go[k] != acc_t(0);
     }
     if (!any) continue;
-    const index_t ph = m.bin / PW, pw = m.bin % PW;
-    for (int iy = 0; iy < g.grid_h; ++iy) {
-      const AxisSample<acc_t> y = roi::axis_sample<acc_t>(roi::sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h), H);
-      if (y.w_low == acc_t(0) && y.w_high == acc_t(0)) continue;
-      for (int ix = 0; ix < g.grid_w; ++ix) {
-        const AxisSample<acc_t> x =
-            roi::axis_sample<acc_t>(roi::sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w), W);
-        if (x.w_low == acc_t(0) && x.w_high == acc_t(0)) continue;
-        const acc_t w1 = y.w_low * x.w_low, w2 = y.w_low * x.w_high;
-        const acc_t w3 = y.w_high * x.w_low, w4 = y.w_high * x.w_high;
-        const index_t o1 = pixel_offset<index_t, kChannelsLast>(y.low, x.low, C, W);
-        const index_t o2 = pixel_offset<index_t, kChannelsLast>(y.low, x.high, C, W);
-        const index_t o3 = pixel_offset<index_t, kChannelsLast>(y.high, x.low, C, W);
-        const index_t o4 = pixel_offset<index_t, kChannelsLast>(y.high, x.high, C, W);
+    for_each_sample<index_t, kChannelsLast>(g, m.bin / PW, m.bin % PW, C, H, W, [&](const Taps<acc_t, index_t>& t) {
 #pragma unroll
-        for (int k = 0; k < kChannelsPerThread; ++k) {
-          const index_t c = m.first + k * m.step;
-          if (c < C && go[k] != acc_t(0)) {
-            acc_t* p = gin + channel_base<index_t, kChannelsLast>(static_cast<index_t>(n), c, C, H, W);
-            atomicAdd(p + o1, go[k] * w1);
-            atomicAdd(p + o2, go[k] * w2);
-            atomicAdd(p + o3, go[k] * w3);
-            atomicAdd(p + o4, go[k] * w4);
-          }
+      for (int k = 0; k < kChannelsPerThread; ++k) {
+        const index_t c = m.first + k * m.step;
+        if (c < C && go[k] != acc_t(0)) {
+          acc_t* p = gin + channel_base<index_t, kChannelsLast>(static_cast<index_t>(n), c, C, H, W);
+          atomicAdd(p + t.o1, go[k] * t.w1);
+          atomicAdd(p + t.o2, go[k] * t.w2);
+          atomicAdd(p + t.o3, go[k] * t.w3);
+          atomicAdd(p + t.o4, go[k] * t.w4);
         }
       }
-    }
+    });
   }
 }
 
@@ -313,9 +315,8 @@ __global__ void __launch_bounds__(kThreads)
           for (int k = 0; k < kChannelsPerThread; ++k) {
             if (k < nc) {
               const index_t c = c0 + k;
-              const index_t gi = kChannelsLast ? (static_cast<index_t>(r) * bins + bin) * C + c
-                                               : (static_cast<index_t>(r) * C + c) * bins + bin;
-              part[k] += w * static_cast<acc_t>(grad[gi]);
+              part[k] += w * static_cast<acc_t>(
+                                 grad[output_offset<index_t, kChannelsLast>(static_cast<index_t>(r), c, bin, C, bins)]);
             }
           }
         }
@@ -328,8 +329,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < kChannelsPerThread; ++k) {
       if (k < nc) {
         const index_t c = c0 + k;
-        const index_t o = kChannelsLast ? ((n * H + y) * W + x) * C + c : ((n * C + c) * H + y) * W + x;
-        gin[o] = static_cast<scalar_t>(acc[k]);
+        gin[channel_base<index_t, kChannelsLast>(n, c, C, H, W) + pixel_offset<index_t, kChannelsLast>(y, x, C, W)] =
+            static_cast<scalar_t>(acc[k]);
       }
     }
   }
