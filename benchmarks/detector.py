@@ -1,7 +1,7 @@
 """Throughput of the detector: Faster R-CNN inference and Fast R-CNN training steps.
 
-Prints a table of images/s for each (device, dtype) with the ratio to the fp32 row of the same
-device measured in the same run. Weights are random (no downloads); with random weights the VG
+Prints a table of images/s (best of N runs) for each (device, dtype) with the ratio to the fp32 row
+of the same device measured in the same run. Weights are random (no downloads); with random weights the VG
 model's class scores stay below SCORE_THRESH_TEST, so the per-class NMS stage is cheap here and real
 weights may spend somewhat more time after the RoI head.
 
@@ -28,7 +28,6 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from detector.config import load_cfg  # noqa: E402
-from detector.layers import fold_frozen_batchnorm  # noqa: E402
 from detector.modeling import build_detector  # noqa: E402
 
 VG = ROOT / "configs" / "vg" / "faster_rcnn_R_101_C4_attr_caffemaxpool.yaml"
@@ -54,23 +53,26 @@ def _random_boxes(n: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _time(fn, warmup: int, iters: int, device: torch.device) -> float:
+    """Best of `iters` timed calls (seconds): on a shared machine the minimum is the least disturbed run."""
     for _ in range(warmup):
         fn()
-    _sync(device)
-    start = time.perf_counter()
+    times = []
     for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
         fn()
-    _sync(device)
-    return (time.perf_counter() - start) / iters
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def bench_inference(cfg_path: Path, device: torch.device, dtype: torch.dtype, h: int, w: int,
-                    warmup: int, iters: int, fold: bool = False) -> float:
+                    warmup: int, iters: int, optimize: bool = False) -> float:
     """Seconds per image of Faster R-CNN inference (backbone, RPN, RoI head, per-class NMS)."""
     cfg = load_cfg(cfg_path, ["MODEL.DEVICE", device.type])
     model = build_detector(cfg)
-    if fold:
-        fold_frozen_batchnorm(model)
+    if optimize:
+        model.optimize_for_inference(dtype)
     gen = torch.Generator().manual_seed(0)
     x = model.preprocess_image((torch.rand(1, 3, h, w, generator=gen) * 255).to(device))
 
@@ -112,9 +114,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model and images, few iterations")
     parser.add_argument("--devices", default="cpu,cuda", help="comma list; cuda rows only when available")
-    parser.add_argument("--dtypes", default="fp32,bf16",
-                        help="comma list of fp32, bf16, fp16; a '+fold' suffix (inference only) folds the "
-                             "frozen BatchNorms into the convs first, e.g. fp32+fold")
+    parser.add_argument("--dtypes", default="fp32,bf16,fp32+opt,bf16+opt",
+                        help="comma list of fp32, bf16, fp16; an '+opt' suffix (inference only) first applies "
+                             "model.optimize_for_inference(dtype), e.g. bf16+opt")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip", default="", help="comma list of rows to skip: inference,train")
@@ -138,12 +140,12 @@ def main() -> None:
         for device in devices:
             base = None
             for name in args.dtypes.split(","):
-                dtype, fold = dtypes[name.split("+")[0]], name.endswith("+fold")
+                dtype, optimize = dtypes[name.split("+")[0]], name.endswith("+opt")
                 if task == "inference":
-                    sec = bench_inference(infer_cfg, device, dtype, h, w, warmup, iters, fold)
+                    sec = bench_inference(infer_cfg, device, dtype, h, w, warmup, iters, optimize)
                     label = "Faster R-CNN infer"
-                elif fold:
-                    continue  # folding is an inference-only transformation
+                elif optimize:
+                    continue  # optimize_for_inference is for inference only
                 else:
                     sec = bench_train(train_cfg, device, dtype, h, w, boxes, warmup, iters)
                     label = "Fast R-CNN train"

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from detector.config import CfgNode
-from detector.layers import fold_frozen_batchnorm
 from detector.modeling import GeneralizedRCNN, build_detector
 from detector.transforms import resize_shortest_edge
 
@@ -53,9 +52,10 @@ def as_bgr_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
 class DetectorPredictor:
     """Builds the detector of `cfg`, loads `weights` (or MODEL.WEIGHTS), and runs single images."""
 
-    def __init__(self, cfg: CfgNode, weights: str | os.PathLike | None = None, fold_batchnorm: bool = False):
-        """`fold_batchnorm`: fold the frozen BatchNorms into the convs after loading (faster; outputs
-        then differ from Detectron2's at fp32 rounding level)."""
+    def __init__(self, cfg: CfgNode, weights: str | os.PathLike | None = None,
+                 optimize_dtype: torch.dtype | None = None):
+        """`optimize_dtype` (float32 / bfloat16 / float16): apply GeneralizedRCNN.optimize_for_inference
+        after loading; faster, but outputs no longer equal Detectron2's bit for bit (None keeps them)."""
         self.cfg = cfg.clone()
         self.model: GeneralizedRCNN = build_detector(self.cfg)
         weights = weights if weights is not None else (self.cfg.MODEL.WEIGHTS or None)
@@ -63,8 +63,8 @@ class DetectorPredictor:
             from detector.checkpoint import load_checkpoint
 
             load_checkpoint(self.model, weights)
-        if fold_batchnorm:
-            fold_frozen_batchnorm(self.model)
+        if optimize_dtype is not None:
+            self.model.optimize_for_inference(optimize_dtype)
         self.min_size = self.cfg.INPUT.MIN_SIZE_TEST
         self.max_size = self.cfg.INPUT.MAX_SIZE_TEST
 

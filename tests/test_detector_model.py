@@ -250,9 +250,7 @@ def test_tiny_fast_rcnn_trains_the_unfrozen_stages():
     assert model.get_parameter("backbone.stem.conv1.weight").grad is None
 
 
-def test_folding_frozen_batchnorm_keeps_outputs():
-    from detector.layers import fold_frozen_batchnorm
-
+def test_optimize_for_inference_keeps_outputs():
     torch.manual_seed(0)
     model = build_detector(load_cfg(TINY))
     g = torch.Generator().manual_seed(5)
@@ -267,10 +265,18 @@ def test_folding_frozen_batchnorm_keeps_outputs():
     x = model.preprocess_image(_images(1))
     boxes = [torch.tensor([[0.0, 0.0, 50.0, 50.0], [10.0, 12.0, 100.0, 90.0]])]
     before = model.fast_rcnn(x, boxes)
-    fold_frozen_batchnorm(model)
+    model.optimize_for_inference(torch.float32)
     assert not any(".norm." in k for k in model.state_dict())
     assert "backbone.res4.0.conv1.bias" in model.state_dict()
     after = model.fast_rcnn(x, boxes)
     scale = before["features"].abs().max()
     torch.testing.assert_close(after["features"] / scale, before["features"] / scale, atol=1e-5, rtol=0)
     torch.testing.assert_close(after["class_logits"], before["class_logits"], atol=1e-4, rtol=1e-4)
+    model.optimize_for_inference(torch.bfloat16)  # bf16 weights, autocast inside the model
+    low = model.fast_rcnn(x, boxes)
+    assert low["features"].dtype == torch.bfloat16 and low["class_probs"].dtype == torch.float32
+    torch.testing.assert_close(low["features"].float() / scale, before["features"] / scale, atol=5e-2, rtol=0)
+    (det_low,) = model.inference(x, [(96, 128)])
+    assert det_low["boxes"].dtype == torch.float32 and len(det_low["boxes"]) > 0
+    with pytest.raises(ValueError, match="dtype"):
+        model.optimize_for_inference(torch.int8)
