@@ -38,6 +38,8 @@ def _vlbert_defaults() -> dict:
         "FREEZE_DETECTOR": False,
         # Dropout on the concatenated geometry + appearance before the object-feature projection.
         "OBJECT_DROPOUT": 0.1,
+        # Initial gamma of the two visual LayerNorms (VL-BERT: 0, the visual term starts switched off).
+        "VISUAL_SCALE_INIT": 0.0,
         # Weight of each loss in "loss" (names as in the model's "losses"; absent losses are skipped).
         "LOSS_WEIGHTS": {"MLM": 1.0, "MLM_TEXT": 1.0, "MRC": 1.0, "VQA": 1.0, "REF": 1.0, "VCR": 1.0},
         # Pre-training data (e2e_vl.data.captions).

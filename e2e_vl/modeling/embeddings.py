@@ -68,15 +68,16 @@ class VisualLayerNorms(nn.Module):
     """The two LayerNorms that put visual features into the word-embedding space.
 
     One for the visual feature added to text tokens (the whole-image feature, or the learned text-only
-    embedding), one for region tokens. Their gammas (and betas) start at 0, as in VL-BERT, so at
-    initialisation the input of a text token is exactly BERT's and the pre-trained language model is
-    not disturbed; the visual term is switched on by learning.
+    embedding), one for region tokens. Their betas start at 0 and their gammas at `scale_init`: VL-BERT's
+    default 0 means that at initialisation the input of a text token is exactly BERT's and the
+    pre-trained language model is not disturbed; the visual term is switched on by learning (VL-BERT
+    exposes the same choice as visual_scale_text_init / visual_scale_object_init).
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-12):
+    def __init__(self, hidden_size: int, eps: float = 1e-12, scale_init: float = 0.0):
         super().__init__()
         self.text = nn.LayerNorm(hidden_size, eps=eps)
         self.region = nn.LayerNorm(hidden_size, eps=eps)
         for norm in (self.text, self.region):
-            nn.init.zeros_(norm.weight)
+            nn.init.constant_(norm.weight, scale_init)
             nn.init.zeros_(norm.bias)

@@ -71,7 +71,7 @@ class VLBert(nn.Module):
                  num_answers: int = 0, num_mrc_classes: int = 1601, masking: str = "pixel",
                  freeze_detector: bool = False, object_dropout: float = 0.1,
                  loss_weights: dict[str, float] | None = None, sep_token_id: int | None = None,
-                 mask_token_id: int | None = None):
+                 mask_token_id: int | None = None, visual_scale_init: float = 0.0):
         super().__init__()
         unknown = set(heads) - set(HEAD_NAMES)
         if unknown:
@@ -91,7 +91,7 @@ class VLBert(nn.Module):
 
         self.object_embedding = ObjectFeatureEmbedding(hidden, appearance_dim=detector.roi_heads.out_channels,
                                                        dropout=object_dropout)
-        self.visual_norms = VisualLayerNorms(hidden, eps=config.layer_norm_eps)
+        self.visual_norms = VisualLayerNorms(hidden, eps=config.layer_norm_eps, scale_init=visual_scale_init)
         words = bert.embeddings.word_embeddings.weight.detach()
         std = config.initializer_range
         self.img_token = nn.Parameter(torch.randn(hidden) * std)
@@ -387,7 +387,8 @@ def build_vlbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> VLBer
     model = VLBert(detector, bert, heads=v.HEADS, num_answers=v.NUM_ANSWERS, num_mrc_classes=v.NUM_MRC_CLASSES,
                    masking=v.MASKING, freeze_detector=v.FREEZE_DETECTOR, object_dropout=v.OBJECT_DROPOUT,
                    loss_weights={k.lower(): float(w) for k, w in v.LOSS_WEIGHTS.items()},
-                   sep_token_id=tokenizer.sep_token_id, mask_token_id=tokenizer.mask_token_id)
+                   sep_token_id=tokenizer.sep_token_id, mask_token_id=tokenizer.mask_token_id,
+                   visual_scale_init=v.VISUAL_SCALE_INIT)
     if not v.BERT_RANDOM_INIT:
         load_mlm_head_weights(model, v.BERT_PATH)
     return model.to(torch.device(cfg.MODEL.DEVICE)).train()
