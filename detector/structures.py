@@ -21,10 +21,6 @@ def nonempty(boxes: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     return ((boxes[:, 2] - boxes[:, 0]) > threshold) & ((boxes[:, 3] - boxes[:, 1]) > threshold)
 
 
-def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-
-
 def check_boxes(boxes: torch.Tensor, name: str = "boxes") -> torch.Tensor:
     """Validate one image's boxes: a (K, 4) floating tensor of finite XYXY values with x2 >= x1, y2 >= y1."""
     if not isinstance(boxes, torch.Tensor):

@@ -280,3 +280,18 @@ def test_optimize_for_inference_keeps_outputs():
     assert det_low["boxes"].dtype == torch.float32 and len(det_low["boxes"]) > 0
     with pytest.raises(ValueError, match="dtype"):
         model.optimize_for_inference(torch.int8)
+
+
+def test_pad_images_and_box_helpers():
+    from detector.structures import clip_boxes, nonempty, pad_images
+
+    a, b = torch.ones(3, 4, 5), torch.full((3, 6, 2), 2.0)
+    batch, sizes = pad_images([a, b])
+    assert batch.shape == (2, 3, 6, 5) and sizes == [(4, 5), (6, 2)]
+    assert batch[0, :, 4:].abs().sum() == 0 and batch[1, :, :, 2:].abs().sum() == 0
+    assert pad_images([a], size_divisibility=4)[0].shape == (1, 3, 4, 8)
+    with pytest.raises(ValueError, match="image 1"):
+        pad_images([a, torch.ones(1, 4, 5)])
+    boxes = torch.tensor([[-5.0, 2.0, 30.0, 8.0], [3.0, 3.0, 3.0, 9.0]])
+    torch.testing.assert_close(clip_boxes(boxes, (6, 20)), torch.tensor([[0.0, 2.0, 20.0, 6.0], [3.0, 3.0, 3.0, 6.0]]))
+    assert nonempty(boxes).tolist() == [True, False]
