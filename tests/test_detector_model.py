@@ -295,3 +295,13 @@ def test_pad_images_and_box_helpers():
     boxes = torch.tensor([[-5.0, 2.0, 30.0, 8.0], [3.0, 3.0, 3.0, 9.0]])
     torch.testing.assert_close(clip_boxes(boxes, (6, 20)), torch.tensor([[0.0, 2.0, 20.0, 6.0], [3.0, 3.0, 3.0, 6.0]]))
     assert nonempty(boxes).tolist() == [True, False]
+
+
+def test_no_detections_keep_shapes():
+    torch.manual_seed(0)
+    model = build_detector(load_cfg(TINY, ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0"]))
+    x = model.preprocess_image(_images(2))
+    for det in model.inference(x, [(96, 128), (80, 100)], output_sizes=[(192, 256), (80, 100)]):
+        assert det["boxes"].shape == (0, 4) and det["features"].shape == (0, 512)
+        assert det["class_probs"].shape == (0, 11) and det["attr_probs"].shape == (0, 7)
+        assert det["classes"].dtype == torch.int64
