@@ -88,24 +88,28 @@ def bench_case(device: str, batch: int, per_image: int, sr: int, dtype: torch.dt
                 return tv_roi_align(inp, rois, OUT, scale, sr, aligned)
         return tv_roi_align(inp, rois, OUT, scale, sr, aligned)
 
-    row: dict[str, object] = dict(device=device, B=batch, boxes=per_image, sr=sr, dtype=str(dtype)[6:], aligned=aligned)
+    row: dict[str, object] = dict(device=device, B=batch, boxes=per_image, sr=sr, dtype=str(dtype)[6:],
+                                  aligned=aligned)
     with torch.no_grad():
         row["fwd"] = timer(device, lambda: ours(x), repeats)
         row["tv_fwd"] = timer(device, lambda: theirs(x), repeats)
     xa = x.clone().requires_grad_()
     out_a = ours(xa)
     grad = torch.randn(out_a.shape, device=device, generator=g).to(out_a.dtype)
-    row["bwd"] = timer(device, lambda: torch.autograd.grad(out_a, xa, grad, retain_graph=True), repeats)
+    def ours_backward():
+        return torch.autograd.grad(out_a, xa, grad, retain_graph=True)
+
+    row["bwd"] = timer(device, ours_backward, repeats)
     if device == "cuda":  # the CPU backward is deterministic by construction: the same kernel
         torch.use_deterministic_algorithms(True)
         try:
-            row["det_bwd"] = timer(device, lambda: torch.autograd.grad(out_a, xa, grad, retain_graph=True), repeats)
+            row["det_bwd"] = timer(device, ours_backward, repeats)
         finally:
             torch.use_deterministic_algorithms(False)
     xb = x.clone().requires_grad_()
     out_b = theirs(xb)
-    row["tv_bwd"] = timer(device, lambda: torch.autograd.grad(out_b, xb, grad.to(out_b.dtype), retain_graph=True),
-                          repeats)
+    grad_b = grad.to(out_b.dtype)
+    row["tv_bwd"] = timer(device, lambda: torch.autograd.grad(out_b, xb, grad_b, retain_graph=True), repeats)
     bytes_moved = x.numel() * x.element_size() + out_a.numel() * out_a.element_size()
     row["fwd_gbs"] = bytes_moved / (row["fwd"] * 1e-3) / 1e9
     row["pct_copy"] = 100 * row["fwd_gbs"] / copy_gbs
@@ -113,22 +117,30 @@ def bench_case(device: str, batch: int, per_image: int, sr: int, dtype: torch.dt
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
-    header = (f"{'dev':4} {'B':>2} {'box':>3} {'sr':>2} {'dtype':8} {'algn':5} | {'fwd ms':>8} {'tv ms':>8} {'x':>5} | "
-              f"{'bwd ms':>8} {'tv ms':>8} {'x':>5} | {'det ms':>8} {'det/bwd':>7} | {'fwd GB/s':>8} {'%copy':>5}")
+    header = (f"{'dev':4} {'B':>2} {'box':>3} {'sr':>2} {'dtype':8} {'algn':5} | "
+              f"{'fwd ms':>8} {'tv ms':>8} {'x':>5} | {'bwd ms':>8} {'tv ms':>8} {'x':>5} | "
+              f"{'det ms':>8} {'det/bwd':>7} | {'fwd GB/s':>8} {'%copy':>5}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        det = f"{r['det_bwd']:8.2f} {r['det_bwd'] / r['bwd']:7.2f}" if "det_bwd" in r else f"{'(=bwd)':>8} {'':>7}"
-        print(f"{r['device']:4} {r['B']:2d} {r['boxes']:3d} {r['sr']:2d} {r['dtype']:8} {str(r['aligned']):5} | "
+        if "det_bwd" in r:
+            det = f"{r['det_bwd']:8.2f} {r['det_bwd'] / r['bwd']:7.2f}"
+        else:
+            det = f"{'(=bwd)':>8} {'':>7}"
+        print(f"{r['device']:4} {r['B']:2d} {r['boxes']:3d} {r['sr']:2d} {r['dtype']:8} "
+              f"{str(r['aligned']):5} | "
               f"{r['fwd']:8.2f} {r['tv_fwd']:8.2f} {r['tv_fwd'] / r['fwd']:5.2f} | "
               f"{r['bwd']:8.2f} {r['tv_bwd']:8.2f} {r['tv_bwd'] / r['bwd']:5.2f} | {det} | "
               f"{r['fwd_gbs']:8.1f} {r['pct_copy']:5.1f}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer cases (aligned=False only, VL-BERT's setting)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"],
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer cases (aligned=False only, VL-BERT's setting)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()

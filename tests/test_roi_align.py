@@ -42,7 +42,8 @@ def layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
             "strided": strided}
 
 
-def run_both(x: torch.Tensor, rois: torch.Tensor, size, sr: int, aligned: bool, ours_input: torch.Tensor | None = None):
+def run_both(x: torch.Tensor, rois: torch.Tensor, size, sr: int, aligned: bool,
+             ours_input: torch.Tensor | None = None):
     """Forward and input gradient of ours (on `ours_input`, default x) and torchvision's (on x)."""
     a = (x if ours_input is None else ours_input).detach().clone().requires_grad_()
     b = x.detach().clone().requires_grad_()
@@ -74,8 +75,10 @@ def test_matches_torchvision_fp32(aligned, sampling_ratio, layout):
 def test_list_of_boxes_equals_tensor_form():
     x, rois = make_case(7, k=9)
     per_image = [rois[rois[:, 0] == i, 1:] for i in range(x.shape[0])]
-    ordered = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(per_image)])
-    torch.testing.assert_close(roi_align(x, per_image, 3, SCALE, 2), roi_align(x, ordered, 3, SCALE, 2), rtol=0, atol=0)
+    ordered = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1)
+                         for i, b in enumerate(per_image)])
+    torch.testing.assert_close(roi_align(x, per_image, 3, SCALE, 2), roi_align(x, ordered, 3, SCALE, 2),
+                               rtol=0, atol=0)
     torch.testing.assert_close(roi_align(x, per_image, 3, SCALE, 2), tv_roi_align(x, per_image, 3, SCALE, 2))
 
 
@@ -101,8 +104,8 @@ def test_low_precision_matches_fp32_reference(dtype, tol, layout):
     # float32 boxes with a low-precision map are accepted (exact coordinates) and agree with boxes in `dtype`
     # wherever the coordinates are representable in it.
     int_rois = rois.round()
-    torch.testing.assert_close(roi_align(low, int_rois.float(), 3, SCALE), roi_align(low, int_rois.to(dtype), 3, SCALE),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(roi_align(low, int_rois.float(), 3, SCALE),
+                               roi_align(low, int_rois.to(dtype), 3, SCALE), rtol=0, atol=0)
 
 
 def test_gradcheck_fp64():
@@ -111,7 +114,10 @@ def test_gradcheck_fp64():
     for aligned, sr in [(False, 2), (True, 0)]:
         fn = lambda t: roi_align(t, rois, (3, 2), SCALE, sr, aligned)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x,))
-    fn_cl = lambda t: roi_align(t.contiguous(memory_format=torch.channels_last), rois, 3, SCALE, 2, True)  # noqa: E731
+
+    def fn_cl(t):
+        return roi_align(t.contiguous(memory_format=torch.channels_last), rois, 3, SCALE, 2, True)
+
     assert torch.autograd.gradcheck(fn_cl, (x,))
 
 
@@ -175,7 +181,8 @@ def test_opcheck_registrations():
     # schema, fake (meta) kernel, autograd registration and AOT dispatch with dynamic shapes
     x, rois = make_case(19, k=5, dtype=torch.float64)
     for inp in (x, x.contiguous(memory_format=torch.channels_last)):
-        torch.library.opcheck(torch.ops.detector.roi_align.default, (inp.requires_grad_(), rois, SCALE, 3, 4, 0, True))
+        args = (inp.requires_grad_(), rois, SCALE, 3, 4, 0, True)
+        torch.library.opcheck(torch.ops.detector.roi_align.default, args)
 
 
 class _Pool(torch.nn.Module):
@@ -339,7 +346,8 @@ def test_cuda_64bit_indexing():
             torch.testing.assert_close(y.float(), ref.float(), rtol=3e-2, atol=3e-2)
             y.float().sum().backward()
             ref.float().sum().backward()
-            torch.testing.assert_close(xg.grad[:, :, -32:, -40:].float(), ref_in.grad.float(), rtol=3e-2, atol=3e-2)
+            torch.testing.assert_close(xg.grad[:, :, -32:, -40:].float(), ref_in.grad.float(),
+                                       rtol=3e-2, atol=3e-2)
             assert not xg.grad[:, :, :-32].any()
             xg.grad = None
             x = x.detach()

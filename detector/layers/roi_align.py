@@ -22,7 +22,9 @@ def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
     else:
         size = tuple(int(s) for s in output_size)
     if len(size) != 2 or min(size) <= 0:
-        raise ValueError(f"roi_align: output_size must be a positive int or (height, width), got {output_size!r}")
+        raise ValueError(
+            f"roi_align: output_size must be a positive int or (height, width), got {output_size!r}"
+        )
     return size  # type: ignore[return-value]
 
 
@@ -43,7 +45,9 @@ def _boxes_to_rois(boxes: Tensor | Sequence[Tensor], input: Tensor) -> Tensor:
             shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
             raise ValueError(f"roi_align: boxes[{i}] must be a (K_i, 4) tensor [x1, y1, x2, y2], got {shape}")
     if len(boxes) > input.shape[0]:
-        raise ValueError(f"roi_align: {len(boxes)} box tensors given for an input batch of {input.shape[0]} images")
+        raise ValueError(
+            f"roi_align: {len(boxes)} box tensors given for an input batch of {input.shape[0]} images"
+        )
     dtype = boxes[0].dtype
     index = torch.cat(
         [torch.full((b.shape[0], 1), i, dtype=dtype, device=b.device) for i, b in enumerate(boxes)], dim=0
@@ -75,7 +79,8 @@ def _check(input: Tensor, rois: Tensor) -> None:
         if not bool(finite[k]):
             raise ValueError(f"roi_align: box {k} has non-finite coordinates {rois[k].tolist()}")
         raise ValueError(
-            f"roi_align: box {k} has batch index {float(index[k])}, not an image index in [0, {input.shape[0]})"
+            f"roi_align: box {k} has batch index {float(index[k])}, "
+            f"not an image index in [0, {input.shape[0]})"
         )
 
 
@@ -120,7 +125,9 @@ class RoIAlign(nn.Module):
         self.aligned = bool(aligned)
 
     def forward(self, input: Tensor, boxes: Tensor | Sequence[Tensor]) -> Tensor:
-        return roi_align(input, boxes, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+        return roi_align(
+            input, boxes, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
+        )
 
     def extra_repr(self) -> str:
         return (
