@@ -90,11 +90,11 @@ def zero_padding(images: torch.Tensor, image_sizes: list[list[int]]) -> torch.Te
 
 def parity_loss(outputs: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
     """A scalar touching every Fast R-CNN output with fixed random weights, to compare gradients."""
-    loss = torch.zeros((), dtype=torch.float64)
+    loss = torch.zeros((), dtype=torch.float64, device=outputs["features"].device)
     for key in ("features", "class_logits", "box_deltas", "attr_logits"):
         if outputs.get(key) is not None:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-            weight = torch.randn(outputs[key].shape, generator=gen)
+            weight = torch.randn(outputs[key].shape, generator=gen).to(outputs[key].device)
             loss = loss + (outputs[key] * weight).sum()
     return loss
 
@@ -199,16 +199,20 @@ def build_ours(golden: dict[str, Any]):
     return load_parity_weights(build_detector(parity_cfg(golden)), golden["seed"])
 
 
+def _inputs(model, golden: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The golden's normalised, zero-padded batch and given boxes, on the model's device."""
+    raw = parity_images(golden["image_seed"], golden["batch_shape"]).to(model.device)
+    images = zero_padding(model.preprocess_image(raw), golden["image_sizes"])
+    return images, [torch.tensor(b, dtype=torch.float32, device=model.device) for b in golden["boxes"]]
+
+
 @torch.no_grad()
 def our_outputs(model, golden: dict[str, Any]) -> dict[str, Any]:
     """Run every path the golden covers: res4, Fast R-CNN on its boxes, RPN, Faster R-CNN inference."""
-    sizes = golden["image_sizes"]
-    raw = parity_images(golden["image_seed"], golden["batch_shape"])
-    images = zero_padding(model.preprocess_image(raw), sizes)
-    boxes = [torch.tensor(b, dtype=torch.float32) for b in golden["boxes"]]
+    images, boxes = _inputs(model, golden)
     fast = model.fast_rcnn(images, boxes)
     res4 = model.features(images)
-    image_sizes = [tuple(s) for s in sizes]
+    image_sizes = [tuple(s) for s in golden["image_sizes"]]
     proposals = model.proposal_generator(res4, image_sizes)
     detections = model.inference(images, image_sizes)
     return {"res4": res4, "fast": fast,
@@ -218,9 +222,7 @@ def our_outputs(model, golden: dict[str, Any]) -> dict[str, Any]:
 
 def our_grad_norms(model, golden: dict[str, Any]) -> dict[str, float]:
     """Backward of `parity_loss` through Fast R-CNN on the golden's boxes (the path VL-BERT trains)."""
-    raw = parity_images(golden["image_seed"], golden["batch_shape"])
-    images = zero_padding(model.preprocess_image(raw), golden["image_sizes"])
-    boxes = [torch.tensor(b, dtype=torch.float32) for b in golden["boxes"]]
+    images, boxes = _inputs(model, golden)
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
         parity_loss(model.fast_rcnn(images, boxes), golden["seed"]).backward()
@@ -260,6 +262,23 @@ def test_matches_detectron2_golden(golden_run, section):
     assert diffs, f"nothing compared in {section}"
 
 
+@pytest.mark.cuda
+def test_matches_detectron2_goldens_on_cuda():
+    """The same goldens on the GPU (our CUDA RoIAlign, cuDNN convs with TF32 off), outputs and gradients."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for path in GOLDENS:
+            golden = _load(path)
+            model = build_ours(golden).to("cuda")
+            ours = summarize(our_outputs(model, golden), golden["stored"])
+            for section in ("res4", "fast", "proposals", "detections"):
+                compare(ours[section], golden[section], f"{path.stem}.{section}", {})
+            _check_grad_norms(our_grad_norms(model, golden), golden["grad_norms"], path.name)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def test_fast_rcnn_gradients_match_detectron2_golden():
     """Gradients of every trainable parameter (res3..res5, heads) equal Detectron2's, relative 1e-4.
 
@@ -268,12 +287,14 @@ def test_fast_rcnn_gradients_match_detectron2_golden():
     """
     for path in GOLDENS:
         golden, model = _golden_and_model(path)
-        ours = our_grad_norms(model, golden)
-        ref = golden["grad_norms"]
-        assert set(ours) == set(ref), (path.name, sorted(set(ours) ^ set(ref)))
-        for name, value in ref.items():
-            assert abs(ours[name] - value) <= GRAD_RTOL * max(value, 1.0), \
-                f"{path.name}: grad norm of {name} {ours[name]} != Detectron2's {value}"
+        _check_grad_norms(our_grad_norms(model, golden), golden["grad_norms"], path.name)
+
+
+def _check_grad_norms(ours: dict[str, float], ref: dict[str, float], name: str) -> None:
+    assert set(ours) == set(ref), f"{name}: parameters with gradients differ: {sorted(set(ours) ^ set(ref))}"
+    for key, value in ref.items():
+        assert abs(ours[key] - value) <= GRAD_RTOL * max(value, 1.0), \
+            f"{name}: grad norm of {key} {ours[key]} != Detectron2's {value}"
 
 
 def test_golden_detections_are_nontrivial():
