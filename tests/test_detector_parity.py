@@ -262,6 +262,16 @@ def test_matches_detectron2_golden(golden_run, section):
     assert diffs, f"nothing compared in {section}"
 
 
+def test_optimized_fp32_model_keeps_detectron2_parity():
+    """optimize_for_inference(float32) (folded BatchNorm, channels-last) still meets the 1e-4 bar."""
+    for path in GOLDENS:
+        golden = _load(path)
+        model = build_ours(golden).optimize_for_inference(torch.float32)
+        ours = summarize(our_outputs(model, golden), golden["stored"])
+        for section in ("res4", "fast", "proposals", "detections"):
+            compare(ours[section], golden[section], f"{path.stem}.{section}", {})
+
+
 @pytest.mark.cuda
 def test_matches_detectron2_goldens_on_cuda():
     """The same goldens on the GPU (our CUDA RoIAlign, cuDNN convs with TF32 off), outputs and gradients."""
