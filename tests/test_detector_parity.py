@@ -319,7 +319,8 @@ def test_golden_detections_are_nontrivial():
 
 
 def test_predictor_matches_detectron2_default_predictor():
-    """BGR uint8 image -> resize (Detectron2's PIL bilinear) -> detections in original pixels.
+    """BGR uint8 image -> resize (Detectron2's PIL bilinear) -> detections in original pixels, and
+    Fast R-CNN on boxes given in original pixels.
 
     The golden follows Detectron2's DefaultPredictor: ResizeShortestEdge to 96 (max 160), the model,
     detector_postprocess to the original size; the second image is limited by the max size.
@@ -331,14 +332,21 @@ def test_predictor_matches_detectron2_default_predictor():
     predictor = DetectorPredictor(parity_cfg(golden))
     load_parity_weights(predictor.model, golden["seed"])
     stored = golden["stored"]
+    nf = stored["features"]
     for spec, ref in zip(golden["images"], golden["results"], strict=True):
         image = parity_uint8_image(spec["seed"], spec["shape"])
         (new_h, new_w), _ = get_output_shape(*spec["shape"][:2], predictor.min_size, predictor.max_size)
         det = predictor(image)
         det.pop("proposal_boxes")  # Detectron2 does not rescale proposals: compared in the batch tests
-        ours = {"resized_shape": [new_h, new_w, 3],
-                **summarize_detections(det, stored["detections"], stored["features"])}
+        given = ref.pop("given")
+        ours = {"resized_shape": [new_h, new_w, 3], **summarize_detections(det, stored["detections"], nf)}
         compare(ours, ref, f"image{spec['shape']}", {})
+        # Fast R-CNN on boxes in original pixels, scaled per axis like py-bottom-up-attention's demo.
+        fast = predictor.fast_rcnn(image, np.array(given.pop("boxes"), dtype=np.float32))
+        ours = {"features": _rows(fast["features"][:, :nf]),
+                "features_sum": _rows(fast["features"].double().sum(1)),
+                "class_logits": _rows(fast["class_logits"]), "attr_logits": _rows(fast["attr_logits"])}
+        compare(ours, given, f"image{spec['shape']}.given_boxes", {})
 
 
 # -- live comparison against stock Detectron2 ----------------------------------------------------------------
