@@ -84,10 +84,12 @@ def bench_inference(cfg_path: Path, device: torch.device, dtype: torch.dtype, h:
 
 
 def bench_train(cfg_path: Path, device: torch.device, dtype: torch.dtype, h: int, w: int, num_boxes: int,
-                warmup: int, iters: int) -> float:
+                warmup: int, iters: int, channels_last: bool = False) -> float:
     """Seconds per image of a Fast R-CNN training step on given boxes (forward, losses, backward, SGD)."""
     cfg = load_cfg(cfg_path, ["MODEL.DEVICE", device.type])
     model = build_detector(cfg).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
@@ -114,9 +116,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model and images, few iterations")
     parser.add_argument("--devices", default="cpu,cuda", help="comma list; cuda rows only when available")
-    parser.add_argument("--dtypes", default="fp32,bf16,fp32+opt,bf16+opt",
-                        help="comma list of fp32, bf16, fp16; an '+opt' suffix (inference only) first applies "
-                             "model.optimize_for_inference(dtype), e.g. bf16+opt")
+    parser.add_argument("--dtypes", default="fp32,bf16,fp32+opt,bf16+opt,fp32+cl,bf16+cl",
+                        help="comma list of fp32, bf16, fp16; suffix '+opt' (inference rows) first applies "
+                             "model.optimize_for_inference(dtype), '+cl' (training rows) uses channels-last "
+                             "weights, e.g. bf16+opt,bf16+cl")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip", default="", help="comma list of rows to skip: inference,train")
@@ -140,15 +143,15 @@ def main() -> None:
         for device in devices:
             base = None
             for name in args.dtypes.split(","):
-                dtype, optimize = dtypes[name.split("+")[0]], name.endswith("+opt")
-                if task == "inference":
-                    sec = bench_inference(infer_cfg, device, dtype, h, w, warmup, iters, optimize)
+                dtype, suffix = dtypes[name.split("+")[0]], name.partition("+")[2]
+                if task == "inference" and suffix in ("", "opt"):
+                    sec = bench_inference(infer_cfg, device, dtype, h, w, warmup, iters, suffix == "opt")
                     label = "Faster R-CNN infer"
-                elif optimize:
-                    continue  # optimize_for_inference is for inference only
-                else:
-                    sec = bench_train(train_cfg, device, dtype, h, w, boxes, warmup, iters)
+                elif task == "train" and suffix in ("", "cl"):
+                    sec = bench_train(train_cfg, device, dtype, h, w, boxes, warmup, iters, suffix == "cl")
                     label = "Fast R-CNN train"
+                else:
+                    continue
                 base = base or (sec if name == "fp32" else None)
                 ratio = f"{base / sec:.2f}x" if base else "-"
                 print(f"{label:<22}{device.type:<8}{name:<11}{sec:>9.3f}{1 / sec:>9.2f}{ratio:>9}", flush=True)
