@@ -1,0 +1,131 @@
+"""VQA data for training: easy-VQA regions and grouping by image, VQA v2 soft scores and reader, accuracy."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from e2e_vl.data.easy_vqa import EasyVQAImages, answer_vocab, load_questions, shape_box
+from e2e_vl.data.vqa import (CocoImageLoader, ImageQuestionsDataset, Question, build_answer_vocab, load_vqa_v2,
+                             normalize_answer, soft_scores)
+from e2e_vl.evaluation.vqa import vqa_accuracy
+
+
+class WordTokenizer:
+    """A tiny stand-in tokenizer: one id per word (ids from 10), BERT's special-token attributes."""
+
+    cls_token_id, sep_token_id, mask_token_id, pad_token_id = 1, 2, 3, 0
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [self.vocab.setdefault(w, 10 + len(self.vocab)) for w in text.split()]}
+
+
+def test_shape_box_is_the_tight_box_of_non_background_pixels():
+    image = np.full((64, 64, 3), (240, 235, 250), np.uint8)
+    image[10:30, 5:45] = (255, 0, 0)
+    image[9, 5:45] = (245, 200, 230)  # a faint anti-aliased edge stays within the threshold
+    assert shape_box(image).tolist() == [5, 10, 45, 30]
+    assert shape_box(np.full((8, 8, 3), 200, np.uint8)) is None
+
+
+def test_every_easy_vqa_image_gets_a_shape_box_inside_the_image():
+    images = EasyVQAImages("test", image_ids=range(200))
+    for image_id, boxes in images.boxes.items():
+        assert boxes.shape == (2, 4) and boxes[0].tolist() == [0, 0, 64, 64]
+        x1, y1, x2, y2 = boxes[1]
+        assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 64 and (x2 - x1) >= 4 and (y2 - y1) >= 4
+        # the pixels outside the box are (close to) the background colour
+        img = images.images[image_id].astype(int)
+        outside = np.ones((64, 64), bool)
+        outside[int(y1):int(y2), int(x1):int(x2)] = False
+        background = np.median(img[outside], axis=0)
+        assert np.abs(img[outside] - background).max() <= 48
+
+
+def test_easy_vqa_items_carry_all_questions_of_one_image():
+    from e2e_vl.data.collate import VLCollator
+
+    questions = load_questions("train", limit=30)
+    images = EasyVQAImages("train", {q.image_id for q in questions})
+    ds = ImageQuestionsDataset(questions, images, WordTokenizer(), len(answer_vocab()), 128, 128)
+    assert len(ds) == len({q.image_id for q in questions})
+    item = ds[0]
+    assert len({s["image_key"] for s in item}) == 1 and len(item) == len(ds.item_question_ids(0))
+    sample = item[0]
+    assert sample["image"].shape == (3, 128, 128) and sample["image"].dtype == torch.uint8
+    assert sample["boxes"][0].tolist() == [0, 0, 128, 128]  # boxes follow the 2x resize
+    ids = sample["input_ids"].tolist()
+    assert ids[0] == 1 and ids[-3:] == [2, 3, 2] and ids[sample["answer_pos"]] == 3
+    assert sample["vqa_targets"].sum() == 1
+    batch = VLCollator()([ds[0], ds[1]])
+    assert batch["images"].shape[0] == 2  # one detector pass per image, not per question
+    assert batch["sample_image_index"].tolist() == [0] * len(ds[0]) + [1] * len(ds[1])
+
+    chunked = ImageQuestionsDataset(questions, images, WordTokenizer(), 13, 64, 64, questions_per_item=2)
+    assert all(len(chunked[i]) <= 2 for i in range(len(chunked)))
+    assert sum(len(chunked[i]) for i in range(len(chunked))) == len(questions)
+
+
+@pytest.mark.parametrize("matches,score", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_soft_scores_match_the_official_leave_one_out_accuracy(matches, score):
+    answers = ["yes"] * matches + ["no"] * (10 - matches)
+    assert soft_scores(answers).get("yes", 0.0) == pytest.approx(score)
+
+
+def test_normalize_answer():
+    assert normalize_answer("Two.") == "2"
+    assert normalize_answer("a Red car!") == "red car"
+    assert normalize_answer("3.5") == "3.5"
+    assert normalize_answer("don't") == "dont"
+
+
+def test_vqa_v2_reader(tmp_path):
+    qs = {"questions": [{"question_id": 11, "image_id": 5, "question": "How many dogs?"},
+                        {"question_id": 12, "image_id": 5, "question": "What color?"}]}
+    anns = {"annotations": [
+        {"question_id": 11, "image_id": 5, "multiple_choice_answer": "2",
+         "answers": [{"answer": "two"}] * 3 + [{"answer": "3"}] * 7},
+        {"question_id": 12, "image_id": 5, "multiple_choice_answer": "red",
+         "answers": [{"answer": "red"}] * 10}]}
+    (tmp_path / "q.json").write_text(json.dumps(qs))
+    (tmp_path / "a.json").write_text(json.dumps(anns))
+    vocab = build_answer_vocab(anns["annotations"], size=10)
+    assert vocab == ["2", "red"]  # ties alphabetical; "3" never the most common answer
+    out = load_vqa_v2(tmp_path / "q.json", tmp_path / "a.json", vocab)
+    assert out[0].scores == {0: pytest.approx(0.9)} and out[1].scores == {1: 1.0}
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_vqa_v2(tmp_path / "nope.json", None, vocab)
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(ValueError, match="questions"):
+        load_vqa_v2(tmp_path / "bad.json", None, vocab)
+
+
+def test_coco_image_loader_prepends_the_whole_image_box(tmp_path):
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "COCO_val2014_000000000005.jpg"), np.zeros((20, 30, 3), np.uint8))
+
+    class Record:
+        boxes = np.array([[1, 2, 10, 12]], np.float32)
+
+    store = {"5": Record()}
+    image, boxes = CocoImageLoader(tmp_path, store)(5)
+    assert image.shape == (20, 30, 3)
+    assert boxes.tolist() == [[0, 0, 30, 20], [1, 2, 10, 12]]
+    with pytest.raises(FileNotFoundError, match="image_id 6"):
+        CocoImageLoader(tmp_path, store)(6)
+
+
+def test_vqa_accuracy_is_the_soft_score_of_the_predicted_answer():
+    logits = torch.tensor([[0.1, 2.0, 0.0], [3.0, 0.0, 0.0]])
+    targets = torch.tensor([[0.0, 0.6, 1.0], [1.0, 0.0, 0.0]])
+    assert vqa_accuracy(logits, targets).tolist() == pytest.approx([0.6, 1.0])
+
+
+def test_question_dataclass_defaults():
+    assert Question(1, 2, "q").scores == {}
