@@ -305,3 +305,20 @@ def test_no_detections_keep_shapes():
         assert det["boxes"].shape == (0, 4) and det["features"].shape == (0, 512)
         assert det["class_probs"].shape == (0, 11) and det["attr_probs"].shape == (0, 7)
         assert det["classes"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("norm", ["BN", "GN", ""])
+def test_other_norms_build_and_freeze(norm):
+    from detector.layers import FrozenBatchNorm2d
+
+    model = build_detector(load_cfg(TINY, ["MODEL.RESNETS.NORM", norm]))
+    stem_norm = model.backbone.stem.conv1.norm
+    res3_norm = model.backbone.res3[0].conv1.norm
+    if norm == "":
+        assert stem_norm is None and res3_norm is None
+    elif norm == "BN":  # frozen stages become FrozenBN; trainable ones keep BatchNorm
+        assert isinstance(stem_norm, FrozenBatchNorm2d) and isinstance(res3_norm, torch.nn.BatchNorm2d)
+    else:
+        assert isinstance(res3_norm, torch.nn.GroupNorm) and res3_norm.num_groups == 32
+    out = model.fast_rcnn(model.preprocess_image(_images(1)), [torch.tensor([[0.0, 0.0, 40.0, 40.0]])])
+    assert torch.isfinite(out["features"]).all()

@@ -59,9 +59,10 @@ class FrozenBatchNorm2d(nn.Module):
 NORMS = ("FrozenBN", "BN", "GN", "")
 
 
-def get_norm(norm: str, out_channels: int) -> nn.Module | None:
-    """The normalisation layer named by MODEL.RESNETS.NORM: FrozenBN, BN, GN (32 groups) or '' (none)."""
-    if norm == "":
+def get_norm(norm: str | None, out_channels: int) -> nn.Module | None:
+    """The normalisation layer named by MODEL.RESNETS.NORM: FrozenBN, BN, GN (32 groups) or '' (none;
+    None too, which is what an empty command-line override parses to)."""
+    if norm in ("", None):
         return None
     if norm == "FrozenBN":
         return FrozenBatchNorm2d(out_channels)
