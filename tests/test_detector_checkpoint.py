@@ -159,6 +159,10 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"hello world, not weights")
     with pytest.raises(CheckpointError, match="unrecognised"):
         load_checkpoint(_tiny(), tmp_path / "junk.pth")
+    torch.save({"model": {"a": torch.zeros(1000)}}, tmp_path / "ok.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:-300])
+    with pytest.raises(CheckpointError, match="cut.pth"):
+        load_checkpoint(_tiny(), tmp_path / "cut.pth")
     (tmp_path / "trunc.pkl").write_bytes(pickle.dumps({"model": {"a": np.zeros(3)}})[:-5])
     with pytest.raises(CheckpointError, match="not a readable pickle"):
         safe_unpickle(tmp_path / "trunc.pkl")

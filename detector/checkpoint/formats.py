@@ -79,6 +79,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         except pickle.UnpicklingError as exc:
             raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): it contains objects "
                                   f"other than tensors and plain data ({exc})") from None
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise CheckpointError(f"{path}: cannot read this torch checkpoint ({type(exc).__name__}: {exc})") from None
     else:
         obj = safe_unpickle(path)
     sd = _unwrap(obj, path)
