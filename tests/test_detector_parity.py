@@ -6,8 +6,11 @@ Detectron2 produced for small models (see tests/data/detector/README.md). The we
 the same tensors. Each golden covers, on a two-image padded batch:
 - res4 (sums and a corner), Fast R-CNN on given boxes (region features, class logits, box deltas,
   attribute logits), RPN proposals and Faster R-CNN detections (boxes, scores, classes, class and
-  attribute probabilities, the features and proposal of each detection).
-Everything is compared in fp32 with max abs diff <= 1e-4 (sums over hundreds of values: relative 1e-5).
+  attribute probabilities, the features and proposal of each detection);
+- the gradient norm of every trainable parameter through Fast R-CNN (the path VL-BERT trains).
+`predictor_*.json` follows Detectron2's DefaultPredictor from a BGR uint8 image to detections in
+original pixels. Outputs are compared in fp32 with max abs diff <= 1e-4 (sums over hundreds of values:
+plus relative 1e-5), gradient norms with relative 1e-4.
 
 With Detectron2 importable, the `detectron2`-marked tests also compare live against it on the
 configurations stock Detectron2 can express (the VG caffe stem, dilated res5 and attribute head are
