@@ -8,8 +8,10 @@ weights may spend somewhat more time after the RoI head.
     python benchmarks/detector.py            # VG R101-C4 at 600x1000, 100 boxes per image
     python benchmarks/detector.py --quick    # tiny R18 model, small images: a smoke run
 
-Detectron2 is not importable in this environment, so no Detectron2 rows are printed; see the parity
-tests for output equality.
+When Detectron2 is importable, a last section times Detectron2 and this package on the same stock
+R101-C4 configuration (ROIAlignV2, res5 stride 2, no attributes: what stock Detectron2 can build),
+fp32, and prints our speed relative to Detectron2's. Output equality is checked by
+tests/test_detector_parity.py.
 """
 from __future__ import annotations
 
@@ -112,6 +114,80 @@ def bench_train(cfg_path: Path, device: torch.device, dtype: torch.dtype, h: int
     return _time(step, warmup, iters, device)
 
 
+def _stock_overrides(quick: bool) -> list:
+    """Config keys (Detectron2 names, valid for both implementations) of the stock comparison model."""
+    pairs = [("MODEL.ROI_HEADS.NUM_CLASSES", 1600), ("MODEL.ANCHOR_GENERATOR.SIZES", [[64, 128, 256, 512]]),
+             ("MODEL.RPN.POST_NMS_TOPK_TEST", 300), ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.2),
+             ("MODEL.RESNETS.DEPTH", 101), ("MODEL.DEVICE", "cpu")]
+    if quick:
+        pairs += [("MODEL.RESNETS.DEPTH", 18), ("MODEL.RESNETS.RES2_OUT_CHANNELS", 64),
+                  ("MODEL.ROI_HEADS.NUM_CLASSES", 10), ("MODEL.ANCHOR_GENERATOR.SIZES", [[16, 32, 64]])]
+    return [item for pair in pairs for item in pair]
+
+
+def bench_vs_detectron2(h: int, w: int, num_boxes: int, warmup: int, iters: int, quick: bool) -> None:
+    """fp32 CPU inference and Fast R-CNN train step, Detectron2 vs ours, same stock config and sizes."""
+    try:
+        from detectron2.config import get_cfg as d2_get_cfg
+        from detectron2.modeling import build_model as d2_build_model
+        from detectron2.structures import Boxes
+    except ImportError:
+        print("Detectron2 not importable: no comparison rows")
+        return
+    overrides = _stock_overrides(quick)
+    d2_cfg = d2_get_cfg()
+    d2_cfg.merge_from_list(overrides)
+    ours = build_detector(load_cfg(None, overrides))
+    theirs = d2_build_model(d2_cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(3, h, w, generator=gen) * 255
+    boxes = _random_boxes(num_boxes, h, w, gen)
+    labels = torch.randint(0, d2_cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1, (num_boxes,), generator=gen)
+
+    def ours_infer():
+        with torch.no_grad():
+            ours.inference(ours.preprocess_image(image[None]), [(h, w)])
+
+    def theirs_infer():
+        with torch.no_grad():
+            theirs.inference([{"image": image, "height": h, "width": w}], do_postprocess=False)
+
+    def train_step(model, forward):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+
+        def step():
+            loss = F.cross_entropy(forward(), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    def ours_forward():
+        return ours.fast_rcnn(ours.preprocess_image(image[None]), [boxes])["class_logits"]
+
+    def theirs_forward():  # Detectron2's Res5ROIHeads pieces on given boxes
+        images = theirs.preprocess_image([{"image": image}])
+        res4 = theirs.backbone(images.tensor)["res4"]
+        pooled = theirs.roi_heads._shared_roi_transform([res4], [Boxes(boxes)])
+        return theirs.roi_heads.box_predictor(pooled.mean(dim=(2, 3)))[0]
+
+    cpu = torch.device("cpu")
+    print(f"vs Detectron2 (stock R{'18' if quick else '101'}-C4, ROIAlignV2, fp32, cpu):")
+    print(f"{'task':<22}{'impl':<12}{'s/img':>9}{'img/s':>9}{'vs d2':>9}")
+    for task, ours_fn, theirs_fn in (
+        ("Faster R-CNN infer", ours_infer, theirs_infer),
+        ("Fast R-CNN train", None, None),
+    ):
+        if ours_fn is None:
+            ours.train(), theirs.train()
+            ours_fn, theirs_fn = train_step(ours, ours_forward), train_step(theirs, theirs_forward)
+        d2_sec = _time(theirs_fn, warmup, iters, cpu)
+        our_sec = _time(ours_fn, warmup, iters, cpu)
+        print(f"{task:<22}{'detectron2':<12}{d2_sec:>9.3f}{1 / d2_sec:>9.2f}{'1.00x':>9}")
+        print(f"{task:<22}{'ours':<12}{our_sec:>9.3f}{1 / our_sec:>9.2f}{d2_sec / our_sec:>8.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model and images, few iterations")
@@ -122,7 +198,7 @@ def main() -> None:
                              "weights, e.g. bf16+opt,bf16+cl")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--skip", default="", help="comma list of rows to skip: inference,train")
+    parser.add_argument("--skip", default="", help="comma list of sections to skip: inference,train,detectron2")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,6 +231,8 @@ def main() -> None:
                 base = base or (sec if name == "fp32" else None)
                 ratio = f"{base / sec:.2f}x" if base else "-"
                 print(f"{label:<22}{device.type:<8}{name:<11}{sec:>9.3f}{1 / sec:>9.2f}{ratio:>9}", flush=True)
+    if "detectron2" not in skip:
+        bench_vs_detectron2(h, w, boxes, warmup, iters, args.quick)
 
 
 if __name__ == "__main__":
