@@ -9,6 +9,7 @@ A *sample* is one text (caption, question, expression) with its image. Keys (ten
     boxes            Float [K, 4]    x1, y1, x2, y2 in the resized image; box 0 is the whole image
     image_key        hashable        optional: samples with the same key carry the same image and boxes,
                                      which is then put in the batch (and run through the detector) once
+    image_id         any             optional: passed through as the list `image_ids`
     region_masked    Bool [K]        optional: regions whose pixels (or features) are masked
     region_labelled  Bool [K]        optional: regions with a masked-RoI-classification target
     mrc_targets      Float [K, C]    optional: class distributions (rows of labelled regions are used)
@@ -116,6 +117,8 @@ def collate_samples(samples: Sequence[Sample], pad_token_id: int = 0, size_divis
     elif any("answer_pos" in s for s in samples):
         _require_all(samples, ("answer_pos",))
         batch["answer_pos"] = torch.tensor([int(s["answer_pos"]) for s in samples], dtype=torch.long)
+    if any("image_id" in s for s in samples):  # passed through for evaluation and bookkeeping
+        batch["image_ids"] = [s.get("image_id") for s in samples]
     if any("choice_label" in s for s in samples):
         batch["choice_labels"] = torch.tensor([int(s["choice_label"]) for s in samples if "choice_label" in s])
     return batch

@@ -139,21 +139,8 @@ class VLBert(nn.Module):
 
     # -- visual side --------------------------------------------------------------------------------------
     def backbone_input(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The normalised image tensor the backbone sees: padding zero, masked boxes zero (pixel masking)."""
-        images = batch["images"]
-        x = self.detector.preprocess_image(images.float())
-        sizes = batch["image_sizes"].to(x.device)
-        n, _, height, width = x.shape
-        rows = torch.arange(height, device=x.device)
-        cols = torch.arange(width, device=x.device)
-        keep = (rows[None, :, None] < sizes[:, 0, None, None]) & (cols[None, None, :] < sizes[:, 1, None, None])
-        masked = batch.get("region_masked")
-        if self.masking == "pixel" and masked is not None:
-            for i, (boxes, flags) in enumerate(zip(batch["boxes"], masked)):
-                flags = flags.to(boxes.device)
-                if bool(flags.any()):
-                    keep[i] &= ~box_pixel_mask(boxes[flags].float(), height, width).to(x.device)
-        return x * keep[:, None].to(x.dtype)
+        """The normalised image tensor the backbone sees (see `backbone_input`)."""
+        return backbone_input(self.detector, batch, pixel_masking=self.masking == "pixel")
 
     def encode_regions(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Object features of every region, padded per image: `[N, K_max, hidden]` and validity `[N, K_max]`."""
@@ -289,6 +276,24 @@ class VLBert(nn.Module):
         # Without targets (inference) the loss is a zero that still carries the graph.
         out["loss"] = sum((self.loss_weights.get(k, 1.0) * v for k, v in out["losses"].items()), hidden.sum() * 0.0)
         return out
+
+
+def backbone_input(detector: GeneralizedRCNN, batch: dict[str, Any], pixel_masking: bool = True) -> torch.Tensor:
+    """Normalise a collated batch's images for the backbone: padding zero and, with `pixel_masking`, the
+    pixels of every box flagged in `region_masked` zero (zero = the mean colour after normalisation)."""
+    x = detector.preprocess_image(batch["images"].float())
+    sizes = batch["image_sizes"].to(x.device)
+    _, _, height, width = x.shape
+    rows = torch.arange(height, device=x.device)
+    cols = torch.arange(width, device=x.device)
+    keep = (rows[None, :, None] < sizes[:, 0, None, None]) & (cols[None, None, :] < sizes[:, 1, None, None])
+    masked = batch.get("region_masked")
+    if pixel_masking and masked is not None:
+        for i, (boxes, flags) in enumerate(zip(batch["boxes"], masked)):
+            flags = flags.to(boxes.device)
+            if bool(flags.any()):
+                keep[i] &= ~box_pixel_mask(boxes[flags].float(), height, width).to(x.device)
+    return x * keep[:, None].to(x.dtype)
 
 
 def _pad_flags(flags: Sequence[torch.Tensor], length: int, device: torch.device) -> torch.Tensor:
