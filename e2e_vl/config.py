@@ -44,6 +44,12 @@ def _vlbert_defaults() -> dict:
         "LOSS_WEIGHTS": {"MLM": 1.0, "MLM_TEXT": 1.0, "MRC": 1.0, "VQA": 1.0, "REF": 1.0, "VCR": 1.0},
         # Pre-training data (e2e_vl.data.captions).
         "PRETRAIN": {
+            # Caption file (COCO captions .json or "image_path<TAB>caption" .tsv) and the folder its
+            # image paths are relative to; regions come from DATASETS.ROI_STORE. Relative to DATASETS.ROOT.
+            "CAPTIONS": "",
+            "IMAGE_ROOT": "",
+            # Optional text-only corpus (one passage per line) for the mixed-in text-only MLM batches.
+            "TEXT_CORPUS": "",
             "MLM_PROB": 0.15,  # per word, whole-word masking, 80% [MASK] / 10% random / 10% kept
             "MRC_PROB": 0.15,  # per region other than the whole image
             "MRC_MASK_FRAC": 0.9,  # of the chosen regions, masked (the rest are labelled but visible)

@@ -1,6 +1,7 @@
 """Pre-training data: whole-word / region masking, pixel masks, collation, transforms, samplers, captions."""
 import json
 import random
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -15,6 +16,9 @@ from e2e_vl.data.roi_store import RoIRecord
 from e2e_vl.data.samplers import AspectRatioGroupedBatchSampler
 from e2e_vl.data.transforms import ResizeFlip, swap_left_right
 from e2e_vl.modeling import load_tokenizer
+
+
+PRETRAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "vlbert_base_cc.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +211,27 @@ def test_text_only_dataset(tokenizer):
     sample = ds[0]
     assert (sample["mlm_labels"][1:-1] != IGNORE_INDEX).all() and sample["mlm_labels"][0] == IGNORE_INDEX
     assert "image" not in sample
+
+
+def test_pretrain_config_builds_datasets_from_an_roi_store(tmp_path, tokenizer):
+    from e2e_vl.config import load_train_cfg
+    from e2e_vl.data.captions import build_pretrain_datasets
+    from e2e_vl.data.roi_store import RoIStoreWriter
+
+    store, record = _store_with_one_image(tmp_path)
+    with RoIStoreWriter(tmp_path / "rois", {"fingerprint": "test"}) as writer:
+        writer.write_batch([record])
+    (tmp_path / "caps.tsv").write_text("17.png\ta red circle\n")
+    (tmp_path / "text.txt").write_text("a passage of text\n")
+    overrides = ["DATASETS.ROOT", str(tmp_path), "DATASETS.ROI_STORE", "rois", "MODEL.VLBERT.PRETRAIN.CAPTIONS",
+                 "caps.tsv", "MODEL.VLBERT.PRETRAIN.IMAGE_ROOT", ".", "MODEL.VLBERT.PRETRAIN.TEXT_CORPUS", "text.txt",
+                 "INPUT.MIN_SIZE_TRAIN", "[60]"]
+    cfg = load_train_cfg(PRETRAIN_CONFIG, overrides)
+    captions, text = build_pretrain_datasets(cfg, tokenizer)
+    sample = captions[0]
+    assert sample["image"].shape[-2:] == (60, 120) and len(sample["boxes"]) == 4
+    assert sample["mrc_targets"].shape == (4, 5)
+    assert len(text) == 1
+    with pytest.raises(CaptionDataError, match="PRETRAIN.CAPTIONS is empty"):
+        build_pretrain_datasets(load_train_cfg(PRETRAIN_CONFIG,
+                                               ["MODEL.VLBERT.PRETRAIN.CAPTIONS", ""]), tokenizer)

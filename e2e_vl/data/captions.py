@@ -220,6 +220,36 @@ class TextOnlyDataset(Dataset):
                 "mlm_labels": torch.tensor(labels)}
 
 
+def build_pretrain_datasets(cfg, tokenizer, seed: int = 0) -> tuple[CaptionPretrainDataset, TextOnlyDataset | None]:
+    """The caption data set (and the text-only corpus, when configured) of a training config:
+    MODEL.VLBERT.PRETRAIN.{CAPTIONS, IMAGE_ROOT, TEXT_CORPUS, rates}, DATASETS.{ROOT, ROI_STORE} and the
+    INPUT training sizes."""
+    from e2e_vl.data.roi_store import RoIStore
+
+    p = cfg.MODEL.VLBERT.PRETRAIN
+    root = cfg.DATASETS.ROOT
+
+    def under_root(path: str) -> str:
+        return os.path.join(root, path) if root and path and not os.path.isabs(path) else path
+
+    if not p.CAPTIONS:
+        raise CaptionDataError("MODEL.VLBERT.PRETRAIN.CAPTIONS is empty: name a COCO captions json or a TSV file")
+    if not cfg.DATASETS.ROI_STORE:
+        raise CaptionDataError("DATASETS.ROI_STORE is empty: pre-training needs the regions of tools/extract_rois.py")
+    captions = read_captions(under_root(p.CAPTIONS), under_root(p.IMAGE_ROOT) or None)
+    transform = ResizeFlip(list(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN, flip_prob=p.FLIP_PROB,
+                           swap_text_sides=True)
+    captions_set = CaptionPretrainDataset(
+        captions, RoIStore(under_root(cfg.DATASETS.ROI_STORE)), tokenizer, transform, mlm_prob=p.MLM_PROB,
+        mrc_prob=p.MRC_PROB, mrc_mask_frac=p.MRC_MASK_FRAC, max_seq_len=p.MAX_SEQ_LEN, max_text_len=p.MAX_TEXT_LEN,
+        seed=seed)
+    text_set = None
+    if p.TEXT_CORPUS:
+        text_set = TextOnlyDataset.from_file(under_root(p.TEXT_CORPUS), tokenizer, mlm_prob=p.MLM_PROB,
+                                             max_len=p.MAX_SEQ_LEN, seed=seed)
+    return captions_set, text_set
+
+
 def _top_boxes(record, budget: int) -> np.ndarray:
     """Indices of the stored boxes that fit `budget`, dropping the lowest-scoring first (order kept)."""
     num = record.num_boxes
