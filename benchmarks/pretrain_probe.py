@@ -23,6 +23,7 @@ region brings the accuracy back down near it.
 
     .venv/bin/python benchmarks/pretrain_probe.py [--steps 300] [--batch-size 16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,9 @@ def shape_box(image: np.ndarray, threshold: int = 60) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
-def easy_vqa_captions(split: str, limit: int) -> tuple[list[Caption], dict[str, RoIRecord], dict[str, tuple[str, str]]]:
+def easy_vqa_captions(
+    split: str, limit: int
+) -> tuple[list[Caption], dict[str, RoIRecord], dict[str, tuple[str, str]]]:
     """Captions, RoI records and (colour, shape) of the first `limit` images of a split."""
     import easy_vqa
 
@@ -89,9 +92,17 @@ def easy_vqa_captions(split: str, limit: int) -> tuple[list[Caption], dict[str, 
             continue  # the questions of this image do not name both
         image = cv2.imread(paths[image_id])
         key = f"{split}-{image_id}"
-        records[key] = RoIRecord(key, paths[image_id], image.shape[0], image.shape[1],
-                                 boxes=np.array([shape_box(image)], np.float32), object_conf=np.ones(1, np.float32))
-        captions.append(Caption(key, f"a {fact['colour']} {fact['shape']}", paths[image_id], f"easy-vqa {split}"))
+        records[key] = RoIRecord(
+            key,
+            paths[image_id],
+            image.shape[0],
+            image.shape[1],
+            boxes=np.array([shape_box(image)], np.float32),
+            object_conf=np.ones(1, np.float32),
+        )
+        captions.append(
+            Caption(key, f"a {fact['colour']} {fact['shape']}", paths[image_id], f"easy-vqa {split}")
+        )
         truth[key] = (fact["colour"], fact["shape"])
     return captions, records, truth
 
@@ -117,16 +128,28 @@ def region_features(detector: GeneralizedRCNN, batch: dict[str, Any]) -> torch.T
     return detector.roi_heads.region_features(detector.features(x), [b.float() for b in batch["boxes"]])
 
 
-def pretrain_detector(detector: GeneralizedRCNN, dataset: CaptionPretrainDataset, labels: dict[str, int],
-                      steps: int, batch_size: int, seed: int) -> float:
+def pretrain_detector(
+    detector: GeneralizedRCNN,
+    dataset: CaptionPretrainDataset,
+    labels: dict[str, int],
+    steps: int,
+    batch_size: int,
+    seed: int,
+) -> float:
     """Stand-in for the detector's own (Visual Genome) pre-training: Fast R-CNN classification of the
     whole-image and shape boxes into the 24 colour-shape classes. Returns the last 20 steps' accuracy."""
     detector.train()
     params = [p for p in detector.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4, foreach=True)
     generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=VLCollator(), generator=generator)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=VLCollator(),
+        generator=generator,
+    )
     step, hits = 0, []
     while step < steps:
         for batch in loader:
@@ -152,25 +175,41 @@ def detector_class_probs(detector: GeneralizedRCNN, dataset: CaptionPretrainData
     for start in range(0, len(dataset), 64):
         chunk = [dataset[i] for i in range(start, min(start + 64, len(dataset)))]
         batch = VLCollator()(chunk)
-        probs = torch.softmax(detector.roi_heads.predict(region_features(detector, batch))["class_logits"], -1)
+        probs = torch.softmax(
+            detector.roi_heads.predict(region_features(detector, batch))["class_logits"], -1
+        )
         for sample, row in zip(chunk, probs.view(len(chunk), 2, -1)[:, 1]):
             out[sample["image_id"]] = row.numpy()[None]
     return out
 
 
-def train(model: VLBert, dataset: CaptionPretrainDataset, steps: int, batch_size: int, lr: float,
-          seed: int) -> list[float]:
+def train(
+    model: VLBert, dataset: CaptionPretrainDataset, steps: int, batch_size: int, lr: float, seed: int
+) -> list[float]:
     groups: dict[str, list] = {"detector": [], "bert": [], "head": []}
     for name, param in model.named_parameters():
         if param.requires_grad:
             groups[VLBert.parameter_kind(name)].append(param)
     # Fresh parts (heads, visual embedding) move 10x faster than the pre-trained BERT and detector.
-    optimizer = torch.optim.AdamW([{"params": groups["bert"] + groups["detector"], "lr": lr},
-                                   {"params": groups["head"], "lr": 10 * lr}],
-                                  betas=(0.9, 0.999), eps=1e-6, weight_decay=1e-4, foreach=True)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": groups["bert"] + groups["detector"], "lr": lr},
+            {"params": groups["head"], "lr": 10 * lr},
+        ],
+        betas=(0.9, 0.999),
+        eps=1e-6,
+        weight_decay=1e-4,
+        foreach=True,
+    )
     generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=VLCollator(), generator=generator)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=VLCollator(),
+        generator=generator,
+    )
     model.train()
     losses, step, epoch = [], 0, 0
     while step < steps:
@@ -189,7 +228,9 @@ def train(model: VLBert, dataset: CaptionPretrainDataset, steps: int, batch_size
     return losses
 
 
-def probe_samples(dataset: CaptionPretrainDataset, tokenizer, word: int, condition: str) -> list[dict[str, Any]]:
+def probe_samples(
+    dataset: CaptionPretrainDataset, tokenizer, word: int, condition: str
+) -> list[dict[str, Any]]:
     """Held-out samples with caption word `word` (1 = colour, 2 = shape) masked, all pieces labelled."""
     samples = []
     for index in range(len(dataset)):
@@ -203,8 +244,11 @@ def probe_samples(dataset: CaptionPretrainDataset, tokenizer, word: int, conditi
                 ids[pos] = tokenizer.mask_token_id
         probe = {"input_ids": ids, "mlm_labels": labels}
         if condition != "text only":
-            probe.update(image=sample["image"], boxes=sample["boxes"],
-                         region_masked=torch.tensor([False, condition == "region masked"]))
+            probe.update(
+                image=sample["image"],
+                boxes=sample["boxes"],
+                region_masked=torch.tensor([False, condition == "region masked"]),
+            )
         samples.append(probe)
     return samples
 
@@ -214,7 +258,7 @@ def word_accuracy(model: VLBert, samples: list[dict[str, Any]], batch_size: int 
     model.eval()
     right = total = 0
     for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
+        chunk = samples[start : start + batch_size]
         out = model(collate_samples(chunk))
         correct = out["mlm_logits"].argmax(-1) == out["mlm_labels"]
         pieces = [int((s["mlm_labels"] != -100).sum()) for s in chunk]
@@ -234,9 +278,18 @@ def text_prior(words: list[str], tokenizer) -> float:
     return sum(max(counts.values()) for counts in by_length.values()) / max(len(words), 1)
 
 
-def run_probe(steps: int = 300, batch_size: int = 16, image_size: int = 64, num_train: int = 2000,
-              num_eval: int = 300, lr: float = 1e-4, mlm_prob: float = 0.15, freeze_at: int = 2,
-              detector_steps: int = 400, seed: int = 0) -> dict[str, Any]:
+def run_probe(
+    steps: int = 300,
+    batch_size: int = 16,
+    image_size: int = 64,
+    num_train: int = 2000,
+    num_eval: int = 300,
+    lr: float = 1e-4,
+    mlm_prob: float = 0.15,
+    freeze_at: int = 2,
+    detector_steps: int = 400,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Pre-train the detector, then VL-BERT with it in the loop; measure masked colour/shape word accuracy
     per condition before and after. Returns the numbers."""
     random.seed(seed)
@@ -260,29 +313,58 @@ def run_probe(steps: int = 300, batch_size: int = 16, image_size: int = 64, num_
         train_records[key].class_probs = probs  # what the RoI extractor would store
 
     transform = ResizeFlip(image_size, 10 * image_size, flip_prob=0.5, swap_text_sides=True)
-    train_set = CaptionPretrainDataset(train_caps, train_records, tokenizer, transform, mlm_prob=mlm_prob,
-                                       max_seq_len=16, max_text_len=12, seed=seed)
-    model = VLBert(detector, load_bert(""), heads=("mlm", "mrc"), num_mrc_classes=len(CLASSES) + 1,
-                   sep_token_id=tokenizer.sep_token_id, mask_token_id=tokenizer.mask_token_id)
+    train_set = CaptionPretrainDataset(
+        train_caps,
+        train_records,
+        tokenizer,
+        transform,
+        mlm_prob=mlm_prob,
+        max_seq_len=16,
+        max_text_len=12,
+        seed=seed,
+    )
+    model = VLBert(
+        detector,
+        load_bert(""),
+        heads=("mlm", "mrc"),
+        num_mrc_classes=len(CLASSES) + 1,
+        sep_token_id=tokenizer.sep_token_id,
+        mask_token_id=tokenizer.mask_token_id,
+    )
     conditions = ("image", "region masked", "text only")
     probes = {(w, c): probe_samples(test_set, tokenizer, w, c) for w in (1, 2) for c in conditions}
 
     def measure() -> dict[str, tuple[float, float]]:
-        return {c: (word_accuracy(model, probes[1, c]), word_accuracy(model, probes[2, c])) for c in conditions}
+        return {
+            c: (word_accuracy(model, probes[1, c]), word_accuracy(model, probes[2, c])) for c in conditions
+        }
 
     before = measure()
     start = time.perf_counter()
     losses = train(model, train_set, steps, batch_size, lr, seed)
     seconds = time.perf_counter() - start
     after = measure()
-    prior = (text_prior([c for c, _ in truth.values()], tokenizer), text_prior([s for _, s in truth.values()], tokenizer))
-    return {"before": before, "after": after, "prior": prior, "losses": losses, "train_seconds": seconds,
-            "detector_accuracy": detector_accuracy, "detector_seconds": detector_seconds,
-            "num_train": len(train_set), "num_eval": len(test_set)}
+    prior = (
+        text_prior([c for c, _ in truth.values()], tokenizer),
+        text_prior([s for _, s in truth.values()], tokenizer),
+    )
+    return {
+        "before": before,
+        "after": after,
+        "prior": prior,
+        "losses": losses,
+        "train_seconds": seconds,
+        "detector_accuracy": detector_accuracy,
+        "detector_seconds": detector_seconds,
+        "num_train": len(train_set),
+        "num_eval": len(test_set),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=64)
@@ -298,15 +380,31 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = run_probe(args.steps, args.batch_size, args.image_size, args.num_train, args.num_eval, args.lr,
-                       args.mlm_prob, args.freeze_at, args.detector_steps, args.seed)
+    result = run_probe(
+        args.steps,
+        args.batch_size,
+        args.image_size,
+        args.num_train,
+        args.num_eval,
+        args.lr,
+        args.mlm_prob,
+        args.freeze_at,
+        args.detector_steps,
+        args.seed,
+    )
     losses = result["losses"]
     head = max(1, len(losses) // 10)
-    print(f"detector pre-training (24 colour-shape classes): {args.detector_steps} steps x 32 images, "
-          f"{result['detector_seconds']:.0f} s, train accuracy (last 20 steps) {result['detector_accuracy']:.3f}")
-    print(f"VL-BERT pre-training: {len(losses)} steps x {args.batch_size} captions ({result['num_train']} images), "
-          f"{result['train_seconds']:.0f} s; loss first/last {head} steps: "
-          f"{np.mean(losses[:head]):.3f} -> {np.mean(losses[-head:]):.3f}")
+    print(
+        f"detector pre-training (24 colour-shape classes): {args.detector_steps} steps x 32 images, "
+        f"{result['detector_seconds']:.0f} s, "
+        f"train accuracy (last 20 steps) {result['detector_accuracy']:.3f}"
+    )
+    print(
+        f"VL-BERT pre-training: {len(losses)} steps x {args.batch_size} captions "
+        f"({result['num_train']} images), "
+        f"{result['train_seconds']:.0f} s; loss first/last {head} steps: "
+        f"{np.mean(losses[:head]):.3f} -> {np.mean(losses[-head:]):.3f}"
+    )
     print(f"held-out captions: {result['num_eval']}; accuracy of the masked word (all word pieces right)\n")
     print(f"| {'condition':<26} | {'colour':>7} | {'shape':>7} |")
     print(f"|{'-' * 28}|{'-' * 9}|{'-' * 9}|")
@@ -318,8 +416,11 @@ def main() -> None:
             print(f"| {label:<26} | {colour:7.3f} | {shape:7.3f} |")
     image = result["after"]["image"]
     masked = result["after"]["region masked"]
-    print(f"\nimage / prior: colour {image[0] / colour_prior:.1f}x, shape {image[1] / shape_prior:.1f}x; "
-          f"masking the region: colour {image[0]:.3f} -> {masked[0]:.3f}, shape {image[1]:.3f} -> {masked[1]:.3f}")
+    print(
+        f"\nimage / prior: colour {image[0] / colour_prior:.1f}x, shape {image[1] / shape_prior:.1f}x; "
+        f"masking the region: colour {image[0]:.3f} -> {masked[0]:.3f}, "
+        f"shape {image[1]:.3f} -> {masked[1]:.3f}"
+    )
 
 
 if __name__ == "__main__":

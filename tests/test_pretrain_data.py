@@ -1,4 +1,5 @@
 """Pre-training data: whole-word / region masking, pixel masks, collation, transforms, samplers, captions."""
+
 import json
 import random
 from pathlib import Path
@@ -8,15 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from e2e_vl.data.captions import (CaptionDataError, CaptionPretrainDataset, TextOnlyDataset, read_captions,
-                                  read_coco_captions, read_tsv_captions)
+from e2e_vl.data.captions import (
+    CaptionDataError,
+    CaptionPretrainDataset,
+    TextOnlyDataset,
+    read_captions,
+    read_coco_captions,
+    read_tsv_captions,
+)
 from e2e_vl.data.collate import VLCollator, collate_samples, pad_images, vqa_text_inputs
 from e2e_vl.data.masking import IGNORE_INDEX, box_pixel_mask, mask_whole_words, select_masked_regions
 from e2e_vl.data.roi_store import RoIRecord
 from e2e_vl.data.samplers import AspectRatioGroupedBatchSampler
 from e2e_vl.data.transforms import ResizeFlip, swap_left_right
 from e2e_vl.modeling import load_tokenizer
-
 
 PRETRAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "vlbert_base_cc.yaml"
 
@@ -32,8 +38,9 @@ def test_whole_word_masking_rates_and_word_pieces():
     n_words = 4000
     ids = [101] + [1000 + (i % 7) for i in range(2 * n_words)] + [102]
     word_ids = [None] + [i // 2 for i in range(2 * n_words)] + [None]  # every word = 2 pieces
-    new, labels = mask_whole_words(ids, word_ids, mask_token_id=103, vocab_size=30522, special_ids=[0, 100, 101, 102, 103],
-                                   rng=rng)
+    new, labels = mask_whole_words(
+        ids, word_ids, mask_token_id=103, vocab_size=30522, special_ids=[0, 100, 101, 102, 103], rng=rng
+    )
     assert labels[0] == labels[-1] == IGNORE_INDEX and new[0] == 101 and new[-1] == 102
     chosen = masked = kept = 0
     for w in range(n_words):
@@ -76,13 +83,22 @@ def test_box_pixel_mask_covers_touched_pixels():
 
 # ---- collation -----------------------------------------------------------------------------------------
 def test_collate_pads_tokens_boxes_and_images():
-    a = {"input_ids": torch.tensor([1, 2, 3]), "image": torch.ones(3, 4, 6, dtype=torch.uint8),
-         "boxes": torch.tensor([[0, 0, 6, 4.0], [1, 1, 2, 2]]), "region_labelled": torch.tensor([False, True]),
-         "mrc_targets": torch.tensor([[0.0, 0.0], [0.3, 0.7]]), "mlm_labels": torch.tensor([-100, 5, -100])}
-    b = {"input_ids": torch.tensor([1, 9]), "image": torch.full((3, 5, 2), 2, dtype=torch.uint8),
-         "boxes": torch.tensor([[0, 0, 2, 5.0], [0, 1, 1, 2], [0, 0, 1, 1]]),
-         "region_labelled": torch.tensor([False, True, True]), "mrc_targets": torch.tensor([[0, 0], [1, 0], [0.5, 0.5]]),
-         "region_masked": torch.tensor([False, False, True])}
+    a = {
+        "input_ids": torch.tensor([1, 2, 3]),
+        "image": torch.ones(3, 4, 6, dtype=torch.uint8),
+        "boxes": torch.tensor([[0, 0, 6, 4.0], [1, 1, 2, 2]]),
+        "region_labelled": torch.tensor([False, True]),
+        "mrc_targets": torch.tensor([[0.0, 0.0], [0.3, 0.7]]),
+        "mlm_labels": torch.tensor([-100, 5, -100]),
+    }
+    b = {
+        "input_ids": torch.tensor([1, 9]),
+        "image": torch.full((3, 5, 2), 2, dtype=torch.uint8),
+        "boxes": torch.tensor([[0, 0, 2, 5.0], [0, 1, 1, 2], [0, 0, 1, 1]]),
+        "region_labelled": torch.tensor([False, True, True]),
+        "mrc_targets": torch.tensor([[0, 0], [1, 0], [0.5, 0.5]]),
+        "region_masked": torch.tensor([False, False, True]),
+    }
     batch = VLCollator(pad_token_id=0)([a, [b]])
     assert batch["images"].shape == (2, 3, 5, 6) and batch["images"].dtype == torch.uint8
     assert batch["image_sizes"].tolist() == [[4, 6], [5, 2]]
@@ -99,8 +115,14 @@ def test_collate_pads_tokens_boxes_and_images():
 def test_collate_shares_images_by_key_and_rejects_mixed_answers():
     image = torch.zeros(3, 4, 4)
     boxes = torch.tensor([[0, 0, 4, 4.0]])
-    q1 = {"input_ids": torch.tensor([1, 2]), "image": image, "boxes": boxes, "image_key": 5, "answer_pos": 1,
-          "vqa_targets": torch.tensor([1.0, 0.0])}
+    q1 = {
+        "input_ids": torch.tensor([1, 2]),
+        "image": image,
+        "boxes": boxes,
+        "image_key": 5,
+        "answer_pos": 1,
+        "vqa_targets": torch.tensor([1.0, 0.0]),
+    }
     q2 = dict(q1, input_ids=torch.tensor([1, 3, 4]))
     other = dict(q1, image_key=6)
     batch = collate_samples([q1, other, q2])
@@ -127,14 +149,18 @@ def test_vqa_text_layout(tokenizer):
 
 # ---- transforms and samplers ---------------------------------------------------------------------------
 def test_swap_left_right():
-    assert swap_left_right("the Left cup, right of LEFT; leftover") == "the Right cup, left of RIGHT; leftover"
+    assert (
+        swap_left_right("the Left cup, right of LEFT; leftover") == "the Right cup, left of RIGHT; leftover"
+    )
 
 
 def test_resize_and_flip_boxes_and_text():
     image = np.zeros((40, 80, 3), np.uint8)
     image[10:20, 0:10] = 255
     boxes = torch.tensor([[0.0, 10.0, 10.0, 20.0]])
-    out = ResizeFlip(20, 1000, flip_prob=1.0, swap_text_sides=True)(image, boxes, "a box on the left", random.Random(0))
+    out = ResizeFlip(20, 1000, flip_prob=1.0, swap_text_sides=True)(
+        image, boxes, "a box on the left", random.Random(0)
+    )
     assert out.image.shape == (3, 20, 40) and out.flipped and out.text == "a box on the right"
     torch.testing.assert_close(out.boxes, torch.tensor([[35.0, 5.0, 40.0, 10.0]]))
     assert out.image[:, 5:10, 35:40].float().mean() > 200 and out.image[:, 5:10, 0:5].max() == 0
@@ -152,14 +178,22 @@ def test_aspect_ratio_grouping():
     for b in batches:
         assert len({ratios[i] >= 1 for i in b}) == 1
     assert len(batches) == len(sampler) == 4
-    assert len(AspectRatioGroupedBatchSampler(order, ratios, 2, drop_last=True)) == len(
-        list(AspectRatioGroupedBatchSampler(order, ratios, 2, drop_last=True))) == 3
+    assert (
+        len(AspectRatioGroupedBatchSampler(order, ratios, 2, drop_last=True))
+        == len(list(AspectRatioGroupedBatchSampler(order, ratios, 2, drop_last=True)))
+        == 3
+    )
 
 
 # ---- captions ------------------------------------------------------------------------------------------
 def test_read_coco_and_tsv_captions(tmp_path):
-    coco = {"images": [{"id": 7, "file_name": "a.jpg", "height": 4, "width": 4}],
-            "annotations": [{"id": 2, "image_id": 7, "caption": " A dog. "}, {"id": 1, "image_id": 7, "caption": "x"}]}
+    coco = {
+        "images": [{"id": 7, "file_name": "a.jpg", "height": 4, "width": 4}],
+        "annotations": [
+            {"id": 2, "image_id": 7, "caption": " A dog. "},
+            {"id": 1, "image_id": 7, "caption": "x"},
+        ],
+    }
     (tmp_path / "caps.json").write_text(json.dumps(coco))
     caps = read_coco_captions(tmp_path / "caps.json", image_root="imgs")
     assert [(c.image_id, c.text) for c in caps] == [("7", "x"), ("7", "A dog.")]
@@ -177,9 +211,15 @@ def _store_with_one_image(tmp_path, num_classes=5):
     image = (np.arange(30 * 60 * 3) % 251).astype(np.uint8).reshape(30, 60, 3)
     cv2.imwrite(str(tmp_path / "17.png"), image)
     probs = np.random.default_rng(0).dirichlet(np.ones(num_classes), size=3).astype(np.float16)
-    record = RoIRecord("17", str(tmp_path / "17.png"), 30, 60,
-                       boxes=np.array([[0, 0, 10, 10], [20, 5, 40, 25], [30, 0, 60, 30]], np.float32),
-                       class_probs=probs, object_conf=np.array([0.9, 0.2, 0.8], np.float32))
+    record = RoIRecord(
+        "17",
+        str(tmp_path / "17.png"),
+        30,
+        60,
+        boxes=np.array([[0, 0, 10, 10], [20, 5, 40, 25], [30, 0, 60, 30]], np.float32),
+        class_probs=probs,
+        object_conf=np.array([0.9, 0.2, 0.8], np.float32),
+    )
     return {"17": record}, record
 
 
@@ -191,22 +231,36 @@ def test_caption_dataset_sample_and_missing_record(tmp_path, tokenizer):
     with pytest.raises(CaptionDataError, match=r"caps.tsv:2: image id 'missing' has no RoI record"):
         CaptionPretrainDataset(caps, store, tokenizer, transform)
     text_len = len(tokenizer("a red circle on the left")["input_ids"])
-    ds = CaptionPretrainDataset(caps[:1], store, tokenizer, transform, mrc_prob=1.0, mrc_mask_frac=1.0,
-                                max_seq_len=text_len + 4, max_text_len=text_len)
+    ds = CaptionPretrainDataset(
+        caps[:1],
+        store,
+        tokenizer,
+        transform,
+        mrc_prob=1.0,
+        mrc_mask_frac=1.0,
+        max_seq_len=text_len + 4,
+        max_text_len=text_len,
+    )
     sample = ds[0]
     # Whole image + the two highest-scoring boxes (0.9 and 0.8), in stored order, scaled x2.
-    torch.testing.assert_close(sample["boxes"], torch.tensor([[0, 0, 120, 60.0], [0, 0, 20, 20], [60, 0, 120, 60]]))
+    torch.testing.assert_close(
+        sample["boxes"], torch.tensor([[0, 0, 120, 60.0], [0, 0, 20, 20], [60, 0, 120, 60]])
+    )
     assert sample["image"].shape == (3, 60, 120)
     assert sample["region_masked"].tolist() == [False, True, True]
     assert sample["region_labelled"].tolist() == [False, True, True]
-    torch.testing.assert_close(sample["mrc_targets"][1:], torch.from_numpy(record.class_probs[[0, 2]].astype(np.float32)))
+    torch.testing.assert_close(
+        sample["mrc_targets"][1:], torch.from_numpy(record.class_probs[[0, 2]].astype(np.float32))
+    )
     again = ds[0]
     assert torch.equal(again["input_ids"], sample["input_ids"])  # reproducible per (seed, epoch, index)
     assert ds.aspect_ratios() == [2.0]
 
 
 def test_text_only_dataset(tokenizer):
-    ds = TextOnlyDataset(["a sentence about shapes and colours", "  ", "another one"], tokenizer, mlm_prob=1.0)
+    ds = TextOnlyDataset(
+        ["a sentence about shapes and colours", "  ", "another one"], tokenizer, mlm_prob=1.0
+    )
     assert len(ds) == 2
     sample = ds[0]
     assert (sample["mlm_labels"][1:-1] != IGNORE_INDEX).all() and sample["mlm_labels"][0] == IGNORE_INDEX
@@ -218,14 +272,25 @@ def test_pretrain_config_builds_datasets_from_an_roi_store(tmp_path, tokenizer):
     from e2e_vl.data.captions import build_pretrain_datasets
     from e2e_vl.data.roi_store import RoIStoreWriter
 
-    store, record = _store_with_one_image(tmp_path)
+    _, record = _store_with_one_image(tmp_path)
     with RoIStoreWriter(tmp_path / "rois", {"fingerprint": "test"}) as writer:
         writer.write_batch([record])
     (tmp_path / "caps.tsv").write_text("17.png\ta red circle\n")
     (tmp_path / "text.txt").write_text("a passage of text\n")
-    overrides = ["DATASETS.ROOT", str(tmp_path), "DATASETS.ROI_STORE", "rois", "MODEL.VLBERT.PRETRAIN.CAPTIONS",
-                 "caps.tsv", "MODEL.VLBERT.PRETRAIN.IMAGE_ROOT", ".", "MODEL.VLBERT.PRETRAIN.TEXT_CORPUS", "text.txt",
-                 "INPUT.MIN_SIZE_TRAIN", "[60]"]
+    overrides = [
+        "DATASETS.ROOT",
+        str(tmp_path),
+        "DATASETS.ROI_STORE",
+        "rois",
+        "MODEL.VLBERT.PRETRAIN.CAPTIONS",
+        "caps.tsv",
+        "MODEL.VLBERT.PRETRAIN.IMAGE_ROOT",
+        ".",
+        "MODEL.VLBERT.PRETRAIN.TEXT_CORPUS",
+        "text.txt",
+        "INPUT.MIN_SIZE_TRAIN",
+        "[60]",
+    ]
     cfg = load_train_cfg(PRETRAIN_CONFIG, overrides)
     captions, text = build_pretrain_datasets(cfg, tokenizer)
     sample = captions[0]
@@ -233,5 +298,6 @@ def test_pretrain_config_builds_datasets_from_an_roi_store(tmp_path, tokenizer):
     assert sample["mrc_targets"].shape == (4, 5)
     assert len(text) == 1
     with pytest.raises(CaptionDataError, match="PRETRAIN.CAPTIONS is empty"):
-        build_pretrain_datasets(load_train_cfg(PRETRAIN_CONFIG,
-                                               ["MODEL.VLBERT.PRETRAIN.CAPTIONS", ""]), tokenizer)
+        build_pretrain_datasets(
+            load_train_cfg(PRETRAIN_CONFIG, ["MODEL.VLBERT.PRETRAIN.CAPTIONS", ""]), tokenizer
+        )

@@ -3,6 +3,7 @@
 A tiny random detector (ResNet-50 layout with narrow widths) and a tiny random BERT keep every test
 to CPU seconds; the real MiniLM folder is used once to check loading from a checkpoint.
 """
+
 import math
 
 import cv2
@@ -40,15 +41,35 @@ def tiny_detector_cfg(cfg=None):
 def tiny_model(heads=("mlm", "mrc", "vqa"), masking="pixel", **kwargs) -> VLBert:
     torch.manual_seed(0)
     detector = build_detector(tiny_detector_cfg())
-    bert = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False)
-    return VLBert(detector, bert, heads=heads, num_answers=5, num_mrc_classes=NUM_CLASSES, masking=masking,
-                  sep_token_id=102, mask_token_id=103, **kwargs)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        ),
+        add_pooling_layer=False,
+    )
+    return VLBert(
+        detector,
+        bert,
+        heads=heads,
+        num_answers=5,
+        num_mrc_classes=NUM_CLASSES,
+        masking=masking,
+        sep_token_id=102,
+        mask_token_id=103,
+        **kwargs,
+    )
 
 
 def image_sample(num_boxes=3, text_len=6, height=64, width=48, seed=0, **extra):
     g = torch.Generator().manual_seed(seed)
-    boxes = torch.tensor([[0, 0, width, height], [4, 6, 20, 30], [20, 30, 44, 60], [10, 2, 40, 22.0]])[:num_boxes]
+    boxes = torch.tensor([[0, 0, width, height], [4, 6, 20, 30], [20, 30, 44, 60], [10, 2, 40, 22.0]])[
+        :num_boxes
+    ]
     sample = {
         "input_ids": torch.randint(5, VOCAB, (text_len,), generator=g),
         "image": torch.rand(3, height, width, generator=g) * 255,
@@ -73,8 +94,12 @@ def test_geometry_embedding_matches_formula():
     out = box_geometry_embedding(boxes, torch.tensor([width, height]))
     assert out.shape == (2, 2048)
     for k, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
-        values = [(x1 + x2) / 2 / width * 100, (y1 + y2) / 2 / height * 100, (x2 - x1) / width * 100,
-                  (y2 - y1) / height * 100]
+        values = [
+            (x1 + x2) / 2 / width * 100,
+            (y1 + y2) / 2 / height * 100,
+            (x2 - x1) / width * 100,
+            (y2 - y1) / height * 100,
+        ]
         for j, v in enumerate(values):
             for i in (0, 1, 17, 255):
                 angle = v / 1000 ** (i / 256)
@@ -132,7 +157,9 @@ def test_embeddings_of_text_and_region_tokens():
 
 def capture_backbone_input(model: VLBert) -> list:
     seen = []
-    model.detector.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    model.detector.backbone.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].detach().clone())
+    )
     return seen
 
 
@@ -164,12 +191,20 @@ def test_masked_region_pixels_and_label_from_the_caption_data_set(tmp_path):
     coordinates, untouched elsewhere, and its MRC target is the stored distribution."""
     cv2.imwrite(str(tmp_path / "17.png"), (np.arange(30 * 60 * 3) % 251).astype(np.uint8).reshape(30, 60, 3))
     probs = np.random.default_rng(0).dirichlet(np.ones(NUM_CLASSES), size=1).astype(np.float16)
-    record = RoIRecord("17", str(tmp_path / "17.png"), 30, 60, boxes=np.array([[20, 5, 40, 25]], np.float32),
-                       class_probs=probs, object_conf=np.array([0.9], np.float32))
+    record = RoIRecord(
+        "17",
+        str(tmp_path / "17.png"),
+        30,
+        60,
+        boxes=np.array([[20, 5, 40, 25]], np.float32),
+        class_probs=probs,
+        object_conf=np.array([0.9], np.float32),
+    )
     (tmp_path / "caps.tsv").write_text("17.png\ta red circle\n")
     captions = read_tsv_captions(tmp_path / "caps.tsv", image_root=str(tmp_path))
-    data = CaptionPretrainDataset(captions, {"17": record}, load_tokenizer(""), ResizeFlip(45, 1000),
-                                  mrc_prob=1.0, mrc_mask_frac=1.0)
+    data = CaptionPretrainDataset(
+        captions, {"17": record}, load_tokenizer(""), ResizeFlip(45, 1000), mrc_prob=1.0, mrc_mask_frac=1.0
+    )
     batch = collate_samples([data[0]])
     model = tiny_model(heads=("mrc",)).eval()
     seen = capture_backbone_input(model)
@@ -202,9 +237,14 @@ def test_one_step_updates_unfrozen_detector_only():
     frozen_bn = [k for k, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)]
     assert frozen_bn and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     samples = [
-        image_sample(region_masked=torch.tensor([False, True, False]), region_labelled=torch.tensor([False, True, True]),
-                     mrc_targets=torch.softmax(torch.randn(3, NUM_CLASSES), -1),
-                     mlm_labels=torch.tensor([-100, 7, -100, 9, -100, -100]), answer_pos=2, vqa_targets=torch.rand(5)),
+        image_sample(
+            region_masked=torch.tensor([False, True, False]),
+            region_labelled=torch.tensor([False, True, True]),
+            mrc_targets=torch.softmax(torch.randn(3, NUM_CLASSES), -1),
+            mlm_labels=torch.tensor([-100, 7, -100, 9, -100, -100]),
+            answer_pos=2,
+            vqa_targets=torch.rand(5),
+        ),
     ]
     out = model(collate_samples(samples))
     assert set(out["losses"]) == {"mlm", "mrc", "vqa"}
@@ -256,11 +296,18 @@ def test_heads_outputs_and_losses():
     targets = torch.softmax(torch.randn(3, NUM_CLASSES), -1)
     samples = []
     for i in range(4):  # one VCR question with 4 choices
-        samples.append(image_sample(seed=i, answer_pos=3, vqa_targets=torch.rand(5),
-                                    ref_labels=torch.tensor([-1.0, 1.0, 0.0]),
-                                    region_labelled=torch.tensor([False, True, True]), mrc_targets=targets,
-                                    mlm_labels=torch.tensor([-100, 8, -100, -100, -100, -100]),
-                                    **({"choice_label": 2} if i == 0 else {})))
+        samples.append(
+            image_sample(
+                seed=i,
+                answer_pos=3,
+                vqa_targets=torch.rand(5),
+                ref_labels=torch.tensor([-1.0, 1.0, 0.0]),
+                region_labelled=torch.tensor([False, True, True]),
+                mrc_targets=targets,
+                mlm_labels=torch.tensor([-100, 8, -100, -100, -100, -100]),
+                **({"choice_label": 2} if i == 0 else {}),
+            )
+        )
     batch = collate_samples(samples)
     out = model(batch)
     assert out["vqa_logits"].shape == (4, 5)
@@ -268,13 +315,19 @@ def test_heads_outputs_and_losses():
     assert out["vcr_logits"].shape == (1, 4)
     assert out["mrc_logits"].shape == (8, NUM_CLASSES)
     assert out["mlm_logits"].shape == (4, VOCAB) and out["mlm_labels"].tolist() == [8] * 4
-    expected_vqa = torch.nn.functional.binary_cross_entropy_with_logits(
-        out["vqa_logits"], batch["vqa_targets"], reduction="none").sum(1).mean()
+    expected_vqa = (
+        torch.nn.functional.binary_cross_entropy_with_logits(
+            out["vqa_logits"], batch["vqa_targets"], reduction="none"
+        )
+        .sum(1)
+        .mean()
+    )
     torch.testing.assert_close(out["losses"]["vqa"], expected_vqa)
     expected_mrc = -(targets[1:].repeat(4, 1) * out["mrc_logits"].log_softmax(-1)).sum(-1).mean()
     torch.testing.assert_close(out["losses"]["mrc"], expected_mrc)
-    torch.testing.assert_close(out["losses"]["vcr"], torch.nn.functional.cross_entropy(out["vcr_logits"],
-                                                                                      torch.tensor([2])))
+    torch.testing.assert_close(
+        out["losses"]["vcr"], torch.nn.functional.cross_entropy(out["vcr_logits"], torch.tensor([2]))
+    )
     assert set(out["losses"]) == {"mlm", "mrc", "vqa", "ref", "vcr"}
     torch.testing.assert_close(out["loss"], sum(out["losses"].values()))
 
@@ -302,7 +355,11 @@ def test_mlm_head_is_tied_and_keys_follow_detectron2():
 
 def test_text_only_batch_needs_no_images():
     model = tiny_model(heads=("mlm",))
-    out = model(collate_samples([{"input_ids": torch.arange(5, 12), "mlm_labels": torch.tensor([-100, 9] + [-100] * 5)}]))
+    out = model(
+        collate_samples(
+            [{"input_ids": torch.arange(5, 12), "mlm_labels": torch.tensor([-100, 9] + [-100] * 5)}]
+        )
+    )
     assert set(out["losses"]) == {"mlm_text"}
     assert out["mlm_logits"].shape == (1, VOCAB) and torch.isfinite(out["loss"])
 
@@ -323,7 +380,9 @@ def test_build_from_config_with_the_embedded_minilm():
     tok = load_tokenizer("")
     text = vqa_text_inputs(tok, "what color is the shape?")
     assert text["input_ids"][text["answer_pos"]].item() == tok.mask_token_id
-    assert torch.equal(model.end_token.detach(), model.bert.embeddings.word_embeddings.weight[tok.sep_token_id])
+    assert torch.equal(
+        model.end_token.detach(), model.bert.embeddings.word_embeddings.weight[tok.sep_token_id]
+    )
     sample = image_sample(**text)
     sample["vqa_targets"] = torch.zeros(13)
     out = model(collate_samples([sample]))

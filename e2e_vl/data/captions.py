@@ -10,6 +10,7 @@ A sample (see `e2e_vl.data.collate`) gets: the resized (and possibly flipped) im
 image followed by the stored boxes (the highest-scoring ones that fit the sequence budget), whole-word
 MLM masking of the caption, and masked-RoI-classification targets = the stored class distributions.
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,7 +39,9 @@ class Caption:
     source: str = ""  # "file:line" for error messages
 
 
-def read_coco_captions(annotation_file: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[Caption]:
+def read_coco_captions(
+    annotation_file: str | os.PathLike, image_root: str | os.PathLike | None = None
+) -> list[Caption]:
     """COCO captions json (`captions_train2017.json`): one Caption per annotation, in annotation id order.
 
     `image_root` (default: the json's folder) is joined with each image's `file_name`."""
@@ -59,12 +62,17 @@ def read_coco_captions(annotation_file: str | os.PathLike, image_root: str | os.
             raise CaptionDataError(f"{path}: annotation {ann_id} lacks 'caption' or 'image_id'")
         info = coco.imgs.get(ann["image_id"], {})
         image_path = os.path.join(root, info["file_name"]) if "file_name" in info else None
-        captions.append(Caption(str(ann["image_id"]), ann["caption"].strip(), image_path, f"{path}:ann {ann_id}"))
+        captions.append(
+            Caption(str(ann["image_id"]), ann["caption"].strip(), image_path, f"{path}:ann {ann_id}")
+        )
     return captions
 
 
-def read_tsv_captions(tsv_file: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[Caption]:
-    """`image_path<TAB>caption` per line (Conceptual Captions style); relative paths are under `image_root`."""
+def read_tsv_captions(
+    tsv_file: str | os.PathLike, image_root: str | os.PathLike | None = None
+) -> list[Caption]:
+    """`image_path<TAB>caption` per line (Conceptual Captions style); relative paths are under
+    `image_root`."""
     path = os.fspath(tsv_file)
     if not os.path.isfile(path):
         raise CaptionDataError(f"caption file not found: {path}")
@@ -99,10 +107,22 @@ class CaptionPretrainDataset(Dataset):
     way they were when the boxes were extracted.
     """
 
-    def __init__(self, captions: Sequence[Caption], regions: Mapping[str, Any], tokenizer, transform: ResizeFlip, *,
-                 mlm_prob: float = 0.15, mrc_prob: float = 0.15, mrc_mask_frac: float = 0.9,
-                 max_seq_len: int = 64, max_text_len: int = 40, seed: int = 0, image_loader=None,
-                 check_regions: bool = True):
+    def __init__(
+        self,
+        captions: Sequence[Caption],
+        regions: Mapping[str, Any],
+        tokenizer,
+        transform: ResizeFlip,
+        *,
+        mlm_prob: float = 0.15,
+        mrc_prob: float = 0.15,
+        mrc_mask_frac: float = 0.9,
+        max_seq_len: int = 64,
+        max_text_len: int = 40,
+        seed: int = 0,
+        image_loader=None,
+        check_regions: bool = True,
+    ):
         self.captions = list(captions)
         self.regions = regions
         self.tokenizer = tokenizer
@@ -110,8 +130,10 @@ class CaptionPretrainDataset(Dataset):
         self.mlm_prob, self.mrc_prob, self.mrc_mask_frac = mlm_prob, mrc_prob, mrc_mask_frac
         self.max_seq_len, self.max_text_len = max_seq_len, max_text_len
         if max_seq_len < max_text_len + 2:
-            raise ValueError(f"max_seq_len ({max_seq_len}) must leave room for the whole-image box and [END] "
-                             f"after max_text_len ({max_text_len}) tokens")
+            raise ValueError(
+                f"max_seq_len ({max_seq_len}) must leave room for the whole-image box and [END] "
+                f"after max_text_len ({max_text_len}) tokens"
+            )
         self.seed = seed
         self.epoch = 0
         if image_loader is None:
@@ -154,8 +176,10 @@ class CaptionPretrainDataset(Dataset):
         image = self.image_loader(caption.path or record.path)
         if tuple(image.shape[:2]) != (record.height, record.width):
             raise CaptionDataError(
-                f"image {caption.image_id!r} ({caption.path or record.path}) is {image.shape[1]}x{image.shape[0]} "
-                f"but its RoI record says {record.width}x{record.height}")
+                f"image {caption.image_id!r} ({caption.path or record.path}) is "
+                f"{image.shape[1]}x{image.shape[0]} "
+                f"but its RoI record says {record.width}x{record.height}"
+            )
 
         encoded = self.tokenizer(caption.text, truncation=True, max_length=self.max_text_len)
         budget = self.max_seq_len - len(encoded["input_ids"]) - 2  # whole-image box and [END]
@@ -166,9 +190,17 @@ class CaptionPretrainDataset(Dataset):
         if out.text != caption.text:  # flipped: the text changed ("left" <-> "right"), re-encode it
             encoded = self.tokenizer(out.text, truncation=True, max_length=self.max_text_len)
         ids, labels = mask_whole_words(
-            encoded["input_ids"], encoded.word_ids(), mask_token_id=self.tokenizer.mask_token_id,
-            vocab_size=len(self.tokenizer), special_ids=self.special_ids, rng=rng, prob=self.mlm_prob)
-        labelled, masked = select_masked_regions(len(boxes), rng=rng, prob=self.mrc_prob, mask_frac=self.mrc_mask_frac)
+            encoded["input_ids"],
+            encoded.word_ids(),
+            mask_token_id=self.tokenizer.mask_token_id,
+            vocab_size=len(self.tokenizer),
+            special_ids=self.special_ids,
+            rng=rng,
+            prob=self.mlm_prob,
+        )
+        labelled, masked = select_masked_regions(
+            len(boxes), rng=rng, prob=self.mrc_prob, mask_frac=self.mrc_mask_frac
+        )
         sample = {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "token_type_ids": torch.zeros(len(ids), dtype=torch.long),
@@ -188,7 +220,9 @@ class CaptionPretrainDataset(Dataset):
 class TextOnlyDataset(Dataset):
     """Text-only MLM samples (one passage per line of a text file), mixed into pre-training batches."""
 
-    def __init__(self, lines: Sequence[str], tokenizer, *, mlm_prob: float = 0.15, max_len: int = 64, seed: int = 0):
+    def __init__(
+        self, lines: Sequence[str], tokenizer, *, mlm_prob: float = 0.15, max_len: int = 64, seed: int = 0
+    ):
         self.lines = [line.strip() for line in lines if line.strip()]
         self.tokenizer = tokenizer
         self.mlm_prob = mlm_prob
@@ -214,13 +248,24 @@ class TextOnlyDataset(Dataset):
         rng = random.Random(f"text/{self.seed}/{self.epoch}/{index}")
         encoded = self.tokenizer(self.lines[index], truncation=True, max_length=self.max_len)
         ids, labels = mask_whole_words(
-            encoded["input_ids"], encoded.word_ids(), mask_token_id=self.tokenizer.mask_token_id,
-            vocab_size=len(self.tokenizer), special_ids=self.special_ids, rng=rng, prob=self.mlm_prob)
-        return {"input_ids": torch.tensor(ids), "token_type_ids": torch.zeros(len(ids), dtype=torch.long),
-                "mlm_labels": torch.tensor(labels)}
+            encoded["input_ids"],
+            encoded.word_ids(),
+            mask_token_id=self.tokenizer.mask_token_id,
+            vocab_size=len(self.tokenizer),
+            special_ids=self.special_ids,
+            rng=rng,
+            prob=self.mlm_prob,
+        )
+        return {
+            "input_ids": torch.tensor(ids),
+            "token_type_ids": torch.zeros(len(ids), dtype=torch.long),
+            "mlm_labels": torch.tensor(labels),
+        }
 
 
-def build_pretrain_datasets(cfg, tokenizer, seed: int = 0) -> tuple[CaptionPretrainDataset, TextOnlyDataset | None]:
+def build_pretrain_datasets(
+    cfg, tokenizer, seed: int = 0
+) -> tuple[CaptionPretrainDataset, TextOnlyDataset | None]:
     """The caption data set (and the text-only corpus, when configured) of a training config:
     MODEL.VLBERT.PRETRAIN.{CAPTIONS, IMAGE_ROOT, TEXT_CORPUS, rates}, DATASETS.{ROOT, ROI_STORE} and the
     INPUT training sizes."""
@@ -233,20 +278,34 @@ def build_pretrain_datasets(cfg, tokenizer, seed: int = 0) -> tuple[CaptionPretr
         return os.path.join(root, path) if root and path and not os.path.isabs(path) else path
 
     if not p.CAPTIONS:
-        raise CaptionDataError("MODEL.VLBERT.PRETRAIN.CAPTIONS is empty: name a COCO captions json or a TSV file")
+        raise CaptionDataError(
+            "MODEL.VLBERT.PRETRAIN.CAPTIONS is empty: name a COCO captions json or a TSV file"
+        )
     if not cfg.DATASETS.ROI_STORE:
-        raise CaptionDataError("DATASETS.ROI_STORE is empty: pre-training needs the regions of tools/extract_rois.py")
+        raise CaptionDataError(
+            "DATASETS.ROI_STORE is empty: pre-training needs the regions of tools/extract_rois.py"
+        )
     captions = read_captions(under_root(p.CAPTIONS), under_root(p.IMAGE_ROOT) or None)
-    transform = ResizeFlip(list(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN, flip_prob=p.FLIP_PROB,
-                           swap_text_sides=True)
+    transform = ResizeFlip(
+        list(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN, flip_prob=p.FLIP_PROB, swap_text_sides=True
+    )
     captions_set = CaptionPretrainDataset(
-        captions, RoIStore(under_root(cfg.DATASETS.ROI_STORE)), tokenizer, transform, mlm_prob=p.MLM_PROB,
-        mrc_prob=p.MRC_PROB, mrc_mask_frac=p.MRC_MASK_FRAC, max_seq_len=p.MAX_SEQ_LEN, max_text_len=p.MAX_TEXT_LEN,
-        seed=seed)
+        captions,
+        RoIStore(under_root(cfg.DATASETS.ROI_STORE)),
+        tokenizer,
+        transform,
+        mlm_prob=p.MLM_PROB,
+        mrc_prob=p.MRC_PROB,
+        mrc_mask_frac=p.MRC_MASK_FRAC,
+        max_seq_len=p.MAX_SEQ_LEN,
+        max_text_len=p.MAX_TEXT_LEN,
+        seed=seed,
+    )
     text_set = None
     if p.TEXT_CORPUS:
-        text_set = TextOnlyDataset.from_file(under_root(p.TEXT_CORPUS), tokenizer, mlm_prob=p.MLM_PROB,
-                                             max_len=p.MAX_SEQ_LEN, seed=seed)
+        text_set = TextOnlyDataset.from_file(
+            under_root(p.TEXT_CORPUS), tokenizer, mlm_prob=p.MLM_PROB, max_len=p.MAX_SEQ_LEN, seed=seed
+        )
     return captions_set, text_set
 
 
@@ -264,5 +323,7 @@ def _top_boxes(record, budget: int) -> np.ndarray:
 
 
 def _missing_message(caption: Caption) -> str:
-    return (f"caption at {caption.source or '?'}: image id {caption.image_id!r} has no RoI record in the store "
-            f"(extract its regions with tools/extract_rois.py, or drop the caption)")
+    return (
+        f"caption at {caption.source or '?'}: image id {caption.image_id!r} has no RoI record in the store "
+        f"(extract its regions with tools/extract_rois.py, or drop the caption)"
+    )

@@ -22,6 +22,7 @@ A *sample* is one text (caption, question, expression) with its image. Keys (ten
 A data set item may also be a list of samples (e.g. an image with all its questions); lists are
 flattened. The batch layout is documented in `e2e_vl.modeling.vlbert.VLBert`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Hashable, Sequence
@@ -51,7 +52,9 @@ class VLCollator:
         return collate_samples(samples, self.pad_token_id, self.size_divisibility)
 
 
-def collate_samples(samples: Sequence[Sample], pad_token_id: int = 0, size_divisibility: int = 0) -> dict[str, Any]:
+def collate_samples(
+    samples: Sequence[Sample], pad_token_id: int = 0, size_divisibility: int = 0
+) -> dict[str, Any]:
     """Build the batch dict from samples (see the module docstring for the keys)."""
     batch: dict[str, Any] = {}
     # ---- images: one slot per distinct image (samples sharing an image_key share a slot) --------------
@@ -76,11 +79,14 @@ def collate_samples(samples: Sequence[Sample], pad_token_id: int = 0, size_divis
         sample_image_index.append(slot)
     batch["sample_image_index"] = torch.tensor(sample_image_index, dtype=torch.long)
     if image_slots:
-        batch["images"], batch["image_sizes"] = pad_images([s["image"] for s in image_slots], size_divisibility)
+        batch["images"], batch["image_sizes"] = pad_images(
+            [s["image"] for s in image_slots], size_divisibility
+        )
         batch["boxes"] = [s["boxes"].float() for s in image_slots]
         if any("region_masked" in s for s in image_slots):
             batch["region_masked"] = [
-                s.get("region_masked", torch.zeros(len(s["boxes"]), dtype=torch.bool)).bool() for s in image_slots
+                s.get("region_masked", torch.zeros(len(s["boxes"]), dtype=torch.bool)).bool()
+                for s in image_slots
             ]
 
     # ---- text ----------------------------------------------------------------------------------------
@@ -92,13 +98,17 @@ def collate_samples(samples: Sequence[Sample], pad_token_id: int = 0, size_divis
     )
     if any("mlm_labels" in s for s in samples):
         batch["mlm_labels"] = _pad_1d(
-            [s.get("mlm_labels", torch.full((len(s["input_ids"]),), IGNORE_INDEX)) for s in samples], IGNORE_INDEX
+            [s.get("mlm_labels", torch.full((len(s["input_ids"]),), IGNORE_INDEX)) for s in samples],
+            IGNORE_INDEX,
         )
 
     # ---- per-sample region targets ---------------------------------------------------------------------
     if any("region_labelled" in s for s in samples):
         num_boxes = [len(s["boxes"]) if s.get("image") is not None else 0 for s in samples]
-        flags = [s.get("region_labelled", torch.zeros(n, dtype=torch.bool)).bool() for s, n in zip(samples, num_boxes)]
+        flags = [
+            s.get("region_labelled", torch.zeros(n, dtype=torch.bool)).bool()
+            for s, n in zip(samples, num_boxes)
+        ]
         batch["region_labelled"] = _pad_1d(flags, False, min_len=max(num_boxes))
         rows = [s["mrc_targets"][f] for s, f in zip(samples, flags) if f.any()]
         if rows:
@@ -120,24 +130,38 @@ def collate_samples(samples: Sequence[Sample], pad_token_id: int = 0, size_divis
     if any("image_id" in s for s in samples):  # passed through for evaluation and bookkeeping
         batch["image_ids"] = [s.get("image_id") for s in samples]
     if any("choice_label" in s for s in samples):
-        batch["choice_labels"] = torch.tensor([int(s["choice_label"]) for s in samples if "choice_label" in s])
+        batch["choice_labels"] = torch.tensor(
+            [int(s["choice_label"]) for s in samples if "choice_label" in s]
+        )
     return batch
 
 
 def vqa_text_inputs(tokenizer, question: str, max_question_tokens: int = 32) -> dict[str, Any]:
     """The VL-BERT VQA text `[CLS] question [SEP] [MASK] [SEP]`: ids, segments (question A = 0, answer
     slot B = 1) and `answer_pos`, the index of the [MASK] whose output the answer head reads."""
-    question_ids = tokenizer(question, add_special_tokens=False, truncation=True,
-                             max_length=max_question_tokens)["input_ids"]
-    ids = [tokenizer.cls_token_id, *question_ids, tokenizer.sep_token_id, tokenizer.mask_token_id,
-           tokenizer.sep_token_id]
+    question_ids = tokenizer(
+        question, add_special_tokens=False, truncation=True, max_length=max_question_tokens
+    )["input_ids"]
+    ids = [
+        tokenizer.cls_token_id,
+        *question_ids,
+        tokenizer.sep_token_id,
+        tokenizer.mask_token_id,
+        tokenizer.sep_token_id,
+    ]
     segments = [0] * (len(question_ids) + 2) + [1, 1]
-    return {"input_ids": torch.tensor(ids, dtype=torch.long), "token_type_ids": torch.tensor(segments),
-            "answer_pos": len(question_ids) + 2}
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "token_type_ids": torch.tensor(segments),
+        "answer_pos": len(question_ids) + 2,
+    }
 
 
-def pad_images(images: Sequence[torch.Tensor], size_divisibility: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad `[3, h_i, w_i]` images at the bottom/right into `[N, 3, H, W]`; also return sizes `[N, 2]` (h, w)."""
+def pad_images(
+    images: Sequence[torch.Tensor], size_divisibility: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad `[3, h_i, w_i]` images at the bottom/right into `[N, 3, H, W]`; also return the sizes
+    `[N, 2]` (h, w)."""
     for i, image in enumerate(images):
         if image.ndim != 3:
             raise ValueError(f"image {i} must be [C, H, W], got shape {tuple(image.shape)}")
@@ -155,7 +179,9 @@ def pad_images(images: Sequence[torch.Tensor], size_divisibility: int = 0) -> tu
 def _pad_1d(rows: Sequence[Any], value: Any, min_len: int = 0) -> torch.Tensor:
     tensors = [torch.as_tensor(row) for row in rows]
     length = max([min_len] + [len(t) for t in tensors])
-    return torch.stack([F.pad(t, (0, length - len(t)), value=value) if len(t) < length else t for t in tensors])
+    return torch.stack(
+        [F.pad(t, (0, length - len(t)), value=value) if len(t) < length else t for t in tensors]
+    )
 
 
 def _check_same_image(first: Sample, other: Sample, key: Hashable) -> None:

@@ -2,9 +2,11 @@
 
 Sample-level decisions (which words, which regions) are drawn in the data loader with an explicit
 `random.Random`, so a resumed run can reproduce them; the pixel zeroing itself runs inside the model on
-the normalised image tensor (see `zero_box_pixels`), because "zero" must mean the mean colour, i.e.
-zero *after* normalisation, and the normalisation happens on the device.
+the normalised image tensor (`e2e_vl.modeling.vlbert.backbone_input`, with `box_pixel_mask` from here),
+because "zero" must mean the mean colour, i.e. zero *after* normalisation, and the normalisation happens
+on the device.
 """
+
 from __future__ import annotations
 
 import random
@@ -97,28 +99,3 @@ def box_pixel_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor
     in_x = ((cols >= x1[:, None]) & (cols < x2[:, None])).to(boxes.dtype)  # [K, W]
     in_y = ((rows >= y1[:, None]) & (rows < y2[:, None])).to(boxes.dtype)  # [K, H]
     return (in_y.t() @ in_x) > 0
-
-
-def zero_box_pixels(
-    images: torch.Tensor, boxes: Sequence[torch.Tensor], masked: Sequence[torch.Tensor | None]
-) -> torch.Tensor:
-    """Zero the pixels of every masked box in a batch of normalised images `[B, C, H, W]`.
-
-    `boxes[i]` `[K_i, 4]` are image i's boxes in the coordinates of the tensor; `masked[i]` `[K_i]` bool
-    says which to blank (None: none). Returns a new tensor; the input is not modified.
-    """
-    if images.ndim != 4 or len(boxes) != images.shape[0] or len(masked) != images.shape[0]:
-        raise ValueError(
-            f"images [B,C,H,W] with B={images.shape[0] if images.ndim else '?'} needs B box and mask lists, "
-            f"got {len(boxes)} and {len(masked)}"
-        )
-    height, width = images.shape[-2:]
-    keep = torch.ones(images.shape[0], 1, height, width, dtype=images.dtype, device=images.device)
-    any_masked = False
-    for i, (image_boxes, flags) in enumerate(zip(boxes, masked)):
-        if flags is None or not bool(flags.any()):
-            continue
-        any_masked = True
-        pixel_mask = box_pixel_mask(image_boxes[flags.to(image_boxes.device)].float(), height, width)
-        keep[i, 0][pixel_mask.to(images.device)] = 0
-    return images * keep if any_masked else images

@@ -1,5 +1,6 @@
 """Batch sampler that groups images of similar aspect ratio, so padding to the batch's largest image
 wastes little backbone compute (landscape and portrait images are never mixed, as in Detectron2)."""
+
 from __future__ import annotations
 
 from typing import Iterable, Iterator, Sequence
@@ -16,8 +17,9 @@ class AspectRatioGroupedBatchSampler(Sampler[list[int]]):
     short batch per group unless `drop_last`.
     """
 
-    def __init__(self, sampler: Iterable[int], aspect_ratios: Sequence[float], batch_size: int,
-                 drop_last: bool = False):
+    def __init__(
+        self, sampler: Iterable[int], aspect_ratios: Sequence[float], batch_size: int, drop_last: bool = False
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.sampler = sampler

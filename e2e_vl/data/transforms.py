@@ -6,6 +6,7 @@ the resized pixel coordinates. A flip mirrors the boxes and, when the task's tex
 "left" and "right" in it (VL-BERT does this for RefCOCO+; captions and VQA questions can ask for it
 too).
 """
+
 from __future__ import annotations
 
 import random
@@ -20,7 +21,8 @@ _SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
 def swap_left_right(text: str) -> str:
-    """Swap the words "left" and "right" (whole words, keeping capitalisation): "Left-most" -> "Right-most"."""
+    """Swap the words "left" and "right" (whole words, keeping capitalisation): "Left-most" ->
+    "Right-most"."""
 
     def swap(match: re.Match) -> str:
         word = match.group(0)
@@ -57,8 +59,13 @@ class ResizeFlip:
     `swap_text_sides` turns on the "left"/"right" swap of the text when an image is flipped.
     """
 
-    def __init__(self, min_sizes: Sequence[int] | int, max_size: int, flip_prob: float = 0.0,
-                 swap_text_sides: bool = False):
+    def __init__(
+        self,
+        min_sizes: Sequence[int] | int,
+        max_size: int,
+        flip_prob: float = 0.0,
+        swap_text_sides: bool = False,
+    ):
         self.min_sizes = [min_sizes] if isinstance(min_sizes, int) else list(min_sizes)
         if not self.min_sizes or min(self.min_sizes) <= 0:
             raise ValueError(f"min_sizes must be positive sizes, got {min_sizes!r}")
@@ -66,8 +73,13 @@ class ResizeFlip:
         self.flip_prob = flip_prob
         self.swap_text_sides = swap_text_sides
 
-    def __call__(self, image: np.ndarray, boxes: torch.Tensor, text: str | None = None,
-                 rng: random.Random | None = None) -> TransformedImage:
+    def __call__(
+        self,
+        image: np.ndarray,
+        boxes: torch.Tensor,
+        text: str | None = None,
+        rng: random.Random | None = None,
+    ) -> TransformedImage:
         """`image` HxWxC uint8 (BGR as read by OpenCV); `boxes` [K, 4] in its original pixel coordinates."""
         from detector.transforms import resize_shortest_edge
 

@@ -7,6 +7,7 @@ geometry (a sinusoidal code of the normalised box), and the LayerNorms that scal
 embedding space. Token, segment and position embeddings are BERT's own and are added by
 `transformers.BertModel` (see `e2e_vl.modeling.vlbert`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,9 @@ GEOMETRY_DIM = 2048
 APPEARANCE_DIM = 2048
 
 
-def box_geometry_embedding(boxes: torch.Tensor, image_wh: torch.Tensor, dim: int = GEOMETRY_DIM) -> torch.Tensor:
+def box_geometry_embedding(
+    boxes: torch.Tensor, image_wh: torch.Tensor, dim: int = GEOMETRY_DIM
+) -> torch.Tensor:
     """VL-BERT's sinusoidal geometry code of boxes, `[K, dim]`.
 
     Each box (x1, y1, x2, y2) becomes (centre x, centre y, width, height) divided by the image's
@@ -51,8 +54,13 @@ class ObjectFeatureEmbedding(nn.Module):
     text token.
     """
 
-    def __init__(self, hidden_size: int, appearance_dim: int = APPEARANCE_DIM, geometry_dim: int = GEOMETRY_DIM,
-                 dropout: float = 0.1):
+    def __init__(
+        self,
+        hidden_size: int,
+        appearance_dim: int = APPEARANCE_DIM,
+        geometry_dim: int = GEOMETRY_DIM,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.geometry_dim = geometry_dim
         self.dropout = nn.Dropout(dropout)

@@ -4,6 +4,7 @@ Pre-training: masked language modelling (tied to the word embeddings) and masked
 Fine-tuning: the VQA answer classifier (shared by easy-VQA and VQA v2), a per-region scorer (RefCOCO+)
 and a per-choice scorer (VCR).
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,8 +63,9 @@ class ScoreHead(nn.Module):
 
     def __init__(self, hidden_size: int, dropout: float = 0.1):
         super().__init__()
-        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, hidden_size), nn.ReLU(),
-                                 nn.Linear(hidden_size, 1))
+        self.net = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1)
+        )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.net(hidden).squeeze(-1)
@@ -93,4 +95,6 @@ def soft_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"answer logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must match")
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum") / logits.shape[0]
+    return (
+        F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum") / logits.shape[0]
+    )

@@ -4,6 +4,7 @@ Data path (one call per arrow): images -> detector.preprocess_image -> padding a
 detector.backbone (res4) -> detector.roi_heads.region_features (our RoIAlign -> res5 -> mean) -> object
 features (geometry + appearance) -> sequence embeddings -> transformers' BertModel -> heads -> losses.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,15 @@ from detector.config import CfgNode
 from detector.modeling import GeneralizedRCNN
 from e2e_vl.data.masking import IGNORE_INDEX, box_pixel_mask
 from e2e_vl.modeling.embeddings import ObjectFeatureEmbedding, VisualLayerNorms
-from e2e_vl.modeling.heads import (AnswerHead, MLMHead, MRCHead, ScoreHead, masked_lm_loss, soft_bce_loss,
-                                   soft_cross_entropy)
+from e2e_vl.modeling.heads import (
+    AnswerHead,
+    MLMHead,
+    MRCHead,
+    ScoreHead,
+    masked_lm_loss,
+    soft_bce_loss,
+    soft_cross_entropy,
+)
 
 HEAD_NAMES = ("mlm", "mrc", "vqa", "ref", "vcr")
 MASKING_MODES = ("pixel", "feature")
@@ -67,15 +75,28 @@ class VLBert(nn.Module):
       for every question); masking stays per image, so samples with masked regions get their own slot.
     """
 
-    def __init__(self, detector: GeneralizedRCNN, bert: BertModel, *, heads: Sequence[str] = ("mlm", "mrc"),
-                 num_answers: int = 0, num_mrc_classes: int = 1601, masking: str = "pixel",
-                 freeze_detector: bool = False, object_dropout: float = 0.1,
-                 loss_weights: dict[str, float] | None = None, sep_token_id: int | None = None,
-                 mask_token_id: int | None = None, visual_scale_init: float = 0.0):
+    def __init__(
+        self,
+        detector: GeneralizedRCNN,
+        bert: BertModel,
+        *,
+        heads: Sequence[str] = ("mlm", "mrc"),
+        num_answers: int = 0,
+        num_mrc_classes: int = 1601,
+        masking: str = "pixel",
+        freeze_detector: bool = False,
+        object_dropout: float = 0.1,
+        loss_weights: dict[str, float] | None = None,
+        sep_token_id: int | None = None,
+        mask_token_id: int | None = None,
+        visual_scale_init: float = 0.0,
+    ):
         super().__init__()
         unknown = set(heads) - set(HEAD_NAMES)
         if unknown:
-            raise ValueError(f"MODEL.VLBERT.HEADS: unknown heads {sorted(unknown)}; expected some of {HEAD_NAMES}")
+            raise ValueError(
+                f"MODEL.VLBERT.HEADS: unknown heads {sorted(unknown)}; expected some of {HEAD_NAMES}"
+            )
         if masking not in MASKING_MODES:
             raise ValueError(f"MODEL.VLBERT.MASKING: expected one of {MASKING_MODES}, got {masking!r}")
         if "vqa" in heads and num_answers < 1:
@@ -89,8 +110,9 @@ class VLBert(nn.Module):
         self.loss_weights = dict(loss_weights or {})
         _extend_token_types(bert, 3)
 
-        self.object_embedding = ObjectFeatureEmbedding(hidden, appearance_dim=detector.roi_heads.out_channels,
-                                                       dropout=object_dropout)
+        self.object_embedding = ObjectFeatureEmbedding(
+            hidden, appearance_dim=detector.roi_heads.out_channels, dropout=object_dropout
+        )
         self.visual_norms = VisualLayerNorms(hidden, eps=config.layer_norm_eps, scale_init=visual_scale_init)
         words = bert.embeddings.word_embeddings.weight.detach()
         std = config.initializer_range
@@ -101,7 +123,10 @@ class VLBert(nn.Module):
         self.masked_region_feature = nn.Parameter(torch.zeros(hidden)) if masking == "feature" else None
         # [END] starts at BERT's [SEP], the masked region at [MASK]; [IMG] keeps its random start.
         with torch.no_grad():
-            for param, token_id in ((self.end_token, sep_token_id), (self.masked_region_token, mask_token_id)):
+            for param, token_id in (
+                (self.end_token, sep_token_id),
+                (self.masked_region_token, mask_token_id),
+            ):
                 if token_id is not None:
                     param.copy_(words[token_id])
 
@@ -143,7 +168,8 @@ class VLBert(nn.Module):
         return backbone_input(self.detector, batch, pixel_masking=self.masking == "pixel")
 
     def encode_regions(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Object features of every region, padded per image: `[N, K_max, hidden]` and validity `[N, K_max]`."""
+        """Object features of every region, padded per image: `[N, K_max, hidden]`, and the validity
+        `[N, K_max]`."""
         boxes = [b.to(self.bert.device).float() for b in batch["boxes"]]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_detector):
             res4 = self.detector.features(self.backbone_input(batch))
@@ -181,12 +207,16 @@ class VLBert(nn.Module):
             slot = image_index.clamp(min=0)
             sample_objects = objects[slot]  # [B, K, h]
             region_valid = valid[slot] & has_image[:, None]
-            text_visual = torch.where(has_image[:, None], sample_objects[:, 0], self.text_only_visual.to(words.dtype))
+            text_visual = torch.where(
+                has_image[:, None], sample_objects[:, 0], self.text_only_visual.to(words.dtype)
+            )
             region_word = self.img_token.to(words.dtype).expand(bsz, objects.shape[1], hidden)
             masked = batch.get("region_masked")
             if masked is not None:
                 flags = _pad_flags(masked, objects.shape[1], device)[slot] & region_valid
-                region_word = torch.where(flags[..., None], self.masked_region_token.to(words.dtype), region_word)
+                region_word = torch.where(
+                    flags[..., None], self.masked_region_token.to(words.dtype), region_word
+                )
             regions = region_word + self.visual_norms.region(sample_objects)
         else:
             region_valid = torch.zeros(bsz, 0, dtype=torch.bool, device=device)
@@ -199,12 +229,17 @@ class VLBert(nn.Module):
         lengths = text_mask.sum(1)
         src_embeds = torch.cat([text, regions, end], dim=1)
         src_valid = torch.cat([text_mask, region_valid, has_image[:, None]], dim=1)
-        src_segments = torch.cat([segments_text, segments_text.new_full((bsz, k_len + 1), REGION_SEGMENT)], dim=1)
-        src_positions = torch.cat([
-            torch.arange(t_len, device=device).expand(bsz, t_len),
-            lengths[:, None].expand(bsz, k_len),
-            (lengths + 1)[:, None],
-        ], dim=1)
+        src_segments = torch.cat(
+            [segments_text, segments_text.new_full((bsz, k_len + 1), REGION_SEGMENT)], dim=1
+        )
+        src_positions = torch.cat(
+            [
+                torch.arange(t_len, device=device).expand(bsz, t_len),
+                lengths[:, None].expand(bsz, k_len),
+                (lengths + 1)[:, None],
+            ],
+            dim=1,
+        )
         # Stable sort puts the valid elements first, in order: the compact layout with padding at the end.
         full_order = torch.argsort((~src_valid).to(torch.int8), dim=1, stable=True)
         where = torch.argsort(full_order, dim=1)  # source element -> its place in the compact sequence
@@ -216,15 +251,19 @@ class VLBert(nn.Module):
             "position_ids": src_positions.gather(1, order),
             "attention_mask": src_valid.gather(1, order),
             "text_index": where[:, :t_len].clamp(max=seq_len - 1),
-            "region_index": where[:, t_len:t_len + k_len].clamp(max=seq_len - 1),
+            "region_index": where[:, t_len : t_len + k_len].clamp(max=seq_len - 1),
             "region_valid": region_valid,
         }
 
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         emb = self.embed(batch)
-        encoded = self.bert(inputs_embeds=emb["inputs_embeds"], attention_mask=emb["attention_mask"].long(),
-                            token_type_ids=emb["token_type_ids"], position_ids=emb["position_ids"])
+        encoded = self.bert(
+            inputs_embeds=emb["inputs_embeds"],
+            attention_mask=emb["attention_mask"].long(),
+            token_type_ids=emb["token_type_ids"],
+            position_ids=emb["position_ids"],
+        )
         hidden = encoded.last_hidden_state
         size = hidden.shape[-1]
         text_out = hidden.gather(1, emb["text_index"][..., None].expand(-1, -1, size))
@@ -240,9 +279,13 @@ class VLBert(nn.Module):
             out["mlm_logits"], out["mlm_labels"] = logits, labels[target]
             rows_with_image = has_image[:, None].expand_as(labels)[target]
             if bool(rows_with_image.any()) or not bool((~has_image).any()):
-                out["losses"]["mlm"] = masked_lm_loss(logits[rows_with_image], labels[target][rows_with_image])
+                out["losses"]["mlm"] = masked_lm_loss(
+                    logits[rows_with_image], labels[target][rows_with_image]
+                )
             if bool((~has_image).any()):
-                out["losses"]["mlm_text"] = masked_lm_loss(logits[~rows_with_image], labels[target][~rows_with_image])
+                out["losses"]["mlm_text"] = masked_lm_loss(
+                    logits[~rows_with_image], labels[target][~rows_with_image]
+                )
         if "mrc" in self.heads and "region_labelled" in batch:
             labelled = batch["region_labelled"].to(device).bool() & emb["region_valid"]
             logits = self.heads["mrc"](region_out[labelled])
@@ -260,25 +303,36 @@ class VLBert(nn.Module):
             if "ref_labels" in batch:
                 labels = batch["ref_labels"].to(device)
                 use = (labels >= 0) & emb["region_valid"]
-                out["losses"]["ref"] = nn.functional.binary_cross_entropy_with_logits(
-                    logits[use].float(), labels[use].float()) if bool(use.any()) else logits.sum() * 0.0
+                out["losses"]["ref"] = (
+                    nn.functional.binary_cross_entropy_with_logits(logits[use].float(), labels[use].float())
+                    if bool(use.any())
+                    else logits.sum() * 0.0
+                )
         if "vcr" in self.heads and "choice_labels" in batch:
             labels = batch["choice_labels"].to(device)
             scores = self.heads["vcr"](text_out[:, 0])
             if scores.shape[0] % max(len(labels), 1):
-                raise ValueError(f"VCR batch of {scores.shape[0]} samples does not split into {len(labels)} questions")
+                raise ValueError(
+                    f"VCR batch of {scores.shape[0]} samples does not split into {len(labels)} questions"
+                )
             logits = scores.view(len(labels), -1)
             out["vcr_logits"] = logits
             out["losses"]["vcr"] = nn.functional.cross_entropy(logits.float(), labels)
         if not any(k.endswith("_logits") for k in out):
-            raise ValueError(f"batch has inputs for none of the model's heads {list(self.heads)}; "
-                             f"batch keys: {sorted(batch)}")
+            raise ValueError(
+                f"batch has inputs for none of the model's heads {list(self.heads)}; "
+                f"batch keys: {sorted(batch)}"
+            )
         # Without targets (inference) the loss is a zero that still carries the graph.
-        out["loss"] = sum((self.loss_weights.get(k, 1.0) * v for k, v in out["losses"].items()), hidden.sum() * 0.0)
+        out["loss"] = sum(
+            (self.loss_weights.get(k, 1.0) * v for k, v in out["losses"].items()), hidden.sum() * 0.0
+        )
         return out
 
 
-def backbone_input(detector: GeneralizedRCNN, batch: dict[str, Any], pixel_masking: bool = True) -> torch.Tensor:
+def backbone_input(
+    detector: GeneralizedRCNN, batch: dict[str, Any], pixel_masking: bool = True
+) -> torch.Tensor:
     """Normalise a collated batch's images for the backbone: padding zero and, with `pixel_masking`, the
     pixels of every box flagged in `region_masked` zero (zero = the mean colour after normalisation)."""
     x = detector.preprocess_image(batch["images"].float())
@@ -311,7 +365,7 @@ def _extend_token_types(bert: BertModel, num_types: int) -> None:
     new = nn.Embedding(num_types, old.embedding_dim).to(old.weight.device, old.weight.dtype)
     with torch.no_grad():
         new.weight[: old.num_embeddings] = old.weight
-        new.weight[old.num_embeddings:] = old.weight[0]
+        new.weight[old.num_embeddings :] = old.weight[0]
     bert.embeddings.token_type_embeddings = new
     bert.config.type_vocab_size = num_types
 
@@ -329,8 +383,9 @@ def default_bert_path() -> str:
 def resolve_bert_path(path: str) -> str:
     path = path or default_bert_path()
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"MODEL.VLBERT.BERT_PATH: {path!r} is not a Hugging Face model folder "
-                                f"(no config.json)")
+        raise FileNotFoundError(
+            f"MODEL.VLBERT.BERT_PATH: {path!r} is not a Hugging Face model folder (no config.json)"
+        )
     return path
 
 
@@ -348,11 +403,12 @@ def load_bert(path: str = "", random_init: bool = False) -> BertModel:
 
 
 def load_mlm_head_weights(model: VLBert, path: str) -> list[str]:
-    """Fill the MLM head from BERT's `cls.predictions.*` when the checkpoint has them; returns the keys used."""
+    """Fill the MLM head from BERT's `cls.predictions.*` when the checkpoint has them; returns the keys
+    used."""
     if "mlm" not in model.heads:
         return []
     state = _read_checkpoint_tensors(resolve_bert_path(path), prefix="cls.predictions.")
-    mapped = {k[len("cls.predictions."):]: v for k, v in state.items()}
+    mapped = {k[len("cls.predictions.") :]: v for k, v in state.items()}
     mapped = {k: v for k, v in mapped.items() if k == "bias" or k.startswith("transform.")}
     if mapped:
         model.heads["mlm"].load_state_dict(mapped, strict=False)
@@ -389,11 +445,20 @@ def build_vlbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> VLBer
             load_checkpoint(detector, cfg.MODEL.WEIGHTS, strict=False)
     bert = load_bert(v.BERT_PATH, random_init=v.BERT_RANDOM_INIT)
     tokenizer = load_tokenizer(v.BERT_PATH)
-    model = VLBert(detector, bert, heads=v.HEADS, num_answers=v.NUM_ANSWERS, num_mrc_classes=v.NUM_MRC_CLASSES,
-                   masking=v.MASKING, freeze_detector=v.FREEZE_DETECTOR, object_dropout=v.OBJECT_DROPOUT,
-                   loss_weights={k.lower(): float(w) for k, w in v.LOSS_WEIGHTS.items()},
-                   sep_token_id=tokenizer.sep_token_id, mask_token_id=tokenizer.mask_token_id,
-                   visual_scale_init=v.VISUAL_SCALE_INIT)
+    model = VLBert(
+        detector,
+        bert,
+        heads=v.HEADS,
+        num_answers=v.NUM_ANSWERS,
+        num_mrc_classes=v.NUM_MRC_CLASSES,
+        masking=v.MASKING,
+        freeze_detector=v.FREEZE_DETECTOR,
+        object_dropout=v.OBJECT_DROPOUT,
+        loss_weights={k.lower(): float(w) for k, w in v.LOSS_WEIGHTS.items()},
+        sep_token_id=tokenizer.sep_token_id,
+        mask_token_id=tokenizer.mask_token_id,
+        visual_scale_init=v.VISUAL_SCALE_INIT,
+    )
     if not v.BERT_RANDOM_INIT:
         load_mlm_head_weights(model, v.BERT_PATH)
     return model.to(torch.device(cfg.MODEL.DEVICE)).train()
