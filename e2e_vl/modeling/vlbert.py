@@ -7,6 +7,7 @@ features (geometry + appearance) -> sequence embeddings -> transformers' BertMod
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Sequence
 
@@ -27,6 +28,8 @@ from e2e_vl.modeling.heads import (
     soft_bce_loss,
     soft_cross_entropy,
 )
+
+logger = logging.getLogger(__name__)
 
 HEAD_NAMES = ("mlm", "mrc", "vqa", "ref", "vcr")
 MASKING_MODES = ("pixel", "feature")
@@ -442,7 +445,13 @@ def build_vlbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> VLBer
         if cfg.MODEL.WEIGHTS:
             from detector.checkpoint import load_checkpoint
 
-            load_checkpoint(detector, cfg.MODEL.WEIGHTS, strict=False)
+            report = load_checkpoint(detector, cfg.MODEL.WEIGHTS, strict=False)
+            if report["missing"] or report["unexpected"]:
+                logger.warning(
+                    "MODEL.WEIGHTS %s: %d detector keys missing (e.g. %s), %d unexpected (e.g. %s)",
+                    cfg.MODEL.WEIGHTS, len(report["missing"]), report["missing"][:3],
+                    len(report["unexpected"]), report["unexpected"][:3],
+                )
     bert = load_bert(v.BERT_PATH, random_init=v.BERT_RANDOM_INIT)
     tokenizer = load_tokenizer(v.BERT_PATH)
     model = VLBert(
