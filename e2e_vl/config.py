@@ -97,6 +97,9 @@ def _training_defaults() -> dict:
             "CLIP_GRAD_NORM": 10.0,  # <= 0 disables clipping
             "AMP": {"DTYPE": "none"},  # none | bf16 | fp16 (fp16 uses a gradient scaler)
             "GRADIENT_CHECKPOINTING": False,
+            # Parameters left untouched: regular expressions matched (re.search) against parameter names,
+            # e.g. "bert\\.embeddings\\.word_embeddings" (a 30k x h table that a small task barely uses).
+            "FREEZE_PARAMS": [],
             "CHECKPOINT_PERIOD": 500,
             "CHECKPOINT_KEEP_LAST": 2,
             "LOG_PERIOD": 20,

@@ -242,6 +242,18 @@ def test_param_groups_no_decay_and_detector_lr_mult(tmp_path):
     assert sum(p.numel() for p in by_name["bert/no_decay"]["params"]) == 8 + 8 + 3
 
 
+def test_freeze_params_leaves_matching_parameters_out(tmp_path):
+    from e2e_vl.config import ConfigError
+    from e2e_vl.engine.optim import freeze_params
+
+    model = StandInModel()
+    assert freeze_params(model, [r"^detector\."]) == 2
+    opt = build_optimizer(model, standin_cfg(tmp_path, 10))
+    assert {g["name"] for g in opt.param_groups} == {"bert/decay", "bert/no_decay"}
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        freeze_params(model, ["nothing_like_this"])
+
+
 def test_lr_schedule_warmup_then_linear_and_cosine(tmp_path):
     cfg = standin_cfg(tmp_path, 10, ["SOLVER.WARMUP_ITERS", "4", "SOLVER.WARMUP_FACTOR", "0.1"])
     assert lr_factor(0, cfg, 10) == pytest.approx(0.1) and lr_factor(2, cfg, 10) == pytest.approx(0.55)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
 
-from detector.config import CfgNode
+from detector.config import CfgNode, ConfigError
 
 DETECTOR_PREFIX = "detector."
 
@@ -47,9 +48,28 @@ def param_groups(model: nn.Module, cfg: CfgNode) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
+def freeze_params(model: nn.Module, patterns: list[str]) -> int:
+    """Set requires_grad=False on parameters whose name matches any regex; return how many matched."""
+    if not patterns:
+        return 0
+    regexes = [re.compile(p) for p in patterns]
+    count = 0
+    for name, p in model.named_parameters():
+        if any(r.search(name) for r in regexes):
+            p.requires_grad_(False)
+            count += 1
+    if count == 0:
+        raise ConfigError(f"'SOLVER.FREEZE_PARAMS' {patterns} matches no parameter of {type(model).__name__}")
+    return count
+
+
 def build_optimizer(model: nn.Module, cfg: CfgNode) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`; the fused kernel (one pass over all tensors) on CPU and CUDA."""
     s = cfg.SOLVER
-    return torch.optim.AdamW(param_groups(model, cfg), lr=s.BASE_LR, betas=tuple(s.BETAS), eps=s.EPS, weight_decay=s.WEIGHT_DECAY)
+    groups = param_groups(model, cfg)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=s.BASE_LR, betas=tuple(s.BETAS), eps=s.EPS, weight_decay=s.WEIGHT_DECAY,
+                             fused=fused)
 
 
 def lr_factor(step: int, cfg: CfgNode, max_iter: int) -> float:

@@ -23,7 +23,7 @@ from detector.config import CfgNode, ConfigError
 from e2e_vl.engine import distributed as du
 from e2e_vl.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from e2e_vl.engine.logger import MetricWriter, ProgressMeter
-from e2e_vl.engine.optim import build_lr_scheduler, build_optimizer, lr_factor
+from e2e_vl.engine.optim import build_lr_scheduler, build_optimizer, freeze_params, lr_factor
 from e2e_vl.engine.sampler import EpochLoader, ResumableBatchSampler
 
 logger = logging.getLogger("e2e_vl.train")
@@ -86,6 +86,9 @@ def train(cfg: CfgNode, model: nn.Module, task: TrainTask, device: torch.device,
         model.enable_gradient_checkpointing()
 
     # --- data, optimiser, schedule, scaler ----------------------------------------------------------
+    frozen = freeze_params(model, list(s.FREEZE_PARAMS))
+    if frozen:
+        logger.info("SOLVER.FREEZE_PARAMS froze %d parameter tensors", frozen)
     sampler = ResumableBatchSampler(len(task.train_set), micro_batch, cfg.SEED, rank, world)
     data = EpochLoader(task.train_set, sampler, task.collate_fn, cfg.DATALOADER.NUM_WORKERS,
                        cfg.DATALOADER.PIN_MEMORY and device.type == "cuda")
