@@ -47,6 +47,11 @@ class ROIPooler(nn.Module):
         if rois.shape[0] == 0:
             return feature.new_zeros((0, feature.shape[1]) + self.output_size)
         if self.pooler_type == "ROIPool":
+            if feature.dtype in (torch.float16, torch.bfloat16):
+                # torchvision's CPU roi_pool has no half kernels; a max is exact in float32, and float32
+                # boxes keep the bin edges of the full-precision model.
+                rois = boxes_to_rois(boxes, dtype=torch.float32)
+                return roi_pool(feature.float(), rois, self.output_size, self.scale).to(feature.dtype)
             return roi_pool(feature, rois, self.output_size, self.scale)
         return roi_align(feature, rois, self.output_size, spatial_scale=self.scale,
                          sampling_ratio=self.sampling_ratio, aligned=self.pooler_type == "ROIAlignV2")
