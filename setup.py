@@ -77,6 +77,7 @@ setup(
         "pycocotools>=2.0.7",
         "opencv-python-headless>=4.8",
         "numpy>=1.24",
+        "pillow>=9",  # Detectron2's uint8 resize is PIL bilinear; ours matches it byte for byte
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "tensorboard>=2.15",
