@@ -48,6 +48,9 @@ def _vlbert_defaults() -> dict:
             # image paths are relative to; regions come from DATASETS.ROI_STORE. Relative to DATASETS.ROOT.
             "CAPTIONS": "",
             "IMAGE_ROOT": "",
+            # Held-out captions (same format, images and RoI store) scored by TASK pretrain's evaluation
+            # (masked-word accuracy, masked-RoI loss/accuracy); empty = train without evaluation.
+            "VAL_CAPTIONS": "",
             # Optional text-only corpus (one passage per line) for the mixed-in text-only MLM batches.
             "TEXT_CORPUS": "",
             "MLM_PROB": 0.15,  # per word, whole-word masking, 80% [MASK] / 10% random / 10% kept
@@ -68,7 +71,7 @@ def _vlbert_defaults() -> dict:
 def _training_defaults() -> dict:
     """Engine-owned sections (solver, data, task, output)."""
     return {
-        "TASK": "vqa",
+        "TASK": "vqa",  # vqa | pretrain (MLM + masked RoI classification on captions)
         "OUTPUT_DIR": "output/easy_vqa",
         "SEED": 0,
         "SOLVER": {
@@ -161,7 +164,7 @@ _CHOICES = {
     ("SOLVER", "OPTIMIZER"): ("AdamW",),
     ("SOLVER", "LR_SCHEDULER"): ("linear", "cosine", "constant"),
     ("SOLVER", "AMP", "DTYPE"): ("none", "bf16", "fp16"),
-    ("TASK",): ("vqa",),
+    ("TASK",): ("vqa", "pretrain"),
 }
 
 

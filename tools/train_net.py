@@ -118,6 +118,8 @@ def main(args: argparse.Namespace) -> dict:
     if rank == 0 and "accuracy" in metrics:
         print(f"{cfg.DATASETS.TEST} accuracy: {metrics['accuracy']:.4f} "
               f"({int(metrics.get('num_questions', 0))} questions)", flush=True)
+    elif rank == 0 and metrics:  # e.g. TASK pretrain's held-out masked-word / masked-RoI metrics
+        print("  ".join(f"{k}: {v:.4f}" for k, v in metrics.items()), flush=True)
     du.cleanup()
     return metrics
 

@@ -263,35 +263,75 @@ class TextOnlyDataset(Dataset):
         }
 
 
+class CaptionTextMix(Dataset):
+    """Item i = [caption i mod Nc, text passage i mod Nt], so every training step pairs each image caption
+    with a text-only MLM passage (VL-BERT's 1:1 mix) while a batch still counts images; an epoch runs
+    over the larger set and cycles the smaller one."""
+
+    def __init__(self, captions: CaptionPretrainDataset, text: TextOnlyDataset):
+        if len(captions) == 0 or len(text) == 0:
+            raise CaptionDataError(f"cannot mix {len(captions)} captions with {len(text)} text passages")
+        self.captions, self.text = captions, text
+
+    def set_epoch(self, epoch: int) -> None:
+        self.captions.set_epoch(epoch)
+        self.text.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return max(len(self.captions), len(self.text))
+
+    def __getitem__(self, index: int) -> list[dict[str, Any]]:
+        return [self.captions[index % len(self.captions)], self.text[index % len(self.text)]]
+
+
 def build_pretrain_datasets(
     cfg, tokenizer, seed: int = 0
 ) -> tuple[CaptionPretrainDataset, TextOnlyDataset | None]:
     """The caption data set (and the text-only corpus, when configured) of a training config:
     MODEL.VLBERT.PRETRAIN.{CAPTIONS, IMAGE_ROOT, TEXT_CORPUS, rates}, DATASETS.{ROOT, ROI_STORE} and the
     INPUT training sizes."""
-    from e2e_vl.data.roi_store import RoIStore
-
     p = cfg.MODEL.VLBERT.PRETRAIN
-    root = cfg.DATASETS.ROOT
-
-    def under_root(path: str) -> str:
-        return os.path.join(root, path) if root and path and not os.path.isabs(path) else path
-
     if not p.CAPTIONS:
         raise CaptionDataError(
             "MODEL.VLBERT.PRETRAIN.CAPTIONS is empty: name a COCO captions json or a TSV file"
         )
+    transform = ResizeFlip(
+        list(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN, flip_prob=p.FLIP_PROB, swap_text_sides=True
+    )
+    captions_set = _caption_dataset(cfg, tokenizer, p.CAPTIONS, transform, seed)
+    text_set = None
+    if p.TEXT_CORPUS:
+        text_set = TextOnlyDataset.from_file(
+            _under_root(cfg, p.TEXT_CORPUS), tokenizer, mlm_prob=p.MLM_PROB, max_len=p.MAX_SEQ_LEN, seed=seed
+        )
+    return captions_set, text_set
+
+
+def build_pretrain_val_dataset(cfg, tokenizer) -> CaptionPretrainDataset | None:
+    """The held-out captions MODEL.VLBERT.PRETRAIN.VAL_CAPTIONS (None when empty) at the INPUT test size,
+    unflipped; masks come from seed 0 at epoch 0, so every evaluation scores the same words and regions."""
+    p = cfg.MODEL.VLBERT.PRETRAIN
+    if not p.VAL_CAPTIONS:
+        return None
+    transform = ResizeFlip(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    return _caption_dataset(cfg, tokenizer, p.VAL_CAPTIONS, transform, seed=0)
+
+
+def _caption_dataset(
+    cfg, tokenizer, captions_file: str, transform: ResizeFlip, seed: int
+) -> CaptionPretrainDataset:
+    """Captions of `captions_file` joined with DATASETS.ROI_STORE, masked at the PRETRAIN rates."""
+    from e2e_vl.data.roi_store import RoIStore
+
+    p = cfg.MODEL.VLBERT.PRETRAIN
     if not cfg.DATASETS.ROI_STORE:
         raise CaptionDataError(
             "DATASETS.ROI_STORE is empty: pre-training needs the regions of tools/extract_rois.py"
         )
-    captions = read_captions(under_root(p.CAPTIONS), under_root(p.IMAGE_ROOT) or None)
-    transform = ResizeFlip(
-        list(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN, flip_prob=p.FLIP_PROB, swap_text_sides=True
-    )
-    captions_set = CaptionPretrainDataset(
+    captions = read_captions(_under_root(cfg, captions_file), _under_root(cfg, p.IMAGE_ROOT) or None)
+    return CaptionPretrainDataset(
         captions,
-        RoIStore(under_root(cfg.DATASETS.ROI_STORE)),
+        RoIStore(_under_root(cfg, cfg.DATASETS.ROI_STORE)),
         tokenizer,
         transform,
         mlm_prob=p.MLM_PROB,
@@ -301,12 +341,12 @@ def build_pretrain_datasets(
         max_text_len=p.MAX_TEXT_LEN,
         seed=seed,
     )
-    text_set = None
-    if p.TEXT_CORPUS:
-        text_set = TextOnlyDataset.from_file(
-            under_root(p.TEXT_CORPUS), tokenizer, mlm_prob=p.MLM_PROB, max_len=p.MAX_SEQ_LEN, seed=seed
-        )
-    return captions_set, text_set
+
+
+def _under_root(cfg, path: str) -> str:
+    """`path` relative to DATASETS.ROOT (absolute and empty paths as they are)."""
+    root = cfg.DATASETS.ROOT
+    return os.path.join(root, path) if root and path and not os.path.isabs(path) else path
 
 
 def _top_boxes(record, budget: int) -> np.ndarray:

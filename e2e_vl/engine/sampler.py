@@ -93,6 +93,8 @@ class EpochLoader:
             self.epoch, self.batch_in_epoch, self._it = self.epoch + 1, 0, None
         if self._it is None:
             self.sampler.set_position(self.epoch, self.batch_in_epoch)
+            if hasattr(self.loader.dataset, "set_epoch"):  # per-epoch randomness (e.g. new MLM masks)
+                self.loader.dataset.set_epoch(self.epoch)
             self._it = iter(self.loader)
         batch = next(self._it)
         self.batch_in_epoch += 1

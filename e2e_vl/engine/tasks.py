@@ -44,11 +44,37 @@ def _vqa_dataset(cfg: CfgNode, name: str, tokenizer, train: bool):
     raise ConfigError(f"unknown data set '{name}' in DATASETS; expected one of {[*EASY_VQA, *VQA_V2]}")
 
 
+def _pretrain_task(cfg: CfgNode, tokenizer, device: torch.device, eval_only: bool) -> TrainTask:
+    """Pre-training: captions with masked words and regions (mixed 1:1 with text-only passages when
+    MODEL.VLBERT.PRETRAIN.TEXT_CORPUS is set); masked-word accuracy on PRETRAIN.VAL_CAPTIONS, if any."""
+    from e2e_vl.data.captions import CaptionTextMix, build_pretrain_datasets, build_pretrain_val_dataset
+    from e2e_vl.data.collate import VLCollator
+    from e2e_vl.evaluation.pretrain import PretrainEvaluator
+
+    if not {"mlm", "mrc"} & set(cfg.MODEL.VLBERT.HEADS):
+        raise ConfigError(f"TASK pretrain needs 'MODEL.VLBERT.HEADS' to include mlm or mrc, got "
+                          f"{list(cfg.MODEL.VLBERT.HEADS)}")
+    collate = VLCollator(pad_token_id=tokenizer.pad_token_id)
+    train_set = None
+    if not eval_only:
+        captions, text = build_pretrain_datasets(cfg, tokenizer, seed=cfg.SEED)
+        train_set = captions if text is None else CaptionTextMix(captions, text)
+    val_set = build_pretrain_val_dataset(cfg, tokenizer)
+    evaluate = None if val_set is None else PretrainEvaluator(
+        val_set, collate, cfg.TEST.IMS_PER_BATCH, device, AMP_DTYPES[cfg.SOLVER.AMP.DTYPE],
+        cfg.DATALOADER.NUM_WORKERS)
+    metric = "mlm_accuracy" if "mlm" in cfg.MODEL.VLBERT.HEADS else "mrc_accuracy"
+    return TrainTask(train_set, collate, evaluate, metric=metric)
+
+
 def build_task(cfg: CfgNode, tokenizer, device: torch.device, eval_only: bool = False) -> TrainTask:
-    """The VQA task: training items (images with their questions), VL-BERT collation, VQA accuracy."""
+    """The task named by TASK. vqa: training items (images with their questions), VL-BERT collation, VQA
+    accuracy; pretrain: see `_pretrain_task`."""
     from e2e_vl.data.collate import VLCollator
     from e2e_vl.evaluation.vqa import VQAEvaluator
 
+    if cfg.TASK == "pretrain":
+        return _pretrain_task(cfg, tokenizer, device, eval_only)
     if cfg.MODEL.VLBERT.NUM_ANSWERS < 1:
         raise ConfigError("'MODEL.VLBERT.NUM_ANSWERS' must be set for the VQA task")
     collate = VLCollator(pad_token_id=tokenizer.pad_token_id)

@@ -1,0 +1,125 @@
+"""TASK pretrain through tools/train_net.py: COCO captions + an LMDB RoI store + a text corpus, MLM and
+masked RoI classification on the small easy-VQA-sized model, checkpoints, --resume, held-out metrics."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from e2e_vl.config import ConfigError, load_train_cfg
+from e2e_vl.data.roi_store import RoIRecord, RoIStoreWriter
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (0, 0, 255), "green": (0, 255, 0), "blue": (255, 0, 0)}  # BGR
+NUM_CLASSES = 5
+
+
+def _write_caption_data(root: Path) -> None:
+    """Six 64x64 images (a coloured square each), their captions split 4 train / 2 held out, RoI records
+    with two boxes and stored class distributions, and a text-only corpus."""
+    rng = np.random.default_rng(0)
+    images, anns, records = [], [], []
+    for k in range(6):
+        colour = list(COLOURS)[k % 3]
+        image = np.full((64, 64, 3), 255, np.uint8)
+        x, y = 8 + 4 * k, 12
+        cv2.rectangle(image, (x, y), (x + 24, y + 24), COLOURS[colour], thickness=-1)
+        cv2.imwrite(str(root / f"{k}.png"), image)
+        images.append({"id": k, "file_name": f"{k}.png", "height": 64, "width": 64})
+        anns.append({"id": 100 + k, "image_id": k, "caption": f"a {colour} square on a white background"})
+        probs = rng.dirichlet(np.ones(NUM_CLASSES), size=2).astype(np.float16)
+        boxes = np.array([[x, y, x + 24, y + 24], [0, 0, 32, 64]], np.float32)
+        records.append(RoIRecord(str(k), str(root / f"{k}.png"), 64, 64, boxes=boxes, class_probs=probs,
+                                 object_conf=np.array([0.9, 0.5], np.float32)))
+    for name, ids in (("train.json", range(4)), ("val.json", range(4, 6))):
+        coco = {"images": [images[k] for k in ids], "annotations": [anns[k] for k in ids]}
+        (root / name).write_text(json.dumps(coco))
+    with RoIStoreWriter(root / "rois", {"fingerprint": "test"}) as writer:
+        writer.write_batch(records)
+    (root / "text.txt").write_text("squares and circles come in colours\nthe sky is blue today\n")
+
+
+def _overrides(root: Path, out: Path, max_iter: int) -> list[str]:
+    return [
+        "--config-file", str(REPO / "configs" / "easy_vqa" / "base.yaml"), "--output-dir", str(out),
+        "TASK", "pretrain", "MODEL.VLBERT.HEADS", "['mlm', 'mrc']",
+        "MODEL.VLBERT.NUM_MRC_CLASSES", str(NUM_CLASSES), "MODEL.VLBERT.BERT_RANDOM_INIT", "True",
+        "DATASETS.ROOT", str(root), "DATASETS.ROI_STORE", "rois",
+        "MODEL.VLBERT.PRETRAIN.CAPTIONS", "train.json", "MODEL.VLBERT.PRETRAIN.VAL_CAPTIONS", "val.json",
+        "MODEL.VLBERT.PRETRAIN.TEXT_CORPUS", "text.txt",
+        "MODEL.VLBERT.PRETRAIN.MLM_PROB", "0.4", "MODEL.VLBERT.PRETRAIN.MRC_PROB", "0.6",
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", str(max_iter), "SOLVER.WARMUP_ITERS", "0",
+        "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.CHECKPOINT_KEEP_LAST", "3", "SOLVER.LOG_PERIOD", "1",
+        "DATALOADER.NUM_WORKERS", "0", "TEST.IMS_PER_BATCH", "2",
+    ]
+
+
+@pytest.fixture
+def train_net():
+    """tools/train_net.py as a module; the root-logger handlers its runs install are removed afterwards."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import train_net
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield train_net
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.slow
+def test_pretrain_runs_checkpoints_resumes_exactly_and_evaluates(tmp_path, train_net, capsys):
+    root, out = tmp_path / "data", tmp_path / "run"
+    root.mkdir()
+    _write_caption_data(root)
+    args = _overrides(root, out, max_iter=4)
+    assert train_net.cli(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert len(train_rows) == 4
+    for row in train_rows:  # captions (mlm, mrc) and text-only passages (mlm_text) in every step
+        for key in ("train/loss", "train/mlm", "train/mrc", "train/mlm_text"):
+            assert np.isfinite(row[key]) and row[key] > 0, row
+    evals = [r for r in rows if "eval/mlm_accuracy" in r]
+    assert len(evals) == 1 and evals[0]["eval/num_captions"] == 2
+    assert 0.0 <= evals[0]["eval/mlm_accuracy"] <= 1.0 and 0.0 <= evals[0]["eval/mrc_accuracy"] <= 1.0
+    assert np.isfinite(evals[0]["eval/mlm_loss"]) and np.isfinite(evals[0]["eval/mrc_loss"])
+    assert (out / "model_0000002.pth").exists() and (out / "model_best.pth").exists()
+    final = torch.load(out / "model_0000004.pth", weights_only=True)
+    assert final["data"]["epoch"] == 1  # 4 items (captions paired with passages), 2 per step: 2 epochs
+    start = torch.load(out / "model_0000002.pth", weights_only=True)["model"]
+    changed = [k for k in start if not torch.equal(start[k], final["model"][k])]
+    assert any(k.startswith("detector.") for k in changed) and any(k.startswith("heads.mrc") for k in changed)
+
+    # As after a crash at step 3: --resume continues from step 2, through the epoch boundary (new masks),
+    # to the same weights as the uninterrupted run.
+    (out / "model_0000004.pth").unlink()
+    assert train_net.cli(["--resume", *args]) == 0
+    assert "model_0000002.pth at step 2" in (out / "log.txt").read_text()
+    again = torch.load(out / "model_0000004.pth", weights_only=True)["model"]
+    assert again.keys() == final["model"].keys()
+    assert all(torch.equal(again[k], final["model"][k]) for k in again)
+
+    capsys.readouterr()
+    assert train_net.cli(["--eval-only", *args]) == 0
+    assert "mlm_accuracy:" in capsys.readouterr().out
+
+
+def test_pretrain_config_validates_and_needs_pretraining_heads(tmp_path):
+    config = REPO / "configs" / "pretrain" / "vlbert_base_cc.yaml"
+    cfg = load_train_cfg(config)
+    assert cfg.TASK == "pretrain" and list(cfg.MODEL.VLBERT.HEADS) == ["mlm", "mrc"]
+    from e2e_vl.engine.tasks import build_task
+
+    vqa_heads = load_train_cfg(config, ["MODEL.VLBERT.HEADS", "['vqa']", "MODEL.VLBERT.NUM_ANSWERS", "3"])
+    with pytest.raises(ConfigError, match="TASK pretrain needs 'MODEL.VLBERT.HEADS' to include mlm or mrc"):
+        build_task(vqa_heads, tokenizer=None, device=torch.device("cpu"))
