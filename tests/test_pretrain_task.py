@@ -123,3 +123,26 @@ def test_pretrain_config_validates_and_needs_pretraining_heads(tmp_path):
     vqa_heads = load_train_cfg(config, ["MODEL.VLBERT.HEADS", "['vqa']", "MODEL.VLBERT.NUM_ANSWERS", "3"])
     with pytest.raises(ConfigError, match="TASK pretrain needs 'MODEL.VLBERT.HEADS' to include mlm or mrc"):
         build_task(vqa_heads, tokenizer=None, device=torch.device("cpu"))
+
+
+def test_epoch_loader_sets_the_data_set_epoch_so_masks_change():
+    from torch.utils.data import Dataset
+
+    from e2e_vl.engine.sampler import EpochLoader, ResumableBatchSampler
+
+    class EpochTagged(Dataset):
+        epoch = -1
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int) -> int:
+            return self.epoch
+
+    loader = EpochLoader(EpochTagged(), ResumableBatchSampler(4, 2, seed=0), collate_fn=list)
+    assert [loader.next() for _ in range(5)] == [[0, 0], [0, 0], [1, 1], [1, 1], [2, 2]]
+    loader.load_state_dict({"epoch": 1, "batch_in_epoch": 1})  # as on resume
+    assert loader.next() == [1, 1]
