@@ -155,3 +155,52 @@ def test_clear_errors(run_dir, tmp_path, capsys):
 
     assert _export(tmp_path / "nowhere", tmp_path / "z.pth") == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.detectron2
+def test_detectron2_loads_the_export_strictly_and_agrees(run_dir, tmp_path):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg as d2_get_cfg
+    from detectron2.modeling import build_model
+    from detectron2.structures import Boxes
+
+    out = tmp_path / "detector.pth"
+    assert _export(run_dir, out) == 0
+    ours = build_detector(_detector_cfg(out.with_suffix(".yaml")))
+    load_checkpoint(ours, out, strict=True)
+
+    # Detectron2's C4 config from the exported one: every key Detectron2 also has (ours are its names).
+    d2_cfg = d2_get_cfg()
+    d2_cfg.merge_from_list(["MODEL.MASK_ON", "False", "MODEL.ROI_HEADS.NAME", "Res5ROIHeads"])
+    pairs: list = []
+
+    def flatten(node: dict, d2_node, prefix: str) -> None:
+        for key, value in node.items():
+            if key not in d2_node:
+                continue
+            if isinstance(value, dict):
+                flatten(value, d2_node[key], f"{prefix}{key}.")
+            else:
+                pairs.extend([f"{prefix}{key}", value if isinstance(value, str) else repr(value)])
+
+    import yaml
+
+    flatten(yaml.safe_load(out.with_suffix(".yaml").read_text()), d2_cfg, "")
+    d2_cfg.merge_from_list(pairs)
+    theirs = build_model(d2_cfg).eval()
+    checkpointer = DetectionCheckpointer(theirs)
+    seen = []
+    checkpointer._log_incompatible_keys = seen.append  # Detectron2 only logs these; we want them empty
+    checkpointer.load(str(out))
+    assert len(seen) == 1
+    assert not seen[0].missing_keys and not seen[0].unexpected_keys and not seen[0].incorrect_shapes
+
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
+    boxes = torch.tensor([[0.0, 0.0, 64.0, 64.0], [10.0, 12.0, 40.0, 50.0]])
+    ours.eval()
+    with torch.no_grad():
+        mine = ours.fast_rcnn(ours.preprocess_image(image), [boxes])["features"]
+        x = (image - theirs.pixel_mean) / theirs.pixel_std
+        res4 = theirs.backbone(x)["res4"]
+        ref = theirs.roi_heads._shared_roi_transform([res4], [Boxes(boxes)]).mean(dim=(2, 3))
+    assert (mine - ref).abs().max().item() <= 1e-4
