@@ -23,9 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the package.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(ROOT)
+sys.path.insert(0, str(ROOT))  # the repository's packages, when run as a script from a checkout
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

@@ -21,9 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 
-# Run as a script, this folder comes first on sys.path, and benchmarks/detector.py would shadow the package.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
 import torch  # noqa: E402
 from torchvision.ops import roi_align as tv_roi_align  # noqa: E402

@@ -18,14 +18,12 @@ on NVIDIA H100/H200, also the dense bf16 spec figure (989 TFLOP/s).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(ROOT)  # do not let this folder shadow packages
+sys.path.insert(0, str(ROOT))  # the repository's packages, when run as a script from a checkout
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402

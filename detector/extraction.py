@@ -193,7 +193,8 @@ class RegionExtractor:
         t = time.perf_counter()
         tensors = []
         for p in images:
-            x = torch.from_numpy(np.ascontiguousarray(p.image[:, :, ::-1] if self.flip_channels else p.image))
+            # A writable contiguous copy: decoded images may be read-only views.
+            x = torch.from_numpy(np.array(p.image[:, :, ::-1] if self.flip_channels else p.image, order="C"))
             x = x.to(self.device, non_blocking=True).permute(2, 0, 1).float()
             tensors.append(self.model.preprocess_image(x[None])[0])
         batch, sizes = pad_images(tensors)  # pad after normalising, like Detectron2

@@ -387,3 +387,31 @@ def test_build_from_config_with_the_embedded_minilm():
     sample["vqa_targets"] = torch.zeros(13)
     out = model(collate_samples([sample]))
     assert out["vqa_logits"].shape == (1, 13)
+
+
+def test_detector_weights_load_and_missing_trunk_tensors_are_an_error(tmp_path, caplog):
+    from detector.checkpoint import CheckpointError, save_checkpoint
+
+    cfg = tiny_detector_cfg(get_train_cfg())
+    cfg.MODEL.VLBERT.NUM_ANSWERS = 13
+    torch.manual_seed(1)
+    source = build_detector(tiny_detector_cfg())
+    full = {k: v for k, v in source.state_dict().items()}
+    save_checkpoint(full, tmp_path / "full.pth")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "full.pth")
+    model = build_vlbert(cfg)
+    for key in ("backbone.stem.conv1.weight", "roi_heads.res5.0.conv1.weight"):
+        assert torch.equal(model.detector.state_dict()[key], full[key])
+
+    # Box predictor absent: the region features do not need it, so it only warns.
+    save_checkpoint({k: v for k, v in full.items() if "box_predictor" not in k}, tmp_path / "no_head.pth")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "no_head.pth")
+    with caplog.at_level("WARNING"):
+        build_vlbert(cfg)
+    assert "missing" in caplog.text
+
+    # A res5 tensor absent: every region feature would use random weights, so it is an error.
+    save_checkpoint({k: v for k, v in full.items() if k != "roi_heads.res5.0.conv1.weight"}, tmp_path / "no_res5.pth")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "no_res5.pth")
+    with pytest.raises(CheckpointError, match=r"roi_heads\.res5\.0\.conv1\.weight"):
+        build_vlbert(cfg)

@@ -7,10 +7,10 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from e2e_vl.engine import distributed as du
-from e2e_vl.engine.sampler import ShardedEvalSampler
+from e2e_vl.engine.sampler import sharded_eval_loader
 from e2e_vl.modeling.heads import masked_lm_loss, soft_cross_entropy
 
 _SUMS = ("mlm_loss", "mlm_correct", "mlm_count", "mrc_loss", "mrc_correct", "mrc_count", "num_captions")
@@ -30,9 +30,7 @@ class PretrainEvaluator:
 
         was_training = model.training
         model.eval()
-        sampler = ShardedEvalSampler(len(self.dataset), self.batch_size, du.get_rank(), du.get_world_size())
-        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
-                            num_workers=self.num_workers)
+        _, loader = sharded_eval_loader(self.dataset, self.batch_size, self.collate_fn, self.num_workers)
         sums = dict.fromkeys(_SUMS, 0.0)
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         for batch in loader:

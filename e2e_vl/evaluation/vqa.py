@@ -12,10 +12,9 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from e2e_vl.engine import distributed as du
-from e2e_vl.engine.sampler import ShardedEvalSampler
+from e2e_vl.engine.sampler import sharded_eval_loader
 
 
 def vqa_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -40,9 +39,7 @@ class VQAEvaluator:
 
         was_training = model.training
         model.eval()
-        sampler = ShardedEvalSampler(len(self.dataset), self.batch_size, du.get_rank(), du.get_world_size())
-        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
-                            num_workers=self.num_workers)
+        sampler, loader = sharded_eval_loader(self.dataset, self.batch_size, self.collate_fn, self.num_workers)
         results: dict[int, tuple[int, float]] = {}  # question id -> (answer index, score or nan)
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         for indices, batch in zip(sampler, loader):

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 HEAD_NAMES = ("mlm", "mrc", "vqa", "ref", "vcr")
 MASKING_MODES = ("pixel", "feature")
 REGION_SEGMENT = 2
+# Detector parts that compute region features (the RPN and box predictor are kept only for export).
+USED_DETECTOR_PREFIXES = ("backbone.", "roi_heads.res5.")
 
 
 class VLBert(nn.Module):
@@ -446,6 +448,15 @@ def build_vlbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> VLBer
             from detector.checkpoint import load_checkpoint
 
             report = load_checkpoint(detector, cfg.MODEL.WEIGHTS, strict=False)
+            # The trunk and res5 make every region feature: a hole there is an error, not a warning.
+            used = [k for k in report["missing"] if k.startswith(USED_DETECTOR_PREFIXES)]
+            if used:
+                from detector.checkpoint import CheckpointError
+
+                raise CheckpointError(
+                    f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: {len(used)} tensors of the backbone / res5 head are "
+                    f"missing (e.g. {used[:3]}); is this a checkpoint of the same detector architecture?"
+                )
             if report["missing"] or report["unexpected"]:
                 logger.warning(
                     "MODEL.WEIGHTS %s: %d detector keys missing (e.g. %s), %d unexpected (e.g. %s)",

@@ -5,8 +5,8 @@ of the same device measured in the same run. Weights are random (no downloads); 
 model's class scores stay below SCORE_THRESH_TEST, so the per-class NMS stage is cheap here and real
 weights may spend somewhat more time after the RoI head.
 
-    python benchmarks/detector.py            # VG R101-C4 at 600x1000, 100 boxes per image
-    python benchmarks/detector.py --quick    # tiny R18 model, small images: a smoke run
+    python benchmarks/detector_speed.py            # VG R101-C4 at 600x1000, 100 boxes per image
+    python benchmarks/detector_speed.py --quick    # tiny R18 model, small images: a smoke run
 
 When Detectron2 is importable, a last section times Detectron2 and this package on the same stock
 R101-C4 configuration (ROIAlignV2, res5 stride 2, no attributes: what stock Detectron2 can build),
@@ -22,9 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the package.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(ROOT)
+sys.path.insert(0, str(ROOT))  # the repository's packages, when run as a script from a checkout
 
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
