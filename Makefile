@@ -28,7 +28,14 @@ build: setup
 test: build
 	$(PYTHON) -m pytest $(PYTEST_ARGS) tests
 
-demo: build
+# Stage 1 (the detector's stand-in pre-training, about a minute) once; then the embedded default.
+DEMO_DETECTOR := output/easy_vqa/detector.pth
+$(DEMO_DETECTOR): configs/easy_vqa/detector.yaml configs/easy_vqa/base.yaml
+	$(MAKE) build
+	$(PYTHON) tools/train_net.py --config-file configs/easy_vqa/detector.yaml
+	$(PYTHON) tools/export_detector.py --checkpoint output/easy_vqa/detector --output $@ --overwrite
+
+demo: build $(DEMO_DETECTOR)
 	$(PYTHON) tools/train_net.py
 
 bench: build

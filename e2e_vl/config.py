@@ -38,8 +38,13 @@ def _vlbert_defaults() -> dict:
         "FREEZE_DETECTOR": False,
         # Dropout on the concatenated geometry + appearance before the object-feature projection.
         "OBJECT_DROPOUT": 0.1,
-        # Initial gamma of the two visual LayerNorms (VL-BERT: 0, the visual term starts switched off).
-        "VISUAL_SCALE_INIT": 0.0,
+        # Initial gammas of the visual LayerNorms of text tokens and of region tokens (VL-BERT's
+        # visual_scale_text_init / visual_scale_object_init; 0 = that visual term starts switched off).
+        "VISUAL_SCALE_TEXT_INIT": 0.0,
+        "VISUAL_SCALE_OBJECT_INIT": 0.0,
+        # "running": standardise the detector's appearance features per channel with running statistics
+        # before the object projection (for detectors not trained on the data; see RunningStandardize).
+        "APPEARANCE_NORM": "none",
         # Weight of each loss in "loss" (names as in the model's "losses"; absent losses are skipped).
         "LOSS_WEIGHTS": {"MLM": 1.0, "MLM_TEXT": 1.0, "MRC": 1.0, "VQA": 1.0, "REF": 1.0, "VCR": 1.0},
         # Pre-training data (e2e_vl.data.captions).
@@ -71,7 +76,9 @@ def _vlbert_defaults() -> dict:
 def _training_defaults() -> dict:
     """Engine-owned sections (solver, data, task, output)."""
     return {
-        "TASK": "vqa",  # vqa | pretrain (MLM + masked RoI classification on captions)
+        # vqa | pretrain (MLM + masked RoI classification on captions) | regions (the detector alone,
+        # classifying labelled boxes: the demo's stand-in for the detector's Visual Genome pre-training)
+        "TASK": "vqa",
         "OUTPUT_DIR": "output/easy_vqa",
         "SEED": 0,
         "SOLVER": {
@@ -164,7 +171,7 @@ _CHOICES = {
     ("SOLVER", "OPTIMIZER"): ("AdamW",),
     ("SOLVER", "LR_SCHEDULER"): ("linear", "cosine", "constant"),
     ("SOLVER", "AMP", "DTYPE"): ("none", "bf16", "fp16"),
-    ("TASK",): ("vqa", "pretrain"),
+    ("TASK",): ("vqa", "pretrain", "regions"),
 }
 
 
@@ -176,6 +183,9 @@ def validate_train_cfg(cfg: CfgNode) -> None:
             value = value[part]
         if value not in allowed:
             raise ConfigError(f"'{'.'.join(path)}' must be one of {list(allowed)}, got {value!r}")
+    if cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
+        raise ConfigError(f"'MODEL.WEIGHTS' {cfg.MODEL.WEIGHTS} does not exist (the easy-VQA configs start from "
+                          "stage 1's detector, which `make demo` writes first; or set MODEL.WEIGHTS \"\")")
     s = cfg.SOLVER
     positive = {"SOLVER.IMS_PER_BATCH": s.IMS_PER_BATCH, "SOLVER.GRAD_ACCUM_STEPS": s.GRAD_ACCUM_STEPS,
                 "SOLVER.CHECKPOINT_KEEP_LAST": s.CHECKPOINT_KEEP_LAST, "TEST.IMS_PER_BATCH": cfg.TEST.IMS_PER_BATCH}

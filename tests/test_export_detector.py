@@ -27,7 +27,7 @@ def run_dir(tmp_path_factory) -> Path:
     """A real (very short) end-to-end training run of the easy-VQA model."""
     out = tmp_path_factory.mktemp("run")
     rc = _tool("train_net").cli([
-        "--config-file", str(CONFIG), "--output-dir", str(out),
+        "--config-file", str(CONFIG), "--output-dir", str(out), "MODEL.WEIGHTS", "",
         "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0",
         "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.AMP.DTYPE", "none", "DATALOADER.NUM_WORKERS", "0",
         "DATASETS.TRAIN_LIMIT", "40", "DATASETS.TEST_LIMIT", "10", "TEST.IMS_PER_BATCH", "2",

@@ -48,7 +48,7 @@ def _write_caption_data(root: Path) -> None:
 def _overrides(root: Path, out: Path, max_iter: int) -> list[str]:
     return [
         "--config-file", str(REPO / "configs" / "easy_vqa" / "base.yaml"), "--output-dir", str(out),
-        "TASK", "pretrain", "MODEL.VLBERT.HEADS", "['mlm', 'mrc']",
+        "TASK", "pretrain", "MODEL.WEIGHTS", "", "MODEL.VLBERT.HEADS", "['mlm', 'mrc']",
         "MODEL.VLBERT.NUM_MRC_CLASSES", str(NUM_CLASSES), "MODEL.VLBERT.BERT_RANDOM_INIT", "True",
         "DATASETS.ROOT", str(root), "DATASETS.ROI_STORE", "rois",
         "MODEL.VLBERT.PRETRAIN.CAPTIONS", "train.json", "MODEL.VLBERT.PRETRAIN.VAL_CAPTIONS", "val.json",

@@ -129,3 +129,33 @@ def test_vqa_accuracy_is_the_soft_score_of_the_predicted_answer():
 
 def test_question_dataclass_defaults():
     assert Question(1, 2, "q").scores == {}
+
+
+def test_region_labels_agree_with_every_colour_and_shape_answer():
+    import easy_vqa
+
+    from e2e_vl.data.collate import collate_region_samples
+    from e2e_vl.data.easy_vqa import COLOURS, REGION_CLASSES, SHAPES, EasyVQARegions, region_class_labels
+
+    labels = region_class_labels("test")
+    assert 500 < len(labels) < 1000  # images asked both "what color" and "what shape" questions
+    _, answers, image_ids = easy_vqa.get_test_questions()
+    checked = 0
+    for answer, image_id in zip(answers, image_ids):
+        if image_id in labels and (answer in COLOURS or answer in SHAPES):
+            assert answer in REGION_CLASSES[labels[image_id]].split()
+            checked += 1
+    assert checked > 2 * len(labels)
+
+    ds = EasyVQARegions("test", 96, 96, limit=3)
+    item = ds[0]
+    assert item["image"].shape == (3, 96, 96) and item["image"].dtype == torch.uint8
+    assert item["boxes"].shape == (2, 4) and torch.equal(item["boxes"][0], torch.tensor([0.0, 0.0, 96.0, 96.0]))
+    assert item["region_labels"].tolist() == [-1, labels[ds.image_ids[0]]]  # the whole image is no object
+    batch = collate_region_samples([ds[0], ds[1]])
+    assert batch["images"].shape == (2, 3, 96, 96) and batch["region_labels"].shape == (4,)
+    bad = dict(ds[2], region_labels=torch.tensor([1]))
+    with pytest.raises(ValueError, match="1 region_labels for 2 boxes"):
+        collate_region_samples([bad])
+    with pytest.raises(KeyError, match="region_labels"):
+        collate_region_samples([{k: v for k, v in ds[2].items() if k != "region_labels"}])

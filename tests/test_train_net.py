@@ -1,5 +1,6 @@
-"""tools/train_net.py end to end: config errors, a short real run of the demo config (loss falls, the
-checkpoint resumes bit-exactly, --eval-only scores it), non-finite losses."""
+"""tools/train_net.py end to end: config errors, the demo's two stages for real on a few images (stage 1
+classifies regions and exports its detector; stage 2 starts from it, its loss falls, the checkpoint
+resumes bit-exactly, --eval-only scores it), non-finite losses."""
 from __future__ import annotations
 
 import json
@@ -49,10 +50,33 @@ SMOKE = [  # the demo config on ~4 easy-VQA images, a few small steps at a high 
 ]
 
 
+def _stage1_detector(tmp_path: Path) -> Path:
+    """Stage 1 of the demo (configs/easy_vqa/detector.yaml) for 30 steps on 16 images, exported."""
+    out = tmp_path / "detector"
+    r = _run("--config-file", str(REPO / "configs" / "easy_vqa" / "detector.yaml"), "--output-dir", str(out),
+             "SOLVER.MAX_ITER", "30", "SOLVER.WARMUP_ITERS", "0", "SOLVER.IMS_PER_BATCH", "8",
+             "DATASETS.TRAIN_LIMIT", "16", "DATASETS.TEST_LIMIT", "16", "SOLVER.LOG_PERIOD", "1",
+             "DATALOADER.NUM_WORKERS", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [json.loads(line)["train/cls"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "train/cls" in line]
+    assert len(losses) == 30 and sum(losses[-4:]) < 0.5 * sum(losses[:4]), losses
+    assert "region_accuracy:" in r.stdout
+    weights = tmp_path / "detector.pth"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    e = subprocess.run([sys.executable, str(REPO / "tools" / "export_detector.py"), "--checkpoint", str(out),
+                        "--output", str(weights)], capture_output=True, text=True, env=env, timeout=300)
+    assert e.returncode == 0, e.stderr[-3000:]
+    return weights
+
+
 @pytest.mark.slow
 def test_demo_config_smoke_run_learns_resumes_exactly_and_evaluates(tmp_path):
+    weights = _stage1_detector(tmp_path)
+    stage1 = torch.load(weights, weights_only=True)["model"]
     out = tmp_path / "run"
-    r = _run("--output-dir", str(out), *SMOKE)
+    smoke = [*SMOKE, "MODEL.WEIGHTS", str(weights)]
+    r = _run("--output-dir", str(out), *smoke)
     assert r.returncode == 0, r.stderr[-3000:]
     losses = [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "train/loss" in line]
@@ -63,15 +87,19 @@ def test_demo_config_smoke_run_learns_resumes_exactly_and_evaluates(tmp_path):
 
     # Resume from step 6 (as after a crash): the final weights equal the uninterrupted run's.
     final = torch.load(out / "model_0000012.pth", weights_only=True)["model"]
+    first = torch.load(out / "model_0000006.pth", weights_only=True)["model"]
+    # Stage 2 started from stage 1's detector: the box predictor (no loss reaches it) is still stage 1's.
+    assert torch.equal(first["detector.roi_heads.box_predictor.cls_score.weight"],
+                       stage1["roi_heads.box_predictor.cls_score.weight"])
     (out / "model_0000012.pth").unlink()
-    r2 = _run("--output-dir", str(out), "--resume", *SMOKE)
+    r2 = _run("--output-dir", str(out), "--resume", *smoke)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "resumed from" in r2.stderr and "model_0000006.pth" in r2.stderr
     again = torch.load(out / "model_0000012.pth", weights_only=True)["model"]
     assert final.keys() == again.keys()
     assert all(torch.equal(final[k], again[k]) for k in final)
 
-    r3 = _run("--output-dir", str(out), "--eval-only", *SMOKE)
+    r3 = _run("--output-dir", str(out), "--eval-only", *smoke)
     assert r3.returncode == 0, r3.stderr[-3000:]
     assert "easy_vqa_test accuracy:" in r3.stdout
 

@@ -415,3 +415,67 @@ def test_detector_weights_load_and_missing_trunk_tensors_are_an_error(tmp_path, 
     cfg.MODEL.WEIGHTS = str(tmp_path / "no_res5.pth")
     with pytest.raises(CheckpointError, match=r"roi_heads\.res5\.0\.conv1\.weight"):
         build_vlbert(cfg)
+
+
+def test_running_standardize_first_batch_sets_stats_then_moving_average():
+    from e2e_vl.modeling.embeddings import RunningStandardize
+
+    torch.manual_seed(0)
+    norm = RunningStandardize(6, momentum=0.25).train()
+    first = torch.randn(20, 6) * 3 + 5
+    out = norm(first)
+    # Normalised with the first batch's own statistics: zero mean, unit (biased) variance per channel.
+    assert torch.allclose(out.mean(0), torch.zeros(6), atol=1e-5)
+    assert torch.allclose(out.var(0, unbiased=False), torch.ones(6), atol=1e-4)
+    second = torch.randn(10, 6) - 2
+    mean0, var0 = norm.running_mean.clone(), norm.running_var.clone()
+    out2 = norm(second)
+    # The second batch is normalised with the statistics from before it, then they move by 25%.
+    assert torch.allclose(out2, (second - mean0) / torch.sqrt(var0 + norm.eps), atol=1e-5)
+    assert torch.allclose(norm.running_mean, 0.75 * mean0 + 0.25 * second.mean(0), atol=1e-5)
+    assert torch.allclose(norm.running_var, 0.75 * var0 + 0.25 * second.var(0, unbiased=False), atol=1e-5)
+    assert int(norm.num_updates) == 2
+    # A row's output does not depend on its batch mates, and evaluation changes nothing.
+    norm.eval()
+    alone = norm(second[:1])
+    assert torch.allclose(alone, norm(second)[:1]) and int(norm.num_updates) == 2
+    with pytest.raises(ValueError, match=r"expected features \[N, 6\]"):
+        norm(torch.zeros(3, 5))
+
+
+def test_appearance_norm_option_standardises_region_features_and_is_saved():
+    with pytest.raises(ValueError, match="APPEARANCE_NORM"):
+        tiny_model(appearance_norm="batch")
+    model = tiny_model(appearance_norm="running", visual_scale_object_init=1.0).train()
+    assert model.visual_norms.region.weight.eq(1).all() and model.visual_norms.text.weight.eq(0).all()
+    assert {"appearance_norm.running_mean", "appearance_norm.running_var"} <= set(model.state_dict())
+    batch = collate_samples([image_sample(answer_pos=1, vqa_targets=torch.rand(5)),
+                             image_sample(seed=1, answer_pos=1, vqa_targets=torch.rand(5))])
+    seen = []
+    model.object_embedding.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    out = model(batch)
+    out["loss"].backward()
+    # The first batch sets the statistics, so the appearance entering the projection is standardised.
+    appearance = seen[0]
+    assert torch.allclose(appearance.mean(0), torch.zeros(appearance.shape[1]), atol=1e-4)
+    assert int(model.appearance_norm.num_updates) == 1
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.detector.roi_heads.res5.parameters())
+
+
+def test_region_classifier_trains_trunk_and_class_scores_and_checks_labels():
+    from e2e_vl.data.collate import collate_region_samples
+    from e2e_vl.modeling.region_classifier import RegionClassifier
+
+    torch.manual_seed(0)
+    model = RegionClassifier(build_detector(tiny_detector_cfg())).train()
+    predictor = model.detector.roi_heads.box_predictor
+    assert predictor.cls_score.weight.requires_grad and not predictor.bbox_pred.weight.requires_grad
+    samples = [dict(image_sample(seed=s), region_labels=torch.tensor([s, -1, 3])) for s in range(2)]
+    out = model(collate_region_samples(samples))
+    assert out["class_logits"].shape == (6, NUM_CLASSES) and set(out["losses"]) == {"cls"}
+    out["loss"].backward()
+    assert predictor.cls_score.weight.grad.abs().sum() > 0
+    assert model.detector.roi_heads.res5[0].conv1.weight.grad.abs().sum() > 0
+    samples[0]["region_labels"] = torch.tensor([0, NUM_CLASSES - 1, 1])  # index C is background: not a label
+    with pytest.raises(ValueError, match=r"region_labels must lie in \[-1, 9\]"):
+        model(collate_region_samples(samples))

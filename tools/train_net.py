@@ -104,8 +104,19 @@ def main(args: argparse.Namespace) -> dict:
     if args.eval_only and cfg.MODEL.WEIGHTS and _is_training_checkpoint(cfg.MODEL.WEIGHTS):
         build_cfg = cfg.clone()  # an unfrozen copy: the whole-model checkpoint is loaded below instead
         build_cfg.MODEL.WEIGHTS = ""
-    model = build_vlbert(build_cfg).to(device)
-    tokenizer = load_tokenizer(cfg.MODEL.VLBERT.BERT_PATH)
+    if cfg.TASK == "regions":  # the detector alone
+        from detector.modeling import build_detector
+        from e2e_vl.modeling.region_classifier import RegionClassifier
+
+        model = RegionClassifier(build_detector(build_cfg)).to(device)
+        if build_cfg.MODEL.WEIGHTS:
+            from detector.checkpoint import load_checkpoint
+
+            load_checkpoint(model.detector, build_cfg.MODEL.WEIGHTS)
+        tokenizer = None
+    else:
+        model = build_vlbert(build_cfg).to(device)
+        tokenizer = load_tokenizer(cfg.MODEL.VLBERT.BERT_PATH)
     task = build_task(cfg, tokenizer, device, eval_only=args.eval_only)
     seed_everything(cfg.SEED + rank)  # different dropout masks per rank
 
@@ -118,7 +129,7 @@ def main(args: argparse.Namespace) -> dict:
     if rank == 0 and "accuracy" in metrics:
         print(f"{cfg.DATASETS.TEST} accuracy: {metrics['accuracy']:.4f} "
               f"({int(metrics.get('num_questions', 0))} questions)", flush=True)
-    elif rank == 0 and metrics:  # e.g. TASK pretrain's held-out masked-word / masked-RoI metrics
+    elif rank == 0 and metrics:  # e.g. TASK pretrain's masked-word / masked-RoI or TASK regions' metrics
         print("  ".join(f"{k}: {v:.4f}" for k, v in metrics.items()), flush=True)
     du.cleanup()
     return metrics

@@ -136,6 +136,20 @@ def collate_samples(
     return batch
 
 
+def collate_region_samples(samples: Sequence[Sample]) -> dict[str, Any]:
+    """Batch for detector-only region classification: samples with "image", "boxes" and "region_labels"
+    (Long [K], -1 = ignore) -> images, image_sizes, boxes (list), region_labels (Long [sum K])."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    _require_all(samples, ("image", "boxes", "region_labels"))
+    for i, s in enumerate(samples):
+        if len(s["region_labels"]) != len(s["boxes"]):
+            raise ValueError(f"sample {i}: {len(s['region_labels'])} region_labels for {len(s['boxes'])} boxes")
+    images, sizes = pad_images([s["image"] for s in samples])
+    return {"images": images, "image_sizes": sizes, "boxes": [s["boxes"].float() for s in samples],
+            "region_labels": torch.cat([torch.as_tensor(s["region_labels"]).long() for s in samples])}
+
+
 def vqa_text_inputs(tokenizer, question: str, max_question_tokens: int = 32) -> dict[str, Any]:
     """The VL-BERT VQA text `[CLS] question [SEP] [MASK] [SEP]`: ids, segments (question A = 0, answer
     slot B = 1) and `answer_pos`, the index of the [MASK] whose output the answer head reads."""

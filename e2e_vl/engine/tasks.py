@@ -9,6 +9,7 @@ from detector.config import CfgNode, ConfigError
 from e2e_vl.engine.trainer import AMP_DTYPES, TrainTask
 
 EASY_VQA = {"easy_vqa_train": "train", "easy_vqa_test": "test"}
+EASY_VQA_REGIONS = {"easy_vqa_regions_train": "train", "easy_vqa_regions_test": "test"}
 VQA_V2 = ("vqa_v2_train", "vqa_v2_val", "vqa_v2_test")
 
 
@@ -67,14 +68,41 @@ def _pretrain_task(cfg: CfgNode, tokenizer, device: torch.device, eval_only: boo
     return TrainTask(train_set, collate, evaluate, metric=metric)
 
 
+def _regions_task(cfg: CfgNode, device: torch.device, eval_only: bool) -> TrainTask:
+    """Detector-only region classification (the stand-in for the detector's own pre-training)."""
+    from e2e_vl.data.collate import collate_region_samples
+    from e2e_vl.data.easy_vqa import REGION_CLASSES, EasyVQARegions
+    from e2e_vl.evaluation.regions import RegionEvaluator
+
+    d = cfg.DATASETS
+    for key, name in (("TRAIN", d.TRAIN), ("TEST", d.TEST)):
+        if name and name not in EASY_VQA_REGIONS:
+            raise ConfigError(f"'DATASETS.{key}' {name!r} is not a region data set; expected one of "
+                              f"{list(EASY_VQA_REGIONS)}")
+    if cfg.MODEL.ROI_HEADS.NUM_CLASSES != len(REGION_CLASSES):
+        raise ConfigError(f"'MODEL.ROI_HEADS.NUM_CLASSES' must be {len(REGION_CLASSES)} (the easy-VQA "
+                          f"colour-shape classes) for TASK regions, got {cfg.MODEL.ROI_HEADS.NUM_CLASSES}")
+    train_set = None if eval_only else EasyVQARegions(EASY_VQA_REGIONS[d.TRAIN], cfg.INPUT.MIN_SIZE_TRAIN[0],
+                                                      cfg.INPUT.MAX_SIZE_TRAIN, d.TRAIN_LIMIT)
+    evaluate = None
+    if d.TEST:
+        test_set = EasyVQARegions(EASY_VQA_REGIONS[d.TEST], cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST,
+                                  d.TEST_LIMIT)
+        evaluate = RegionEvaluator(test_set, collate_region_samples, cfg.TEST.IMS_PER_BATCH, device,
+                                   cfg.DATALOADER.NUM_WORKERS)
+    return TrainTask(train_set, collate_region_samples, evaluate, metric="region_accuracy")
+
+
 def build_task(cfg: CfgNode, tokenizer, device: torch.device, eval_only: bool = False) -> TrainTask:
     """The task named by TASK. vqa: training items (images with their questions), VL-BERT collation, VQA
-    accuracy; pretrain: see `_pretrain_task`."""
+    accuracy; pretrain: see `_pretrain_task`; regions: see `_regions_task`."""
     from e2e_vl.data.collate import VLCollator
     from e2e_vl.evaluation.vqa import VQAEvaluator
 
     if cfg.TASK == "pretrain":
         return _pretrain_task(cfg, tokenizer, device, eval_only)
+    if cfg.TASK == "regions":
+        return _regions_task(cfg, device, eval_only)
     if cfg.MODEL.VLBERT.NUM_ANSWERS < 1:
         raise ConfigError("'MODEL.VLBERT.NUM_ANSWERS' must be set for the VQA task")
     collate = VLCollator(pad_token_id=tokenizer.pad_token_id)

@@ -76,16 +76,67 @@ class VisualLayerNorms(nn.Module):
     """The two LayerNorms that put visual features into the word-embedding space.
 
     One for the visual feature added to text tokens (the whole-image feature, or the learned text-only
-    embedding), one for region tokens. Their betas start at 0 and their gammas at `scale_init`: VL-BERT's
-    default 0 means that at initialisation the input of a text token is exactly BERT's and the
-    pre-trained language model is not disturbed; the visual term is switched on by learning (VL-BERT
-    exposes the same choice as visual_scale_text_init / visual_scale_object_init).
+    embedding), one for region tokens. Their betas start at 0 and their gammas at `text_scale_init` and
+    `object_scale_init` (VL-BERT's visual_scale_text_init / visual_scale_object_init). A text gamma of 0
+    leaves the text input exactly BERT's at the start, so the pre-trained language model is not
+    disturbed. A region gamma of 0 also hides the regions, and the gamma barely grows when the detector
+    starts untrained (it stayed below 0.01 in the easy-VQA runs), so such runs start it at 1.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-12, scale_init: float = 0.0):
+    def __init__(self, hidden_size: int, eps: float = 1e-12, text_scale_init: float = 0.0,
+                 object_scale_init: float = 0.0):
         super().__init__()
         self.text = nn.LayerNorm(hidden_size, eps=eps)
         self.region = nn.LayerNorm(hidden_size, eps=eps)
-        for norm in (self.text, self.region):
-            nn.init.constant_(norm.weight, scale_init)
+        for norm, scale in ((self.text, text_scale_init), (self.region, object_scale_init)):
+            nn.init.constant_(norm.weight, scale)
             nn.init.zeros_(norm.bias)
+
+
+class RunningStandardize(nn.Module):
+    """Per-channel standardisation of appearance features with running statistics, no affine.
+
+    Why: pooled res5 features of a detector that was not trained on the data at hand (randomly
+    initialised, or trained elsewhere) share a large component across all regions. Projected and
+    layer-normalised, that shared part dominates every region token, and the transformer did not learn
+    to read the small part that differs between images: on easy-VQA, a detector that classifies the
+    shapes' colours at 0.995 (linear probe) gave colour answers at the 0.12 prior after 1,000 steps,
+    and 0.92 after 300 steps once its features were standardised.
+
+    Mean and variance are exponential moving averages over training batches (the first batch sets
+    them); training and evaluation both normalise with the running values as they stood before the
+    batch, never with the batch's own, so a region's feature does not depend on its batch mates and
+    small batches are fine. They are buffers: saved in
+    checkpoints, and broadcast from rank 0 under DDP.
+    """
+
+    def __init__(self, num_features: int, momentum: float = 0.05, eps: float = 1e-5):
+        super().__init__()
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 2 or x.shape[1] != self.running_mean.shape[0]:
+            raise ValueError(
+                f"expected features [N, {self.running_mean.shape[0]}], got shape {tuple(x.shape)}"
+            )
+        learn = self.training and x.shape[0] > 0
+        first = learn and int(self.num_updates) == 0
+        if first:
+            self._update(x, rate=1.0)  # the first batch sets the statistics it is normalised with
+        mean, scale = self.running_mean.clone(), torch.rsqrt(self.running_var + self.eps)
+        out = ((x.float() - mean) * scale).to(x.dtype)
+        if learn and not first:
+            self._update(x, rate=self.momentum)  # after use: this batch's output saw the old values
+        return out
+
+    @torch.no_grad()
+    def _update(self, x: torch.Tensor, rate: float) -> None:
+        values = x.detach().float()
+        self.running_mean.lerp_(values.mean(0), rate)
+        self.running_var.lerp_(values.var(0, unbiased=False), rate)
+        self.num_updates += 1

@@ -18,7 +18,7 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 from detector.config import CfgNode
 from detector.modeling import GeneralizedRCNN
 from e2e_vl.data.masking import IGNORE_INDEX, box_pixel_mask
-from e2e_vl.modeling.embeddings import ObjectFeatureEmbedding, VisualLayerNorms
+from e2e_vl.modeling.embeddings import ObjectFeatureEmbedding, RunningStandardize, VisualLayerNorms
 from e2e_vl.modeling.heads import (
     AnswerHead,
     MLMHead,
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 HEAD_NAMES = ("mlm", "mrc", "vqa", "ref", "vcr")
 MASKING_MODES = ("pixel", "feature")
+APPEARANCE_NORMS = ("none", "running")
 REGION_SEGMENT = 2
 # Detector parts that compute region features (the RPN and box predictor are kept only for export).
 USED_DETECTOR_PREFIXES = ("backbone.", "roi_heads.res5.")
@@ -94,7 +95,9 @@ class VLBert(nn.Module):
         loss_weights: dict[str, float] | None = None,
         sep_token_id: int | None = None,
         mask_token_id: int | None = None,
-        visual_scale_init: float = 0.0,
+        visual_scale_text_init: float = 0.0,
+        visual_scale_object_init: float = 0.0,
+        appearance_norm: str = "none",
     ):
         super().__init__()
         unknown = set(heads) - set(HEAD_NAMES)
@@ -104,6 +107,10 @@ class VLBert(nn.Module):
             )
         if masking not in MASKING_MODES:
             raise ValueError(f"MODEL.VLBERT.MASKING: expected one of {MASKING_MODES}, got {masking!r}")
+        if appearance_norm not in APPEARANCE_NORMS:
+            raise ValueError(
+                f"MODEL.VLBERT.APPEARANCE_NORM: expected one of {APPEARANCE_NORMS}, got {appearance_norm!r}"
+            )
         if "vqa" in heads and num_answers < 1:
             raise ValueError(f"MODEL.VLBERT.NUM_ANSWERS must be >= 1 for the vqa head, got {num_answers}")
         self.detector = detector
@@ -118,7 +125,11 @@ class VLBert(nn.Module):
         self.object_embedding = ObjectFeatureEmbedding(
             hidden, appearance_dim=detector.roi_heads.out_channels, dropout=object_dropout
         )
-        self.visual_norms = VisualLayerNorms(hidden, eps=config.layer_norm_eps, scale_init=visual_scale_init)
+        self.visual_norms = VisualLayerNorms(hidden, eps=config.layer_norm_eps, text_scale_init=visual_scale_text_init,
+                                             object_scale_init=visual_scale_object_init)
+        self.appearance_norm = (
+            RunningStandardize(detector.roi_heads.out_channels) if appearance_norm == "running" else None
+        )
         words = bert.embeddings.word_embeddings.weight.detach()
         std = config.initializer_range
         self.img_token = nn.Parameter(torch.randn(hidden) * std)
@@ -179,6 +190,8 @@ class VLBert(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_detector):
             res4 = self.detector.features(self.backbone_input(batch))
             appearance = self.detector.roi_heads.region_features(res4, boxes)
+        if self.appearance_norm is not None:
+            appearance = self.appearance_norm(appearance)
         counts = torch.tensor([len(b) for b in boxes], device=appearance.device)
         sizes = batch["image_sizes"].to(appearance.device)
         image_wh = sizes[:, [1, 0]].repeat_interleave(counts, dim=0)
@@ -477,7 +490,9 @@ def build_vlbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> VLBer
         loss_weights={k.lower(): float(w) for k, w in v.LOSS_WEIGHTS.items()},
         sep_token_id=tokenizer.sep_token_id,
         mask_token_id=tokenizer.mask_token_id,
-        visual_scale_init=v.VISUAL_SCALE_INIT,
+        visual_scale_text_init=v.VISUAL_SCALE_TEXT_INIT,
+        visual_scale_object_init=v.VISUAL_SCALE_OBJECT_INIT,
+        appearance_norm=v.APPEARANCE_NORM,
     )
     if not v.BERT_RANDOM_INIT:
         load_mlm_head_weights(model, v.BERT_PATH)
