@@ -99,9 +99,9 @@ class RunningStandardize(nn.Module):
     Why: pooled res5 features of a detector that was not trained on the data at hand (randomly
     initialised, or trained elsewhere) share a large component across all regions. Projected and
     layer-normalised, that shared part dominates every region token, and the transformer did not learn
-    to read the small part that differs between images: on easy-VQA, a detector that classifies the
-    shapes' colours at 0.995 (linear probe) gave colour answers at the 0.12 prior after 1,000 steps,
-    and 0.92 after 300 steps once its features were standardised.
+    to read the small part that differs between images: on easy-VQA, with a frozen detector whose shape
+    features give the colour at 0.995 (linear probe), colour answers stayed at the 0.12 prior for 1,000
+    steps; with this module they reached 0.86 at step 300 and 0.96 at step 600.
 
     Mean and variance are exponential moving averages over training batches (the first batch sets
     them); training and evaluation both normalise with the running values as they stood before the
