@@ -291,6 +291,8 @@ def run_probe(
     freeze_at: int = 2,
     detector_steps: int = 800,
     seed: int = 0,
+    appearance_norm: str = "none",
+    visual_scale_object_init: float = 0.0,
 ) -> dict[str, Any]:
     """Pre-train the detector, then VL-BERT with it in the loop; measure masked colour/shape word accuracy
     per condition before and after. Returns the numbers."""
@@ -332,6 +334,8 @@ def run_probe(
         num_mrc_classes=len(CLASSES) + 1,
         sep_token_id=tokenizer.sep_token_id,
         mask_token_id=tokenizer.mask_token_id,
+        appearance_norm=appearance_norm,
+        visual_scale_object_init=visual_scale_object_init,
     )
     conditions = ("image", "region masked", "text only")
     probes = {(w, c): probe_samples(test_set, tokenizer, w, c) for w in (1, 2) for c in conditions}
@@ -377,6 +381,10 @@ def main() -> None:
     parser.add_argument("--freeze-at", type=int, default=2)
     parser.add_argument("--detector-steps", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--appearance-norm", choices=("none", "running"), default="none",
+                        help="MODEL.VLBERT.APPEARANCE_NORM (running: standardised detector features)")
+    parser.add_argument("--visual-scale-object-init", type=float, default=0.0,
+                        help="MODEL.VLBERT.VISUAL_SCALE_OBJECT_INIT (initial gamma of the region LayerNorm)")
     # One thread by default: on a shared, oversubscribed CPU, multi-threaded kernels spin-wait and run
     # many times slower than one thread.
     parser.add_argument("--threads", type=int, default=1)
@@ -393,6 +401,8 @@ def main() -> None:
         args.freeze_at,
         args.detector_steps,
         args.seed,
+        args.appearance_norm,
+        args.visual_scale_object_init,
     )
     losses = result["losses"]
     head = max(1, len(losses) // 10)
