@@ -18,9 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from detector.transforms import resize_shortest_edge
-
-from e2e_vl.data.vqa import ImageQuestionsDataset, Question
+from e2e_vl.data.vqa import ImageQuestionsDataset, Question, resized_tensors
 
 SPLITS = ("train", "test")
 BOX_THRESHOLD = 48
@@ -141,9 +139,6 @@ class EasyVQARegions(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image_id = self.image_ids[index]
-        image, boxes = self.images(image_id)
-        resized, _ = resize_shortest_edge(image, self.min_size, self.max_size)
-        factors = np.array([resized.shape[1] / image.shape[1], resized.shape[0] / image.shape[0]] * 2, np.float32)
-        return {"image": torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))),
-                "boxes": torch.from_numpy(boxes * factors), "image_id": image_id,
+        image, boxes = resized_tensors(*self.images(image_id), self.min_size, self.max_size)
+        return {"image": image, "boxes": boxes, "image_id": image_id,
                 "region_labels": torch.tensor([-1] + [self.labels[image_id]] * (len(boxes) - 1))}

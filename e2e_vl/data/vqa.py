@@ -47,6 +47,16 @@ def encode_vqa_text(tokenizer, text: str, max_question_tokens: int) -> tuple[lis
 ImageLoader = Callable[[object], tuple[np.ndarray, np.ndarray]]
 
 
+def resized_tensors(image: np.ndarray, boxes: np.ndarray, min_size: int, max_size: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An HxWx3 image resized as the detector resizes it, as a [3, h, w] tensor, and its boxes scaled
+    to match (Float [K, 4])."""
+    resized, _ = resize_shortest_edge(image, min_size, max_size)
+    factors = np.array([resized.shape[1] / image.shape[1], resized.shape[0] / image.shape[0]] * 2, np.float32)
+    return (torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))),
+            torch.from_numpy(np.asarray(boxes, np.float32) * factors))
+
+
 class ImageQuestionsDataset(Dataset):
     """Items: one image with up to `questions_per_item` of its questions (0 = all), as a list of samples.
 
@@ -82,11 +92,7 @@ class ImageQuestionsDataset(Dataset):
 
     def __getitem__(self, index: int) -> list[dict]:
         image_id, q_indices = self.items[index]
-        image, boxes = self.load_image(image_id)
-        resized, _ = resize_shortest_edge(image, self.min_size, self.max_size)
-        factors = np.array([resized.shape[1] / image.shape[1], resized.shape[0] / image.shape[0]] * 2, np.float32)
-        image_t = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        boxes_t = torch.from_numpy(np.asarray(boxes, np.float32) * factors)
+        image_t, boxes_t = resized_tensors(*self.load_image(image_id), self.min_size, self.max_size)
         samples = []
         for qi in q_indices:
             q = self.questions[qi]

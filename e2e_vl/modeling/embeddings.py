@@ -106,8 +106,7 @@ class RunningStandardize(nn.Module):
     Mean and variance are exponential moving averages over training batches (the first batch sets
     them); training and evaluation both normalise with the running values as they stood before the
     batch, never with the batch's own, so a region's feature does not depend on its batch mates and
-    small batches are fine. They are buffers: saved in
-    checkpoints, and broadcast from rank 0 under DDP.
+    small batches are fine. They are buffers: saved in checkpoints, and broadcast from rank 0 under DDP.
     """
 
     def __init__(self, num_features: int, momentum: float = 0.05, eps: float = 1e-5):

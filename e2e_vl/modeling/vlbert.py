@@ -35,8 +35,6 @@ HEAD_NAMES = ("mlm", "mrc", "vqa", "ref", "vcr")
 MASKING_MODES = ("pixel", "feature")
 APPEARANCE_NORMS = ("none", "running")
 REGION_SEGMENT = 2
-# Detector parts that compute region features (the RPN and box predictor are kept only for export).
-USED_DETECTOR_PREFIXES = ("backbone.", "roi_heads.res5.")
 
 
 class VLBert(nn.Module):
@@ -459,10 +457,11 @@ def build_vlbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> VLBer
         detector = build_detector(cfg)
         if cfg.MODEL.WEIGHTS:
             from detector.checkpoint import load_checkpoint
+            from detector.checkpoint.export import TRAINED_PREFIXES
 
             report = load_checkpoint(detector, cfg.MODEL.WEIGHTS, strict=False)
             # The trunk and res5 make every region feature: a hole there is an error, not a warning.
-            used = [k for k in report["missing"] if k.startswith(USED_DETECTOR_PREFIXES)]
+            used = [k for k in report["missing"] if k.startswith(TRAINED_PREFIXES)]
             if used:
                 from detector.checkpoint import CheckpointError
 
