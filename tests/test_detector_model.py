@@ -278,6 +278,10 @@ def test_optimize_for_inference_keeps_outputs():
     torch.testing.assert_close(low["features"].float() / scale, before["features"] / scale, atol=5e-2, rtol=0)
     (det_low,) = model.inference(x, [(96, 128)])
     assert det_low["boxes"].dtype == torch.float32 and len(det_low["boxes"]) > 0
+    res4 = model.features(x)  # the parts called one by one (as VL-BERT and the extractor do) work too
+    assert res4.dtype == torch.bfloat16
+    (proposals,) = model.proposal_generator(res4, [(96, 128)])
+    assert len(proposals["proposal_boxes"]) > 0 and torch.isfinite(proposals["proposal_boxes"].float()).all()
     with pytest.raises(ValueError, match="dtype"):
         model.optimize_for_inference(torch.int8)
 

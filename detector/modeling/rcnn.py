@@ -95,8 +95,9 @@ class GeneralizedRCNN(nn.Module):
         return (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The C4 feature map (res4) of a normalised batch."""
-        return self.backbone(images)[self.in_feature]
+        """The C4 feature map (res4) of a normalised batch (in `compute_dtype` after optimize_for_inference)."""
+        with self._precision():
+            return self.backbone(images)[self.in_feature]
 
     def fast_rcnn(self, images: torch.Tensor, boxes: Sequence[torch.Tensor],
                   classes: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
