@@ -38,7 +38,7 @@ $(DEMO_DETECTOR): configs/easy_vqa/detector.yaml configs/easy_vqa/base.yaml
 demo: build $(DEMO_DETECTOR)
 	$(PYTHON) tools/train_net.py
 
-bench: build
+bench: build $(DEMO_DETECTOR)  # pretrain_probe.py reads the demo's stage-1 detector
 	for b in benchmarks/*.py; do $(PYTHON) $$b || exit 1; done
 
 clean:

@@ -159,3 +159,28 @@ def test_region_labels_agree_with_every_colour_and_shape_answer():
         collate_region_samples([bad])
     with pytest.raises(KeyError, match="region_labels"):
         collate_region_samples([{k: v for k, v in ds[2].items() if k != "region_labels"}])
+
+
+def test_easy_vqa_captions_name_the_region_class_and_feed_pretraining():
+    from e2e_vl.data.captions import CaptionPretrainDataset
+    from e2e_vl.data.easy_vqa import REGION_CLASSES, easy_vqa_captions, region_class_labels
+    from e2e_vl.data.transforms import ResizeFlip
+    from e2e_vl.modeling.vlbert import load_tokenizer
+
+    captions, records = easy_vqa_captions("test", limit=4)
+    labels = region_class_labels("test")
+    image_ids = sorted(labels)[:4]
+    images = EasyVQAImages("test", image_ids)
+    assert [c.image_id for c in captions] == [f"easy-vqa-test-{i}" for i in image_ids] == list(records)
+    for caption, image_id in zip(captions, image_ids):
+        assert caption.text == f"a {REGION_CLASSES[labels[image_id]]}"
+        record = records[caption.image_id]
+        assert (record.height, record.width) == images(image_id)[0].shape[:2]
+        np.testing.assert_array_equal(record.boxes, images(image_id)[1][1:])  # the shape box only
+        assert record.class_probs is None  # the detector's to fill
+    tokenizer = load_tokenizer("")
+    ds = CaptionPretrainDataset(captions, records, tokenizer, ResizeFlip(64, 64), mlm_prob=0.0, mrc_prob=0.0,
+                                max_seq_len=16, max_text_len=12)
+    sample = ds[0]
+    assert sample["boxes"].shape == (2, 4)  # whole image + shape box
+    assert tokenizer.decode(sample["input_ids"][1:-1]) == captions[0].text

@@ -4,22 +4,16 @@ resumes bit-exactly, --eval-only scores it), non-finite losses."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_NET = REPO / "tools" / "train_net.py"
+from demo_stages import REPO, run_script, stage1_detector
 
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "TRANSFORMERS_VERBOSITY": "error"}
-    return subprocess.run([sys.executable, str(TRAIN_NET), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return run_script("tools/train_net.py", *args, timeout=timeout)
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -50,29 +44,9 @@ SMOKE = [  # the demo config on ~4 easy-VQA images, a few small steps at a high 
 ]
 
 
-def _stage1_detector(tmp_path: Path) -> Path:
-    """Stage 1 of the demo (configs/easy_vqa/detector.yaml) for 30 steps on 16 images, exported."""
-    out = tmp_path / "detector"
-    r = _run("--config-file", str(REPO / "configs" / "easy_vqa" / "detector.yaml"), "--output-dir", str(out),
-             "SOLVER.MAX_ITER", "30", "SOLVER.WARMUP_ITERS", "0", "SOLVER.IMS_PER_BATCH", "8",
-             "DATASETS.TRAIN_LIMIT", "16", "DATASETS.TEST_LIMIT", "16", "SOLVER.LOG_PERIOD", "1",
-             "DATALOADER.NUM_WORKERS", "0")
-    assert r.returncode == 0, r.stderr[-3000:]
-    losses = [json.loads(line)["train/cls"] for line in (out / "metrics.jsonl").read_text().splitlines()
-              if "train/cls" in line]
-    assert len(losses) == 30 and sum(losses[-4:]) < 0.5 * sum(losses[:4]), losses
-    assert "region_accuracy:" in r.stdout
-    weights = tmp_path / "detector.pth"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    e = subprocess.run([sys.executable, str(REPO / "tools" / "export_detector.py"), "--checkpoint", str(out),
-                        "--output", str(weights)], capture_output=True, text=True, env=env, timeout=300)
-    assert e.returncode == 0, e.stderr[-3000:]
-    return weights
-
-
 @pytest.mark.slow
 def test_demo_config_smoke_run_learns_resumes_exactly_and_evaluates(tmp_path):
-    weights = _stage1_detector(tmp_path)
+    weights = stage1_detector(tmp_path)
     stage1 = torch.load(weights, weights_only=True)["model"]
     out = tmp_path / "run"
     smoke = [*SMOKE, "MODEL.WEIGHTS", str(weights)]

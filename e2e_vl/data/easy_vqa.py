@@ -1,8 +1,9 @@
 """easy-VQA (the `easy-vqa` PyPI package): 64x64 images of one coloured shape on a plain background.
 
-Two uses: VQA (`build_easy_vqa`: images with their questions) and the detector's pre-training stand-in
+Three uses: VQA (`build_easy_vqa`: images with their questions), the detector's pre-training stand-in
 (`EasyVQARegions`: the shape box labelled with the image's colour-shape class, read off the training
-questions' answers), since no Visual Genome weights can be downloaded for the embedded demo.
+questions' answers), since no Visual Genome weights can be downloaded for the embedded demo, and
+captions for VL-BERT pre-training (`easy_vqa_captions`: "a <colour> <shape>" with the image's regions).
 
 Regions per image: box 0 is the whole image, box 1 the shape. The shape's box is derived from the
 pixels alone: the background colour is the per-channel median of the image's border pixels (the
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from e2e_vl.data.captions import Caption
+from e2e_vl.data.roi_store import RoIRecord
 from e2e_vl.data.vqa import ImageQuestionsDataset, Question, resized_tensors
 
 SPLITS = ("train", "test")
@@ -142,3 +145,24 @@ class EasyVQARegions(Dataset):
         image, boxes = resized_tensors(*self.images(image_id), self.min_size, self.max_size)
         return {"image": image, "boxes": boxes, "image_id": image_id,
                 "region_labels": torch.tensor([-1] + [self.labels[image_id]] * (len(boxes) - 1))}
+
+
+def easy_vqa_captions(split: str, limit: int = 0) -> tuple[list[Caption], dict[str, RoIRecord]]:
+    """Captions "a <colour> <shape>" of the images whose class `region_class_labels` knows (the first
+    `limit` of them when > 0), and their RoI records (image id "easy-vqa-<split>-<id>") holding the shape
+    box; the pre-training data set adds the whole image as box 0. `class_probs` are left unset: they are
+    the detector's to fill, as `tools/extract_rois.py` fills them."""
+    import easy_vqa
+
+    labels = region_class_labels(split)
+    image_ids = sorted(labels)[:limit] if limit > 0 else sorted(labels)
+    images = EasyVQAImages(split, image_ids)
+    paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
+    captions, records = [], {}
+    for image_id in image_ids:
+        key = f"easy-vqa-{split}-{image_id}"
+        image, boxes = images(image_id)
+        records[key] = RoIRecord(key, paths[image_id], image.shape[0], image.shape[1], boxes=boxes[1:],
+                                 object_conf=np.ones(len(boxes) - 1, np.float32))
+        captions.append(Caption(key, f"a {REGION_CLASSES[labels[image_id]]}", paths[image_id], f"easy-vqa {split}"))
+    return captions, records

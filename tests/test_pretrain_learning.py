@@ -1,0 +1,31 @@
+"""VL-BERT pre-training really uses the visual clue: `benchmarks/pretrain_probe.py`, scaled down, on a
+detector from the demo's stage 1. Masked colour and shape words of held-out easy-VQA
+captions ("a <colour> <shape>") are predicted far better than the best blind guess with the image,
+and no better once the shape box's pixels are zeroed before the backbone."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from demo_stages import run_script, stage1_detector
+
+
+@pytest.mark.slow
+def test_pretraining_reads_the_region_and_pixel_masking_takes_the_clue_away(tmp_path):
+    weights = stage1_detector(tmp_path, steps=1200, images=0, batch=16)  # the demo's stage 1
+    out = tmp_path / "probe.json"
+    r = run_script("benchmarks/pretrain_probe.py", "--detector-weights", str(weights), "--steps", "400",
+                   "--num-train", "1000", "--num-eval", "200", "--json", str(out), timeout=800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    prior, after = result["prior"], result["after"]
+    image, masked, blind = after["image"], after["region masked"], after["text only"]
+    assert 0.15 < prior["colour"] < 0.35 and 0.6 < prior["shape"] < 0.8, prior  # 8 colours; 3 shapes
+    # With the image: most of the prior's errors are gone.
+    assert image["colour"] > prior["colour"] + 0.5, after
+    assert 1 - image["shape"] < 0.5 * (1 - prior["shape"]), after
+    # The region's pixels zeroed, or no image: back to (about) the blind guess.
+    for word in ("colour", "shape"):
+        assert masked[word] < prior[word] + 0.08 and blind[word] < prior[word] + 0.08, (word, after)
+    # Before training nothing is known (the MLM decoder starts without the words' statistics).
+    assert result["before"]["image"]["colour"] < prior["colour"] + 0.08
