@@ -4,6 +4,8 @@ resumes bit-exactly, --eval-only scores it), non-finite losses."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
 
@@ -90,3 +92,35 @@ def test_cli_exits_non_zero_on_a_non_finite_loss(monkeypatch, capsys):
     monkeypatch.setattr(train_net, "main", boom)
     assert train_net.cli([]) == 3
     assert "non-finite loss at step 7: loss=nan, vqa=nan" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_model_trains_on_two_processes_and_resumes(tmp_path):
+    """The real VL-BERT + detector under DDP (torchrun, gloo): both ranks train, the checkpoint of the
+    run resumed at step 6 on two processes ends where the uninterrupted run did."""
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", str(REPO / "tools" / "train_net.py")]
+    smoke = [*SMOKE, "MODEL.WEIGHTS", ""]  # the demo model, its detector randomly initialised
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+        return subprocess.run([sys.executable, *torchrun, *args], capture_output=True, text=True, env=env,
+                              timeout=600)
+
+    out = tmp_path / "run"
+    r = run("--output-dir", str(out), *smoke)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(1 per micro-batch x 1 accumulation x 2 processes)" in r.stderr, r.stderr[-3000:]
+    losses = [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in line]
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    assert "easy_vqa_test accuracy:" in r.stdout
+    final = torch.load(out / "model_0000012.pth", weights_only=True)
+    assert len(final["rng"]) == 2  # one RNG state per rank
+    (out / "model_0000012.pth").unlink()
+    r2 = run("--output-dir", str(out), "--resume", *smoke)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "resumed from" in r2.stderr and "model_0000006.pth" in r2.stderr
+    again = torch.load(out / "model_0000012.pth", weights_only=True)["model"]
+    for key, value in final["model"].items():
+        torch.testing.assert_close(again[key], value, rtol=1e-5, atol=1e-6, msg=key)
