@@ -389,6 +389,36 @@ def test_build_from_config_with_the_embedded_minilm():
     assert out["vqa_logits"].shape == (1, 13)
 
 
+def test_bert_folder_with_missing_or_misshapen_tensors_is_an_error(tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    from e2e_vl.modeling.vlbert import load_bert
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+    key = "encoder.layer.0.output.dense.weight"
+
+    def folder(name: str, edit) -> str:
+        path = tmp_path / name
+        BertModel(config).save_pretrained(path)
+        tensors = load_file(path / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        return str(path)
+
+    good = folder("good", lambda t: t.update({"pooler.dense.bias": torch.zeros(16)}))
+    with caplog.at_level("WARNING"):
+        bert = load_bert(good)
+    assert bert.config.hidden_size == 16 and "not used" not in caplog.text  # the pooler is an expected extra
+    with caplog.at_level("WARNING"):
+        load_bert(folder("extra", lambda t: t.update({"adapter.weight": torch.zeros(2)})))
+    assert "1 tensors not used" in caplog.text and "adapter.weight" in caplog.text
+    with pytest.raises(ValueError, match=f"missing: \\['{key}'\\]"):
+        load_bert(folder("missing", lambda t: t.pop(key)))
+    with pytest.raises(ValueError, match=f"wrong shape .*{key} \\(3, 3\\) vs \\(16, 32\\)"):
+        load_bert(folder("shape", lambda t: t.update({key: torch.zeros(3, 3)})))
+
+
 def test_detector_weights_load_and_missing_trunk_tensors_are_an_error(tmp_path, caplog):
     from detector.checkpoint import CheckpointError, save_checkpoint
 

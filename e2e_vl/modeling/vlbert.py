@@ -411,11 +411,38 @@ def load_tokenizer(path: str = "") -> BertTokenizerFast:
 
 
 def load_bert(path: str = "", random_init: bool = False) -> BertModel:
-    """BertModel (no pooler) from a local folder; `random_init` keeps the architecture, drops the weights."""
+    """BertModel (no pooler) from a local folder; `random_init` keeps the architecture, drops the weights.
+
+    Strict, like the detector's loader: an encoder tensor missing from the checkpoint or of another shape
+    is an error naming the folder and the keys (transformers would start it at random and go on). The
+    checkpoint's pooler and pre-training heads (`pooler.*`, `cls.*`) are expected extras, so transformers'
+    load report is not printed; other extra tensors are logged."""
     path = resolve_bert_path(path)
     if random_init:
         return BertModel(BertConfig.from_pretrained(path), add_pooling_layer=False)
-    return BertModel.from_pretrained(path, add_pooling_layer=False)
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        bert, info = BertModel.from_pretrained(path, add_pooling_layer=False, output_loading_info=True,
+                                               ignore_mismatched_sizes=True)  # reported below, as an error
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    problems = [f"missing: {sorted(info['missing_keys'])}"] if info["missing_keys"] else []
+    if info["mismatched_keys"]:
+        shapes = [f"{k} {tuple(got)} vs {tuple(want)}" for k, got, want in sorted(info["mismatched_keys"])]
+        problems.append(f"wrong shape (checkpoint vs config): {', '.join(shapes)}")
+    if problems:
+        raise ValueError(f"MODEL.VLBERT.BERT_PATH {path}: the checkpoint does not fit its config.json's BERT "
+                         f"({'; '.join(problems)})")
+    extra = sorted(k for k in info["unexpected_keys"] if not k.startswith(("pooler.", "cls.")))
+    if extra:
+        logger.warning("MODEL.VLBERT.BERT_PATH %s: %d tensors not used (e.g. %s)", path, len(extra), extra[:3])
+    return bert
 
 
 def load_mlm_head_weights(model: VLBert, path: str) -> list[str]:
