@@ -88,7 +88,7 @@ def test_vqa_v2_reader(tmp_path):
     qs = {"questions": [{"question_id": 11, "image_id": 5, "question": "How many dogs?"},
                         {"question_id": 12, "image_id": 5, "question": "What color?"}]}
     anns = {"annotations": [
-        {"question_id": 11, "image_id": 5, "multiple_choice_answer": "2",
+        {"question_id": 11, "image_id": 5, "multiple_choice_answer": "2", "answer_type": "number",
          "answers": [{"answer": "two"}] * 3 + [{"answer": "3"}] * 7},
         {"question_id": 12, "image_id": 5, "multiple_choice_answer": "red",
          "answers": [{"answer": "red"}] * 10}]}
@@ -98,6 +98,7 @@ def test_vqa_v2_reader(tmp_path):
     assert vocab == ["2", "red"]  # ties alphabetical; "3" never the most common answer
     out = load_vqa_v2(tmp_path / "q.json", tmp_path / "a.json", vocab)
     assert out[0].scores == {0: pytest.approx(0.9)} and out[1].scores == {1: 1.0}
+    assert out[0].answer_type == "number" and out[1].answer_type == ""  # the type is optional
     with pytest.raises(FileNotFoundError, match="nope.json"):
         load_vqa_v2(tmp_path / "nope.json", None, vocab)
     (tmp_path / "bad.json").write_text("[]")
@@ -184,3 +185,33 @@ def test_easy_vqa_captions_name_the_region_class_and_feed_pretraining():
     sample = ds[0]
     assert sample["boxes"].shape == (2, 4)  # whole image + shape box
     assert tokenizer.decode(sample["input_ids"][1:-1]) == captions[0].text
+
+
+def test_vqa_evaluator_reports_accuracy_by_answer_type():
+    from e2e_vl.data.collate import VLCollator
+    from e2e_vl.evaluation.vqa import VQAEvaluator
+
+    questions = load_questions("test", limit=40)
+    vocab = answer_vocab()
+    kinds = {q.question_id: q.answer_type for q in questions}
+    assert set(kinds.values()) == {"yes/no", "colour", "shape"}
+    images = EasyVQAImages("test", {q.image_id for q in questions})
+    ds = ImageQuestionsDataset(questions, images, WordTokenizer(), len(vocab), 64, 64)
+
+    class AlwaysYes(torch.nn.Module):
+        def forward(self, batch):
+            logits = torch.zeros(len(batch["vqa_targets"]), len(vocab))
+            logits[:, vocab.index("yes")] = 1.0
+            return {"vqa_logits": logits}
+
+    metrics = VQAEvaluator(ds, VLCollator(), 8, torch.device("cpu"))(AlwaysYes())
+    yes_no = [q for q in questions if q.answer_type == "yes/no"]
+    share_yes = sum(vocab[next(iter(q.scores))] == "yes" for q in yes_no) / len(yes_no)
+    assert metrics["num_questions"] == len(questions)
+    assert metrics["accuracy/yes/no"] == pytest.approx(share_yes)
+    assert metrics["accuracy/colour"] == 0.0 and metrics["accuracy/shape"] == 0.0
+    assert metrics["accuracy"] == pytest.approx(share_yes * len(yes_no) / len(questions))
+    with pytest.raises(ValueError, match="'maybe'"):
+        from e2e_vl.data.easy_vqa import answer_type
+
+        answer_type("maybe")

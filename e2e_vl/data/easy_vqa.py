@@ -73,6 +73,17 @@ def answer_vocab() -> list[str]:
     return list(easy_vqa.get_answers())
 
 
+def answer_type(answer: str) -> str:
+    """easy-VQA's three kinds of question, told apart by the answer: "yes/no", "colour" or "shape"."""
+    if answer in COLOURS:
+        return "colour"
+    if answer in SHAPES:
+        return "shape"
+    if answer in ("yes", "no"):
+        return "yes/no"
+    raise ValueError(f"easy-VQA answer {answer!r} is none of yes/no, {COLOURS} or {SHAPES}")
+
+
 def load_questions(split: str, limit: int = 0) -> list[Question]:
     """The split's questions with one-hot scores; `limit` > 0 keeps the questions of the first images
     (whole images, so batching by image still holds) until at least `limit` questions are kept."""
@@ -82,7 +93,7 @@ def load_questions(split: str, limit: int = 0) -> list[Question]:
         raise ValueError(f"easy-VQA split must be one of {SPLITS}, got {split!r}")
     texts, answers, image_ids = easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
     index = {a: i for i, a in enumerate(answer_vocab())}
-    questions = [Question(i, image_id, text, {index[a]: 1.0})
+    questions = [Question(i, image_id, text, {index[a]: 1.0}, answer_type(a))
                  for i, (text, a, image_id) in enumerate(zip(texts, answers, image_ids))]
     if limit > 0:
         per_image = Counter(q.image_id for q in questions)

@@ -34,6 +34,8 @@ class Question:
     text: str
     # answer index -> soft score; empty for a split without answers (test-dev)
     scores: dict[int, float] = field(default_factory=dict)
+    # for accuracy by type: VQA v2's answer_type ("yes/no", "number", "other"); "" = none
+    answer_type: str = ""
 
 
 def encode_vqa_text(tokenizer, text: str, max_question_tokens: int) -> tuple[list[int], int]:
@@ -182,7 +184,8 @@ def load_vqa_v2(questions_json: str | os.PathLike, annotations_json: str | os.Pa
             for a, s in soft_scores([x["answer"] for x in ann["answers"]]).items():
                 if a in answer_index and s > 0:
                     scores[answer_index[a]] = s
-        out.append(Question(q["question_id"], q["image_id"], q["question"], scores))
+        answer_type = str(ann.get("answer_type", "")) if ann is not None else ""
+        out.append(Question(q["question_id"], q["image_id"], q["question"], scores, answer_type))
     return out
 
 

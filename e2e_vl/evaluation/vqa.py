@@ -1,4 +1,5 @@
-"""VQA accuracy: the soft score of the predicted answer, averaged over questions.
+"""VQA accuracy: the soft score of the predicted answer, averaged over questions, and per answer type
+(`accuracy/<type>`, e.g. VQA v2's yes/no, number, other) when the questions carry one.
 
 With VQA v2's targets (min(1, matches/3), leave-one-out averaged; see `e2e_vl.data.vqa`) this is the
 official VQA accuracy; with one-hot targets (easy-VQA) it is plain accuracy. Evaluation is sharded
@@ -60,9 +61,16 @@ class VQAEvaluator:
             Path(self.predictions_path).parent.mkdir(parents=True, exist_ok=True)
             with open(self.predictions_path, "w", encoding="utf-8") as f:
                 json.dump([{"question_id": q, "answer": self.answers[a]} for q, (a, _) in sorted(merged.items())], f)
-        scores = [s for _, s in merged.values() if s == s]
+        by_type: dict[str, list[float]] = {"": []}
+        types = {q.question_id: q.answer_type for q in getattr(self.dataset, "questions", [])}
+        for qid, (_, score) in merged.items():
+            if score == score:  # not nan: the question has answers
+                by_type[""].append(score)
+                if types.get(qid):
+                    by_type.setdefault(types[qid], []).append(score)
         out = {"num_questions": float(len(merged))}
-        if scores:
-            out["accuracy"] = sum(scores) / len(scores)
+        for kind, scores in sorted(by_type.items()):
+            if scores:
+                out["accuracy" + (f"/{kind}" if kind else "")] = sum(scores) / len(scores)
         return out
 
