@@ -91,9 +91,6 @@ def _training_defaults() -> dict:
             "EPS": 1e-6,
             # Learning rate of detector parameters = BASE_LR * DETECTOR_LR_MULT.
             "DETECTOR_LR_MULT": 1.0,
-            # The detector's learning rate is 0 before this step: the transformer first learns to read
-            # the pre-trained detector's features before its gradients may reshape them.
-            "DETECTOR_START_ITER": 0,
             # Learning rate of parameters outside the detector and the pre-trained BERT (heads, visual
             # embedding); lets freshly initialised layers move faster than the checkpointed encoder.
             "HEAD_LR_MULT": 1.0,

@@ -262,29 +262,6 @@ def test_lr_schedule_warmup_then_linear_and_cosine(tmp_path):
     assert lr_factor(5, cos, 10) == pytest.approx(0.5) and lr_factor(10, cos, 10) == pytest.approx(0.0)
 
 
-def test_detector_learning_rate_waits_for_detector_start_iter(tmp_path):
-    from e2e_vl.engine.optim import build_lr_scheduler
-
-    cfg = standin_cfg(tmp_path, 10, ["SOLVER.DETECTOR_START_ITER", "3", "SOLVER.LR_SCHEDULER", "constant",
-                                    "SOLVER.WARMUP_ITERS", "0"])
-    model = StandInModel()
-    opt = build_optimizer(model, cfg)
-    scheduler = build_lr_scheduler(opt, cfg, 10)
-    detector = [p for n, p in model.named_parameters() if n.startswith("detector.")]
-    others = [p for n, p in model.named_parameters() if not n.startswith("detector.")]
-    for step in range(5):
-        lrs = {g["name"]: g["lr"] for g in opt.param_groups}
-        assert lrs["bert/decay"] == pytest.approx(0.05)
-        assert lrs["detector/decay"] == (0.0 if step < 3 else pytest.approx(0.025)), step
-        before = [p.detach().clone() for p in detector + others]
-        opt.zero_grad()
-        sum(p.sum() for p in detector + others).backward()
-        opt.step()
-        scheduler.step()
-        moved = [not torch.equal(a, p) for a, p in zip(before, detector + others)]
-        assert all(moved[len(detector):]) and all(moved[:len(detector)]) == (step >= 3), step
-
-
 def test_sampler_shards_are_disjoint_and_resume_continues_the_same_order():
     ranks = [list(ResumableBatchSampler(50, 4, seed=7, rank=r, world_size=2)) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 6

@@ -90,12 +90,4 @@ def lr_factor(step: int, cfg: CfgNode, max_iter: int) -> float:
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: CfgNode, max_iter: int):
-    """`lr_factor` for every group; detector groups (`param_groups`' "detector/...") stay at 0 before
-    SOLVER.DETECTOR_START_ITER."""
-    start = cfg.SOLVER.DETECTOR_START_ITER
-
-    def schedule(detector: bool):
-        return lambda step: 0.0 if detector and step < start else lr_factor(step, cfg, max_iter)
-
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [schedule(g.get("name", "").startswith("detector")) for g in optimizer.param_groups])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_iter))
