@@ -235,6 +235,19 @@ def test_shards_are_disjoint_and_read_together(tmp_path, weights):
         extract_tool.resolve_shard("2of4", {})
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    """Live (not zombie) processes whose command line contains `text` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace") \
+                    and " Z " not in (entry / "stat").read_text():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume(tmp_path, weights):
     files = make_images(tmp_path / "imgs", [(96, 128)] * 30)
@@ -257,6 +270,11 @@ def test_sigkill_mid_run_then_resume(tmp_path, weights):
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     proc.stdout.close()
+    # Its DataLoader worker dies with it (it used to linger for good, blocked on a pipe nobody read).
+    deadline = time.time() + 20
+    while time.time() < deadline and _processes_mentioning(str(out)):
+        time.sleep(0.1)
+    assert not _processes_mentioning(str(out)), "a worker of the killed run is still alive"
     with RoIStore(out) as store:
         at_kill = len(store)
     assert 1 <= at_kill < len(files)

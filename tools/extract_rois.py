@@ -34,6 +34,7 @@ from detector.checkpoint import CheckpointError, file_sha256, load_checkpoint  #
 from detector.config import ConfigError, load_cfg  # noqa: E402
 from detector.extraction import PreparedImage, RegionExtractor, Selection, prepare_image  # noqa: E402
 from detector.modeling import build_detector  # noqa: E402
+from detector.workers import init_worker  # noqa: E402
 from e2e_vl.data import image_sources as sources  # noqa: E402
 from e2e_vl.data.roi_store import (  # noqa: E402
     SCHEMA_VERSION, RoIRecord, RoIStore, RoIStoreError, RoIStoreWriter, npz_ids, shard_name, write_npz)
@@ -154,12 +155,6 @@ def _collate(batch: list) -> list:
     return batch
 
 
-def _worker_init(_: int) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 class Sink:
     """Where finished records go: an LMDB store (one transaction per batch) or npz files."""
 
@@ -267,7 +262,7 @@ def process(todo: list[sources.ImageItem], extractor: RegionExtractor, cfg, args
     prepare = functools.partial(prepare_image, min_size=cfg.INPUT.MIN_SIZE_TEST, max_size=cfg.INPUT.MAX_SIZE_TEST)
     dataset = sources.ImageDataset(todo, prepare, args.max_pixels)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=_collate,
-                        worker_init_fn=_worker_init if args.num_workers else None,
+                        worker_init_fn=init_worker if args.num_workers else None,
                         pin_memory=False, persistent_workers=False)
     bar = tqdm(total=len(todo), unit="img", dynamic_ncols=True, disable=args.no_progress, smoothing=0.1)
     for batch in loader:

@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from detector.workers import init_worker
+
 
 class ResumableBatchSampler(Sampler[list[int]]):
     """Training batches of `batch_size` items for one rank.
@@ -72,7 +74,8 @@ def sharded_eval_loader(dataset: Dataset, batch_size: int, collate_fn: Callable,
     from e2e_vl.engine import distributed as du
 
     sampler = ShardedEvalSampler(len(dataset), batch_size, du.get_rank(), du.get_world_size())
-    return sampler, DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers)
+    return sampler, DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
+                               worker_init_fn=init_worker)
 
 
 class EpochLoader:
@@ -88,7 +91,7 @@ class EpochLoader:
         self.loader = DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
             pin_memory=pin_memory, generator=torch.Generator().manual_seed(sampler.seed),
-            persistent_workers=False,
+            persistent_workers=False, worker_init_fn=init_worker,
         )
         self.epoch, self.batch_in_epoch = 0, 0
         self._it: Iterator | None = None
