@@ -97,7 +97,7 @@ def _resize_uint8(img: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
         return np.stack([_resize_uint8(np.ascontiguousarray(img[:, :, c]), new_h, new_w)
                          for c in range(img.shape[2])], axis=2)
     pil = Image.fromarray(np.ascontiguousarray(img[:, :, 0] if squeeze else img))
-    out = np.asarray(pil.resize((new_w, new_h), Image.BILINEAR))
+    out = np.array(pil.resize((new_w, new_h), Image.BILINEAR))  # writable, like every other branch
     return out[:, :, None] if squeeze else out
 
 

@@ -35,6 +35,7 @@ def test_resize_keeps_dtype_and_content():
     img[:, :30] = (255, 0, 10)
     out, scale = resize_shortest_edge(img, 20, 1000)
     assert out.shape == (20, 30, 3) and out.dtype == np.uint8 and scale == 0.5
+    assert out.flags.writeable  # torch.from_numpy takes it without a warning
     assert (out[:, :14] == (255, 0, 10)).all() and (out[:, 16:] == 0).all()
     flt, _ = resize_shortest_edge(img.astype(np.float32), 80, 1000)
     assert flt.shape == (80, 120, 3) and flt.dtype == np.float32
