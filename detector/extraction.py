@@ -25,7 +25,6 @@ import torch
 from torch.nn import functional as F
 from torchvision.ops import box_iou, nms
 
-from detector.structures import pad_images
 from detector.transforms import resize_shortest_edge
 
 
@@ -157,8 +156,9 @@ class RegionExtractor:
     """Runs a GeneralizedRCNN on prepared images and returns per-image numpy regions.
 
     Faster R-CNN mode: RPN proposals + bottom-up-attention selection. Fast R-CNN mode (`boxes` given, in
-    original pixels): exactly those boxes, in their order. `timings` accumulates seconds per stage
-    (backbone, rpn, roi_heads, selection) for benchmarks.
+    original pixels): exactly those boxes, in their order. The network runs one image at a time (no
+    padding to batch mates), so an image's regions never depend on the other images of the call.
+    `timings` accumulates seconds per stage (backbone, rpn, roi_heads, selection) for benchmarks.
     """
 
     def __init__(self, model: torch.nn.Module, input_format: str, selection: Selection = Selection(),
@@ -190,31 +190,36 @@ class RegionExtractor:
     @torch.no_grad()
     def __call__(self, images: Sequence[PreparedImage],
                  boxes: Sequence[np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
+        """Regions of each image. The network runs image by image: padding a batch to its largest image
+        leaks into the backbone's border activations, and batched kernels may round differently, so a
+        batched forward would make an image's regions depend on its batch mates. One image at a time,
+        every result is a function of that image (and the weights and settings) alone."""
+        if boxes is not None and len(boxes) != len(images):
+            raise ValueError(f"got boxes for {len(boxes)} images, batch has {len(images)}")
+        return [self._one(p, None if boxes is None else boxes[i]) for i, p in enumerate(images)]
+
+    def _one(self, p: PreparedImage, given: np.ndarray | None) -> dict[str, np.ndarray]:
         t = time.perf_counter()
-        tensors = []
-        for p in images:
-            # A writable contiguous copy: decoded images may be read-only views.
-            x = torch.from_numpy(np.array(p.image[:, :, ::-1] if self.flip_channels else p.image, order="C"))
-            x = x.to(self.device, non_blocking=True).permute(2, 0, 1).float()
-            tensors.append(self.model.preprocess_image(x[None])[0])
-        batch, sizes = pad_images(tensors)  # pad after normalising, like Detectron2
+        # A writable contiguous copy: decoded images may be read-only views.
+        x = torch.from_numpy(np.array(p.image[:, :, ::-1] if self.flip_channels else p.image, order="C"))
+        x = x.to(self.device, non_blocking=True).permute(2, 0, 1).float()
+        batch = self.model.preprocess_image(x[None])  # a batch of one: nothing padded
+        sizes = [(int(batch.shape[-2]), int(batch.shape[-1]))]
         with self._autocast():
             res4 = self.model.features(batch)
         t = self._tick("backbone", t)
         # Scale from original pixels to network input pixels, per axis (rounding makes them differ).
-        scales = [(h / p.height, w / p.width) for p, (h, w) in zip(images, sizes)]
-        if boxes is None:
+        h, w = sizes[0]
+        sy, sx = h / p.height, w / p.width
+        if given is None:
             with self._autocast():
-                props = [r["proposal_boxes"].float() for r in self.model.proposal_generator(res4, sizes)]
+                prop = self.model.proposal_generator(res4, sizes)[0]["proposal_boxes"].float()
             t = self._tick("rpn", t)
         else:
-            if len(boxes) != len(images):
-                raise ValueError(f"got boxes for {len(boxes)} images, batch has {len(images)}")
-            props = [torch.as_tensor(np.asarray(b, np.float32).reshape(-1, 4), device=self.device)
-                     * torch.tensor([sx, sy, sx, sy], device=self.device)
-                     for b, (sy, sx) in zip(boxes, scales)]
+            prop = (torch.as_tensor(np.asarray(given, np.float32).reshape(-1, 4), device=self.device)
+                    * torch.tensor([sx, sy, sx, sy], device=self.device))
         with self._autocast():
-            feats = self.model.roi_heads.region_features(res4, props)
+            feats = self.model.roi_heads.region_features(res4, [prop])
             preds = self.model.roi_heads.predict(feats)
         class_probs = F.softmax(preds["class_logits"].float(), dim=-1)
         attr_probs = F.softmax(preds["attr_logits"].float(), dim=-1) if "attr_logits" in preds else None
@@ -222,24 +227,18 @@ class RegionExtractor:
             raise FloatingPointError("the detector produced NaN/inf class or attribute scores")
         t = self._tick("roi_heads", t)
 
-        results = []
-        start = 0
-        for i, (p, prop, (sy, sx)) in enumerate(zip(images, props, scales)):
-            sl = slice(start, start + len(prop))
-            start += len(prop)
-            if boxes is None:
-                orig = prop / torch.tensor([sx, sy, sx, sy], device=self.device)
-                orig[:, 0::2] = orig[:, 0::2].clamp(0, p.width)
-                orig[:, 1::2] = orig[:, 1::2].clamp(0, p.height)
-                keep = select_boxes(orig, class_probs[sl], self.selection)
-                out_boxes = orig[keep].cpu().numpy().astype(np.float32)
-            else:
-                keep = torch.arange(len(prop), device=self.device)
-                out_boxes = np.asarray(boxes[i], np.float32).reshape(-1, 4).copy()
-            results.append(self._region_arrays(out_boxes, keep, class_probs[sl], None if attr_probs is None
-                                               else attr_probs[sl], feats[sl]))
+        if given is None:
+            orig = prop / torch.tensor([sx, sy, sx, sy], device=self.device)
+            orig[:, 0::2] = orig[:, 0::2].clamp(0, p.width)
+            orig[:, 1::2] = orig[:, 1::2].clamp(0, p.height)
+            keep = select_boxes(orig, class_probs, self.selection)
+            out_boxes = orig[keep].cpu().numpy().astype(np.float32)
+        else:
+            keep = torch.arange(len(prop), device=self.device)
+            out_boxes = np.asarray(given, np.float32).reshape(-1, 4).copy()
+        result = self._region_arrays(out_boxes, keep, class_probs, attr_probs, feats)
         self._tick("selection", t)
-        return results
+        return result
 
     def _region_arrays(self, out_boxes: np.ndarray, keep: torch.Tensor, class_probs: torch.Tensor,
                        attr_probs: torch.Tensor | None, feats: torch.Tensor) -> dict[str, np.ndarray]:

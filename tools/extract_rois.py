@@ -66,7 +66,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--boxes-from", default=None,
                    help="RoI store with the boxes to use (Fast R-CNN mode: features/scores for exactly those boxes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="images decoded and stored per store transaction; the network runs image by image, "
+                        "so the stored values never depend on it")
     p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
                    help="autocast dtype for the network (bf16/fp16 on GPUs); scores and boxes stay fp32")
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
