@@ -195,6 +195,30 @@ def test_bad_files_are_listed_and_run_completes(tmp_path, weights):
     assert run_tool(tmp_path / "junk.pth", [imgs], tmp_path / "out4") == 2
 
 
+@pytest.mark.parametrize("fmt", ["lmdb", "npz"])
+def test_failed_run_that_stored_nothing_does_not_block_the_corrected_one(tmp_path, weights, fmt):
+    make_images(tmp_path / "imgs", [(90, 120)])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jpg").write_bytes(b"junk")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("these are not weights\n")
+    out = tmp_path / "out"
+    # Weights that are not a checkpoint: refused before any output exists.
+    assert run_tool(notes, [tmp_path / "imgs"], out, "--format", fmt) == 2
+    assert not out.exists() or not any(out.iterdir())
+    # A run that could store nothing (every image unreadable) with other settings than the corrected one.
+    assert run_tool(weights, [tmp_path / "bad"], out, "--format", fmt, "--conf-thresh", 0.5) == 1
+    assert run_tool(weights, [tmp_path / "imgs"], out, "--format", fmt) == 0
+    if fmt == "lmdb":
+        with RoIStore(out) as store:
+            assert store.ids() == ["im000"] and store.header["selection"]["conf_thresh"] == 0.2
+        # With a record stored, other settings are refused, naming what differs.
+        assert run_tool(weights, [tmp_path / "imgs"], out, "--format", fmt, "--conf-thresh", 0.5) == 2
+    else:
+        assert [f.stem for f in out.glob("*.npz")] == ["im000"]
+        assert run_tool(weights, [tmp_path / "imgs"], out, "--format", fmt, "--conf-thresh", 0.5) == 2
+
+
 def test_boxes_from_gives_features_for_exactly_those_boxes(tmp_path, weights, model):
     files = make_images(tmp_path / "imgs", [(90, 120), (100, 80)])
     given = {

@@ -91,6 +91,18 @@ def test_writer_refuses_other_fingerprint_and_overwrite_resets(tmp_path):
         assert w.existing_ids() == set()
 
 
+def test_store_without_records_pins_no_fingerprint(tmp_path):
+    # A run that failed before storing anything left a header only: other settings may take the store over.
+    RoIStoreWriter(tmp_path / "s", {**HEADER, "weights_sha256": "1" * 64}).close()
+    with RoIStoreWriter(tmp_path / "s", {**HEADER, "fingerprint": "fixed", "weights_sha256": "2" * 64}) as w:
+        assert w.header["fingerprint"] == "fixed"
+        w.write_batch([make_record("a")])
+    assert RoIStore(tmp_path / "s").header["fingerprint"] == "fixed"
+    # Once a record is stored, the header pins the store; the refusal names what differs.
+    with pytest.raises(RoIStoreError, match=r"\(weights_sha256 differ\)"):
+        RoIStoreWriter(tmp_path / "s", {**HEADER, "fingerprint": "other", "weights_sha256": "3" * 64})
+
+
 def test_failed_batch_writes_nothing(tmp_path):
     with RoIStoreWriter(tmp_path / "s", HEADER) as w:
         w.write_batch([make_record("a")])

@@ -37,7 +37,8 @@ from detector.modeling import build_detector  # noqa: E402
 from detector.workers import init_worker  # noqa: E402
 from e2e_vl.data import image_sources as sources  # noqa: E402
 from e2e_vl.data.roi_store import (  # noqa: E402
-    SCHEMA_VERSION, RoIRecord, RoIStore, RoIStoreError, RoIStoreWriter, npz_ids, shard_name, write_npz)
+    SCHEMA_VERSION, RoIRecord, RoIStore, RoIStoreError, RoIStoreWriter, header_differences, npz_ids, shard_name,
+    write_npz)
 
 log = logging.getLogger("extract_rois")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -179,11 +180,14 @@ class Sink:
 
     def _npz_state(self, header_path: Path, header: dict[str, Any], overwrite: bool,
                    shard: tuple[int, int]) -> set[str]:
-        if header_path.exists() and not overwrite:
+        # A header without any npz file (a run that failed before storing anything) pins nothing.
+        if header_path.exists() and not overwrite and npz_ids(self.dir):
             old = json.loads(header_path.read_text(encoding="utf-8"))
             if old.get("fingerprint") != header["fingerprint"]:
+                differ = header_differences(old, header)
                 raise RoIStoreError(f"{self.dir}: npz files were written with a different detector config, "
-                                    "weights or selection settings; write to a new output or pass --overwrite")
+                                    f"weights or selection settings ({', '.join(differ) or 'fingerprint'} "
+                                    "differ); write to a new output or pass --overwrite")
             return npz_ids(self.dir)
         header_path.write_text(json.dumps(header, indent=1, sort_keys=True), encoding="utf-8")
         return set() if overwrite else npz_ids(self.dir)
@@ -238,6 +242,7 @@ def run(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict[str
     portable.MODEL.DEVICE = ""  # resuming on another device (or GPU index) must not look like another config
     header = build_header(portable.dump(), args.weights, selection, args,
                           boxes_store.header if boxes_store is not None else None)
+    model = load_model(cfg, args.weights)  # bad weights fail here, before any output exists
     sink = Sink(args, shard, header)
     todo = [it for it in items if it.image_id not in sink.done]
     stats = {"done": 0, "skipped": len(items) - len(todo), "failed": 0}
@@ -248,7 +253,6 @@ def run(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict[str
              stats["skipped"], len(todo))
     try:
         if todo:
-            model = load_model(cfg, args.weights)
             extractor = RegionExtractor(model, cfg.INPUT.FORMAT, selection, with_features=args.features,
                                         autocast_dtype=PRECISIONS[args.precision])
             process(todo, extractor, cfg, args, sink, failures, boxes_store, stats)

@@ -200,6 +200,12 @@ def resolve_store_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) 
 # ---------------------------------------------------------------------------------------------------
 # LMDB writer / reader
 # ---------------------------------------------------------------------------------------------------
+def header_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Names of the result-defining header fields that differ (for the refusal message)."""
+    skip = {"fingerprint", "created", "weights", "schema_version"}
+    return sorted(k for k in set(old) | set(new) if k not in skip and old.get(k) != new.get(k))
+
+
 class RoIStoreWriter:
     """Appends records to one LMDB store; each `write_batch` is one atomic transaction.
 
@@ -216,6 +222,10 @@ class RoIStoreWriter:
         self._env = lmdb.open(str(self.path), map_size=map_size, subdir=True, max_dbs=0, readahead=False)
         with self._env.begin() as txn:
             existing = txn.get(HEADER_KEY)
+        # A store without records (a run that failed before storing anything) pins nothing: its header
+        # is replaced, so the corrected command is not refused for settings that produced no data.
+        if existing is not None and not self.existing_ids():
+            existing = None
         if existing is None:
             header = {"schema_version": SCHEMA_VERSION, **header}
             self._put_many([(HEADER_KEY, json.dumps(header, sort_keys=True).encode("utf-8"))])
@@ -226,9 +236,11 @@ class RoIStoreWriter:
                 raise RoIStoreError(f"{self.path}: schema version {self.header.get('schema_version')} "
                                     f"!= {SCHEMA_VERSION}; write to a new output or pass --overwrite")
             if self.header.get("fingerprint") != header.get("fingerprint"):
+                differ = header_differences(self.header, header)
                 raise RoIStoreError(
                     f"{self.path}: was written with a different detector config, weights or selection "
-                    f"settings; write to a new output or pass --overwrite")
+                    f"settings ({', '.join(differ) or 'fingerprint'} differ); write to a new output or "
+                    f"pass --overwrite")
 
     def existing_ids(self) -> set[str]:
         with self._env.begin() as txn:
