@@ -28,7 +28,7 @@ from e2e_vl.engine.checkpoint import Checkpointer, load_checkpoint_file  # noqa:
 from e2e_vl.engine.logger import setup_logging  # noqa: E402
 from e2e_vl.engine.optim import build_optimizer, lr_factor  # noqa: E402
 from e2e_vl.engine.sampler import EpochLoader, ResumableBatchSampler  # noqa: E402
-from e2e_vl.engine.trainer import NonFiniteLossError, TrainTask, train  # noqa: E402
+from e2e_vl.engine.trainer import NonFiniteLossError, ResumeError, TrainTask, train  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -120,6 +120,9 @@ def worker(argv: list[str]) -> None:
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(3)
+    except ResumeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     finally:
         du.cleanup()
 
@@ -198,6 +201,24 @@ def test_truncated_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
         state, path = ck.load_latest()
     assert state["step"] == 2 and path.name == "model_0000002.pth"
     assert "skipping unreadable checkpoint" in caplog.text and "model_0000004.pth" in caplog.text
+
+
+def test_resume_refuses_when_no_checkpoint_can_be_read(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model_0000004.pth").write_bytes(b"half a checkpoint")  # e.g. cut short by a full disk
+    r = _run(["--out", str(out), "--resume"])
+    assert r.returncode == 2, r.stderr
+    assert "no checkpoint in" in r.stderr and "model_0000004.pth" in r.stderr and "without --resume" in r.stderr
+    assert not (out / "model_0000002.pth").exists()  # nothing trained, nothing overwritten
+    # An empty folder is a first launch: --resume starts at step 0 (cluster jobs always pass --resume).
+    fresh = _run(["--out", str(tmp_path / "fresh"), "--resume", "--max-iter", "2"])
+    assert fresh.returncode == 0, fresh.stderr
+    assert "starting from step 0" in fresh.stderr and (tmp_path / "fresh" / "model_0000002.pth").exists()
+    # Asked to start over (no --resume): trains, and overwrites the damaged file when it gets there.
+    over = _run(["--out", str(out), "--max-iter", "4"])
+    assert over.returncode == 0, over.stderr
+    assert load_checkpoint_file(out / "model_0000004.pth")["step"] == 4
 
 
 def test_keep_last_k_and_no_temporary_files_left(tmp_path):

@@ -94,6 +94,20 @@ def test_cli_exits_non_zero_on_a_non_finite_loss(monkeypatch, capsys):
     assert "non-finite loss at step 7: loss=nan, vqa=nan" in capsys.readouterr().err
 
 
+def test_cli_refuses_an_unreadable_resume(monkeypatch, capsys, caplog):
+    sys.path.insert(0, str(REPO / "tools"))
+    import train_net
+
+    from e2e_vl.engine.trainer import ResumeError
+
+    def unreadable(args):
+        raise ResumeError("--resume: no checkpoint in runs/x can be read (runs/x/model_0000006.pth); ...")
+
+    monkeypatch.setattr(train_net, "main", unreadable)
+    assert train_net.cli(["--resume"]) == 2
+    assert "runs/x/model_0000006.pth" in caplog.text
+
+
 @pytest.mark.slow
 def test_demo_model_trains_on_two_processes_and_resumes(tmp_path):
     """The real VL-BERT + detector under DDP (torchrun, gloo): both ranks train, the checkpoint of the

@@ -140,12 +140,15 @@ def main(args: argparse.Namespace) -> dict:
 def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from e2e_vl.config import ConfigError
-    from e2e_vl.engine.trainer import NonFiniteLossError
+    from e2e_vl.engine.trainer import NonFiniteLossError, ResumeError
 
     try:
         main(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except ResumeError as exc:
+        logger.error("%s", exc)
         return 2
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)

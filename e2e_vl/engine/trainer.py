@@ -35,6 +35,10 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; training stops before the bad gradients reach the weights."""
 
 
+class ResumeError(RuntimeError):
+    """--resume found checkpoints but none of them loads: refusing beats silently starting over."""
+
+
 @dataclass
 class TrainTask:
     """What the loop needs from a task: data, how to batch it, and how to score the model."""
@@ -102,9 +106,14 @@ def train(cfg: CfgNode, model: nn.Module, task: TrainTask, device: torch.device,
     # --- resume: every rank restores everything (optimizer included) from the same file --------------
     if resume:
         found = checkpointer.load_latest(map_location=device) if rank == 0 else None
-        path = du.broadcast_object(str(found[1]) if found else None)
+        unreadable = [str(p) for _, p in checkpointer.step_checkpoints()] if rank == 0 and found is None else []
+        path, unreadable = du.broadcast_object((str(found[1]) if found else None, unreadable))
+        if unreadable:
+            raise ResumeError(
+                f"--resume: no checkpoint in {out_dir} can be read ({', '.join(unreadable)}); repair or move "
+                f"{'it' if len(unreadable) == 1 else 'them'} away, or run without --resume to start over")
         if path is None:
-            logger.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
+            logger.info("--resume: no checkpoint in %s yet, starting from step 0", out_dir)
         else:
             state = found[0] if rank == 0 else torch.load(path, map_location=device, weights_only=True)
             model.load_state_dict(state["model"])
