@@ -28,7 +28,8 @@ from e2e_vl.engine.checkpoint import Checkpointer, load_checkpoint_file  # noqa:
 from e2e_vl.engine.logger import setup_logging  # noqa: E402
 from e2e_vl.engine.optim import build_optimizer, lr_factor  # noqa: E402
 from e2e_vl.engine.sampler import EpochLoader, ResumableBatchSampler  # noqa: E402
-from e2e_vl.engine.trainer import NonFiniteLossError, ResumeError, TrainTask, train  # noqa: E402
+from e2e_vl.engine.trainer import (  # noqa: E402
+    NonFiniteLossError, ResumeError, TrainingInterrupted, TrainTask, train)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,6 +124,9 @@ def worker(argv: list[str]) -> None:
     except ResumeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except TrainingInterrupted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(128 + exc.signum)
     finally:
         du.cleanup()
 
@@ -164,6 +168,43 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_sigint_and_sigterm_save_a_checkpoint_that_resumes_exactly(tmp_path):
+    ref = _run(["--out", str(tmp_path / "ref"), "DATALOADER.NUM_WORKERS", "1"])
+    assert ref.returncode == 0, ref.stderr
+    reference = _final_weights(tmp_path / "ref")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for sig, whole_group in ((signal.SIGINT, True), (signal.SIGTERM, False)):
+        out = tmp_path / sig.name
+        # CHECKPOINT_PERIOD 4: a stop after step 5 is saved only because of the signal.
+        proc = subprocess.Popen([sys.executable, __file__, "--out", str(out), "--sleep", "0.1",
+                                 "DATALOADER.NUM_WORKERS", "1", "SOLVER.CHECKPOINT_PERIOD", "4"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "model_0000004.pth").exists():
+            time.sleep(0.01)
+        time.sleep(0.05)  # inside step 5
+        if whole_group:  # Ctrl-C in a terminal: the DataLoader worker gets it too
+            os.killpg(proc.pid, sig)
+        else:  # a cluster's scheduler: the main process
+            os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + sig, err
+        steps = [step for step, _ in Checkpointer(out, 2).step_checkpoints()]
+        assert steps[-1] < 12 and steps[-1] > 4, (steps, err)
+        assert f"interrupted by {sig.name} after step {steps[-1]}: saved" in err
+        assert f"model_{steps[-1]:07d}.pth; continue with --resume" in err
+        assert "Traceback" not in err, err
+        resumed = _run(["--out", str(out), "--resume", "DATALOADER.NUM_WORKERS", "1",
+                        "SOLVER.CHECKPOINT_PERIOD", "4"])
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"resumed from {out / f'model_{steps[-1]:07d}.pth'}" in resumed.stderr
+        final = load_checkpoint_file(out / "model_0000012.pth")["model"]
+        assert final.keys() == reference.keys()
+        for k in reference:
+            assert torch.equal(reference[k], final[k]), (sig.name, k)
 
 
 @pytest.mark.slow

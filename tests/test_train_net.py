@@ -108,6 +108,23 @@ def test_cli_refuses_an_unreadable_resume(monkeypatch, capsys, caplog):
     assert "runs/x/model_0000006.pth" in caplog.text
 
 
+def test_cli_reports_an_interrupted_run_and_exits_128_plus_the_signal(monkeypatch, caplog):
+    import signal
+    from pathlib import Path
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import train_net
+
+    from e2e_vl.engine.trainer import TrainingInterrupted
+
+    def interrupted(args):
+        raise TrainingInterrupted(signal.SIGTERM, 7, Path("runs/x/model_0000007.pth"))
+
+    monkeypatch.setattr(train_net, "main", interrupted)
+    assert train_net.cli([]) == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM after step 7: saved runs/x/model_0000007.pth; continue with --resume" in caplog.text
+
+
 @pytest.mark.slow
 def test_demo_model_trains_on_two_processes_and_resumes(tmp_path):
     """The real VL-BERT + detector under DDP (torchrun, gloo): both ranks train, the checkpoint of the

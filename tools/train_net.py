@@ -140,7 +140,7 @@ def main(args: argparse.Namespace) -> dict:
 def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from e2e_vl.config import ConfigError
-    from e2e_vl.engine.trainer import NonFiniteLossError, ResumeError
+    from e2e_vl.engine.trainer import NonFiniteLossError, ResumeError, TrainingInterrupted
 
     try:
         main(args)
@@ -150,6 +150,9 @@ def cli(argv: list[str] | None = None) -> int:
     except ResumeError as exc:
         logger.error("%s", exc)
         return 2
+    except TrainingInterrupted as exc:  # SIGINT/SIGTERM: the checkpoint is saved; say so, exit 128 + signal
+        logger.error("%s", exc)
+        return 128 + exc.signum
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +40,46 @@ class NonFiniteLossError(RuntimeError):
 
 class ResumeError(RuntimeError):
     """--resume found checkpoints but none of them loads: refusing beats silently starting over."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived: the step in flight was finished and checkpointed, then training stopped."""
+
+    def __init__(self, signum: int, step: int, path: Path | None):
+        self.signum, self.step, self.path = signum, step, path
+        name = signal.Signals(signum).name
+        where = f"saved {path}" if path is not None else "checkpoint saved by another process"
+        super().__init__(f"interrupted by {name} after step {step}: {where}; continue with --resume")
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM handlers that only note the signal; the loop stops at the next step boundary.
+
+    A second signal gets the default behaviour back (Ctrl-C twice quits at once, without saving). Installed
+    only in the main thread (Python's rule); elsewhere the signals keep their handlers.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._note)
+
+    def _note(self, signum: int, _frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            os.write(2, f"\n{signal.Signals(signum).name}: finishing the current step and saving a checkpoint "
+                        f"(send it again to stop at once, without saving)\n".encode())
+        for sig, previous in self._previous.items():  # the next one acts as if we were not here
+            signal.signal(sig, previous)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
 
 @dataclass
@@ -144,12 +187,14 @@ def train(cfg: CfgNode, model: nn.Module, task: TrainTask, device: torch.device,
             "step": step, "best_metric": best, "config": cfg.dump(),
         }
 
-    def save(path_kind: str) -> None:
+    def save(path_kind: str) -> Path | None:
         state = state_dict()
+        p = None
         if rank == 0:
             p = checkpointer.save(state, step) if path_kind == "step" else checkpointer.save_best(state)
             logger.info("saved %s", p)
         du.barrier()
+        return p
 
     def evaluate() -> dict[str, float]:
         nonlocal best
@@ -174,61 +219,71 @@ def train(cfg: CfgNode, model: nn.Module, task: TrainTask, device: torch.device,
                 len(data))
 
     # --- the loop --------------------------------------------------------------------------------------
-    while step < max_iter:
-        loss_sums: dict[str, torch.Tensor] = {}
-        bad: dict[str, float] | None = None
-        n_images = 0
-        for micro in range(s.GRAD_ACCUM_STEPS):
-            batch = move_to_device(data.next(), device)
-            n_images += int(batch["images"].shape[0])
-            last = micro == s.GRAD_ACCUM_STEPS - 1
-            sync = contextlib.nullcontext() if (last or not ddp) else train_model.no_sync()
-            with sync:
-                with autocast:
-                    out = train_model(batch)
-                loss = out["loss"].float()
-                scaler.scale(loss / s.GRAD_ACCUM_STEPS).backward()
-            parts = {"loss": loss.detach(), **{k: v.detach().float() for k, v in sorted(out["losses"].items())}}
-            if bad is None and not all(torch.isfinite(v) for v in parts.values()):
-                bad = {k: v.item() for k, v in parts.items()}
-            for k, v in parts.items():
-                loss_sums[k] = loss_sums.get(k, 0.0) + v
+    stop = _StopRequest()  # SIGINT/SIGTERM: finish the step, save, stop
+    try:
+        while step < max_iter:
+            loss_sums: dict[str, torch.Tensor] = {}
+            bad: dict[str, float] | None = None
+            n_images = 0
+            for micro in range(s.GRAD_ACCUM_STEPS):
+                batch = move_to_device(data.next(), device)
+                n_images += int(batch["images"].shape[0])
+                last = micro == s.GRAD_ACCUM_STEPS - 1
+                sync = contextlib.nullcontext() if (last or not ddp) else train_model.no_sync()
+                with sync:
+                    with autocast:
+                        out = train_model(batch)
+                    loss = out["loss"].float()
+                    scaler.scale(loss / s.GRAD_ACCUM_STEPS).backward()
+                parts = {"loss": loss.detach(), **{k: v.detach().float() for k, v in sorted(out["losses"].items())}}
+                if bad is None and not all(torch.isfinite(v) for v in parts.values()):
+                    bad = {k: v.item() for k, v in parts.items()}
+                for k, v in parts.items():
+                    loss_sums[k] = loss_sums.get(k, 0.0) + v
 
-        # One collective per step: loss sums, image count and the "something went non-finite" flag.
-        names = list(loss_sums)
-        stats = torch.stack([*(torch.nan_to_num(loss_sums[k], nan=0.0, posinf=0.0, neginf=0.0) for k in names),
-                             torch.tensor(float(n_images), device=device),
-                             torch.tensor(float(bad is not None), device=device)])
-        du.all_reduce_sum(stats)
-        if stats[-1].item() > 0:
-            where = ", ".join(f"{k}={v}" for k, v in bad.items()) if bad else "on another process"
-            raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {where}")
+            # One collective per step: loss sums, image count, the "something went non-finite" flag and the
+            # "a stop signal arrived" flag (so that every process stops after the same step).
+            names = list(loss_sums)
+            stats = torch.stack([*(torch.nan_to_num(loss_sums[k], nan=0.0, posinf=0.0, neginf=0.0) for k in names),
+                                 torch.tensor(float(n_images), device=device),
+                                 torch.tensor(float(bad is not None), device=device),
+                                 torch.tensor(float(stop.signum is not None), device=device)])
+            du.all_reduce_sum(stats)
+            stop_flag = stats[-1].item() > 0
+            if stats[-2].item() > 0:
+                where = ", ".join(f"{k}={v}" for k, v in bad.items()) if bad else "on another process"
+                raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {where}")
 
-        scaler.unscale_(optimizer)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), s.CLIP_GRAD_NORM)
-                     if s.CLIP_GRAD_NORM > 0 else None)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
-        meter.add_images(stats[-2].item())
+            scaler.unscale_(optimizer)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), s.CLIP_GRAD_NORM)
+                         if s.CLIP_GRAD_NORM > 0 else None)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            meter.add_images(stats[-3].item())
 
-        if step % s.LOG_PERIOD == 0 or step == max_iter:
-            denom = s.GRAD_ACCUM_STEPS * world
-            losses = {k: stats[i].item() / denom for i, k in enumerate(names)}
-            scalars = meter.report(step, losses, s.BASE_LR * lr_factor(step, cfg, max_iter), device)
-            if grad_norm is not None:
-                scalars["grad_norm"] = float(grad_norm)
-            writer.write(step, {**{f"train/{k}": v for k, v in losses.items()}, **scalars})
-        if cfg.TEST.EVAL_PERIOD > 0 and step % cfg.TEST.EVAL_PERIOD == 0 and step < max_iter:
-            evaluate()
-        if step % s.CHECKPOINT_PERIOD == 0 or step == max_iter:
-            save("step")
-
-    if task.evaluate is not None:
-        metrics = evaluate()
-    writer.close()
+            if step % s.LOG_PERIOD == 0 or step == max_iter:
+                denom = s.GRAD_ACCUM_STEPS * world
+                losses = {k: stats[i].item() / denom for i, k in enumerate(names)}
+                scalars = meter.report(step, losses, s.BASE_LR * lr_factor(step, cfg, max_iter), device)
+                if grad_norm is not None:
+                    scalars["grad_norm"] = float(grad_norm)
+                writer.write(step, {**{f"train/{k}": v for k, v in losses.items()}, **scalars})
+            if cfg.TEST.EVAL_PERIOD > 0 and step % cfg.TEST.EVAL_PERIOD == 0 and step < max_iter:
+                evaluate()
+            if step % s.CHECKPOINT_PERIOD == 0 or step == max_iter:
+                save("step")
+            if stop_flag:  # every process saw the same flag (it went through the all-reduce)
+                saved = step % s.CHECKPOINT_PERIOD == 0 or step == max_iter
+                path = checkpointer.directory / f"model_{step:07d}.pth" if saved else save("step")
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, path if rank == 0 else None)
+        if task.evaluate is not None:
+            metrics = evaluate()
+    finally:
+        stop.restore()
+        writer.close()
     return metrics
 
 
