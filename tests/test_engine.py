@@ -262,6 +262,25 @@ def test_resume_refuses_when_no_checkpoint_can_be_read(tmp_path):
     assert load_checkpoint_file(out / "model_0000004.pth")["step"] == 4
 
 
+def test_metrics_after_a_resume_hold_each_step_once(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    assert _run(["--out", str(out), "TEST.EVAL_PERIOD", "4"]).returncode == 0
+    whole = (out / "metrics.jsonl").read_text().splitlines()
+    # As if killed after logging step 11 (and half a line) but before its checkpoint: resume from step 10.
+    (out / "model_0000012.pth").unlink()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 13, "train/lo')
+    r = _run(["--out", str(out), "--resume", "TEST.EVAL_PERIOD", "4"])
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [d["step"] for d in lines if "train/loss" in d]
+    assert train_steps == list(range(1, 13))
+    assert [d["step"] for d in lines if "eval/accuracy" in d] == [4, 8, 12]
+    assert len(lines) == len(whole)
+
+
 def test_keep_last_k_and_no_temporary_files_left(tmp_path):
     ck = Checkpointer(tmp_path, keep_last=2)
     base = {"model": {}, "optimizer": {}, "scheduler": {}, "data": {}, "rng": []}

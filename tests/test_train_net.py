@@ -38,6 +38,37 @@ def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
     assert r.returncode == 2 and str(cfg) in r.stderr and "SOLVER.MAX_ITERS" in r.stderr
 
 
+@pytest.mark.parametrize("args,key", [
+    (["MODEL.WEIGHTS", "", "DATASETS.TEST", ""], "DATASETS.TEST"),
+    (["--config-file", str(REPO / "configs" / "easy_vqa" / "detector.yaml"), "DATASETS.TEST", ""], "DATASETS.TEST"),
+    (["--config-file", str(REPO / "configs" / "pretrain" / "vlbert_base_cc.yaml"),
+      "MODEL.VLBERT.PRETRAIN.VAL_CAPTIONS", ""], "MODEL.VLBERT.PRETRAIN.VAL_CAPTIONS"),
+])
+def test_eval_only_with_nothing_to_evaluate_fails_before_work_starts(tmp_path, args, key):
+    out = tmp_path / "run"
+    r = _run("--eval-only", "--output-dir", str(out), *args)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert f"--eval-only: nothing to evaluate: '{key}' is empty" in r.stderr
+    assert not out.exists()  # no run folder, no records
+
+
+def test_eval_only_keeps_the_training_config_and_writes_its_own(tmp_path):
+    out = tmp_path / "run"
+    small = ["--config-file", str(REPO / "configs" / "easy_vqa" / "detector.yaml"), "--output-dir", str(out),
+             "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0",
+             "DATASETS.TRAIN_LIMIT", "4", "DATASETS.TEST_LIMIT", "4", "DATALOADER.NUM_WORKERS", "0"]
+    r = _run(*small)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained = (out / "config.yaml").read_text()
+    assert "TEST_LIMIT: 4" in trained
+    r = _run("--eval-only", *small, "DATASETS.TEST_LIMIT", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "region_accuracy:" in r.stdout
+    assert (out / "config.yaml").read_text() == trained  # still says how the weights were trained
+    assert "TEST_LIMIT: 3" in (out / "eval_config.yaml").read_text()
+
+
 SMOKE = [  # the demo config on ~4 easy-VQA images, a few small steps at a high learning rate
     "DATASETS.TRAIN_LIMIT", "30", "DATASETS.TEST_LIMIT", "20", "SOLVER.IMS_PER_BATCH", "2",
     "SOLVER.BASE_LR", "2e-4", "SOLVER.WARMUP_ITERS", "2", "SOLVER.LOG_PERIOD", "1",

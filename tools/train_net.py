@@ -82,9 +82,24 @@ def _is_training_checkpoint(path: str) -> bool:
         return False
 
 
+def check_eval_target(cfg) -> None:
+    """--eval-only needs something to evaluate; say which key is empty before any work starts."""
+    from e2e_vl.config import ConfigError
+
+    key = "MODEL.VLBERT.PRETRAIN.VAL_CAPTIONS" if cfg.TASK == "pretrain" else "DATASETS.TEST"
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    if not node:
+        raise ConfigError(f"--eval-only: nothing to evaluate: '{key}' is empty (TASK {cfg.TASK}); set it")
+
+
 def main(args: argparse.Namespace) -> dict:
     cfg = setup_cfg(args)  # first, so that a config error is reported before the slow imports
+    if args.eval_only:
+        check_eval_target(cfg)
 
+    from e2e_vl.config import ConfigError
     from e2e_vl.engine import distributed as du
     from e2e_vl.engine.logger import setup_logging
     from e2e_vl.engine.tasks import build_task
@@ -95,9 +110,11 @@ def main(args: argparse.Namespace) -> dict:
     rank = du.get_rank()
     setup_logging(cfg.OUTPUT_DIR, rank)
     if rank == 0:
+        # config.yaml says how the run's weights were trained; an evaluation records its own settings apart.
+        name = "eval_config.yaml" if args.eval_only else "config.yaml"
         Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.OUTPUT_DIR) / "config.yaml").write_text(cfg.dump())
-        logger.info("config %s -> %s/config.yaml", args.config_file or DEFAULT_CONFIG.relative_to(REPO), cfg.OUTPUT_DIR)
+        (Path(cfg.OUTPUT_DIR) / name).write_text(cfg.dump())
+        logger.info("config %s -> %s/%s", args.config_file or DEFAULT_CONFIG.relative_to(REPO), cfg.OUTPUT_DIR, name)
 
     seed_everything(cfg.SEED)  # the same initial weights on every rank
     build_cfg = cfg
@@ -121,6 +138,8 @@ def main(args: argparse.Namespace) -> dict:
     seed_everything(cfg.SEED + rank)  # different dropout masks per rank
 
     if args.eval_only:
+        if task.evaluate is None:
+            raise ConfigError(f"--eval-only: TASK {cfg.TASK} has nothing to evaluate with this config")
         path = _load_eval_weights(cfg, model, device)
         metrics = task.evaluate(model) if task.evaluate else {}
         logger.info("evaluated %s", path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -43,20 +44,50 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-class MetricWriter:
-    """Writes scalars to TensorBoard and to one JSON object per line in metrics.jsonl."""
+def drop_after(path: Path, step: int) -> int:
+    """Rewrite the metrics.jsonl `path` (atomically) without the lines logged after `step`; their count."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            logged = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill: dropped as well
+            continue
+        if logged <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+        logger.info("%s: dropped %d lines logged after step %d (they are logged again)", path,
+                    len(lines) - len(kept), step)
+    return len(lines) - len(kept)
 
-    def __init__(self, output_dir: str | Path, enabled: bool):
+
+class MetricWriter:
+    """Writes scalars to TensorBoard and to one JSON object per line in metrics.jsonl.
+
+    `resumed_at`: the step a resumed run continues from. What the interrupted run logged after it is
+    dropped (from metrics.jsonl and, via purge_step, from TensorBoard): the resumed run logs those steps
+    again, so each step is recorded once.
+    """
+
+    def __init__(self, output_dir: str | Path, enabled: bool, resumed_at: int | None = None):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
         if enabled:
             out = Path(output_dir)
             out.mkdir(parents=True, exist_ok=True)
+            if resumed_at is not None:
+                drop_after(out / "metrics.jsonl", resumed_at)
             self._jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(out / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(out / "tensorboard"),
+                                     purge_step=None if resumed_at is None else resumed_at + 1)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:

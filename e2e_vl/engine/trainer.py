@@ -209,7 +209,7 @@ def train(cfg: CfgNode, model: nn.Module, task: TrainTask, device: torch.device,
             save("best")
         return metrics
 
-    writer = MetricWriter(out_dir, enabled=rank == 0)
+    writer = MetricWriter(out_dir, enabled=rank == 0, resumed_at=step if resume else None)
     meter = ProgressMeter(step, max_iter)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     metrics: dict[str, float] = {}
