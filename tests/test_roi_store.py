@@ -136,6 +136,16 @@ def test_shards_read_together(tmp_path):
         RoIStore(tmp_path / "nowhere")
 
 
+def test_stores_with_overlapping_ids_are_refused_naming_the_id(tmp_path):
+    with RoIStoreWriter(tmp_path / "a", HEADER) as w:
+        w.write_batch([make_record("1"), make_record("2")])
+    with RoIStoreWriter(tmp_path / "b", HEADER) as w:
+        w.write_batch([make_record("3"), make_record("2", seed=5)])
+    with pytest.raises(RoIStoreError, match=r"image id '2' is in both .*a and .*b"):
+        RoIStore([tmp_path / "a", tmp_path / "b"])
+    assert len(RoIStore(tmp_path / "a")) == 2  # each alone is fine
+
+
 def _read_in_child(store, image_id, queue):
     queue.put(store[image_id].boxes.tolist())
 

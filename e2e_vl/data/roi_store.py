@@ -322,6 +322,8 @@ class RoIStore:
         self._envs: list[lmdb.Environment] | None = None
         self._pid = -1
         self._ids: list[str] | None = None
+        if len(self.paths) > 1:
+            self.ids()  # stores read as one must not overlap: checked once, here
 
     # lifetime -----------------------------------------------------------------------------------------
     def _open(self) -> list[lmdb.Environment]:
@@ -379,10 +381,20 @@ class RoIStore:
     def ids(self) -> list[str]:
         if self._ids is None:
             ids: list[str] = []
-            for env in self._open():
+            owner: dict[str, Path] = {}
+            for path, env in zip(self.paths, self._open()):
                 with env.begin() as txn:
-                    ids.extend(k.decode("utf-8") for k in txn.cursor().iternext(keys=True, values=False)
-                               if not k.startswith(_RESERVED_PREFIX.encode()))
+                    for k in txn.cursor().iternext(keys=True, values=False):
+                        if k.startswith(_RESERVED_PREFIX.encode()):
+                            continue
+                        image_id = k.decode("utf-8")
+                        if len(self.paths) > 1:
+                            if image_id in owner:  # lookups would silently return the first store's record
+                                raise RoIStoreError(
+                                    f"image id {image_id!r} is in both {owner[image_id]} and {path}: stores "
+                                    "opened together must hold disjoint ids")
+                            owner[image_id] = path
+                        ids.append(image_id)
             self._ids = ids
         return list(self._ids)
 
