@@ -163,6 +163,9 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "cut.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:-300])
     with pytest.raises(CheckpointError, match="cut.pth"):
         load_checkpoint(_tiny(), tmp_path / "cut.pth")
+    (tmp_path / "half.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:2000])  # a copy cut short
+    with pytest.raises(CheckpointError, match=r"half.pth: truncated or damaged torch checkpoint \(2000 bytes"):
+        load_checkpoint(_tiny(), tmp_path / "half.pth")
     (tmp_path / "trunc.pkl").write_bytes(pickle.dumps({"model": {"a": np.zeros(3)}})[:-5])
     with pytest.raises(CheckpointError, match="not a readable pickle"):
         safe_unpickle(tmp_path / "trunc.pkl")

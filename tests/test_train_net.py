@@ -69,6 +69,21 @@ def test_eval_only_keeps_the_training_config_and_writes_its_own(tmp_path):
     assert "TEST_LIMIT: 3" in (out / "eval_config.yaml").read_text()
 
 
+def test_truncated_weights_and_missing_images_are_one_line_naming_the_file(tmp_path):
+    from e2e_vl.data.image_sources import ImageError, load_image
+
+    torch.save({"model": {"w": torch.zeros(5000)}}, tmp_path / "ok.pth")
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes((tmp_path / "ok.pth").read_bytes()[:3000])
+    r = _run("--eval-only", "--config-file", str(REPO / "configs" / "easy_vqa" / "detector.yaml"),
+             "--output-dir", str(tmp_path / "run"), "MODEL.WEIGHTS", str(cut), "DATASETS.TEST_LIMIT", "2")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and f"{cut}: truncated or damaged torch checkpoint" in r.stderr
+    assert f"{cut}: truncated" in (tmp_path / "run" / "log.txt").read_text()  # logged too
+    with pytest.raises(ImageError, match=f"cannot read file {tmp_path / 'nowhere.jpg'}: No such file"):
+        load_image(str(tmp_path / "nowhere.jpg"))
+
+
 SMOKE = [  # the demo config on ~4 easy-VQA images, a few small steps at a high learning rate
     "DATASETS.TRAIN_LIMIT", "30", "DATASETS.TEST_LIMIT", "20", "SOLVER.IMS_PER_BATCH", "2",
     "SOLVER.BASE_LR", "2e-4", "SOLVER.WARMUP_ITERS", "2", "SOLVER.LOG_PERIOD", "1",

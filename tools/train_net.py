@@ -159,12 +159,17 @@ def main(args: argparse.Namespace) -> dict:
 def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from e2e_vl.config import ConfigError
+    from detector.checkpoint import CheckpointError
+    from e2e_vl.data.image_sources import ImageError
     from e2e_vl.engine.trainer import NonFiniteLossError, ResumeError, TrainingInterrupted
 
     try:
         main(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ImageError) as exc:  # the message names the file
+        logger.error("error: %s", exc)
         return 2
     except ResumeError as exc:
         logger.error("%s", exc)

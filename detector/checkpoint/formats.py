@@ -54,6 +54,9 @@ def sniff_format(path: str) -> str:
         raise CheckpointError(f"{path}: file too short ({len(head)} bytes) to be a checkpoint")
     if zipfile.is_zipfile(path):
         return "zip"
+    if head[:4] == b"PK\x03\x04":  # a zip's first entry without its end (central directory): cut short
+        raise CheckpointError(f"{path}: truncated or damaged torch checkpoint ({os.path.getsize(path)} bytes, "
+                              "the zip archive has no end); copy or save it again")
     (header_len,) = struct.unpack("<Q", head[:8])
     if head[8:9] == b"{" and 0 < header_len < 100_000_000:
         return "safetensors"

@@ -156,7 +156,7 @@ def read_bytes(item: ImageItem) -> bytes:
         with open(item.path, "rb") as f:
             return f.read()
     except OSError as exc:
-        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+        raise ImageError(f"cannot read file {item.path}: {exc.strerror or exc}") from None
 
 
 def load_image(path: str) -> np.ndarray:
