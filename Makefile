@@ -8,7 +8,7 @@ STAMP      := $(VENV)/.e2e-vl-installed
 TORCH_SPEC ?= torch torchvision
 PYTEST_ARGS ?= -n 2 --timeout 900
 
-.PHONY: setup build test demo bench clean
+.PHONY: setup build test demo bench clean gpu-check gpu-wheels
 
 $(PYTHON):
 	$(SYS_PYTHON) -m venv $(VENV)
@@ -40,6 +40,18 @@ demo: build $(DEMO_DETECTOR)
 
 bench: build $(DEMO_DETECTOR)  # pretrain_probe.py reads the demo's stage-1 detector
 	for b in benchmarks/*.py; do $(PYTHON) $$b || exit 1; done
+
+# The GPU check (README, "GPUs"): on a lent CUDA machine, with the python that is there (no .venv, torch
+# untouched): builds the extension, runs the CUDA tests, sanitizers, benchmarks and the demo, and writes
+# $(OUT)/gpu_report.md. DEVICE=cpu is its dry run (tiny sizes); STEPS=demo,ddp runs only those checks.
+OUT ?= output/gpu_check
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(PYTHON)),$(PYTHON),python3)
+gpu-check:
+	$(GPU_CHECK_PYTHON) tools/gpu_check.py --out $(OUT) $(if $(DEVICE),--device $(DEVICE)) $(if $(STEPS),--steps $(STEPS)) $(GPU_CHECK_ARGS)
+
+# The wheels the GPU image lacks (Python 3.12, manylinux x86-64) into .whl/, to carry there.
+gpu-wheels: setup
+	$(PYTHON) tools/gpu_wheels.py download --dest .whl
 
 clean:
 	rm -rf build detector/_C*.so *.egg-info

@@ -2,6 +2,7 @@
 
     python benchmarks/extract.py           # VG R101-C4 config, 480x800 JPEGs resized to 600x1000
     python benchmarks/extract.py --quick   # tiny R18 model, small images: a smoke run
+    python benchmarks/extract.py --device cuda --json rows.json   # CUDA rows only, also as JSON
 
 Table 1: images/s with and without --features (ratio to the fp32 no-features row of the same device;
 with CUDA also bf16 autocast rows, batch 4), and the
@@ -18,6 +19,7 @@ and the selection would take its rarer, slower exact top-up path).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -141,15 +143,22 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=None, help="images per setting (default 2, quick 8)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
+    ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                    help="all: the CPU, then CUDA when available")
+    ap.add_argument("--json", default="", help="also write the rows (seconds per image) to this file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
 
     cfg_path, (h, w) = (TINY, (90, 120)) if args.quick else (VG, (480, 800))
     n = args.images or (8 if args.quick else 2)
     jpegs = make_jpegs(n, h, w)
-    rows = bench_device(cfg_path, torch.device("cpu"), jpegs, batch=1, warmup=1 if args.quick else 0)
-    if torch.cuda.is_available():
+    rows = []
+    if args.device in ("cpu", "all"):
+        rows += bench_device(cfg_path, torch.device("cpu"), jpegs, batch=1, warmup=1 if args.quick else 0)
+    if args.device in ("cuda", "all") and torch.cuda.is_available():
         rows += bench_device(cfg_path, torch.device("cuda"), make_jpegs(max(n, 32), h, w), batch=4, warmup=2,
                              dtypes=(torch.float32, torch.bfloat16))
 
@@ -168,6 +177,10 @@ def main() -> None:
         print(f"{r['device']:<8} {r['dtype']:<8} {'yes' if r['features'] else 'no':<8} {total:>8.3g} {1 / total:>12.3g} {1 / r['model']:>15.3g} "
               f"{base[r['device']] / r['model']:>6.2f} {r['boxes']:>6.1f} "
               + " ".join(f"{100 * s:>8.1f}%" for s in shares))
+
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"config": name, "rows": rows}, f, indent=1)
 
     sel = bench_selection(300, 1600, repeats=1 if args.quick else 3)
     print("\nBox selection, 300 proposals x 1600 classes (CPU)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import statistics
@@ -141,25 +142,32 @@ def main() -> None:
                         help="fewer cases (aligned=False only, VL-BERT's setting)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--boxes", type=int, nargs="+", default=[10, 36, 100], help="boxes per image")
+    parser.add_argument("--json", default="", help="also write the rows (times in ms) to this file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     rows = []
+    meta = {}
     for device in devices:
         if device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device available")
         copy_gbs = copy_bandwidth(device)
         name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
         print(f"# {device}: {name}; copy bandwidth {copy_gbs:.1f} GB/s")
+        meta[device] = {"name": name, "copy_gbs": copy_gbs}
         batches = [8, 32] if device == "cuda" else [2]
         aligned = [False] if args.quick else [False, True]
         repeats = args.repeats or (10 if device == "cuda" else 3)
         for batch, per_image, sr, dtype, al in itertools.product(
-            batches, [10, 36, 100], [0, 1], [torch.float32, torch.bfloat16], aligned
+            batches, args.boxes, [0, 1], [torch.float32, torch.bfloat16], aligned
         ):
             rows.append(bench_case(device, batch, per_image, sr, dtype, al, repeats, copy_gbs))
     print_table(rows)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"devices": meta, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ on NVIDIA H100/H200, also the dense bf16 spec figure (989 TFLOP/s).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,7 @@ def main() -> None:
     p.add_argument("--regions", type=int, nargs="+", default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--json", default="", help="also write the rows to this file")
     a = p.parse_args()
     device = torch.device(a.device)
     regions = a.regions or ([10, 36] if a.quick else [36, 100])
@@ -133,6 +135,7 @@ def main() -> None:
               f"{'MFU(spec)':>9} | {'trunk':>6} {'regions':>7} {'transf.':>7} {'optim':>6}")
     print(header)
     print("-" * len(header))
+    rows = []
     for k in regions:
         batch = make_batch(n_images, k, size, text_len, device)
 
@@ -171,6 +174,14 @@ def main() -> None:
         mfu_spec = f"{flops / t_step / (spec * 1e12):9.1%}" if spec else f"{'-':>9}"
         print(f"{k:>7} {n_images / t_step:9.2f} {t_step * 1e3:8.0f} {flops / 1e12:10.3f} {mfu_meas:9.1%} {mfu_spec} | "
               + " ".join(f"{s / total:>{w}.0%}" for s, w in zip(shares, (6, 7, 7, 6))))
+        rows.append({"regions": k, "images_per_s": n_images / t_step, "step_ms": t_step * 1e3,
+                     "tflop_per_step": flops / 1e12, "mfu_meas": mfu_meas,
+                     "mfu_spec": flops / t_step / (spec * 1e12) if spec else None,
+                     "shares": dict(zip(("trunk", "regions", "transformer", "optimizer"), (x / total for x in shares)))})
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump({"device": name, "batch": n_images, "size": list(size), "peak_tflops_meas": peak / 1e12,
+                       "peak_tflops_spec": spec, "rows": rows}, f, indent=1)
     if device.type == "cuda":
         print(f"\npeak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 
