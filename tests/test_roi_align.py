@@ -310,6 +310,27 @@ def test_cuda_deterministic_backward(deterministic, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("deterministic_mode", [False, True])
+def test_cuda_gradcheck_fp64(deterministic_mode):
+    x, rois = make_case(5, n=2, c=2, h=5, w=6, k=6, dtype=torch.float64, device="cuda")
+    x.requires_grad_()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic_mode)
+    try:
+        for aligned, sr, cl in [(False, 2, False), (True, 0, True)]:
+            def fn(t, aligned=aligned, sr=sr, cl=cl):
+                t = t.contiguous(memory_format=torch.channels_last) if cl else t
+                return roi_align(t, rois, (3, 2), SCALE, sr, aligned)
+
+            # the fast backward adds with atomics, in no fixed order: equal only up to rounding
+            assert torch.autograd.gradcheck(fn, (x,), nondet_tol=0.0 if deterministic_mode else 1e-12)
+        assert torch.autograd.gradgradcheck(lambda t: roi_align(t, rois, (3, 2), SCALE, 0, True), (x,),
+                                            nondet_tol=0.0 if deterministic_mode else 1e-12)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.cuda
 def test_cuda_autocast_keeps_bf16():
     x, rois = make_case(47, device="cuda")
     xb = x.bfloat16()
