@@ -17,11 +17,12 @@ from e2e_vl.data.captions import (
     read_coco_captions,
     read_tsv_captions,
 )
-from e2e_vl.data.collate import VLCollator, collate_samples, pad_images, vqa_text_inputs
+from e2e_vl.data.collate import VLCollator, collate_samples, pad_images
 from e2e_vl.data.masking import IGNORE_INDEX, box_pixel_mask, mask_whole_words, select_masked_regions
 from e2e_vl.data.roi_store import RoIRecord
 from e2e_vl.data.samplers import AspectRatioGroupedBatchSampler
 from e2e_vl.data.transforms import ResizeFlip, swap_left_right
+from e2e_vl.data.vqa import encode_vqa_text
 from e2e_vl.modeling import load_tokenizer
 
 PRETRAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "vlbert_base_cc.yaml"
@@ -140,10 +141,10 @@ def test_pad_images_size_divisibility():
 
 
 def test_vqa_text_layout(tokenizer):
-    text = vqa_text_inputs(tokenizer, "What colour is the shape?")
+    text = encode_vqa_text(tokenizer, "What colour is the shape?", 16)
     tokens = tokenizer.convert_ids_to_tokens(text["input_ids"].tolist())
     assert tokens == ["[CLS]", "what", "colour", "is", "the", "shape", "?", "[SEP]", "[MASK]", "[SEP]"]
-    assert text["token_type_ids"].tolist() == [0] * 8 + [1, 1]
+    assert text["token_type_ids"].tolist() == [0] * 10
     assert text["answer_pos"] == 8
 
 

@@ -17,9 +17,10 @@ from detector.layers import FrozenBatchNorm2d
 from detector.modeling import build_detector
 from e2e_vl.config import get_train_cfg
 from e2e_vl.data.captions import CaptionPretrainDataset, read_tsv_captions
-from e2e_vl.data.collate import collate_samples, vqa_text_inputs
+from e2e_vl.data.collate import collate_samples
 from e2e_vl.data.roi_store import RoIRecord
 from e2e_vl.data.transforms import ResizeFlip
+from e2e_vl.data.vqa import encode_vqa_text
 from e2e_vl.modeling.embeddings import box_geometry_embedding
 from e2e_vl.modeling.heads import soft_cross_entropy
 from e2e_vl.modeling.vlbert import VLBert, build_vlbert, load_tokenizer
@@ -378,7 +379,7 @@ def test_build_from_config_with_the_embedded_minilm():
     rows = model.bert.embeddings.token_type_embeddings.weight
     assert torch.equal(rows[2], rows[0]) and not torch.equal(rows[1], rows[0])
     tok = load_tokenizer("")
-    text = vqa_text_inputs(tok, "what color is the shape?")
+    text = encode_vqa_text(tok, "what color is the shape?", 16)
     assert text["input_ids"][text["answer_pos"]].item() == tok.mask_token_id
     assert torch.equal(
         model.end_token.detach(), model.bert.embeddings.word_embeddings.weight[tok.sep_token_id]

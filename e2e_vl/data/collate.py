@@ -150,27 +150,6 @@ def collate_region_samples(samples: Sequence[Sample]) -> dict[str, Any]:
             "region_labels": torch.cat([torch.as_tensor(s["region_labels"]).long() for s in samples])}
 
 
-def vqa_text_inputs(tokenizer, question: str, max_question_tokens: int = 32) -> dict[str, Any]:
-    """The VL-BERT VQA text `[CLS] question [SEP] [MASK] [SEP]`: ids, segments (question A = 0, answer
-    slot B = 1) and `answer_pos`, the index of the [MASK] whose output the answer head reads."""
-    question_ids = tokenizer(
-        question, add_special_tokens=False, truncation=True, max_length=max_question_tokens
-    )["input_ids"]
-    ids = [
-        tokenizer.cls_token_id,
-        *question_ids,
-        tokenizer.sep_token_id,
-        tokenizer.mask_token_id,
-        tokenizer.sep_token_id,
-    ]
-    segments = [0] * (len(question_ids) + 2) + [1, 1]
-    return {
-        "input_ids": torch.tensor(ids, dtype=torch.long),
-        "token_type_ids": torch.tensor(segments),
-        "answer_pos": len(question_ids) + 2,
-    }
-
-
 def pad_images(
     images: Sequence[torch.Tensor], size_divisibility: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:

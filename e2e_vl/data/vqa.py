@@ -38,12 +38,17 @@ class Question:
     answer_type: str = ""
 
 
-def encode_vqa_text(tokenizer, text: str, max_question_tokens: int) -> tuple[list[int], int]:
-    """`[CLS] question [SEP] [MASK] [SEP]` ids (question truncated to `max_question_tokens` word
-    pieces) and the index of the answer [MASK]."""
+def encode_vqa_text(tokenizer, text: str, max_question_tokens: int) -> dict:
+    """VL-BERT's VQA text `[CLS] question [SEP] [MASK] [SEP]` (question truncated to
+    `max_question_tokens` word pieces): input_ids, token_type_ids and answer_pos, the index of the
+    [MASK] whose output the answer head reads.
+
+    All of it is segment 0, as in VL-BERT's VQA: the answer slot is not a second text, and this is the
+    one layout both training and the model tests use."""
     pieces = tokenizer(text, add_special_tokens=False)["input_ids"][:max_question_tokens]
     ids = [tokenizer.cls_token_id, *pieces, tokenizer.sep_token_id, tokenizer.mask_token_id, tokenizer.sep_token_id]
-    return ids, len(ids) - 2
+    return {"input_ids": torch.tensor(ids, dtype=torch.long),
+            "token_type_ids": torch.zeros(len(ids), dtype=torch.long), "answer_pos": len(ids) - 2}
 
 
 ImageLoader = Callable[[object], tuple[np.ndarray, np.ndarray]]
@@ -98,12 +103,11 @@ class ImageQuestionsDataset(Dataset):
         samples = []
         for qi in q_indices:
             q = self.questions[qi]
-            ids, answer_pos = self._encoded[q.text]
             targets = torch.zeros(self.num_answers)
             for a, s in q.scores.items():
                 targets[a] = s
             samples.append({"image": image_t, "boxes": boxes_t, "image_key": image_id,
-                            "input_ids": torch.tensor(ids), "answer_pos": answer_pos, "vqa_targets": targets})
+                            **self._encoded[q.text], "vqa_targets": targets})
         return samples
 
 
