@@ -36,7 +36,7 @@ from detector.config import load_cfg  # noqa: E402
 from detector.extraction import (  # noqa: E402
     RegionExtractor, Selection, max_conf_dense, prepare_image, select_boxes)
 from detector.modeling import build_detector  # noqa: E402
-from e2e_vl.data.image_sources import decode_image  # noqa: E402
+from detector.image_sources import decode_image  # noqa: E402
 
 VG = ROOT / "configs" / "vg" / "faster_rcnn_R_101_C4_attr_caffemaxpool.yaml"
 TINY = ROOT / "configs" / "vg" / "tiny_R_18_C4_attr.yaml"

@@ -44,7 +44,8 @@ from e2e_vl.data.collate import VLCollator, collate_samples
 from e2e_vl.data.easy_vqa import easy_vqa_captions
 from e2e_vl.data.transforms import ResizeFlip
 from e2e_vl.engine.optim import build_optimizer, lr_factor
-from e2e_vl.modeling.vlbert import VLBert, build_vlbert, load_tokenizer
+from e2e_vl.modeling.hf import load_tokenizer
+from e2e_vl.modeling.vlbert import VLBert, build_vlbert
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 CONDITIONS = ("image", "region masked", "text only")

@@ -22,7 +22,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from torchvision.ops import box_iou, nms
 
 from detector.transforms import resize_shortest_edge
@@ -219,10 +218,8 @@ class RegionExtractor:
             prop = (torch.as_tensor(np.asarray(given, np.float32).reshape(-1, 4), device=self.device)
                     * torch.tensor([sx, sy, sx, sy], device=self.device))
         with self._autocast():
-            feats = self.model.roi_heads.region_features(res4, [prop])
-            preds = self.model.roi_heads.predict(feats)
-        class_probs = F.softmax(preds["class_logits"].float(), dim=-1)
-        attr_probs = F.softmax(preds["attr_logits"].float(), dim=-1) if "attr_logits" in preds else None
+            out = self.model.region_outputs(res4, [prop])
+        feats, class_probs, attr_probs = out["features"], out["class_probs"], out.get("attr_probs")
         if not torch.isfinite(class_probs).all() or (attr_probs is not None and not torch.isfinite(attr_probs).all()):
             raise FloatingPointError("the detector produced NaN/inf class or attribute scores")
         t = self._tick("roi_heads", t)

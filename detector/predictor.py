@@ -15,38 +15,9 @@ import numpy as np
 import torch
 
 from detector.config import CfgNode
+from detector.image_sources import ImageError, as_bgr_uint8
 from detector.modeling import GeneralizedRCNN, build_detector
 from detector.transforms import resize_shortest_edge
-
-
-class ImageError(ValueError):
-    """An input image the detector cannot take."""
-
-
-def as_bgr_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
-    """Validate and convert an image to HxWx3 uint8 following the rules in the module docstring."""
-    if not isinstance(image, np.ndarray):
-        raise ImageError(f"{name} must be a numpy array (HxWx3 uint8 BGR), got {type(image).__name__}")
-    if image.size == 0 or image.ndim < 2 or min(image.shape[:2]) == 0:
-        raise ImageError(f"{name} is empty (shape {image.shape}); was the file read correctly?")
-    if image.dtype == np.uint16:
-        raise ImageError(f"{name} is 16-bit (uint16, shape {image.shape}); the detector takes 8-bit images: "
-                         "convert with (image >> 8).astype(np.uint8) or read with cv2.IMREAD_COLOR")
-    if image.dtype != np.uint8:
-        raise ImageError(f"{name} has dtype {image.dtype}; expected uint8 BGR values 0..255 "
-                         "(for floats in 0..1 use (image * 255).round().astype(np.uint8))")
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.ndim != 3:
-        raise ImageError(f"{name} has shape {image.shape}; expected HxW, HxWx1, HxWx3 or HxWx4")
-    channels = image.shape[2]
-    if channels == 1:
-        return np.repeat(image, 3, axis=2)
-    if channels == 4:
-        return np.ascontiguousarray(image[:, :, :3])
-    if channels != 3:
-        raise ImageError(f"{name} has {channels} channels (shape {image.shape}); expected 1, 3 or 4")
-    return image
 
 
 class DetectorPredictor:

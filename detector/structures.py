@@ -62,3 +62,20 @@ def pad_images(images: Sequence[torch.Tensor], size_divisibility: int = 0,
     for img, out in zip(images, batch):
         out[:, : img.shape[-2], : img.shape[-1]].copy_(img)
     return batch, sizes
+
+
+def box_pixel_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bool `[height, width]`: the pixels covered by any of `boxes` `[K, 4]` (x1, y1, x2, y2).
+
+    A box covers pixel columns floor(x1) .. ceil(x2) - 1 (every pixel it touches, so a fractional box
+    leaves none of its area visible) and likewise rows, clipped to the image.
+    """
+    if boxes.numel() == 0:
+        return torch.zeros(height, width, dtype=torch.bool, device=boxes.device)
+    x1, y1 = boxes[:, 0].floor(), boxes[:, 1].floor()
+    x2, y2 = boxes[:, 2].ceil(), boxes[:, 3].ceil()
+    cols = torch.arange(width, device=boxes.device, dtype=boxes.dtype)
+    rows = torch.arange(height, device=boxes.device, dtype=boxes.dtype)
+    in_x = ((cols >= x1[:, None]) & (cols < x2[:, None])).to(boxes.dtype)  # [K, W]
+    in_y = ((rows >= y1[:, None]) & (rows < y2[:, None])).to(boxes.dtype)  # [K, H]
+    return (in_y.t() @ in_x) > 0

@@ -76,9 +76,11 @@ def _vlbert_defaults() -> dict:
 def _training_defaults() -> dict:
     """Engine-owned sections (solver, data, task, output)."""
     return {
-        # vqa | pretrain (MLM + masked RoI classification on captions) | regions (the detector alone,
-        # classifying labelled boxes: the demo's stand-in for the detector's Visual Genome pre-training)
+        # A registered task (e2e_vl/tasks/): vqa | pretrain (MLM + masked RoI classification on captions) |
+        # regions (the detector alone, classifying labelled boxes: the demo's stand-in for its pre-training)
         "TASK": "vqa",
+        # The registered architecture (e2e_vl.modeling.registry) to train; empty = the task's default.
+        "MODEL": {"ARCH": ""},
         "OUTPUT_DIR": "output/easy_vqa",
         "SEED": 0,
         "SOLVER": {
@@ -168,10 +170,9 @@ def _merge_new(node: CfgNode, extra: dict) -> None:
 
 
 _CHOICES = {
-    ("SOLVER", "OPTIMIZER"): ("AdamW",),
+    ("SOLVER", "OPTIMIZER"): ("AdamW",),  # e2e_vl.engine.optim.OPTIMIZERS
     ("SOLVER", "LR_SCHEDULER"): ("linear", "cosine", "constant"),
     ("SOLVER", "AMP", "DTYPE"): ("none", "bf16", "fp16"),
-    ("TASK",): ("vqa", "pretrain", "regions"),
 }
 
 

@@ -77,6 +77,10 @@ class StandInModel(nn.Module):
             loss = loss * float("nan")
         return {"loss": loss, "losses": {"vqa": loss}, "vqa_logits": logits}
 
+    @staticmethod
+    def parameter_kind(name: str) -> str:
+        return "detector" if name.startswith("detector.") else "bert"
+
 
 def standin_cfg(out: Path, max_iter: int, extra: list[str] = ()):
     cfg = get_train_cfg()

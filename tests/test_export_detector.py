@@ -114,7 +114,7 @@ def test_exported_weights_run_in_extract_rois(run_dir, tmp_path):
         "--no-progress", "--device", "cpu",
     ])
     assert rc == 0
-    from e2e_vl.data.roi_store import RoIStore
+    from detector.roi_store import RoIStore
 
     assert len(RoIStore(tmp_path / "store")) == 2
 

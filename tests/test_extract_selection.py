@@ -10,7 +10,7 @@ import torch
 from torchvision.ops import nms
 
 from detector.extraction import Selection, max_conf_dense, max_conf_per_class_nms, select_boxes
-from e2e_vl.data import image_sources as src
+from detector import image_sources as src
 
 
 def random_boxes(n, seed=0):

@@ -17,7 +17,7 @@ from detector.checkpoint import load_checkpoint, save_checkpoint
 from detector.config import load_cfg
 from detector.modeling import build_detector
 from detector.transforms import resize_shortest_edge
-from e2e_vl.data.roi_store import RoIRecord, RoIStore, RoIStoreWriter, read_npz
+from detector.roi_store import RoIRecord, RoIStore, RoIStoreWriter, read_npz
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "vg" / "tiny_R_18_C4_attr.yaml"
@@ -371,7 +371,7 @@ def test_webdataset_input_and_visualization(tmp_path, weights):
                                 "--output", str(tmp_path / "vis"), "--max-boxes", "5"]) == 0
     png = cv2.imread(str(tmp_path / "vis" / "000000001.png"))
     assert png.shape == (100, 140, 3)
-    from e2e_vl.data.image_sources import load_image
+    from detector.image_sources import load_image
 
     assert (png != load_image(f"{shard}::000000001.jpg")).any(axis=2).mean() > 0.01  # boxes were drawn
 

@@ -17,9 +17,10 @@ from e2e_vl.data.captions import (
     read_coco_captions,
     read_tsv_captions,
 )
-from e2e_vl.data.collate import VLCollator, collate_samples, pad_images
-from e2e_vl.data.masking import IGNORE_INDEX, box_pixel_mask, mask_whole_words, select_masked_regions
-from e2e_vl.data.roi_store import RoIRecord
+from detector.structures import box_pixel_mask
+from e2e_vl.data.collate import VLCollator, collate_samples
+from e2e_vl.data.masking import IGNORE_INDEX, mask_whole_words, select_masked_regions
+from detector.roi_store import RoIRecord
 from e2e_vl.data.samplers import AspectRatioGroupedBatchSampler
 from e2e_vl.data.transforms import ResizeFlip, swap_left_right
 from e2e_vl.data.vqa import encode_vqa_text
@@ -133,11 +134,6 @@ def test_collate_shares_images_by_key_and_rejects_mixed_answers():
         collate_samples([q1, {"input_ids": torch.tensor([1])}])
     with pytest.raises(ValueError, match="different images"):
         collate_samples([q1, dict(q1, image=torch.zeros(3, 5, 4))])
-
-
-def test_pad_images_size_divisibility():
-    out, sizes = pad_images([torch.ones(3, 5, 7), torch.ones(3, 9, 2)], size_divisibility=4)
-    assert out.shape == (2, 3, 12, 8) and sizes.tolist() == [[5, 7], [9, 2]]
 
 
 def test_vqa_text_layout(tokenizer):
@@ -271,7 +267,7 @@ def test_text_only_dataset(tokenizer):
 def test_pretrain_config_builds_datasets_from_an_roi_store(tmp_path, tokenizer):
     from e2e_vl.config import load_train_cfg
     from e2e_vl.data.captions import build_pretrain_datasets
-    from e2e_vl.data.roi_store import RoIStoreWriter
+    from detector.roi_store import RoIStoreWriter
 
     _, record = _store_with_one_image(tmp_path)
     with RoIStoreWriter(tmp_path / "rois", {"fingerprint": "test"}) as writer:

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from e2e_vl.config import ConfigError, load_train_cfg
-from e2e_vl.data.roi_store import RoIRecord, RoIStoreWriter
+from detector.roi_store import RoIRecord, RoIStoreWriter
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (0, 0, 255), "green": (0, 255, 0), "blue": (255, 0, 0)}  # BGR
@@ -118,11 +119,11 @@ def test_pretrain_config_validates_and_needs_pretraining_heads(tmp_path):
     config = REPO / "configs" / "pretrain" / "vlbert_base_cc.yaml"
     cfg = load_train_cfg(config)
     assert cfg.TASK == "pretrain" and list(cfg.MODEL.VLBERT.HEADS) == ["mlm", "mrc"]
-    from e2e_vl.engine.tasks import build_task
+    from e2e_vl.tasks import get_task
 
-    vqa_heads = load_train_cfg(config, ["MODEL.VLBERT.HEADS", "['vqa']", "MODEL.VLBERT.NUM_ANSWERS", "3"])
-    with pytest.raises(ConfigError, match="TASK pretrain needs 'MODEL.VLBERT.HEADS' to include mlm or mrc"):
-        build_task(vqa_heads, tokenizer=None, device=torch.device("cpu"))
+    vqa_model = SimpleNamespace(tokenizer=None, heads={"vqa": None})  # the task asks the model for its heads
+    with pytest.raises(ConfigError, match="TASK pretrain needs a model with the head mlm or mrc"):
+        get_task("pretrain").build(cfg, vqa_model, torch.device("cpu"), False)
 
 
 def test_epoch_loader_sets_the_data_set_epoch_so_masks_change():

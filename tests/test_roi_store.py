@@ -1,12 +1,13 @@
 """RoI store: record round trips, atomic batches, shards read together, fork-safe reading, npz layout."""
 import multiprocessing as mp
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from e2e_vl.data.roi_store import (
+from detector.roi_store import (
     RoIRecord, RoIStore, RoIStoreError, RoIStoreWriter, decode_record, encode_record, npz_ids, read_npz,
     shard_name, write_npz)
 
@@ -190,3 +191,25 @@ def test_npz_layout_matches_bottom_up_attention(tmp_path):
     no_feat = write_npz(tmp_path, make_record("nf", features=False))
     with np.load(no_feat, allow_pickle=False) as data:
         assert "x" not in data.files
+
+
+def test_a_stored_record_is_byte_for_byte_what_the_codec_wrote_before_it_moved_to_detector():
+    """tests/data/roi_record_v1.bin was written by the codec while it lived in e2e_vl.data.roi_store; the
+    codec under detector/ must read it to the same values and write the same bytes."""
+    from detector.roi_store import decode_record, encode_record
+
+    stored = (Path(__file__).parent / "data" / "roi_record_v1.bin").read_bytes()
+    rng = np.random.default_rng(14)
+    k = 3
+    expected = dict(
+        boxes=rng.uniform(0, 400, (k, 4)).astype(np.float32),
+        class_probs=rng.dirichlet(np.ones(6), k).astype(np.float16),
+        attr_probs=rng.dirichlet(np.ones(5), k).astype(np.float16),
+        object_ids=np.array([3, 0, 1], np.int32), object_conf=rng.uniform(0, 1, k).astype(np.float32),
+        attr_ids=np.array([2, 2, 0], np.int32), attr_conf=rng.uniform(0, 1, k).astype(np.float32),
+        features=rng.normal(size=(k, 8)).astype(np.float16))
+    record = decode_record(stored)
+    assert (record.image_id, record.path, record.height, record.width) == ("42", "images/42.jpg", 480, 640)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(getattr(record, name), array)
+    assert encode_record(record) == stored

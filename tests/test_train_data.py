@@ -166,7 +166,7 @@ def test_easy_vqa_captions_name_the_region_class_and_feed_pretraining():
     from e2e_vl.data.captions import CaptionPretrainDataset
     from e2e_vl.data.easy_vqa import REGION_CLASSES, easy_vqa_captions, region_class_labels
     from e2e_vl.data.transforms import ResizeFlip
-    from e2e_vl.modeling.vlbert import load_tokenizer
+    from e2e_vl.modeling.hf import load_tokenizer
 
     captions, records = easy_vqa_captions("test", limit=4)
     labels = region_class_labels("test")

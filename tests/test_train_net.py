@@ -70,7 +70,7 @@ def test_eval_only_keeps_the_training_config_and_writes_its_own(tmp_path):
 
 
 def test_truncated_weights_and_missing_images_are_one_line_naming_the_file(tmp_path):
-    from e2e_vl.data.image_sources import ImageError, load_image
+    from detector.image_sources import ImageError, load_image
 
     torch.save({"model": {"w": torch.zeros(5000)}}, tmp_path / "ok.pth")
     cut = tmp_path / "cut.pth"

@@ -18,12 +18,13 @@ from detector.modeling import build_detector
 from e2e_vl.config import get_train_cfg
 from e2e_vl.data.captions import CaptionPretrainDataset, read_tsv_captions
 from e2e_vl.data.collate import collate_samples
-from e2e_vl.data.roi_store import RoIRecord
+from detector.roi_store import RoIRecord
 from e2e_vl.data.transforms import ResizeFlip
 from e2e_vl.data.vqa import encode_vqa_text
 from e2e_vl.modeling.embeddings import box_geometry_embedding
 from e2e_vl.modeling.heads import soft_cross_entropy
-from e2e_vl.modeling.vlbert import VLBert, build_vlbert, load_tokenizer
+from e2e_vl.modeling.hf import load_tokenizer
+from e2e_vl.modeling.vlbert import VLBert, build_vlbert
 
 VOCAB = 30522  # the uncased BERT vocabulary, so real tokenizer output fits the tiny model
 NUM_CLASSES = 11
@@ -393,7 +394,7 @@ def test_build_from_config_with_the_embedded_minilm():
 def test_bert_folder_with_missing_or_misshapen_tensors_is_an_error(tmp_path, caplog):
     from safetensors.torch import load_file, save_file
 
-    from e2e_vl.modeling.vlbert import load_bert
+    from e2e_vl.modeling.hf import load_bert
 
     config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=16)
@@ -495,7 +496,7 @@ def test_appearance_norm_option_standardises_region_features_and_is_saved():
 
 def test_region_classifier_trains_trunk_and_class_scores_and_checks_labels():
     from e2e_vl.data.collate import collate_region_samples
-    from e2e_vl.modeling.region_classifier import RegionClassifier
+    from detector.modeling.region_classifier import RegionClassifier
 
     torch.manual_seed(0)
     model = RegionClassifier(build_detector(tiny_detector_cfg())).train()

@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:  # runnable from a checkout without installing
 import yaml  # noqa: E402
 
 from detector.checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint  # noqa: E402
-from detector.checkpoint.export import assemble_detector_state  # noqa: E402
+from detector.checkpoint.export import DETECTOR_KEY_PREFIX, assemble_detector_state  # noqa: E402
 from detector.config import ConfigError, get_cfg  # noqa: E402
 from detector.modeling import build_detector  # noqa: E402
 
@@ -83,7 +83,8 @@ def export(args: argparse.Namespace) -> dict:
             raise CheckpointError(f"{existing} exists; pass --overwrite to replace it")
     state, ckpt_file = read_training_checkpoint(args.checkpoint)
     cfg = detector_cfg_from_run(state, ckpt_file)
-    trained = {k[len("detector."):]: v for k, v in state["model"].items() if k.startswith("detector.")}
+    trained = {k[len(DETECTOR_KEY_PREFIX):]: v for k, v in state["model"].items()
+               if k.startswith(DETECTOR_KEY_PREFIX)}
     if not trained:
         raise CheckpointError(f"{ckpt_file}: holds no detector ('detector.*' tensors); nothing to export")
     model = build_detector(cfg)

@@ -35,8 +35,8 @@ from detector.config import ConfigError, load_cfg  # noqa: E402
 from detector.extraction import PreparedImage, RegionExtractor, Selection, prepare_image  # noqa: E402
 from detector.modeling import build_detector  # noqa: E402
 from detector.workers import init_worker  # noqa: E402
-from e2e_vl.data import image_sources as sources  # noqa: E402
-from e2e_vl.data.roi_store import (  # noqa: E402
+from detector import image_sources as sources  # noqa: E402
+from detector.roi_store import (  # noqa: E402
     SCHEMA_VERSION, RoIRecord, RoIStore, RoIStoreError, RoIStoreWriter, header_differences, npz_ids, shard_name,
     write_npz)
 

@@ -82,29 +82,19 @@ def _is_training_checkpoint(path: str) -> bool:
         return False
 
 
-def check_eval_target(cfg) -> None:
-    """--eval-only needs something to evaluate; say which key is empty before any work starts."""
-    from e2e_vl.config import ConfigError
-
-    key = "MODEL.VLBERT.PRETRAIN.VAL_CAPTIONS" if cfg.TASK == "pretrain" else "DATASETS.TEST"
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    if not node:
-        raise ConfigError(f"--eval-only: nothing to evaluate: '{key}' is empty (TASK {cfg.TASK}); set it")
-
-
 def main(args: argparse.Namespace) -> dict:
+    from e2e_vl.tasks import get_task
+
     cfg = setup_cfg(args)  # first, so that a config error is reported before the slow imports
+    task_spec = get_task(cfg.TASK)
     if args.eval_only:
-        check_eval_target(cfg)
+        task_spec.check_eval_target(cfg)
 
     from e2e_vl.config import ConfigError
     from e2e_vl.engine import distributed as du
     from e2e_vl.engine.logger import setup_logging
-    from e2e_vl.engine.tasks import build_task
     from e2e_vl.engine.trainer import train
-    from e2e_vl.modeling.vlbert import build_vlbert, load_tokenizer
+    from e2e_vl.modeling import build_model
 
     device = du.init_distributed(cfg.MODEL.DEVICE)
     rank = du.get_rank()
@@ -121,20 +111,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.eval_only and cfg.MODEL.WEIGHTS and _is_training_checkpoint(cfg.MODEL.WEIGHTS):
         build_cfg = cfg.clone()  # an unfrozen copy: the whole-model checkpoint is loaded below instead
         build_cfg.MODEL.WEIGHTS = ""
-    if cfg.TASK == "regions":  # the detector alone
-        from detector.modeling import build_detector
-        from e2e_vl.modeling.region_classifier import RegionClassifier
-
-        model = RegionClassifier(build_detector(build_cfg)).to(device)
-        if build_cfg.MODEL.WEIGHTS:
-            from detector.checkpoint import load_checkpoint
-
-            load_checkpoint(model.detector, build_cfg.MODEL.WEIGHTS)
-        tokenizer = None
-    else:
-        model = build_vlbert(build_cfg).to(device)
-        tokenizer = load_tokenizer(cfg.MODEL.VLBERT.BERT_PATH)
-    task = build_task(cfg, tokenizer, device, eval_only=args.eval_only)
+    model = build_model(build_cfg, task_spec.arch(cfg)).to(device)
+    task = task_spec.build(cfg, model, device, args.eval_only)
     seed_everything(cfg.SEED + rank)  # different dropout masks per rank
 
     if args.eval_only:
@@ -160,7 +138,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from e2e_vl.config import ConfigError
     from detector.checkpoint import CheckpointError
-    from e2e_vl.data.image_sources import ImageError
+    from detector.image_sources import ImageError
     from e2e_vl.engine.trainer import NonFiniteLossError, ResumeError, TrainingInterrupted
 
     try:

@@ -21,8 +21,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from detector import vocab  # noqa: E402
-from e2e_vl.data.image_sources import ImageError, load_image  # noqa: E402
-from e2e_vl.data.roi_store import RoIRecord, RoIStore, RoIStoreError, read_npz  # noqa: E402
+from detector.image_sources import ImageError, load_image  # noqa: E402
+from detector.roi_store import RoIRecord, RoIStore, RoIStoreError, read_npz  # noqa: E402
 
 # Distinct, readable colours (BGR), cycled over boxes.
 PALETTE = [(75, 25, 230), (75, 180, 60), (25, 225, 255), (200, 130, 0), (48, 130, 245), (180, 30, 145),

@@ -15,6 +15,8 @@ from detector.checkpoint.loading import _ignored, _listing
 from detector.checkpoint.unpickler import CheckpointError
 
 TRAINED_PREFIXES = ("backbone.", "roi_heads.res5.")
+# Where a training run's model (every VL architecture, the region classifier) holds the detector.
+DETECTOR_KEY_PREFIX = "detector."
 
 
 def assemble_detector_state(model: nn.Module, trained: Mapping[str, torch.Tensor],

@@ -1,3 +1,3 @@
 from detector.layers.batch_norm import FrozenBatchNorm2d, get_norm
-from detector.layers.roi_align import RoIAlign, roi_align
+from detector.layers.roi_align import RoIAlign, boxes_to_rois, roi_align
 from detector.layers.wrappers import Conv2d, fold_frozen_batchnorm

@@ -48,7 +48,15 @@ def _boxes_to_rois(boxes: Tensor | Sequence[Tensor], input: Tensor) -> Tensor:
         raise ValueError(
             f"roi_align: {len(boxes)} box tensors given for an input batch of {input.shape[0]} images"
         )
-    dtype = boxes[0].dtype
+    return boxes_to_rois(boxes)
+
+
+def boxes_to_rois(boxes: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """Per-image (K_i, 4) boxes -> one (sum K_i, 5) tensor [batch_index, x1, y1, x2, y2] in `dtype`
+    (default: the boxes' own); the one conversion the op and the poolers share."""
+    if len(boxes) == 0:
+        raise ValueError("boxes must be a list with one (K, 4) tensor per image; got an empty list")
+    dtype = dtype or boxes[0].dtype
     index = torch.cat(
         [torch.full((b.shape[0], 1), i, dtype=dtype, device=b.device) for i, b in enumerate(boxes)], dim=0
     )

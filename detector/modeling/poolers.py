@@ -7,19 +7,9 @@ import torch
 from torch import nn
 from torchvision.ops import roi_pool
 
-from detector.layers import roi_align
+from detector.layers import boxes_to_rois, roi_align
 
 POOLER_TYPES = ("ROIAlign", "ROIAlignV2", "ROIPool")
-
-
-def boxes_to_rois(boxes: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Per-image (K_i, 4) boxes -> one (sum K_i, 5) tensor [batch_index, x1, y1, x2, y2]."""
-    if len(boxes) == 0:
-        raise ValueError("boxes must be a list with one (K, 4) tensor per image; got an empty list")
-    dtype = dtype or boxes[0].dtype
-    rois = [torch.cat((b.new_full((b.shape[0], 1), float(i), dtype=dtype), b.to(dtype)), dim=1)
-            for i, b in enumerate(boxes)]
-    return torch.cat(rois, dim=0)
 
 
 class ROIPooler(nn.Module):

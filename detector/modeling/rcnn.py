@@ -1,7 +1,8 @@
 """GeneralizedRCNN for the C4 design: backbone (res4) + RPN + Res5ROIHeads, Detectron2's module tree.
 
 Two ways to run it:
-- `fast_rcnn(images, boxes)`: region features and scores for given boxes (what VL-BERT trains through);
+- `region_outputs(features(images), boxes)` (or `fast_rcnn`): features and scores of given boxes, the one
+  path of extraction, training and the parity tests;
 - `inference(images, image_sizes)`: Faster R-CNN detections with class/attribute probabilities and features.
 Both take a batch that is already resized, normalised (`preprocess_image`) and padded.
 """
@@ -19,7 +20,7 @@ from detector.layers.wrappers import fold_frozen_batchnorm
 from detector.modeling.resnet import build_resnet_backbone
 from detector.modeling.roi_heads import Res5ROIHeads
 from detector.modeling.rpn import RPN
-from detector.structures import clip_boxes, nonempty, scale_boxes
+from detector.structures import box_pixel_mask, clip_boxes, nonempty, scale_boxes
 
 
 class GeneralizedRCNN(nn.Module):
@@ -30,6 +31,9 @@ class GeneralizedRCNN(nn.Module):
         m = cfg.MODEL
         if m.META_ARCHITECTURE != "GeneralizedRCNN":
             raise ValueError(f"MODEL.META_ARCHITECTURE: only 'GeneralizedRCNN' is supported, got {m.META_ARCHITECTURE!r}")
+        if m.BACKBONE.NAME != "build_resnet_backbone":
+            raise ValueError(f"MODEL.BACKBONE.NAME: only 'build_resnet_backbone' (ResNet C4) is supported, "
+                             f"got {m.BACKBONE.NAME!r}")
         if m.ROI_HEADS.NAME != "Res5ROIHeads":
             raise ValueError(f"MODEL.ROI_HEADS.NAME: only 'Res5ROIHeads' (C4) is supported, got {m.ROI_HEADS.NAME!r}")
         if m.PROPOSAL_GENERATOR.NAME not in ("RPN", "PrecomputedProposals"):
@@ -99,20 +103,39 @@ class GeneralizedRCNN(nn.Module):
         with self._precision():
             return self.backbone(images)[self.in_feature]
 
-    def fast_rcnn(self, images: torch.Tensor, boxes: Sequence[torch.Tensor],
-                  classes: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Fast R-CNN on given boxes (input-tensor pixels, one (K_i, 4) tensor per image).
+    def prepare_batch(self, images: torch.Tensor, image_sizes: torch.Tensor,
+                      masked_boxes: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """A zero-padded batch (N, 3, H, W, 0..255) -> the backbone's input: normalised, the padding zero
+        and, when given, the pixels of each image's `masked_boxes` (K_i, 4) zero too (zero = the mean
+        colour after normalisation, what VL-BERT's pixel masking shows)."""
+        x = self.preprocess_image(images.float())
+        sizes = torch.as_tensor(image_sizes, device=x.device)
+        _, _, height, width = x.shape
+        rows = torch.arange(height, device=x.device)
+        cols = torch.arange(width, device=x.device)
+        keep = (rows[None, :, None] < sizes[:, 0, None, None]) & (cols[None, None, :] < sizes[:, 1, None, None])
+        for i, boxes in enumerate(masked_boxes or ()):
+            if len(boxes):
+                keep[i] &= ~box_pixel_mask(boxes.float(), height, width).to(x.device)
+        return x * keep[:, None].to(x.dtype)
 
-        Boxes are used as given (not clipped), like Detectron2's pooler. `classes` (optional, one (K_i,)
-        tensor per image) feed the attribute head instead of the arg-max class (training).
-        Returns features (sum K_i, 2048), class_logits, class_probs (background last), box_deltas,
-        and with attributes attr_logits / attr_probs ("no attribute" last); rows follow the boxes.
+    def region_outputs(self, res4: torch.Tensor, boxes: Sequence[torch.Tensor],
+                       classes: Sequence[torch.Tensor] | None = None, scores: bool = True) -> dict[str, torch.Tensor]:
+        """Features and scores of given boxes on a res4 map: the one entry point that extraction,
+        training (VL-BERT's regions, the region classifier) and `fast_rcnn` share.
+
+        Boxes are in input-tensor pixels, one (K_i, 4) tensor per image, used as given (not clipped), like
+        Detectron2's pooler. `classes` (optional, one (K_i,) tensor per image) feed the attribute head
+        instead of the arg-max class. Returns features (sum K_i, 2048) and, with `scores`, class_logits,
+        class_probs (background last), box_deltas and with attributes attr_logits / attr_probs ("no
+        attribute" last); rows follow the boxes.
         """
-        if len(boxes) != images.shape[0]:
-            raise ValueError(f"fast_rcnn got {len(boxes)} box tensors for a batch of {images.shape[0]} images")
+        if len(boxes) != res4.shape[0]:
+            raise ValueError(f"got {len(boxes)} box tensors for a batch of {res4.shape[0]} images")
         with self._precision():
-            res4 = self.features(images)
             features = self.roi_heads.region_features(res4, boxes)
+            if not scores:
+                return {"features": features}
             given = torch.cat(list(classes)).to(features.device).long() if classes is not None else None
             out = self.roi_heads.predict(features, given)
         out["features"] = features
@@ -120,6 +143,13 @@ class GeneralizedRCNN(nn.Module):
         if "attr_logits" in out:
             out["attr_probs"] = F.softmax(out["attr_logits"].float(), dim=-1)
         return out
+
+    def fast_rcnn(self, images: torch.Tensor, boxes: Sequence[torch.Tensor],
+                  classes: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Fast R-CNN on given boxes of a normalised batch: `region_outputs` of its res4 map."""
+        if len(boxes) != images.shape[0]:
+            raise ValueError(f"fast_rcnn got {len(boxes)} box tensors for a batch of {images.shape[0]} images")
+        return self.region_outputs(self.features(images), boxes, classes)
 
     @torch.no_grad()
     def inference(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],

@@ -3,7 +3,7 @@
 Caption sources: COCO captions json (via pycocotools; image id = the COCO id, as the RoI extractor
 names COCO images) and Conceptual-Captions-style TSV lines `image_path<TAB>caption` (image id = the file
 stem, as the extractor names images from a list of paths). Each caption is joined with its image's RoI
-record (`e2e_vl.data.roi_store.RoIStore`, or any mapping id -> RoIRecord) by image id; a caption whose
+record (`detector.roi_store.RoIStore`, or any mapping id -> RoIRecord) by image id; a caption whose
 image has no record is an error that names the id and the caption file.
 
 A sample (see `e2e_vl.data.collate`) gets: the resized (and possibly flipped) image, box 0 = the whole
@@ -137,7 +137,7 @@ class CaptionPretrainDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         if image_loader is None:
-            from e2e_vl.data.image_sources import load_image as image_loader
+            from detector.image_sources import load_image as image_loader
         self.image_loader = image_loader
         self.special_ids = list(tokenizer.all_special_ids)
         if check_regions:
@@ -321,7 +321,7 @@ def _caption_dataset(
     cfg, tokenizer, captions_file: str, transform: ResizeFlip, seed: int
 ) -> CaptionPretrainDataset:
     """Captions of `captions_file` joined with DATASETS.ROI_STORE, masked at the PRETRAIN rates."""
-    from e2e_vl.data.roi_store import RoIStore
+    from detector.roi_store import RoIStore
 
     p = cfg.MODEL.VLBERT.PRETRAIN
     if not cfg.DATASETS.ROI_STORE:

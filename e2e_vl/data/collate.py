@@ -30,6 +30,7 @@ from typing import Any, Hashable, Sequence
 import torch
 import torch.nn.functional as F
 
+from detector.structures import pad_images
 from e2e_vl.data.masking import IGNORE_INDEX
 
 Sample = dict[str, Any]
@@ -79,9 +80,7 @@ def collate_samples(
         sample_image_index.append(slot)
     batch["sample_image_index"] = torch.tensor(sample_image_index, dtype=torch.long)
     if image_slots:
-        batch["images"], batch["image_sizes"] = pad_images(
-            [s["image"] for s in image_slots], size_divisibility
-        )
+        batch["images"], batch["image_sizes"] = _pad_images([s["image"] for s in image_slots], size_divisibility)
         batch["boxes"] = [s["boxes"].float() for s in image_slots]
         if any("region_masked" in s for s in image_slots):
             batch["region_masked"] = [
@@ -145,28 +144,15 @@ def collate_region_samples(samples: Sequence[Sample]) -> dict[str, Any]:
     for i, s in enumerate(samples):
         if len(s["region_labels"]) != len(s["boxes"]):
             raise ValueError(f"sample {i}: {len(s['region_labels'])} region_labels for {len(s['boxes'])} boxes")
-    images, sizes = pad_images([s["image"] for s in samples])
+    images, sizes = _pad_images([s["image"] for s in samples])
     return {"images": images, "image_sizes": sizes, "boxes": [s["boxes"].float() for s in samples],
             "region_labels": torch.cat([torch.as_tensor(s["region_labels"]).long() for s in samples])}
 
 
-def pad_images(
-    images: Sequence[torch.Tensor], size_divisibility: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad `[3, h_i, w_i]` images at the bottom/right into `[N, 3, H, W]`; also return the sizes
-    `[N, 2]` (h, w)."""
-    for i, image in enumerate(images):
-        if image.ndim != 3:
-            raise ValueError(f"image {i} must be [C, H, W], got shape {tuple(image.shape)}")
-    sizes = torch.tensor([tuple(image.shape[-2:]) for image in images], dtype=torch.long)
-    height, width = (int(v) for v in sizes.max(dim=0).values)
-    if size_divisibility > 1:
-        height = -(-height // size_divisibility) * size_divisibility
-        width = -(-width // size_divisibility) * size_divisibility
-    out = images[0].new_zeros((len(images), images[0].shape[0], height, width))
-    for i, image in enumerate(images):
-        out[i, :, : image.shape[1], : image.shape[2]] = image
-    return out, sizes
+def _pad_images(images: Sequence[torch.Tensor], size_divisibility: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The detector's padding, with the sizes as the Long [N, 2] (h, w) tensor the batch carries."""
+    padded, sizes = pad_images(images, size_divisibility)
+    return padded, torch.tensor(sizes, dtype=torch.long)
 
 
 def _pad_1d(rows: Sequence[Any], value: Any, min_len: int = 0) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from e2e_vl.data.captions import Caption
-from e2e_vl.data.roi_store import RoIRecord
+from detector.roi_store import RoIRecord
 from e2e_vl.data.vqa import ImageQuestionsDataset, Question, resized_tensors
 
 SPLITS = ("train", "test")

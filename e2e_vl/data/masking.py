@@ -2,7 +2,7 @@
 
 Sample-level decisions (which words, which regions) are drawn in the data loader with an explicit
 `random.Random`, so a resumed run can reproduce them; the pixel zeroing itself runs inside the model on
-the normalised image tensor (`e2e_vl.modeling.vlbert.backbone_input`, with `box_pixel_mask` from here),
+the normalised image tensor (`GeneralizedRCNN.prepare_batch`, with `detector.structures.box_pixel_mask`),
 because "zero" must mean the mean colour, i.e. zero *after* normalisation, and the normalisation happens
 on the device.
 """
@@ -82,20 +82,3 @@ def select_masked_regions(
             labelled[k] = True
             masked[k] = rng.random() < mask_frac
     return labelled, masked
-
-
-def box_pixel_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bool `[height, width]`: the pixels covered by any of `boxes` `[K, 4]` (x1, y1, x2, y2).
-
-    A box covers pixel columns floor(x1) .. ceil(x2) - 1 (every pixel it touches, so a fractional box
-    leaves none of its area visible) and likewise rows, clipped to the image.
-    """
-    if boxes.numel() == 0:
-        return torch.zeros(height, width, dtype=torch.bool, device=boxes.device)
-    x1, y1 = boxes[:, 0].floor(), boxes[:, 1].floor()
-    x2, y2 = boxes[:, 2].ceil(), boxes[:, 3].ceil()
-    cols = torch.arange(width, device=boxes.device, dtype=boxes.dtype)
-    rows = torch.arange(height, device=boxes.device, dtype=boxes.dtype)
-    in_x = ((cols >= x1[:, None]) & (cols < x2[:, None])).to(boxes.dtype)  # [K, W]
-    in_y = ((rows >= y1[:, None]) & (rows < y2[:, None])).to(boxes.dtype)  # [K, H]
-    return (in_y.t() @ in_x) > 0

@@ -3,20 +3,21 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from detector.config import CfgNode, ConfigError
 
-DETECTOR_PREFIX = "detector."
+if TYPE_CHECKING:  # typing only: the engine does not import the models
+    from e2e_vl.modeling.registry import VLModel
 
 
-def param_groups(model: nn.Module, cfg: CfgNode) -> list[dict]:
+def param_groups(model: VLModel, cfg: CfgNode) -> list[dict]:
     """Split trainable parameters by kind (detector / bert / head) x (decayed or not).
 
-    The kind comes from `model.parameter_kind(name)` when the model defines it (VLBert does), else
-    from the name: `detector.*` is the detector, everything else counts as "bert". Learning rates:
+    The kind comes from `model.parameter_kind(name)` (`e2e_vl.modeling.registry.VLModel`). Learning rates:
     detector BASE_LR * DETECTOR_LR_MULT, head (freshly initialised layers) BASE_LR * HEAD_LR_MULT,
     bert BASE_LR. Biases and normalisation weights (every parameter with at most one dimension) get
     SOLVER.WEIGHT_DECAY_NORM_BIAS (0 by default): decaying a LayerNorm gain towards zero only hurts.
@@ -24,13 +25,11 @@ def param_groups(model: nn.Module, cfg: CfgNode) -> list[dict]:
     """
     s = cfg.SOLVER
     mults = {"detector": s.DETECTOR_LR_MULT, "head": s.HEAD_LR_MULT, "bert": 1.0}
-    kind_of = getattr(model, "parameter_kind", None) or (
-        lambda name: "detector" if name.startswith(DETECTOR_PREFIX) else "bert")
     groups: dict[tuple[str, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        kind = kind_of(name)
+        kind = model.parameter_kind(name)
         if kind not in mults:
             raise ValueError(f"parameter_kind({name!r}) returned {kind!r}; expected one of {sorted(mults)}")
         no_decay = p.ndim <= 1
@@ -63,12 +62,16 @@ def freeze_params(model: nn.Module, patterns: list[str]) -> int:
     return count
 
 
-def build_optimizer(model: nn.Module, cfg: CfgNode) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`; the fused kernel (one pass over all tensors) on CPU and CUDA."""
+# SOLVER.OPTIMIZER -> the class; e2e_vl.config validates the key against these names.
+OPTIMIZERS = {"AdamW": torch.optim.AdamW}
+
+
+def build_optimizer(model: VLModel, cfg: CfgNode) -> torch.optim.Optimizer:
+    """SOLVER.OPTIMIZER over `param_groups`; the fused kernel (one pass over all tensors) on CPU and CUDA."""
     s = cfg.SOLVER
     groups = param_groups(model, cfg)
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=s.BASE_LR, betas=tuple(s.BETAS), eps=s.EPS, weight_decay=s.WEIGHT_DECAY,
+    return OPTIMIZERS[s.OPTIMIZER](groups, lr=s.BASE_LR, betas=tuple(s.BETAS), eps=s.EPS, weight_decay=s.WEIGHT_DECAY,
                              fused=fused)
 
 

@@ -1,5 +1,8 @@
-"""VL-BERT: visual embedding, the model with the detector in the loop, heads and losses."""
+"""VL models: the architecture registry, the shared region encoder, heads, and Hugging Face loading."""
 
-from e2e_vl.modeling.vlbert import VLBert, build_vlbert, load_bert, load_tokenizer
+from e2e_vl.modeling.hf import load_bert, load_tokenizer
+from e2e_vl.modeling.registry import MODELS, VLModel, build_model, register_model
+from e2e_vl.modeling.vlbert import VLBert, build_vlbert
 
-__all__ = ["VLBert", "build_vlbert", "load_bert", "load_tokenizer"]
+__all__ = ["MODELS", "VLBert", "VLModel", "build_model", "build_vlbert", "load_bert", "load_tokenizer",
+           "register_model"]

@@ -1,19 +1,75 @@
-"""Task heads on the VL-BERT outputs and their losses.
+"""Task heads on a VL model's encoded sequence, each with its own loss, in one registry.
 
 Pre-training: masked language modelling (tied to the word embeddings) and masked RoI classification.
 Fine-tuning: the VQA answer classifier (shared by easy-VQA and VQA v2), a per-region scorer (RefCOCO+)
-and a per-choice scorer (VCR).
+and a per-choice scorer (VCR). A head is one class: `HEADS[name].build(spec)` makes it, and its
+`outputs(encoded, batch)` returns its logits and losses (or None when the batch has no inputs for it), so a
+model's forward is one loop over its heads. Registration order is build and loss order.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
+from e2e_vl.data.masking import IGNORE_INDEX
 
-class MLMHead(nn.Module):
+
+@dataclasses.dataclass
+class Encoded:
+    """What heads read: the final hidden state of every text token `[B, T, h]` and region `[B, K, h]`,
+    which regions exist, and which samples have an image."""
+
+    text: torch.Tensor
+    regions: torch.Tensor
+    region_valid: torch.Tensor
+    has_image: torch.Tensor
+
+
+@dataclasses.dataclass
+class HeadSpec:
+    """What a head may be built from: the text encoder's config and word embeddings, and the sizes the
+    task declares (answers, region classes)."""
+
+    config: Any
+    word_embeddings: nn.Embedding
+    num_answers: int = 0
+    num_mrc_classes: int = 0
+
+
+HEADS: dict[str, type["Head"]] = {}
+
+
+def register_head(name: str) -> Callable[[type], type]:
+    def add(cls: type) -> type:
+        if name in HEADS:
+            raise ValueError(f"head {name!r} is registered twice")
+        cls.name = name
+        HEADS[name] = cls
+        return cls
+
+    return add
+
+
+class Head(nn.Module):
+    name: str
+
+    @classmethod
+    def build(cls, spec: HeadSpec) -> "Head":
+        raise NotImplementedError
+
+    def outputs(self, encoded: Encoded, batch: dict[str, Any]) -> dict[str, Any] | None:
+        """`{"<name>_logits": ..., "losses": {...}}` (and any extra outputs), or None without inputs."""
+        raise NotImplementedError
+
+
+@register_head("mlm")
+class MLMHead(Head):
     """BERT's masked-LM head: transform (dense -> GELU -> LayerNorm), then the word embeddings as the
     output matrix (tied: same Parameter), plus a per-word bias.
 
@@ -27,11 +83,33 @@ class MLMHead(nn.Module):
         self.word_embeddings = [word_embeddings]  # a list: not registered twice in the state dict
         self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
 
+    @classmethod
+    def build(cls, spec: HeadSpec) -> "MLMHead":
+        return cls(spec.config, spec.word_embeddings)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(self.transform(hidden), self.word_embeddings[0].weight, self.bias)
 
+    def outputs(self, encoded: Encoded, batch: dict[str, Any]) -> dict[str, Any] | None:
+        """Loss "mlm" over captions with an image, "mlm_text" over text-only samples (kept apart so that
+        the mixed-in text corpus can be weighed on its own)."""
+        if "mlm_labels" not in batch:
+            return None
+        labels = batch["mlm_labels"].to(encoded.text.device)
+        target = labels != IGNORE_INDEX
+        logits = self(encoded.text[target])
+        labels = labels[target]
+        with_image = encoded.has_image[:, None].expand_as(target)[target]
+        out: dict[str, Any] = {"mlm_logits": logits, "mlm_labels": labels, "losses": {}}
+        if bool(with_image.any()) or not bool((~encoded.has_image).any()):
+            out["losses"]["mlm"] = masked_lm_loss(logits[with_image], labels[with_image])
+        if bool((~encoded.has_image).any()):
+            out["losses"]["mlm_text"] = masked_lm_loss(logits[~with_image], labels[~with_image])
+        return out
 
-class MRCHead(nn.Module):
+
+@register_head("mrc")
+class MRCHead(Head):
     """Masked RoI classification: Linear(h, h) -> GELU -> Linear(h, num_classes) (VL-BERT's MVRC head)."""
 
     def __init__(self, hidden_size: int, num_classes: int):
@@ -40,24 +118,52 @@ class MRCHead(nn.Module):
         self.act = nn.GELU()
         self.classifier = nn.Linear(hidden_size, num_classes)
 
+    @classmethod
+    def build(cls, spec: HeadSpec) -> "MRCHead":
+        return cls(spec.config.hidden_size, spec.num_mrc_classes)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.act(self.dense(hidden)))
 
+    def outputs(self, encoded: Encoded, batch: dict[str, Any]) -> dict[str, Any] | None:
+        if "region_labelled" not in batch:
+            return None
+        labelled = batch["region_labelled"].to(encoded.regions.device).bool() & encoded.region_valid
+        logits = self(encoded.regions[labelled])
+        targets = batch["mrc_targets"].to(logits.device).float()
+        return {"mrc_logits": logits, "losses": {"mrc": soft_cross_entropy(logits, targets)}}
 
-class AnswerHead(nn.Module):
+
+@register_head("vqa")
+class AnswerHead(Head):
     """VQA answer classifier on the [MASK] output: BERT transform -> Dropout -> Linear(h, num_answers)."""
 
     def __init__(self, config, num_answers: int, dropout: float = 0.1):
         super().__init__()
+        self.num_answers = num_answers
         self.transform = BertPredictionHeadTransform(config)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, num_answers)
 
+    @classmethod
+    def build(cls, spec: HeadSpec) -> "AnswerHead":
+        if spec.num_answers < 1:
+            raise ValueError(f"the vqa head needs the number of answers (>= 1), got {spec.num_answers}")
+        return cls(spec.config, spec.num_answers)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.transform(hidden)))
 
+    def outputs(self, encoded: Encoded, batch: dict[str, Any]) -> dict[str, Any] | None:
+        if "answer_pos" not in batch:
+            return None
+        pos = batch["answer_pos"].to(encoded.text.device)
+        logits = self(encoded.text[torch.arange(len(pos), device=pos.device), pos])
+        losses = {"vqa": soft_bce_loss(logits, batch["vqa_targets"].to(logits.device))} if "vqa_targets" in batch else {}
+        return {"vqa_logits": logits, "losses": losses}
 
-class ScoreHead(nn.Module):
+
+class ScoreHead(Head):
     """One logit per element: Dropout -> Linear(h, h) -> ReLU -> Linear(h, 1). Used per region
     (RefCOCO+) and per choice on [CLS] (VCR)."""
 
@@ -67,8 +173,44 @@ class ScoreHead(nn.Module):
             nn.Dropout(dropout), nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1)
         )
 
+    @classmethod
+    def build(cls, spec: HeadSpec) -> "ScoreHead":
+        return cls(spec.config.hidden_size)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.net(hidden).squeeze(-1)
+
+
+@register_head("ref")
+class RegionScoreHead(ScoreHead):
+    """RefCOCO+: a logit per region, binary cross-entropy against `ref_labels` (-1 = ignore)."""
+
+    def outputs(self, encoded: Encoded, batch: dict[str, Any]) -> dict[str, Any] | None:
+        if not encoded.region_valid.shape[1]:
+            return None
+        logits = self(encoded.regions)
+        out: dict[str, Any] = {"ref_logits": logits, "losses": {}}
+        if "ref_labels" in batch:
+            labels = batch["ref_labels"].to(logits.device)
+            use = (labels >= 0) & encoded.region_valid
+            out["losses"]["ref"] = (F.binary_cross_entropy_with_logits(logits[use].float(), labels[use].float())
+                                    if bool(use.any()) else logits.sum() * 0.0)
+        return out
+
+
+@register_head("vcr")
+class ChoiceScoreHead(ScoreHead):
+    """VCR: a logit per choice on [CLS]; samples come in consecutive runs of n choices per question."""
+
+    def outputs(self, encoded: Encoded, batch: dict[str, Any]) -> dict[str, Any] | None:
+        if "choice_labels" not in batch:
+            return None
+        labels = batch["choice_labels"].to(encoded.text.device)
+        scores = self(encoded.text[:, 0])
+        if scores.shape[0] % max(len(labels), 1):
+            raise ValueError(f"VCR batch of {scores.shape[0]} samples does not split into {len(labels)} questions")
+        logits = scores.view(len(labels), -1)
+        return {"vcr_logits": logits, "losses": {"vcr": F.cross_entropy(logits.float(), labels)}}
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

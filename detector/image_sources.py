@@ -196,26 +196,42 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
 
 
 def to_bgr_uint8(img: np.ndarray) -> np.ndarray:
-    """Normalise a decoded array to 3-channel 8-bit BGR (gray, gray+alpha, BGRA; 16-bit; float in [0,1])."""
+    """A decoded file's array -> HxWx3 uint8 BGR: 16-bit and float [0, 1] data (which files hold) are
+    scaled to 8 bits and gray+alpha loses its alpha; the channels then follow `as_bgr_uint8`."""
     if img.dtype == np.uint16:
         img = (img.astype(np.uint32) * 255 + 32767) // 65535
         img = img.astype(np.uint8)
     elif img.dtype in (np.float32, np.float64):
         img = np.clip(np.nan_to_num(img) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    elif img.dtype != np.uint8:
-        raise ImageError(f"unsupported pixel type {img.dtype}")
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    channels = img.shape[2]
+    if img.ndim == 3 and img.shape[2] == 2:  # gray + alpha
+        img = img[:, :, 0]
+    return as_bgr_uint8(img)
+
+
+def as_bgr_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Validate and convert an image to HxWx3 uint8 following the rules in the module docstring."""
+    if not isinstance(image, np.ndarray):
+        raise ImageError(f"{name} must be a numpy array (HxWx3 uint8 BGR), got {type(image).__name__}")
+    if image.size == 0 or image.ndim < 2 or min(image.shape[:2]) == 0:
+        raise ImageError(f"{name} is empty (shape {image.shape}); was the file read correctly?")
+    if image.dtype == np.uint16:
+        raise ImageError(f"{name} is 16-bit (uint16, shape {image.shape}); the detector takes 8-bit images: "
+                         "convert with (image >> 8).astype(np.uint8) or read with cv2.IMREAD_COLOR")
+    if image.dtype != np.uint8:
+        raise ImageError(f"{name} has dtype {image.dtype}; expected uint8 BGR values 0..255 "
+                         "(for floats in 0..1 use (image * 255).round().astype(np.uint8))")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3:
+        raise ImageError(f"{name} has shape {image.shape}; expected HxW, HxWx1, HxWx3 or HxWx4")
+    channels = image.shape[2]
     if channels == 1:
-        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2BGR)
-    if channels == 2:  # gray + alpha
-        return cv2.cvtColor(np.ascontiguousarray(img[:, :, 0]), cv2.COLOR_GRAY2BGR)
-    if channels == 3:
-        return np.ascontiguousarray(img)
+        return np.repeat(image, 3, axis=2)
     if channels == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
-    raise ImageError(f"unsupported channel count {channels}")
+        return np.ascontiguousarray(image[:, :, :3])
+    if channels != 3:
+        raise ImageError(f"{name} has {channels} channels (shape {image.shape}); expected 1, 3 or 4")
+    return image
 
 
 def peek_image_size(data: bytes) -> tuple[int, int] | None:

@@ -1,0 +1,64 @@
+"""Architectures by name: `MODEL.ARCH` (or the task's default) -> a builder registered with
+`@register_model(name)`. A new architecture is one module in `e2e_vl/modeling/` plus a config: every
+module of this package is imported before a look-up, so registering is all a new file has to do.
+
+`VLModel` is what the engine and the tasks may rely on beyond `nn.Module`; they ask nothing else of a
+model (no hasattr probing)."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from detector.config import CfgNode, ConfigError
+
+
+@runtime_checkable
+class VLModel(Protocol):
+    # The text side's tokenizer (None for a model without text); tasks encode their text with it.
+    tokenizer: Any
+    # The heads the model computes, by name (`e2e_vl.modeling.heads.HEADS`); tasks check theirs are here.
+    heads: Mapping[str, nn.Module]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """"loss", "losses" (name -> scalar) and each head's outputs ("<head>_logits", ...)."""
+
+    def parameter_kind(self, name: str) -> str:
+        """'detector', 'bert' (a pre-trained encoder) or 'head' (new layers): the optimiser's groups."""
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Trade compute for memory (SOLVER.GRADIENT_CHECKPOINTING); raise ConfigError if unsupported."""
+
+
+ModelBuilder = Callable[[CfgNode], nn.Module]
+MODELS: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    def add(builder: ModelBuilder) -> ModelBuilder:
+        if name in MODELS:
+            raise ValueError(f"architecture {name!r} is registered twice")
+        MODELS[name] = builder
+        return builder
+
+    return add
+
+
+def _import_architectures() -> None:
+    package = importlib.import_module("e2e_vl.modeling")
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"e2e_vl.modeling.{module.name}")
+
+
+def build_model(cfg: CfgNode, arch: str) -> nn.Module:
+    """The registered architecture `arch` built from `cfg`, on MODEL.DEVICE, in train mode."""
+    _import_architectures()
+    if arch not in MODELS:
+        raise ConfigError(f"'MODEL.ARCH' {arch!r} is not a registered architecture; expected one of {sorted(MODELS)}")
+    model = MODELS[arch](cfg)
+    if not isinstance(model, VLModel):
+        raise TypeError(f"architecture {arch!r} built a {type(model).__name__}, which lacks VLModel's members")
+    return model.to(torch.device(cfg.MODEL.DEVICE)).train()

@@ -1,0 +1,75 @@
+"""TASK vqa: images with their questions, VL-BERT collation, the answer head's BCE loss, VQA accuracy
+(`e2e_vl.evaluation.vqa`). Data sets: easy-VQA (embedded) and VQA v2 (files under DATASETS.ROOT)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from detector.config import CfgNode, ConfigError
+from e2e_vl.data.catalog import DatasetCatalog
+from e2e_vl.tasks import register_task
+
+VQA_DATASETS = DatasetCatalog("VQA")
+
+
+@VQA_DATASETS.register("easy_vqa_train", "easy_vqa_test")
+def _easy_vqa(name: str, cfg: CfgNode, tokenizer, train: bool, sizes: tuple[int, int], limit: int):
+    from e2e_vl.data.easy_vqa import answer_vocab, build_easy_vqa
+
+    d = cfg.DATASETS
+    ds = build_easy_vqa(name.rpartition("_")[2], tokenizer, *sizes, d.MAX_QUESTION_TOKENS,
+                        cfg.DATALOADER.QUESTIONS_PER_IMAGE, limit)
+    return ds, answer_vocab()
+
+
+@VQA_DATASETS.register("vqa_v2_train", "vqa_v2_val", "vqa_v2_test")
+def _vqa_v2(name: str, cfg: CfgNode, tokenizer, train: bool, sizes: tuple[int, int], limit: int):
+    from detector.roi_store import RoIStore
+    from e2e_vl.data.vqa import CocoImageLoader, ImageQuestionsDataset, load_vqa_v2, read_answer_vocab
+
+    d = cfg.DATASETS
+    for key in ("ANSWER_VOCAB", "ROI_STORE"):
+        if not d[key]:
+            raise ConfigError(f"'DATASETS.{key}' must be set for {name}")
+    questions_key, ann_key, dir_key = (("QUESTIONS_TRAIN", "ANNOTATIONS_TRAIN", "IMAGE_DIR_TRAIN") if train
+                                       else ("QUESTIONS_TEST", "ANNOTATIONS_TEST", "IMAGE_DIR_TEST"))
+    root = Path(d.ROOT)
+    vocab = read_answer_vocab(root / d.ANSWER_VOCAB)
+    questions = load_vqa_v2(root / d[questions_key], (root / d[ann_key]) if d[ann_key] else None, vocab)
+    if limit > 0:
+        questions = questions[:limit]
+    loader = CocoImageLoader(root / d[dir_key], RoIStore(root / d.ROI_STORE))
+    ds = ImageQuestionsDataset(questions, loader, tokenizer, len(vocab), *sizes, d.MAX_QUESTION_TOKENS,
+                               cfg.DATALOADER.QUESTIONS_PER_IMAGE)
+    return ds, vocab
+
+
+def _dataset(cfg: CfgNode, tokenizer, train: bool):
+    key, name = ("DATASETS.TRAIN", cfg.DATASETS.TRAIN) if train else ("DATASETS.TEST", cfg.DATASETS.TEST)
+    sizes = ((cfg.INPUT.MIN_SIZE_TRAIN[0], cfg.INPUT.MAX_SIZE_TRAIN) if train
+             else (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST))
+    limit = cfg.DATASETS.TRAIN_LIMIT if train else cfg.DATASETS.TEST_LIMIT
+    return VQA_DATASETS.build(key, name, cfg, tokenizer, train, sizes, limit)
+
+
+@register_task("vqa", default_arch="vlbert")
+def build_vqa_task(cfg: CfgNode, model, device: torch.device, eval_only: bool):
+    from e2e_vl.data.collate import VLCollator
+    from e2e_vl.engine.trainer import AMP_DTYPES, TrainTask
+    from e2e_vl.evaluation.vqa import VQAEvaluator
+
+    if "vqa" not in model.heads:
+        raise ConfigError(f"TASK vqa needs a model with the vqa head, got {list(model.heads)}")
+    tokenizer, num_answers = model.tokenizer, model.heads["vqa"].num_answers
+    collate = VLCollator(pad_token_id=tokenizer.pad_token_id)
+    train_set = None if eval_only else _dataset(cfg, tokenizer, train=True)[0]
+    evaluate = None
+    if cfg.DATASETS.TEST:
+        test_set, answers = _dataset(cfg, tokenizer, train=False)
+        if len(answers) != num_answers:
+            raise ConfigError(f"the model's vqa head has {num_answers} answers (MODEL.VLBERT.NUM_ANSWERS) but "
+                              f"{cfg.DATASETS.TEST} has {len(answers)}")
+        evaluate = VQAEvaluator(test_set, collate, cfg.TEST.IMS_PER_BATCH, device, AMP_DTYPES[cfg.SOLVER.AMP.DTYPE],
+                                answers, Path(cfg.OUTPUT_DIR) / "predictions.json", cfg.DATALOADER.NUM_WORKERS)
+    return TrainTask(train_set, collate, evaluate, metric="accuracy")
