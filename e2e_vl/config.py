@@ -15,7 +15,7 @@ __all__ = ["CfgNode", "ConfigError", "get_train_cfg", "load_train_cfg", "validat
 
 
 # ----------------------------------------------------------------------------------------------------
-# MODEL.VLBERT — owned by the VL-BERT model (engineer D). Keys for the transformer, visual embedding,
+# MODEL.VLBERT — owned by the VL-BERT model. Keys for the transformer, visual embedding,
 # heads and masking live in this block only.
 # ----------------------------------------------------------------------------------------------------
 def _vlbert_defaults() -> dict:
