@@ -21,7 +21,7 @@ from e2e_vl.data.collate import collate_samples
 from detector.roi_store import RoIRecord
 from e2e_vl.data.transforms import ResizeFlip
 from e2e_vl.data.vqa import encode_vqa_text
-from e2e_vl.modeling.embeddings import box_geometry_embedding
+from e2e_vl.modeling.embeddings import ObjectFeatureEmbedding, box_geometry_embedding
 from e2e_vl.modeling.heads import soft_cross_entropy
 from e2e_vl.modeling.hf import load_tokenizer
 from e2e_vl.modeling.vlbert import VLBert, build_vlbert
@@ -90,6 +90,16 @@ def switch_on_visual_norms(model: VLBert) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("appearance_dim", [2048, 512])
+def test_geometry_code_is_as_wide_as_the_appearance_feature(appearance_dim):
+    """VL-BERT's halves are equal (2048 + 2048); a narrower detector gets a narrower box code, so the
+    box code does not outweigh the appearance in the projection."""
+    embed = ObjectFeatureEmbedding(32, appearance_dim=appearance_dim)
+    assert embed.proj.in_features == 2 * appearance_dim
+    out = embed(torch.randn(3, appearance_dim), torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 3), torch.tensor([16.0, 16.0]))
+    assert out.shape == (3, 32)
+
+
 def test_geometry_embedding_matches_formula():
     boxes = torch.tensor([[10.0, 20.0, 50.0, 80.0], [0.0, 0.0, 200.0, 100.0]])
     width, height = 200.0, 100.0

@@ -47,24 +47,30 @@ def box_geometry_embedding(
 
 
 class ObjectFeatureEmbedding(nn.Module):
-    """Object feature = Dropout(0.1) -> Linear(geometry 2048 + appearance 2048 -> hidden) -> ReLU.
+    """Object feature = Dropout(0.1) -> Linear(geometry + appearance -> hidden) -> ReLU.
 
     Geometry comes first in the concatenation, as in VL-BERT. The result is what VL-BERT calls the
     visual feature of a region; the whole-image box's feature is also the visual feature of every
     text token.
+
+    The geometry code has as many dimensions as the appearance feature (`geometry_dim` None), as in
+    VL-BERT where both are 2048. Why: with a narrower detector (the demo's 512-d res5) and a 2048-d code,
+    the box code held 80% of the projection's input, and the transformer read the box shape long
+    before the appearance: on easy-VQA, colour answers stayed at the prior for 1,500 steps on one seed;
+    with equal halves they were right at step 250.
     """
 
     def __init__(
         self,
         hidden_size: int,
         appearance_dim: int = APPEARANCE_DIM,
-        geometry_dim: int = GEOMETRY_DIM,
+        geometry_dim: int | None = None,
         dropout: float = 0.1,
     ):
         super().__init__()
-        self.geometry_dim = geometry_dim
+        self.geometry_dim = appearance_dim if geometry_dim is None else geometry_dim
         self.dropout = nn.Dropout(dropout)
-        self.proj = nn.Linear(geometry_dim + appearance_dim, hidden_size)
+        self.proj = nn.Linear(self.geometry_dim + appearance_dim, hidden_size)
         self.act = nn.ReLU()
 
     def forward(self, appearance: torch.Tensor, boxes: torch.Tensor, image_wh: torch.Tensor) -> torch.Tensor:
