@@ -13,13 +13,16 @@ from e2e_vl.tasks import register_task
 VQA_DATASETS = DatasetCatalog("VQA")
 
 
-@VQA_DATASETS.register("easy_vqa_train", "easy_vqa_test")
+@VQA_DATASETS.register("easy_vqa_train", "easy_vqa_train_balanced", "easy_vqa_test")
 def _easy_vqa(name: str, cfg: CfgNode, tokenizer, train: bool, sizes: tuple[int, int], limit: int):
+    """easy-VQA as generated; `easy_vqa_train_balanced` without the colour yes/no language prior
+    (`e2e_vl.data.easy_vqa.balance_colour_existence`)."""
     from e2e_vl.data.easy_vqa import answer_vocab, build_easy_vqa
 
     d = cfg.DATASETS
-    ds = build_easy_vqa(name.rpartition("_")[2], tokenizer, *sizes, d.MAX_QUESTION_TOKENS,
-                        cfg.DATALOADER.QUESTIONS_PER_IMAGE, limit)
+    split = "train" if name.startswith("easy_vqa_train") else "test"
+    ds = build_easy_vqa(split, tokenizer, *sizes, d.MAX_QUESTION_TOKENS, cfg.DATALOADER.QUESTIONS_PER_IMAGE,
+                        limit, balanced=name.endswith("_balanced"))
     return ds, answer_vocab()
 
 
