@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from e2e_vl.data.easy_vqa import (EasyVQAImages, answer_vocab, balance_existence_questions, existence_form,
+from e2e_vl.data.easy_vqa import (EasyVQAImages, answer_vocab, balance_colour_existence, colour_existence_form,
                                   load_questions, shape_box)
 from e2e_vl.data.vqa import (CocoImageLoader, ImageQuestionsDataset, Question, build_answer_vocab, load_vqa_v2,
                              normalize_answer, soft_scores)
@@ -34,35 +34,33 @@ def test_shape_box_is_the_tight_box_of_non_background_pixels():
     assert shape_box(np.full((8, 8, 3), 200, np.uint8)) is None
 
 
-def test_existence_form():
-    assert existence_form("is there a red shape?") == ("colour", "asks")
-    assert existence_form("does the image contain a teal shape?") == ("colour", "asks")
-    assert existence_form("is there not a gray shape in the image?") == ("colour", "asks not")
-    assert existence_form("is no black shape present?") == ("colour", "asks not")
-    assert existence_form("is there a circle?") == ("shape", "asks")
-    assert existence_form("does the image not contain a triangle?") == ("shape", "asks not")
-    assert existence_form("what color is the shape?") is None
+def test_colour_existence_form():
+    assert colour_existence_form("is there a red shape?") == "asks"
+    assert colour_existence_form("does the image contain a teal shape?") == "asks"
+    assert colour_existence_form("is there not a gray shape in the image?") == "asks not"
+    assert colour_existence_form("is no black shape present?") == "asks not"
+    assert colour_existence_form("is there a circle?") is None
+    assert colour_existence_form("what color is the shape?") is None
 
 
-def test_balanced_training_questions_take_the_yes_no_prior_away():
+def test_balanced_training_questions_take_the_colour_yes_no_prior_away():
     questions = load_questions("train")
-    balanced = balance_existence_questions(questions)
+    balanced = balance_colour_existence(questions)
     yes, no = answer_vocab().index("yes"), answer_vocab().index("no")
-    forms = [(kind, form) for kind in ("colour", "shape") for form in ("asks", "asks not")]
 
     def counts(qs):
-        return {(f, a): sum(1 for q in qs if a in q.scores and existence_form(q.text) == f) for f in forms for a in (yes, no)}
+        return {(form, answer): sum(1 for q in qs if colour_existence_form(q.text) == form and answer in q.scores)
+                for form in ("asks", "asks not") for answer in (yes, no)}
 
     before, after = counts(questions), counts(balanced)
-    assert before[(("colour", "asks"), no)] > 5 * before[(("colour", "asks"), yes)]  # absent colours are asked about
-    assert before[(("shape", "asks"), no)] > 1.5 * before[(("shape", "asks"), yes)]
-    for f in forms:
-        assert after[(f, yes)] == after[(f, no)] == min(before[(f, yes)], before[(f, no)]), f
+    assert before[("asks", no)] > 5 * before[("asks", yes)]  # the prior: absent colours are asked about
+    for form in ("asks", "asks not"):
+        assert after[(form, yes)] == after[(form, no)] == min(before[(form, yes)], before[(form, no)])
     # Every other question stays, in order, and the choice is the same on every call.
     kept = {q.question_id for q in balanced}
-    assert all(q.question_id in kept for q in questions if q.answer_type != "yes/no")
+    assert all(q.question_id in kept for q in questions if colour_existence_form(q.text) is None)
     assert [q.question_id for q in balanced] == sorted(kept)
-    assert [q.question_id for q in balance_existence_questions(questions)] == [q.question_id for q in balanced]
+    assert [q.question_id for q in balance_colour_existence(questions)] == [q.question_id for q in balanced]
 
 
 def test_every_easy_vqa_image_gets_a_shape_box_inside_the_image():

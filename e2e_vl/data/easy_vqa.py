@@ -108,40 +108,36 @@ def load_questions(split: str, limit: int = 0) -> list[Question]:
     return questions
 
 
-def existence_form(text: str) -> tuple[str, str] | None:
-    """The kind and form of a "does the image hold X?" question: ("colour", "asks") for "is there a red
-    shape?", ("shape", "asks not") for "is there not a circle?" or "is no circle present?"; None for
-    questions that name neither a colour nor a shape."""
+def colour_existence_form(text: str) -> str | None:
+    """"asks" for "is there a red shape?"-like questions, "asks not" for their negations ("is there not a
+    red shape?", "is no red shape present?"), None for questions that name no colour."""
     words = text.rstrip("?").split()
-    kind = "colour" if any(c in words for c in COLOURS) else "shape" if any(s in words for s in SHAPES) else None
-    if kind is None:
+    if not any(c in words for c in COLOURS):
         return None
-    return kind, "asks not" if "not" in words or "no" in words else "asks"
+    return "asks not" if "not" in words or "no" in words else "asks"
 
 
-def balance_existence_questions(questions: list[Question]) -> list[Question]:
-    """Drop, per kind and form of the yes/no existence question, majority-answer questions until "yes" and
-    "no" are equally frequent. Why: easy-VQA asks about absent colours 7 times in 8 and absent shapes 2
-    times in 3, so "is there a <colour> shape?" is "no" 88% of the time ("is there a <shape>?" 67%; the
-    negations the other way) and the question alone gives that answer. Trained on it, the model settled
-    on this language prior and never compared the colour word with the region: on two seeds those
-    questions stayed at the prior through 1,500 steps while "what color" questions were right. With
-    colour balanced only, one seed of two then left the shape questions at their prior. With the prior
-    gone, the comparison is what lowers the loss. (VQA v2 was rebuilt with complementary pairs against
+def balance_colour_existence(questions: list[Question]) -> list[Question]:
+    """Drop, per form of the colour yes/no question, majority-answer questions until "yes" and "no" are
+    equally frequent. Why: easy-VQA asks about absent colours 7 times in 8, so "is there a <colour> shape?"
+    is "no" 88% of the time (its negation "yes" 87%) and the question alone gives that answer. Trained on
+    it, the model settled on the language prior and never compared the colour word with the region: on
+    two seeds these questions stayed at the prior through 1,500 steps while colour questions were right.
+    With the prior gone, the comparison is learned. (VQA v2 was rebuilt with complementary pairs against
     the same kind of prior.) Which questions go is fixed (a seeded shuffle), so the data set is the same
-    on every run; the test split is never balanced."""
+    on every run."""
     import random
 
     yes_no = {i for i, a in enumerate(answer_vocab()) if a in ("yes", "no")}
     yes = answer_vocab().index("yes")
-    groups: dict[tuple[str, str], dict[bool, list[Question]]] = {}
+    groups: dict[tuple[str, bool], list[Question]] = {}
     for q in questions:
-        form = existence_form(q.text)
-        if form is not None and q.scores and set(q.scores) <= yes_no:
-            groups.setdefault(form, {True: [], False: []})[yes in q.scores].append(q)
+        form = colour_existence_form(q.text)
+        if form is not None and set(q.scores) <= yes_no and q.scores:
+            groups.setdefault((form, yes in q.scores), []).append(q)
     drop: set[int] = set()
-    for form in sorted(groups):
-        answered_yes, answered_no = groups[form][True], groups[form][False]
+    for form in ("asks", "asks not"):
+        answered_yes, answered_no = groups.get((form, True), []), groups.get((form, False), [])
         major, minor = (answered_yes, answered_no) if len(answered_yes) > len(answered_no) else (answered_no, answered_yes)
         major = sorted(major, key=lambda q: q.question_id)
         random.Random(0).shuffle(major)
@@ -151,10 +147,10 @@ def balance_existence_questions(questions: list[Question]) -> list[Question]:
 
 def build_easy_vqa(split: str, tokenizer, min_size: int, max_size: int, max_question_tokens: int = 16,
                    questions_per_item: int = 0, limit: int = 0, balanced: bool = False) -> ImageQuestionsDataset:
-    """`balanced`: see `balance_existence_questions` (for training; the test split is evaluated whole)."""
+    """`balanced`: see `balance_colour_existence` (for training; the test split is always evaluated whole)."""
     questions = load_questions(split, limit)
     if balanced:
-        questions = balance_existence_questions(questions)
+        questions = balance_colour_existence(questions)
     images = EasyVQAImages(split, {q.image_id for q in questions})
     return ImageQuestionsDataset(questions, images, tokenizer, len(answer_vocab()), min_size, max_size,
                                  max_question_tokens, questions_per_item)

@@ -15,8 +15,8 @@ VQA_DATASETS = DatasetCatalog("VQA")
 
 @VQA_DATASETS.register("easy_vqa_train", "easy_vqa_train_balanced", "easy_vqa_test")
 def _easy_vqa(name: str, cfg: CfgNode, tokenizer, train: bool, sizes: tuple[int, int], limit: int):
-    """easy-VQA as generated; `easy_vqa_train_balanced` without the yes/no existence language prior
-    (`e2e_vl.data.easy_vqa.balance_existence_questions`)."""
+    """easy-VQA as generated; `easy_vqa_train_balanced` without the colour yes/no language prior
+    (`e2e_vl.data.easy_vqa.balance_colour_existence`)."""
     from e2e_vl.data.easy_vqa import answer_vocab, build_easy_vqa
 
     d = cfg.DATASETS
