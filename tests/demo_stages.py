@@ -18,7 +18,7 @@ def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.Comple
                           timeout=timeout)
 
 
-def stage1_detector(tmp_path: Path, steps: int = 30, images: int = 16, batch: int = 8) -> Path:
+def stage1_detector(tmp_path: Path, steps: int = 30, images: int = 16, batch: int = 8, timeout: int = 600) -> Path:
     """Stage 1 of the demo (configs/easy_vqa/detector.yaml) for `steps` steps of `batch` of the first
     `images` training images (0: all), exported with tools/export_detector.py; checks that its loss fell."""
     out = tmp_path / "detector"
@@ -26,7 +26,7 @@ def stage1_detector(tmp_path: Path, steps: int = 30, images: int = 16, batch: in
                    "--output-dir", str(out), "SOLVER.MAX_ITER", str(steps),
                    "SOLVER.WARMUP_ITERS", str(min(50, steps // 10)), "SOLVER.IMS_PER_BATCH", str(batch),
                    "DATASETS.TRAIN_LIMIT", str(images), "DATASETS.TEST_LIMIT", "16", "SOLVER.LOG_PERIOD", "1",
-                   "DATALOADER.NUM_WORKERS", "0")
+                   "DATALOADER.NUM_WORKERS", "0", timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     losses = [json.loads(line)["train/cls"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "train/cls" in line]
