@@ -125,22 +125,21 @@ def balance_colour_existence(questions: list[Question]) -> list[Question]:
     two seeds these questions stayed at the prior through 1,500 steps while colour questions were right.
     With the prior gone, the comparison is learned (on some seeds: see the README). Balancing the shape
     existence questions ("is there a circle?", "no" 67%) as well was worse: every yes/no answer became
-    "no" on two seeds. (VQA v2 was rebuilt with complementary pairs against the same kind of prior.) Which questions go is fixed (a seeded shuffle), so the data set is the same
-    on every run."""
+    "no" on two seeds. (VQA v2 was rebuilt with complementary pairs against the same kind of prior.)
+    Which questions go is fixed (a seeded shuffle), so the data set is the same on every run."""
     import random
 
-    yes_no = {i for i, a in enumerate(answer_vocab()) if a in ("yes", "no")}
     yes = answer_vocab().index("yes")
     groups: dict[tuple[str, bool], list[Question]] = {}
     for q in questions:
         form = colour_existence_form(q.text)
-        if form is not None and set(q.scores) <= yes_no and q.scores:
+        if form is not None and q.answer_type == "yes/no":
             groups.setdefault((form, yes in q.scores), []).append(q)
     drop: set[int] = set()
     for form in ("asks", "asks not"):
         answered_yes, answered_no = groups.get((form, True), []), groups.get((form, False), [])
         major, minor = (answered_yes, answered_no) if len(answered_yes) > len(answered_no) else (answered_no, answered_yes)
-        major = sorted(major, key=lambda q: q.question_id)
+        major = sorted(major, key=lambda q: q.question_id)  # the shuffle's input order is fixed too
         random.Random(0).shuffle(major)
         drop.update(q.question_id for q in major[len(minor):])
     return [q for q in questions if q.question_id not in drop]
