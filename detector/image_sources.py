@@ -2,14 +2,23 @@
 
 Sources (`list_images`): a folder (recursive), a text file of paths, a COCO-style json (its `images`),
 or webdataset tar shards as img2dataset writes them (`<key>.jpg` next to `<key>.json` / `<key>.txt`).
-Every item is an `ImageItem` with an image id (the COCO id, the webdataset key or the file stem) and
-where its bytes are; tar members are addressed as `shard.tar::member` and read by offset, so workers
-never hold tar files open.
+Every item is an `ImageItem` with an image id and where its bytes are; tar members are addressed as
+`shard.tar::member` and read by offset, so workers never hold tar files open.
+
+Image ids (the RoI store's keys, and what every task reader looks records up by) are one notion across
+the project, so that extraction and training meet:
+* COCO file names give the numeric COCO id as decimal text: `COCO_train2014_000000000856.jpg` (also
+  `COCO_val2014_...`, `COCO_test2015_...`) and COCO 2017's `000000000856.jpg` are image `856`, as in
+  the VQA v2, RefCOCO and COCO captions json files (`image_id_from_path`);
+* a COCO-style json input gives its `images[].id`;
+* a webdataset shard gives the sample key, and any other file its stem.
+Two different files with one image id are an error naming both (`dedupe`).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import struct
 import tarfile
 from pathlib import Path
@@ -21,6 +30,8 @@ import numpy as np
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jp2", ".pbm", ".pgm", ".ppm")
 DEFAULT_MAX_PIXELS = 100_000_000
 TAR_SEPARATOR = "::"
+# COCO 2014/2015 file names (`COCO_<split><year>_<12-digit id>`) and COCO 2017's bare 12-digit names.
+_COCO_STEM = re.compile(r"^(?:COCO_[a-z]+\d{4}_)?(\d{12})$")
 
 
 class ImageError(ValueError):
@@ -37,6 +48,20 @@ class ImageItem:
     path: str  # a file path, or "<tar path>::<member name>"
     offset: int = -1  # byte offset of a tar member's data; -1 for plain files
     size: int = -1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image ids
+# ---------------------------------------------------------------------------------------------------
+def image_id_from_stem(stem: str) -> str:
+    """The image id of a file stem: the COCO id ("856") for COCO names, else the stem itself."""
+    match = _COCO_STEM.match(stem)
+    return str(int(match.group(1))) if match else stem
+
+
+def image_id_from_path(path: str | os.PathLike) -> str:
+    """The image id of an image file (see the module docstring): the COCO id or the file stem."""
+    return image_id_from_stem(Path(path).stem)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -78,7 +103,7 @@ def _detect_kind(src: Path) -> str:
 
 def _list_folder(root: Path) -> list[ImageItem]:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    return [ImageItem(p.stem, str(p)) for p in files]
+    return [ImageItem(image_id_from_path(p), str(p)) for p in files]
 
 
 def _list_text(path: Path, image_root: str | os.PathLike | None) -> list[ImageItem]:
@@ -90,7 +115,7 @@ def _list_text(path: Path, image_root: str | os.PathLike | None) -> list[ImageIt
             if not line or line.startswith("#"):
                 continue
             p = Path(line) if image_root is None else Path(image_root) / line
-            items.append(ImageItem(p.stem, str(p)))
+            items.append(ImageItem(image_id_from_path(p), str(p)))
     return items
 
 
@@ -127,17 +152,24 @@ def _list_tar(path: Path) -> list[ImageItem]:
     return sorted(items, key=lambda it: it.path)
 
 
-def dedupe(items: Iterable[ImageItem]) -> tuple[list[ImageItem], list[tuple[ImageItem, str]]]:
-    """Keep the first item of each image id; the others are returned with a reason, as failures."""
-    seen: dict[str, str] = {}
-    kept, dropped = [], []
+def dedupe(items: Iterable[ImageItem]) -> list[ImageItem]:
+    """The items with repeated listings of one file dropped (e.g. a folder given twice).
+
+    Two different files with one image id would overwrite each other's record in the store (or the
+    second would be silently skipped), so that is a SourceError naming both files.
+    """
+    seen: dict[str, ImageItem] = {}
+    kept = []
     for item in items:
-        if item.image_id in seen:
-            dropped.append((item, f"duplicate image id {item.image_id!r} (first: {seen[item.image_id]})"))
-        else:
-            seen[item.image_id] = item.path
+        first = seen.get(item.image_id)
+        if first is None:
+            seen[item.image_id] = item
             kept.append(item)
-    return kept, dropped
+        elif os.path.realpath(first.path) != os.path.realpath(item.path):
+            raise SourceError(f"two files have image id {item.image_id!r}: {first.path} and {item.path} "
+                              "(COCO file names are keyed by their numeric id, other files by their stem); "
+                              "rename one, or extract them into separate stores")
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -152,7 +152,8 @@ def test_sources_folder_list_coco_and_webdataset(tmp_path):
     assert src.load_image(wds[1].path).shape == (8, 9, 3)  # "shard.tar::member" paths, as stored in records
     assert [i.image_id for i in src.list_images([tmp_path], kind="wds")] == ["000000001", "000000002"]
 
-    kept, dropped = src.dedupe(folder + listed)
-    assert len(kept) == 2 and len(dropped) == 2 and "duplicate image id 'b'" in dropped[0][1]
+    assert src.dedupe(folder + folder) == folder  # the same files listed twice
+    with pytest.raises(src.SourceError, match=r"two files have image id 'b': .*b.jpg and .*b.jpg"):
+        src.dedupe(folder + [src.ImageItem("b", str(tmp_path / "elsewhere" / "b.jpg"))])
     with pytest.raises(src.SourceError, match="not found"):
         src.list_images([tmp_path / "missing"])

@@ -20,6 +20,7 @@ from e2e_vl.data.captions import (
 from detector.structures import box_pixel_mask
 from e2e_vl.data.collate import VLCollator, collate_samples
 from e2e_vl.data.masking import IGNORE_INDEX, mask_whole_words, select_masked_regions
+from e2e_vl.data.roi_records import MissingRoIRecordsError
 from detector.roi_store import RoIRecord
 from e2e_vl.data.samplers import AspectRatioGroupedBatchSampler
 from e2e_vl.data.transforms import ResizeFlip, swap_left_right
@@ -225,7 +226,7 @@ def test_caption_dataset_sample_and_missing_record(tmp_path, tokenizer):
     (tmp_path / "caps.tsv").write_text("17.png\ta red circle on the left\nmissing.png\tno regions\n")
     caps = read_tsv_captions(tmp_path / "caps.tsv", image_root=str(tmp_path))
     transform = ResizeFlip(60, 1000)
-    with pytest.raises(CaptionDataError, match=r"caps.tsv:2: image id 'missing' has no RoI record"):
+    with pytest.raises(MissingRoIRecordsError, match=r"caps.tsv: 1 of 2 images have no record .*'missing'"):
         CaptionPretrainDataset(caps, store, tokenizer, transform)
     text_len = len(tokenizer("a red circle on the left")["input_ids"])
     ds = CaptionPretrainDataset(

@@ -9,9 +9,9 @@ import torch
 
 from e2e_vl.data.easy_vqa import (EasyVQAImages, answer_vocab, balance_colour_existence, colour_existence_form,
                                   load_questions, shape_box)
-from e2e_vl.data.vqa import (CocoImageLoader, ImageQuestionsDataset, Question, build_answer_vocab, load_vqa_v2,
-                             normalize_answer, soft_scores)
-from e2e_vl.evaluation.vqa import vqa_accuracy
+from e2e_vl.data import DataError
+from e2e_vl.data.vqa import CocoImageLoader, ImageQuestionsDataset, Question, build_answer_vocab, load_vqa_v2
+from e2e_vl.data.vqa_answers import normalize_answer, soft_scores
 
 
 class WordTokenizer:
@@ -111,7 +111,7 @@ def test_normalize_answer():
     assert normalize_answer("Two.") == "2"
     assert normalize_answer("a Red car!") == "red car"
     assert normalize_answer("3.5") == "3.5"
-    assert normalize_answer("don't") == "dont"
+    assert normalize_answer("don't") == normalize_answer("dont") == "don't"  # the official rule keeps apostrophes
 
 
 def test_vqa_v2_reader(tmp_path):
@@ -129,33 +129,26 @@ def test_vqa_v2_reader(tmp_path):
     out = load_vqa_v2(tmp_path / "q.json", tmp_path / "a.json", vocab)
     assert out[0].scores == {0: pytest.approx(0.9)} and out[1].scores == {1: 1.0}
     assert out[0].answer_type == "number" and out[1].answer_type == ""  # the type is optional
-    with pytest.raises(FileNotFoundError, match="nope.json"):
+    assert out[0].image_id == "5" and out[0].answers == ("two",) * 3 + ("3",) * 7  # as the store keys it
+    with pytest.raises(DataError, match="nope.json"):
         load_vqa_v2(tmp_path / "nope.json", None, vocab)
     (tmp_path / "bad.json").write_text("[]")
-    with pytest.raises(ValueError, match="questions"):
+    with pytest.raises(DataError, match="questions"):
         load_vqa_v2(tmp_path / "bad.json", None, vocab)
 
 
 def test_coco_image_loader_prepends_the_whole_image_box(tmp_path):
     import cv2
 
+    from detector.roi_store import RoIRecord
+
     cv2.imwrite(str(tmp_path / "COCO_val2014_000000000005.jpg"), np.zeros((20, 30, 3), np.uint8))
-
-    class Record:
-        boxes = np.array([[1, 2, 10, 12]], np.float32)
-
-    store = {"5": Record()}
-    image, boxes = CocoImageLoader(tmp_path, store)(5)
+    store = {"5": RoIRecord("5", "", 20, 30, boxes=np.array([[1, 2, 10, 12]], np.float32))}
+    image, boxes = CocoImageLoader(tmp_path, store, [5], "q.json")(5)
     assert image.shape == (20, 30, 3)
     assert boxes.tolist() == [[0, 0, 30, 20], [1, 2, 10, 12]]
-    with pytest.raises(FileNotFoundError, match="image_id 6"):
-        CocoImageLoader(tmp_path, store)(6)
-
-
-def test_vqa_accuracy_is_the_soft_score_of_the_predicted_answer():
-    logits = torch.tensor([[0.1, 2.0, 0.0], [3.0, 0.0, 0.0]])
-    targets = torch.tensor([[0.0, 0.6, 1.0], [1.0, 0.0, 0.0]])
-    assert vqa_accuracy(logits, targets).tolist() == pytest.approx([0.6, 1.0])
+    with pytest.raises(DataError, match=r"q.json: 1 of 2 images have no file in .*'6'"):
+        CocoImageLoader(tmp_path, store, [5, 6], "q.json")
 
 
 def test_question_dataclass_defaults():
@@ -234,7 +227,7 @@ def test_vqa_evaluator_reports_accuracy_by_answer_type():
             logits[:, vocab.index("yes")] = 1.0
             return {"vqa_logits": logits}
 
-    metrics = VQAEvaluator(ds, VLCollator(), 8, torch.device("cpu"))(AlwaysYes())
+    metrics = VQAEvaluator(ds, VLCollator(), 8, torch.device("cpu"), None, vocab)(AlwaysYes())
     yes_no = [q for q in questions if q.answer_type == "yes/no"]
     share_yes = sum(vocab[next(iter(q.scores))] == "yes" for q in yes_no) / len(yes_no)
     assert metrics["num_questions"] == len(questions)

@@ -7,6 +7,10 @@ r"""Run the detector over an image collection into a resumable RoI store (bottom
 Re-running the same command skips the images already stored; a killed run loses at most the batch in
 flight. Unreadable images are listed in `failures.tsv` next to the store and never stop the run.
 `--shard i/N` (or torchrun's RANK / WORLD_SIZE) writes part i of N; `RoIStore(output)` reads all parts.
+Records are keyed by image id (`detector.image_sources`): COCO file names (`COCO_train2014_000000000856.jpg`,
+`000000000856.jpg`) and COCO json inputs give the numeric COCO id (`856`), which the task readers look
+up; other files their stem, webdataset samples their key. Two files with one id stop the run before
+anything is written.
 Exit status: 0 when anything was processed (or everything was already done), 1 when nothing could be
 processed, 2 for bad arguments.
 """
@@ -177,6 +181,7 @@ class Sink:
             self.failures_path = out / (f"failures-{suffix}.tsv" if suffix else "failures.tsv")
             header_path = out / (f"header-{suffix}.json" if suffix else "header.json")
             self.done = self._npz_state(header_path, header, args.overwrite, shard)
+        refuse_stem_keyed_coco(self.dir, self.done)
 
     def _npz_state(self, header_path: Path, header: dict[str, Any], overwrite: bool,
                    shard: tuple[int, int]) -> set[str]:
@@ -204,6 +209,26 @@ class Sink:
             self.writer.close()
 
 
+def refuse_stem_keyed_coco(directory: Path, done: set[str]) -> None:
+    """Stores written before COCO file names were keyed by their numeric id hold `COCO_val2014_...`
+    keys; resuming one would store each of those images a second time under its new key."""
+    old = sorted(k for k in done if sources.image_id_from_stem(k) != k)
+    if old:
+        raise RoIStoreError(
+            f"{directory}: holds {len(old)} records keyed by COCO file stem (e.g. {old[0]!r}), written before "
+            f"COCO images were keyed by their numeric id ({sources.image_id_from_stem(old[0])!r}); resuming "
+            "would store them twice. Training reads such a store as it is; to add images, write a new "
+            "--output (or pass --overwrite)")
+
+
+def stored_boxes(boxes_store: RoIStore, item: sources.ImageItem) -> RoIRecord | None:
+    """The --boxes-from record of an image: by its image id, or by its file stem (stores keyed by stem)."""
+    found = boxes_store.get(item.image_id)
+    if found is None and sources.TAR_SEPARATOR not in item.path:
+        found = boxes_store.get(Path(item.path).stem)
+    return found
+
+
 def load_model(cfg, weights: str) -> torch.nn.Module:
     model = build_detector(cfg)
     load_checkpoint(model, weights)
@@ -228,15 +253,13 @@ def run(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict[str
         raise UsageError(str(exc)) from None
     boxes_store = RoIStore(args.boxes_from) if args.boxes_from else None
     try:
-        items = sources.list_images(args.input, args.image_root, args.input_type)
+        items = sources.dedupe(sources.list_images(args.input, args.image_root, args.input_type))
     except sources.SourceError as exc:
         raise UsageError(str(exc)) from None
     if not items:
         raise UsageError(f"no images found in {args.input}")
-    items, duplicates = sources.dedupe(items)
     index, count = shard
     items = items[index::count]
-    duplicates = duplicates[index::count]
 
     portable = cfg.clone()
     portable.MODEL.DEVICE = ""  # resuming on another device (or GPU index) must not look like another config
@@ -247,8 +270,6 @@ def run(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict[str
     todo = [it for it in items if it.image_id not in sink.done]
     stats = {"done": 0, "skipped": len(items) - len(todo), "failed": 0}
     failures = FailureLog(sink.failures_path)
-    for item, reason in duplicates:
-        failures.add(item, reason)
     log.info("shard %d/%d: %d images, %d already done, %d to process", index, count, len(items),
              stats["skipped"], len(todo))
     try:
@@ -275,7 +296,7 @@ def process(todo: list[sources.ImageItem], extractor: RegionExtractor, cfg, args
         ready: list[tuple[sources.ImageItem, PreparedImage, np.ndarray | None]] = []
         for item, prepared, reason in batch:
             if reason is None and boxes_store is not None:
-                given = boxes_store.get(item.image_id)
+                given = stored_boxes(boxes_store, item)
                 if given is None:
                     reason = "no boxes for this image id in --boxes-from"
                 else:

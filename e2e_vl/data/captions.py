@@ -1,10 +1,10 @@
 """Pre-training data: image captions joined with the RoI store, and a text-only corpus.
 
-Caption sources: COCO captions json (via pycocotools; image id = the COCO id, as the RoI extractor
-names COCO images) and Conceptual-Captions-style TSV lines `image_path<TAB>caption` (image id = the file
-stem, as the extractor names images from a list of paths). Each caption is joined with its image's RoI
-record (`detector.roi_store.RoIStore`, or any mapping id -> RoIRecord) by image id; a caption whose
-image has no record is an error that names the id and the caption file.
+Caption sources: COCO captions json (via pycocotools; image id = the COCO id) and Conceptual-Captions-style
+TSV lines `image_path<TAB>caption` (image id = `detector.image_sources.image_id_from_path`: the COCO id
+of a COCO file name, else the file stem), the ids the RoI extractor gives the same images. Each caption
+is joined with its image's RoI record (`detector.roi_store.RoIStore`, or any mapping id -> RoIRecord) by
+image id, checked when the data set is built (`e2e_vl.data.roi_records.require_roi_records`).
 
 A sample (see `e2e_vl.data.collate`) gets: the resized (and possibly flipped) image, box 0 = the whole
 image followed by the stored boxes (the highest-scoring ones that fit the sequence budget), whole-word
@@ -23,11 +23,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from detector.image_sources import image_id_from_path
+from e2e_vl.data import DataError
 from e2e_vl.data.masking import mask_whole_words, select_masked_regions
+from e2e_vl.data.roi_records import require_roi_records
 from e2e_vl.data.transforms import ResizeFlip
 
 
-class CaptionDataError(ValueError):
+class CaptionDataError(DataError):
     """A caption file that cannot be read, or a caption that cannot be joined with its regions."""
 
 
@@ -86,8 +89,7 @@ def read_tsv_captions(
             image_path = row[0].strip()
             if image_root is not None and not os.path.isabs(image_path):
                 image_path = os.path.join(os.fspath(image_root), image_path)
-            stem = os.path.splitext(os.path.basename(image_path))[0]
-            captions.append(Caption(stem, row[1].strip(), image_path, f"{path}:{line_no}"))
+            captions.append(Caption(image_id_from_path(image_path), row[1].strip(), image_path, f"{path}:{line_no}"))
     return captions
 
 
@@ -140,14 +142,15 @@ class CaptionPretrainDataset(Dataset):
             from detector.image_sources import load_image as image_loader
         self.image_loader = image_loader
         self.special_ids = list(tokenizer.all_special_ids)
+        self._keys: dict[str, str] = {}  # image id -> RoI store key, where they differ (older stores)
         if check_regions:
             self.check_regions()
 
     def check_regions(self) -> None:
-        """Fail early, naming the caption, if any caption's image has no RoI record."""
-        for caption in self.captions:
-            if caption.image_id not in self.regions:
-                raise CaptionDataError(_missing_message(caption))
+        """Fail early, with the count and examples, if any caption's image has no RoI record."""
+        files = sorted({c.source.rsplit(":", 1)[0] for c in self.captions if c.source}) or ["captions"]
+        keys = require_roi_records(self.regions, (c.image_id for c in self.captions), ", ".join(files))
+        self._keys = {i: k for i, k in keys.items() if i != k}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -165,7 +168,7 @@ class CaptionPretrainDataset(Dataset):
 
     def _record(self, caption: Caption):
         try:
-            return self.regions[caption.image_id]
+            return self.regions[self._keys.get(caption.image_id, caption.image_id)]
         except KeyError:
             raise CaptionDataError(_missing_message(caption)) from None
 

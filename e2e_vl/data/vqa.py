@@ -5,26 +5,30 @@ item is one image with several of its questions (`e2e_vl.data.collate.VLCollator
 and keeps one image slot per `image_key`). The text of a question is VL-BERT's VQA layout
 `[CLS] question [SEP] [MASK] [SEP]`; the answer classifier reads the [MASK] output.
 
-VQA v2 targets follow the official accuracy: an answer given by m of the 10 annotators scores
-min(1, m/3), averaged over the 10 leave-one-annotator-out subsets, so the loss (binary cross-entropy
-on these soft scores) and the metric (score of the predicted answer) agree.
+VQA v2 targets follow the official accuracy (`e2e_vl.data.vqa_answers`): an answer given by m of the
+10 annotators scores min(1, m/3), averaged over the 10 leave-one-annotator-out subsets, so the loss
+(binary cross-entropy on these soft scores) and the metric (the official accuracy of the predicted
+answer) agree. Image ids are decimal text, as the RoI store keys them (`detector.image_sources`).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from detector.image_sources import IMAGE_EXTENSIONS, image_id_from_path
 from detector.transforms import resize_shortest_edge
+from e2e_vl.data import DataError
+from e2e_vl.data.roi_records import require_roi_records
+from e2e_vl.data.vqa_answers import normalize_answer, soft_scores
 
 
 @dataclass
@@ -36,6 +40,8 @@ class Question:
     scores: dict[int, float] = field(default_factory=dict)
     # for accuracy by type: VQA v2's answer_type ("yes/no", "number", "other"); "" = none
     answer_type: str = ""
+    # the annotators' answers as written (VQA v2), scored by the official rule; empty: `scores` are exact
+    answers: tuple[str, ...] = ()
 
 
 def encode_vqa_text(tokenizer, text: str, max_question_tokens: int) -> dict:
@@ -114,43 +120,14 @@ class ImageQuestionsDataset(Dataset):
 # ---------------------------------------------------------------------------------------------------
 # VQA v2
 # ---------------------------------------------------------------------------------------------------
-_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:']")
-_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
-_NUMBERS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten".split())}
-_ARTICLES = {"a", "an", "the"}
-
-
-def normalize_answer(answer: str) -> str:
-    """Lower-case, drop punctuation (keeping decimal points) and articles, spell numbers as digits.
-
-    A simplified form of the official VQA answer processing, applied to both the annotators' answers
-    and the answer vocabulary so that "Two." and "2" are the same answer.
-    """
-    text = answer.lower().replace("\n", " ").replace("\t", " ").strip()
-    text = _PUNCT.sub("", text)
-    text = _PERIOD.sub("", text)
-    words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
-    return " ".join(words)
-
-
-def soft_scores(answers: Sequence[str]) -> dict[str, float]:
-    """VQA accuracy of every distinct answer: mean over leave-one-out subsets of min(1, matches / 3)."""
-    answers = [normalize_answer(a) for a in answers]
-    counts = Counter(answers)
-    n = len(answers)
-    out = {}
-    for a, c in counts.items():
-        # Leaving out one of the c annotators who gave `a` leaves c - 1 matches; leaving out another, c.
-        out[a] = (c * min(1.0, (c - 1) / 3) + (n - c) * min(1.0, c / 3)) / n
-    return out
-
-
 def read_answer_vocab(path: str | os.PathLike) -> list[str]:
+    """One answer per line, normalised as the evaluation normalises answers."""
+    if not os.path.isfile(path):
+        raise DataError(f"answer vocabulary not found: {path}")
     with open(path, encoding="utf-8") as f:
         vocab = [normalize_answer(line) for line in f if line.strip()]
     if not vocab:
-        raise ValueError(f"{path}: the answer vocabulary is empty")
+        raise DataError(f"{path}: the answer vocabulary is empty")
     return vocab
 
 
@@ -162,67 +139,102 @@ def build_answer_vocab(annotations: Sequence[dict], size: int = 3129) -> list[st
 
 def _read_json(path: str | os.PathLike, key: str) -> list[dict]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"VQA file not found: {path}")
+        raise DataError(f"VQA file not found: {path}")
     with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, dict) or key not in data:
-        raise ValueError(f"{path}: expected a JSON object with a '{key}' list")
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise DataError(f"{path}: expected a JSON object with a '{key}' list")
     return data[key]
+
+
+def _field(record: object, key: str, kind: type | tuple[type, ...], where: str):
+    """record[key], checked to be of `kind`; a DataError naming the file and record otherwise."""
+    if not isinstance(record, dict) or key not in record:
+        raise DataError(f"{where}: has no '{key}'")
+    value = record[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise DataError(f"{where}: '{key}' is {value!r}, expected {names}")
+    return value
 
 
 def load_vqa_v2(questions_json: str | os.PathLike, annotations_json: str | os.PathLike | None,
                 vocab: Sequence[str]) -> list[Question]:
-    """Questions of one split, with soft scores over `vocab` when annotations are given."""
+    """Questions of one split (the official `questions` json), with the annotators' answers, soft
+    scores over `vocab` and the answer type when the split's annotations json is given (none for
+    test-dev / test-std). A missing or mistyped key is a DataError naming the file and the record."""
     answer_index = {a: i for i, a in enumerate(vocab)}
-    annotations = {}
+    annotations: dict[int, tuple[tuple[str, ...], str]] = {}
     if annotations_json:
-        for ann in _read_json(annotations_json, "annotations"):
-            annotations[ann["question_id"]] = ann
+        for i, ann in enumerate(_read_json(annotations_json, "annotations")):
+            where = f"{annotations_json}: annotations[{i}]"
+            qid = _field(ann, "question_id", int, where)
+            where = f"{where} (question_id {qid})"
+            answers = _field(ann, "answers", list, where)
+            texts = tuple(_field(a, "answer", str, f"{where}: answers[{j}]") for j, a in enumerate(answers))
+            if not texts:
+                raise DataError(f"{where}: 'answers' is empty")
+            annotations[qid] = (texts, str(ann.get("answer_type", "")))
     out = []
-    for q in _read_json(questions_json, "questions"):
-        scores: dict[int, float] = {}
-        ann = annotations.get(q["question_id"])
-        if annotations_json and ann is None:
-            raise ValueError(f"{annotations_json}: no annotation for question_id {q['question_id']}")
-        if ann is not None:
-            for a, s in soft_scores([x["answer"] for x in ann["answers"]]).items():
-                if a in answer_index and s > 0:
-                    scores[answer_index[a]] = s
-        answer_type = str(ann.get("answer_type", "")) if ann is not None else ""
-        out.append(Question(q["question_id"], q["image_id"], q["question"], scores, answer_type))
+    seen: set[int] = set()
+    for i, q in enumerate(_read_json(questions_json, "questions")):
+        where = f"{questions_json}: questions[{i}]"
+        qid = _field(q, "question_id", int, where)
+        if qid in seen:
+            raise DataError(f"{where}: question_id {qid} appears twice")
+        seen.add(qid)
+        where = f"{where} (question_id {qid})"
+        image_id = _field(q, "image_id", (int, str), where)
+        text = _field(q, "question", str, where)
+        if annotations_json and qid not in annotations:
+            raise DataError(f"{annotations_json}: no annotation for question_id {qid} of {questions_json}")
+        texts, answer_type = annotations.get(qid, ((), ""))
+        scores = {answer_index[a]: s for a, s in soft_scores(texts).items() if a in answer_index and s > 0}
+        out.append(Question(qid, str(image_id), text, scores, answer_type, texts))
     return out
 
 
 class CocoImageLoader:
-    """Images of a COCO-style folder (`COCO_<split>_<12-digit id>.jpg` or `<id>.jpg`) with the regions
-    of an RoI store (`tools/extract_rois.py`), whole-image box prepended."""
+    """Images of a COCO-style folder (`COCO_<split>_<12-digit id>.jpg` or `<12-digit id>.jpg`, ids as
+    `detector.image_sources.image_id_from_path` gives them) with the regions of an RoI store
+    (`tools/extract_rois.py`), whole-image box prepended.
 
-    def __init__(self, image_dir: str | os.PathLike, roi_store):
+    Built in the main process for the images a data set needs: each must have a file in the folder and
+    a record in the store (`require_roi_records`), or a DataError says how many do not, and which.
+    """
+
+    def __init__(self, image_dir: str | os.PathLike, roi_store, image_ids: Iterable[object], dataset: str):
         self.image_dir = Path(image_dir)
         self.roi_store = roi_store
-        self._names: dict[str, str] | None = None
-
-    def _path(self, image_id) -> Path:
-        if self._names is None:
-            names = {}
-            for p in self.image_dir.iterdir():
-                m = re.search(r"(\d+)$", p.stem)
-                if m:
-                    names[str(int(m.group(1)))] = p.name
-            self._names = names
-        name = self._names.get(str(int(image_id)))
-        if name is None:
-            raise FileNotFoundError(f"no image for image_id {image_id} in {self.image_dir}")
-        return self.image_dir / name
+        if not self.image_dir.is_dir():
+            raise DataError(f"{dataset}: image folder not found: {self.image_dir}")
+        self._names: dict[str, str] = {}
+        for path in sorted(self.image_dir.iterdir()):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                first = self._names.setdefault(image_id_from_path(path), path.name)
+                if first != path.name:
+                    raise DataError(f"{self.image_dir}: {first} and {path.name} are both image "
+                                    f"{image_id_from_path(path)!r}")
+        wanted = list(dict.fromkeys(str(i) for i in image_ids))
+        missing = [i for i in wanted if i not in self._names]
+        if missing:
+            raise DataError(f"{dataset}: {len(missing)} of {len(wanted)} images have no file in {self.image_dir} "
+                            f"(e.g. image ids {', '.join(repr(m) for m in missing[:5])}); COCO images are named "
+                            "COCO_<split>_<12-digit id>.jpg or <12-digit id>.jpg")
+        self._keys = require_roi_records(roi_store, wanted, dataset)
 
     def __call__(self, image_id) -> tuple[np.ndarray, np.ndarray]:
-        path = self._path(image_id)
+        path = self.image_dir / self._names[str(image_id)]
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is None:
-            raise ValueError(f"cannot decode image {path}")
-        record = self.roi_store.get(str(image_id))
-        if record is None:
-            raise KeyError(f"image_id {image_id} has no record in the RoI store")
+            raise DataError(f"cannot decode image {path}")
+        record = self.roi_store[self._keys[str(image_id)]]
         h, w = image.shape[:2]
+        if (record.height, record.width) != (h, w):
+            raise DataError(f"{path} is {w}x{h} but its RoI record ({record.path}) says "
+                            f"{record.width}x{record.height}: the store was extracted from other images")
         boxes = np.concatenate([np.array([[0, 0, w, h]], np.float32), record.boxes.astype(np.float32)])
         return image, boxes

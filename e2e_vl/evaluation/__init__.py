@@ -1,4 +1,4 @@
 """Task metrics."""
-from e2e_vl.evaluation.vqa import VQAEvaluator, vqa_accuracy
+from e2e_vl.evaluation.vqa import VQAEvaluator
 
-__all__ = ["VQAEvaluator", "vqa_accuracy"]
+__all__ = ["VQAEvaluator"]

@@ -1,37 +1,86 @@
-"""VQA accuracy: the soft score of the predicted answer, averaged over questions, and per answer type
-(`accuracy/<type>`, e.g. VQA v2's yes/no, number, other) when the questions carry one.
+"""VQA accuracy, overall and per answer type (`accuracy/<type>`, e.g. VQA v2's yes/no, number, other),
+and the results file of the VQA evaluation server.
 
-With VQA v2's targets (min(1, matches/3), leave-one-out averaged; see `e2e_vl.data.vqa`) this is the
-official VQA accuracy; with one-hot targets (easy-VQA) it is plain accuracy. Evaluation is sharded
-over ranks and the per-question results are gathered, so every rank returns the same numbers.
+A question scored by its annotators' answers (VQA v2) gets the official VQA accuracy of the predicted
+answer string (`e2e_vl.data.vqa_answers.answer_accuracy`), so our numbers equal the official
+evaluation's on the same predictions; one with exact soft scores only (easy-VQA: one-hot) gets the
+score of the predicted answer; one with neither (test-dev / test-std) is only answered. Evaluation is
+sharded over ranks and gathered, so every rank returns the same numbers.
+
+The results file (`[{"question_id": int, "answer": str}, ...]`, one entry per question of the data set,
+in its order) is what the evaluation server takes; it is checked against that format and written
+atomically by the main process after every evaluation.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from e2e_vl.data.vqa_answers import answer_accuracy
 from e2e_vl.engine import distributed as du
+from e2e_vl.engine.checkpoint import atomic_write
 from e2e_vl.engine.sampler import sharded_eval_loader
 
+logger = logging.getLogger(__name__)
 
-def vqa_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-question accuracy `[B]`: the target score of the arg-max answer."""
-    return targets.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
+
+class ResultsFormatError(ValueError):
+    """Results that the VQA evaluation server would refuse."""
+
+
+def question_accuracy(question, answer: str, answer_index: int) -> float | None:
+    """The accuracy of `answer` (vocabulary entry `answer_index`) for one question; None if unanswered."""
+    if question.answers:
+        return answer_accuracy(answer, question.answers)
+    if question.scores:
+        return question.scores.get(answer_index, 0.0)
+    return None
+
+
+def check_results(results: Any, question_ids: Sequence[int]) -> None:
+    """Refuse results the evaluation server would: not a list of {"question_id": int, "answer": str}
+    with each of `question_ids` exactly once and nothing else (the official loader asserts the same)."""
+    if not isinstance(results, list):
+        raise ResultsFormatError(f"results must be a list, got {type(results).__name__}")
+    seen: set[int] = set()
+    for i, entry in enumerate(results):
+        if not isinstance(entry, dict) or set(entry) != {"question_id", "answer"}:
+            raise ResultsFormatError(f"results[{i}] must be {{'question_id': int, 'answer': str}}, got {entry!r}")
+        qid, answer = entry["question_id"], entry["answer"]
+        if not isinstance(qid, int) or isinstance(qid, bool) or not isinstance(answer, str):
+            raise ResultsFormatError(f"results[{i}]: question_id must be an int and answer a str, got {entry!r}")
+        if qid in seen:
+            raise ResultsFormatError(f"results[{i}]: question_id {qid} is answered twice")
+        seen.add(qid)
+    wanted = set(question_ids)
+    if seen != wanted:
+        missing, extra = sorted(wanted - seen), sorted(seen - wanted)
+        raise ResultsFormatError(f"results must answer every question once: {len(missing)} missing "
+                                 f"(e.g. {missing[:5]}), {len(extra)} not in the questions (e.g. {extra[:5]})")
+
+
+def write_results(path: str | Path, results: list[dict], question_ids: Sequence[int]) -> None:
+    """Check `results` (`check_results`) and write them to `path` as JSON, atomically."""
+    check_results(results, question_ids)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(results).encode("utf-8")))
 
 
 class VQAEvaluator:
-    """Runs the model over a data set of `ImageQuestionsDataset` items and scores its answers."""
+    """Runs the model over a data set of `ImageQuestionsDataset` items, scores its answers (`answers`:
+    the vocabulary) and writes the results file to `results_path` (if given)."""
 
     def __init__(self, dataset, collate_fn: Callable, batch_size: int, device: torch.device,
-                 amp_dtype: torch.dtype | None = None, answers: list[str] | None = None,
-                 predictions_path: str | Path | None = None, num_workers: int = 0):
+                 amp_dtype: torch.dtype | None, answers: Sequence[str], results_path: str | Path | None = None,
+                 num_workers: int = 0):
         self.dataset, self.collate_fn, self.batch_size = dataset, collate_fn, batch_size
         self.device, self.amp_dtype = device, amp_dtype
-        self.answers, self.predictions_path = answers, predictions_path
+        self.answers, self.results_path = list(answers), results_path
         self.num_workers = num_workers
 
     @torch.no_grad()
@@ -41,36 +90,34 @@ class VQAEvaluator:
         was_training = model.training
         model.eval()
         sampler, loader = sharded_eval_loader(self.dataset, self.batch_size, self.collate_fn, self.num_workers)
-        results: dict[int, tuple[int, float]] = {}  # question id -> (answer index, score or nan)
+        predicted: dict[int, int] = {}  # question id -> answer index
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         for indices, batch in zip(sampler, loader):
             qids = [q for i in indices for q in self.dataset.item_question_ids(i)]
             batch = move_to_device(batch, self.device)
             with autocast:
                 logits = model(batch)["vqa_logits"].float()
-            pred = logits.argmax(dim=1)
-            score = vqa_accuracy(logits, batch["vqa_targets"].float()) if "vqa_targets" in batch else None
-            for j, q in enumerate(qids):
-                results[q] = (int(pred[j]), float(score[j]) if score is not None else float("nan"))
-        merged: dict[int, tuple[int, float]] = {}
-        for part in du.all_gather_objects(results):
+            predicted.update(zip(qids, logits.argmax(dim=1).tolist()))
+        merged: dict[int, int] = {}
+        for part in du.all_gather_objects(predicted):
             merged.update(part)
         if was_training:
             model.train()
-        if self.predictions_path is not None and du.is_main_process() and self.answers is not None:
-            Path(self.predictions_path).parent.mkdir(parents=True, exist_ok=True)
-            with open(self.predictions_path, "w", encoding="utf-8") as f:
-                json.dump([{"question_id": q, "answer": self.answers[a]} for q, (a, _) in sorted(merged.items())], f)
+        questions = self.dataset.questions
+        if self.results_path is not None and du.is_main_process():
+            results = [{"question_id": q.question_id, "answer": self.answers[merged[q.question_id]]}
+                       for q in questions]
+            write_results(self.results_path, results, [q.question_id for q in questions])
+            logger.info("wrote %d answers to %s", len(results), self.results_path)
         by_type: dict[str, list[float]] = {"": []}
-        types = {q.question_id: q.answer_type for q in getattr(self.dataset, "questions", [])}
-        for qid, (_, score) in merged.items():
-            if score == score:  # not nan: the question has answers
+        for q in questions:
+            score = question_accuracy(q, self.answers[merged[q.question_id]], merged[q.question_id])
+            if score is not None:
                 by_type[""].append(score)
-                if types.get(qid):
-                    by_type.setdefault(types[qid], []).append(score)
+                if q.answer_type:
+                    by_type.setdefault(q.answer_type, []).append(score)
         out = {"num_questions": float(len(merged))}
         for kind, scores in sorted(by_type.items()):
             if scores:
                 out["accuracy" + (f"/{kind}" if kind else "")] = sum(scores) / len(scores)
         return out
-

@@ -1,7 +1,9 @@
 """TASK vqa: images with their questions, VL-BERT collation, the answer head's BCE loss, VQA accuracy
-(`e2e_vl.evaluation.vqa`). Data sets: easy-VQA (embedded) and VQA v2 (files under DATASETS.ROOT)."""
+(`e2e_vl.evaluation.vqa`) and the evaluation server's results file (`OUTPUT_DIR/<DATASETS.TEST>_results.json`).
+Data sets: easy-VQA (embedded) and VQA v2 (files under DATASETS.ROOT)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -10,6 +12,7 @@ from detector.config import CfgNode, ConfigError
 from e2e_vl.data.catalog import DatasetCatalog
 from e2e_vl.tasks import register_task
 
+logger = logging.getLogger(__name__)
 VQA_DATASETS = DatasetCatalog("VQA")
 
 
@@ -28,21 +31,28 @@ def _easy_vqa(name: str, cfg: CfgNode, tokenizer, train: bool, sizes: tuple[int,
 
 @VQA_DATASETS.register("vqa_v2_train", "vqa_v2_val", "vqa_v2_test")
 def _vqa_v2(name: str, cfg: CfgNode, tokenizer, train: bool, sizes: tuple[int, int], limit: int):
+    """The official VQA v2 files under DATASETS.ROOT. Every question's image must have a file in the
+    image folder and a record in DATASETS.ROI_STORE, checked here, before training. Without an
+    annotations file (test-dev / test-std) the evaluation only writes the results file."""
     from detector.roi_store import RoIStore
     from e2e_vl.data.vqa import CocoImageLoader, ImageQuestionsDataset, load_vqa_v2, read_answer_vocab
 
     d = cfg.DATASETS
-    for key in ("ANSWER_VOCAB", "ROI_STORE"):
-        if not d[key]:
-            raise ConfigError(f"'DATASETS.{key}' must be set for {name}")
     questions_key, ann_key, dir_key = (("QUESTIONS_TRAIN", "ANNOTATIONS_TRAIN", "IMAGE_DIR_TRAIN") if train
                                        else ("QUESTIONS_TEST", "ANNOTATIONS_TEST", "IMAGE_DIR_TEST"))
+    for key in ("ANSWER_VOCAB", "ROI_STORE", questions_key, dir_key) + ((ann_key,) if train else ()):
+        if not d[key]:
+            raise ConfigError(f"'DATASETS.{key}' must be set for {name}")
     root = Path(d.ROOT)
     vocab = read_answer_vocab(root / d.ANSWER_VOCAB)
     questions = load_vqa_v2(root / d[questions_key], (root / d[ann_key]) if d[ann_key] else None, vocab)
     if limit > 0:
+        if not train and not d[ann_key] and limit < len(questions):
+            logger.warning("%s: TEST_LIMIT %d of %d questions: the results file is not a complete submission",
+                           name, limit, len(questions))
         questions = questions[:limit]
-    loader = CocoImageLoader(root / d[dir_key], RoIStore(root / d.ROI_STORE))
+    loader = CocoImageLoader(root / d[dir_key], RoIStore(root / d.ROI_STORE), [q.image_id for q in questions],
+                             dataset=str(root / d[questions_key]))
     ds = ImageQuestionsDataset(questions, loader, tokenizer, len(vocab), *sizes, d.MAX_QUESTION_TOKENS,
                                cfg.DATALOADER.QUESTIONS_PER_IMAGE)
     return ds, vocab
@@ -74,5 +84,6 @@ def build_vqa_task(cfg: CfgNode, model, device: torch.device, eval_only: bool):
             raise ConfigError(f"the model's vqa head has {num_answers} answers (MODEL.VLBERT.NUM_ANSWERS) but "
                               f"{cfg.DATASETS.TEST} has {len(answers)}")
         evaluate = VQAEvaluator(test_set, collate, cfg.TEST.IMS_PER_BATCH, device, AMP_DTYPES[cfg.SOLVER.AMP.DTYPE],
-                                answers, Path(cfg.OUTPUT_DIR) / "predictions.json", cfg.DATALOADER.NUM_WORKERS)
+                                answers, Path(cfg.OUTPUT_DIR) / f"{cfg.DATASETS.TEST}_results.json",
+                                cfg.DATALOADER.NUM_WORKERS)
     return TrainTask(train_set, collate, evaluate, metric="accuracy")
