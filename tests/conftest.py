@@ -1,5 +1,8 @@
 """Shared test set-up: small, deterministic, CPU by default; GPU and Detectron2 tests skip cleanly."""
+import logging
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,3 +27,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "detectron2" in item.keywords and not has_d2:
             item.add_marker(pytest.mark.skip(reason="needs Detectron2 importable"))
+
+
+@pytest.fixture
+def train_net():
+    """tools/train_net.py as a module; the root-logger handlers its runs install are removed afterwards."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import train_net
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield train_net
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)

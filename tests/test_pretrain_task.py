@@ -3,8 +3,6 @@ masked RoI classification on the small easy-VQA-sized model, checkpoints, --resu
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,22 +57,6 @@ def _overrides(root: Path, out: Path, max_iter: int) -> list[str]:
         "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.CHECKPOINT_KEEP_LAST", "3", "SOLVER.LOG_PERIOD", "1",
         "DATALOADER.NUM_WORKERS", "0", "TEST.IMS_PER_BATCH", "2",
     ]
-
-
-@pytest.fixture
-def train_net():
-    """tools/train_net.py as a module; the root-logger handlers its runs install are removed afterwards."""
-    sys.path.insert(0, str(REPO / "tools"))
-    import train_net
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield train_net
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -109,15 +109,21 @@ class VQAEvaluator:
                        for q in questions]
             write_results(self.results_path, results, [q.question_id for q in questions])
             logger.info("wrote %d answers to %s", len(results), self.results_path)
-        by_type: dict[str, list[float]] = {"": []}
-        for q in questions:
-            score = question_accuracy(q, self.answers[merged[q.question_id]], merged[q.question_id])
-            if score is not None:
-                by_type[""].append(score)
-                if q.answer_type:
-                    by_type.setdefault(q.answer_type, []).append(score)
-        out = {"num_questions": float(len(merged))}
-        for kind, scores in sorted(by_type.items()):
-            if scores:
-                out["accuracy" + (f"/{kind}" if kind else "")] = sum(scores) / len(scores)
-        return out
+        return vqa_metrics(questions, merged, self.answers)
+
+
+def vqa_metrics(questions: Sequence, predicted: Mapping[int, int], answers: Sequence[str]) -> dict[str, float]:
+    """`num_questions` answered, and `accuracy` (and `accuracy/<answer type>`) over those that can be
+    scored (`question_accuracy`), for the answers `predicted` (question id -> index into `answers`)."""
+    by_type: dict[str, list[float]] = {"": []}
+    for q in questions:
+        score = question_accuracy(q, answers[predicted[q.question_id]], predicted[q.question_id])
+        if score is not None:
+            by_type[""].append(score)
+            if q.answer_type:
+                by_type.setdefault(q.answer_type, []).append(score)
+    out = {"num_questions": float(len(predicted))}
+    for kind, scores in sorted(by_type.items()):
+        if scores:
+            out["accuracy" + (f"/{kind}" if kind else "")] = sum(scores) / len(scores)
+    return out

@@ -1,0 +1,267 @@
+"""VQA v2 from its official files: one image id from extraction to training (COCO file names -> numeric
+ids), the RoI-record check before training, the official accuracy (answer normalisation cases with
+hand-computed accuracies) and the evaluation server's results file for a split without annotations."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from detector import image_sources as sources
+from detector.checkpoint import save_checkpoint
+from detector.config import load_cfg
+from detector.modeling import build_detector
+from detector.roi_store import RoIRecord, RoIStore, RoIStoreWriter
+from e2e_vl.data.roi_records import MissingRoIRecordsError, require_roi_records
+from e2e_vl.data.vqa import CocoImageLoader, Question, load_vqa_v2
+from e2e_vl.data.vqa_answers import answer_accuracy, normalize_answer
+from e2e_vl.evaluation.vqa import ResultsFormatError, check_results, vqa_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+DETECTOR = REPO / "configs" / "vg" / "tiny_R_18_C4_attr.yaml"
+_spec = importlib.util.spec_from_file_location("_tool_extract_rois", REPO / "tools" / "extract_rois.py")
+extract_tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(extract_tool)
+
+# The official answer processing, case by case: (annotators' answers, prediction, answer type, accuracy
+# worked out by hand). Accuracy = mean over the 10 annotators left out in turn of min(1, matches among
+# the other 9 / 3): m matching answers give (m * min(1, (m-1)/3) + (10-m) * min(1, m/3)) / 10, i.e.
+# 0.3, 0.6, 0.9, 1.0 for m = 1, 2, 3, >= 4. Answers are normalised only when the 10 are not all equal.
+CASES = [
+    (["Yes!"] * 4 + ["yes"] * 6, "yes", "yes/no", 1.0),  # "!" -> space, lower case: all ten are "yes"
+    (["Yes!"] * 10, "yes", "yes/no", 0.0),  # unanimous: compared as written, "yes" != "Yes!"
+    (["yes"] + ["no"] * 9, "yes", "yes/no", 0.3),  # the 10-choose-9 averaging, m = 1
+    (["1,000", "1000"] + ["thousand"] * 8, "1,000", "number", 0.6),  # digit-group comma removed, m = 2
+    (["3.5", "3.5", "3.5."] + ["4"] * 7, "3.5", "number", 0.9),  # decimal point kept, final period dropped
+    (["2:50"] + ["250"] * 9, "2:50", "number", 0.3),  # colons are kept
+    (["two", "two", "2"] + ["three"] * 7, "Three.", "number", 1.0),  # number words -> digits, m = 7
+    (["none", "none"] + ["1"] * 8, "0", "number", 0.6),  # "none" counts as 0
+    (["two"] * 10, "2", "number", 0.0),  # unanimous "two" is not normalised: "2" misses
+    (["t-shirt"] * 3 + ["shirt"] * 7, "t shirt", "other", 0.9),  # "-" between letters -> space
+    (["girl's", "girl's"] + ["girls"] * 8, "girl's", "other", 0.6),  # apostrophes are kept
+    (["a dog", "a dog", "the dog"] + ["dogs"] * 7, "an dog", "other", 0.9),  # articles dropped
+    (["dont", "dont", "don't"] + ["no"] * 7, "dont", "other", 0.9),  # "dont" -> "don't"
+    (["couldn'tve", "couldnt've"] + ["no"] * 8, "couldn't've", "other", 0.6),  # one apostrophe restored
+    (["blue\t"] * 10, " blue ", "other", 1.0),  # tabs, newlines and outer spaces go first
+]
+# By hand from the table: yes/no (1.0 + 0 + 0.3) / 3, number (0.6 + 0.9 + 0.3 + 1.0 + 0.6 + 0) / 6,
+# other (0.9 + 0.6 + 0.9 + 0.9 + 0.6 + 1.0) / 6, overall 9.6 / 15; the server reports 100x, 2 decimals.
+EXPECTED_PERCENT = {"accuracy": 64.0, "accuracy/yes/no": 43.33, "accuracy/number": 56.67, "accuracy/other": 81.67}
+
+
+def _official_files(root: Path, subtype: str, items: list[tuple[int, int, str, list[str] | None, str]]) -> None:
+    """Questions (and, where answers are given, annotations) json of one split in VQA v2's layout.
+    items: (question_id, image_id, question, the 10 answers or None, answer_type)."""
+    info = {"description": "generated for the tests", "version": "2.0", "year": 2017}
+    licence = {"name": "test", "url": ""}
+    questions = {"info": info, "task_type": "Open-Ended", "data_type": "mscoco", "license": licence,
+                 "data_subtype": subtype,
+                 "questions": [{"image_id": img, "question": q, "question_id": qid} for qid, img, q, _, _ in items]}
+    (root / f"v2_OpenEnded_mscoco_{subtype}_questions.json").write_text(json.dumps(questions))
+    if items[0][3] is None:
+        return
+    annotations = [{"question_type": "what is", "multiple_choice_answer": answers[0], "image_id": img,
+                    "answer_type": kind, "question_id": qid,
+                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
+                                for j, a in enumerate(answers)]}
+                   for qid, img, _, answers, kind in items]
+    (root / f"v2_mscoco_{subtype}_annotations.json").write_text(json.dumps(
+        {"info": info, "license": licence, "data_subtype": subtype, "data_type": "mscoco",
+         "annotations": annotations}))
+
+
+def test_coco_file_names_give_the_numeric_image_id():
+    assert sources.image_id_from_path("train2014/COCO_train2014_000000000856.jpg") == "856"
+    assert sources.image_id_from_path("COCO_val2014_000000581929.jpg") == "581929"
+    assert sources.image_id_from_path("test2015/COCO_test2015_000000000001.png") == "1"
+    assert sources.image_id_from_path("val2017/000000000139.jpg") == "139"  # COCO 2017
+    for other in ("im000.png", "000000001.jpg", "COCO_train2014_856.jpg", "coco_train2014_000000000856.jpg",
+                  "2345.jpg"):
+        assert sources.image_id_from_path(other) == Path(other).stem  # anything else keeps its stem
+
+
+def test_official_normalisation_cases_give_the_hand_computed_accuracies():
+    for answers, prediction, _, expected in CASES:
+        assert answer_accuracy(prediction, answers) == pytest.approx(expected), (answers, prediction)
+    # Through the reader (official json layout) and the evaluator's summary, as the server reports it.
+    questions = [Question(i, "1", "q", answer_type=kind, answers=tuple(answers))
+                 for i, (answers, _, kind, _) in enumerate(CASES)]
+    vocab = [prediction for _, prediction, _, _ in CASES]
+    metrics = vqa_metrics(questions, {i: i for i in range(len(CASES))}, vocab)
+    assert metrics["num_questions"] == len(CASES)
+    assert {k: round(100 * v, 2) for k, v in metrics.items() if k.startswith("accuracy")} == EXPECTED_PERCENT
+    assert normalize_answer("Two dogs.") == "2 dogs" and normalize_answer("100,978") == "100978"
+    assert normalize_answer("left - right") == "left right"  # a "-" next to a space is removed, not spaced
+
+
+def test_reader_keeps_the_annotators_answers_and_names_bad_records(tmp_path):
+    from e2e_vl.data import DataError
+
+    items = [(10 + i, 1, "what?", answers, kind) for i, (answers, _, kind, _) in enumerate(CASES)]
+    _official_files(tmp_path, "val2014", items)
+    questions = load_vqa_v2(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json",
+                            tmp_path / "v2_mscoco_val2014_annotations.json", ["yes", "2", "don't"])
+    assert [q.answers for q in questions] == [tuple(c[0]) for c in CASES]
+    assert questions[0].scores == {0: 1.0} and questions[12].scores == {2: pytest.approx(0.9)}
+    ann = json.loads((tmp_path / "v2_mscoco_val2014_annotations.json").read_text())
+    del ann["annotations"][3]["answers"][5]["answer"]
+    (tmp_path / "bad.json").write_text(json.dumps(ann))
+    with pytest.raises(DataError, match=r"bad.json: annotations\[3\] \(question_id 13\): answers\[5\]: has no 'answer'"):
+        load_vqa_v2(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", tmp_path / "bad.json", ["yes"])
+
+
+def test_results_are_checked_against_the_server_format():
+    check_results([{"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "2"}], [2, 1])
+    bad = {
+        "must be a list": {"question_id": 1, "answer": "yes"},
+        "question_id must be an int": [{"question_id": "1", "answer": "yes"}],
+        "answer a str": [{"question_id": 1, "answer": 2}],
+        r"must be \{'question_id': int": [{"question_id": 1, "answer": "yes", "score": 1.0}],
+        "question_id 1 is answered twice": [{"question_id": 1, "answer": "yes"}] * 2,
+        r"1 missing \(e.g. \[2\]\), 0 not in": [{"question_id": 1, "answer": "yes"}],
+    }
+    for message, results in bad.items():
+        with pytest.raises(ResultsFormatError, match=message):
+            check_results(results, [1] if "twice" in message or "str" in message else [1, 2])
+    with pytest.raises(ResultsFormatError, match="question_id must be an int"):
+        check_results([{"question_id": True, "answer": "yes"}], [1])
+
+
+def test_missing_records_are_counted_with_examples_and_the_fix():
+    record = RoIRecord("x", "", 10, 10, boxes=np.zeros((1, 4), np.float32))
+    with pytest.raises(MissingRoIRecordsError) as info:
+        require_roi_records({"1": record, "2": record}, [1, 2, 3, 4, 4, 5, 6, 7, 8, 9], "q.json")
+    message = str(info.value)
+    assert message.startswith("q.json: 7 of 9 images have no record in the RoI store")
+    assert "'3', '4', '5', '6', '7'" in message and "'8'" not in message  # a few examples, not all
+    assert "keys look like '1', '2'" in message and "tools/extract_rois.py" in message
+    # A store written before numeric COCO ids (stem keys) is still read, record for record.
+    old = {"COCO_val2014_000000000042": record, "7": record}
+    assert require_roi_records(old, ["42", 7], "q.json") == {"42": "COCO_val2014_000000000042", "7": "7"}
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
+    save_checkpoint(build_detector(load_cfg(DETECTOR)), path)
+    return path
+
+
+def _extract(weights: Path, inputs: list[Path], output: Path) -> int:
+    return extract_tool.main(["--config-file", str(DETECTOR), "--weights", str(weights), "--input",
+                              *map(str, inputs), "--output", str(output), "--device", "cpu", "--no-progress",
+                              "--num-workers", "0", "--min-boxes", "2", "--max-boxes", "4"])
+
+
+def _image(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    small = np.random.default_rng(seed).integers(0, 255, (4, 5, 3), np.uint8)
+    cv2.imwrite(str(path), cv2.resize(small, (80, 64), interpolation=cv2.INTER_CUBIC))
+
+
+def test_two_files_with_one_image_id_stop_extraction(tmp_path, tiny_weights, caplog):
+    _image(tmp_path / "train2014" / "COCO_train2014_000000000007.jpg", 0)
+    _image(tmp_path / "extra" / "000000000007.jpg", 1)  # COCO 2017 name of the same id
+    assert _extract(tiny_weights, [tmp_path / "train2014", tmp_path / "extra"], tmp_path / "rois") == 2
+    assert "two files have image id '7'" in caplog.text
+    assert "COCO_train2014_000000000007.jpg" in caplog.text and "extra/000000000007.jpg" in caplog.text
+    assert not (tmp_path / "rois").exists()  # stopped before writing anything
+
+
+def test_store_keyed_by_file_stem_is_read_but_not_resumed(tmp_path, tiny_weights, monkeypatch, caplog):
+    _image(tmp_path / "val2014" / "COCO_val2014_000000000042.jpg", 2)
+    with monkeypatch.context() as m:  # the extractor as it was: file stems as keys
+        m.setattr(sources, "image_id_from_path", lambda path: Path(path).stem)
+        assert _extract(tiny_weights, [tmp_path / "val2014"], tmp_path / "rois") == 0
+    with RoIStore(tmp_path / "rois") as store:
+        assert store.ids() == ["COCO_val2014_000000000042"]
+        image, boxes = CocoImageLoader(tmp_path / "val2014", store, [42], "q.json")(42)
+        np.testing.assert_array_equal(boxes[1:], store["COCO_val2014_000000000042"].boxes)
+    assert _extract(tiny_weights, [tmp_path / "val2014"], tmp_path / "rois") == 2
+    assert "keyed by COCO file stem (e.g. 'COCO_val2014_000000000042')" in caplog.text
+
+
+TRAIN = [(8560, 856, "what color is it?", ["red"] * 8 + ["blue"] * 2, "other"),
+         (8561, 856, "is it red?", ["yes"] * 10, "yes/no"),
+         (90, 9, "how many?", ["two", "2", "2", "3"] + ["2"] * 6, "number")]
+VAL = [(10, 1, "is it blue?", ["no"] * 9 + ["yes"], "yes/no"), (770, 77, "what color?", ["red"] * 10, "other")]
+TEST_DEV = [(50, 5, "what color?", None, ""), (51, 5, "is it red?", None, ""), (60, 6, "how many?", None, "")]
+
+
+def _vqa_root(root: Path) -> None:
+    """VQA v2 as downloaded (questions/annotations json, COCO image folders) plus an answer list."""
+    for folder, split, items in (("train2014", "train2014", TRAIN), ("val2014", "val2014", VAL),
+                                 ("test2015", "test-dev2015", TEST_DEV)):
+        for k, image_id in enumerate(sorted({img for _, img, _, _, _ in items})):
+            _image(root / folder / f"COCO_{folder}_{image_id:012d}.jpg", image_id + k)
+        _official_files(root, split, items)
+    (root / "answers_vqa.txt").write_text("yes\nno\nred\nblue\n2\n")
+
+
+def _train_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config-file", str(REPO / "configs" / "easy_vqa" / "base.yaml"), "--output-dir", str(out),
+            "MODEL.WEIGHTS", "", "MODEL.VLBERT.BERT_RANDOM_INIT", "True", "MODEL.VLBERT.NUM_ANSWERS", "5",
+            "DATASETS.ROOT", str(root), "DATASETS.TRAIN", "vqa_v2_train", "DATASETS.TEST", "vqa_v2_val",
+            "DATASETS.QUESTIONS_TRAIN", "v2_OpenEnded_mscoco_train2014_questions.json",
+            "DATASETS.ANNOTATIONS_TRAIN", "v2_mscoco_train2014_annotations.json", "DATASETS.IMAGE_DIR_TRAIN",
+            "train2014", "DATASETS.QUESTIONS_TEST", "v2_OpenEnded_mscoco_val2014_questions.json",
+            "DATASETS.ANNOTATIONS_TEST", "v2_mscoco_val2014_annotations.json", "DATASETS.IMAGE_DIR_TEST",
+            "val2014", "DATASETS.ANSWER_VOCAB", "answers_vqa.txt", "DATASETS.ROI_STORE", "rois",
+            "INPUT.MIN_SIZE_TRAIN", "[64]", "INPUT.MAX_SIZE_TRAIN", "80", "INPUT.MIN_SIZE_TEST", "64",
+            "INPUT.MAX_SIZE_TEST", "80", "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2",
+            "SOLVER.WARMUP_ITERS", "0", "SOLVER.LOG_PERIOD", "1", "SOLVER.CHECKPOINT_PERIOD", "2",
+            "DATALOADER.NUM_WORKERS", "0", "TEST.IMS_PER_BATCH", "2", *extra]
+
+
+def test_vqa_v2_from_extraction_with_coco_names_to_training_and_test_dev_results(tmp_path, tiny_weights,
+                                                                                 train_net, capsys):
+    root = tmp_path / "vqa"
+    _vqa_root(root)
+    # As the README says: one extraction over the COCO folders, then training meets its records.
+    folders = [root / "train2014", root / "val2014", root / "test2015"]
+    assert _extract(tiny_weights, folders, root / "rois") == 0
+    with RoIStore(root / "rois") as store:
+        assert sorted(store.ids(), key=int) == ["1", "5", "6", "9", "77", "856"]
+
+    out = tmp_path / "run"
+    assert train_net.cli(_train_args(root, out)) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "train/loss" in r]) == 2
+    final = [r for r in rows if "eval/accuracy" in r][-1]
+    results = json.loads((out / "vqa_v2_val_results.json").read_text())
+    assert [r["question_id"] for r in results] == [10, 770]
+    # The logged accuracy is the official one of the answers in the results file.
+    expected = {q[0]: answer_accuracy(r["answer"], q[3]) for q, r in zip(VAL, results)}
+    assert final["eval/accuracy"] == pytest.approx(sum(expected.values()) / 2)
+    assert final["eval/accuracy/yes/no"] == pytest.approx(expected[10])
+
+    # test-dev: questions only; --eval-only writes the file the evaluation server takes.
+    capsys.readouterr()
+    dev = ["DATASETS.TEST", "vqa_v2_test", "DATASETS.QUESTIONS_TEST", "v2_OpenEnded_mscoco_test-dev2015_questions.json",
+           "DATASETS.ANNOTATIONS_TEST", "", "DATASETS.IMAGE_DIR_TEST", "test2015"]
+    assert train_net.cli(["--eval-only", *_train_args(root, out, *dev)]) == 0
+    assert "num_questions: 3.0000" in capsys.readouterr().out
+    submitted = json.loads((out / "vqa_v2_test_results.json").read_text())
+    check_results(submitted, [50, 51, 60])
+    assert [r["question_id"] for r in submitted] == [50, 51, 60]
+    assert all(r["answer"] in ("yes", "no", "red", "blue", "2") for r in submitted)
+
+
+def test_missing_records_stop_the_run_before_training(tmp_path, train_net):
+    root = tmp_path / "vqa"
+    _vqa_root(root)
+    record = RoIRecord("1", "", 64, 80, boxes=np.array([[0, 0, 10, 10]], np.float32))
+    with RoIStoreWriter(root / "rois", {"fingerprint": "test"}) as writer:  # val2014's image 1 only
+        writer.write_batch([record])
+    out = tmp_path / "run"
+    assert train_net.cli(_train_args(root, out)) == 2
+    log = (out / "log.txt").read_text()
+    assert "v2_OpenEnded_mscoco_train2014_questions.json: 2 of 2 images have no record in the RoI store" in log
+    assert "image ids '856', '9'" in log and "keys look like '1'" in log and "python tools/extract_rois.py" in log
+    assert not (out / "metrics.jsonl").exists() and not list(out.glob("model_*.pth"))
