@@ -265,3 +265,12 @@ def test_missing_records_stop_the_run_before_training(tmp_path, train_net):
     assert "v2_OpenEnded_mscoco_train2014_questions.json: 2 of 2 images have no record in the RoI store" in log
     assert "image ids '856', '9'" in log and "keys look like '1'" in log and "python tools/extract_rois.py" in log
     assert not (out / "metrics.jsonl").exists() and not list(out.glob("model_*.pth"))
+
+
+def test_test_dev_config_names_the_official_files():
+    from e2e_vl.config import load_train_cfg
+
+    cfg = load_train_cfg(REPO / "configs" / "vqa" / "vlbert_base_e2e_test_dev.yaml")
+    assert cfg.DATASETS.TEST == "vqa_v2_test" and cfg.DATASETS.ANNOTATIONS_TEST == ""
+    assert cfg.DATASETS.QUESTIONS_TEST == "v2_OpenEnded_mscoco_test-dev2015_questions.json"
+    assert cfg.DATASETS.IMAGE_DIR_TEST == "test2015" and cfg.DATASETS.TRAIN == "vqa_v2_train"
