@@ -9,7 +9,7 @@ import torch
 
 from e2e_vl.data.easy_vqa import (EasyVQAImages, answer_vocab, balance_colour_existence, colour_existence_form,
                                   load_questions, shape_box)
-from e2e_vl.data import DataError
+from e2e_vl.data.catalog import DatasetError
 from e2e_vl.data.vqa import CocoImageLoader, ImageQuestionsDataset, Question, build_answer_vocab, load_vqa_v2
 from e2e_vl.data.vqa_answers import normalize_answer, soft_scores
 
@@ -130,10 +130,10 @@ def test_vqa_v2_reader(tmp_path):
     assert out[0].scores == {0: pytest.approx(0.9)} and out[1].scores == {1: 1.0}
     assert out[0].answer_type == "number" and out[1].answer_type == ""  # the type is optional
     assert out[0].image_id == "5" and out[0].answers == ("two",) * 3 + ("3",) * 7  # as the store keys it
-    with pytest.raises(DataError, match="nope.json"):
+    with pytest.raises(DatasetError, match="nope.json"):
         load_vqa_v2(tmp_path / "nope.json", None, vocab)
     (tmp_path / "bad.json").write_text("[]")
-    with pytest.raises(DataError, match="questions"):
+    with pytest.raises(DatasetError, match="questions"):
         load_vqa_v2(tmp_path / "bad.json", None, vocab)
 
 
@@ -147,7 +147,7 @@ def test_coco_image_loader_prepends_the_whole_image_box(tmp_path):
     image, boxes = CocoImageLoader(tmp_path, store, [5], "q.json")(5)
     assert image.shape == (20, 30, 3)
     assert boxes.tolist() == [[0, 0, 30, 20], [1, 2, 10, 12]]
-    with pytest.raises(DataError, match=r"q.json: 1 of 2 images have no file in .*'6'"):
+    with pytest.raises(DatasetError, match=r"q.json: 1 of 2 images have no file in .*'6'"):
         CocoImageLoader(tmp_path, store, [5, 6], "q.json")
 
 

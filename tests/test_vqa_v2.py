@@ -100,7 +100,7 @@ def test_official_normalisation_cases_give_the_hand_computed_accuracies():
 
 
 def test_reader_keeps_the_annotators_answers_and_names_bad_records(tmp_path):
-    from e2e_vl.data import DataError
+    from e2e_vl.data.catalog import DatasetError
 
     items = [(10 + i, 1, "what?", answers, kind) for i, (answers, _, kind, _) in enumerate(CASES)]
     _official_files(tmp_path, "val2014", items)
@@ -111,7 +111,8 @@ def test_reader_keeps_the_annotators_answers_and_names_bad_records(tmp_path):
     ann = json.loads((tmp_path / "v2_mscoco_val2014_annotations.json").read_text())
     del ann["annotations"][3]["answers"][5]["answer"]
     (tmp_path / "bad.json").write_text(json.dumps(ann))
-    with pytest.raises(DataError, match=r"bad.json: annotations\[3\] \(question_id 13\): answers\[5\]: has no 'answer'"):
+    where = r"bad.json: annotations\[3\] \(question_id 13\): answers\[5\]"
+    with pytest.raises(DatasetError, match=where + ": has no 'answer'"):
         load_vqa_v2(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", tmp_path / "bad.json", ["yes"])
 
 

@@ -139,8 +139,7 @@ def cli(argv: list[str] | None = None) -> int:
     from e2e_vl.config import ConfigError
     from detector.checkpoint import CheckpointError
     from detector.image_sources import ImageError
-    from detector.roi_store import RoIStoreError
-    from e2e_vl.data import DataError
+    from e2e_vl.data.catalog import DatasetError
     from e2e_vl.engine.trainer import NonFiniteLossError, ResumeError, TrainingInterrupted
 
     try:
@@ -148,7 +147,7 @@ def cli(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except (CheckpointError, ImageError, DataError, RoIStoreError) as exc:  # the message names the file
+    except (CheckpointError, ImageError, DatasetError) as exc:  # the message names the file
         logger.error("error: %s", exc)
         return 2
     except ResumeError as exc:

@@ -24,13 +24,13 @@ import torch
 from torch.utils.data import Dataset
 
 from detector.image_sources import image_id_from_path
-from e2e_vl.data import DataError
+from e2e_vl.data.catalog import DatasetError
 from e2e_vl.data.masking import mask_whole_words, select_masked_regions
-from e2e_vl.data.roi_records import require_roi_records
+from e2e_vl.data.roi_records import open_roi_store, require_roi_records
 from e2e_vl.data.transforms import ResizeFlip
 
 
-class CaptionDataError(DataError):
+class CaptionDataError(DatasetError):
     """A caption file that cannot be read, or a caption that cannot be joined with its regions."""
 
 
@@ -324,8 +324,6 @@ def _caption_dataset(
     cfg, tokenizer, captions_file: str, transform: ResizeFlip, seed: int
 ) -> CaptionPretrainDataset:
     """Captions of `captions_file` joined with DATASETS.ROI_STORE, masked at the PRETRAIN rates."""
-    from detector.roi_store import RoIStore
-
     p = cfg.MODEL.VLBERT.PRETRAIN
     if not cfg.DATASETS.ROI_STORE:
         raise CaptionDataError(
@@ -334,7 +332,7 @@ def _caption_dataset(
     captions = read_captions(_under_root(cfg, captions_file), _under_root(cfg, p.IMAGE_ROOT) or None)
     return CaptionPretrainDataset(
         captions,
-        RoIStore(_under_root(cfg, cfg.DATASETS.ROI_STORE)),
+        open_roi_store(_under_root(cfg, cfg.DATASETS.ROI_STORE)),
         tokenizer,
         transform,
         mlm_prob=p.MLM_PROB,

@@ -7,6 +7,11 @@ from typing import Any, Callable
 from detector.config import ConfigError
 
 
+class DatasetError(ValueError):
+    """A data set file or record that cannot be used; the message names the file, the record and the
+    problem. Raised while the data set is built, before training starts; train_net reports it in one line."""
+
+
 class DatasetCatalog:
     def __init__(self, kind: str):
         self.kind = kind

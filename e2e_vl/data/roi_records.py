@@ -10,10 +10,11 @@ not a key is looked up under the stem keys that map to it.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Iterable
 
 from detector.image_sources import image_id_from_stem
-from e2e_vl.data import DataError
+from e2e_vl.data.catalog import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +23,18 @@ EXTRACT_COMMAND = ("python tools/extract_rois.py --config-file <detector yaml> -
 _EXAMPLES = 5
 
 
-class MissingRoIRecordsError(DataError):
+class MissingRoIRecordsError(DatasetError):
     """Images of a data set without a record in the RoI store."""
+
+
+def open_roi_store(path: str | os.PathLike, key: str = "DATASETS.ROI_STORE"):
+    """`RoIStore(path)`, or a DatasetError naming the config key when it is not an RoI store."""
+    from detector.roi_store import RoIStore, RoIStoreError
+
+    try:
+        return RoIStore(path)
+    except RoIStoreError as exc:
+        raise DatasetError(f"{key}: {exc}; write it with {EXTRACT_COMMAND}") from None
 
 
 def store_keys(store: Any) -> list[str]:

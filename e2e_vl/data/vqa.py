@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from detector.image_sources import IMAGE_EXTENSIONS, image_id_from_path
 from detector.transforms import resize_shortest_edge
-from e2e_vl.data import DataError
+from e2e_vl.data.catalog import DatasetError
 from e2e_vl.data.roi_records import require_roi_records
 from e2e_vl.data.vqa_answers import normalize_answer, soft_scores
 
@@ -123,11 +123,11 @@ class ImageQuestionsDataset(Dataset):
 def read_answer_vocab(path: str | os.PathLike) -> list[str]:
     """One answer per line, normalised as the evaluation normalises answers."""
     if not os.path.isfile(path):
-        raise DataError(f"answer vocabulary not found: {path}")
+        raise DatasetError(f"answer vocabulary not found: {path}")
     with open(path, encoding="utf-8") as f:
         vocab = [normalize_answer(line) for line in f if line.strip()]
     if not vocab:
-        raise DataError(f"{path}: the answer vocabulary is empty")
+        raise DatasetError(f"{path}: the answer vocabulary is empty")
     return vocab
 
 
@@ -139,25 +139,25 @@ def build_answer_vocab(annotations: Sequence[dict], size: int = 3129) -> list[st
 
 def _read_json(path: str | os.PathLike, key: str) -> list[dict]:
     if not os.path.isfile(path):
-        raise DataError(f"VQA file not found: {path}")
+        raise DatasetError(f"VQA file not found: {path}")
     with open(path, encoding="utf-8") as f:
         try:
             data = json.load(f)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON: {exc}") from None
+            raise DatasetError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
-        raise DataError(f"{path}: expected a JSON object with a '{key}' list")
+        raise DatasetError(f"{path}: expected a JSON object with a '{key}' list")
     return data[key]
 
 
 def _field(record: object, key: str, kind: type | tuple[type, ...], where: str):
-    """record[key], checked to be of `kind`; a DataError naming the file and record otherwise."""
+    """record[key], checked to be of `kind`; a DatasetError naming the file and record otherwise."""
     if not isinstance(record, dict) or key not in record:
-        raise DataError(f"{where}: has no '{key}'")
+        raise DatasetError(f"{where}: has no '{key}'")
     value = record[key]
     if not isinstance(value, kind) or isinstance(value, bool):
         names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise DataError(f"{where}: '{key}' is {value!r}, expected {names}")
+        raise DatasetError(f"{where}: '{key}' is {value!r}, expected {names}")
     return value
 
 
@@ -165,7 +165,7 @@ def load_vqa_v2(questions_json: str | os.PathLike, annotations_json: str | os.Pa
                 vocab: Sequence[str]) -> list[Question]:
     """Questions of one split (the official `questions` json), with the annotators' answers, soft
     scores over `vocab` and the answer type when the split's annotations json is given (none for
-    test-dev / test-std). A missing or mistyped key is a DataError naming the file and the record."""
+    test-dev / test-std). A missing or mistyped key is a DatasetError naming the file and the record."""
     answer_index = {a: i for i, a in enumerate(vocab)}
     annotations: dict[int, tuple[tuple[str, ...], str]] = {}
     if annotations_json:
@@ -176,7 +176,7 @@ def load_vqa_v2(questions_json: str | os.PathLike, annotations_json: str | os.Pa
             answers = _field(ann, "answers", list, where)
             texts = tuple(_field(a, "answer", str, f"{where}: answers[{j}]") for j, a in enumerate(answers))
             if not texts:
-                raise DataError(f"{where}: 'answers' is empty")
+                raise DatasetError(f"{where}: 'answers' is empty")
             annotations[qid] = (texts, str(ann.get("answer_type", "")))
     out = []
     seen: set[int] = set()
@@ -184,13 +184,13 @@ def load_vqa_v2(questions_json: str | os.PathLike, annotations_json: str | os.Pa
         where = f"{questions_json}: questions[{i}]"
         qid = _field(q, "question_id", int, where)
         if qid in seen:
-            raise DataError(f"{where}: question_id {qid} appears twice")
+            raise DatasetError(f"{where}: question_id {qid} appears twice")
         seen.add(qid)
         where = f"{where} (question_id {qid})"
         image_id = _field(q, "image_id", (int, str), where)
         text = _field(q, "question", str, where)
         if annotations_json and qid not in annotations:
-            raise DataError(f"{annotations_json}: no annotation for question_id {qid} of {questions_json}")
+            raise DatasetError(f"{annotations_json}: no annotation for question_id {qid} of {questions_json}")
         texts, answer_type = annotations.get(qid, ((), ""))
         scores = {answer_index[a]: s for a, s in soft_scores(texts).items() if a in answer_index and s > 0}
         out.append(Question(qid, str(image_id), text, scores, answer_type, texts))
@@ -203,25 +203,25 @@ class CocoImageLoader:
     (`tools/extract_rois.py`), whole-image box prepended.
 
     Built in the main process for the images a data set needs: each must have a file in the folder and
-    a record in the store (`require_roi_records`), or a DataError says how many do not, and which.
+    a record in the store (`require_roi_records`), or a DatasetError says how many do not, and which.
     """
 
     def __init__(self, image_dir: str | os.PathLike, roi_store, image_ids: Iterable[object], dataset: str):
         self.image_dir = Path(image_dir)
         self.roi_store = roi_store
         if not self.image_dir.is_dir():
-            raise DataError(f"{dataset}: image folder not found: {self.image_dir}")
+            raise DatasetError(f"{dataset}: image folder not found: {self.image_dir}")
         self._names: dict[str, str] = {}
         for path in sorted(self.image_dir.iterdir()):
             if path.suffix.lower() in IMAGE_EXTENSIONS:
                 first = self._names.setdefault(image_id_from_path(path), path.name)
                 if first != path.name:
-                    raise DataError(f"{self.image_dir}: {first} and {path.name} are both image "
+                    raise DatasetError(f"{self.image_dir}: {first} and {path.name} are both image "
                                     f"{image_id_from_path(path)!r}")
         wanted = list(dict.fromkeys(str(i) for i in image_ids))
         missing = [i for i in wanted if i not in self._names]
         if missing:
-            raise DataError(f"{dataset}: {len(missing)} of {len(wanted)} images have no file in {self.image_dir} "
+            raise DatasetError(f"{dataset}: {len(missing)} of {len(wanted)} images have no file in {self.image_dir} "
                             f"(e.g. image ids {', '.join(repr(m) for m in missing[:5])}); COCO images are named "
                             "COCO_<split>_<12-digit id>.jpg or <12-digit id>.jpg")
         self._keys = require_roi_records(roi_store, wanted, dataset)
@@ -230,11 +230,11 @@ class CocoImageLoader:
         path = self.image_dir / self._names[str(image_id)]
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is None:
-            raise DataError(f"cannot decode image {path}")
+            raise DatasetError(f"cannot decode image {path}")
         record = self.roi_store[self._keys[str(image_id)]]
         h, w = image.shape[:2]
         if (record.height, record.width) != (h, w):
-            raise DataError(f"{path} is {w}x{h} but its RoI record ({record.path}) says "
+            raise DatasetError(f"{path} is {w}x{h} but its RoI record ({record.path}) says "
                             f"{record.width}x{record.height}: the store was extracted from other images")
         boxes = np.concatenate([np.array([[0, 0, w, h]], np.float32), record.boxes.astype(np.float32)])
         return image, boxes

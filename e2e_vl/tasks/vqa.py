@@ -34,7 +34,7 @@ def _vqa_v2(name: str, cfg: CfgNode, tokenizer, train: bool, sizes: tuple[int, i
     """The official VQA v2 files under DATASETS.ROOT. Every question's image must have a file in the
     image folder and a record in DATASETS.ROI_STORE, checked here, before training. Without an
     annotations file (test-dev / test-std) the evaluation only writes the results file."""
-    from detector.roi_store import RoIStore
+    from e2e_vl.data.roi_records import open_roi_store
     from e2e_vl.data.vqa import CocoImageLoader, ImageQuestionsDataset, load_vqa_v2, read_answer_vocab
 
     d = cfg.DATASETS
@@ -51,7 +51,7 @@ def _vqa_v2(name: str, cfg: CfgNode, tokenizer, train: bool, sizes: tuple[int, i
             logger.warning("%s: TEST_LIMIT %d of %d questions: the results file is not a complete submission",
                            name, limit, len(questions))
         questions = questions[:limit]
-    loader = CocoImageLoader(root / d[dir_key], RoIStore(root / d.ROI_STORE), [q.image_id for q in questions],
+    loader = CocoImageLoader(root / d[dir_key], open_roi_store(root / d.ROI_STORE), [q.image_id for q in questions],
                              dataset=str(root / d[questions_key]))
     ds = ImageQuestionsDataset(questions, loader, tokenizer, len(vocab), *sizes, d.MAX_QUESTION_TOKENS,
                                cfg.DATALOADER.QUESTIONS_PER_IMAGE)
