@@ -85,6 +85,22 @@ def test_coco_file_names_give_the_numeric_image_id():
         assert sources.image_id_from_path(other) == Path(other).stem  # anything else keeps its stem
 
 
+def test_caption_and_boxes_from_readers_use_the_same_ids(tmp_path):
+    from e2e_vl.data.captions import read_tsv_captions
+    from e2e_vl.data.catalog import DatasetError
+    from e2e_vl.data.roi_records import open_roi_store
+
+    (tmp_path / "cc.tsv").write_text("train2014/COCO_train2014_000000000856.jpg\ta cat\nimgs/cat 1.jpg\ta dog\n")
+    assert [c.image_id for c in read_tsv_captions(tmp_path / "cc.tsv")] == ["856", "cat 1"]
+    record = RoIRecord("x", "", 10, 10, boxes=np.zeros((1, 4), np.float32))
+    item = sources.ImageItem("42", str(tmp_path / "val2014" / "COCO_val2014_000000000042.jpg"))
+    assert extract_tool.stored_boxes({"42": record}, item) is record
+    assert extract_tool.stored_boxes({"COCO_val2014_000000000042": record}, item) is record  # a stem-keyed store
+    assert extract_tool.stored_boxes({"7": record}, item) is None
+    with pytest.raises(DatasetError, match=r"DATASETS.ROI_STORE: RoI store not found: .*nowhere"):
+        open_roi_store(tmp_path / "nowhere")
+
+
 def test_official_normalisation_cases_give_the_hand_computed_accuracies():
     for answers, prediction, _, expected in CASES:
         assert answer_accuracy(prediction, answers) == pytest.approx(expected), (answers, prediction)
