@@ -217,13 +217,13 @@ class CocoImageLoader:
                 first = self._names.setdefault(image_id_from_path(path), path.name)
                 if first != path.name:
                     raise DatasetError(f"{self.image_dir}: {first} and {path.name} are both image "
-                                    f"{image_id_from_path(path)!r}")
+                                       f"{image_id_from_path(path)!r}")
         wanted = list(dict.fromkeys(str(i) for i in image_ids))
         missing = [i for i in wanted if i not in self._names]
         if missing:
-            raise DatasetError(f"{dataset}: {len(missing)} of {len(wanted)} images have no file in {self.image_dir} "
-                            f"(e.g. image ids {', '.join(repr(m) for m in missing[:5])}); COCO images are named "
-                            "COCO_<split>_<12-digit id>.jpg or <12-digit id>.jpg")
+            raise DatasetError(f"{dataset}: {len(missing)} of {len(wanted)} images have no file in "
+                               f"{self.image_dir} (e.g. image ids {', '.join(repr(m) for m in missing[:5])}); "
+                               "COCO images are named COCO_<split>_<12-digit id>.jpg or <12-digit id>.jpg")
         self._keys = require_roi_records(roi_store, wanted, dataset)
 
     def __call__(self, image_id) -> tuple[np.ndarray, np.ndarray]:
@@ -235,6 +235,6 @@ class CocoImageLoader:
         h, w = image.shape[:2]
         if (record.height, record.width) != (h, w):
             raise DatasetError(f"{path} is {w}x{h} but its RoI record ({record.path}) says "
-                            f"{record.width}x{record.height}: the store was extracted from other images")
+                               f"{record.width}x{record.height}: the store was extracted from other images")
         boxes = np.concatenate([np.array([[0, 0, w, h]], np.float32), record.boxes.astype(np.float32)])
         return image, boxes

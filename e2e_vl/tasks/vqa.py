@@ -51,8 +51,8 @@ def _vqa_v2(name: str, cfg: CfgNode, tokenizer, train: bool, sizes: tuple[int, i
             logger.warning("%s: TEST_LIMIT %d of %d questions: the results file is not a complete submission",
                            name, limit, len(questions))
         questions = questions[:limit]
-    loader = CocoImageLoader(root / d[dir_key], open_roi_store(root / d.ROI_STORE), [q.image_id for q in questions],
-                             dataset=str(root / d[questions_key]))
+    store = open_roi_store(root / d.ROI_STORE)
+    loader = CocoImageLoader(root / d[dir_key], store, [q.image_id for q in questions], str(root / d[questions_key]))
     ds = ImageQuestionsDataset(questions, loader, tokenizer, len(vocab), *sizes, d.MAX_QUESTION_TOKENS,
                                cfg.DATALOADER.QUESTIONS_PER_IMAGE)
     return ds, vocab
