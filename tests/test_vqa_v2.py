@@ -20,7 +20,7 @@ from detector.roi_store import RoIRecord, RoIStore, RoIStoreWriter
 from e2e_vl.data.roi_records import MissingRoIRecordsError, require_roi_records
 from e2e_vl.data.vqa import CocoImageLoader, Question, load_vqa_v2
 from e2e_vl.data.vqa_answers import answer_accuracy, normalize_answer
-from e2e_vl.evaluation.vqa import ResultsFormatError, check_results, vqa_metrics
+from e2e_vl.evaluation.vqa import ResultsFormatError, check_results, vqa_metrics, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DETECTOR = REPO / "configs" / "vg" / "tiny_R_18_C4_attr.yaml"
@@ -132,8 +132,13 @@ def test_reader_keeps_the_annotators_answers_and_names_bad_records(tmp_path):
         load_vqa_v2(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", tmp_path / "bad.json", ["yes"])
 
 
-def test_results_are_checked_against_the_server_format():
-    check_results([{"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "2"}], [2, 1])
+def test_results_are_checked_against_the_server_format(tmp_path):
+    good = [{"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "2"}]
+    write_results(tmp_path / "results.json", good, [2, 1])
+    with pytest.raises(ResultsFormatError):  # refused before writing: the previous file stays whole
+        write_results(tmp_path / "results.json", good[:1], [2, 1])
+    assert json.loads((tmp_path / "results.json").read_text()) == good
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
     bad = {
         "must be a list": {"question_id": 1, "answer": "yes"},
         "question_id must be an int": [{"question_id": "1", "answer": "yes"}],
