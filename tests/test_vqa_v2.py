@@ -265,8 +265,8 @@ def test_vqa_v2_from_extraction_with_coco_names_to_training_and_test_dev_results
 
     # test-dev: questions only; --eval-only writes the file the evaluation server takes.
     capsys.readouterr()
-    dev = ["DATASETS.TEST", "vqa_v2_test", "DATASETS.QUESTIONS_TEST", "v2_OpenEnded_mscoco_test-dev2015_questions.json",
-           "DATASETS.ANNOTATIONS_TEST", "", "DATASETS.IMAGE_DIR_TEST", "test2015"]
+    dev = ["DATASETS.TEST", "vqa_v2_test", "DATASETS.ANNOTATIONS_TEST", "", "DATASETS.IMAGE_DIR_TEST", "test2015",
+           "DATASETS.QUESTIONS_TEST", "v2_OpenEnded_mscoco_test-dev2015_questions.json"]
     assert train_net.cli(["--eval-only", *_train_args(root, out, *dev)]) == 0
     assert "num_questions: 3.0000" in capsys.readouterr().out
     submitted = json.loads((out / "vqa_v2_test_results.json").read_text())
