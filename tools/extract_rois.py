@@ -181,7 +181,11 @@ class Sink:
             self.failures_path = out / (f"failures-{suffix}.tsv" if suffix else "failures.tsv")
             header_path = out / (f"header-{suffix}.json" if suffix else "header.json")
             self.done = self._npz_state(header_path, header, args.overwrite, shard)
-        refuse_stem_keyed_coco(self.dir, self.done)
+        try:
+            refuse_stem_keyed_coco(self.dir, self.done)
+        except RoIStoreError:
+            self.close()
+            raise
 
     def _npz_state(self, header_path: Path, header: dict[str, Any], overwrite: bool,
                    shard: tuple[int, int]) -> set[str]:

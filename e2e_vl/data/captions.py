@@ -89,7 +89,8 @@ def read_tsv_captions(
             image_path = row[0].strip()
             if image_root is not None and not os.path.isabs(image_path):
                 image_path = os.path.join(os.fspath(image_root), image_path)
-            captions.append(Caption(image_id_from_path(image_path), row[1].strip(), image_path, f"{path}:{line_no}"))
+            image_id = image_id_from_path(image_path)
+            captions.append(Caption(image_id, row[1].strip(), image_path, f"{path}:{line_no}"))
     return captions
 
 
