@@ -337,8 +337,9 @@ def test_heads_outputs_and_losses():
     torch.testing.assert_close(out["losses"]["vqa"], expected_vqa)
     expected_mrc = -(targets[1:].repeat(4, 1) * out["mrc_logits"].log_softmax(-1)).sum(-1).mean()
     torch.testing.assert_close(out["losses"]["mrc"], expected_mrc)
-    torch.testing.assert_close(
-        out["losses"]["vcr"], torch.nn.functional.cross_entropy(out["vcr_logits"], torch.tensor([2]))
+    torch.testing.assert_close(  # VL-BERT's VCR loss: per-choice sigmoid BCE against the one-hot label
+        out["losses"]["vcr"],
+        torch.nn.functional.binary_cross_entropy_with_logits(out["vcr_logits"], torch.tensor([[0.0, 0, 1, 0]])),
     )
     assert set(out["losses"]) == {"mlm", "mrc", "vqa", "ref", "vcr"}
     torch.testing.assert_close(out["loss"], sum(out["losses"].values()))

@@ -4,6 +4,9 @@ A *sample* is one text (caption, question, expression) with its image. Keys (ten
 
     input_ids        Long [T]        [CLS] text-A [SEP] (text-B [SEP]) as token ids
     token_type_ids   Long [T]        0 for text A, 1 for text B (optional: all 0)
+    text_region_index Long [T]       optional: the region (index into this sample's boxes) whose feature is
+                                     each token's visual feature, e.g. VCR's object references; absent
+                                     or 0 = the whole image (box 0)
     image            [3, h, w]       resized image, uint8 or float 0..255 in the detector's channel order;
                                      absent or None for a text-only sample
     boxes            Float [K, 4]    x1, y1, x2, y2 in the resized image; box 0 is the whole image
@@ -17,7 +20,8 @@ A *sample* is one text (caption, question, expression) with its image. Keys (ten
     vqa_targets      Float [A]       optional: soft answer scores
     answer_pos       int             optional: index of the answer [MASK] token in input_ids
     ref_labels       Float [K]       optional: per-region targets (RefCOCO+), -1 = ignore
-    choice_label     int             optional: on the first sample of each group of choices (VCR)
+    choice_label     int             optional: on the first sample of each group of choices (VCR);
+                                     -1 = unknown (a split without labels)
 
 A data set item may also be a list of samples (e.g. an image with all its questions); lists are
 flattened. The batch layout is documented in `e2e_vl.modeling.vlbert.VLBert`.
@@ -95,6 +99,8 @@ def collate_samples(
     batch["token_type_ids"] = _pad_1d(
         [s.get("token_type_ids", torch.zeros(len(s["input_ids"]), dtype=torch.long)) for s in samples], 0
     )
+    if any("text_region_index" in s for s in samples):
+        batch["text_region_index"] = _pad_1d([_text_regions(i, s) for i, s in enumerate(samples)], 0)
     if any("mlm_labels" in s for s in samples):
         batch["mlm_labels"] = _pad_1d(
             [s.get("mlm_labels", torch.full((len(s["input_ids"]),), IGNORE_INDEX)) for s in samples],
@@ -161,6 +167,19 @@ def _pad_1d(rows: Sequence[Any], value: Any, min_len: int = 0) -> torch.Tensor:
     return torch.stack(
         [F.pad(t, (0, length - len(t)), value=value) if len(t) < length else t for t in tensors]
     )
+
+
+def _text_regions(i: int, sample: Sample) -> torch.Tensor:
+    """The sample's token -> region index, checked against its tokens and boxes (all 0 when absent)."""
+    index = torch.as_tensor(sample.get("text_region_index", torch.zeros(len(sample["input_ids"]))), dtype=torch.long)
+    if len(index) != len(sample["input_ids"]):
+        raise ValueError(f"sample {i}: {len(index)} text_region_index entries for {len(sample['input_ids'])} tokens")
+    num_boxes = len(sample["boxes"]) if sample.get("image") is not None else 1
+    bad = index[(index < 0) | (index >= num_boxes)]
+    if len(bad):
+        raise ValueError(f"sample {i}: text_region_index {int(bad[0])} is outside its {num_boxes} regions "
+                         f"(0..{num_boxes - 1})")
+    return index
 
 
 def _check_same_image(first: Sample, other: Sample, key: Hashable) -> None:

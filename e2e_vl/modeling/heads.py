@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
+from transformers.models.bert.modeling_bert import BertPooler, BertPredictionHeadTransform
 
 from e2e_vl.data.masking import IGNORE_INDEX
 
@@ -58,6 +58,9 @@ def register_head(name: str) -> Callable[[type], type]:
 
 class Head(nn.Module):
     name: str
+    # Keys of the text encoder's checkpoint (under this prefix, or "bert." + it) that fill this head's
+    # parameters of the same names (`e2e_vl.modeling.hf.load_pretrained_head_weights`); None = none.
+    pretrained_prefix: str | None = None
 
     @classmethod
     def build(cls, spec: HeadSpec) -> "Head":
@@ -165,7 +168,7 @@ class AnswerHead(Head):
 
 class ScoreHead(Head):
     """One logit per element: Dropout -> Linear(h, h) -> ReLU -> Linear(h, 1). Used per region
-    (RefCOCO+) and per choice on [CLS] (VCR)."""
+    (RefCOCO+)."""
 
     def __init__(self, hidden_size: int, dropout: float = 0.1):
         super().__init__()
@@ -199,18 +202,51 @@ class RegionScoreHead(ScoreHead):
 
 
 @register_head("vcr")
-class ChoiceScoreHead(ScoreHead):
-    """VCR: a logit per choice on [CLS]; samples come in consecutive runs of n choices per question."""
+class ChoiceScoreHead(Head):
+    """VCR, VL-BERT's "1fc" classifier: BERT's pooler (Linear(h, h) -> tanh on [CLS]) -> Dropout ->
+    Linear(h, 1), one logit per choice; the choices of a question are consecutive samples, and
+    `choice_labels` holds one label per question (-1: unknown, no loss).
+
+    Loss: VL-BERT's (CLASSIFIER_SIGMOID, positive weight 1): binary cross-entropy of every choice's logit
+    against 1 for the right choice and 0 for the others, averaged over the choices of the labelled
+    questions. The pooler starts from the text encoder's pre-trained one (`pretrained_prefix`), as
+    VL-BERT's did; the classifier from Xavier-uniform weights and a zero bias, as VL-BERT's."""
+
+    pretrained_prefix = "pooler."
+
+    def __init__(self, config, dropout: float = 0.1):
+        super().__init__()
+        self.pooler = BertPooler(config)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        nn.init.xavier_uniform_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+
+    @classmethod
+    def build(cls, spec: HeadSpec) -> "ChoiceScoreHead":
+        return cls(spec.config)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        """Text outputs `[B, T, h]` -> one logit per sample `[B]`."""
+        return self.classifier(self.dropout(self.pooler(text))).squeeze(-1)
 
     def outputs(self, encoded: Encoded, batch: dict[str, Any]) -> dict[str, Any] | None:
         if "choice_labels" not in batch:
             return None
         labels = batch["choice_labels"].to(encoded.text.device)
-        scores = self(encoded.text[:, 0])
-        if scores.shape[0] % max(len(labels), 1):
+        scores = self(encoded.text)
+        if not len(labels) or scores.shape[0] % len(labels):
             raise ValueError(f"VCR batch of {scores.shape[0]} samples does not split into {len(labels)} questions")
         logits = scores.view(len(labels), -1)
-        return {"vcr_logits": logits, "losses": {"vcr": F.cross_entropy(logits.float(), labels)}}
+        known = labels >= 0
+        losses = {"vcr": choice_bce_loss(logits[known], labels[known])} if bool(known.any()) else {}
+        return {"vcr_logits": logits, "losses": losses}
+
+
+def choice_bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """VL-BERT's VCR loss: mean binary cross-entropy of `[Q, n]` choice logits against one-hot `labels`."""
+    target = F.one_hot(labels, logits.shape[1]).to(torch.float32)
+    return F.binary_cross_entropy_with_logits(logits.float(), target)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,31 @@ def load_mlm_head_weights(heads: Mapping[str, nn.Module], path: str) -> list[str
     return sorted(mapped)
 
 
+def load_pretrained_head_weights(heads: Mapping[str, nn.Module], path: str) -> list[str]:
+    """Fill each head that declares a `pretrained_prefix` from the text encoder's checkpoint tensors under
+    that prefix (also found as "bert." + prefix, BERT's pre-training layout), where the checkpoint has
+    them (bert-base-uncased and the MiniLM have a pooler; a checkpoint without one leaves the head as
+    initialised). Returns the head keys filled."""
+    filled = []
+    for name, head in heads.items():
+        prefix = getattr(head, "pretrained_prefix", None)
+        if not prefix:
+            continue
+        folder = resolve_bert_path(path)
+        state = {k.removeprefix("bert."): v for k, v in _read_checkpoint_tensors(folder, "bert." + prefix).items()}
+        state.update(_read_checkpoint_tensors(folder, prefix))
+        own = head.state_dict()
+        wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                 if k in own and v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"MODEL.VLBERT.BERT_PATH {folder}: head {name!r}: wrong shapes (checkpoint vs "
+                             f"head): {', '.join(wrong)}")
+        state = {k: v for k, v in state.items() if k in own}
+        head.load_state_dict(state, strict=False)
+        filled += [f"{name}.{k}" for k in sorted(state)]
+    return filled
+
+
 def _read_checkpoint_tensors(folder: str, prefix: str) -> dict[str, torch.Tensor]:
     st = os.path.join(folder, "model.safetensors")
     if os.path.isfile(st):

@@ -52,6 +52,17 @@ def build_trained_detector(cfg: CfgNode) -> GeneralizedRCNN:
     return detector
 
 
+def token_region_features(sample_objects: torch.Tensor, batch: dict[str, Any], text_len: int) -> torch.Tensor:
+    """The object feature of the region each text token is grounded in, `[B, T, h]`, from the per-sample
+    object features `[B, K, h]`: region `text_region_index[b, t]` (VCR's object references), or the whole
+    image (region 0) for every token when the batch has no such index."""
+    index = batch.get("text_region_index")
+    if index is None:
+        return sample_objects[:, :1].expand(-1, text_len, -1)
+    index = index.to(sample_objects.device)[..., None].expand(-1, -1, sample_objects.shape[-1])
+    return sample_objects.gather(1, index)
+
+
 class RegionEncoder(nn.Module):
     """Base class of the VL architectures. `__init__` takes the detector; `init_object_embedding` and
     `init_masked_region_feature`, called by the subclass where it wants them (VL-BERT: after its text

@@ -17,8 +17,9 @@ from detector.config import CfgNode
 from detector.modeling import GeneralizedRCNN
 from e2e_vl.modeling.embeddings import VisualLayerNorms
 from e2e_vl.modeling.heads import HEADS, Encoded, HeadSpec
-from e2e_vl.modeling.hf import extend_token_types, load_bert, load_mlm_head_weights, load_tokenizer
-from e2e_vl.modeling.region_encoder import RegionEncoder, build_trained_detector
+from e2e_vl.modeling.hf import (extend_token_types, load_bert, load_mlm_head_weights, load_pretrained_head_weights,
+                                load_tokenizer)
+from e2e_vl.modeling.region_encoder import RegionEncoder, build_trained_detector, token_region_features
 from e2e_vl.modeling.registry import register_model
 
 REGION_SEGMENT = 2
@@ -29,7 +30,8 @@ class VLBert(RegionEncoder):
 
     Sequence of a sample: `[CLS] text-A [SEP] (text-B [SEP]) RoI_0 ... RoI_K [END]`, RoI_0 the whole
     image. Input of an element = token embedding ([IMG] for regions, a learned [MASK]-region embedding
-    for masked regions, [END]) + visual embedding (text: LayerNorm(object feature of RoI_0); regions:
+    for masked regions, [END]) + visual embedding (text: LayerNorm(object feature of RoI_0, or of the
+    region `text_region_index` grounds the token in); regions:
     LayerNorm(own object feature); [END]: none) + segment (A 0, B 1, regions and [END] 2) + position (text
     0..T-1, all regions T, [END] T+1). A text-only sample has no regions and takes a learned vector as
     its visual feature. Padding sits after [END]; attention covers every real element.
@@ -44,6 +46,7 @@ class VLBert(RegionEncoder):
         sample_image_index Long [B]     image slot of each sample, -1 = text-only; several samples may
                                         share a slot, the detector then runs once for all of them
         input_ids, token_type_ids  Long [B, T];  text_mask Bool [B, T]
+        text_region_index optional Long [B, T]: region whose feature each text token takes (default 0)
         mlm_labels        optional Long [B, T], -100 = not a target
         region_labelled   optional Bool [B, K_max]; mrc_targets Float [M, C] for its True entries
                                         (row-major order over samples, then regions)
@@ -51,6 +54,7 @@ class VLBert(RegionEncoder):
                                         Float [B, A] soft scores
         ref_labels        optional Float [B, K_max] region targets, -1 = ignore
         choice_labels     optional Long [B / n]: VCR, samples grouped in consecutive runs of n choices
+                                        (-1: the group's answer is unknown)
     Output dict: "loss" (weighted sum), "losses" (name -> scalar), and per head "mlm_logits" [M, V] with
     "mlm_labels" [M], "mrc_logits" [M, C], "vqa_logits" [B, A], "ref_logits" [B, K_max] (with
     "region_valid"), "vcr_logits" [B / n, n].
@@ -144,7 +148,8 @@ class VLBert(RegionEncoder):
             sample_objects = objects[slot]  # [B, K, h]
             region_valid = valid[slot] & has_image[:, None]
             text_visual = torch.where(
-                has_image[:, None], sample_objects[:, 0], self.text_only_visual.to(words.dtype)
+                has_image[:, None, None], token_region_features(sample_objects, batch, t_len),
+                self.text_only_visual.to(words.dtype),
             )
             region_word = self.img_token.to(words.dtype).expand(bsz, objects.shape[1], hidden)
             masked = batch.get("region_masked")
@@ -156,10 +161,10 @@ class VLBert(RegionEncoder):
             regions = region_word + self.visual_norms.region(sample_objects)
         else:
             region_valid = torch.zeros(bsz, 0, dtype=torch.bool, device=device)
-            text_visual = self.text_only_visual.to(words.dtype).expand(bsz, hidden)
+            text_visual = self.text_only_visual.to(words.dtype).expand(bsz, t_len, hidden)
             regions = words.new_zeros((bsz, 0, hidden))
         k_len = region_valid.shape[1]
-        text = words + self.visual_norms.text(text_visual)[:, None, :]
+        text = words + self.visual_norms.text(text_visual)
         end = self.end_token.to(words.dtype).expand(bsz, 1, hidden)
 
         lengths = text_mask.sum(1)
@@ -258,4 +263,5 @@ def build_vlbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> VLBer
     )
     if not v.BERT_RANDOM_INIT:
         load_mlm_head_weights(model.heads, v.BERT_PATH)
+        load_pretrained_head_weights(model.heads, v.BERT_PATH)
     return model.to(torch.device(cfg.MODEL.DEVICE)).train()
