@@ -77,7 +77,8 @@ def _training_defaults() -> dict:
     """Engine-owned sections (solver, data, task, output)."""
     return {
         # A registered task (e2e_vl/tasks/): vqa | pretrain (MLM + masked RoI classification on captions) |
-        # regions (the detector alone, classifying labelled boxes: the demo's stand-in for its pre-training)
+        # regions (the detector alone, classifying labelled boxes: the demo's stand-in for its pre-training) |
+        # vcr (Visual Commonsense Reasoning: Q->A, QA->R)
         "TASK": "vqa",
         # The registered architecture (e2e_vl.modeling.registry) to train; empty = the task's default.
         "MODEL": {"ARCH": ""},
@@ -137,6 +138,16 @@ def _training_defaults() -> dict:
             # RoI store (tools/extract_rois.py output) for VQA v2 boxes.
             "ROI_STORE": "",
             "MAX_QUESTION_TOKENS": 16,
+            # VCR (TASK vcr): train.jsonl / val.jsonl / test.jsonl under ROOT, images and metadata json under
+            # IMAGE_DIR_TRAIN / IMAGE_DIR_TEST (vcr1images).
+            "VCR": {
+                # q2a (question -> answer) and/or qa2r (question + right answer -> rationale); both: one model
+                # for both, and Q->AR accuracy from one evaluation.
+                "SUBTASKS": ["q2a", "qa2r"],
+                # Word pieces of question + answer (+ rationale) per sequence, special tokens not counted.
+                "MAX_TEXT_LEN": 64,
+                "FLIP_PROB": 0.0,  # training images mirrored (and "left"/"right" swapped in the text)
+            },
             # Cap the number of training/test questions (0 = all): for smoke runs.
             "TRAIN_LIMIT": 0,
             "TEST_LIMIT": 0,

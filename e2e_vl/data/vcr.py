@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from detector.image_sources import ImageError, load_image
+from e2e_vl.data.catalog import DatasetError
 from e2e_vl.data.transforms import ResizeFlip, swap_left_right
 
 # Rendered in turn for the people of an annotation (first person -> first name, ...). Gender-free, so a
@@ -49,7 +50,7 @@ WHOLE_IMAGE = 0  # region index of the whole image; object i is region i + 1
 MixedTokens = list  # words (str) and object references (list[int])
 
 
-class VCRDataError(ValueError):
+class VCRDataError(DatasetError):
     """A VCR file or record that cannot be used; the message names the file and the record."""
 
 
