@@ -99,7 +99,12 @@ def _training_defaults() -> dict:
             "HEAD_LR_MULT": 1.0,
             "WARMUP_ITERS": 0,
             "WARMUP_FACTOR": 0.0,
-            "LR_SCHEDULER": "linear",  # linear | cosine | constant (after warm-up)
+            "MOMENTUM": 0.9,  # SGD only
+            "LR_SCHEDULER": "linear",  # linear | cosine | constant | step (after warm-up)
+            # step: the lr is multiplied by DECAY_FACTOR at each of these fractions of the run (VL-BERT's
+            # VCR: epochs 14 and 18 of 20 = [0.7, 0.9]).
+            "DECAY_AT": [],
+            "DECAY_FACTOR": 0.1,
             "MIN_LR_FACTOR": 0.0,
             # Length of the run in optimiser steps; MAX_EPOCHS > 0 takes precedence (converted to steps).
             "MAX_ITER": 1000,
@@ -181,8 +186,8 @@ def _merge_new(node: CfgNode, extra: dict) -> None:
 
 
 _CHOICES = {
-    ("SOLVER", "OPTIMIZER"): ("AdamW",),  # e2e_vl.engine.optim.OPTIMIZERS
-    ("SOLVER", "LR_SCHEDULER"): ("linear", "cosine", "constant"),
+    ("SOLVER", "OPTIMIZER"): ("AdamW", "SGD"),  # e2e_vl.engine.optim.OPTIMIZERS
+    ("SOLVER", "LR_SCHEDULER"): ("linear", "cosine", "constant", "step"),
     ("SOLVER", "AMP", "DTYPE"): ("none", "bf16", "fp16"),
 }
 
@@ -208,6 +213,8 @@ def validate_train_cfg(cfg: CfgNode) -> None:
         raise ConfigError(f"set 'SOLVER.MAX_ITER' >= 1 or 'SOLVER.MAX_EPOCHS' > 0 (got {s.MAX_ITER}, {s.MAX_EPOCHS})")
     if s.BASE_LR <= 0:
         raise ConfigError(f"'SOLVER.BASE_LR' must be > 0, got {s.BASE_LR}")
+    if any(not 0.0 < f < 1.0 for f in s.DECAY_AT):
+        raise ConfigError(f"'SOLVER.DECAY_AT' holds fractions of the run in (0, 1), got {s.DECAY_AT}")
     if len(s.BETAS) != 2:
         raise ConfigError(f"'SOLVER.BETAS' must have two values, got {s.BETAS}")
     if s.IMS_PER_BATCH % s.GRAD_ACCUM_STEPS:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
-import sys
 from pathlib import Path
 
 import cv2
@@ -122,7 +120,7 @@ def test_references_render_as_names_and_each_word_piece_is_grounded_in_its_regio
     assert seq["text_region_index"].tolist() == [0, 0, 0, 3, 0, 1, 0, 0, 4, 4, 0, 0, 2, 0, 0, 0]
     # QA->R: question and answer are the first text; truncation trims the longest part from its end.
     short = choice_sequence(tokenizer, [question, answer], ([7, 8], [0, 1]), max_text_len=9)
-    assert short["input_ids"].tolist()[1:-1] == [*question[0][:4], *answer[0][:3], tokenizer.sep_token_id, 7, 8][:10]
+    assert short["input_ids"].tolist()[1:-1] == [*question[0][:4], *answer[0][:3], tokenizer.sep_token_id, 7, 8]
     assert len(short["input_ids"]) == 9 + 3 and short["token_type_ids"].tolist() == [0] * 9 + [1] * 3
 
 
@@ -266,22 +264,6 @@ def test_evaluator_scores_and_writes_predictions_metrics_and_the_leaderboard_fil
     assert leaderboard_rows({"x": {"answer": [0.5, 0.5]}}) == []  # rationale groups missing: no file
 
 
-@pytest.fixture
-def train_net():
-    """tools/train_net.py as a module; the root-logger handlers its runs install are removed afterwards."""
-    sys.path.insert(0, str(REPO / "tools"))
-    import train_net
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield train_net
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 def _args(root: Path, out: Path, *extra: str) -> list[str]:
     return ["--config-file", str(REPO / "configs" / "vcr" / "tiny.yaml"), "--output-dir", str(out),
             "DATASETS.ROOT", str(root), *extra]
@@ -302,13 +284,32 @@ def test_a_short_training_run_goes_and_eval_only_scores_val_and_writes_the_test_
     assert saved["q2ar_accuracy"] == evals[0]["eval/q2ar_accuracy"]
 
     capsys.readouterr()
-    assert train_net.cli(["--eval-only", *_args(vcr_root, out, "DATASETS.TEST", "vcr_test")]) == 0
-    assert "num_annotations: 2.0000" in capsys.readouterr().out
+    assert train_net.cli(["--eval-only", *_args(vcr_root, out, "DATASETS.TEST", "vcr_test",
+                                                "DATASETS.TEST_LIMIT", "1")]) == 0
+    assert "num_annotations: 1.0000" in capsys.readouterr().out
     with open(out / "vcr_test_leaderboard.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert [r[0] for r in rows] == ["annot_id", "test-0", "test-1"] and len(rows[1]) == 21
-    probs = np.array([[float(x) for x in r[1:]] for r in rows[1:]]).reshape(2, 5, 4)
+    assert [r[0] for r in rows] == ["annot_id", "test-0"] and len(rows[1]) == 21
+    probs = np.array([[float(x) for x in r[1:]] for r in rows[1:]]).reshape(1, 5, 4)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_paper_configs_use_vl_berts_solver_sgd_with_step_decay():
+    from e2e_vl.config import load_train_cfg
+    from e2e_vl.engine.optim import build_optimizer, lr_factor
+
+    for size in ("base", "large"):
+        cfg = load_train_cfg(REPO / "configs" / "vcr" / f"vlbert_{size}_e2e.yaml")
+        assert cfg.TASK == "vcr" and cfg.MODEL.VLBERT.HEADS == ["vcr"] and cfg.DATASETS.VCR.MAX_TEXT_LEN == 64
+        assert (cfg.SOLVER.OPTIMIZER, cfg.SOLVER.BASE_LR, cfg.SOLVER.IMS_PER_BATCH) == ("SGD", 4.48e-3, 64)
+    # 1,000 warm-up steps from 0, then x0.1 at 70% and again at 90% of the run.
+    assert [lr_factor(s, cfg, 10000) for s in (0, 500, 1000, 6999, 7000, 8999, 9000)] == pytest.approx(
+        [0.0, 0.5, 1.0, 1.0, 0.1, 0.1, 0.01])
+    model = torch.nn.Linear(2, 1)
+    model.parameter_kind = lambda name: "head"
+    optimizer = build_optimizer(model, cfg)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.9
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {1e-4}  # every parameter decays, as VL-BERT's
 
 
 def _rewrite(path: Path, line: int, change) -> None:
