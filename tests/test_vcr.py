@@ -167,8 +167,18 @@ def test_the_model_gives_each_grounded_token_its_regions_feature(vcr_root, token
     plain = index == 0
     same = emb["inputs_embeds"][0, :text_len] == ungrounded["inputs_embeds"][0, :text_len]
     assert same[plain].all() and not same[~plain].all(dim=1).any()
+    # VL-BERT's VCR pooler starts as the text encoder's pre-trained one.
+    pooler = _checkpoint_tensors(model.tokenizer.name_or_path, "pooler.dense.weight")
+    assert torch.equal(model.heads["vcr"].pooler.dense.weight, pooler)
     with pytest.raises(ValueError, match="text_region_index 7 is outside its 4 regions"):
         collate_samples([dict(data[0][0], text_region_index=torch.full_like(index, 7))])
+
+
+def _checkpoint_tensors(folder: str, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / "model.safetensors"), framework="pt") as f:
+        return f.get_tensor(key)
 
 
 def test_head_and_loss_match_a_hand_computation():
@@ -322,7 +332,8 @@ def _rewrite(path: Path, line: int, change) -> None:
     (lambda r: r["answer_choices"][2].append([5]),
      r"train.jsonl:1 \(annot_id 'train-0'\): 'answer_choices': object reference \[5\] has index 5 out of range "
      r"\(the record has 3 objects: 0..2\)"),
-    (lambda r: r.pop("rationale_label"), r"train.jsonl:1 \(annot_id 'train-0'\): missing key\(s\) \['rationale_label'\]"),
+    (lambda r: r.pop("rationale_label"),
+     r"train.jsonl:1 \(annot_id 'train-0'\): missing key\(s\) \['rationale_label'\]"),
     (lambda r: r.update(answer_label=4), r"train.jsonl:1 \(annot_id 'train-0'\): 'answer_label' 4 is not a choice"),
     (lambda r: r.update(question=["Why", {"x": 1}]), r"annot_id 'train-0'\): 'question': token \{'x': 1\} is neither"),
 ])

@@ -94,8 +94,8 @@ def load_pretrained_head_weights(heads: Mapping[str, nn.Module], path: str) -> l
         if not prefix:
             continue
         folder = resolve_bert_path(path)
-        state = {k.removeprefix("bert."): v for k, v in _read_checkpoint_tensors(folder, "bert." + prefix).items()}
-        state.update(_read_checkpoint_tensors(folder, prefix))
+        found = _read_checkpoint_tensors(folder, (prefix, "bert." + prefix))
+        state = {k.removeprefix("bert."): v for k, v in found.items()}
         own = head.state_dict()
         wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                  if k in own and v.shape != own[k].shape]
@@ -108,7 +108,7 @@ def load_pretrained_head_weights(heads: Mapping[str, nn.Module], path: str) -> l
     return filled
 
 
-def _read_checkpoint_tensors(folder: str, prefix: str) -> dict[str, torch.Tensor]:
+def _read_checkpoint_tensors(folder: str, prefix: str | tuple[str, ...]) -> dict[str, torch.Tensor]:
     st = os.path.join(folder, "model.safetensors")
     if os.path.isfile(st):
         from safetensors import safe_open

@@ -36,7 +36,8 @@ def _vcr(name: str, cfg: CfgNode, tokenizer, train: bool):
     if limit > 0:
         records = records[:limit]
     if train:
-        transform = ResizeFlip(list(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN, v.FLIP_PROB, swap_text_sides=True)
+        transform = ResizeFlip(list(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN, v.FLIP_PROB,
+                               swap_text_sides=True)
     else:
         transform = ResizeFlip(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
     image_dir = root / (d.IMAGE_DIR_TRAIN if train else d.IMAGE_DIR_TEST)
