@@ -25,7 +25,8 @@ def _vlbert_defaults() -> dict:
         "BERT_PATH": "",
         # Keep BERT's architecture but start from random weights (tests, ablations).
         "BERT_RANDOM_INIT": False,
-        # Heads to build: any of mlm, mrc (pre-training), vqa, ref (RefCOCO+), vcr.
+        # Heads to build: any of mlm, mrc (pre-training), vqa, ref (RefCOCO+), vcr and vcr_objects (its
+        # region-classification regulariser).
         "HEADS": ["vqa"],
         # Size of the answer vocabulary of the vqa head (easy-VQA 13, VQA v2 3129); required with "vqa".
         "NUM_ANSWERS": 0,
@@ -46,7 +47,8 @@ def _vlbert_defaults() -> dict:
         # before the object projection (for detectors not trained on the data; see RunningStandardize).
         "APPEARANCE_NORM": "none",
         # Weight of each loss in "loss" (names as in the model's "losses"; absent losses are skipped).
-        "LOSS_WEIGHTS": {"MLM": 1.0, "MLM_TEXT": 1.0, "MRC": 1.0, "VQA": 1.0, "REF": 1.0, "VCR": 1.0},
+        "LOSS_WEIGHTS": {"MLM": 1.0, "MLM_TEXT": 1.0, "MRC": 1.0, "VQA": 1.0, "REF": 1.0, "VCR": 1.0,
+                         "VCR_OBJECTS": 1.0},
         # Pre-training data (e2e_vl.data.captions).
         "PRETRAIN": {
             # Caption file (COCO captions .json or "image_path<TAB>caption" .tsv) and the folder its

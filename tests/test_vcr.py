@@ -18,7 +18,7 @@ from e2e_vl.data.transforms import ResizeFlip
 from e2e_vl.data.vcr import (PERSON_NAMES, VCRDataError, VCRDataset, choice_sequence, encode_words, object_names,
                              read_vcr_jsonl, render_tokens)
 from e2e_vl.evaluation.vcr import VCREvaluator, leaderboard_rows, vcr_metrics
-from e2e_vl.modeling.heads import ChoiceScoreHead, Encoded
+from e2e_vl.modeling.heads import ChoiceScoreHead, Encoded, ObjectClassHead
 from e2e_vl.modeling.hf import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,6 +131,7 @@ def test_items_hold_a_group_per_subtask_and_the_test_split_conditions_on_each_an
     assert len(samples) == 8 and [g.name for g in train.item_groups(0)] == ["answer", "rationale"]
     assert [s.get("choice_label") for s in samples] == [1, None, None, None, 2, None, None, None]
     assert all(s["boxes"].shape == (4, 4) for s in samples)  # whole image + 3 objects
+    assert samples[0]["object_labels"].tolist() == [0, 1, 1, 17]  # background, person, person, dog
     torch.testing.assert_close(samples[0]["boxes"][0], torch.tensor([0.0, 0, 85, 64]), atol=1, rtol=0)
     # The QA->R context holds the right answer (label 1: "No ."), every rationale choice after it.
     rationale_text = tokenizer.decode(samples[4]["input_ids"])
@@ -200,6 +201,26 @@ def test_head_and_loss_match_a_hand_computation():
     expected = -(y * torch.log(torch.sigmoid(z)) + (1 - y) * torch.log(1 - torch.sigmoid(z))).mean()
     torch.testing.assert_close(out["losses"]["vcr"], expected)
     assert head.outputs(encoded, {"choice_labels": torch.tensor([-1, -1])})["losses"] == {}
+
+
+def test_region_class_regulariser_matches_a_hand_computation():
+    head = ObjectClassHead(2, 3)
+    with torch.no_grad():
+        head.dense.weight.copy_(torch.eye(2))
+        head.dense.bias.zero_()
+        head.classifier.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        head.classifier.bias.zero_()
+    regions = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]], [[0.5, 0.5], [9.0, 9.0], [0.0, 0.0]]])
+    valid = torch.tensor([[True, True, True], [True, False, False]])
+    encoded = Encoded(torch.zeros(2, 1, 2), regions, valid, torch.ones(2, dtype=torch.bool))
+    out = head.outputs(encoded, {"object_labels": torch.tensor([[0, 2, -1], [1, 1, -1]])})
+    gelu = torch.nn.functional.gelu
+    rows = [(gelu(torch.tensor([1.0, 0.0])), 0), (gelu(torch.tensor([0.0, 2.0])), 2),
+            (gelu(torch.tensor([0.5, 0.5])), 1)]
+    # Class scores of a row (a, b) are (a, b, a + b); -1 labels and invalid regions are left out.
+    expected = sum(-torch.log_softmax(torch.stack([a, b, a + b]), 0)[y] for (a, b), y in rows) / 3
+    torch.testing.assert_close(out["losses"]["vcr_objects"], expected)
+    assert out["vcr_objects_logits"].shape == (3, 3)
 
 
 def test_metrics_equal_a_hand_computation():
@@ -284,8 +305,8 @@ def test_a_short_training_run_goes_and_eval_only_scores_val_and_writes_the_test_
     out = tmp_path / "run"
     assert train_net.cli(_args(vcr_root, out)) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["train/vcr"] for r in rows if "train/vcr" in r]
-    assert len(losses) == 2 and all(np.isfinite(losses)) and losses[0] > 0
+    losses = [(r["train/vcr"], r["train/vcr_objects"]) for r in rows if "train/vcr" in r]
+    assert len(losses) == 2 and np.isfinite(losses).all() and min(losses[0]) > 0
     evals = [r for r in rows if "eval/q2ar_accuracy" in r]
     assert len(evals) == 1 and evals[0]["eval/num_annotations"] == 2
     for key in ("eval/q2a_accuracy", "eval/qa2r_accuracy", "eval/q2ar_accuracy"):
@@ -310,7 +331,8 @@ def test_paper_configs_use_vl_berts_solver_sgd_with_step_decay():
 
     for size in ("base", "large"):
         cfg = load_train_cfg(REPO / "configs" / "vcr" / f"vlbert_{size}_e2e.yaml")
-        assert cfg.TASK == "vcr" and cfg.MODEL.VLBERT.HEADS == ["vcr"] and cfg.DATASETS.VCR.MAX_TEXT_LEN == 64
+        assert cfg.TASK == "vcr" and cfg.MODEL.VLBERT.HEADS == ["vcr", "vcr_objects"]
+        assert cfg.DATASETS.VCR.MAX_TEXT_LEN == 64
         assert (cfg.SOLVER.OPTIMIZER, cfg.SOLVER.BASE_LR, cfg.SOLVER.IMS_PER_BATCH) == ("SGD", 4.48e-3, 64)
     # 1,000 warm-up steps from 0, then x0.1 at 70% and again at 90% of the run.
     assert [lr_factor(s, cfg, 10000) for s in (0, 500, 1000, 6999, 7000, 8999, 9000)] == pytest.approx(
@@ -336,6 +358,7 @@ def _rewrite(path: Path, line: int, change) -> None:
      r"train.jsonl:1 \(annot_id 'train-0'\): missing key\(s\) \['rationale_label'\]"),
     (lambda r: r.update(answer_label=4), r"train.jsonl:1 \(annot_id 'train-0'\): 'answer_label' 4 is not a choice"),
     (lambda r: r.update(question=["Why", {"x": 1}]), r"annot_id 'train-0'\): 'question': token \{'x': 1\} is neither"),
+    (lambda r: r["objects"].append("unicorn"), r"annot_id 'train-0'\): object class 'unicorn' is not one of"),
 ])
 def test_malformed_records_fail_naming_file_record_and_problem(vcr_root, change, message):
     _rewrite(vcr_root / "train.jsonl", 0, change)

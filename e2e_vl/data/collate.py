@@ -20,6 +20,7 @@ A *sample* is one text (caption, question, expression) with its image. Keys (ten
     vqa_targets      Float [A]       optional: soft answer scores
     answer_pos       int             optional: index of the answer [MASK] token in input_ids
     ref_labels       Float [K]       optional: per-region targets (RefCOCO+), -1 = ignore
+    object_labels    Long [K]        optional: per-region class (VCR's COCO classes, 0 = background), -1 = ignore
     choice_label     int             optional: on the first sample of each group of choices (VCR);
                                      -1 = unknown (a split without labels)
 
@@ -121,6 +122,12 @@ def collate_samples(
         else:
             width = next((s["mrc_targets"].shape[1] for s in samples if "mrc_targets" in s), 0)
             batch["mrc_targets"] = torch.zeros(0, width)
+    if any("object_labels" in s for s in samples):
+        for i, s in enumerate(samples):
+            if "object_labels" in s and len(s["object_labels"]) != len(s["boxes"]):
+                raise ValueError(f"sample {i}: {len(s['object_labels'])} object_labels for {len(s['boxes'])} boxes")
+        batch["object_labels"] = _pad_1d([s.get("object_labels", torch.zeros(0, dtype=torch.long)).long()
+                                          for s in samples], -1)
     if any("ref_labels" in s for s in samples):
         batch["ref_labels"] = _pad_1d([s.get("ref_labels", torch.zeros(0)).float() for s in samples], -1.0)
 

@@ -16,7 +16,9 @@ Sequences (VL-BERT's): Q->A `[CLS] question [SEP] answer [SEP]`, QA->R `[CLS] qu
 rationale [SEP]`, segment 0 up to the first [SEP], 1 after it; one sequence per choice, the choices of
 one question consecutive, its label on the first. A labelled split conditions QA->R on the correct answer;
 the test split, without labels, on each of the four answers in turn (the leaderboard's
-`rationale_conditioned_on_a<i>` columns). All sequences of one annotation share one detector pass.
+`rationale_conditioned_on_a<i>` columns). All sequences of one annotation share one detector pass. Each
+region carries its COCO class (`object_labels`, the whole image 0) for VL-BERT's region-classification
+regulariser.
 
 Every record, reference and file is checked when the data set is built, before training starts.
 """
@@ -41,6 +43,19 @@ from e2e_vl.data.transforms import ResizeFlip, swap_left_right
 # name says nothing about the person; single words, so a name is never read as two people.
 PERSON_NAMES = ("Casey", "Riley", "Jordan", "Avery", "Quinn", "Morgan", "Taylor", "Jamie", "Alex", "Rowan",
                 "Skyler", "Dakota", "Emerson", "Reese", "Parker", "Hayden")
+# The classes of `objects`: COCO's, spelt as VCR spells them; index 0 is the background (the whole image),
+# the target of the region-classification regulariser (head "vcr_objects").
+COCO_CLASSES = (
+    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "trafficlight", "firehydrant", "stopsign", "parkingmeter", "bench", "bird", "cat", "dog", "horse", "sheep",
+    "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase",
+    "frisbee", "skis", "snowboard", "sportsball", "kite", "baseballbat", "baseballglove", "skateboard",
+    "surfboard", "tennisracket", "bottle", "wineglass", "cup", "fork", "knife", "spoon", "bowl", "banana",
+    "apple", "sandwich", "orange", "broccoli", "carrot", "hotdog", "pizza", "donut", "cake", "chair", "couch",
+    "pottedplant", "bed", "diningtable", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cellphone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddybear",
+    "hairdrier", "toothbrush")
+CLASS_INDEX = {name: i for i, name in enumerate(COCO_CLASSES)}
 SUBTASKS = ("q2a", "qa2r")
 REQUIRED_KEYS = ("annot_id", "objects", "img_fn", "metadata_fn", "question", "answer_choices",
                  "rationale_choices")
@@ -103,6 +118,9 @@ def _parse_record(raw: dict, where: str, labelled: bool) -> VCRRecord:
     objects = raw["objects"]
     if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
         raise VCRDataError(f"{name}: 'objects' must be a list of class names")
+    unknown = [o for o in objects if o not in CLASS_INDEX or o == COCO_CLASSES[0]]
+    if unknown:
+        raise VCRDataError(f"{name}: object class {unknown[0]!r} is not one of VCR's (COCO's) classes")
     texts = {"question": [raw["question"]]}
     for key in ("answer_choices", "rationale_choices"):
         choices = raw[key]
@@ -326,12 +344,14 @@ class VCRDataset(Dataset):
         question = encode(record.question)
         answers = [encode(a) for a in record.answer_choices]
         rationales = [encode(r) for r in record.rationale_choices] if "qa2r" in self.subtasks else []
+        classes = torch.tensor([0] + [CLASS_INDEX[o] for o in record.objects], dtype=torch.long)
         samples = []
         for group in self.item_groups(index):
             context = [question] if group.given_answer < 0 else [question, answers[group.given_answer]]
             responses = answers if group.given_answer < 0 else rationales
             for k, response in enumerate(responses):
                 sample = {"image": out.image, "boxes": out.boxes, "image_key": (record.annot_id, index),
+                          "object_labels": classes,
                           **choice_sequence(self.tokenizer, context, response, self.max_text_len)}
                 if k == 0:
                     sample["choice_label"] = group.label

@@ -243,6 +243,32 @@ class ChoiceScoreHead(Head):
         return {"vcr_logits": logits, "losses": losses}
 
 
+@register_head("vcr_objects")
+class ObjectClassHead(MRCHead):
+    """VCR's region-classification regulariser (VL-BERT's `cnn_loss_reg`, on in its VCR configs): the
+    MVRC head's shape, Linear(h, h) -> GELU -> Linear(h, 81), on every region output of every choice
+    sequence, cross-entropy against the region's COCO class (`object_labels`; the whole image is class 0,
+    background; -1 = ignore), so the grounded regions keep saying what they are."""
+
+    @classmethod
+    def build(cls, spec: HeadSpec) -> "ObjectClassHead":
+        from e2e_vl.data.vcr import COCO_CLASSES
+
+        return cls(spec.config.hidden_size, len(COCO_CLASSES))
+
+    def outputs(self, encoded: Encoded, batch: dict[str, Any]) -> dict[str, Any] | None:
+        if "object_labels" not in batch:
+            return None
+        labels = batch["object_labels"].to(encoded.regions.device)
+        if labels.shape != encoded.region_valid.shape:
+            raise ValueError(f"object_labels {tuple(labels.shape)} do not match the regions "
+                             f"{tuple(encoded.region_valid.shape)}")
+        use = (labels >= 0) & encoded.region_valid
+        logits = self(encoded.regions[use])
+        loss = F.cross_entropy(logits.float(), labels[use]) if bool(use.any()) else logits.sum() * 0.0
+        return {"vcr_objects_logits": logits, "losses": {"vcr_objects": loss}}
+
+
 def choice_bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """VL-BERT's VCR loss: mean binary cross-entropy of `[Q, n]` choice logits against one-hot `labels`."""
     target = F.one_hot(labels, logits.shape[1]).to(torch.float32)

@@ -53,11 +53,12 @@ class VLBert(RegionEncoder):
         answer_pos        optional Long [B]: index of the answer [MASK] token; vqa_targets optional
                                         Float [B, A] soft scores
         ref_labels        optional Float [B, K_max] region targets, -1 = ignore
+        object_labels     optional Long [B, K_max] region classes (VCR's regulariser), -1 = ignore
         choice_labels     optional Long [B / n]: VCR, samples grouped in consecutive runs of n choices
                                         (-1: the group's answer is unknown)
     Output dict: "loss" (weighted sum), "losses" (name -> scalar), and per head "mlm_logits" [M, V] with
     "mlm_labels" [M], "mrc_logits" [M, C], "vqa_logits" [B, A], "ref_logits" [B, K_max] (with
-    "region_valid"), "vcr_logits" [B / n, n].
+    "region_valid"), "vcr_logits" [B / n, n], "vcr_objects_logits" [M, 81].
 
     Deliberate differences from VL-BERT:
     - The visual module is a Detectron2-architecture Fast R-CNN (`detector/`), held as `self.detector`
