@@ -88,12 +88,11 @@ def load_pretrained_head_weights(heads: Mapping[str, nn.Module], path: str) -> l
     that prefix (also found as "bert." + prefix, BERT's pre-training layout), where the checkpoint has
     them (bert-base-uncased and the MiniLM have a pooler; a checkpoint without one leaves the head as
     initialised). Returns the head keys filled."""
-    filled = []
+    filled, folder = [], resolve_bert_path(path)
     for name, head in heads.items():
         prefix = getattr(head, "pretrained_prefix", None)
         if not prefix:
             continue
-        folder = resolve_bert_path(path)
         found = _read_checkpoint_tensors(folder, (prefix, "bert." + prefix))
         state = {k.removeprefix("bert."): v for k, v in found.items()}
         own = head.state_dict()
