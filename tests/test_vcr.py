@@ -380,7 +380,10 @@ def test_missing_files_fail_before_training_and_bad_metadata_names_its_file(vcr_
     image.unlink()
     with pytest.raises(VCRDataError, match=f"annot_id 'train-2': img_fn {image} does not exist"):
         VCRDataset(records, vcr_root / "vcr1images", tokenizer, ResizeFlip(64, 96), source="train.jsonl")
+    (vcr_root / "vcr1images" / records[0].metadata_fn).unlink()
+    with pytest.raises(VCRDataError, match=f"annot_id 'train-0': metadata_fn .*@0.json does not exist"):
+        VCRDataset(records[:1], vcr_root / "vcr1images", tokenizer, ResizeFlip(64, 96))
     out = tmp_path / "run"
     assert train_net.cli(_args(vcr_root, out)) == 2  # one logged line, before any step
-    assert f"img_fn {image} does not exist" in capsys.readouterr().err
+    assert "annot_id 'train-0': metadata_fn" in capsys.readouterr().err
     assert not list(out.glob("model_*.pth")) and not (out / "metrics.jsonl").exists()
