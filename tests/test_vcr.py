@@ -88,6 +88,16 @@ def vcr_root(tmp_path) -> Path:
     return write_vcr(tmp_path / "vcr")
 
 
+@pytest.fixture
+def one_thread():
+    """Model runs here are tiny: on a shared, loaded 2-core machine two intra-op threads made a training
+    step of the tiny config ~10x slower (20 s against 2 s) than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_reader_parses_the_released_layout(vcr_root):
     train = read_vcr_jsonl(vcr_root / "train.jsonl", labelled=True)
     assert [r.annot_id for r in train] == ["train-0", "train-1", "train-2", "train-3"]
@@ -146,7 +156,7 @@ def test_items_hold_a_group_per_subtask_and_the_test_split_conditions_on_each_an
     assert len(test[0]) == 20 and all(s.get("choice_label", -1) == -1 for s in test[0])
 
 
-def test_the_model_gives_each_grounded_token_its_regions_feature(vcr_root, tokenizer):
+def test_the_model_gives_each_grounded_token_its_regions_feature(vcr_root, tokenizer, one_thread):
     from e2e_vl.config import load_train_cfg
     from e2e_vl.modeling.registry import build_model
 
@@ -301,7 +311,7 @@ def _args(root: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_a_short_training_run_goes_and_eval_only_scores_val_and_writes_the_test_leaderboard(
-        vcr_root, tmp_path, train_net, capsys):
+        vcr_root, tmp_path, train_net, capsys, one_thread):
     out = tmp_path / "run"
     assert train_net.cli(_args(vcr_root, out)) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
