@@ -37,6 +37,24 @@ def check_boxes(boxes: torch.Tensor, name: str = "boxes") -> torch.Tensor:
     return boxes
 
 
+def box_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """IoU `[N, M]` of XYXY boxes `[N, 4]` and `[M, 4]` (see `paired_box_iou`)."""
+    return paired_box_iou(boxes[:, None], others[None, :])
+
+
+def paired_box_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """IoU of XYXY boxes `[..., 4]` with the boxes `[..., 4]` they broadcast against, areas as
+    (x2 - x1) * (y2 - y1) (continuous coordinates, so it does not change with the image scale); 0 where
+    both boxes are empty."""
+    lt = torch.maximum(boxes[..., :2], others[..., :2])
+    rb = torch.minimum(boxes[..., 2:], others[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)
+    area_b = (others[..., 2:] - others[..., :2]).clamp(min=0).prod(-1)
+    union = area_a + area_b - inter
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(inter))
+
+
 def scale_boxes(boxes: torch.Tensor, scale_x: float, scale_y: float) -> torch.Tensor:
     return boxes * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
 

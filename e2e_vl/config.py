@@ -80,7 +80,8 @@ def _training_defaults() -> dict:
     return {
         # A registered task (e2e_vl/tasks/): vqa | pretrain (MLM + masked RoI classification on captions) |
         # regions (the detector alone, classifying labelled boxes: the demo's stand-in for its pre-training) |
-        # vcr (Visual Commonsense Reasoning: Q->A, QA->R)
+        # vcr (Visual Commonsense Reasoning: Q->A, QA->R) |
+        # refcoco (RefCOCO+ referring expressions: a score per region)
         "TASK": "vqa",
         # The registered architecture (e2e_vl.modeling.registry) to train; empty = the task's default.
         "MODEL": {"ARCH": ""},
@@ -127,7 +128,8 @@ def _training_defaults() -> dict:
         "DATALOADER": {
             "NUM_WORKERS": 2,
             "PIN_MEMORY": True,
-            # Questions of one image that ride along with it in a batch (0 = all of them).
+            # Questions (TASK refcoco: referring sentences) of one image that ride along with it in a batch,
+            # sharing one detector pass (0 = all of them).
             "QUESTIONS_PER_IMAGE": 0,
         },
         "DATASETS": {
@@ -158,6 +160,19 @@ def _training_defaults() -> dict:
             # Cap the number of training/test questions (0 = all): for smoke runs.
             "TRAIN_LIMIT": 0,
             "TEST_LIMIT": 0,
+            # TASK refcoco (e2e_vl.data.refcoco): the refer layout under DATASETS.ROOT
+            # (refcoco+/refs(unc).p, refcoco+/instances.json) and the COCO images.
+            "REFCOCO": {
+                "IMAGE_DIR": "train2014",  # relative to DATASETS.ROOT; file names from instances.json
+                # Candidate regions, concatenated in this order after the whole image: any of "gt" (the
+                # image's COCO boxes), "detections" (DETECTIONS below), "roi_store" (DATASETS.ROI_STORE).
+                "TRAIN_BOXES": ["gt"],
+                "TEST_BOXES": ["gt"],
+                # MAttNet's detections json (a list of {image_id, box: [x, y, w, h], ...}), under ROOT.
+                "DETECTIONS": "refcoco+/proposal/res101_coco_minus_refer_notime_dets.json",
+                "FLIP_PROB": 0.5,  # training: mirror image and boxes, swap "left"/"right" in the sentence
+                "MAX_TEXT_TOKENS": 40,  # word pieces of a referring sentence
+            },
         },
         "TEST": {
             "EVAL_PERIOD": 0,  # 0 = evaluate only at the end

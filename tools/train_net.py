@@ -125,9 +125,10 @@ def main(args: argparse.Namespace) -> dict:
         metrics = train(cfg, model, task, device, resume=args.resume)
     if rank == 0 and "accuracy" in metrics:
         kinds = [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in metrics.items() if k.startswith("accuracy/")]
-        print(f"{cfg.DATASETS.TEST} accuracy: {metrics['accuracy']:.4f} "
-              f"({int(metrics.get('num_questions', 0))} questions)" + (f"; by type: {', '.join(kinds)}" if kinds else ""),
-              flush=True)
+        # what was counted: "num_questions" (VQA), "num_sentences" (RefCOCO+), ...
+        count, unit = next(((int(v), k[4:]) for k, v in metrics.items() if k.startswith("num_")), (0, "questions"))
+        print(f"{cfg.DATASETS.TEST} accuracy: {metrics['accuracy']:.4f} ({count} {unit})"
+              + (f"; by type: {', '.join(kinds)}" if kinds else ""), flush=True)
     elif rank == 0 and metrics:  # e.g. TASK pretrain's masked-word / masked-RoI or TASK regions' metrics
         print("  ".join(f"{k}: {v:.4f}" for k, v in metrics.items()), flush=True)
     du.cleanup()

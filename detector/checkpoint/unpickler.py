@@ -3,7 +3,9 @@
 Pickle runs whatever callable a file names (os.system, eval, ...); Detectron2's .pkl weights are
 plain pickles. `safe_unpickle` resolves only the few globals needed to rebuild numpy arrays and
 ordered dicts and refuses every other global *before* calling anything, so a malicious file raises
-CheckpointError and executes nothing.
+CheckpointError and executes nothing. With `plain=True` (data files such as the refer API's
+`refs(unc).p`) no global at all is resolved: only what pickle builds without calling anything (dicts,
+lists, tuples, strings, numbers) can come out.
 """
 from __future__ import annotations
 
@@ -32,40 +34,42 @@ for _core in ("numpy.core", "numpy._core"):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: IO[bytes], source: str):
+    def __init__(self, file: IO[bytes], source: str, plain: bool = False):
         super().__init__(file, encoding="latin1")
         self.source = source
+        self.plain = plain
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED:
+        if not self.plain and (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        raise CheckpointError(
-            f"{self.source}: refusing to load '{module}.{name}': this pickle references code, and only plain "
-            "data (dicts, lists, numbers, strings, numpy arrays) is allowed. If you trust the file, convert it "
-            "to .safetensors in a trusted environment.")
+        what = "dicts, lists, numbers, strings" + ("" if self.plain else ", numpy arrays")
+        hint = "" if self.plain else " If you trust the file, convert it to .safetensors in a trusted environment."
+        raise CheckpointError(f"{self.source}: refusing to load '{module}.{name}': this pickle references code, "
+                              f"and only plain data ({what}) is allowed.{hint}")
 
     def persistent_load(self, pid: Any) -> Any:
         raise CheckpointError(f"{self.source}: pickle uses persistent ids (a torch.save file?); "
                               "load it with torch.load(weights_only=True) instead")
 
 
-def safe_unpickle(source: str | os.PathLike | bytes | IO[bytes]) -> Any:
-    """Unpickle a file path, bytes or binary file object, admitting only plain data."""
+def safe_unpickle(source: str | os.PathLike | bytes | IO[bytes], plain: bool = False) -> Any:
+    """Unpickle a file path, bytes or binary file object, admitting only plain data (`plain`: not even
+    numpy arrays or ordered dicts, i.e. no global of any kind)."""
     if isinstance(source, (bytes, bytearray)):
         name, stream = "<bytes>", io.BytesIO(source)
-        return _load(stream, name)
+        return _load(stream, name, plain)
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
         if not os.path.isfile(name):
-            raise CheckpointError(f"checkpoint not found: {name}")
+            raise CheckpointError(f"{'file' if plain else 'checkpoint'} not found: {name}")
         with open(name, "rb") as f:
-            return _load(f, name)
-    return _load(source, getattr(source, "name", "<stream>"))
+            return _load(f, name, plain)
+    return _load(source, getattr(source, "name", "<stream>"), plain)
 
 
-def _load(stream: IO[bytes], name: str) -> Any:
+def _load(stream: IO[bytes], name: str, plain: bool) -> Any:
     try:
-        return _RestrictedUnpickler(stream, name).load()
+        return _RestrictedUnpickler(stream, name, plain).load()
     except CheckpointError:
         raise
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as exc:

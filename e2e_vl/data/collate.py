@@ -148,6 +148,21 @@ def collate_samples(
     return batch
 
 
+def items_by_image(image_ids: Sequence[Hashable], per_item: int = 0) -> list[tuple[Hashable, list[int]]]:
+    """Data set items that share an image: (image id, indices of its samples), at most `per_item` samples
+    per item (0 = all of the image's), images in order of str(id), samples in their given order. The
+    samples of an item run through the detector once."""
+    by_image: dict[Hashable, list[int]] = {}
+    for i, image_id in enumerate(image_ids):
+        by_image.setdefault(image_id, []).append(i)
+    items = []
+    for image_id in sorted(by_image, key=str):
+        idx = by_image[image_id]
+        step = per_item or len(idx)
+        items.extend((image_id, idx[i:i + step]) for i in range(0, len(idx), step))
+    return items
+
+
 def collate_region_samples(samples: Sequence[Sample]) -> dict[str, Any]:
     """Batch for detector-only region classification: samples with "image", "boxes" and "region_labels"
     (Long [K], -1 = ignore) -> images, image_sizes, boxes (list), region_labels (Long [sum K])."""

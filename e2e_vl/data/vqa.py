@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from detector.image_sources import IMAGE_EXTENSIONS, image_id_from_path
 from detector.transforms import resize_shortest_edge
 from e2e_vl.data.catalog import DatasetError
+from e2e_vl.data.collate import items_by_image
 from e2e_vl.data.roi_records import require_roi_records
 from e2e_vl.data.vqa_answers import normalize_answer, soft_scores
 
@@ -88,14 +89,7 @@ class ImageQuestionsDataset(Dataset):
         self.min_size, self.max_size = min_size, max_size
         texts = sorted({q.text for q in self.questions})
         self._encoded = {t: encode_vqa_text(tokenizer, t, max_question_tokens) for t in texts}
-        by_image: dict[object, list[int]] = {}
-        for i, q in enumerate(self.questions):
-            by_image.setdefault(q.image_id, []).append(i)
-        self.items: list[tuple[object, list[int]]] = []
-        for image_id in sorted(by_image, key=str):
-            idx = by_image[image_id]
-            step = questions_per_item or len(idx)
-            self.items.extend((image_id, idx[i:i + step]) for i in range(0, len(idx), step))
+        self.items = items_by_image([q.image_id for q in self.questions], questions_per_item)
 
     def __len__(self) -> int:
         return len(self.items)

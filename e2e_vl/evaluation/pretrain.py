@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from e2e_vl.engine import distributed as du
-from e2e_vl.engine.sampler import sharded_eval_loader
+from e2e_vl.evaluation.runner import evaluation_batches
 from e2e_vl.modeling.heads import masked_lm_loss, soft_cross_entropy
 
 _SUMS = ("mlm_loss", "mlm_correct", "mlm_count", "mrc_loss", "mrc_correct", "mrc_count", "num_captions")
@@ -24,19 +24,10 @@ class PretrainEvaluator:
         self.dataset, self.collate_fn, self.batch_size = dataset, collate_fn, batch_size
         self.device, self.amp_dtype, self.num_workers = device, amp_dtype, num_workers
 
-    @torch.no_grad()
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        from e2e_vl.engine.trainer import move_to_device
-
-        was_training = model.training
-        model.eval()
-        _, loader = sharded_eval_loader(self.dataset, self.batch_size, self.collate_fn, self.num_workers)
         sums = dict.fromkeys(_SUMS, 0.0)
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-        for batch in loader:
-            batch = move_to_device(batch, self.device)
-            with autocast:
-                out = model(batch)
+        for _, batch, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn, self.device,
+                                                self.amp_dtype, self.num_workers):
             sums["num_captions"] += len(batch["input_ids"])
             if "mlm_logits" in out and len(out["mlm_labels"]):
                 logits, labels = out["mlm_logits"].float(), out["mlm_labels"]
@@ -48,8 +39,6 @@ class PretrainEvaluator:
                 sums["mrc_loss"] += float(soft_cross_entropy(logits, targets)) * len(targets)
                 sums["mrc_correct"] += float((logits.argmax(1) == targets.argmax(1)).sum())
                 sums["mrc_count"] += len(targets)
-        if was_training:
-            model.train()
         total = torch.tensor([sums[k] for k in _SUMS], dtype=torch.float64, device=self.device)
         sums = dict(zip(_SUMS, du.all_reduce_sum(total).tolist()))
         metrics = {"num_captions": sums["num_captions"]}

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from e2e_vl.engine import distributed as du
-from e2e_vl.engine.sampler import sharded_eval_loader
+from e2e_vl.evaluation.runner import evaluation_batches
 
 
 class RegionEvaluator:
@@ -19,21 +19,13 @@ class RegionEvaluator:
         self.dataset, self.collate_fn, self.batch_size = dataset, collate_fn, batch_size
         self.device, self.num_workers = device, num_workers
 
-    @torch.no_grad()
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        from e2e_vl.engine.trainer import move_to_device
-
-        was_training = model.training
-        model.eval()
-        _, loader = sharded_eval_loader(self.dataset, self.batch_size, self.collate_fn, self.num_workers)
         correct = count = 0.0
-        for batch in loader:
-            out = model(move_to_device(batch, self.device))
+        for _, _, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn, self.device,
+                                            num_workers=self.num_workers):
             used = out["region_labels"] >= 0
             correct += float((out["class_logits"][used].argmax(1) == out["region_labels"][used]).sum())
             count += float(used.sum())
-        if was_training:
-            model.train()
         correct, count = du.all_reduce_sum(torch.tensor([correct, count], dtype=torch.float64,
                                                         device=self.device)).tolist()
         return {"num_regions": count, "region_accuracy": correct / count if count else float("nan")}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from e2e_vl.engine import distributed as du
-from e2e_vl.engine.sampler import sharded_eval_loader
+from e2e_vl.evaluation.runner import evaluation_batches
 
 # annot_id -> group name -> (softmax over the choices, label or -1)
 GroupResults = dict[str, dict[str, tuple[list[float], int]]]
@@ -52,19 +52,12 @@ class VCREvaluator:
         self.device, self.amp_dtype, self.num_workers = device, amp_dtype, num_workers
         self.output_dir, self.split = (Path(output_dir) if output_dir is not None else None), split
 
-    @torch.no_grad()
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        from e2e_vl.engine.trainer import move_to_device
-
-        was_training = model.training
-        model.eval()
-        sampler, loader = sharded_eval_loader(self.dataset, self.batch_size, self.collate_fn, self.num_workers)
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         results: GroupResults = {}
-        for indices, batch in zip(sampler, loader):
+        for indices, _, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn, self.device,
+                                                  self.amp_dtype, self.num_workers):
             groups = [g for i in indices for g in self.dataset.item_groups(i)]
-            with autocast:
-                logits = model(move_to_device(batch, self.device))["vcr_logits"].float()
+            logits = out["vcr_logits"].float()
             if logits.shape[0] != len(groups):
                 raise ValueError(f"the model scored {logits.shape[0]} questions, the batch holds {len(groups)}")
             for group, probs in zip(groups, logits.softmax(dim=1).tolist()):
@@ -72,8 +65,6 @@ class VCREvaluator:
         merged: GroupResults = {}
         for part in du.all_gather_objects(results):
             merged.update(part)
-        if was_training:
-            model.train()
         metrics = vcr_metrics(merged)
         if self.output_dir is not None and du.is_main_process():
             self._write(merged, metrics)

@@ -24,7 +24,7 @@ from torch import nn
 from e2e_vl.data.vqa_answers import answer_accuracy
 from e2e_vl.engine import distributed as du
 from e2e_vl.engine.checkpoint import atomic_write
-from e2e_vl.engine.sampler import sharded_eval_loader
+from e2e_vl.evaluation.runner import evaluation_batches
 
 logger = logging.getLogger(__name__)
 
@@ -83,26 +83,15 @@ class VQAEvaluator:
         self.answers, self.results_path = list(answers), results_path
         self.num_workers = num_workers
 
-    @torch.no_grad()
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        from e2e_vl.engine.trainer import move_to_device
-
-        was_training = model.training
-        model.eval()
-        sampler, loader = sharded_eval_loader(self.dataset, self.batch_size, self.collate_fn, self.num_workers)
         predicted: dict[int, int] = {}  # question id -> answer index
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-        for indices, batch in zip(sampler, loader):
+        for indices, _, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn, self.device,
+                                                  self.amp_dtype, self.num_workers):
             qids = [q for i in indices for q in self.dataset.item_question_ids(i)]
-            batch = move_to_device(batch, self.device)
-            with autocast:
-                logits = model(batch)["vqa_logits"].float()
-            predicted.update(zip(qids, logits.argmax(dim=1).tolist()))
+            predicted.update(zip(qids, out["vqa_logits"].float().argmax(dim=1).tolist()))
         merged: dict[int, int] = {}
         for part in du.all_gather_objects(predicted):
             merged.update(part)
-        if was_training:
-            model.train()
         questions = self.dataset.questions
         if self.results_path is not None and du.is_main_process():
             results = [{"question_id": q.question_id, "answer": self.answers[merged[q.question_id]]}

@@ -166,27 +166,29 @@ class AnswerHead(Head):
         return {"vqa_logits": logits, "losses": losses}
 
 
-class ScoreHead(Head):
-    """One logit per element: Dropout -> Linear(h, h) -> ReLU -> Linear(h, 1). Used per region
-    (RefCOCO+)."""
+@register_head("ref")
+class RegionScoreHead(Head):
+    """RefCOCO+: a logit per region output, VL-BERT's final MLP Linear(h, h) -> GELU -> Dropout ->
+    Linear(h, 1) (dropout 0, its RefCOCO+ setting; Xavier-uniform weights, zero biases, as it initialises
+    them). Loss: binary cross-entropy against `ref_labels`, averaged over the batch's valid regions
+    (padding and -1 labels left out)."""
 
-    def __init__(self, hidden_size: int, dropout: float = 0.1):
+    def __init__(self, hidden_size: int, dropout: float = 0.0):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Dropout(dropout), nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1)
-        )
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.act = nn.GELU()
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, 1)
+        for layer in (self.dense, self.classifier):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     @classmethod
-    def build(cls, spec: HeadSpec) -> "ScoreHead":
+    def build(cls, spec: HeadSpec) -> "RegionScoreHead":
         return cls(spec.config.hidden_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.net(hidden).squeeze(-1)
-
-
-@register_head("ref")
-class RegionScoreHead(ScoreHead):
-    """RefCOCO+: a logit per region, binary cross-entropy against `ref_labels` (-1 = ignore)."""
+        return self.classifier(self.dropout(self.act(self.dense(hidden)))).squeeze(-1)
 
     def outputs(self, encoded: Encoded, batch: dict[str, Any]) -> dict[str, Any] | None:
         if not encoded.region_valid.shape[1]:
@@ -195,6 +197,8 @@ class RegionScoreHead(ScoreHead):
         out: dict[str, Any] = {"ref_logits": logits, "losses": {}}
         if "ref_labels" in batch:
             labels = batch["ref_labels"].to(logits.device)
+            if labels.shape != logits.shape:
+                raise ValueError(f"ref_labels {tuple(labels.shape)} and region logits {tuple(logits.shape)} must match")
             use = (labels >= 0) & encoded.region_valid
             out["losses"]["ref"] = (F.binary_cross_entropy_with_logits(logits[use].float(), labels[use].float())
                                     if bool(use.any()) else logits.sum() * 0.0)
