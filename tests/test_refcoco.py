@@ -163,6 +163,16 @@ def test_region_sources_detections_store_and_gt_in_the_order_given(refer_root, t
     assert ds[0][0]["ref_labels"].tolist() == [0, 1, 0, 1, 0, 0, 0]
 
 
+def test_a_store_keyed_by_coco_file_stems_is_read_by_numeric_id(refer_root, tokenizer):
+    import shutil
+
+    shutil.rmtree(refer_root / "rois")
+    with RoIStoreWriter(refer_root / "rois", {"fingerprint": "test"}) as writer:  # before the image-id rule
+        writer.write_batch([RoIRecord(_file_name(3)[:-4], _file_name(3), H, W, boxes=np.array([[1, 2, 3, 4]], np.float32))])
+    ds = _build(refer_root, tokenizer, ["val"], boxes=("roi_store",))
+    np.testing.assert_allclose(ds.candidates(3), np.array([[0, 0, 64, 48], [1, 2, 3, 4]], np.float32))
+
+
 def test_iou_labels_are_strictly_above_one_half():
     target = (0.0, 0.0, 20.0, 10.0)
     cands = torch.tensor([[0, 0, 10, 10], [0, 0, 11, 10], [0, 0, 20, 10], [30, 30, 40, 40], [0, 0, 40, 10.]])
