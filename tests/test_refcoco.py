@@ -168,7 +168,8 @@ def test_a_store_keyed_by_coco_file_stems_is_read_by_numeric_id(refer_root, toke
 
     shutil.rmtree(refer_root / "rois")
     with RoIStoreWriter(refer_root / "rois", {"fingerprint": "test"}) as writer:  # before the image-id rule
-        writer.write_batch([RoIRecord(_file_name(3)[:-4], _file_name(3), H, W, boxes=np.array([[1, 2, 3, 4]], np.float32))])
+        writer.write_batch([RoIRecord(_file_name(3)[:-4], _file_name(3), H, W,
+                                      boxes=np.array([[1, 2, 3, 4]], np.float32))])
     ds = _build(refer_root, tokenizer, ["val"], boxes=("roi_store",))
     np.testing.assert_allclose(ds.candidates(3), np.array([[0, 0, 64, 48], [1, 2, 3, 4]], np.float32))
 
@@ -338,7 +339,8 @@ def test_missing_regions_and_images_are_counted_with_examples(refer_root, tokeni
         _build(refer_root, tokenizer, ["val", "testA", "testB"], boxes=("roi_store",))
     dets = refer_root / "refcoco+/proposal/res101_coco_minus_refer_notime_dets.json"
     dets.write_text(json.dumps([d for d in json.loads(dets.read_text()) if d["image_id"] != 2]))
-    with pytest.raises(RefCOCODataError, match=r"1 of 2 images have no detections in .*dets\.json \(e\.g\. image_id 2\)"):
+    with pytest.raises(RefCOCODataError,
+                       match=r"1 of 2 images have no detections in .*dets\.json \(e\.g\. image_id 2\)"):
         _build(refer_root, tokenizer, ["train"], boxes=("detections",))
     (refer_root / "train2014" / _file_name(5)).unlink()
     with pytest.raises(RefCOCODataError, match=r"1 of 3 images have no file in .*train2014 \(e\.g\. image_id 5\)"):
@@ -356,7 +358,8 @@ def test_unknown_split_and_bad_detection_record_are_named(refer_root, tokenizer)
     with pytest.raises(RefCOCODataError, match=r"dets\.json: detection #3 \(det_id 3\): missing key 'box'"):
         _build(refer_root, tokenizer, ["train"], boxes=("detections",))
     dets.unlink()
-    with pytest.raises(RefCOCODataError, match=r"detections file not found: .*dets\.json \(DATASETS\.REFCOCO\.DETECTIONS"):
+    with pytest.raises(RefCOCODataError,
+                       match=r"detections file not found: .*dets\.json \(DATASETS\.REFCOCO\.DETECTIONS"):
         _build(refer_root, tokenizer, ["train"], boxes=("detections",))
     with pytest.raises(DatasetError, match=r"DATASETS\.ROI_STORE: RoI store not found: .*nowhere"):
         build_refer_dataset(refer_root, "refcoco+", "unc", ["train"], refer_root / "train2014", ["roi_store"],
@@ -431,3 +434,11 @@ def test_paper_configs_load_and_task_config_errors_are_named(tmp_path):
         task.build(bad_name, ref_model, torch.device("cpu"), False)
     with pytest.raises(ConfigError, match="TASK refcoco needs a model with the ref head"):
         task.build(base, SimpleNamespace(tokenizer=None, heads={"vqa": None}), torch.device("cpu"), False)
+
+
+def test_an_image_of_another_size_than_instances_json_says_is_named(refer_root, tokenizer):
+    cv2.imwrite(str(refer_root / "train2014" / _file_name(2)), np.zeros((20, 30, 3), np.uint8))
+    ds = _build(refer_root, tokenizer, ["train"], sentences_per_item=0)
+    with pytest.raises(RefCOCODataError, match=r"COCO_train2014_000000000002\.jpg is 30x20 but .*instances\.json says "
+                                               r"64x48 for image_id 2"):
+        ds[1]

@@ -184,7 +184,8 @@ def refer_sentences(refs: Iterable[dict], refs_path: str | os.PathLike, instance
         for sent in ref["sentences"]:
             tokens = sent["tokens"]
             if not isinstance(tokens, (list, tuple)):
-                raise RefCOCODataError(f"{where}: sent_id {sent['sent_id']}: 'tokens' must be a list of words, got {tokens!r}")
+                raise RefCOCODataError(f"{where}: sent_id {sent['sent_id']}: 'tokens' must be a list of words, "
+                                       f"got {tokens!r}")
             out.append(RefSentence(int(sent["sent_id"]), ref_id, ann_id, image_id, split,
                                    " ".join(str(t) for t in tokens), instances.ann_boxes[ann_id]))
     empty = [s for s in splits if not any(x.split == s for x in out)]
@@ -249,7 +250,8 @@ class DetectionBoxes:
             raise RefCOCODataError("region source 'detections' needs DATASETS.REFCOCO.DETECTIONS (a detections json)")
         path = Path(inputs.detections)
         if not path.is_file():
-            raise RefCOCODataError(f"detections file not found: {path} (DATASETS.REFCOCO.DETECTIONS, under DATASETS.ROOT)")
+            raise RefCOCODataError(f"detections file not found: {path} "
+                                   "(DATASETS.REFCOCO.DETECTIONS, under DATASETS.ROOT)")
         dets = _read_json(path)
         if not isinstance(dets, list):
             raise RefCOCODataError(f"{path}: expected a list of detections, got {type(dets).__name__}")
@@ -372,13 +374,14 @@ class RefCOCODataset(Dataset):
         image = self.image_loader(str(path))
         if tuple(image.shape[:2]) != self.instances.image_size(image_id):
             h, w = self.instances.image_size(image_id)
-            raise RefCOCODataError(f"{path} is {image.shape[1]}x{image.shape[0]} but {self.instances.path} says {w}x{h} "
-                            f"for image_id {image_id}")
+            raise RefCOCODataError(f"{path} is {image.shape[1]}x{image.shape[0]} but {self.instances.path} says "
+                                   f"{w}x{h} for image_id {image_id}")
         original = torch.from_numpy(self.candidates(image_id))
         out = self.transform(image, original, None, random.Random(f"{self.seed}/{self.epoch}/{index}"))
         key = (image_id, out.flipped, *out.image.shape[1:])  # items of an image flipped and resized alike share a slot
         sentences = [self.sentences[i] for i in sentence_ids]
-        encoded = (encode_expressions(self.tokenizer, [swap_left_right(s.text) for s in sentences], self.max_text_tokens)
+        encoded = (encode_expressions(self.tokenizer, [swap_left_right(s.text) for s in sentences],
+                                      self.max_text_tokens)
                    if out.flipped else [self._encoded[s.text] for s in sentences])
         return [{"image": out.image, "boxes": out.boxes, "image_key": key, **enc,
                  "ref_labels": region_labels(original, sent.box), "image_id": image_id}
