@@ -10,7 +10,7 @@ model's forward is one loop over its heads. Registration order is build and loss
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -22,13 +22,16 @@ from e2e_vl.data.masking import IGNORE_INDEX
 
 @dataclasses.dataclass
 class Encoded:
-    """What heads read: the final hidden state of every text token `[B, T, h]` and region `[B, K, h]`,
-    which regions exist, and which samples have an image."""
+    """What heads read, whatever the architecture: the final hidden state of every text token `[B, T, h]`
+    and region `[B, K, h]`, which regions exist, which samples have an image, and one pooled vector per
+    sample `[B, h]` (the architecture's own summary: VL-BERT's [CLS] output, the pooler of VisualBERT and
+    LXMERT)."""
 
     text: torch.Tensor
     regions: torch.Tensor
     region_valid: torch.Tensor
     has_image: torch.Tensor
+    pooled: torch.Tensor
 
 
 @dataclasses.dataclass
@@ -54,6 +57,37 @@ def register_head(name: str) -> Callable[[type], type]:
         return cls
 
     return add
+
+
+def build_heads(names: Sequence[str], spec: HeadSpec) -> nn.ModuleDict:
+    """The registered heads among `names`, in registration order; unknown names or a vqa head without
+    answers are errors naming them (raised before any weights are loaded)."""
+    check_heads(names, spec.num_answers)
+    return nn.ModuleDict({name: cls.build(spec) for name, cls in HEADS.items() if name in names})
+
+
+def check_heads(names: Sequence[str], num_answers: int) -> None:
+    unknown = set(names) - set(HEADS)
+    if unknown:
+        raise ValueError(f"MODEL.VLBERT.HEADS: unknown heads {sorted(unknown)}; expected some of {tuple(HEADS)}")
+    if "vqa" in names and num_answers < 1:
+        raise ValueError(f"MODEL.VLBERT.NUM_ANSWERS must be >= 1 for the vqa head, got {num_answers}")
+
+
+def run_heads(heads: Mapping[str, "Head"], encoded: Encoded, batch: dict[str, Any],
+              loss_weights: Mapping[str, float]) -> dict[str, Any]:
+    """Every head's outputs and losses, and "loss" = the weighted sum (a zero carrying the graph when the
+    batch has no targets, as at inference). A batch with inputs for none of the heads is an error."""
+    out: dict[str, Any] = {"losses": {}, "region_valid": encoded.region_valid}
+    for head in heads.values():
+        result = head.outputs(encoded, batch)
+        if result is not None:
+            out["losses"].update(result.pop("losses"))
+            out.update(result)
+    if not any(k.endswith("_logits") for k in out):
+        raise ValueError(f"batch has inputs for none of the model's heads {list(heads)}; batch keys: {sorted(batch)}")
+    out["loss"] = sum((loss_weights.get(k, 1.0) * v for k, v in out["losses"].items()), encoded.text.sum() * 0.0)
+    return out
 
 
 class Head(nn.Module):

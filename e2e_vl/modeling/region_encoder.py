@@ -20,6 +20,7 @@ from detector.checkpoint.export import DETECTOR_KEY_PREFIX, TRAINED_PREFIXES
 from detector.config import CfgNode
 from detector.modeling import GeneralizedRCNN, build_detector
 from e2e_vl.modeling.embeddings import ObjectFeatureEmbedding, RunningStandardize
+from e2e_vl.modeling.heads import Encoded, run_heads
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +65,18 @@ def token_region_features(sample_objects: torch.Tensor, batch: dict[str, Any], t
 
 
 class RegionEncoder(nn.Module):
-    """Base class of the VL architectures. `__init__` takes the detector; `init_object_embedding` and
-    `init_masked_region_feature`, called by the subclass where it wants them (VL-BERT: after its text
-    encoder, so that initial values and parameter order stay those of its existing runs), add the rest. The RPN and box predictor get no gradient here (no
-    loss reaches them; they are kept for export), so optimisers and DDP ignore them."""
+    """Base class of the VL architectures: the detector in the loop, and the path from the encoder's
+    outputs to the losses that every architecture shares (`forward` = `encode` -> heads -> weighted loss).
+
+    A subclass implements `encode(batch) -> Encoded` and builds `self.heads` (`heads.build_heads`) and
+    `self.loss_weights`. `__init__` takes the detector; `init_object_embedding` (geometry + appearance ->
+    one feature per region), `init_appearance_norm` and `init_masked_region_feature`, called by the
+    subclass where it wants them (VL-BERT: after its text encoder, so that initial values and parameter
+    order stay those of its existing runs), add the rest. The RPN and box predictor get no gradient here
+    (no loss reaches them; they are kept for export), so optimisers and DDP ignore them."""
+
+    heads: nn.ModuleDict
+    loss_weights: dict[str, float]
 
     def __init__(self, detector: GeneralizedRCNN, *, masking: str = "pixel", freeze_detector: bool = False):
         super().__init__()
@@ -76,32 +85,53 @@ class RegionEncoder(nn.Module):
         self.detector = detector
         self.masking = masking
         self.freeze_detector = freeze_detector
+        self.object_embedding: ObjectFeatureEmbedding | None = None
+        self.appearance_norm: RunningStandardize | None = None
+        self.masked_region_feature: nn.Parameter | None = None
         for part in (detector.proposal_generator, detector.roi_heads.box_predictor):
             if part is not None:
                 part.requires_grad_(False)
         if freeze_detector:
             detector.requires_grad_(False)
 
+    @property
+    def appearance_dim(self) -> int:
+        """Width of the detector's pooled region features (res5 output channels)."""
+        return self.detector.roi_heads.out_channels
+
     def init_object_embedding(self, hidden: int, *, object_dropout: float, appearance_norm: str) -> None:
+        self.object_embedding = ObjectFeatureEmbedding(hidden, appearance_dim=self.appearance_dim, dropout=object_dropout)
+        self.init_appearance_norm(appearance_norm)
+
+    def init_appearance_norm(self, appearance_norm: str) -> None:
         if appearance_norm not in APPEARANCE_NORMS:
             raise ValueError(
                 f"MODEL.VLBERT.APPEARANCE_NORM: expected one of {APPEARANCE_NORMS}, got {appearance_norm!r}"
             )
-        channels = self.detector.roi_heads.out_channels
-        self.object_embedding = ObjectFeatureEmbedding(hidden, appearance_dim=channels, dropout=object_dropout)
-        self.appearance_norm = RunningStandardize(channels) if appearance_norm == "running" else None
+        self.appearance_norm = RunningStandardize(self.appearance_dim) if appearance_norm == "running" else None
 
-    def init_masked_region_feature(self, hidden: int) -> None:
-        """The learned object feature of masked regions (feature masking only). Separate from
-        `init_object_embedding` so an architecture can create it after its own parameters: parameter
-        order is the order of the optimiser's saved state."""
-        self.masked_region_feature = nn.Parameter(torch.zeros(hidden)) if self.masking == "feature" else None
+    def init_masked_region_feature(self, width: int) -> None:
+        """The learned feature of masked regions (feature masking only), `width` wide: it replaces the
+        region's object feature (or its appearance, for architectures without an object embedding).
+        Separate from `init_object_embedding` so an architecture can create it after its own parameters:
+        parameter order is the order of the optimiser's saved state."""
+        self.masked_region_feature = nn.Parameter(torch.zeros(width)) if self.masking == "feature" else None
 
     @staticmethod
     def parameter_kind(name: str) -> str:
         """'detector' for the detector's parameters, 'head' for everything an architecture adds."""
         return "detector" if name.startswith(DETECTOR_KEY_PREFIX) else "head"
 
+    # -- encoder outputs -> heads -> losses ----------------------------------------------------------------
+    def encode(self, batch: dict[str, Any]) -> Encoded:
+        """Per-token, per-region and pooled outputs of the batch (see `heads.Encoded`)."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """"loss" (weighted sum), "losses" (name -> scalar), "region_valid" and each head's outputs."""
+        return run_heads(self.heads, self.encode(batch), batch, self.loss_weights)
+
+    # -- regions -------------------------------------------------------------------------------------------
     def backbone_input(self, batch: dict[str, Any]) -> torch.Tensor:
         """The normalised image tensor the backbone sees; with pixel masking the masked boxes are zero."""
         masked = batch.get("region_masked") if self.masking == "pixel" else None
@@ -109,9 +139,10 @@ class RegionEncoder(nn.Module):
             boxes[flags.to(boxes.device).bool()] for boxes, flags in zip(batch["boxes"], masked)]
         return self.detector.prepare_batch(batch["images"], batch["image_sizes"], masked_boxes)
 
-    def encode_regions(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Object features of every region, padded per image: `[N, K_max, hidden]`, and the validity
-        `[N, K_max]`."""
+    def region_appearance(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The detector's pooled feature of every region of every image, flat over images: appearance
+        `[R, C]` (standardised when APPEARANCE_NORM is running), boxes `[R, 4]` (resized-image pixels),
+        the (w, h) of each region's image `[R, 2]`, and the number of regions per image `[N]`."""
         boxes = [b.to(self.detector.device).float() for b in batch["boxes"]]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_detector):
             res4 = self.detector.features(self.backbone_input(batch))
@@ -121,13 +152,29 @@ class RegionEncoder(nn.Module):
         counts = torch.tensor([len(b) for b in boxes], device=appearance.device)
         sizes = batch["image_sizes"].to(appearance.device)
         image_wh = sizes[:, [1, 0]].repeat_interleave(counts, dim=0)
-        objects = self.object_embedding(appearance, torch.cat(boxes), image_wh)
+        return appearance, torch.cat(boxes), image_wh, counts
+
+    def mask_region_features(self, features: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Flat per-region features with the masked regions' rows replaced by the learned masked-region
+        feature (feature masking; with pixel masking the pixels were already zeroed)."""
         masked = batch.get("region_masked")
-        if self.masked_region_feature is not None and masked is not None:
-            flat = torch.cat([m.to(objects.device) for m in masked]).bool()
-            objects = torch.where(flat[:, None], self.masked_region_feature.to(objects.dtype), objects)
-        k_max = int(counts.max())
-        valid = torch.arange(k_max, device=counts.device)[None, :] < counts[:, None]
-        padded = objects.new_zeros((len(boxes), k_max, objects.shape[1]))
-        padded[valid] = objects
-        return padded, valid
+        if self.masked_region_feature is None or masked is None:
+            return features
+        flat = torch.cat([m.to(features.device) for m in masked]).bool()
+        return torch.where(flat[:, None], self.masked_region_feature.to(features.dtype), features)
+
+    def encode_regions(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Object features of every region, padded per image: `[N, K_max, hidden]`, and the validity
+        `[N, K_max]`."""
+        appearance, boxes, image_wh, counts = self.region_appearance(batch)
+        objects = self.mask_region_features(self.object_embedding(appearance, boxes, image_wh), batch)
+        return pad_per_image(objects, counts)
+
+
+def pad_per_image(flat: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of all images `[R, D]` -> `[N, K_max, D]` zero-padded, and the validity `[N, K_max]`."""
+    k_max = int(counts.max())
+    valid = torch.arange(k_max, device=counts.device)[None, :] < counts[:, None]
+    padded = flat.new_zeros((len(counts), k_max, flat.shape[1]))
+    padded[valid] = flat
+    return padded, valid

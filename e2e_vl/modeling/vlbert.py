@@ -1,7 +1,8 @@
 """VL-BERT with the detector in the loop: one module from pixels to task losses.
 
 Data path (one call per arrow): images -> `RegionEncoder.encode_regions` (the detector in the loop, shared
-with every architecture) -> sequence embeddings -> transformers' BertModel -> heads (each with its loss).
+with every architecture) -> sequence embeddings -> transformers' BertModel -> `encode`'s outputs -> heads
+(each with its loss; `RegionEncoder.forward`, shared).
 Registered as the architecture "vlbert".
 """
 
@@ -16,7 +17,7 @@ from transformers import BertModel
 from detector.config import CfgNode
 from detector.modeling import GeneralizedRCNN
 from e2e_vl.modeling.embeddings import VisualLayerNorms
-from e2e_vl.modeling.heads import HEADS, Encoded, HeadSpec
+from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads, check_heads
 from e2e_vl.modeling.hf import (extend_token_types, load_bert, load_mlm_head_weights, load_pretrained_head_weights,
                                 load_tokenizer)
 from e2e_vl.modeling.region_encoder import RegionEncoder, build_trained_detector, token_region_features
@@ -90,11 +91,7 @@ class VLBert(RegionEncoder):
         visual_scale_object_init: float = 0.0,
         appearance_norm: str = "none",
     ):
-        unknown = set(heads) - set(HEADS)
-        if unknown:
-            raise ValueError(f"MODEL.VLBERT.HEADS: unknown heads {sorted(unknown)}; expected some of {tuple(HEADS)}")
-        if "vqa" in heads and num_answers < 1:
-            raise ValueError(f"MODEL.VLBERT.NUM_ANSWERS must be >= 1 for the vqa head, got {num_answers}")
+        check_heads(heads, num_answers)
         super().__init__(detector, masking=masking, freeze_detector=freeze_detector)
         self.bert = bert
         self.tokenizer = tokenizer
@@ -117,8 +114,7 @@ class VLBert(RegionEncoder):
             for param, token_id in ((self.end_token, sep_token_id), (self.masked_region_token, mask_token_id)):
                 if token_id is not None:
                     param.copy_(words[token_id])
-        spec = HeadSpec(config, bert.embeddings.word_embeddings, num_answers, num_mrc_classes)
-        self.heads = nn.ModuleDict({name: cls.build(spec) for name, cls in HEADS.items() if name in heads})
+        self.heads = build_heads(heads, HeadSpec(config, bert.embeddings.word_embeddings, num_answers, num_mrc_classes))
 
     # -- parameter groups for the engine ------------------------------------------------------------------
     @staticmethod
@@ -197,8 +193,10 @@ class VLBert(RegionEncoder):
             "region_valid": region_valid,
         }
 
-    # -- forward --------------------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+    # -- encoder ---------------------------------------------------------------------------------------------
+    def encode(self, batch: dict[str, Any]) -> Encoded:
+        """BERT over the compact sequence, read back per text token and region; pooled = the [CLS] output
+        (VL-BERT has no pooler layer)."""
         emb = self.embed(batch)
         hidden = self.bert(
             inputs_embeds=emb["inputs_embeds"],
@@ -209,23 +207,8 @@ class VLBert(RegionEncoder):
         size = hidden.shape[-1]
         text_out = hidden.gather(1, emb["text_index"][..., None].expand(-1, -1, size))
         region_out = hidden.gather(1, emb["region_index"][..., None].expand(-1, -1, size))
-        out: dict[str, Any] = {"losses": {}, "region_valid": emb["region_valid"]}
-        encoded = Encoded(text_out, region_out, emb["region_valid"], batch["sample_image_index"].to(hidden.device) >= 0)
-        for head in self.heads.values():
-            result = head.outputs(encoded, batch)
-            if result is not None:
-                out["losses"].update(result.pop("losses"))
-                out.update(result)
-        if not any(k.endswith("_logits") for k in out):
-            raise ValueError(
-                f"batch has inputs for none of the model's heads {list(self.heads)}; "
-                f"batch keys: {sorted(batch)}"
-            )
-        # Without targets (inference) the loss is a zero that still carries the graph.
-        out["loss"] = sum(
-            (self.loss_weights.get(k, 1.0) * v for k, v in out["losses"].items()), hidden.sum() * 0.0
-        )
-        return out
+        has_image = batch["sample_image_index"].to(hidden.device) >= 0
+        return Encoded(text_out, region_out, emb["region_valid"], has_image, pooled=text_out[:, 0])
 
 
 def _pad_flags(flags: Sequence[torch.Tensor], length: int, device: torch.device) -> torch.Tensor:
