@@ -75,6 +75,40 @@ def _vlbert_defaults() -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
+# MODEL.VISUALBERT and MODEL.LXMERT: what only those architectures read. They share MODEL.VLBERT's
+# BERT_PATH (tokenizer; text-side weights when no CHECKPOINT), BERT_RANDOM_INIT, HEADS, NUM_ANSWERS,
+# NUM_MRC_CLASSES, MASKING, FREEZE_DETECTOR, OBJECT_DROPOUT, APPEARANCE_NORM, LOSS_WEIGHTS and PRETRAIN.
+def _visualbert_defaults() -> dict:
+    return {
+        # Local Hugging Face folder of a VisualBERT (uclanlp/visualbert-* layout: config.json +
+        # model.safetensors or pytorch_model.bin; a VisualBertModel or a model with a visual_bert.* body).
+        # Empty: text side from MODEL.VLBERT.BERT_PATH, visual parts new (or all random, BERT_RANDOM_INIT).
+        "CHECKPOINT": "",
+        # Width of the region feature VisualBERT projects (its visual_embedding_dim); 0 = the checkpoint's,
+        # or the detector's res5 width. The object feature (box geometry + appearance) is made this wide.
+        "VISUAL_EMBEDDING_DIM": 0,
+        # False = the paper's "without early fusion" ablation: the text runs through every layer alone and
+        # the regions join in one extra layer on top (HF's bypass_transformer / additional_layer.* keys).
+        "EARLY_FUSION": True,
+        # False = the paper's "without grounded pre-training" ablation: the model reads the text only (the
+        # detector is not run, no region tokens); pre-train with it, then fine-tune with True.
+        "GROUNDED": True,
+    }
+
+
+def _lxmert_defaults() -> dict:
+    return {
+        # Local Hugging Face folder of an LXMERT (unc-nlp/lxmert-base-uncased layout; a LxmertModel or a model
+        # with an lxmert.* body). Empty: language layers from MODEL.VLBERT.BERT_PATH, the rest new.
+        "CHECKPOINT": "",
+        # Layers of the language, object-relationship and cross-modality encoders. 0 = the checkpoint's; without
+        # one, L = the BERT folder's layer count and R = X = 5 (LXMERT's). Set with a checkpoint, they must match it.
+        "L_LAYERS": 0,
+        "R_LAYERS": 0,
+        "X_LAYERS": 0,
+    }
+
+
 def _training_defaults() -> dict:
     """Engine-owned sections (solver, data, task, output)."""
     return {
@@ -83,7 +117,8 @@ def _training_defaults() -> dict:
         # vcr (Visual Commonsense Reasoning: Q->A, QA->R) |
         # refcoco (RefCOCO+ referring expressions: a score per region)
         "TASK": "vqa",
-        # The registered architecture (e2e_vl.modeling.registry) to train; empty = the task's default.
+        # The registered architecture (e2e_vl.modeling.registry) to train: vlbert, visualbert, lxmert; empty = the
+        # task's default.
         "MODEL": {"ARCH": ""},
         "OUTPUT_DIR": "output/easy_vqa",
         "SEED": 0,
@@ -182,9 +217,11 @@ def _training_defaults() -> dict:
 
 
 def get_train_cfg() -> CfgNode:
-    """Fresh training defaults: detector keys + MODEL.VLBERT + engine sections."""
+    """Fresh training defaults: detector keys + MODEL.VLBERT (+ VISUALBERT, LXMERT) + engine sections."""
     cfg = get_cfg()
     cfg.MODEL["VLBERT"] = CfgNode(_vlbert_defaults())
+    cfg.MODEL["VISUALBERT"] = CfgNode(_visualbert_defaults())
+    cfg.MODEL["LXMERT"] = CfgNode(_lxmert_defaults())
     _merge_new(cfg, _training_defaults())
     return cfg
 

@@ -1,15 +1,21 @@
-"""Hugging Face BERT from a local folder: weights, tokenizer, the MLM head's pre-trained weights, and
-the segment-embedding growth VL models need. Nothing here knows about regions or tasks."""
+"""Hugging Face models from local folders: BERT (weights, tokenizer, the MLM head's pre-trained weights, the
+segment-embedding growth VL models need), and strict, pickle-free loading of released VL checkpoints and
+of BERT's text side into them. Nothing here knows about regions or tasks."""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping
+import pickle
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 from transformers import BertConfig, BertModel, BertTokenizerFast
+
+from detector.checkpoint import CheckpointError
+from detector.config import CfgNode, ConfigError
+from detector.checkpoint.loading import load_state_dict_checked
 
 logger = logging.getLogger(__name__)
 
@@ -107,18 +113,77 @@ def load_pretrained_head_weights(heads: Mapping[str, nn.Module], path: str) -> l
     return filled
 
 
-def _read_checkpoint_tensors(folder: str, prefix: str | tuple[str, ...]) -> dict[str, torch.Tensor]:
-    st = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(st):
+def _weights_file(folder: str) -> str | None:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def read_hf_weights(folder: str, key: str, prefix: str | tuple[str, ...] = "") -> dict[str, torch.Tensor]:
+    """The tensors (whose names start with `prefix`) of a Hugging Face folder's model.safetensors (preferred)
+    or pytorch_model.bin, read without full pickle (torch.load weights_only). `key` names the config key
+    in errors."""
+    path = _weights_file(folder)
+    if path is None:
+        raise FileNotFoundError(f"{key}: {folder!r} has no model.safetensors or pytorch_model.bin")
+    if path.endswith(".safetensors"):
         from safetensors import safe_open
 
-        with safe_open(st, framework="pt") as f:
+        with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-    binary = os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(binary):
-        state = torch.load(binary, map_location="cpu", weights_only=True)
-        return {k: v for k, v in state.items() if k.startswith(prefix)}
-    return {}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"{key}: {path} cannot be read as plain tensors ({type(exc).__name__}: {exc})") from None
+    return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _read_checkpoint_tensors(folder: str, prefix: str | tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under `prefix`; none when the folder has no weights file."""
+    return read_hf_weights(folder, folder, prefix) if _weights_file(folder) else {}
+
+
+def load_hf_checkpoint(model: nn.Module, folder: str, base_prefix: str, key: str) -> None:
+    """Fill a transformers base model (VisualBertModel, LxmertModel) from a released folder, strictly: a
+    missing, unexpected or wrong-shaped tensor is a CheckpointError naming it and the folder.
+
+    Released files hold the base model under `base_prefix` ("visual_bert.", "lxmert.") next to their
+    pre-training or task heads, which are not part of the base model and are left out; a bare base-model
+    save has no prefix."""
+    state = read_hf_weights(folder, key)
+    if any(k.startswith(base_prefix) for k in state):
+        state = {k[len(base_prefix):]: v for k, v in state.items() if k.startswith(base_prefix)}
+    buffers = {name for name, _ in model.named_buffers()} - set(model.state_dict())  # non-persistent
+    state = {k: v for k, v in state.items() if k not in buffers}
+    load_state_dict_checked(model, state, strict=True, source=f"{key} {folder}")
+
+
+# The sizes a VL transformer started from a BERT folder takes from BERT's config.
+BERT_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "hidden_act",
+                    "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+                    "type_vocab_size", "initializer_range")
+
+
+def bert_text_config(path: str) -> BertConfig:
+    """The BERT folder's config (MODEL.VLBERT.BERT_PATH; empty = the embedded MiniLM): the text side's
+    sizes of a model started from it."""
+    return BertConfig.from_pretrained(resolve_bert_path(path))
+
+
+def copy_bert_text_side(model: nn.Module, path: str, num_layers: int) -> list[str]:
+    """Copy BERT's embeddings and first `num_layers` encoder layers (loaded strictly by `load_bert`) into a
+    model whose text side uses BERT's names (`embeddings.*`, `encoder.layer.<i>.*`); returns the keys
+    filled. Everything else of `model` keeps its initial values."""
+    bert = load_bert(path)
+    if num_layers > bert.config.num_hidden_layers:
+        raise ValueError(f"MODEL.VLBERT.BERT_PATH {resolve_bert_path(path)}: {num_layers} text layers asked for, "
+                         f"the checkpoint has {bert.config.num_hidden_layers}")
+    layers = tuple(f"encoder.layer.{i}." for i in range(num_layers))
+    state = {k: v for k, v in bert.state_dict().items() if k.startswith("embeddings.") or k.startswith(layers)}
+    state = {k: v for k, v in state.items() if k in model.state_dict()}  # not BERT's position_ids buffer
+    model.load_state_dict(state, strict=False)  # same names and sizes: the model was built from BERT's config
+    return sorted(state)
 
 
 def extend_token_types(bert: BertModel, num_types: int) -> None:
@@ -132,3 +197,19 @@ def extend_token_types(bert: BertModel, num_types: int) -> None:
         new.weight[old.num_embeddings :] = old.weight[0]
     bert.embeddings.token_type_embeddings = new
     bert.config.type_vocab_size = num_types
+
+
+def check_vocabulary(tokenizer: Any, vocab_size: int) -> None:
+    """The tokenizer (MODEL.VLBERT.BERT_PATH) must not produce ids beyond the transformer's word table."""
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"the tokenizer of 'MODEL.VLBERT.BERT_PATH' has {len(tokenizer)} tokens but the "
+                          f"transformer's vocabulary has {vocab_size}: use the tokenizer its checkpoint was trained with")
+
+
+def load_pretrained_mlm_head(heads: Mapping[str, nn.Module], checkpoint: str, v: CfgNode) -> None:
+    """The MLM head's transform and bias from the released checkpoint's `cls.predictions.*`, or from BERT's
+    when the text side came from BERT (nothing with random initialisation)."""
+    if checkpoint:
+        load_mlm_head_weights(heads, checkpoint)
+    elif not v.BERT_RANDOM_INIT:
+        load_mlm_head_weights(heads, v.BERT_PATH)

@@ -1,0 +1,168 @@
+"""LXMERT (Tan & Bansal 2019) with the detector in the loop: transformers' `LxmertModel` (language,
+object-relationship and cross-modality encoders) reads our region features and boxes, so its gradients
+reach the detector. Registered as the architecture "lxmert".
+
+Data path: images -> `RegionEncoder.region_appearance` (pixel masking, the detector's pooled res5 feature
+of every box, optionally standardised) -> LxmertModel with the boxes as LXMERT's position input, the
+corners normalised by the image size (x1/W, y1/H, x2/W, y2/H) -> language output (per token), vision
+output (per region), pooled output (LXMERT's pooler on the language [CLS]) -> the shared heads. LXMERT
+encodes geometry itself, so no object embedding is added: the feature width is the detector's (LXMERT's
+released weights expect 2048, the width of the VG R101-C4 detector's res5).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from transformers import BertConfig, LxmertConfig, LxmertModel
+
+from detector.config import CfgNode, ConfigError
+from detector.modeling import GeneralizedRCNN
+from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads, check_heads
+from e2e_vl.modeling.hf import (BERT_SHAPE_KEYS, bert_text_config, check_vocabulary, copy_bert_text_side,
+                                load_hf_checkpoint, load_pretrained_mlm_head, load_tokenizer)
+from e2e_vl.modeling.region_encoder import RegionEncoder, build_trained_detector, pad_per_image
+from e2e_vl.modeling.registry import register_model
+
+# LXMERT's object-relationship and cross-modality depths, used when no checkpoint says otherwise.
+DEFAULT_R_LAYERS = 5
+DEFAULT_X_LAYERS = 5
+LAYER_KEYS = ("L_LAYERS", "R_LAYERS", "X_LAYERS")
+# LxmertConfig has no layer_norm_eps: its LayerNorms use 1e-12 throughout, and so do the heads here.
+LXMERT_LAYER_NORM_EPS = 1e-12
+
+
+class Lxmert(RegionEncoder):
+    """LXMERT trained end to end. The batch is `VLBert`'s (`e2e_vl.modeling.vlbert`). Text-only samples get
+    all-zero regions that their attention mask hides; a batch without images gets one such region, since
+    the cross-modality layers need a visual sequence.
+
+    `new_parameters`: names inside `lxmert` left new although the text side came from BERT ('head'
+    parameters for the optimiser)."""
+
+    def __init__(
+        self,
+        detector: GeneralizedRCNN,
+        lxmert: LxmertModel,
+        *,
+        heads: Sequence[str] = ("vqa",),
+        num_answers: int = 0,
+        num_mrc_classes: int = 1601,
+        masking: str = "pixel",
+        freeze_detector: bool = False,
+        appearance_norm: str = "none",
+        loss_weights: dict[str, float] | None = None,
+        tokenizer: Any = None,
+        new_parameters: Sequence[str] = (),
+    ):
+        check_heads(heads, num_answers)
+        super().__init__(detector, masking=masking, freeze_detector=freeze_detector)
+        config = lxmert.config
+        if config.visual_feat_dim != self.appearance_dim or config.visual_pos_dim != 4:
+            raise ValueError(f"LXMERT reads {config.visual_feat_dim}-d features and {config.visual_pos_dim}-d "
+                             f"positions; the detector gives {self.appearance_dim}-d features and 4-d boxes")
+        self.lxmert = lxmert
+        self.tokenizer = tokenizer
+        self.loss_weights = dict(loss_weights or {})
+        self.new_parameters = frozenset(f"lxmert.{name}" for name in new_parameters)
+        self.init_appearance_norm(appearance_norm)
+        self.init_masked_region_feature(self.appearance_dim)
+        head_config = BertConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                                 hidden_act=config.hidden_act, layer_norm_eps=LXMERT_LAYER_NORM_EPS)
+        spec = HeadSpec(head_config, lxmert.embeddings.word_embeddings, num_answers, num_mrc_classes)
+        self.heads = build_heads(heads, spec)
+
+    def parameter_kind(self, name: str) -> str:
+        """'bert' for LXMERT's encoders (pre-trained or not), 'head' for the parts a BERT folder did not
+        fill and everything added here, 'detector' for the detector."""
+        if name.startswith("lxmert.") and name not in self.new_parameters:
+            return "bert"
+        return RegionEncoder.parameter_kind(name)
+
+    def enable_gradient_checkpointing(self) -> None:
+        raise ConfigError("SOLVER.GRADIENT_CHECKPOINTING: transformers' LxmertModel does not support it")
+
+    def region_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per image: features `[N, K_max, C]` (masked regions replaced under feature masking), LXMERT's
+        normalised corners `[N, K_max, 4]`, validity `[N, K_max]`."""
+        appearance, boxes, image_wh, counts = self.region_appearance(batch)
+        features, valid = pad_per_image(self.mask_region_features(appearance, batch), counts)
+        positions, _ = pad_per_image(boxes / image_wh.repeat(1, 2).to(boxes.dtype), counts)
+        return features, positions, valid
+
+    def encode(self, batch: dict[str, Any]) -> Encoded:
+        device = self.lxmert.device
+        ids = batch["input_ids"].to(device)
+        image_index = batch["sample_image_index"].to(device)
+        has_image = image_index >= 0
+        if bool(has_image.any()):
+            features, positions, valid = self.region_inputs(batch)
+            slot = image_index.clamp(min=0)
+            keep = has_image[:, None, None]  # text-only samples see zeros, not another sample's image
+            features = torch.where(keep, features[slot], 0.0)
+            positions = torch.where(keep, positions[slot], 0.0)
+            region_valid = valid[slot] & has_image[:, None]
+        else:
+            features = torch.zeros(len(ids), 1, self.appearance_dim, device=device)
+            positions = torch.zeros(len(ids), 1, 4, device=device)
+            region_valid = torch.zeros(len(ids), 1, dtype=torch.bool, device=device)
+        out = self.lxmert(
+            input_ids=ids, visual_feats=features, visual_pos=positions,
+            attention_mask=batch["text_mask"].to(device).long(), visual_attention_mask=region_valid.long(),
+            token_type_ids=batch["token_type_ids"].to(device),
+        )
+        k_len = region_valid.shape[1] if bool(has_image.any()) else 0
+        return Encoded(out.language_output, out.vision_output[:, :k_len], region_valid[:, :k_len], has_image,
+                       out.pooled_output)
+
+
+def build_lxmert_transformer(cfg: CfgNode, appearance_dim: int) -> tuple[LxmertModel, list[str]]:
+    """LxmertModel per MODEL.LXMERT, and the names of its tensors left new although others came from a
+    file. From CHECKPOINT: everything, strictly (its depths; set ones must match). Else from
+    MODEL.VLBERT.BERT_PATH's BERT: embeddings and the first L_LAYERS layers as the language encoder (L = all
+    of BERT's by default), the object-relationship and cross-modality encoders and the pooler new; with
+    BERT_RANDOM_INIT nothing is loaded."""
+    v, lx = cfg.MODEL.VLBERT, cfg.MODEL.LXMERT
+    if lx.CHECKPOINT:
+        config = LxmertConfig.from_pretrained(lx.CHECKPOINT)
+        have = dict(zip(LAYER_KEYS, (config.l_layers, config.r_layers, config.x_layers)))
+        for key, value in have.items():
+            if lx[key] and lx[key] != value:
+                raise ConfigError(f"'MODEL.LXMERT.{key}' {lx[key]} differs from {lx.CHECKPOINT}'s {value}; set 0")
+        if config.visual_feat_dim != appearance_dim:
+            raise ConfigError(f"MODEL.LXMERT.CHECKPOINT {lx.CHECKPOINT} reads {config.visual_feat_dim}-d region "
+                              f"features; the detector's res5 gives {appearance_dim}")
+        model = LxmertModel(config)
+        load_hf_checkpoint(model, lx.CHECKPOINT, "lxmert.", "MODEL.LXMERT.CHECKPOINT")
+        return model, []
+    bert = bert_text_config(v.BERT_PATH)
+    config = LxmertConfig(
+        **{k: getattr(bert, k) for k in BERT_SHAPE_KEYS}, l_layers=lx.L_LAYERS or bert.num_hidden_layers,
+        r_layers=lx.R_LAYERS or DEFAULT_R_LAYERS, x_layers=lx.X_LAYERS or DEFAULT_X_LAYERS,
+        visual_feat_dim=appearance_dim, visual_pos_dim=4, pad_token_id=bert.pad_token_id,
+    )
+    model = LxmertModel(config)
+    if v.BERT_RANDOM_INIT:
+        return model, []
+    loaded = copy_bert_text_side(model, v.BERT_PATH, config.l_layers)
+    return model, sorted(set(model.state_dict()) - set(loaded))
+
+
+@register_model("lxmert")
+def build_lxmert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> Lxmert:
+    """LXMERT per `cfg` (detector keys, MODEL.VLBERT's shared keys, MODEL.LXMERT); the tokenizer comes from
+    MODEL.VLBERT.BERT_PATH."""
+    v = cfg.MODEL.VLBERT
+    check_heads(v.HEADS, v.NUM_ANSWERS)
+    detector = detector if detector is not None else build_trained_detector(cfg)
+    tokenizer = load_tokenizer(v.BERT_PATH)
+    transformer, new = build_lxmert_transformer(cfg, detector.roi_heads.out_channels)
+    check_vocabulary(tokenizer, transformer.config.vocab_size)
+    model = Lxmert(
+        detector, transformer, heads=v.HEADS, num_answers=v.NUM_ANSWERS, num_mrc_classes=v.NUM_MRC_CLASSES,
+        masking=v.MASKING, freeze_detector=v.FREEZE_DETECTOR, appearance_norm=v.APPEARANCE_NORM,
+        loss_weights={k.lower(): float(w) for k, w in v.LOSS_WEIGHTS.items()}, tokenizer=tokenizer,
+        new_parameters=new,
+    )
+    load_pretrained_mlm_head(model.heads, cfg.MODEL.LXMERT.CHECKPOINT, v)
+    return model
