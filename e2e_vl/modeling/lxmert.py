@@ -18,10 +18,10 @@ from transformers import BertConfig, LxmertConfig, LxmertModel
 
 from detector.config import CfgNode, ConfigError
 from detector.modeling import GeneralizedRCNN
-from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads, check_heads
-from e2e_vl.modeling.hf import (BERT_SHAPE_KEYS, bert_text_config, check_vocabulary, copy_bert_text_side,
-                                load_hf_checkpoint, load_pretrained_mlm_head, load_tokenizer)
-from e2e_vl.modeling.region_encoder import RegionEncoder, build_trained_detector, pad_per_image
+from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads
+from e2e_vl.modeling.hf import BERT_SHAPE_KEYS, bert_text_config, copy_bert_text_side, load_hf_checkpoint
+from e2e_vl.modeling.hf_region_model import HFRegionModel, ModelOptions, build_hf_region_model
+from e2e_vl.modeling.region_encoder import pad_per_image
 from e2e_vl.modeling.registry import register_model
 
 # LXMERT's object-relationship and cross-modality depths, used when no checkpoint says otherwise.
@@ -32,52 +32,27 @@ LAYER_KEYS = ("L_LAYERS", "R_LAYERS", "X_LAYERS")
 LXMERT_LAYER_NORM_EPS = 1e-12
 
 
-class Lxmert(RegionEncoder):
+class Lxmert(HFRegionModel):
     """LXMERT trained end to end. The batch is `VLBert`'s (`e2e_vl.modeling.vlbert`). Text-only samples get
     all-zero regions that their attention mask hides; a batch without images gets one such region, since
-    the cross-modality layers need a visual sequence.
+    the cross-modality layers need a visual sequence."""
 
-    `new_parameters`: names inside `lxmert` left new although the text side came from BERT ('head'
-    parameters for the optimiser)."""
+    body_name = "lxmert"
 
-    def __init__(
-        self,
-        detector: GeneralizedRCNN,
-        lxmert: LxmertModel,
-        *,
-        heads: Sequence[str] = ("vqa",),
-        num_answers: int = 0,
-        num_mrc_classes: int = 1601,
-        masking: str = "pixel",
-        freeze_detector: bool = False,
-        appearance_norm: str = "none",
-        loss_weights: dict[str, float] | None = None,
-        tokenizer: Any = None,
-        new_parameters: Sequence[str] = (),
-    ):
-        check_heads(heads, num_answers)
-        super().__init__(detector, masking=masking, freeze_detector=freeze_detector)
+    def __init__(self, detector: GeneralizedRCNN, lxmert: LxmertModel, options: ModelOptions = ModelOptions(), *,
+                 tokenizer: Any = None, new_parameters: Sequence[str] = ()):
+        super().__init__(detector, options, tokenizer=tokenizer, new_parameters=new_parameters)
         config = lxmert.config
         if config.visual_feat_dim != self.appearance_dim or config.visual_pos_dim != 4:
             raise ValueError(f"LXMERT reads {config.visual_feat_dim}-d features and {config.visual_pos_dim}-d "
                              f"positions; the detector gives {self.appearance_dim}-d features and 4-d boxes")
         self.lxmert = lxmert
-        self.tokenizer = tokenizer
-        self.loss_weights = dict(loss_weights or {})
-        self.new_parameters = frozenset(f"lxmert.{name}" for name in new_parameters)
-        self.init_appearance_norm(appearance_norm)
+        self.init_appearance_norm(options.appearance_norm)
         self.init_masked_region_feature(self.appearance_dim)
         head_config = BertConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                                  hidden_act=config.hidden_act, layer_norm_eps=LXMERT_LAYER_NORM_EPS)
-        spec = HeadSpec(head_config, lxmert.embeddings.word_embeddings, num_answers, num_mrc_classes)
-        self.heads = build_heads(heads, spec)
-
-    def parameter_kind(self, name: str) -> str:
-        """'bert' for LXMERT's encoders (pre-trained or not), 'head' for the parts a BERT folder did not
-        fill and everything added here, 'detector' for the detector."""
-        if name.startswith("lxmert.") and name not in self.new_parameters:
-            return "bert"
-        return RegionEncoder.parameter_kind(name)
+        spec = HeadSpec(head_config, lxmert.embeddings.word_embeddings, options.num_answers, options.num_mrc_classes)
+        self.heads = build_heads(options.heads, spec)
 
     def enable_gradient_checkpointing(self) -> None:
         raise ConfigError("SOLVER.GRADIENT_CHECKPOINTING: transformers' LxmertModel does not support it")
@@ -150,19 +125,5 @@ def build_lxmert_transformer(cfg: CfgNode, appearance_dim: int) -> tuple[LxmertM
 
 @register_model("lxmert")
 def build_lxmert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> Lxmert:
-    """LXMERT per `cfg` (detector keys, MODEL.VLBERT's shared keys, MODEL.LXMERT); the tokenizer comes from
-    MODEL.VLBERT.BERT_PATH."""
-    v = cfg.MODEL.VLBERT
-    check_heads(v.HEADS, v.NUM_ANSWERS)
-    detector = detector if detector is not None else build_trained_detector(cfg)
-    tokenizer = load_tokenizer(v.BERT_PATH)
-    transformer, new = build_lxmert_transformer(cfg, detector.roi_heads.out_channels)
-    check_vocabulary(tokenizer, transformer.config.vocab_size)
-    model = Lxmert(
-        detector, transformer, heads=v.HEADS, num_answers=v.NUM_ANSWERS, num_mrc_classes=v.NUM_MRC_CLASSES,
-        masking=v.MASKING, freeze_detector=v.FREEZE_DETECTOR, appearance_norm=v.APPEARANCE_NORM,
-        loss_weights={k.lower(): float(w) for k, w in v.LOSS_WEIGHTS.items()}, tokenizer=tokenizer,
-        new_parameters=new,
-    )
-    load_pretrained_mlm_head(model.heads, cfg.MODEL.LXMERT.CHECKPOINT, v)
-    return model
+    """LXMERT per `cfg` (detector keys, MODEL.VLBERT's shared keys, MODEL.LXMERT)."""
+    return build_hf_region_model(cfg, detector, Lxmert, build_lxmert_transformer, cfg.MODEL.LXMERT.CHECKPOINT)

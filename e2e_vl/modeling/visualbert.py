@@ -25,64 +25,38 @@ from transformers import VisualBertConfig, VisualBertModel
 
 from detector.config import CfgNode, ConfigError
 from detector.modeling import GeneralizedRCNN
-from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads, check_heads
-from e2e_vl.modeling.hf import (BERT_SHAPE_KEYS, bert_text_config, check_vocabulary, copy_bert_text_side,
-                                load_hf_checkpoint, load_pretrained_mlm_head, load_tokenizer)
-from e2e_vl.modeling.region_encoder import RegionEncoder, build_trained_detector
+from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads
+from e2e_vl.modeling.hf import BERT_SHAPE_KEYS, bert_text_config, copy_bert_text_side, load_hf_checkpoint
+from e2e_vl.modeling.hf_region_model import HFRegionModel, ModelOptions, build_hf_region_model
 from e2e_vl.modeling.registry import register_model
 
 # Heads that read region outputs: a model that never sees the image cannot feed them.
 REGION_HEADS = ("mrc", "ref")
 
 
-class VisualBert(RegionEncoder):
+class VisualBert(HFRegionModel):
     """VisualBERT trained end to end. The batch is `VLBert`'s (`e2e_vl.modeling.vlbert`); each sample's
     sequence is its text `[B, T]` followed by its image's regions `[B, K_max]` (box 0 the whole image),
-    padding masked out; text-only samples have no valid region.
+    padding masked out; text-only samples have no valid region. `grounded` False: see the module."""
 
-    `new_parameters`: names inside `visual_bert` that did not come from a file although others did (the
-    visual parts when the text side came from BERT): they are 'head' parameters for the optimiser."""
+    body_name = "visual_bert"
 
-    def __init__(
-        self,
-        detector: GeneralizedRCNN,
-        visual_bert: VisualBertModel,
-        *,
-        heads: Sequence[str] = ("vqa",),
-        num_answers: int = 0,
-        num_mrc_classes: int = 1601,
-        masking: str = "pixel",
-        freeze_detector: bool = False,
-        object_dropout: float = 0.1,
-        appearance_norm: str = "none",
-        loss_weights: dict[str, float] | None = None,
-        tokenizer: Any = None,
-        grounded: bool = True,
-        new_parameters: Sequence[str] = (),
-    ):
-        check_heads(heads, num_answers)
-        if not grounded and set(heads) & set(REGION_HEADS):
-            raise ConfigError(f"MODEL.VISUALBERT.GROUNDED false reads no image, so the region heads "
-                              f"{sorted(set(heads) & set(REGION_HEADS))} cannot be trained; drop them from MODEL.VLBERT.HEADS")
-        super().__init__(detector, masking=masking, freeze_detector=freeze_detector)
+    def __init__(self, detector: GeneralizedRCNN, visual_bert: VisualBertModel, options: ModelOptions = ModelOptions(),
+                 *, tokenizer: Any = None, new_parameters: Sequence[str] = (), grounded: bool = True):
+        region_heads = sorted(set(options.heads) & set(REGION_HEADS))
+        if not grounded and region_heads:
+            raise ConfigError(f"MODEL.VISUALBERT.GROUNDED false reads no image, so the region heads {region_heads} "
+                              "cannot be trained; drop them from MODEL.VLBERT.HEADS")
+        super().__init__(detector, options, tokenizer=tokenizer, new_parameters=new_parameters)
         self.visual_bert = visual_bert
-        self.tokenizer = tokenizer
         self.grounded = grounded
         self.early_fusion = not visual_bert.config.bypass_transformer
-        self.loss_weights = dict(loss_weights or {})
-        self.new_parameters = frozenset(f"visual_bert.{name}" for name in new_parameters)
         width = visual_bert.config.visual_embedding_dim
-        self.init_object_embedding(width, object_dropout=object_dropout, appearance_norm=appearance_norm)
+        self.init_object_embedding(width, object_dropout=options.object_dropout, appearance_norm=options.appearance_norm)
         self.init_masked_region_feature(width)
-        spec = HeadSpec(visual_bert.config, visual_bert.embeddings.word_embeddings, num_answers, num_mrc_classes)
-        self.heads = build_heads(heads, spec)
-
-    def parameter_kind(self, name: str) -> str:
-        """'bert' for VisualBERT's transformer (pre-trained or not), 'head' for its layers that a text-only
-        checkpoint did not fill and for everything added here, 'detector' for the detector."""
-        if name.startswith("visual_bert.") and name not in self.new_parameters:
-            return "bert"
-        return RegionEncoder.parameter_kind(name)
+        spec = HeadSpec(visual_bert.config, visual_bert.embeddings.word_embeddings, options.num_answers,
+                        options.num_mrc_classes)
+        self.heads = build_heads(options.heads, spec)
 
     def enable_gradient_checkpointing(self) -> None:
         self.visual_bert.gradient_checkpointing_enable()
@@ -163,19 +137,7 @@ def build_visualbert_transformer(cfg: CfgNode, appearance_dim: int) -> tuple[Vis
 
 @register_model("visualbert")
 def build_visualbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> VisualBert:
-    """VisualBERT per `cfg` (detector keys, MODEL.VLBERT's shared keys, MODEL.VISUALBERT). The tokenizer
-    comes from MODEL.VLBERT.BERT_PATH (released VisualBERT folders ship none; they use bert-base-uncased's)."""
-    v = cfg.MODEL.VLBERT
-    check_heads(v.HEADS, v.NUM_ANSWERS)
-    detector = detector if detector is not None else build_trained_detector(cfg)
-    tokenizer = load_tokenizer(v.BERT_PATH)
-    transformer, new = build_visualbert_transformer(cfg, detector.roi_heads.out_channels)
-    check_vocabulary(tokenizer, transformer.config.vocab_size)
-    model = VisualBert(
-        detector, transformer, heads=v.HEADS, num_answers=v.NUM_ANSWERS, num_mrc_classes=v.NUM_MRC_CLASSES,
-        masking=v.MASKING, freeze_detector=v.FREEZE_DETECTOR, object_dropout=v.OBJECT_DROPOUT,
-        appearance_norm=v.APPEARANCE_NORM, loss_weights={k.lower(): float(w) for k, w in v.LOSS_WEIGHTS.items()},
-        tokenizer=tokenizer, grounded=cfg.MODEL.VISUALBERT.GROUNDED, new_parameters=new,
-    )
-    load_pretrained_mlm_head(model.heads, cfg.MODEL.VISUALBERT.CHECKPOINT, v)
-    return model
+    """VisualBERT per `cfg` (detector keys, MODEL.VLBERT's shared keys, MODEL.VISUALBERT)."""
+    vb = cfg.MODEL.VISUALBERT
+    return build_hf_region_model(cfg, detector, VisualBert, build_visualbert_transformer, vb.CHECKPOINT,
+                                 grounded=vb.GROUNDED)
