@@ -9,6 +9,7 @@ A tiny BERT folder (2 layers, 32 wide, BERT's uncased vocabulary and tokenizer) 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -25,6 +26,7 @@ from e2e_vl.modeling.hf import load_tokenizer
 from e2e_vl.modeling.registry import build_model
 from test_vlbert import NUM_CLASSES, VOCAB, capture_backbone_input, image_sample, tiny_detector_cfg
 
+REPO = Path(__file__).resolve().parents[1]
 ARCHS = ["visualbert", "lxmert"]
 HIDDEN = 32
 NUM_ANSWERS = 5
@@ -232,25 +234,20 @@ def test_lxmert_layer_counts(bert_folder, tmp_path):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_easy_vqa_fine_tuning_learns(arch, bert_folder, tmp_path):
-    """The shared VQA task and training loop, unchanged, train each architecture: the answer loss ends
-    well below its start within 60 steps."""
+    """configs/easy_vqa/smoke.yaml through the shared VQA task, training loop and evaluator, unchanged, for
+    each architecture (with the tiny BERT): the answer loss ends well below its start within 60 steps."""
     from e2e_vl.engine.trainer import train
     from e2e_vl.tasks import get_task
 
-    cfg = arch_cfg(
-        arch, bert_folder, "MODEL.VLBERT.HEADS", "['vqa']", "MODEL.VLBERT.NUM_ANSWERS", "13",
-        "DATASETS.TRAIN", "easy_vqa_train", "DATASETS.TEST", "", "DATASETS.TRAIN_LIMIT", "96",
-        "INPUT.MIN_SIZE_TRAIN", "[64]", "INPUT.MAX_SIZE_TRAIN", "64", "DATALOADER.NUM_WORKERS", "0",
-        "DATALOADER.QUESTIONS_PER_IMAGE", "4", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "60",
-        "SOLVER.BASE_LR", "2e-3", "SOLVER.WARMUP_ITERS", "0", "SOLVER.LOG_PERIOD", "1",
-        "SOLVER.CHECKPOINT_PERIOD", "1000", "OUTPUT_DIR", str(tmp_path),
-    )
+    cfg = get_train_cfg()
+    cfg.merge_from_file(REPO / "configs" / "easy_vqa" / "smoke.yaml")
+    cfg.merge_from_list(["MODEL.ARCH", arch, "MODEL.VLBERT.BERT_PATH", bert_folder, "OUTPUT_DIR", str(tmp_path)])
+    cfg.freeze()
     torch.manual_seed(0)
     model = build_model(cfg, arch)
-    task = get_task("vqa").build(cfg, model, torch.device("cpu"), False)
-    train(cfg.freeze(), model, task, torch.device("cpu"))
+    metrics = train(cfg, model, get_task("vqa").build(cfg, model, torch.device("cpu"), False), torch.device("cpu"))
     losses = [json.loads(line)["train/loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
               if "train/loss" in line]
-    assert len(losses) == 60
+    assert len(losses) == 60 and 0.0 <= metrics["accuracy"] <= 1.0
     start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert end < 0.5 * start, losses
