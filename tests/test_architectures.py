@@ -140,6 +140,22 @@ def test_text_side_from_the_bert_folder_the_rest_new(arch, bert_folder):
                            bert["embeddings.word_embeddings.weight"])
 
 
+# Whether the architecture's transformer supports SOLVER.GRADIENT_CHECKPOINTING (transformers' LXMERT does not).
+CHECKPOINTING = {"visualbert": True, "lxmert": False}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradient_checkpointing_runs_or_is_refused_by_name(arch, bert_folder):
+    model = build(arch, bert_folder).train()
+    if not CHECKPOINTING[arch]:
+        with pytest.raises(ConfigError, match="GRADIENT_CHECKPOINTING"):
+            model.enable_gradient_checkpointing()
+        return
+    model.enable_gradient_checkpointing()
+    model(mixed_batch())["loss"].backward()
+    assert model.detector.roi_heads.res5[0].conv1.weight.grad.abs().sum() > 0
+
+
 def _visualbert_release(folder, appearance_dim: int) -> None:
     config = VisualBertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
                               intermediate_size=64, max_position_embeddings=64, visual_embedding_dim=24)

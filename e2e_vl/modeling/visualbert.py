@@ -59,7 +59,7 @@ class VisualBert(HFRegionModel):
         self.heads = build_heads(options.heads, spec)
 
     def enable_gradient_checkpointing(self) -> None:
-        self.visual_bert.gradient_checkpointing_enable()
+        self.visual_bert.activation_checkpointing_enable()
 
     def encode(self, batch: dict[str, Any]) -> Encoded:
         device = self.visual_bert.device
