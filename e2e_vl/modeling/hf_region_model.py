@@ -61,7 +61,7 @@ class HFRegionModel(RegionEncoder):
         return RegionEncoder.parameter_kind(name)
 
 
-BodyBuilder = Callable[[CfgNode, int], "tuple[nn.Module, list[str]]"]
+BodyBuilder = Callable[[CfgNode, int], tuple[nn.Module, list[str]]]
 
 
 def build_hf_region_model(cfg: CfgNode, detector: GeneralizedRCNN | None, cls: type[HFRegionModel],
