@@ -140,6 +140,18 @@ def test_text_side_from_the_bert_folder_the_rest_new(arch, bert_folder):
                            bert["embeddings.word_embeddings.weight"])
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_vcr_head_scores_choices_and_starts_from_bert_s_pooler(arch, bert_folder):
+    model = build(arch, bert_folder, "MODEL.VLBERT.HEADS", "['vcr']")
+    pooler = load_file(f"{bert_folder}/model.safetensors")["pooler.dense.weight"]
+    assert torch.equal(model.heads["vcr"].pooler.dense.weight, pooler)
+    choices = [image_sample(seed=i, image_key="img", **({"choice_label": 2} if i == 0 else {})) for i in range(4)]
+    for sample in choices[1:]:
+        sample.update(image=choices[0]["image"], boxes=choices[0]["boxes"])
+    out = model(collate_samples(choices))
+    assert out["vcr_logits"].shape == (1, 4) and torch.isfinite(out["losses"]["vcr"])
+
+
 # Whether the architecture's transformer supports SOLVER.GRADIENT_CHECKPOINTING (transformers' LXMERT does not).
 CHECKPOINTING = {"visualbert": True, "lxmert": False}
 

@@ -206,10 +206,12 @@ def check_vocabulary(tokenizer: Any, vocab_size: int) -> None:
                           f"transformer's vocabulary has {vocab_size}: use the tokenizer its checkpoint was trained with")
 
 
-def load_pretrained_mlm_head(heads: Mapping[str, nn.Module], checkpoint: str, v: CfgNode) -> None:
-    """The MLM head's transform and bias from the released checkpoint's `cls.predictions.*`, or from BERT's
-    when the text side came from BERT (nothing with random initialisation)."""
+def load_pretrained_heads(heads: Mapping[str, nn.Module], checkpoint: str, v: CfgNode) -> None:
+    """Heads that start from pre-trained tensors: the MLM head's transform and bias from a released
+    checkpoint's `cls.predictions.*`; or, when the text side came from MODEL.VLBERT.BERT_PATH, from BERT's,
+    with every head's `pretrained_prefix` tensors (the VCR head's pooler). Nothing with random init."""
     if checkpoint:
         load_mlm_head_weights(heads, checkpoint)
     elif not v.BERT_RANDOM_INIT:
         load_mlm_head_weights(heads, v.BERT_PATH)
+        load_pretrained_head_weights(heads, v.BERT_PATH)

@@ -12,7 +12,7 @@ from torch import nn
 from detector.config import CfgNode
 from detector.modeling import GeneralizedRCNN
 from e2e_vl.modeling.heads import check_heads
-from e2e_vl.modeling.hf import check_vocabulary, load_pretrained_mlm_head, load_tokenizer
+from e2e_vl.modeling.hf import check_vocabulary, load_pretrained_heads, load_tokenizer
 from e2e_vl.modeling.region_encoder import RegionEncoder, build_trained_detector
 
 
@@ -68,8 +68,8 @@ def build_hf_region_model(cfg: CfgNode, detector: GeneralizedRCNN | None, cls: t
                           build_body: BodyBuilder, checkpoint: str, **extra: Any) -> HFRegionModel:
     """`cls` per `cfg`: heads checked first, the detector (MODEL.WEIGHTS), the tokenizer of
     MODEL.VLBERT.BERT_PATH (released VisualBERT and LXMERT folders are used with BERT's uncased one),
-    `build_body(cfg, appearance_dim)` -> (transformer, new parameter names), then the MLM head's
-    pre-trained weights from `checkpoint` or BERT."""
+    `build_body(cfg, appearance_dim)` -> (transformer, new parameter names), then the heads' pre-trained
+    weights from `checkpoint` or BERT (`hf.load_pretrained_heads`)."""
     options = ModelOptions.from_cfg(cfg)
     check_heads(options.heads, options.num_answers)
     detector = detector if detector is not None else build_trained_detector(cfg)
@@ -77,5 +77,5 @@ def build_hf_region_model(cfg: CfgNode, detector: GeneralizedRCNN | None, cls: t
     body, new = build_body(cfg, detector.roi_heads.out_channels)
     check_vocabulary(tokenizer, body.config.vocab_size)
     model = cls(detector, body, options, tokenizer=tokenizer, new_parameters=new, **extra)
-    load_pretrained_mlm_head(model.heads, checkpoint, cfg.MODEL.VLBERT)
+    load_pretrained_heads(model.heads, checkpoint, cfg.MODEL.VLBERT)
     return model
