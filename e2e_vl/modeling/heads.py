@@ -25,13 +25,13 @@ class Encoded:
     """What heads read, whatever the architecture: the final hidden state of every text token `[B, T, h]`
     and region `[B, K, h]`, which regions exist, which samples have an image, and one pooled vector per
     sample `[B, h]` (the architecture's own summary: VL-BERT's [CLS] output, the pooler of VisualBERT and
-    LXMERT)."""
+    LXMERT; every architecture sets it, None is for hand-built inputs to heads that do not read it)."""
 
     text: torch.Tensor
     regions: torch.Tensor
     region_valid: torch.Tensor
     has_image: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
