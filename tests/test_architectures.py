@@ -104,6 +104,27 @@ def test_one_step_trains_the_detector_through_pixel_masking(arch, bert_folder):
         assert not any(changed(frozen)), frozen
 
 
+# The layer of each architecture that first reads the per-region features we feed it.
+VISUAL_INPUT: dict[str, Callable] = {
+    "visualbert": lambda model: model.visual_bert.embeddings.visual_projection,
+    "lxmert": lambda model: model.lxmert.encoder.visn_fc.visn_fc,
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_feature_masking_replaces_the_masked_region_s_input_and_leaves_pixels(arch, bert_folder):
+    model = build(arch, bert_folder, "MODEL.VLBERT.MASKING", "feature").eval()
+    with torch.no_grad():
+        model.masked_region_feature.normal_()
+    seen, fed = capture_backbone_input(model), []
+    VISUAL_INPUT[arch](model).register_forward_pre_hook(lambda mod, args: fed.append(args[0]))
+    batch = mixed_batch(region_masked=torch.tensor([False, True, False]))
+    model.encode(batch)
+    assert torch.equal(seen[0], model.detector.preprocess_image(batch["images"].float()))
+    assert torch.equal(fed[0][0, 1], model.masked_region_feature)
+    assert not torch.equal(fed[0][0, 2], model.masked_region_feature)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_outputs_per_token_region_and_pooled(arch, bert_folder):
     model = build(arch, bert_folder).eval()
