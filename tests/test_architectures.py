@@ -142,6 +142,9 @@ def test_outputs_per_token_region_and_pooled(arch, bert_folder):
     again = model.encode(batch)
     assert not torch.allclose(again.text[0], enc.text[0], atol=1e-5)
     torch.testing.assert_close(again.text[1:], enc.text[1:])
+    # A batch without any image: no region outputs, the rest as usual.
+    alone = model.encode(collate_samples([{"input_ids": torch.arange(5, 10)}]))
+    assert alone.regions.shape == (1, 0, HIDDEN) and alone.text.shape == (1, 5, HIDDEN) and alone.pooled.shape == (1, HIDDEN)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -202,6 +205,10 @@ def _lxmert_release(folder, appearance_dim: int) -> None:
     LxmertForPreTraining(config).save_pretrained(folder)
 
 
+class NotATensor:
+    """An arbitrary object in a pickle: what torch.load(weights_only=True) must refuse."""
+
+
 # Per architecture: how its released checkpoints are written (the HF class uclanlp/visualbert-* and
 # unc-nlp/lxmert-base-uncased were saved from: base model under a prefix, pre-training heads beside it),
 # that prefix, and the config key that names the folder.
@@ -237,6 +244,21 @@ def test_released_checkpoint_layout_loads_strictly(arch, bert_folder, tmp_path):
         (path / "config.json").write_text((folder / "config.json").read_text())
         save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
         return str(path)
+
+    # The released files are pytorch_model.bin of older transformers, which also saved VisualBERT's
+    # position_ids buffer: read with torch.load(weights_only=True), the buffer ignored; a pickle with
+    # anything but tensors is refused.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((folder / "config.json").read_text())
+    buffers = {prefix + k: torch.arange(64)[None] for k, _ in getattr(model, prefix[:-1]).named_buffers()
+               if k == "embeddings.position_ids"}  # VisualBERT's; LXMERT has none
+    torch.save({**saved, **buffers}, legacy / "pytorch_model.bin")
+    assert torch.equal(dict(build(arch, bert_folder, key, str(legacy)).named_parameters())[prefix + "pooler.dense.weight"],
+                       saved[prefix + "pooler.dense.weight"])
+    torch.save({"weights": NotATensor()}, legacy / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin cannot be read as plain tensors"):
+        build(arch, bert_folder, key, str(legacy))
 
     with pytest.raises(CheckpointError, match=r"missing from the checkpoint \(1\):\s+encoder\.layer\.0\.output\.dense\.weight"):
         build(arch, bert_folder, key, broken("missing", lambda t: t.pop(target)))
