@@ -304,6 +304,23 @@ def test_lxmert_layer_counts(bert_folder, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_easy_vqa_config_selects_the_architecture_and_freezes_its_word_table(arch, bert_folder):
+    """configs/easy_vqa/<arch>.yaml: base.yaml with MODEL.ARCH switched; its FREEZE_PARAMS pattern freezes
+    exactly the word-embedding table under the architecture's own parameter names."""
+    from e2e_vl.engine.optim import freeze_params
+
+    cfg = get_train_cfg()
+    cfg.merge_from_file(REPO / "configs" / "easy_vqa" / f"{arch}.yaml")
+    assert cfg.MODEL.ARCH == arch and cfg.TASK == "vqa"
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.VLBERT.BERT_PATH", bert_folder, "MODEL.LXMERT.R_LAYERS", "1",
+                         "MODEL.LXMERT.X_LAYERS", "1"])
+    model = build_model(cfg, arch)
+    assert freeze_params(model, list(cfg.SOLVER.FREEZE_PARAMS)) == 1
+    frozen = [k for k, p in model.named_parameters() if not p.requires_grad and not k.startswith("detector.")]
+    assert len(frozen) == 1 and frozen[0].endswith("embeddings.word_embeddings.weight")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_easy_vqa_fine_tuning_learns(arch, bert_folder, tmp_path):
     """configs/easy_vqa/smoke.yaml through the shared VQA task, training loop and evaluator, unchanged, for
     each architecture (with the tiny BERT): the answer loss ends well below its start within 60 steps."""
