@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,6 +68,10 @@ def test_eval_only_keeps_the_training_config_and_writes_its_own(tmp_path):
     assert "region_accuracy:" in r.stdout
     assert (out / "config.yaml").read_text() == trained  # still says how the weights were trained
     assert "TEST_LIMIT: 3" in (out / "eval_config.yaml").read_text()
+    record = json.loads((out / "eval_metrics.json").read_text())
+    assert record["task"] == "regions" and record["data"] == "easy_vqa_regions_test"
+    assert Path(record["weights"]).parent == out  # the run's newest checkpoint
+    assert set(record["metrics"]) >= {"region_accuracy"}
 
 
 def test_truncated_weights_and_missing_images_are_one_line_naming_the_file(tmp_path):

@@ -82,6 +82,22 @@ def _is_training_checkpoint(path: str) -> bool:
         return False
 
 
+def _write_eval_metrics(cfg, task_spec, weights: str, metrics: dict) -> None:
+    """OUTPUT_DIR/eval_metrics.json: what --eval-only measured, on which data and weights (atomic; the last
+    evaluation's; runs that train log theirs to metrics.jsonl)."""
+    import json
+
+    from e2e_vl.engine.checkpoint import atomic_write
+
+    node = cfg
+    for part in task_spec.eval_key.split("."):
+        node = node[part]
+    record = {"task": cfg.TASK, "data": node, "weights": weights, "metrics": metrics}
+    path = Path(cfg.OUTPUT_DIR) / "eval_metrics.json"
+    atomic_write(path, lambda f: f.write(json.dumps(record, indent=1, sort_keys=True).encode("utf-8")))
+    logger.info("metrics -> %s", path)
+
+
 def main(args: argparse.Namespace) -> dict:
     from e2e_vl.tasks import get_task
 
@@ -121,6 +137,8 @@ def main(args: argparse.Namespace) -> dict:
         path = _load_eval_weights(cfg, model, device)
         metrics = task.evaluate(model) if task.evaluate else {}
         logger.info("evaluated %s", path)
+        if rank == 0:
+            _write_eval_metrics(cfg, task_spec, path, metrics)
     else:
         metrics = train(cfg, model, task, device, resume=args.resume)
     if rank == 0 and "accuracy" in metrics:
