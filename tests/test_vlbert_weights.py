@@ -476,3 +476,20 @@ def test_a_whole_model_checkpoint_given_as_detector_weights_says_to_use_init_fro
     cfg.MODEL.WEIGHTS, cfg.MODEL.VLBERT.NUM_ANSWERS = str(path), 5
     with pytest.raises(CheckpointError, match="whole-model training checkpoint .* MODEL.VLBERT.INIT_FROM"):
         build_vlbert(cfg)
+
+
+def test_eval_only_evaluates_the_model_built_from_init_from(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "tools"))
+    import train_net
+
+    from e2e_vl.config import ConfigError
+
+    cfg = get_train_cfg()
+    cfg.OUTPUT_DIR = str(tmp_path / "empty")
+    model = tiny_model(heads=("vqa",))
+    with pytest.raises(ConfigError, match="no training checkpoint"):
+        train_net._load_eval_weights(cfg, model, "cpu")
+    cfg.MODEL.VLBERT.INIT_FROM = str(save_vlbert_file(tmp_path / "vqa.model", known_weights(TINY)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert train_net._load_eval_weights(cfg, model, "cpu") == cfg.MODEL.VLBERT.INIT_FROM
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # as build_vlbert left it
