@@ -345,9 +345,14 @@ def test_other_tasks_heads_are_dropped_with_a_report_and_the_vqa_head_starts_fro
     fresh = report.fresh["new 'vqa' head (its transform.* from the 'mlm' head, VL-BERT's recipe)"]
     assert fresh == ["heads.vqa.classifier.weight", "heads.vqa.classifier.bias"]
 
+    assert not report.notes
+
     # VCR's file: its transformer sits in a TimeDistributed wrapper; pooler and CNN regulariser are reported.
     vcr = known_weights(dataclasses.replace(TINY, task="vcr"))
-    report = init_vlbert_weights(tiny_model(heads=("vqa",)), save_vlbert_file(tmp_path / "vcr.model", vcr))
+    model = tiny_model(heads=("vqa",))
+    model.detector.backbone.stem.stem_type = "caffe"
+    report = init_vlbert_weights(model, save_vlbert_file(tmp_path / "vcr.model", vcr))
+    assert any("MODEL.RESNETS.STEM_TYPE basic" in note for note in report.notes)
     assert len(report.unused["BERT pooler (input of VL-BERT's VCR head); our heads read the [CLS] state directly"]) == 2
     assert len(report.unused["VCR's 81-class region-classification regulariser"]) == 4
     assert any(k.startswith("final_mlp.") for keys in report.unused.values() for k in keys)
@@ -493,3 +498,18 @@ def test_eval_only_evaluates_the_model_built_from_init_from(tmp_path, monkeypatc
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert train_net._load_eval_weights(cfg, model, "cpu") == cfg.MODEL.VLBERT.INIT_FROM
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # as build_vlbert left it
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda sd: sd.pop("heads.vqa.classifier.bias"), r"missing from the file \(1\):\n    heads\.vqa\.classifier\.bias"),
+    (lambda sd: sd.update({"appearance_norm.running_mean": torch.zeros(256)}),
+     r"not in the model \(1\):\n    appearance_norm\.running_mean"),
+    (lambda sd: sd.update({"heads.vqa.classifier.weight": torch.zeros(7, 32)}),
+     r"heads\.vqa\.classifier\.weight: file \(7, 32\) vs model \(5, 32\)"),
+])
+def test_our_own_checkpoint_is_held_to_the_same_rules(tmp_path, edit, message):
+    sd = tiny_model(heads=("vqa",)).state_dict()
+    edit(sd)
+    torch.save({"model": sd, "step": 3}, tmp_path / "model_best.pth")
+    with pytest.raises(CheckpointError, match=message):
+        init_vlbert_weights(tiny_model(heads=("vqa",)), tmp_path / "model_best.pth")

@@ -291,6 +291,59 @@ def _head_name(key: str) -> str | None:
     return key[len(HEAD_PREFIX):].split(".", 1)[0] if key.startswith(HEAD_PREFIX) else None
 
 
+def _new_heads(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], heads: set[str],
+               report: InitReport) -> dict[str, torch.Tensor]:
+    """Tensors for the model's heads the file does not have at all: from HEAD_INIT_FROM's source head when the
+    file has it, else nothing (they start fresh; both reported). A head the file has in part is left to the
+    strict check."""
+    take = {}
+    for head in sorted(heads):
+        prefix = f"{HEAD_PREFIX}{head}."
+        keys = [k for k in own if k.startswith(prefix)]
+        if any(k in state for k in keys):
+            continue
+        rule = HEAD_INIT_FROM.get(head)
+        for key in keys:
+            if rule is not None and key[len(prefix):].startswith(rule[2]):
+                src = f"{HEAD_PREFIX}{rule[0]}.{rule[1]}{key[len(prefix) + len(rule[2]):]}"
+                if src in state:
+                    take[key] = state[src]
+        reason = f"new '{head}' head" + (f" (its {rule[2]}* from the '{rule[0]}' head, VL-BERT's recipe)"
+                                         if rule and take.keys() & set(keys) else "")
+        for key in keys:
+            if key not in take:
+                _add(report.fresh, reason, key)
+    return take
+
+
+def _optional_missing(missing: list[str], own: Mapping[str, torch.Tensor], source: str, detector_loaded: bool,
+                      report: InitReport) -> list[str]:
+    """Report the missing model tensors a file may lack (detector parts VL training does not use, the whole
+    detector when MODEL.WEIGHTS gave it, OPTIONAL_PREFIXES); return the others."""
+    trunk = {k for k in own if k.startswith(DETECTOR_TRUNK)}
+    from_weights = trunk if trunk and trunk <= set(missing) else set()
+    if from_weights and not detector_loaded:
+        raise CheckpointError(
+            f"{source} holds no detector weights (a VL-BERT precomputed-feature variant?): its region "
+            "features came from the Visual Genome detector, so set MODEL.WEIGHTS to that detector")
+    if from_weights:
+        report.notes.append("the file has no detector: the detector keeps MODEL.WEIGHTS")
+    errors = []
+    for key in missing:
+        if key in from_weights:
+            _add(report.fresh, "detector trunk and res5 from MODEL.WEIGHTS (the file has none)", key)
+            continue
+        if key.startswith(DETECTOR_KEY_PREFIX) and not key.startswith(DETECTOR_TRUNK):
+            _add(report.fresh, "detector parts VL training does not use (RPN, box predictor, attributes)", key)
+            continue
+        reason = next((why for prefix, why in OPTIONAL_PREFIXES if key.startswith(prefix)), None)
+        if reason is None:
+            errors.append(key)
+        else:
+            _add(report.fresh, reason, key)
+    return errors
+
+
 def init_from_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, layout: str,
                          detector_loaded: bool = False, origin: Mapping[str, str] | None = None,
                          unused: Mapping[str, list[str]] | None = None) -> InitReport:
@@ -307,68 +360,24 @@ def init_from_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *,
     def named(key: str) -> str:
         return f"{key} (file: {origin[key]})" if origin.get(key, key) != key else key
 
-    wrong_shape = [f"{named(k)}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                   for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    unexpected = [named(k) for k in state if k not in own and _head_name(k) in model_heads | {None}]
-    take: dict[str, torch.Tensor] = {k: v for k, v in state.items() if k in own}
     for key in state:
         head = _head_name(key)
         if key not in own and head is not None and head not in model_heads:
             _add(report.unused, f"head '{head}' is not in this model (MODEL.VLBERT.HEADS)", origin.get(key, key))
-
-    missing = [k for k in own if k not in take]
-    for head in sorted(model_heads):
-        prefix = f"{HEAD_PREFIX}{head}."
-        lacking = [k for k in missing if k.startswith(prefix)]
-        if not lacking:
-            continue
-        rule = HEAD_INIT_FROM.get(head)
-        if rule is not None and len(lacking) == len([k for k in own if k.startswith(prefix)]):
-            src_head, src_prefix, dst_prefix = rule
-            for key in lacking:
-                rest = key[len(prefix):]
-                src = f"{HEAD_PREFIX}{src_head}.{src_prefix}{rest[len(dst_prefix):]}"
-                if rest.startswith(dst_prefix) and src in state:
-                    take[key] = state[src]
-                    if tuple(state[src].shape) != tuple(own[key].shape):
-                        wrong_shape.append(f"{named(src)} -> {key}: file {tuple(state[src].shape)} vs model "
-                                           f"{tuple(own[key].shape)}")
-        reason = (f"new '{head}' head" + (f" (its {rule[2]}* from the '{rule[0]}' head, VL-BERT's recipe)"
-                                          if rule and any(k in take for k in lacking) else ""))
-        for key in lacking:
-            if key not in take:
-                _add(report.fresh, reason, key)
-    missing = [k for k in missing if k not in take and _head_name(k) is None]
-
-    trunk_missing = [k for k in missing if k.startswith(DETECTOR_TRUNK)]
-    all_trunk = [k for k in own if k.startswith(DETECTOR_TRUNK)]
-    if trunk_missing and len(trunk_missing) == len(all_trunk):
-        if not detector_loaded:
-            raise CheckpointError(
-                f"{source} holds no detector weights (a VL-BERT precomputed-feature variant?): its region "
-                "features came from the Visual Genome detector, so set MODEL.WEIGHTS to that detector")
-        report.notes.append("the file has no detector: the detector keeps MODEL.WEIGHTS")
-        for key in trunk_missing:
-            _add(report.fresh, "detector trunk and res5 from MODEL.WEIGHTS (the file has none)", key)
-        missing = [k for k in missing if k not in trunk_missing]
-    errors = []
-    for key in missing:
-        if key.startswith(DETECTOR_KEY_PREFIX) and not key.startswith(DETECTOR_TRUNK):
-            _add(report.fresh, "detector parts VL training does not use (RPN, box predictor, attributes)", key)
-            continue
-        reason = next((why for prefix, why in OPTIONAL_PREFIXES if key.startswith(prefix)), None)
-        if reason is None:
-            errors.append(key)
-        else:
-            _add(report.fresh, reason, key)
+    unexpected = [named(k) for k in state if k not in own and _head_name(k) in model_heads | {None}]
+    take = {k: v for k, v in state.items() if k in own}
+    take.update(_new_heads(own, state, model_heads, report))
+    wrong_shape = [f"{named(k)}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                   for k, v in take.items() if tuple(v.shape) != tuple(own[k].shape)]
+    fresh = {k for keys in report.fresh.values() for k in keys}
+    missing = [k for k in own if k not in take and k not in fresh]
+    errors = _optional_missing(missing, own, source, detector_loaded, report)
 
     problems = []
-    if wrong_shape:
-        problems.append(f"  wrong shape ({len(wrong_shape)}):\n    " + "\n    ".join(wrong_shape[:20]))
-    if errors:
-        problems.append(f"  missing from the file ({len(errors)}):\n    " + "\n    ".join(errors[:20]))
-    if unexpected:
-        problems.append(f"  not in the model ({len(unexpected)}):\n    " + "\n    ".join(unexpected[:20]))
+    for title, items in (("wrong shape", wrong_shape), ("missing from the file", errors),
+                         ("not in the model", unexpected)):
+        if items:
+            problems.append(f"  {title} ({len(items)}):\n    " + "\n    ".join(items[:20]))
     if problems:
         raise CheckpointError(f"{source} does not fit the model:\n" + "\n".join(problems))
     with torch.no_grad():
