@@ -347,15 +347,35 @@ def test_other_tasks_heads_are_dropped_with_a_report_and_the_vqa_head_starts_fro
 
     assert not report.notes
 
-    # VCR's file: its transformer sits in a TimeDistributed wrapper; pooler and CNN regulariser are reported.
+    # VCR's file (its transformer in a TimeDistributed wrapper): its heads are not this model's, so reported.
     vcr = known_weights(dataclasses.replace(TINY, task="vcr"))
     model = tiny_model(heads=("vqa",))
     model.detector.backbone.stem.stem_type = "caffe"
     report = init_vlbert_weights(model, save_vlbert_file(tmp_path / "vcr.model", vcr))
     assert any("MODEL.RESNETS.STEM_TYPE basic" in note for note in report.notes)
-    assert len(report.unused["BERT pooler (input of VL-BERT's VCR head); our heads read the [CLS] state directly"]) == 2
-    assert len(report.unused["VCR's 81-class region-classification regulariser"]) == 4
-    assert any(k.startswith("final_mlp.") for keys in report.unused.values() for k in keys)
+    assert sorted(report.unused["head 'vcr' is not in this model (MODEL.VLBERT.HEADS)"]) == [
+        "final_mlp.1.bias", "final_mlp.1.weight", "vlbert.pooler.dense.bias", "vlbert.pooler.dense.weight"]
+    assert len(report.unused["head 'vcr_objects' is not in this model (MODEL.VLBERT.HEADS)"]) == 4
+
+
+@pytest.mark.parametrize("task, expected", [
+    ("refcoco", {"heads.ref.dense.weight": "final_mlp.0.dense.weight", "heads.ref.classifier.bias": "final_mlp.2.bias"}),
+    ("vcr", {"heads.vcr.pooler.dense.weight": "vlbert.pooler.dense.weight", "heads.vcr.classifier.weight": "final_mlp.1.weight",
+             "heads.vcr_objects.dense.bias": "cnn_loss_reg.0.dense.bias", "heads.vcr_objects.classifier.weight": "cnn_loss_reg.2.weight",
+             "bert.encoder.layer.1.output.dense.bias": "vlbert.encoder.layer.1.output.dense.bias"}),
+    ("vqa", {"heads.vqa.transform.LayerNorm.weight": "final_mlp.0.LayerNorm.weight", "heads.vqa.classifier.weight": "final_mlp.2.weight"}),
+])
+def test_fine_tuned_heads_are_renamed_onto_ours(task, expected):
+    from e2e_vl.modeling.vlbert_weights import convert_vlbert_state_dict
+
+    sd = known_weights(dataclasses.replace(TINY, task=task))
+    ours, origin, unused = convert_vlbert_state_dict(sd)
+    t = _strip(sd)
+    assert {k: origin[k] for k in expected} == expected
+    assert all(torch.equal(ours[k], t[v]) for k, v in expected.items())
+    assert set(unused) == {"BatchNorm step counters (FrozenBN keeps none)",
+                           "res5 stored a second time (VL-BERT's head = Sequential(res5, pool))"}
+    assert not [k for k in ours if k.startswith("heads.") and not k.startswith(f"heads.{task[:3]}")]
 
 
 def _edited(tmp_path: Path, edit, lay: Layout = TINY) -> Path:

@@ -50,20 +50,23 @@ DETECTOR_TRUNK = tuple(DETECTOR_KEY_PREFIX + p for p in TRAINED_PREFIXES)
 @dataclasses.dataclass(frozen=True)
 class TheirHead:
     """One of VL-BERT's heads and where it goes in our head `head`: `keys` maps their key prefixes to
-    prefixes under `heads.<head>.`; the layout is recognised when every key of `signature` is present.
-    `background_first`: their prefixes whose rows are classes in the Caffe order (background first)."""
+    prefixes under `heads.<head>.`; the layout is recognised when every key of `signature` is present and
+    none of `absent`. `background_first`: their prefixes whose rows are classes in the Caffe order
+    (background first)."""
 
     head: str
     what: str
     keys: Mapping[str, str]
     signature: tuple[str, ...]
+    absent: tuple[str, ...] = ()
     background_first: tuple[str, ...] = ()
 
+    def present(self, sd: Mapping[str, Any]) -> bool:
+        return all(k in sd for k in self.signature) and not any(k in sd for k in self.absent)
 
-# VL-BERT's heads that have a counterpart here, by our head name. RefCOCO+ (`final_mlp.0.dense`,
-# `final_mlp.2`: Linear(h, h) -> GELU -> Dropout -> Linear(h, 1)) and VCR (`final_mlp.1` on the pooled
-# [CLS], plus `cnn_loss_reg`) get one entry each once our "ref" / "vcr" heads have that shape; until then
-# their tensors are reported unused (`THEIR_UNUSED`) and our head starts fresh.
+
+# VL-BERT's heads, by our head name (first match wins). A head of theirs without an entry is reported unused
+# (THEIR_UNUSED) and ours starts fresh; a new entry is all a new mapping needs.
 THEIR_HEADS: tuple[TheirHead, ...] = (
     TheirHead("mlm", "pre-training masked-LM head",
               {"vlbert.mlm_head.predictions.transform.": "transform.", "vlbert.mlm_head.predictions.bias": "bias"},
@@ -72,16 +75,28 @@ THEIR_HEADS: tuple[TheirHead, ...] = (
               {"vlbert.mvrc_head.transform.dense.": "dense.", "vlbert.mvrc_head.region_cls_pred.": "classifier."},
               signature=("vlbert.mvrc_head.region_cls_pred.weight",),
               background_first=("vlbert.mvrc_head.region_cls_pred.",)),
-    TheirHead("vqa", "VQA answer classifier (CLASSIFIER_TYPE mlm)",
+    TheirHead("vqa", "VQA answer classifier (CLASSIFIER_TYPE mlm: BERT transform -> Dropout -> Linear)",
               {"final_mlp.0.": "transform.", "final_mlp.2.": "classifier."},
               signature=("final_mlp.0.LayerNorm.weight", "final_mlp.2.weight")),
+    TheirHead("ref", "RefCOCO+ region scorer (Linear -> GELU -> Dropout -> Linear(h, 1))",
+              {"final_mlp.0.dense.": "dense.", "final_mlp.2.": "classifier."},
+              signature=("final_mlp.0.dense.weight", "final_mlp.2.weight"), absent=("final_mlp.0.LayerNorm.weight",)),
+    TheirHead("vcr", "VCR choice scorer (CLASSIFIER_TYPE 1fc on the pooled [CLS])",
+              {"vlbert.pooler.": "pooler.", "final_mlp.1.": "classifier."},
+              signature=("vlbert.pooler.dense.weight", "final_mlp.1.weight")),
+    TheirHead("vcr_objects", "VCR's 81-class region-classification regulariser (CNN_LOSS_TOP)",
+              {"cnn_loss_reg.0.dense.": "dense.", "cnn_loss_reg.2.": "classifier."},
+              signature=("cnn_loss_reg.2.weight",)),
 )
 
-# Heads of ours that start, when the file has no such head, from another head's tensors (our names):
-# VL-BERT's fine-tuning recipe (PARTIAL_PRETRAIN_PREFIX_CHANGES): the VQA classifier's transform starts as
-# the pre-trained MLM head's. Entry: head -> (source head, source prefix, target prefix).
+# Heads of ours that start, when the file has no such head, from another head's tensors (our names), as
+# VL-BERT's fine-tuning does (PARTIAL_PRETRAIN_PREFIX_CHANGES of its VQA, RefCOCO+ and VCR configs): the
+# VQA classifier's transform from the MLM head's, the first Linear of the RefCOCO+ scorer and of VCR's
+# regulariser from the masked-RoI head's. Entry: head -> (source head, source prefix, target prefix).
 HEAD_INIT_FROM: dict[str, tuple[str, str, str]] = {
     "vqa": ("mlm", "transform.", "transform."),
+    "ref": ("mrc", "dense.", "dense."),
+    "vcr_objects": ("mrc", "dense.", "dense."),
 }
 
 # Tensors of VL-BERT files that we recognise and do not use, by key prefix (after `module.` is dropped).
@@ -90,9 +105,9 @@ THEIR_UNUSED: tuple[tuple[str, str], ...] = (
     ("vlbert.relationsip_head.", "sentence-image relationship head (VL-BERT's released runs train without it)"),
     ("object_mask_visual_embedding.", "2048-d masked-region appearance of VL-BERT's feature-level masking "
                                       "(precomputed variants); here masked regions have their pixels zeroed"),
-    ("cnn_loss_reg.", "VCR's 81-class region-classification regulariser"),
-    ("image_feature_extractor.regularizing_predictor.", "VCR's 81-class region-classification regulariser"),
-    ("final_mlp.", "task head of a fine-tuned VL-BERT with no counterpart among our heads (see THEIR_HEADS)"),
+    ("image_feature_extractor.regularizing_predictor.", "VCR's region-classification regulariser on the raw "
+                                                        "CNN features (CNN_LOSS_TOP false)"),
+    ("final_mlp.", "task head of a fine-tuned VL-BERT of a classifier type with no counterpart (see THEIR_HEADS)"),
 )
 
 # Architectures of VL-BERT that ours does not have: refused, naming the key.
@@ -245,7 +260,7 @@ def convert_vlbert_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<st
     def put(our_key: str, their_key: str, value: torch.Tensor) -> None:
         ours[our_key], origin[our_key] = value, their_key
 
-    heads = [h for h in THEIR_HEADS if all(k in sd for k in h.signature)]
+    heads = [h for h in THEIR_HEADS if h.present(sd)]
     for key, value in sd.items():
         if key.endswith("num_batches_tracked"):
             _add(unused, "BatchNorm step counters (FrozenBN keeps none)", key)
