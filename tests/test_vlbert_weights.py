@@ -533,3 +533,10 @@ def test_our_own_checkpoint_is_held_to_the_same_rules(tmp_path, edit, message):
     torch.save({"model": sd, "step": 3}, tmp_path / "model_best.pth")
     with pytest.raises(CheckpointError, match=message):
         init_vlbert_weights(tiny_model(heads=("vqa",)), tmp_path / "model_best.pth")
+
+
+def test_init_from_that_does_not_exist_is_a_config_error_before_any_work():
+    from e2e_vl.config import ConfigError, load_train_cfg
+
+    with pytest.raises(ConfigError, match="'MODEL.VLBERT.INIT_FROM' nowhere/vl-bert-base-e2e.model does not exist"):
+        load_train_cfg(None, ["MODEL.VLBERT.INIT_FROM", "nowhere/vl-bert-base-e2e.model", "MODEL.WEIGHTS", ""])
