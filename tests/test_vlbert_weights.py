@@ -540,3 +540,12 @@ def test_init_from_that_does_not_exist_is_a_config_error_before_any_work():
 
     with pytest.raises(ConfigError, match="'MODEL.VLBERT.INIT_FROM' nowhere/vl-bert-base-e2e.model does not exist"):
         load_train_cfg(None, ["MODEL.VLBERT.INIT_FROM", "nowhere/vl-bert-base-e2e.model", "MODEL.WEIGHTS", ""])
+
+
+def test_a_pretraining_run_with_feature_masking_starts_a_model_without_it(tmp_path):
+    source = tiny_model(heads=("mlm", "mrc"), masking="feature")
+    torch.save({"model": source.state_dict()}, tmp_path / "pretrain.pth")
+    report = init_vlbert_weights(tiny_model(heads=("vqa",)), tmp_path / "pretrain.pth")
+    assert report.unused["learned feature of masked regions (MASKING feature, pre-training only), not in this model"] == [
+        "masked_region_feature"]
+

@@ -118,7 +118,8 @@ THEIR_UNSUPPORTED: tuple[tuple[str, str], ...] = (
     ("vlbert.special_word_embeddings.", "word_embedding_frozen (a second table for the first 1000 words)"),
 )
 
-# Model tensors a checkpoint may lack, by key prefix: they keep their initial values, reported.
+# Tensors a checkpoint or the model may lack, by key prefix (pre-training-only parts): kept as built, or
+# not used, and reported.
 OPTIONAL_PREFIXES: tuple[tuple[str, str], ...] = (
     ("text_only_visual", "text-only visual vector (VL-BERT's aux_text_visual_embedding; text-only MLM only)"),
     ("masked_region_token", "masked-region token (pre-training only)"),
@@ -141,7 +142,7 @@ class InitReport:
     def log(self) -> None:
         logger.info("MODEL.VLBERT.INIT_FROM %s (%s): %d tensors loaded", self.source, self.layout, len(self.loaded))
         for reason, keys in self.fresh.items():
-            logger.info("  kept at initial values, %s: %d tensors: %s", reason, len(keys), ", ".join(keys))
+            logger.info("  kept as built (not in the file), %s: %d tensors: %s", reason, len(keys), ", ".join(keys))
         for reason, keys in self.unused.items():
             logger.info("  not used, %s: %d tensors: %s", reason, len(keys), ", ".join(keys))
         for note in self.notes:
@@ -375,11 +376,16 @@ def init_from_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *,
     def named(key: str) -> str:
         return f"{key} (file: {origin[key]})" if origin.get(key, key) != key else key
 
-    for key in state:
+    unexpected = []
+    for key in (k for k in state if k not in own):
         head = _head_name(key)
-        if key not in own and head is not None and head not in model_heads:
+        optional = next((why for prefix, why in OPTIONAL_PREFIXES if key.startswith(prefix)), None)
+        if head is not None and head not in model_heads:
             _add(report.unused, f"head '{head}' is not in this model (MODEL.VLBERT.HEADS)", origin.get(key, key))
-    unexpected = [named(k) for k in state if k not in own and _head_name(k) in model_heads | {None}]
+        elif optional is not None and head is None:
+            _add(report.unused, f"{optional}, not in this model", origin.get(key, key))
+        else:
+            unexpected.append(named(key))
     take = {k: v for k, v in state.items() if k in own}
     take.update(_new_heads(own, state, model_heads, report))
     wrong_shape = [f"{named(k)}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
