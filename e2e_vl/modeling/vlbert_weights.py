@@ -22,9 +22,10 @@ VL-BERT's layout, read from its module tree (`ResNetVLBERT*` modules, `common/fa
   `aux_text_visual_embedding` (text-only visual vector), `vlbert.end_embedding` ([END]), all 1 x hidden;
 - `vlbert.{word,position,token_type}_embeddings`, `embedding_LayerNorm`, `encoder.layer.N.*` (the names of
   transformers' BERT), `visual_ln_text` / `visual_ln_object` (our visual LayerNorms);
-- heads: `vlbert.mlm_head.predictions.*` (decoder tied to the word embeddings), `vlbert.mvrc_head.*` (1601
-  classes, background first as in the Caffe detector's softmax; ours has it last), VQA's `final_mlp`;
-  VCR wraps the transformer (`vlbert._module.*`) and adds a pooler.
+- heads (`THEIR_HEADS`): `vlbert.mlm_head.predictions.*` (decoder tied to the word embeddings),
+  `vlbert.mvrc_head.*` (1601 classes, background first as in the Caffe detector's softmax; ours has it
+  last), each task's `final_mlp`; VCR wraps the transformer (`vlbert._module.*`), adds a pooler and the CNN
+  regulariser `cnn_loss_reg`.
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ HEAD_INIT_FROM: dict[str, tuple[str, str, str]] = {
 
 # Tensors of VL-BERT files that we recognise and do not use, by key prefix (after `module.` is dropped).
 THEIR_UNUSED: tuple[tuple[str, str], ...] = (
-    ("vlbert.pooler.", "BERT pooler (input of VL-BERT's VCR head); our heads read the [CLS] state directly"),
+    ("vlbert.pooler.", "BERT pooler of a file without VCR's classifier (only the VCR head reads it)"),
     ("vlbert.relationsip_head.", "sentence-image relationship head (VL-BERT's released runs train without it)"),
     ("object_mask_visual_embedding.", "2048-d masked-region appearance of VL-BERT's feature-level masking "
                                       "(precomputed variants); here masked regions have their pixels zeroed"),
@@ -129,7 +130,7 @@ OPTIONAL_PREFIXES: tuple[tuple[str, str], ...] = (
 
 @dataclasses.dataclass
 class InitReport:
-    """What `init_from_state_dict` did: every model key filled, every one left at its initial value and every
+    """What `init_from_state_dict` did: every model key filled, every one kept as built (`fresh`) and every
     checkpoint key not used, each with its reason."""
 
     source: str
