@@ -549,3 +549,25 @@ def test_a_pretraining_run_with_feature_masking_starts_a_model_without_it(tmp_pa
     assert report.unused["learned feature of masked regions (MASKING feature, pre-training only), not in this model"] == [
         "masked_region_feature"]
 
+
+
+def test_fine_tuned_vcr_file_gives_its_choice_scores_and_region_classes(tmp_path):
+    sd = known_weights(dataclasses.replace(TINY, task="vcr"))
+    model = tiny_model(heads=("vcr", "vcr_objects")).eval()
+    report = init_vlbert_weights(model, save_vlbert_file(tmp_path / "vcr.model", sd))
+    assert not [reason for reason in report.fresh if "head" in reason]
+    batch = _sample_batch(choice_label=0)
+    with torch.no_grad():
+        out = model(batch)
+    t = _strip(sd)
+    hidden = _reference(model, batch, t)
+    pooled = torch.tanh(_lin(hidden[0], t, "vlbert.pooler.dense"))  # VL-BERT's VCR head reads BERT's pooler
+    torch.testing.assert_close(out["vcr_logits"].flatten(), _lin(pooled, t, "final_mlp.1"), rtol=1e-4, atol=1e-4)
+    regions = _lin(F.gelu(_lin(hidden[6:9], t, "cnn_loss_reg.0.dense")), t, "cnn_loss_reg.2")
+    torch.testing.assert_close(model.heads["vcr_objects"](hidden[6:9]), regions, rtol=1e-4, atol=1e-4)
+
+    # From the pre-trained file, as VL-BERT's VCR recipe: the regulariser's first Linear is the MVRC head's.
+    pre = known_weights(TINY)
+    model = tiny_model(heads=("vcr", "vcr_objects"))
+    init_vlbert_weights(model, save_vlbert_file(tmp_path / "pre.model", pre))
+    assert torch.equal(model.heads["vcr_objects"].dense.bias, _strip(pre)["vlbert.mvrc_head.transform.dense.bias"])
