@@ -566,8 +566,13 @@ def test_fine_tuned_vcr_file_gives_its_choice_scores_and_region_classes(tmp_path
     regions = _lin(F.gelu(_lin(hidden[6:9], t, "cnn_loss_reg.0.dense")), t, "cnn_loss_reg.2")
     torch.testing.assert_close(model.heads["vcr_objects"](hidden[6:9]), regions, rtol=1e-4, atol=1e-4)
 
-    # From the pre-trained file, as VL-BERT's VCR recipe: the regulariser's first Linear is the MVRC head's.
-    pre = known_weights(TINY)
+    assert torch.equal(model.bert.embeddings.token_type_embeddings.weight, t["vlbert.token_type_embeddings.weight"])
+
+    # From the pre-trained file, as VL-BERT's VCR recipe: the regulariser's first Linear is the MVRC head's,
+    # and segment B (the answer) starts as segment A.
+    pre = _strip(known_weights(TINY))
     model = tiny_model(heads=("vcr", "vcr_objects"))
-    init_vlbert_weights(model, save_vlbert_file(tmp_path / "pre.model", pre))
-    assert torch.equal(model.heads["vcr_objects"].dense.bias, _strip(pre)["vlbert.mvrc_head.transform.dense.bias"])
+    init_vlbert_weights(model, save_vlbert_file(tmp_path / "pre.model", known_weights(TINY)))
+    assert torch.equal(model.heads["vcr_objects"].dense.bias, pre["vlbert.mvrc_head.transform.dense.bias"])
+    rows, file_rows = model.bert.embeddings.token_type_embeddings.weight, pre["vlbert.token_type_embeddings.weight"]
+    assert torch.equal(rows[1], file_rows[0]) and torch.equal(rows[2], file_rows[2])

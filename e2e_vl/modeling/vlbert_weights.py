@@ -100,6 +100,12 @@ HEAD_INIT_FROM: dict[str, tuple[str, str, str]] = {
     "vcr_objects": ("mrc", "dense.", "dense."),
 }
 
+# New heads whose fine-tuning starts one segment-embedding row as another (VL-BERT's VCR recipe,
+# PARTIAL_PRETRAIN_SEGMB_INIT: pre-training never used segment B, so VCR's answers start from segment A's
+# row). Entry: head -> (row, source row).
+SEGMENT_ROW_FROM: dict[str, tuple[int, int]] = {"vcr": (1, 0)}
+SEGMENT_KEY = "bert.embeddings.token_type_embeddings.weight"
+
 # Tensors of VL-BERT files that we recognise and do not use, by key prefix (after `module.` is dropped).
 THEIR_UNUSED: tuple[tuple[str, str], ...] = (
     ("vlbert.pooler.", "BERT pooler of a file without VCR's classifier (only the VCR head reads it)"),
@@ -389,6 +395,11 @@ def init_from_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *,
             unexpected.append(named(key))
     take = {k: v for k, v in state.items() if k in own}
     take.update(_new_heads(own, state, model_heads, report))
+    for head, (row, src) in SEGMENT_ROW_FROM.items():
+        if head in model_heads and not any(_head_name(k) == head for k in take) and SEGMENT_KEY in take:
+            take[SEGMENT_KEY] = take[SEGMENT_KEY].clone()
+            take[SEGMENT_KEY][row] = take[SEGMENT_KEY][src]
+            report.notes.append(f"new '{head}' head: segment embedding row {row} starts as row {src} (VL-BERT's recipe)")
     wrong_shape = [f"{named(k)}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                    for k, v in take.items() if tuple(v.shape) != tuple(own[k].shape)]
     fresh = {k for keys in report.fresh.values() for k in keys}
