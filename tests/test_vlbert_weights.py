@@ -264,10 +264,11 @@ def test_pretrained_file_loads_everything_and_gives_the_outputs_of_its_weights(t
     assert all(".box_predictor." in k for k in report.fresh[next(iter(report.fresh))])
 
     t, own = _strip(sd), model.state_dict()
-    renamed = {"detector.backbone.stem.conv1.norm.running_var": "image_feature_extractor.backbone.bn1.running_var",
-               "detector.backbone.res4.0.shortcut.norm.bias": "image_feature_extractor.backbone.layer3.0.downsample.1.bias",
-               "detector.roi_heads.res5.2.conv3.norm.weight": "image_feature_extractor.roi_head_feature_extractor.2.bn3.weight",
-               "detector.roi_heads.res5.0.shortcut.weight": "image_feature_extractor.roi_head_feature_extractor.0.downsample.0.weight",
+    fe, res5 = "image_feature_extractor.", "image_feature_extractor.roi_head_feature_extractor."
+    renamed = {"detector.backbone.stem.conv1.norm.running_var": fe + "backbone.bn1.running_var",
+               "detector.backbone.res4.0.shortcut.norm.bias": fe + "backbone.layer3.0.downsample.1.bias",
+               "detector.roi_heads.res5.2.conv3.norm.weight": res5 + "2.bn3.weight",
+               "detector.roi_heads.res5.0.shortcut.weight": res5 + "0.downsample.0.weight",
                "bert.encoder.layer.1.attention.self.key.bias": "vlbert.encoder.layer.1.attention.self.key.bias"}
     for ours, theirs in renamed.items():
         assert torch.equal(own[ours], t[theirs]), ours
@@ -359,11 +360,15 @@ def test_other_tasks_heads_are_dropped_with_a_report_and_the_vqa_head_starts_fro
 
 
 @pytest.mark.parametrize("task, expected", [
-    ("refcoco", {"heads.ref.dense.weight": "final_mlp.0.dense.weight", "heads.ref.classifier.bias": "final_mlp.2.bias"}),
-    ("vcr", {"heads.vcr.pooler.dense.weight": "vlbert.pooler.dense.weight", "heads.vcr.classifier.weight": "final_mlp.1.weight",
-             "heads.vcr_objects.dense.bias": "cnn_loss_reg.0.dense.bias", "heads.vcr_objects.classifier.weight": "cnn_loss_reg.2.weight",
+    ("refcoco", {"heads.ref.dense.weight": "final_mlp.0.dense.weight",
+                 "heads.ref.classifier.bias": "final_mlp.2.bias"}),
+    ("vcr", {"heads.vcr.pooler.dense.weight": "vlbert.pooler.dense.weight",
+             "heads.vcr.classifier.weight": "final_mlp.1.weight",
+             "heads.vcr_objects.dense.bias": "cnn_loss_reg.0.dense.bias",
+             "heads.vcr_objects.classifier.weight": "cnn_loss_reg.2.weight",
              "bert.encoder.layer.1.output.dense.bias": "vlbert.encoder.layer.1.output.dense.bias"}),
-    ("vqa", {"heads.vqa.transform.LayerNorm.weight": "final_mlp.0.LayerNorm.weight", "heads.vqa.classifier.weight": "final_mlp.2.weight"}),
+    ("vqa", {"heads.vqa.transform.LayerNorm.weight": "final_mlp.0.LayerNorm.weight",
+             "heads.vqa.classifier.weight": "final_mlp.2.weight"}),
 ])
 def test_fine_tuned_heads_are_renamed_onto_ours(task, expected):
     from e2e_vl.modeling.vlbert_weights import convert_vlbert_state_dict
@@ -389,11 +394,12 @@ def _edited(tmp_path: Path, edit, lay: Layout = TINY) -> Path:
      r"missing from the file \(1\):\n    bert\.encoder\.layer\.1\.output\.dense\.weight"),
     (lambda sd: sd.update({"module.vlbert.visual_ln_object.weight": torch.ones(31)}),
      r"visual_norms\.region\.weight \(file: vlbert\.visual_ln_object\.weight\): file \(31,\) vs model \(32,\)"),
-    (lambda sd: sd.update({"module.image_feature_extractor.roi_head_feature_extractor.1.conv2.weight": torch.ones(64, 64, 1, 1),
-                           "module.image_feature_extractor.head.0.1.conv2.weight": torch.ones(64, 64, 1, 1)}),
+    (lambda sd: sd.update({f"module.image_feature_extractor.{name}.1.conv2.weight": torch.ones(64, 64, 1, 1)
+                           for name in ("roi_head_feature_extractor", "head.0")}),
      r"detector\.roi_heads\.res5\.1\.conv2\.weight \(file: image_feature_extractor\.roi_head_feature_extractor\.1\."
      r"conv2\.weight\): file \(64, 64, 1, 1\) vs model \(64, 64, 3, 3\)"),
-    (lambda sd: sd.update({"module.vlbert.adapter.weight": torch.ones(2)}), r"fit no name .*\n    vlbert\.adapter\.weight \(2,\)"),
+    (lambda sd: sd.update({"module.vlbert.adapter.weight": torch.ones(2)}),
+     r"fit no name .*\n    vlbert\.adapter\.weight \(2,\)"),
     (lambda sd: sd.update({"module.vlbert.visual_1x1_text.weight": torch.ones(32, 32)}), "visual_size != hidden_size"),
     (lambda sd: sd.update({"module.image_feature_extractor.head.0.0.conv1.weight": torch.zeros(8, 128, 1, 1)}),
      r"head\.0\.0\.conv1\.weight should repeat .*roi_head_feature_extractor\.0\.conv1\.weight .* the two differ"),
@@ -405,7 +411,8 @@ def test_a_file_that_does_not_fit_is_an_error_naming_the_tensor(tmp_path, edit, 
 
 def test_a_bert_of_another_size_is_named_with_the_fix(tmp_path):
     path = save_vlbert_file(tmp_path / "deep.model", known_weights(dataclasses.replace(TINY, layers=3)))
-    with pytest.raises(CheckpointError, match=r"a BERT of 3 layers x 32 hidden, the model's is 2 x 32; set MODEL.VLBERT.BERT_PATH"):
+    with pytest.raises(CheckpointError,
+                       match=r"a BERT of 3 layers x 32 hidden, the model's is 2 x 32; set MODEL.VLBERT.BERT_PATH"):
         init_vlbert_weights(tiny_model(heads=("mlm", "mrc")), path)
 
 
@@ -459,7 +466,8 @@ def _train_two_steps(cfg, model, samples) -> dict[str, torch.Tensor]:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train(cfg, model, TrainTask(train_set=samples, collate_fn=collate_samples), torch.device("cpu"))
     after = model.state_dict()
-    assert not torch.equal(before["bert.encoder.layer.0.output.dense.weight"], after["bert.encoder.layer.0.output.dense.weight"])
+    key = "bert.encoder.layer.0.output.dense.weight"
+    assert not torch.equal(before[key], after[key])
     return before
 
 

@@ -399,7 +399,8 @@ def init_from_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *,
         if head in model_heads and not any(_head_name(k) == head for k in take) and SEGMENT_KEY in take:
             take[SEGMENT_KEY] = take[SEGMENT_KEY].clone()
             take[SEGMENT_KEY][row] = take[SEGMENT_KEY][src]
-            report.notes.append(f"new '{head}' head: segment embedding row {row} starts as row {src} (VL-BERT's recipe)")
+            report.notes.append(f"new '{head}' head: segment embedding row {row} starts as row {src} "
+                                "(VL-BERT's recipe)")
     wrong_shape = [f"{named(k)}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                    for k, v in take.items() if tuple(v.shape) != tuple(own[k].shape)]
     fresh = {k for keys in report.fresh.values() for k in keys}
