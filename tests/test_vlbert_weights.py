@@ -584,3 +584,25 @@ def test_fine_tuned_vcr_file_gives_its_choice_scores_and_region_classes(tmp_path
     assert torch.equal(model.heads["vcr_objects"].dense.bias, pre["vlbert.mvrc_head.transform.dense.bias"])
     rows, file_rows = model.bert.embeddings.token_type_embeddings.weight, pre["vlbert.token_type_embeddings.weight"]
     assert torch.equal(rows[1], file_rows[0]) and torch.equal(rows[2], file_rows[2])
+
+
+def test_fine_tuned_refcoco_file_gives_its_region_scores(tmp_path):
+    sd = known_weights(dataclasses.replace(TINY, task="refcoco"), seed=2)
+    model = tiny_model(heads=("ref",)).eval()
+    report = init_vlbert_weights(model, save_vlbert_file(tmp_path / "refcoco.model", sd))
+    assert not [reason for reason in report.fresh if "head" in reason] and not report.notes
+    batch = _sample_batch()
+    with torch.no_grad():
+        logits = model(batch)["ref_logits"][0]
+    t = _strip(sd)
+    hidden = _reference(model, batch, t)[6:9]
+    expected = _lin(F.gelu(_lin(hidden, t, "final_mlp.0.dense")), t, "final_mlp.2").squeeze(-1)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+    # From the pre-trained file, as VL-BERT's RefCOCO+ recipe: the scorer's first Linear is the MVRC head's.
+    pre = known_weights(TINY)
+    model = tiny_model(heads=("ref",))
+    report = init_vlbert_weights(model, save_vlbert_file(tmp_path / "pre.model", pre))
+    assert torch.equal(model.heads["ref"].dense.weight, _strip(pre)["vlbert.mvrc_head.transform.dense.weight"])
+    assert report.fresh["new 'ref' head (its dense.* from the 'mrc' head, VL-BERT's recipe)"] == [
+        "heads.ref.classifier.weight", "heads.ref.classifier.bias"]
