@@ -46,6 +46,11 @@ def _vlbert_defaults() -> dict:
         # "running": standardise the detector's appearance features per channel with running statistics
         # before the object projection (for detectors not trained on the data; see RunningStandardize).
         "APPEARANCE_NORM": "none",
+        # Start the whole model from this checkpoint (after BERT_PATH and MODEL.WEIGHTS are loaded): a VL-BERT
+        # release (jackroos/VL-BERT .model: pre-trained base/large, e2e or prec, or fine-tuned) or one of our
+        # training checkpoints (model_best.pth). Heads of other tasks are dropped and the task's head starts
+        # fresh, every unused tensor is reported (e2e_vl.modeling.vlbert_weights). "" = BERT_PATH's BERT only.
+        "INIT_FROM": "",
         # Weight of each loss in "loss" (names as in the model's "losses"; absent losses are skipped).
         "LOSS_WEIGHTS": {"MLM": 1.0, "MLM_TEXT": 1.0, "MRC": 1.0, "VQA": 1.0, "REF": 1.0, "VCR": 1.0,
                          "VCR_OBJECTS": 1.0},
@@ -257,6 +262,8 @@ def validate_train_cfg(cfg: CfgNode) -> None:
     if cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
         raise ConfigError(f"'MODEL.WEIGHTS' {cfg.MODEL.WEIGHTS} does not exist (the easy-VQA configs start from "
                           "stage 1's detector, which `make demo` writes first; or set MODEL.WEIGHTS \"\")")
+    if cfg.MODEL.VLBERT.INIT_FROM and not os.path.isfile(cfg.MODEL.VLBERT.INIT_FROM):
+        raise ConfigError(f"'MODEL.VLBERT.INIT_FROM' {cfg.MODEL.VLBERT.INIT_FROM} does not exist")
     s = cfg.SOLVER
     positive = {"SOLVER.IMS_PER_BATCH": s.IMS_PER_BATCH, "SOLVER.GRAD_ACCUM_STEPS": s.GRAD_ACCUM_STEPS,
                 "SOLVER.CHECKPOINT_KEEP_LAST": s.CHECKPOINT_KEEP_LAST, "TEST.IMS_PER_BATCH": cfg.TEST.IMS_PER_BATCH}

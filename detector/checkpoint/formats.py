@@ -65,27 +65,37 @@ def sniff_format(path: str) -> str:
     raise CheckpointError(f"{path}: unrecognised checkpoint format (not a torch zip, safetensors or pickle file)")
 
 
+def load_data_file(path: str | os.PathLike) -> Any:
+    """The object stored in a torch.save (zip or legacy) or pickle file, admitting only tensors and plain
+    data (torch.load(weights_only=True), or the restricted unpickler): a file that names code is refused
+    with a CheckpointError before anything runs. Shared by every reader of weights that are not
+    safetensors (Detectron2 files, VL-BERT releases, training checkpoints)."""
+    path = os.fspath(path)
+    kind = sniff_format(path)
+    if kind == "safetensors":
+        raise CheckpointError(f"{path}: a safetensors file holds tensors only; read it with read_checkpoint")
+    if kind == "pickle":
+        return safe_unpickle(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): it contains objects "
+                              f"other than tensors and plain data ({exc})") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot read this torch checkpoint ({type(exc).__name__}: {exc})") from None
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(state dict in Detectron2 layout, metadata) of any supported file; bua layouts are NOT converted here."""
     path = os.fspath(path)
-    kind = sniff_format(path)
     metadata: dict[str, str] = {}
-    if kind == "safetensors":
+    if sniff_format(path) == "safetensors":
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
             return {k: f.get_tensor(k) for k in f.keys()}, metadata
-    if kind in ("zip", "torch-legacy"):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): it contains objects "
-                                  f"other than tensors and plain data ({exc})") from None
-        except (RuntimeError, EOFError, OSError) as exc:
-            raise CheckpointError(f"{path}: cannot read this torch checkpoint ({type(exc).__name__}: {exc})") from None
-    else:
-        obj = safe_unpickle(path)
+    obj = load_data_file(path)
     sd = _unwrap(obj, path)
     if isinstance(obj, Mapping):
         metadata = {k: v for k, v in obj.items() if isinstance(v, str)}
@@ -131,7 +141,8 @@ def is_bua_layout(sd: Mapping[str, torch.Tensor]) -> bool:
     return obj is not None and deltas is not None and obj.shape[0] * 2 == deltas.shape[0]
 
 
-def _move_first_row_last(t: torch.Tensor) -> torch.Tensor:
+def move_first_row_last(t: torch.Tensor) -> torch.Tensor:
+    """Caffe's class order (background first) -> Detectron2's (background last), along dim 0."""
     return torch.cat((t[1:], t[:1]), dim=0)
 
 
@@ -162,17 +173,17 @@ def convert_bua(sd: Mapping[str, torch.Tensor], num_sizes: int, num_ratios: int,
     bp = "roi_heads.box_predictor."
     num_classes1 = out[bp + "cls_score.weight"].shape[0]  # C + 1
     for name in ("weight", "bias"):
-        out[bp + f"cls_score.{name}"] = _move_first_row_last(out[bp + f"cls_score.{name}"])
+        out[bp + f"cls_score.{name}"] = move_first_row_last(out[bp + f"cls_score.{name}"])
         box = out[bp + f"bbox_pred.{name}"]
         if box.shape[0] == 4 * num_classes1:
             box = box[4:]
         scale = torch.tensor(bbox_reg_weights, dtype=box.dtype).repeat(box.shape[0] // 4)
         out[bp + f"bbox_pred.{name}"] = box * (scale.view(-1, 1) if box.dim() == 2 else scale)
         if bp + f"attr_score.{name}" in out:
-            out[bp + f"attr_score.{name}"] = _move_first_row_last(out[bp + f"attr_score.{name}"])
+            out[bp + f"attr_score.{name}"] = move_first_row_last(out[bp + f"attr_score.{name}"])
     if bp + "cls_embedding.weight" in out:
         emb = out[bp + "cls_embedding.weight"][:num_classes1]  # bua allocates one unused extra row
-        out[bp + "cls_embedding.weight"] = _move_first_row_last(emb)
+        out[bp + "cls_embedding.weight"] = move_first_row_last(emb)
 
     rpn = "proposal_generator.rpn_head."
     perm = _anchor_permutation(num_sizes, num_ratios)

@@ -38,6 +38,11 @@ def build_trained_detector(cfg: CfgNode) -> GeneralizedRCNN:
     if not cfg.MODEL.WEIGHTS:
         return detector
     report = load_checkpoint(detector, cfg.MODEL.WEIGHTS, strict=False)
+    if any(k.startswith(DETECTOR_KEY_PREFIX + TRAINED_PREFIXES[0]) for k in report["unexpected"]):
+        raise CheckpointError(
+            f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} is a whole-model training checkpoint (keys detector.*, bert.*, "
+            "heads.*), while MODEL.WEIGHTS holds the detector's weights: start from it with "
+            "MODEL.VLBERT.INIT_FROM (or --eval-only MODEL.WEIGHTS to evaluate it as is)")
     used = [k for k in report["missing"] if k.startswith(TRAINED_PREFIXES)]
     if used:
         raise CheckpointError(

@@ -22,6 +22,7 @@ from e2e_vl.modeling.hf import (extend_token_types, load_bert, load_mlm_head_wei
                                 load_tokenizer)
 from e2e_vl.modeling.region_encoder import RegionEncoder, build_trained_detector, token_region_features
 from e2e_vl.modeling.registry import register_model
+from e2e_vl.modeling.vlbert_weights import init_vlbert_weights
 
 REGION_SEGMENT = 2
 
@@ -223,8 +224,10 @@ def build_vlbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> VLBer
     """The model described by `cfg` (detector keys + MODEL.VLBERT), on MODEL.DEVICE, in train mode.
 
     The detector is built from the detector keys and, when MODEL.WEIGHTS is set, loaded from it; BERT and
-    its tokenizer come from MODEL.VLBERT.BERT_PATH (empty: the embedded MiniLM)."""
+    its tokenizer come from MODEL.VLBERT.BERT_PATH (empty: the embedded MiniLM); then MODEL.VLBERT.INIT_FROM,
+    when set, fills the whole model (e2e_vl.modeling.vlbert_weights)."""
     v = cfg.MODEL.VLBERT
+    detector_loaded = detector is not None or bool(cfg.MODEL.WEIGHTS)
     detector = detector if detector is not None else build_trained_detector(cfg)
     bert = load_bert(v.BERT_PATH, random_init=v.BERT_RANDOM_INIT)
     tokenizer = load_tokenizer(v.BERT_PATH)
@@ -248,4 +251,6 @@ def build_vlbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> VLBer
     if not v.BERT_RANDOM_INIT:
         load_mlm_head_weights(model.heads, v.BERT_PATH)
         load_pretrained_head_weights(model.heads, v.BERT_PATH)
+    if v.INIT_FROM:
+        init_vlbert_weights(model, v.INIT_FROM, detector_loaded=detector_loaded)
     return model.to(torch.device(cfg.MODEL.DEVICE)).train()
