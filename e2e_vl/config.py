@@ -114,6 +114,33 @@ def _lxmert_defaults() -> dict:
     }
 
 
+# MODEL.VILBERT: what only ViLBERT reads (its visual stream, co-attention and released weights); it shares
+# MODEL.VLBERT's BERT_PATH (text stream and tokenizer), BERT_RANDOM_INIT, HEADS, NUM_ANSWERS, NUM_MRC_CLASSES,
+# MASKING, FREEZE_DETECTOR, APPEARANCE_NORM and LOSS_WEIGHTS. Defaults: ViLBERT's reference configuration,
+# vilbert-multi-task's bert_base_6layer_6conect.json.
+def _vilbert_defaults() -> dict:
+    return {
+        # A ViLBERT checkpoint in the released layout (vilbert-multi-task pretrained_model.bin /
+        # multi_task_model.bin: bert.*, cls.*, ...): loaded strictly over the whole two-stream encoder
+        # (MODEL.VLBERT.BERT_PATH must then hold the matching BERT's config and vocabulary). Empty = text
+        # stream from MODEL.VLBERT.BERT_PATH, visual stream and co-attention at random.
+        "WEIGHTS": "",
+        "V_HIDDEN_SIZE": 1024,
+        "V_NUM_HIDDEN_LAYERS": 6,
+        "V_NUM_ATTENTION_HEADS": 8,
+        "V_INTERMEDIATE_SIZE": 1024,
+        # Width and heads of the co-attention (each stream's queries over the other's keys and values).
+        "BI_HIDDEN_SIZE": 1024,
+        "BI_NUM_ATTENTION_HEADS": 8,
+        # Connection points: co-attention layer i runs just before visual layer V_BIATTENTION_ID[i] and text
+        # layer T_BIATTENTION_ID[i] (text layers before the first point see no image).
+        "V_BIATTENTION_ID": [0, 1, 2, 3, 4, 5],
+        "T_BIATTENTION_ID": [6, 7, 8, 9, 10, 11],
+        "V_HIDDEN_DROPOUT_PROB": 0.1,
+        "V_ATTENTION_PROBS_DROPOUT_PROB": 0.1,
+    }
+
+
 def _training_defaults() -> dict:
     """Engine-owned sections (solver, data, task, output)."""
     return {
@@ -222,11 +249,12 @@ def _training_defaults() -> dict:
 
 
 def get_train_cfg() -> CfgNode:
-    """Fresh training defaults: detector keys + MODEL.VLBERT (+ VISUALBERT, LXMERT) + engine sections."""
+    """Fresh training defaults: detector keys + MODEL.VLBERT (+ VISUALBERT, LXMERT, VILBERT) + engine."""
     cfg = get_cfg()
     cfg.MODEL["VLBERT"] = CfgNode(_vlbert_defaults())
     cfg.MODEL["VISUALBERT"] = CfgNode(_visualbert_defaults())
     cfg.MODEL["LXMERT"] = CfgNode(_lxmert_defaults())
+    cfg.MODEL["VILBERT"] = CfgNode(_vilbert_defaults())
     _merge_new(cfg, _training_defaults())
     return cfg
 

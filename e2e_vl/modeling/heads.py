@@ -36,13 +36,19 @@ class Encoded:
 
 @dataclasses.dataclass
 class HeadSpec:
-    """What a head may be built from: the text encoder's config and word embeddings, and the sizes the
-    task declares (answers, region classes)."""
+    """What a head may be built from: the text encoder's config and word embeddings, the width of the
+    per-region outputs, and the sizes the task declares (answers, region classes)."""
 
     config: Any
     word_embeddings: nn.Embedding
     num_answers: int = 0
     num_mrc_classes: int = 0
+    # Width of `Encoded.regions` where it is not the text's (a two-stream model such as ViLBERT); 0 = the text's.
+    region_hidden_size: int = 0
+
+    @property
+    def region_size(self) -> int:
+        return self.region_hidden_size or self.config.hidden_size
 
 
 HEADS: dict[str, type["Head"]] = {}
@@ -157,7 +163,7 @@ class MRCHead(Head):
 
     @classmethod
     def build(cls, spec: HeadSpec) -> "MRCHead":
-        return cls(spec.config.hidden_size, spec.num_mrc_classes)
+        return cls(spec.region_size, spec.num_mrc_classes)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.act(self.dense(hidden)))
@@ -223,6 +229,10 @@ class RegionScoreHead(Head):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.act(self.dense(hidden)))).squeeze(-1)
+
+    @classmethod
+    def build(cls, spec: HeadSpec) -> "RegionScoreHead":
+        return cls(spec.region_size)
 
     def outputs(self, encoded: Encoded, batch: dict[str, Any]) -> dict[str, Any] | None:
         if not encoded.region_valid.shape[1]:
