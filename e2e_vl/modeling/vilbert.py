@@ -419,8 +419,8 @@ def load_vilbert_weights(model: ViLBert, path: str | os.PathLike) -> dict[str, l
     model.streams_pretrained = True
     unmapped = [k for k in rest if k not in TIED_KEYS]
     if unmapped:
-        logger.warning("%s: %d ViLBERT tensors have no place in this model and were skipped (e.g. %s)",
-                       path, len(unmapped), unmapped[:5])
+        logger.warning("%s: %d ViLBERT tensors have no place in this model and were skipped: %s",
+                       path, len(unmapped), ", ".join(unmapped))
     return {"unmapped": unmapped}
 
 

@@ -1,0 +1,288 @@
+"""ViLBERT: two streams with co-attention on the shared detector path, its released checkpoint layout, and
+a short easy-VQA fine-tuning run.
+
+Tiny random detector and BERT (the ones of test_vlbert) keep every test to CPU seconds. The released
+checkpoints are imitated by `released_state`, which lists vilbert-multi-task's tensor names and shapes
+(read off its model code: BertModel with embeddings, v_embeddings, encoder.layer / v_layer / c_layer,
+t_pooler, v_pooler, and BertPreTrainingHeads as cls) for a tiny configuration.
+"""
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from detector.checkpoint import CheckpointError
+from detector.modeling import build_detector
+from e2e_vl.config import ConfigError, get_train_cfg, load_train_cfg
+from e2e_vl.data.collate import collate_samples
+from e2e_vl.engine.trainer import train
+from e2e_vl.modeling import build_model
+from e2e_vl.modeling.hf import load_tokenizer
+from e2e_vl.modeling.vilbert import STREAM_PARTS, ViLBert, ViLBertSizes, box_locations, load_vilbert_weights
+from e2e_vl.tasks import get_task
+from test_vlbert import NUM_CLASSES, VOCAB, capture_backbone_input, image_sample, tiny_detector_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+# Text: 3 layers of 32; visual: 2 layers of 24; co-attention 16 wide before text layers 1, 2 and visual 0, 1.
+SIZES = ViLBertSizes(v_hidden_size=24, v_num_hidden_layers=2, v_num_attention_heads=2, v_intermediate_size=48,
+                     bi_hidden_size=16, bi_num_attention_heads=2, v_biattention_id=(0, 1), t_biattention_id=(1, 2))
+TEXT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Toy-sized ops gain nothing from a second thread; on a busy 2-core machine the spinning threads made the
+    learning run take 60 s of CPU instead of 4."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vilbert(heads=("mlm", "mrc", "vqa"), **kwargs) -> ViLBert:
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(**TEXT), add_pooling_layer=False)
+    return ViLBert(build_detector(tiny_detector_cfg()), bert, SIZES, heads=heads, num_answers=5,
+                   num_mrc_classes=NUM_CLASSES, **kwargs)
+
+
+def pretraining_sample(**extra) -> dict:
+    return image_sample(region_masked=torch.tensor([False, True, False]), region_labelled=torch.tensor([False, True, True]),
+                        mrc_targets=torch.softmax(torch.randn(3, NUM_CLASSES), -1),
+                        mlm_labels=torch.tensor([-100, 7, -100, 9, -100, -100]), answer_pos=2, vqa_targets=torch.rand(5),
+                        **extra)
+
+
+# ---------------------------------------------------------------------------------------------------
+def test_forward_backward_through_the_pixel_masked_detector_updates_it():
+    model = tiny_vilbert().train()
+    seen = capture_backbone_input(model)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out = model(collate_samples([pretraining_sample(), pretraining_sample(seed=1)]))
+    assert set(out["losses"]) == {"mlm", "mrc", "vqa"}
+    assert (seen[0][:, :, 6:30, 4:20] == 0).all() and (seen[0][:, :, 40:, :] != 0).any()  # box 1 = [4, 6, 20, 30]
+    out["loss"].backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    after = model.state_dict()
+    for trained in ("detector.backbone.res4.", "detector.roi_heads.res5.", "image_embeddings.", "image_layers.",
+                    "co_layers.", "bert.encoder.layer.0."):
+        keys = [k for k, p in model.named_parameters() if k.startswith(trained)]
+        assert keys and all(not torch.equal(before[k], after[k]) for k in keys), trained
+    assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("detector.backbone.stem."))
+
+
+def test_outputs_per_token_per_region_and_pooled():
+    model = tiny_vilbert(heads=("mrc", "vqa", "ref")).eval()
+    text_only = {"input_ids": torch.arange(5, 9), "answer_pos": 1, "vqa_targets": torch.rand(5)}
+    batch = collate_samples([image_sample(num_boxes=3, answer_pos=2, vqa_targets=torch.rand(5)),
+                             image_sample(num_boxes=2, seed=1, answer_pos=2, vqa_targets=torch.rand(5)), text_only])
+    encoded = model.encode(batch)
+    assert encoded.text.shape == (3, 6, 32) and encoded.regions.shape == (3, 3, 24)
+    assert encoded.pooled.shape == (3, 16) and (encoded.pooled >= 0).all()  # product of two ReLU poolers
+    assert encoded.region_valid.tolist() == [[True] * 3, [True, True, False], [False] * 3]
+    assert encoded.has_image.tolist() == [True, True, False]
+    out = model(dict(batch, ref_labels=torch.tensor([[0.0, 1.0, -1.0]] * 3)))
+    assert out["vqa_logits"].shape == (3, 5) and out["ref_logits"].shape == (3, 3)
+    assert set(out["losses"]) == {"vqa", "ref"} and torch.isfinite(out["loss"])
+
+
+def test_box_locations_are_normalised_corners_and_area():
+    loc = box_locations(torch.tensor([[10.0, 20.0, 50.0, 80.0]]), torch.tensor([[200.0, 100.0]]))
+    torch.testing.assert_close(loc, torch.tensor([[0.05, 0.2, 0.25, 0.8, 0.12]]))
+
+
+def test_co_attention_mixes_the_streams_only_from_the_first_connection():
+    model = tiny_vilbert(heads=("vqa",)).eval()
+    seen: dict[str, list] = {}
+    model.bert.encoder.layer[0].register_forward_hook(lambda m, a, out: seen.setdefault("text0", []).append(out))
+    model.image_embeddings.register_forward_hook(lambda m, a, out: seen.setdefault("image_in", []).append(out))
+    model.co_layers[0].register_forward_hook(lambda m, a, out: seen.setdefault("co0", []).append(out))
+    base = image_sample(answer_pos=2)
+    for sample in (base, dict(base, image=base["image"].flip(1)), dict(base, input_ids=base["input_ids"].roll(1))):
+        seen.setdefault("text", []).append(model.encode(collate_samples([sample])).text)
+    same, other_image, other_text = range(3)
+    # Another image: the text stream is unchanged before the first co-attention layer, changed after it.
+    assert torch.equal(seen["text0"][same], seen["text0"][other_image])
+    assert not torch.allclose(seen["co0"][same][0], seen["co0"][other_image][0])
+    assert not torch.allclose(seen["text"][same], seen["text"][other_image])
+    # Another text: the visual stream's input is unchanged, its co-attention output is not.
+    assert torch.equal(seen["image_in"][same], seen["image_in"][other_text])
+    assert not torch.allclose(seen["co0"][same][1], seen["co0"][other_text][1])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_vilbert(heads=("vqa",)).train()
+    model.detector.requires_grad_(False)
+    batch = collate_samples([image_sample(answer_pos=2, vqa_targets=torch.rand(5))])
+    grads = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks
+        model(batch)["loss"].backward()
+        grads.append(model.co_layers[0].text.cross.query.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+    model.enable_gradient_checkpointing()
+    assert model.gradient_checkpointing
+
+
+@pytest.mark.parametrize("key, value", [("V_BIATTENTION_ID", [1, 0]), ("T_BIATTENTION_ID", [2, 3]),
+                                        ("BI_HIDDEN_SIZE", 15)])
+def test_bad_connection_points_or_widths_are_config_errors(key, value):
+    with pytest.raises(ConfigError, match=f"MODEL.VILBERT.{key}"):
+        dataclasses.replace(SIZES, **{key.lower(): value}).check(3)
+
+
+# -- released checkpoints -----------------------------------------------------------------------------
+def released_state(text: dict, sizes: ViLBertSizes, feature_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors under vilbert-multi-task's names (BertForMultiModalPreTraining's state dict) for the
+    given sizes; the MLM decoder is the word-embedding tensor itself (tied), as there."""
+    h, mid, vh, vmid, bi = (text["hidden_size"], text["intermediate_size"], sizes.v_hidden_size,
+                            sizes.v_intermediate_size, sizes.bi_hidden_size)
+    shapes: dict[str, tuple] = {}
+
+    def linear(name, n_in, n_out):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (n_out, n_in), (n_out,)
+
+    def norm(name, n):
+        shapes[f"{name}.weight"] = shapes[f"{name}.bias"] = (n,)
+
+    def bert_layer(prefix, width, inner):
+        for part in ("query", "key", "value"):
+            linear(f"{prefix}.attention.self.{part}", width, width)
+        linear(f"{prefix}.attention.output.dense", width, width)
+        norm(f"{prefix}.attention.output.LayerNorm", width)
+        linear(f"{prefix}.intermediate.dense", width, inner)
+        linear(f"{prefix}.output.dense", inner, width)
+        norm(f"{prefix}.output.LayerNorm", width)
+
+    shapes["bert.embeddings.word_embeddings.weight"] = (text["vocab_size"], h)
+    shapes["bert.embeddings.position_embeddings.weight"] = (text["max_position_embeddings"], h)
+    shapes["bert.embeddings.token_type_embeddings.weight"] = (2, h)
+    norm("bert.embeddings.LayerNorm", h)
+    for i in range(text["num_hidden_layers"]):
+        bert_layer(f"bert.encoder.layer.{i}", h, mid)
+    linear("bert.v_embeddings.image_embeddings", feature_size, vh)
+    linear("bert.v_embeddings.image_location_embeddings", 5, vh)
+    norm("bert.v_embeddings.LayerNorm", vh)
+    for i in range(sizes.v_num_hidden_layers):
+        bert_layer(f"bert.encoder.v_layer.{i}", vh, vmid)
+    for i in range(len(sizes.v_biattention_id)):
+        c = f"bert.encoder.c_layer.{i}"
+        for side, width in (("1", vh), ("2", h)):
+            for part in ("query", "key", "value"):
+                linear(f"{c}.biattention.{part}{side}", width, bi)
+            linear(f"{c}.biOutput.dense{side}", bi, width)
+            linear(f"{c}.biOutput.q_dense{side}", bi, width)
+            norm(f"{c}.biOutput.LayerNorm{side}", width)
+        for side, width, inner in (("v", vh, vmid), ("t", h, mid)):
+            linear(f"{c}.{side}_intermediate.dense", width, inner)
+            linear(f"{c}.{side}_output.dense", inner, width)
+            norm(f"{c}.{side}_output.LayerNorm", width)
+    linear("bert.t_pooler.dense", h, bi)
+    linear("bert.v_pooler.dense", vh, bi)
+    linear("cls.predictions.transform.dense", h, h)
+    norm("cls.predictions.transform.LayerNorm", h)
+    shapes["cls.predictions.bias"] = (text["vocab_size"],)
+    linear("cls.bi_seq_relationship", bi, 2)
+    linear("cls.imagePredictions.transform.dense", vh, vh)
+    norm("cls.imagePredictions.transform.LayerNorm", vh)
+    linear("cls.imagePredictions.decoder", vh, 1601)
+    g = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(shape, generator=g) for k, shape in shapes.items()}
+    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]
+    return state
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_folder(tmp_path_factory) -> str:
+    """A Hugging Face BERT folder at toy size (6 layers of 32) with the real uncased vocabulary."""
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(**{**TEXT, "num_hidden_layers": 6}), add_pooling_layer=False).save_pretrained(folder)
+    load_tokenizer("").save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_cfg(bert_folder: str, *overrides: str):
+    """The training config of a tiny ViLBERT (SIZES, the tiny detector) with the given BERT folder."""
+    cfg = tiny_detector_cfg(get_train_cfg())
+    sizes = [item for key, value in dataclasses.asdict(SIZES).items()
+             for item in (f"MODEL.VILBERT.{key.upper()}", str(list(value) if isinstance(value, tuple) else value))]
+    cfg.merge_from_list(["MODEL.VLBERT.BERT_PATH", bert_folder, "MODEL.VLBERT.HEADS", "['mlm', 'vqa']",
+                         "MODEL.VLBERT.NUM_ANSWERS", "5", *sizes, *overrides])
+    return cfg
+
+
+def test_released_checkpoint_layout_loads_into_the_right_places(tmp_path, tiny_bert_folder, caplog):
+    text = {**TEXT, "num_hidden_layers": 6}
+    state = released_state(text, SIZES, feature_size=build_detector(tiny_detector_cfg()).roi_heads.out_channels)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    cfg = tiny_cfg(tiny_bert_folder, "MODEL.VILBERT.WEIGHTS", str(tmp_path / "pytorch_model.bin"))
+    model = build_model(cfg, "vilbert")
+    ours = model.state_dict()
+    for our_key, released in [
+        ("bert.encoder.layer.5.attention.output.LayerNorm.weight", "bert.encoder.layer.5.attention.output.LayerNorm.weight"),
+        ("image_embeddings.features.weight", "bert.v_embeddings.image_embeddings.weight"),
+        ("image_embeddings.location.bias", "bert.v_embeddings.image_location_embeddings.bias"),
+        ("image_layers.1.attention.self.value.weight", "bert.encoder.v_layer.1.attention.self.value.weight"),
+        ("co_layers.0.text.cross.query.weight", "bert.encoder.c_layer.0.biattention.query2.weight"),  # text queries
+        ("co_layers.0.text.cross.key.weight", "bert.encoder.c_layer.0.biattention.key1.weight"),  # visual keys
+        ("co_layers.1.image.cross.value.bias", "bert.encoder.c_layer.1.biattention.value2.bias"),  # text values
+        ("co_layers.1.image.cross_output.LayerNorm.weight", "bert.encoder.c_layer.1.biOutput.LayerNorm1.weight"),
+        ("co_layers.1.text.cross_output.dense.weight", "bert.encoder.c_layer.1.biOutput.dense2.weight"),
+        ("co_layers.0.text.output.dense.weight", "bert.encoder.c_layer.0.t_output.dense.weight"),
+        ("co_layers.0.image.intermediate.dense.bias", "bert.encoder.c_layer.0.v_intermediate.dense.bias"),
+        ("image_pooler.dense.weight", "bert.v_pooler.dense.weight"),
+        ("heads.mlm.transform.dense.weight", "cls.predictions.transform.dense.weight"),
+        ("heads.mlm.bias", "cls.predictions.bias"),
+    ]:
+        assert torch.equal(ours[our_key], state[released]), our_key
+    # Every tensor of the two-stream encoder came from the file.
+    for key, tensor in ours.items():
+        if key.split(".")[0] in STREAM_PARTS:
+            assert any(torch.equal(tensor, t) for t in state.values() if t.shape == tensor.shape), key
+    assert model.streams_pretrained and model.parameter_kind("co_layers.0.text.cross.query.weight") == "bert"
+    # Tensors without a place here are reported: ViLBERT's unused q_dense layers and the other pre-training heads.
+    assert "16 ViLBERT tensors have no place" in caplog.text
+    assert "bert.encoder.c_layer.1.biOutput.q_dense2.weight" in caplog.text and "cls.bi_seq_relationship.bias" in caplog.text
+    out = model(collate_samples([image_sample(answer_pos=2, vqa_targets=torch.rand(5))]))
+    assert torch.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda s: s.pop("bert.encoder.c_layer.1.biattention.key1.weight"), "bert.encoder.c_layer.1.biattention.key1.weight"),
+    (lambda s: s.update({"bert.v_embeddings.image_embeddings.weight": torch.zeros(24, 2048)}),
+     "bert.v_embeddings.image_embeddings.weight: checkpoint (24, 2048)"),
+    (lambda s: s.update({"bert.encoder.v_layer.2.output.dense.bias": torch.zeros(24)}),
+     "bert.encoder.v_layer.2.output.dense.bias"),
+])
+def test_missing_misshapen_or_misplaced_released_tensors_are_errors_naming_them(tmp_path, edit, named):
+    state = released_state({**TEXT}, SIZES, feature_size=build_detector(tiny_detector_cfg()).roi_heads.out_channels)
+    edit(state)
+    torch.save(state, tmp_path / "vilbert.bin")
+    model = tiny_vilbert()
+    with pytest.raises(CheckpointError, match=re.escape(named)):
+        load_vilbert_weights(model, tmp_path / "vilbert.bin")
+
+
+# -- learning ---------------------------------------------------------------------------------------------
+def test_short_easy_vqa_finetuning_learns(tmp_path, tiny_bert_folder):
+    """configs/easy_vqa/vilbert_tiny.yaml with a toy BERT: 40 steps through the engine, loss well below its start."""
+    cfg = load_train_cfg(REPO / "configs" / "easy_vqa" / "vilbert_tiny.yaml",
+                         ["MODEL.VLBERT.BERT_PATH", tiny_bert_folder, "OUTPUT_DIR", str(tmp_path)])
+    task_spec = get_task(cfg.TASK)
+    assert task_spec.arch(cfg) == "vilbert"
+    torch.manual_seed(cfg.SEED)
+    model = build_model(cfg, task_spec.arch(cfg))
+    metrics = train(cfg, model, task_spec.build(cfg, model, torch.device("cpu"), False), torch.device("cpu"))
+    losses = [json.loads(line)["train/loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in line]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:3]) / 3, losses
+    assert 0.0 <= metrics["accuracy"] <= 1.0
