@@ -91,6 +91,17 @@ def test_outputs_per_token_per_region_and_pooled():
     assert set(out["losses"]) == {"vqa", "ref"} and torch.isfinite(out["loss"])
 
 
+def test_vcr_heads_read_the_text_and_the_visual_stream():
+    model = tiny_vilbert(heads=("vcr", "vcr_objects")).train()
+    choices = [image_sample(seed=i, object_labels=torch.tensor([0, 5, -1]), **({"choice_label": 1} if i == 0 else {}))
+               for i in range(4)]
+    out = model(collate_samples(choices))
+    assert out["vcr_logits"].shape == (1, 4) and out["vcr_objects_logits"].shape == (8, 81)
+    out["loss"].backward()
+    assert model.heads["vcr_objects"].dense.weight.shape == (24, 24)  # the visual stream's width
+    assert model.co_layers[1].image.output.dense.weight.grad is not None
+
+
 def test_box_locations_are_normalised_corners_and_area():
     loc = box_locations(torch.tensor([[10.0, 20.0, 50.0, 80.0]]), torch.tensor([[200.0, 100.0]]))
     torch.testing.assert_close(loc, torch.tensor([[0.05, 0.2, 0.25, 0.8, 0.12]]))

@@ -302,7 +302,7 @@ class ObjectClassHead(MRCHead):
     def build(cls, spec: HeadSpec) -> "ObjectClassHead":
         from e2e_vl.data.vcr import COCO_CLASSES
 
-        return cls(spec.config.hidden_size, len(COCO_CLASSES))
+        return cls(spec.region_size, len(COCO_CLASSES))
 
     def outputs(self, encoded: Encoded, batch: dict[str, Any]) -> dict[str, Any] | None:
         if "object_labels" not in batch:

@@ -28,7 +28,7 @@ from detector.checkpoint import CheckpointError, read_checkpoint
 from detector.config import CfgNode, ConfigError
 from detector.modeling import GeneralizedRCNN
 from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads, check_heads
-from e2e_vl.modeling.hf import load_bert, load_mlm_head_weights, load_tokenizer
+from e2e_vl.modeling.hf import load_bert, load_mlm_head_weights, load_pretrained_head_weights, load_tokenizer
 from e2e_vl.modeling.region_encoder import RegionEncoder, build_trained_detector, pad_per_image
 from e2e_vl.modeling.registry import register_model
 
@@ -428,8 +428,9 @@ def load_vilbert_weights(model: ViLBert, path: str | os.PathLike) -> dict[str, l
 def build_vilbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> ViLBert:
     """The model of `cfg`: detector keys, MODEL.VILBERT, and MODEL.VLBERT's shared keys (see config.py).
 
-    The text stream and tokenizer come from MODEL.VLBERT.BERT_PATH (empty: the embedded MiniLM); then, when
-    MODEL.VILBERT.WEIGHTS is set, the whole two-stream encoder from that ViLBERT checkpoint."""
+    The text stream, its tokenizer and the text-side heads' pre-trained layers come from
+    MODEL.VLBERT.BERT_PATH (empty: the embedded MiniLM); then, when MODEL.VILBERT.WEIGHTS is set, the whole
+    two-stream encoder (and the MLM head) from that ViLBERT checkpoint."""
     v = cfg.MODEL.VLBERT
     detector = detector if detector is not None else build_trained_detector(cfg)
     bert = load_bert(v.BERT_PATH, random_init=v.BERT_RANDOM_INIT)
@@ -447,8 +448,9 @@ def build_vilbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> ViLB
         tokenizer=tokenizer,
         appearance_norm=v.APPEARANCE_NORM,
     )
+    if not v.BERT_RANDOM_INIT:  # text-side heads from BERT (the VCR head's pooler; the MLM head if BERT has one)
+        load_mlm_head_weights(model.heads, v.BERT_PATH)
+        load_pretrained_head_weights(model.heads, v.BERT_PATH)
     if cfg.MODEL.VILBERT.WEIGHTS:
         load_vilbert_weights(model, cfg.MODEL.VILBERT.WEIGHTS)
-    elif not v.BERT_RANDOM_INIT:
-        load_mlm_head_weights(model.heads, v.BERT_PATH)
     return model.to(torch.device(cfg.MODEL.DEVICE)).train()
