@@ -29,9 +29,10 @@ from test_vlbert import NUM_CLASSES, VOCAB, capture_backbone_input, image_sample
 REPO = Path(__file__).resolve().parents[1]
 # Text: 3 layers of 32; visual: 2 layers of 24; co-attention 16 wide before text layers 1, 2 and visual 0, 1.
 SIZES = ViLBertSizes(v_hidden_size=24, v_num_hidden_layers=2, v_num_attention_heads=2, v_intermediate_size=48,
-                     bi_hidden_size=16, bi_num_attention_heads=2, v_biattention_id=(0, 1), t_biattention_id=(1, 2))
-TEXT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=64)
+                     bi_hidden_size=16, bi_num_attention_heads=2, v_biattention_id=(0, 1),
+                     t_biattention_id=(1, 2))
+TEXT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=64)
 
 
 @pytest.fixture(autouse=True)
@@ -52,10 +53,11 @@ def tiny_vilbert(heads=("mlm", "mrc", "vqa"), **kwargs) -> ViLBert:
 
 
 def pretraining_sample(**extra) -> dict:
-    return image_sample(region_masked=torch.tensor([False, True, False]), region_labelled=torch.tensor([False, True, True]),
+    return image_sample(region_masked=torch.tensor([False, True, False]),
+                        region_labelled=torch.tensor([False, True, True]),
                         mrc_targets=torch.softmax(torch.randn(3, NUM_CLASSES), -1),
-                        mlm_labels=torch.tensor([-100, 7, -100, 9, -100, -100]), answer_pos=2, vqa_targets=torch.rand(5),
-                        **extra)
+                        mlm_labels=torch.tensor([-100, 7, -100, 9, -100, -100]), answer_pos=2,
+                        vqa_targets=torch.rand(5), **extra)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -65,12 +67,13 @@ def test_forward_backward_through_the_pixel_masked_detector_updates_it():
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out = model(collate_samples([pretraining_sample(), pretraining_sample(seed=1)]))
     assert set(out["losses"]) == {"mlm", "mrc", "vqa"}
-    assert (seen[0][:, :, 6:30, 4:20] == 0).all() and (seen[0][:, :, 40:, :] != 0).any()  # box 1 = [4, 6, 20, 30]
+    # Box 1 = [4, 6, 20, 30] is zero in the backbone input, the rest of the image is not.
+    assert (seen[0][:, :, 6:30, 4:20] == 0).all() and (seen[0][:, :, 40:, :] != 0).any()
     out["loss"].backward()
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
     after = model.state_dict()
-    for trained in ("detector.backbone.res4.", "detector.roi_heads.res5.", "image_embeddings.", "image_layers.",
-                    "co_layers.", "bert.encoder.layer.0."):
+    for trained in ("detector.backbone.res4.", "detector.roi_heads.res5.", "image_embeddings.",
+                    "image_layers.", "co_layers.", "bert.encoder.layer.0."):
         keys = [k for k, p in model.named_parameters() if k.startswith(trained)]
         assert keys and all(not torch.equal(before[k], after[k]) for k in keys), trained
     assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("detector.backbone.stem."))
@@ -80,7 +83,8 @@ def test_outputs_per_token_per_region_and_pooled():
     model = tiny_vilbert(heads=("mrc", "vqa", "ref")).eval()
     text_only = {"input_ids": torch.arange(5, 9), "answer_pos": 1, "vqa_targets": torch.rand(5)}
     batch = collate_samples([image_sample(num_boxes=3, answer_pos=2, vqa_targets=torch.rand(5)),
-                             image_sample(num_boxes=2, seed=1, answer_pos=2, vqa_targets=torch.rand(5)), text_only])
+                             image_sample(num_boxes=2, seed=1, answer_pos=2, vqa_targets=torch.rand(5)),
+                             text_only])
     encoded = model.encode(batch)
     assert encoded.text.shape == (3, 6, 32) and encoded.regions.shape == (3, 3, 24)
     assert encoded.pooled.shape == (3, 16) and (encoded.pooled >= 0).all()  # product of two ReLU poolers
@@ -93,8 +97,8 @@ def test_outputs_per_token_per_region_and_pooled():
 
 def test_vcr_heads_read_the_text_and_the_visual_stream():
     model = tiny_vilbert(heads=("vcr", "vcr_objects")).train()
-    choices = [image_sample(seed=i, object_labels=torch.tensor([0, 5, -1]), **({"choice_label": 1} if i == 0 else {}))
-               for i in range(4)]
+    choices = [image_sample(seed=i, object_labels=torch.tensor([0, 5, -1]),
+                            **({"choice_label": 1} if i == 0 else {})) for i in range(4)]
     out = model(collate_samples(choices))
     assert out["vcr_logits"].shape == (1, 4) and out["vcr_objects_logits"].shape == (8, 81)
     out["loss"].backward()
@@ -110,11 +114,12 @@ def test_box_locations_are_normalised_corners_and_area():
 def test_co_attention_mixes_the_streams_only_from_the_first_connection():
     model = tiny_vilbert(heads=("vqa",)).eval()
     seen: dict[str, list] = {}
-    model.bert.encoder.layer[0].register_forward_hook(lambda m, a, out: seen.setdefault("text0", []).append(out))
-    model.image_embeddings.register_forward_hook(lambda m, a, out: seen.setdefault("image_in", []).append(out))
-    model.co_layers[0].register_forward_hook(lambda m, a, out: seen.setdefault("co0", []).append(out))
+    for name, module in (("text0", model.bert.encoder.layer[0]), ("image_in", model.image_embeddings),
+                         ("co0", model.co_layers[0])):
+        module.register_forward_hook(lambda m, a, out, name=name: seen.setdefault(name, []).append(out))
     base = image_sample(answer_pos=2)
-    for sample in (base, dict(base, image=base["image"].flip(1)), dict(base, input_ids=base["input_ids"].roll(1))):
+    changed_image = dict(base, image=base["image"].flip(1))
+    for sample in (base, changed_image, dict(base, input_ids=base["input_ids"].roll(1))):
         seen.setdefault("text", []).append(model.encode(collate_samples([sample])).text)
     same, other_image, other_text = range(3)
     # Another image: the text stream is unchanged before the first co-attention layer, changed after it.
@@ -149,8 +154,9 @@ def test_bad_connection_points_or_widths_are_config_errors(key, value):
         dataclasses.replace(SIZES, **{key.lower(): value}).check(3)
 
 
-# -- released checkpoints -----------------------------------------------------------------------------
-def released_state(text: dict, sizes: ViLBertSizes, feature_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+# -- released checkpoints ------------------------------------------------------------------------
+def released_state(text: dict, sizes: ViLBertSizes, feature_size: int, seed: int = 0
+                   ) -> dict[str, torch.Tensor]:
     """Random tensors under vilbert-multi-task's names (BertForMultiModalPreTraining's state dict) for the
     given sizes; the MLM decoder is the word-embedding tensor itself (tied), as there."""
     h, mid, vh, vmid, bi = (text["hidden_size"], text["intermediate_size"], sizes.v_hidden_size,
@@ -223,68 +229,76 @@ def tiny_bert_folder(tmp_path_factory) -> str:
 def tiny_cfg(bert_folder: str, *overrides: str):
     """The training config of a tiny ViLBERT (SIZES, the tiny detector) with the given BERT folder."""
     cfg = tiny_detector_cfg(get_train_cfg())
-    sizes = [item for key, value in dataclasses.asdict(SIZES).items()
-             for item in (f"MODEL.VILBERT.{key.upper()}", str(list(value) if isinstance(value, tuple) else value))]
+    sizes = [(f"MODEL.VILBERT.{key.upper()}", str(list(value) if isinstance(value, tuple) else value))
+             for key, value in dataclasses.asdict(SIZES).items()]
     cfg.merge_from_list(["MODEL.VLBERT.BERT_PATH", bert_folder, "MODEL.VLBERT.HEADS", "['mlm', 'vqa']",
-                         "MODEL.VLBERT.NUM_ANSWERS", "5", *sizes, *overrides])
+                         "MODEL.VLBERT.NUM_ANSWERS", "5", *[item for pair in sizes for item in pair],
+                         *overrides])
     return cfg
 
 
+def detector_width() -> int:
+    return build_detector(tiny_detector_cfg()).roi_heads.out_channels
+
+
+C0, C1 = "bert.encoder.c_layer.0.", "bert.encoder.c_layer.1."
+OURS_AND_RELEASED = [  # by hand from vilbert-multi-task's modules; "1" is its visual side, "2" its text side
+    ("bert.encoder.layer.5.output.LayerNorm.weight", "bert.encoder.layer.5.output.LayerNorm.weight"),
+    ("image_embeddings.features.weight", "bert.v_embeddings.image_embeddings.weight"),
+    ("image_embeddings.location.bias", "bert.v_embeddings.image_location_embeddings.bias"),
+    ("image_layers.1.attention.self.value.weight", "bert.encoder.v_layer.1.attention.self.value.weight"),
+    ("co_layers.0.text.cross.query.weight", C0 + "biattention.query2.weight"),  # text queries
+    ("co_layers.0.text.cross.key.weight", C0 + "biattention.key1.weight"),  # over visual keys
+    ("co_layers.1.image.cross.value.bias", C1 + "biattention.value2.bias"),  # and the reverse
+    ("co_layers.1.image.cross_output.LayerNorm.weight", C1 + "biOutput.LayerNorm1.weight"),
+    ("co_layers.1.text.cross_output.dense.weight", C1 + "biOutput.dense2.weight"),
+    ("co_layers.0.text.output.dense.weight", C0 + "t_output.dense.weight"),
+    ("co_layers.0.image.intermediate.dense.bias", C0 + "v_intermediate.dense.bias"),
+    ("image_pooler.dense.weight", "bert.v_pooler.dense.weight"),
+    ("heads.mlm.transform.dense.weight", "cls.predictions.transform.dense.weight"),
+    ("heads.mlm.bias", "cls.predictions.bias"),
+]
+
+
 def test_released_checkpoint_layout_loads_into_the_right_places(tmp_path, tiny_bert_folder, caplog):
-    text = {**TEXT, "num_hidden_layers": 6}
-    state = released_state(text, SIZES, feature_size=build_detector(tiny_detector_cfg()).roi_heads.out_channels)
+    state = released_state({**TEXT, "num_hidden_layers": 6}, SIZES, feature_size=detector_width())
     torch.save(state, tmp_path / "pytorch_model.bin")
     cfg = tiny_cfg(tiny_bert_folder, "MODEL.VILBERT.WEIGHTS", str(tmp_path / "pytorch_model.bin"))
     model = build_model(cfg, "vilbert")
     ours = model.state_dict()
-    for our_key, released in [
-        ("bert.encoder.layer.5.attention.output.LayerNorm.weight", "bert.encoder.layer.5.attention.output.LayerNorm.weight"),
-        ("image_embeddings.features.weight", "bert.v_embeddings.image_embeddings.weight"),
-        ("image_embeddings.location.bias", "bert.v_embeddings.image_location_embeddings.bias"),
-        ("image_layers.1.attention.self.value.weight", "bert.encoder.v_layer.1.attention.self.value.weight"),
-        ("co_layers.0.text.cross.query.weight", "bert.encoder.c_layer.0.biattention.query2.weight"),  # text queries
-        ("co_layers.0.text.cross.key.weight", "bert.encoder.c_layer.0.biattention.key1.weight"),  # visual keys
-        ("co_layers.1.image.cross.value.bias", "bert.encoder.c_layer.1.biattention.value2.bias"),  # text values
-        ("co_layers.1.image.cross_output.LayerNorm.weight", "bert.encoder.c_layer.1.biOutput.LayerNorm1.weight"),
-        ("co_layers.1.text.cross_output.dense.weight", "bert.encoder.c_layer.1.biOutput.dense2.weight"),
-        ("co_layers.0.text.output.dense.weight", "bert.encoder.c_layer.0.t_output.dense.weight"),
-        ("co_layers.0.image.intermediate.dense.bias", "bert.encoder.c_layer.0.v_intermediate.dense.bias"),
-        ("image_pooler.dense.weight", "bert.v_pooler.dense.weight"),
-        ("heads.mlm.transform.dense.weight", "cls.predictions.transform.dense.weight"),
-        ("heads.mlm.bias", "cls.predictions.bias"),
-    ]:
+    for our_key, released in OURS_AND_RELEASED:
         assert torch.equal(ours[our_key], state[released]), our_key
     # Every tensor of the two-stream encoder came from the file.
     for key, tensor in ours.items():
         if key.split(".")[0] in STREAM_PARTS:
             assert any(torch.equal(tensor, t) for t in state.values() if t.shape == tensor.shape), key
     assert model.streams_pretrained and model.parameter_kind("co_layers.0.text.cross.query.weight") == "bert"
-    # Tensors without a place here are reported: ViLBERT's unused q_dense layers and the other pre-training heads.
+    # Reported, not loaded: ViLBERT's unused q_dense layers and the other pre-training heads.
     assert "16 ViLBERT tensors have no place" in caplog.text
-    assert "bert.encoder.c_layer.1.biOutput.q_dense2.weight" in caplog.text and "cls.bi_seq_relationship.bias" in caplog.text
+    assert C1 + "biOutput.q_dense2.weight" in caplog.text and "cls.bi_seq_relationship.bias" in caplog.text
     out = model(collate_samples([image_sample(answer_pos=2, vqa_targets=torch.rand(5))]))
     assert torch.isfinite(out["loss"])
 
 
 @pytest.mark.parametrize("edit, named", [
-    (lambda s: s.pop("bert.encoder.c_layer.1.biattention.key1.weight"), "bert.encoder.c_layer.1.biattention.key1.weight"),
+    (lambda s: s.pop(C1 + "biattention.key1.weight"), C1 + "biattention.key1.weight"),
     (lambda s: s.update({"bert.v_embeddings.image_embeddings.weight": torch.zeros(24, 2048)}),
      "bert.v_embeddings.image_embeddings.weight: checkpoint (24, 2048)"),
     (lambda s: s.update({"bert.encoder.v_layer.2.output.dense.bias": torch.zeros(24)}),
      "bert.encoder.v_layer.2.output.dense.bias"),
 ])
 def test_missing_misshapen_or_misplaced_released_tensors_are_errors_naming_them(tmp_path, edit, named):
-    state = released_state({**TEXT}, SIZES, feature_size=build_detector(tiny_detector_cfg()).roi_heads.out_channels)
+    state = released_state({**TEXT}, SIZES, feature_size=detector_width())
     edit(state)
     torch.save(state, tmp_path / "vilbert.bin")
-    model = tiny_vilbert()
     with pytest.raises(CheckpointError, match=re.escape(named)):
-        load_vilbert_weights(model, tmp_path / "vilbert.bin")
+        load_vilbert_weights(tiny_vilbert(), tmp_path / "vilbert.bin")
 
 
-# -- learning ---------------------------------------------------------------------------------------------
+# -- learning ----------------------------------------------------------------------------------------
 def test_short_easy_vqa_finetuning_learns(tmp_path, tiny_bert_folder):
-    """configs/easy_vqa/vilbert_tiny.yaml with a toy BERT: 40 steps through the engine, loss well below its start."""
+    """configs/easy_vqa/vilbert_tiny.yaml with a toy BERT: 40 steps through the engine, the loss well below
+    its start."""
     cfg = load_train_cfg(REPO / "configs" / "easy_vqa" / "vilbert_tiny.yaml",
                          ["MODEL.VLBERT.BERT_PATH", tiny_bert_folder, "OUTPUT_DIR", str(tmp_path)])
     task_spec = get_task(cfg.TASK)

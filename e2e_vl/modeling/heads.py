@@ -43,7 +43,7 @@ class HeadSpec:
     word_embeddings: nn.Embedding
     num_answers: int = 0
     num_mrc_classes: int = 0
-    # Width of `Encoded.regions` where it is not the text's (a two-stream model such as ViLBERT); 0 = the text's.
+    # Width of `Encoded.regions` where it is not the text's (two streams, as in ViLBERT); 0 = the text's.
     region_hidden_size: int = 0
 
     @property

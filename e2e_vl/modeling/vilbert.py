@@ -67,8 +67,8 @@ class ViLBertSizes:
         into their heads."""
         v_ids, t_ids = self.v_biattention_id, self.t_biattention_id
         if not v_ids or len(v_ids) != len(t_ids):
-            raise ConfigError(f"MODEL.VILBERT.V_BIATTENTION_ID {list(v_ids)} and T_BIATTENTION_ID {list(t_ids)} "
-                              "must name the same number (>= 1) of connection points")
+            raise ConfigError(f"MODEL.VILBERT.V_BIATTENTION_ID {list(v_ids)} and T_BIATTENTION_ID "
+                              f"{list(t_ids)} must name the same number (>= 1) of connection points")
         for key, ids, layers in (("V_BIATTENTION_ID", v_ids, self.v_num_hidden_layers),
                                  ("T_BIATTENTION_ID", t_ids, num_text_layers)):
             if any(b <= a for a, b in zip(ids, ids[1:])) or ids[0] < 0 or ids[-1] >= layers:
@@ -77,7 +77,8 @@ class ViLBertSizes:
         for key, width, heads in (("V_HIDDEN_SIZE", self.v_hidden_size, self.v_num_attention_heads),
                                   ("BI_HIDDEN_SIZE", self.bi_hidden_size, self.bi_num_attention_heads)):
             if width % heads:
-                raise ConfigError(f"MODEL.VILBERT.{key} {width} is not a multiple of its {heads} attention heads")
+                raise ConfigError(f"MODEL.VILBERT.{key} {width} is not a multiple of its {heads} "
+                                  "attention heads")
 
     def visual_config(self, text: BertConfig) -> BertConfig:
         """A BERT config for the visual stream's layers (transformers' BertLayer, ViLBERT's key names)."""
@@ -85,8 +86,8 @@ class ViLBertSizes:
             vocab_size=1, hidden_size=self.v_hidden_size, num_hidden_layers=self.v_num_hidden_layers,
             num_attention_heads=self.v_num_attention_heads, intermediate_size=self.v_intermediate_size,
             hidden_act=text.hidden_act, hidden_dropout_prob=self.v_hidden_dropout_prob,
-            attention_probs_dropout_prob=self.v_attention_probs_dropout_prob, layer_norm_eps=text.layer_norm_eps,
-            initializer_range=text.initializer_range,
+            attention_probs_dropout_prob=self.v_attention_probs_dropout_prob,
+            layer_norm_eps=text.layer_norm_eps, initializer_range=text.initializer_range,
         )
         config._attn_implementation = text._attn_implementation or "eager"
         return config
@@ -111,7 +112,8 @@ class ImageEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, features: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.LayerNorm(self.features(features) + self.location(locations.to(features.dtype))))
+        location = self.location(locations.to(features.dtype))
+        return self.dropout(self.LayerNorm(self.features(features) + location))
 
 
 class CrossAttention(nn.Module):
@@ -126,7 +128,8 @@ class CrossAttention(nn.Module):
         self.key = nn.Linear(context_size, width)
         self.value = nn.Linear(context_size, width)
 
-    def forward(self, hidden: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor
+                ) -> torch.Tensor:
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
 
@@ -161,7 +164,8 @@ class CoAttentionBlock(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor
+                ) -> torch.Tensor:
         attended = self.cross_output(self.cross(hidden, context, context_mask), hidden)
         return self.output(self.intermediate(attended), attended)
 
@@ -174,8 +178,8 @@ class CoAttentionLayer(nn.Module):
         self.text = CoAttentionBlock(text, image.hidden_size, width, num_heads)
         self.image = CoAttentionBlock(image, text.hidden_size, width, num_heads)
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, image_mask: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor,
+                image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.text(text, image, image_mask), self.image(image, text, text_mask)
 
 
@@ -250,17 +254,20 @@ class ViLBert(RegionEncoder):
         self.connections = list(zip(sizes.t_biattention_id, sizes.v_biattention_id))
         self.image_embeddings = ImageEmbeddings(self.appearance_dim, image)
         self.image_layers = nn.ModuleList(BertLayer(image) for _ in range(sizes.v_num_hidden_layers))
-        self.co_layers = nn.ModuleList(CoAttentionLayer(text, image, sizes.bi_hidden_size, sizes.bi_num_attention_heads)
-                                       for _ in self.connections)
+        self.co_layers = nn.ModuleList(
+            CoAttentionLayer(text, image, sizes.bi_hidden_size, sizes.bi_num_attention_heads)
+            for _ in self.connections)
         self.text_pooler = Pooler(text.hidden_size, sizes.bi_hidden_size)
         self.image_pooler = Pooler(image.hidden_size, sizes.bi_hidden_size)
-        for part in (self.image_embeddings, self.image_layers, self.co_layers, self.text_pooler, self.image_pooler):
-            part.apply(lambda m: _init_bert_style(m, text.initializer_range))
+        for name in STREAM_PARTS[1:]:  # all but the text stream: the new layers
+            getattr(self, name).apply(lambda m: _init_bert_style(m, text.initializer_range))
         self.init_appearance_norm(appearance_norm)
         self.init_masked_region_feature(self.appearance_dim)
-        self.heads = build_heads(heads, HeadSpec(text, bert.embeddings.word_embeddings, num_answers, num_mrc_classes,
-                                                 region_hidden_size=image.hidden_size))
-        # True once a ViLBERT checkpoint filled the visual stream and co-attention: they then train at BERT's rate.
+        spec = HeadSpec(text, bert.embeddings.word_embeddings, num_answers, num_mrc_classes,
+                        region_hidden_size=image.hidden_size)
+        self.heads = build_heads(heads, spec)
+        # True once a ViLBERT checkpoint filled the visual stream and co-attention: then they train at
+        # BERT's rate.
         self.streams_pretrained = False
         self.gradient_checkpointing = False
 
@@ -282,7 +289,8 @@ class ViLBert(RegionEncoder):
         return layer(*args)
 
     # -- visual tokens ------------------------------------------------------------------------------------
-    def image_tokens(self, batch: dict[str, Any], has_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_tokens(self, batch: dict[str, Any], has_image: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedded visual tokens of every sample `[B, 1 + K_max, v_hidden]` ([IMG] first) and which are
         real `[B, 1 + K_max]` ([IMG] always is)."""
         device = has_image.device
@@ -290,7 +298,7 @@ class ViLBert(RegionEncoder):
         if not bool(has_image.any()):
             empty = self.image_embeddings(torch.zeros(1, 1, self.appearance_dim, device=device),
                                           global_location.view(1, 1, -1))
-            return empty.expand(len(has_image), 1, -1), torch.ones(len(has_image), 1, dtype=torch.bool, device=device)
+            return empty.expand(len(has_image), 1, -1), has_image.new_ones(len(has_image), 1)
         appearance, boxes, image_wh, counts = self.region_appearance(batch)
         features, valid = pad_per_image(self.mask_region_features(appearance, batch), counts)
         locations, _ = pad_per_image(box_locations(boxes, image_wh), counts)
@@ -339,7 +347,7 @@ def _init_bert_style(module: nn.Module, std: float) -> None:
         nn.init.zeros_(module.bias)
 
 
-# -- ViLBERT's released checkpoints ---------------------------------------------------------------------------
+# -- ViLBERT's released checkpoints ------------------------------------------------------------------------
 # Our key prefix -> the released one. The text embeddings and layers keep their names (both are BERT modules
 # of the same layout); the MLM head's transform and bias are BERT's cls.predictions.*.
 _PREFIXES = (
@@ -367,7 +375,8 @@ _CO_LAYER_NAMES = {
 # Released encoder tensors this model has no use for: the multi-task model's task-token embedding, and the
 # connection layers' q_dense1 / q_dense2, which ViLBERT creates but its forward never reads. Any other
 # released bert.* tensor without a place here means another architecture, an error.
-_UNUSED_ENCODER_KEYS = re.compile(r"bert\.embeddings\.task_embeddings\.|bert\.encoder\.c_layer\.\d+\.biOutput\.q_dense[12]\.")
+_UNUSED_ENCODER_KEYS = re.compile(
+    r"bert\.embeddings\.task_embeddings\.|bert\.encoder\.c_layer\.\d+\.biOutput\.q_dense[12]\.")
 # The MLM decoder is the word-embedding matrix (tied), loaded as bert.embeddings.word_embeddings.weight.
 TIED_KEYS = ("cls.predictions.decoder.weight",)
 _MAX_LISTED = 20
@@ -394,8 +403,10 @@ def load_vilbert_weights(model: ViLBert, path: str | os.PathLike) -> dict[str, l
     pickle. Tensors with no place here (pre-training and task heads: cls.bi_seq_relationship,
     cls.imagePredictions.*, vil_prediction.* ...) are logged and returned as "unmapped"."""
     path = os.fspath(path)
-    state = {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)): v
-             for k, v in read_checkpoint(path)[0].items()}  # old BERT names, as ViLBERT's own loader accepts
+    # Old BERT names of the LayerNorm tensors (gamma, beta), as ViLBERT's own loader accepts them.
+    old_names = {"gamma": "weight", "beta": "bias"}
+    state = {re.sub(r"LayerNorm\.(gamma|beta)$", lambda m: f"LayerNorm.{old_names[m[1]]}", key): tensor
+             for key, tensor in read_checkpoint(path)[0].items()}
     modules: dict[str, nn.Module] = {part: getattr(model, part) for part in STREAM_PARTS}
     if "mlm" in model.heads and any(k.startswith("cls.predictions.") for k in state):
         modules["heads.mlm"] = model.heads["mlm"]
@@ -406,10 +417,11 @@ def load_vilbert_weights(model: ViLBert, path: str | os.PathLike) -> dict[str, l
         "missing from the checkpoint": [f"{r} (ours: {o})" for r, o in expected.items() if r not in state],
         "wrong shape": [f"{r}: checkpoint {tuple(state[r].shape)} vs model {tuple(own[o].shape)}"
                         for r, o in expected.items() if r in state and state[r].shape != own[o].shape],
-        "without a place in this model": [k for k in rest if k.startswith("bert.") and not _UNUSED_ENCODER_KEYS.match(k)],
+        "without a place in this model": [k for k in rest
+                                          if k.startswith("bert.") and not _UNUSED_ENCODER_KEYS.match(k)],
     }
-    listed = [f"  {title} ({len(keys)}): " + ", ".join(keys[:_MAX_LISTED]) + (" ..." if len(keys) > _MAX_LISTED else "")
-              for title, keys in problems.items() if keys]
+    listed = [f"  {title} ({len(keys)}): " + ", ".join(keys[:_MAX_LISTED])
+              + (" ..." if len(keys) > _MAX_LISTED else "") for title, keys in problems.items() if keys]
     if listed:
         raise CheckpointError(f"{path} does not fit this ViLBERT (MODEL.VILBERT sizes, the BERT of "
                               "MODEL.VLBERT.BERT_PATH, the detector's feature width):\n" + "\n".join(listed))
@@ -448,7 +460,7 @@ def build_vilbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> ViLB
         tokenizer=tokenizer,
         appearance_norm=v.APPEARANCE_NORM,
     )
-    if not v.BERT_RANDOM_INIT:  # text-side heads from BERT (the VCR head's pooler; the MLM head if BERT has one)
+    if not v.BERT_RANDOM_INIT:  # text-side heads from BERT: the VCR pooler, the MLM head if BERT has one
         load_mlm_head_weights(model.heads, v.BERT_PATH)
         load_pretrained_head_weights(model.heads, v.BERT_PATH)
     if cfg.MODEL.VILBERT.WEIGHTS:
