@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import os
 import re
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +28,8 @@ from detector.checkpoint import CheckpointError, read_checkpoint
 from detector.config import CfgNode, ConfigError
 from detector.modeling import GeneralizedRCNN
 from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads, check_heads
-from e2e_vl.modeling.hf import load_bert, load_mlm_head_weights, load_pretrained_head_weights, load_tokenizer
+from e2e_vl.modeling.hf import check_vocabulary, load_bert, load_pretrained_heads, load_tokenizer
+from e2e_vl.modeling.hf_region_model import ModelOptions
 from e2e_vl.modeling.region_encoder import RegionEncoder, build_trained_detector, pad_per_image
 from e2e_vl.modeling.registry import register_model
 
@@ -233,24 +234,18 @@ class ViLBert(RegionEncoder):
         detector: GeneralizedRCNN,
         bert: BertModel,
         sizes: ViLBertSizes = ViLBertSizes(),
+        options: ModelOptions = ModelOptions(),
         *,
-        heads: Sequence[str] = ("vqa",),
-        num_answers: int = 0,
-        num_mrc_classes: int = 1601,
-        masking: str = "pixel",
-        freeze_detector: bool = False,
-        loss_weights: dict[str, float] | None = None,
         tokenizer: Any = None,
-        appearance_norm: str = "none",
     ):
-        check_heads(heads, num_answers)
+        check_heads(options.heads, options.num_answers)
         sizes.check(bert.config.num_hidden_layers)
-        super().__init__(detector, masking=masking, freeze_detector=freeze_detector)
+        super().__init__(detector, masking=options.masking, freeze_detector=options.freeze_detector)
         text = bert.config
         image = sizes.visual_config(text)
         self.bert = bert
         self.tokenizer = tokenizer
-        self.loss_weights = dict(loss_weights or {})
+        self.loss_weights = dict(options.loss_weights)
         self.connections = list(zip(sizes.t_biattention_id, sizes.v_biattention_id))
         self.image_embeddings = ImageEmbeddings(self.appearance_dim, image)
         self.image_layers = nn.ModuleList(BertLayer(image) for _ in range(sizes.v_num_hidden_layers))
@@ -261,11 +256,11 @@ class ViLBert(RegionEncoder):
         self.image_pooler = Pooler(image.hidden_size, sizes.bi_hidden_size)
         for name in STREAM_PARTS[1:]:  # all but the text stream: the new layers
             getattr(self, name).apply(lambda m: _init_bert_style(m, text.initializer_range))
-        self.init_appearance_norm(appearance_norm)
+        self.init_appearance_norm(options.appearance_norm)
         self.init_masked_region_feature(self.appearance_dim)
-        spec = HeadSpec(text, bert.embeddings.word_embeddings, num_answers, num_mrc_classes,
+        spec = HeadSpec(text, bert.embeddings.word_embeddings, options.num_answers, options.num_mrc_classes,
                         region_hidden_size=image.hidden_size)
-        self.heads = build_heads(heads, spec)
+        self.heads = build_heads(options.heads, spec)
         # True once a ViLBERT checkpoint filled the visual stream and co-attention: then they train at
         # BERT's rate.
         self.streams_pretrained = False
@@ -438,31 +433,20 @@ def load_vilbert_weights(model: ViLBert, path: str | os.PathLike) -> dict[str, l
 
 @register_model("vilbert")
 def build_vilbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> ViLBert:
-    """The model of `cfg`: detector keys, MODEL.VILBERT, and MODEL.VLBERT's shared keys (see config.py).
+    """The model of `cfg`: detector keys, MODEL.VILBERT, and MODEL.VLBERT's shared keys (`ModelOptions`).
 
-    The text stream, its tokenizer and the text-side heads' pre-trained layers come from
-    MODEL.VLBERT.BERT_PATH (empty: the embedded MiniLM); then, when MODEL.VILBERT.WEIGHTS is set, the whole
-    two-stream encoder (and the MLM head) from that ViLBERT checkpoint."""
-    v = cfg.MODEL.VLBERT
+    The text stream, its tokenizer and the text-side heads' pre-trained layers (the MLM head if BERT has
+    one, the VCR head's pooler) come from MODEL.VLBERT.BERT_PATH (empty: the embedded MiniLM); then, when
+    MODEL.VILBERT.WEIGHTS is set, the whole two-stream encoder (and the MLM head) from that checkpoint."""
+    options, v = ModelOptions.from_cfg(cfg), cfg.MODEL.VLBERT
+    check_heads(options.heads, options.num_answers)
+    sizes = ViLBertSizes.from_cfg(cfg.MODEL.VILBERT)
     detector = detector if detector is not None else build_trained_detector(cfg)
     bert = load_bert(v.BERT_PATH, random_init=v.BERT_RANDOM_INIT)
     tokenizer = load_tokenizer(v.BERT_PATH)
-    model = ViLBert(
-        detector,
-        bert,
-        ViLBertSizes.from_cfg(cfg.MODEL.VILBERT),
-        heads=v.HEADS,
-        num_answers=v.NUM_ANSWERS,
-        num_mrc_classes=v.NUM_MRC_CLASSES,
-        masking=v.MASKING,
-        freeze_detector=v.FREEZE_DETECTOR,
-        loss_weights={k.lower(): float(w) for k, w in v.LOSS_WEIGHTS.items()},
-        tokenizer=tokenizer,
-        appearance_norm=v.APPEARANCE_NORM,
-    )
-    if not v.BERT_RANDOM_INIT:  # text-side heads from BERT: the VCR pooler, the MLM head if BERT has one
-        load_mlm_head_weights(model.heads, v.BERT_PATH)
-        load_pretrained_head_weights(model.heads, v.BERT_PATH)
+    check_vocabulary(tokenizer, bert.config.vocab_size)
+    model = ViLBert(detector, bert, sizes, options, tokenizer=tokenizer)
+    load_pretrained_heads(model.heads, "", v)
     if cfg.MODEL.VILBERT.WEIGHTS:
         load_vilbert_weights(model, cfg.MODEL.VILBERT.WEIGHTS)
     return model.to(torch.device(cfg.MODEL.DEVICE)).train()
