@@ -80,6 +80,21 @@ def test_forward_backward_through_the_pixel_masked_detector_updates_it():
     assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("detector.backbone.stem."))
 
 
+def test_feature_masking_leaves_the_pixels_and_feeds_the_learned_feature():
+    model = tiny_vilbert(masking="feature").eval()
+    seen_pixels = capture_backbone_input(model)
+    features = []
+    model.image_embeddings.register_forward_hook(lambda m, args, out: features.append(args[0]))
+    with torch.no_grad():
+        model.masked_region_feature.normal_()
+    batch = collate_samples([image_sample(region_masked=torch.tensor([False, True, False]), answer_pos=2)])
+    model.encode(batch)
+    assert torch.equal(seen_pixels[0], model.detector.preprocess_image(batch["images"].float()))
+    # Visual tokens: [IMG], then the regions; region 1 is masked.
+    assert torch.equal(features[0][0, 2], model.masked_region_feature)
+    assert not torch.equal(features[0][0, 1], model.masked_region_feature)
+
+
 def test_outputs_per_token_per_region_and_pooled():
     model = tiny_vilbert(heads=("mrc", "vqa", "ref")).eval()
     text_only = {"input_ids": torch.arange(5, 9), "answer_pos": 1, "vqa_targets": torch.rand(5)}
