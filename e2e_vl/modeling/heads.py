@@ -225,14 +225,10 @@ class RegionScoreHead(Head):
 
     @classmethod
     def build(cls, spec: HeadSpec) -> "RegionScoreHead":
-        return cls(spec.config.hidden_size)
+        return cls(spec.region_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.act(self.dense(hidden)))).squeeze(-1)
-
-    @classmethod
-    def build(cls, spec: HeadSpec) -> "RegionScoreHead":
-        return cls(spec.region_size)
 
     def outputs(self, encoded: Encoded, batch: dict[str, Any]) -> dict[str, Any] | None:
         if not encoded.region_valid.shape[1]:
