@@ -32,6 +32,25 @@ class Encoded:
     region_valid: torch.Tensor
     has_image: torch.Tensor
     pooled: torch.Tensor | None = None
+    # Per-modality summaries for the contrastive loss (`text_summary`, `image_summary`): an architecture
+    # with a summary of its own per stream (a two-stream pooler) sets them; None = the defaults below.
+    text_pooled: torch.Tensor | None = None
+    image_pooled: torch.Tensor | None = None
+    # The unmasked appearance feature of every region `[B, K, C]`, detached: the RoI-feature regression
+    # target, filled by `RegionEncoder.forward` only when a head asks for it (`Head.needs_appearance_target`).
+    appearance_target: torch.Tensor | None = None
+
+    def text_summary(self) -> torch.Tensor:
+        """`[B, h]`: `text_pooled`, else the first text token's output ([CLS], as ALIGN pools its text)."""
+        return self.text_pooled if self.text_pooled is not None else self.text[:, 0]
+
+    def image_summary(self) -> torch.Tensor:
+        """`[B, h]`: `image_pooled`, else the mean of the valid region outputs (zeros without regions).
+        Why a mean: every architecture has region outputs, not all have an image token."""
+        if self.image_pooled is not None:
+            return self.image_pooled
+        weights = self.region_valid.to(self.regions.dtype)[..., None]
+        return (self.regions * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 @dataclasses.dataclass
@@ -43,6 +62,7 @@ class HeadSpec:
     word_embeddings: nn.Embedding
     num_answers: int = 0
     num_mrc_classes: int = 0
+    appearance_dim: int = 0  # width of the detector's region features (RoI-feature regression's output)
 
 
 HEADS: dict[str, type["Head"]] = {}
@@ -92,6 +112,8 @@ def run_heads(heads: Mapping[str, "Head"], encoded: Encoded, batch: dict[str, An
 
 class Head(nn.Module):
     name: str
+    # True: the head reads `Encoded.appearance_target`, which costs a detector pass without masking.
+    needs_appearance_target: bool = False
     # Keys of the text encoder's checkpoint (under this prefix, or "bert." + it) that fill this head's
     # parameters of the same names (`e2e_vl.modeling.hf.load_pretrained_head_weights`); None = none.
     pretrained_prefix: str | None = None
@@ -165,10 +187,15 @@ class MRCHead(Head):
     def outputs(self, encoded: Encoded, batch: dict[str, Any]) -> dict[str, Any] | None:
         if "region_labelled" not in batch:
             return None
-        labelled = batch["region_labelled"].to(encoded.regions.device).bool() & encoded.region_valid
-        logits = self(encoded.regions[labelled])
+        logits = self(encoded.regions[labelled_regions(encoded, batch)])
         targets = batch["mrc_targets"].to(logits.device).float()
         return {"mrc_logits": logits, "losses": {"mrc": soft_cross_entropy(logits, targets)}}
+
+
+def labelled_regions(encoded: Encoded, batch: dict[str, Any]) -> torch.Tensor:
+    """`[B, K]`: the regions chosen for a masked-region target (`region_labelled`) that exist; their
+    row-major order is the order of `mrc_targets`' rows."""
+    return batch["region_labelled"].to(encoded.regions.device).bool() & encoded.region_valid
 
 
 @register_head("vqa")
@@ -196,7 +223,10 @@ class AnswerHead(Head):
             return None
         pos = batch["answer_pos"].to(encoded.text.device)
         logits = self(encoded.text[torch.arange(len(pos), device=pos.device), pos])
-        losses = {"vqa": soft_bce_loss(logits, batch["vqa_targets"].to(logits.device))} if "vqa_targets" in batch else {}
+        losses = {}
+        if "vqa_targets" in batch:  # `vqa_labelled`: a batch mixing questions into other samples (pre-training)
+            use = batch.get("vqa_labelled", torch.ones(len(pos), dtype=torch.bool)).to(logits.device)
+            losses["vqa"] = soft_bce_loss(logits[use], batch["vqa_targets"].to(logits.device)[use])
         return {"vqa_logits": logits, "losses": losses}
 
 

@@ -55,7 +55,7 @@ class VisualBert(HFRegionModel):
         self.init_object_embedding(width, object_dropout=options.object_dropout, appearance_norm=options.appearance_norm)
         self.init_masked_region_feature(width)
         spec = HeadSpec(visual_bert.config, visual_bert.embeddings.word_embeddings, options.num_answers,
-                        options.num_mrc_classes)
+                        options.num_mrc_classes, self.appearance_dim)
         self.heads = build_heads(options.heads, spec)
 
     def enable_gradient_checkpointing(self) -> None:
