@@ -232,7 +232,9 @@ def _gloo_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_contrastive_loss_gathers_negatives_over_processes(tmp_path):
-    mp.spawn(_gloo_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    # fork: the workers inherit the imported modules (spawning re-imports them: ~10 s more here)
+    mp.start_processes(_gloo_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
     parts = [_features(r) for r in range(2)]
     text = torch.cat([p[0] for p in parts]).requires_grad_()
     image = torch.cat([p[1] for p in parts]).requires_grad_()
@@ -268,9 +270,9 @@ def test_two_pretraining_steps_with_every_objective(arch, bert_folder, tmp_path)
         "MODEL.VLBERT.NUM_MRC_CLASSES", str(NUM_CLASSES), "MODEL.VLBERT.NUM_ANSWERS", "13",
         "MODEL.LXMERT.R_LAYERS", "1", "MODEL.LXMERT.X_LAYERS", "1",
         "DATASETS.ROOT", str(root), "DATASETS.ROI_STORE", "rois", "MODEL.VLBERT.PRETRAIN.CAPTIONS", "train.json",
-        "MODEL.VLBERT.PRETRAIN.TEXT_CORPUS", "text.txt", "MODEL.VLBERT.PRETRAIN.MRC_PROB", "0.9",
+        "MODEL.VLBERT.PRETRAIN.TEXT_CORPUS", "text.txt", "MODEL.VLBERT.PRETRAIN.MRC_PROB", "0.9", "MODEL.VLBERT.PRETRAIN.MLM_PROB", "0.5",
         "MODEL.VLBERT.PRETRAIN.VQA_DATASET", "easy_vqa_train", "MODEL.VLBERT.PRETRAIN.VQA_LIMIT", "2",
-        "DATALOADER.QUESTIONS_PER_IMAGE", "1", "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+        "DATALOADER.QUESTIONS_PER_IMAGE", "1", "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "[64]",
         "INPUT.MAX_SIZE_TRAIN", "64", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "2", "SOLVER.LOG_PERIOD", "1",
         "SOLVER.CHECKPOINT_PERIOD", "100", "SOLVER.WARMUP_ITERS", "0",
     ])
@@ -287,3 +289,51 @@ def test_two_pretraining_steps_with_every_objective(arch, bert_folder, tmp_path)
         assert all(np.isfinite(row[k]) for k in expected), row
     assert any(row[f"train/{name}"] > 0 for row in rows for name in ("itm", "mrc_kl", "obj_label", "feat_regression",
                                                                        "contrastive", "vqa"))
+
+
+def test_a_mismatched_caption_carries_no_word_or_region_targets(tmp_path):
+    from e2e_vl.data.captions import read_coco_captions
+    from e2e_vl.data.roi_records import open_roi_store
+    from e2e_vl.data.transforms import ResizeFlip
+    from e2e_vl.modeling.hf import load_tokenizer
+
+    _write_caption_data(tmp_path)
+    data = CaptionPretrainDataset(read_coco_captions(tmp_path / "train.json"), open_roi_store(tmp_path / "rois"),
+                                  load_tokenizer(""), ResizeFlip([64], 64), mlm_prob=0.9, mrc_prob=0.9,
+                                  mismatch_prob=0.5)
+    seen = set()
+    for epoch in range(3):
+        data.set_epoch(epoch)
+        for i in range(len(data)):
+            sample = data[i]
+            matched = data.image_index(i) == i
+            seen.add(matched)
+            assert sample["itm_labels"] == int(matched)
+            assert (sample["image_id"] == data.captions[i].image_id) == matched
+            if not matched:
+                assert (sample["mlm_labels"] == -100).all() and not sample["region_labelled"].any()
+                assert not sample["region_masked"].any()
+    assert seen == {True, False}
+
+
+def test_the_regression_target_is_the_unmasked_feature_and_leaves_running_statistics():
+    from test_vlbert import NUM_CLASSES as CLASSES, image_sample, tiny_model
+
+    model = tiny_model(heads=("feat_regression",), appearance_norm="running").train()
+    masked = torch.tensor([False, True, False])
+    sample = image_sample(region_masked=masked, region_labelled=masked, mrc_targets=torch.full((3, CLASSES), 1 / CLASSES))
+    batch = collate_samples([sample, {"input_ids": torch.arange(3)}])
+    model.region_appearance(batch)  # the first batch sets the running statistics
+    stats = model.appearance_norm.running_mean.clone()
+    target = model.appearance_targets(batch)
+    assert torch.equal(model.appearance_norm.running_mean, stats) and model.appearance_norm.training
+    unmasked = {k: v for k, v in batch.items() if k != "region_masked"}
+    model.appearance_norm.eval()
+    with torch.no_grad():
+        clean = model.region_appearance(unmasked)[0]
+        dirty = model.region_appearance(batch)[0]
+    assert torch.allclose(target[0], clean) and not torch.allclose(target[0, 1], dirty[1])
+    assert (target[1] == 0).all()  # the text-only sample
+    model.appearance_norm.train()
+    out = model(batch)
+    assert out["feat_regression_logits"].shape == (1, model.appearance_dim) and out["losses"]["feat_regression"] > 0
