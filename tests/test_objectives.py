@@ -337,3 +337,25 @@ def test_the_regression_target_is_the_unmasked_feature_and_leaves_running_statis
     model.appearance_norm.train()
     out = model(batch)
     assert out["feat_regression_logits"].shape == (1, model.appearance_dim) and out["losses"]["feat_regression"] > 0
+
+
+@pytest.mark.parametrize("name", ["lxmert_cc", "visualbert_cc"])
+def test_pretraining_configs_of_the_other_architectures_load(name):
+    from e2e_vl.config import load_train_cfg
+    from e2e_vl.modeling.heads import check_heads
+
+    cfg = load_train_cfg(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / f"{name}.yaml")
+    assert cfg.TASK == "pretrain" and cfg.MODEL.ARCH == name.split("_")[0] and "itm" in cfg.MODEL.VLBERT.HEADS
+    check_heads(cfg.MODEL.VLBERT.HEADS, cfg.MODEL.VLBERT.NUM_ANSWERS)
+
+
+def test_pretraining_pairs_the_vqa_head_with_its_questions():
+    from types import SimpleNamespace
+
+    from e2e_vl.config import ConfigError, get_train_cfg
+    from e2e_vl.tasks import get_task
+
+    cfg = get_train_cfg()
+    model = SimpleNamespace(tokenizer=None, heads={"mlm": None, "vqa": None})
+    with pytest.raises(ConfigError, match="the vqa head and 'MODEL.VLBERT.PRETRAIN.VQA_DATASET' go together"):
+        get_task("pretrain").build(cfg, model, torch.device("cpu"), False)
