@@ -40,6 +40,13 @@ PARAMETER_KINDS = ("detector", "bert", "head")
 ANSWER_TYPES = ("yes/no", "colour", "shape")
 
 
+def easy_vqa_architectures() -> list[str]:
+    """The registered architectures with an easy-VQA config of their own, and TASK vqa's default (base.yaml's)."""
+    from e2e_vl.tasks import get_task
+
+    return sorted({a for a in architectures() if (CONFIGS / f"{a}.yaml").is_file()} | {get_task("vqa").default_arch})
+
+
 def arch_config(arch: str) -> tuple[Path, list[str]]:
     """The architecture's easy-VQA config, or base.yaml with MODEL.ARCH set."""
     own = CONFIGS / f"{arch}.yaml"
@@ -69,12 +76,10 @@ def run_one(arch: str, setting: str, steps: int, out: Path, overrides: list[str]
     from e2e_vl.tasks import get_task
 
     config, arch_keys = arch_config(arch)
-    cfg = load_train_cfg(config, [*arch_keys, *SETTINGS[setting], "SOLVER.MAX_ITER", str(steps),
-                                  "OUTPUT_DIR", str(out / f"{arch}-{setting}"), *overrides])
+    keys = [*arch_keys, *SETTINGS[setting], "SOLVER.MAX_ITER", str(steps), "OUTPUT_DIR", str(out / f"{arch}-{setting}")]
+    cfg = load_train_cfg(config, [*keys, *overrides])
     if cfg.SOLVER.WARMUP_ITERS >= steps:  # a short budget keeps a proportionate warm-up
-        cfg.defrost()
-        cfg.SOLVER.WARMUP_ITERS = steps // 10
-        cfg.freeze()
+        cfg = load_train_cfg(config, [*keys, "SOLVER.WARMUP_ITERS", str(steps // 10), *overrides])
     device = torch.device(cfg.MODEL.DEVICE)
     torch.manual_seed(cfg.SEED)
     model = build_model(cfg, arch)
@@ -104,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2000, help="optimiser steps per run (same for all)")
-    parser.add_argument("--archs", nargs="+", default=names, choices=names)
+    parser.add_argument("--archs", nargs="+", default=easy_vqa_architectures(), choices=names,
+                        help="default: those with configs/easy_vqa/<arch>.yaml, and vlbert (base.yaml)")
     parser.add_argument("--settings", nargs="+", default=["joint", "frozen"], choices=list(SETTINGS))
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, default=ROOT / "output" / "architectures", help="run folders")

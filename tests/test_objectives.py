@@ -359,3 +359,12 @@ def test_pretraining_pairs_the_vqa_head_with_its_questions():
     model = SimpleNamespace(tokenizer=None, heads={"mlm": None, "vqa": None})
     with pytest.raises(ConfigError, match="the vqa head and 'MODEL.VLBERT.PRETRAIN.VQA_DATASET' go together"):
         get_task("pretrain").build(cfg, model, torch.device("cpu"), False)
+
+
+@pytest.mark.parametrize("head", ["itm", "mrc_kl", "obj_label", "feat_regression", "contrastive"])
+def test_visualbert_without_grounding_refuses_the_image_objectives(head, bert_folder):
+    from detector.config import ConfigError
+    from test_architectures import build
+
+    with pytest.raises(ConfigError, match=f"region heads \\['{head}'\\]"):
+        build("visualbert", bert_folder, "MODEL.VISUALBERT.GROUNDED", "False", "MODEL.VLBERT.HEADS", f"['mlm', '{head}']")

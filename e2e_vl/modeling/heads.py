@@ -114,6 +114,8 @@ class Head(nn.Module):
     name: str
     # True: the head reads `Encoded.appearance_target`, which costs a detector pass without masking.
     needs_appearance_target: bool = False
+    # True: the head has nothing to learn from a model that reads no image (VisualBERT's GROUNDED false).
+    reads_image: bool = False
     # Keys of the text encoder's checkpoint (under this prefix, or "bert." + it) that fill this head's
     # parameters of the same names (`e2e_vl.modeling.hf.load_pretrained_head_weights`); None = none.
     pretrained_prefix: str | None = None
@@ -170,6 +172,8 @@ class MLMHead(Head):
 @register_head("mrc")
 class MRCHead(Head):
     """Masked RoI classification: Linear(h, h) -> GELU -> Linear(h, num_classes) (VL-BERT's MVRC head)."""
+
+    reads_image = True
 
     def __init__(self, hidden_size: int, num_classes: int):
         super().__init__()
@@ -236,6 +240,8 @@ class RegionScoreHead(Head):
     Linear(h, 1) (dropout 0, its RefCOCO+ setting; Xavier-uniform weights, zero biases, as it initialises
     them). Loss: binary cross-entropy against `ref_labels`, averaged over the batch's valid regions
     (padding and -1 labels left out)."""
+
+    reads_image = True
 
     def __init__(self, hidden_size: int, dropout: float = 0.0):
         super().__init__()

@@ -36,6 +36,8 @@ CONTRASTIVE_MAX_SCALE = 100.0
 class MatchHead(Head):
     """Linear(h, 2) on the pooled output (VisualBERT's `seq_relationship`); class 1 = matched."""
 
+    reads_image = True
+
     def __init__(self, hidden_size: int):
         super().__init__()
         self.classifier = nn.Linear(hidden_size, 2)
@@ -57,6 +59,8 @@ class MatchHead(Head):
 class RegionTargetHead(Head):
     """BERT's prediction transform (dense -> GELU -> LayerNorm) then Linear(h, out) on each chosen region's
     output (ViLBERT's image prediction head, LXMERT's visual heads). A subclass gives the width and the loss."""
+
+    reads_image = True
 
     def __init__(self, config, out_features: int):
         super().__init__()
@@ -126,6 +130,8 @@ class ContrastiveHead(Head):
     L2-normalised, scaled by a learned exp(logit scale) (CLIP's start: 1 / 0.07, capped at 100).
     Pairs: caption samples with their own image (`itm_labels` 1); the other pairs of the batch, and of
     every process under DDP, are the negatives."""
+
+    reads_image = True
 
     def __init__(self, hidden_size: int):
         super().__init__()
