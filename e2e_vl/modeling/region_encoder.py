@@ -135,7 +135,8 @@ class RegionEncoder(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         """"loss" (weighted sum), "losses" (name -> scalar), "region_valid" and each head's outputs."""
         encoded = self.encode(batch)
-        if "region_labelled" in batch and any(h.needs_appearance_target for h in self.heads.values()):
+        wanted = any(h.needs_appearance_target for h in self.heads.values())
+        if wanted and "region_labelled" in batch and "images" in batch:
             encoded.appearance_target = self.appearance_targets(batch)
         return run_heads(self.heads, encoded, batch, self.loss_weights)
 
