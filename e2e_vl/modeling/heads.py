@@ -5,6 +5,8 @@ Fine-tuning: the VQA answer classifier (shared by easy-VQA and VQA v2), a per-re
 and a per-choice scorer (VCR). A head is one class: `HEADS[name].build(spec)` makes it, and its
 `outputs(encoded, batch)` returns its logits and losses (or None when the batch has no inputs for it), so a
 model's forward is one loop over its heads. Registration order is build and loss order.
+The other architectures' pre-training objectives (itm, mrc_kl, obj_label, feat_regression, contrastive)
+register from `e2e_vl.modeling.objectives`, which the package imports.
 """
 
 from __future__ import annotations
