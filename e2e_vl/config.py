@@ -26,7 +26,10 @@ def _vlbert_defaults() -> dict:
         # Keep BERT's architecture but start from random weights (tests, ablations).
         "BERT_RANDOM_INIT": False,
         # Heads to build: any of mlm, mrc (pre-training), vqa, ref (RefCOCO+), vcr and vcr_objects (its
-        # region-classification regulariser).
+        # region-classification regulariser); the other architectures' pre-training objectives
+        # (e2e_vl.modeling.objectives): itm (image-text matching), mrc_kl (ViLBERT's KL to the stored class
+        # distribution), obj_label and feat_regression (LXMERT's masked-object losses), contrastive (CLIP-style);
+        # with TASK pretrain and PRETRAIN.VQA_DATASET, vqa is LXMERT's image-QA pre-training task.
         "HEADS": ["vqa"],
         # Size of the answer vocabulary of the vqa head (easy-VQA 13, VQA v2 3129); required with "vqa".
         "NUM_ANSWERS": 0,
@@ -52,8 +55,10 @@ def _vlbert_defaults() -> dict:
         # fresh, every unused tensor is reported (e2e_vl.modeling.vlbert_weights). "" = BERT_PATH's BERT only.
         "INIT_FROM": "",
         # Weight of each loss in "loss" (names as in the model's "losses"; absent losses are skipped).
+        # LXMERT weighted its masked-object losses (FEAT_REGRESSION, OBJ_LABEL) 1 / 0.15.
         "LOSS_WEIGHTS": {"MLM": 1.0, "MLM_TEXT": 1.0, "MRC": 1.0, "VQA": 1.0, "REF": 1.0, "VCR": 1.0,
-                         "VCR_OBJECTS": 1.0},
+                         "VCR_OBJECTS": 1.0, "ITM": 1.0, "MRC_KL": 1.0, "OBJ_LABEL": 1.0, "FEAT_REGRESSION": 1.0,
+                         "CONTRASTIVE": 1.0},
         # Pre-training data (e2e_vl.data.captions).
         "PRETRAIN": {
             # Caption file (COCO captions .json or "image_path<TAB>caption" .tsv) and the folder its
@@ -71,6 +76,13 @@ def _vlbert_defaults() -> dict:
             "MAX_SEQ_LEN": 64,  # text + regions + [END]; regions with the lowest scores go first
             "MAX_TEXT_LEN": 40,
             "FLIP_PROB": 0.5,
+            # With the itm head: the share of captions shown with another image (never their own).
+            "MISMATCH_PROB": 0.5,
+            # Image questions mixed into the caption batches for the vqa head (LXMERT's image-QA task): a VQA
+            # data set name (as DATASETS.TRAIN of TASK vqa: easy_vqa_train, vqa_v2_train, ...), one item of it
+            # per caption; empty = none. VQA_LIMIT caps its questions (0 = all).
+            "VQA_DATASET": "",
+            "VQA_LIMIT": 0,
         },
     }
 

@@ -131,8 +131,10 @@ def test_collate_shares_images_by_key_and_rejects_mixed_answers():
     batch = collate_samples([q1, other, q2])
     assert batch["images"].shape[0] == 2 and batch["sample_image_index"].tolist() == [0, 1, 0]
     assert batch["answer_pos"].tolist() == [1, 1, 1] and batch["vqa_targets"].shape == (3, 2)
-    with pytest.raises(KeyError, match="sample 1 lacks"):
-        collate_samples([q1, {"input_ids": torch.tensor([1])}])
+    with pytest.raises(KeyError, match="sample 1 lacks vqa_targets"):
+        collate_samples([q1, {"input_ids": torch.tensor([1]), "answer_pos": 0}])
+    mixed = collate_samples([{"input_ids": torch.tensor([1])}, q1])  # a caption beside a question
+    assert mixed["vqa_labelled"].tolist() == [False, True] and mixed["vqa_targets"][0].tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match="different images"):
         collate_samples([q1, dict(q1, image=torch.zeros(3, 5, 4))])
 

@@ -106,6 +106,12 @@ class CaptionPretrainDataset(Dataset):
 
     Randomness (flip, masking) comes from a `random.Random` seeded by (seed, epoch, index): a sample is
     reproducible, which exact resume needs; call `set_epoch` to draw new masks each epoch.
+
+    Image-text matching (`mismatch_prob` > 0): caption i is shown with another caption's image with that
+    probability, drawn from its own stream seeded by (seed, epoch, index) (`image_index`), never with an
+    image of the same id; such a sample has `itm_labels` 0 and neither masked words nor masked regions
+    (VisualBERT, ViLBERT and LXMERT apply their masked-modelling losses to matched pairs only); matched
+    samples have `itm_labels` 1.
     `image_loader(path) -> HxWx3 uint8` defaults to the RoI extractor's decoder, so images are read the
     way they were when the boxes were extracted.
     """
@@ -125,6 +131,7 @@ class CaptionPretrainDataset(Dataset):
         seed: int = 0,
         image_loader=None,
         check_regions: bool = True,
+        mismatch_prob: float = 0.0,
     ):
         self.captions = list(captions)
         self.regions = regions
@@ -139,6 +146,12 @@ class CaptionPretrainDataset(Dataset):
             )
         self.seed = seed
         self.epoch = 0
+        if not 0.0 <= mismatch_prob < 1.0:
+            raise ValueError(f"mismatch_prob must be in [0, 1), got {mismatch_prob}")
+        self.mismatch_prob = mismatch_prob
+        if mismatch_prob > 0 and len({c.image_id for c in self.captions}) < 2:
+            raise CaptionDataError(f"image-text matching needs captions of at least two images; "
+                                   f"{_describe_sources(self.captions)} has {len(self.captions)} captions of one")
         if image_loader is None:
             from detector.image_sources import load_image as image_loader
         self.image_loader = image_loader
@@ -149,8 +162,7 @@ class CaptionPretrainDataset(Dataset):
 
     def check_regions(self) -> None:
         """Fail early, with the count and examples, if any caption's image has no RoI record."""
-        files = sorted({c.source.rsplit(":", 1)[0] for c in self.captions if c.source}) or ["captions"]
-        keys = require_roi_records(self.regions, (c.image_id for c in self.captions), ", ".join(files))
+        keys = require_roi_records(self.regions, (c.image_id for c in self.captions), _describe_sources(self.captions))
         self._keys = {i: k for i, k in keys.items() if i != k}
 
     def set_epoch(self, epoch: int) -> None:
@@ -173,14 +185,33 @@ class CaptionPretrainDataset(Dataset):
         except KeyError:
             raise CaptionDataError(_missing_message(caption)) from None
 
+    def image_index(self, index: int) -> int:
+        """The caption whose image caption `index` is shown with this epoch: `index` itself, or with
+        probability `mismatch_prob` another caption's, of a different image id (deterministic in (seed,
+        epoch, index): uniform draws until one differs, then the next such caption after the last draw)."""
+        if self.mismatch_prob <= 0:
+            return index
+        rng = random.Random(f"itm/{self.seed}/{self.epoch}/{index}")
+        if rng.random() >= self.mismatch_prob:
+            return index
+        own, n = self.captions[index].image_id, len(self.captions)
+        for _ in range(16):
+            other = rng.randrange(n)
+            if self.captions[other].image_id != own:
+                return other
+        return next(k % n for k in range(other, other + n) if self.captions[k % n].image_id != own)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         caption = self.captions[index]
+        shown = self.image_index(index)
+        matched = shown == index
+        image_caption = self.captions[shown]
         rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
-        record = self._record(caption)
-        image = self.image_loader(caption.path or record.path)
+        record = self._record(image_caption)
+        image = self.image_loader(image_caption.path or record.path)
         if tuple(image.shape[:2]) != (record.height, record.width):
             raise CaptionDataError(
-                f"image {caption.image_id!r} ({caption.path or record.path}) is "
+                f"image {image_caption.image_id!r} ({image_caption.path or record.path}) is "
                 f"{image.shape[1]}x{image.shape[0]} "
                 f"but its RoI record says {record.width}x{record.height}"
             )
@@ -200,10 +231,10 @@ class CaptionPretrainDataset(Dataset):
             vocab_size=len(self.tokenizer),
             special_ids=self.special_ids,
             rng=rng,
-            prob=self.mlm_prob,
+            prob=self.mlm_prob if matched else 0.0,
         )
         labelled, masked = select_masked_regions(
-            len(boxes), rng=rng, prob=self.mrc_prob, mask_frac=self.mrc_mask_frac
+            len(boxes), rng=rng, prob=self.mrc_prob if matched else 0.0, mask_frac=self.mrc_mask_frac
         )
         sample = {
             "input_ids": torch.tensor(ids, dtype=torch.long),
@@ -212,7 +243,8 @@ class CaptionPretrainDataset(Dataset):
             "image": out.image,
             "boxes": out.boxes,
             "region_masked": masked,
-            "image_id": caption.image_id,
+            "image_id": image_caption.image_id,
+            "itm_labels": int(matched),
         }
         if record.class_probs is not None:
             probs = torch.from_numpy(np.asarray(record.class_probs, dtype=np.float32)[keep])
@@ -267,33 +299,40 @@ class TextOnlyDataset(Dataset):
         }
 
 
-class CaptionTextMix(Dataset):
-    """Item i = [caption i mod Nc, text passage i mod Nt], so every training step pairs each image caption
-    with a text-only MLM passage (VL-BERT's 1:1 mix) while a batch still counts images; an epoch runs
-    over the larger set and cycles the smaller one."""
+class PretrainMix(Dataset):
+    """Item i = caption i mod Nc followed by item i mod N of each other data set (text-only passages:
+    VL-BERT's 1:1 mix; image questions: LXMERT's image QA), list items flattened, so every training step
+    pairs each image caption with the others while a batch still counts caption items; an epoch runs over
+    the largest set and cycles the smaller ones."""
 
-    def __init__(self, captions: CaptionPretrainDataset, text: TextOnlyDataset):
-        if len(captions) == 0 or len(text) == 0:
-            raise CaptionDataError(f"cannot mix {len(captions)} captions with {len(text)} text passages")
-        self.captions, self.text = captions, text
+    def __init__(self, captions: CaptionPretrainDataset, *others: Dataset):
+        sizes = [len(captions), *(len(o) for o in others)]
+        if not others or 0 in sizes:
+            raise CaptionDataError(f"cannot mix data sets of sizes {sizes} (captions first)")
+        self.parts = (captions, *others)
 
     def set_epoch(self, epoch: int) -> None:
-        self.captions.set_epoch(epoch)
-        self.text.set_epoch(epoch)
+        for part in self.parts:
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return max(len(self.captions), len(self.text))
+        return max(len(p) for p in self.parts)
 
     def __getitem__(self, index: int) -> list[dict[str, Any]]:
-        return [self.captions[index % len(self.captions)], self.text[index % len(self.text)]]
+        samples: list[dict[str, Any]] = []
+        for part in self.parts:
+            item = part[index % len(part)]
+            samples.extend(item if isinstance(item, list) else [item])
+        return samples
 
 
 def build_pretrain_datasets(
-    cfg, tokenizer, seed: int = 0
+    cfg, tokenizer, seed: int = 0, mismatch_prob: float = 0.0
 ) -> tuple[CaptionPretrainDataset, TextOnlyDataset | None]:
     """The caption data set (and the text-only corpus, when configured) of a training config:
     MODEL.VLBERT.PRETRAIN.{CAPTIONS, IMAGE_ROOT, TEXT_CORPUS, rates}, DATASETS.{ROOT, ROI_STORE} and the
-    INPUT training sizes."""
+    INPUT training sizes; `mismatch_prob`: image-text matching's share of captions shown with another image."""
     p = cfg.MODEL.VLBERT.PRETRAIN
     if not p.CAPTIONS:
         raise CaptionDataError(
@@ -302,7 +341,7 @@ def build_pretrain_datasets(
     transform = ResizeFlip(
         list(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN, flip_prob=p.FLIP_PROB, swap_text_sides=True
     )
-    captions_set = _caption_dataset(cfg, tokenizer, p.CAPTIONS, transform, seed)
+    captions_set = _caption_dataset(cfg, tokenizer, p.CAPTIONS, transform, seed, mismatch_prob)
     text_set = None
     if p.TEXT_CORPUS:
         text_set = TextOnlyDataset.from_file(
@@ -322,7 +361,7 @@ def build_pretrain_val_dataset(cfg, tokenizer) -> CaptionPretrainDataset | None:
 
 
 def _caption_dataset(
-    cfg, tokenizer, captions_file: str, transform: ResizeFlip, seed: int
+    cfg, tokenizer, captions_file: str, transform: ResizeFlip, seed: int, mismatch_prob: float = 0.0
 ) -> CaptionPretrainDataset:
     """Captions of `captions_file` joined with DATASETS.ROI_STORE, masked at the PRETRAIN rates."""
     p = cfg.MODEL.VLBERT.PRETRAIN
@@ -342,6 +381,7 @@ def _caption_dataset(
         max_seq_len=p.MAX_SEQ_LEN,
         max_text_len=p.MAX_TEXT_LEN,
         seed=seed,
+        mismatch_prob=mismatch_prob,
     )
 
 
@@ -362,6 +402,11 @@ def _top_boxes(record, budget: int) -> np.ndarray:
     if scores is None:
         return np.arange(budget)
     return np.sort(np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:budget])
+
+
+def _describe_sources(captions: Sequence[Caption]) -> str:
+    """The caption files of `captions`, for messages."""
+    return ", ".join(sorted({c.source.rsplit(":", 1)[0] for c in captions if c.source})) or "captions"
 
 
 def _missing_message(caption: Caption) -> str:

@@ -23,6 +23,11 @@ A *sample* is one text (caption, question, expression) with its image. Keys (ten
     object_labels    Long [K]        optional: per-region class (VCR's COCO classes, 0 = background), -1 = ignore
     choice_label     int             optional: on the first sample of each group of choices (VCR);
                                      -1 = unknown (a split without labels)
+    itm_labels       int             optional: caption pre-training, 1 = the caption's own image, 0 = another
+                                     image's (image-text matching); -1 (or absent) = not a caption pair
+
+Samples with vqa_targets and answer_pos may share a batch with samples that have neither (questions mixed
+into pre-training): the batch then says which carry an answer (`vqa_labelled`).
 
 A data set item may also be a list of samples (e.g. an image with all its questions); lists are
 flattened. The batch layout is documented in `e2e_vl.modeling.vlbert.VLBert`.
@@ -131,11 +136,22 @@ def collate_samples(
     if any("ref_labels" in s for s in samples):
         batch["ref_labels"] = _pad_1d([s.get("ref_labels", torch.zeros(0)).float() for s in samples], -1.0)
 
+    if any("itm_labels" in s for s in samples):
+        batch["itm_labels"] = torch.tensor([int(s.get("itm_labels", -1)) for s in samples], dtype=torch.long)
+
     # ---- answers -----------------------------------------------------------------------------------------
     if any("vqa_targets" in s for s in samples):
-        _require_all(samples, ("vqa_targets", "answer_pos"))
-        batch["vqa_targets"] = torch.stack([torch.as_tensor(s["vqa_targets"]).float() for s in samples])
-        batch["answer_pos"] = torch.tensor([int(s["answer_pos"]) for s in samples], dtype=torch.long)
+        is_question = ["vqa_targets" in s or "answer_pos" in s for s in samples]
+        for i, sample in enumerate(samples):
+            if is_question[i] and not {"vqa_targets", "answer_pos"} <= set(sample):
+                raise KeyError(f"sample {i} lacks {'answer_pos' if 'vqa_targets' in sample else 'vqa_targets'}; "
+                               "a question carries both")
+        if not all(is_question):  # questions mixed into pre-training: only they get the vqa loss
+            batch["vqa_labelled"] = torch.tensor(is_question)
+        width = next(len(s["vqa_targets"]) for s in samples if "vqa_targets" in s)
+        batch["vqa_targets"] = torch.stack([torch.as_tensor(s.get("vqa_targets", torch.zeros(width))).float()
+                                            for s in samples])
+        batch["answer_pos"] = torch.tensor([int(s.get("answer_pos", 0)) for s in samples], dtype=torch.long)
     elif any("answer_pos" in s for s in samples):
         _require_all(samples, ("answer_pos",))
         batch["answer_pos"] = torch.tensor([int(s["answer_pos"]) for s in samples], dtype=torch.long)

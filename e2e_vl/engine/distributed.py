@@ -80,3 +80,21 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+def all_gather_with_grad(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's rows of `t` `[n_r, ...]` (counts may differ) concatenated in rank order, and where this
+    rank's rows start. This rank's rows are `t` itself, so gradient flows through them; the others' are
+    copies without gradient (their own process back-propagates them). Every rank must call it."""
+    if not is_distributed():
+        return t, 0
+    rank, world = get_rank(), get_world_size()
+    counts = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([t.shape[0]], dtype=torch.long, device=t.device))
+    sizes = [int(c) for c in counts]
+    padded = t.new_zeros((max(sizes), *t.shape[1:]))
+    padded[:t.shape[0]] = t.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    rows = [t if r == rank else part[:n] for r, (part, n) in enumerate(zip(parts, sizes))]
+    return torch.cat(rows), sum(sizes[:rank])

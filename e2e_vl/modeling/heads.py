@@ -5,6 +5,8 @@ Fine-tuning: the VQA answer classifier (shared by easy-VQA and VQA v2), a per-re
 and a per-choice scorer (VCR). A head is one class: `HEADS[name].build(spec)` makes it, and its
 `outputs(encoded, batch)` returns its logits and losses (or None when the batch has no inputs for it), so a
 model's forward is one loop over its heads. Registration order is build and loss order.
+The other architectures' pre-training objectives (itm, mrc_kl, obj_label, feat_regression, contrastive)
+register from `e2e_vl.modeling.objectives`, which the package imports.
 """
 
 from __future__ import annotations
@@ -32,6 +34,25 @@ class Encoded:
     region_valid: torch.Tensor
     has_image: torch.Tensor
     pooled: torch.Tensor | None = None
+    # Per-modality summaries for the contrastive loss (`text_summary`, `image_summary`): an architecture
+    # with a summary of its own per stream (a two-stream pooler) sets them; None = the defaults below.
+    text_pooled: torch.Tensor | None = None
+    image_pooled: torch.Tensor | None = None
+    # The unmasked appearance feature of every region `[B, K, C]`, detached: the RoI-feature regression
+    # target, filled by `RegionEncoder.forward` only when a head asks for it (`Head.needs_appearance_target`).
+    appearance_target: torch.Tensor | None = None
+
+    def text_summary(self) -> torch.Tensor:
+        """`[B, h]`: `text_pooled`, else the first text token's output ([CLS], as ALIGN pools its text)."""
+        return self.text_pooled if self.text_pooled is not None else self.text[:, 0]
+
+    def image_summary(self) -> torch.Tensor:
+        """`[B, h]`: `image_pooled`, else the mean of the valid region outputs (zeros without regions).
+        Why a mean: every architecture has region outputs, not all have an image token."""
+        if self.image_pooled is not None:
+            return self.image_pooled
+        weights = self.region_valid.to(self.regions.dtype)[..., None]
+        return (self.regions * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 @dataclasses.dataclass
@@ -45,10 +66,18 @@ class HeadSpec:
     num_mrc_classes: int = 0
     # Width of `Encoded.regions` where it is not the text's (two streams, as in ViLBERT); 0 = the text's.
     region_hidden_size: int = 0
+    appearance_dim: int = 0  # width of the detector's region features (RoI-feature regression's output)
+    # Width of `Encoded.pooled`, `text_pooled` and `image_pooled` where a model sets them to other than
+    # the text's (ViLBERT's bi-attention width); 0 = the text's.
+    pooled_hidden_size: int = 0
 
     @property
     def region_size(self) -> int:
         return self.region_hidden_size or self.config.hidden_size
+
+    @property
+    def pooled_size(self) -> int:
+        return self.pooled_hidden_size or self.config.hidden_size
 
 
 HEADS: dict[str, type["Head"]] = {}
@@ -98,6 +127,10 @@ def run_heads(heads: Mapping[str, "Head"], encoded: Encoded, batch: dict[str, An
 
 class Head(nn.Module):
     name: str
+    # True: the head reads `Encoded.appearance_target`, which costs a detector pass without masking.
+    needs_appearance_target: bool = False
+    # True: the head has nothing to learn from a model that reads no image (VisualBERT's GROUNDED false).
+    reads_image: bool = False
     # Keys of the text encoder's checkpoint (under this prefix, or "bert." + it) that fill this head's
     # parameters of the same names (`e2e_vl.modeling.hf.load_pretrained_head_weights`); None = none.
     pretrained_prefix: str | None = None
@@ -155,6 +188,8 @@ class MLMHead(Head):
 class MRCHead(Head):
     """Masked RoI classification: Linear(h, h) -> GELU -> Linear(h, num_classes) (VL-BERT's MVRC head)."""
 
+    reads_image = True
+
     def __init__(self, hidden_size: int, num_classes: int):
         super().__init__()
         self.dense = nn.Linear(hidden_size, hidden_size)
@@ -171,10 +206,15 @@ class MRCHead(Head):
     def outputs(self, encoded: Encoded, batch: dict[str, Any]) -> dict[str, Any] | None:
         if "region_labelled" not in batch:
             return None
-        labelled = batch["region_labelled"].to(encoded.regions.device).bool() & encoded.region_valid
-        logits = self(encoded.regions[labelled])
+        logits = self(encoded.regions[labelled_regions(encoded, batch)])
         targets = batch["mrc_targets"].to(logits.device).float()
         return {"mrc_logits": logits, "losses": {"mrc": soft_cross_entropy(logits, targets)}}
+
+
+def labelled_regions(encoded: Encoded, batch: dict[str, Any]) -> torch.Tensor:
+    """`[B, K]`: the regions chosen for a masked-region target (`region_labelled`) that exist; their
+    row-major order is the order of `mrc_targets`' rows."""
+    return batch["region_labelled"].to(encoded.regions.device).bool() & encoded.region_valid
 
 
 @register_head("vqa")
@@ -202,7 +242,10 @@ class AnswerHead(Head):
             return None
         pos = batch["answer_pos"].to(encoded.text.device)
         logits = self(encoded.text[torch.arange(len(pos), device=pos.device), pos])
-        losses = {"vqa": soft_bce_loss(logits, batch["vqa_targets"].to(logits.device))} if "vqa_targets" in batch else {}
+        losses = {}
+        if "vqa_targets" in batch:  # `vqa_labelled`: a batch mixing questions into other samples (pre-training)
+            use = batch.get("vqa_labelled", torch.ones(len(pos), dtype=torch.bool)).to(logits.device)
+            losses["vqa"] = soft_bce_loss(logits[use], batch["vqa_targets"].to(logits.device)[use])
         return {"vqa_logits": logits, "losses": losses}
 
 
@@ -212,6 +255,8 @@ class RegionScoreHead(Head):
     Linear(h, 1) (dropout 0, its RefCOCO+ setting; Xavier-uniform weights, zero biases, as it initialises
     them). Loss: binary cross-entropy against `ref_labels`, averaged over the batch's valid regions
     (padding and -1 labels left out)."""
+
+    reads_image = True
 
     def __init__(self, hidden_size: int, dropout: float = 0.0):
         super().__init__()

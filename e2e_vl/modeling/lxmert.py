@@ -51,7 +51,8 @@ class Lxmert(HFRegionModel):
         self.init_masked_region_feature(self.appearance_dim)
         head_config = BertConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                                  hidden_act=config.hidden_act, layer_norm_eps=LXMERT_LAYER_NORM_EPS)
-        spec = HeadSpec(head_config, lxmert.embeddings.word_embeddings, options.num_answers, options.num_mrc_classes)
+        spec = HeadSpec(head_config, lxmert.embeddings.word_embeddings, options.num_answers, options.num_mrc_classes,
+                        appearance_dim=self.appearance_dim)
         self.heads = build_heads(options.heads, spec)
 
     def enable_gradient_checkpointing(self) -> None:

@@ -134,7 +134,29 @@ class RegionEncoder(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         """"loss" (weighted sum), "losses" (name -> scalar), "region_valid" and each head's outputs."""
-        return run_heads(self.heads, self.encode(batch), batch, self.loss_weights)
+        encoded = self.encode(batch)
+        wanted = any(h.needs_appearance_target for h in self.heads.values())
+        if wanted and "region_labelled" in batch and "images" in batch:
+            encoded.appearance_target = self.appearance_targets(batch)
+        return run_heads(self.heads, encoded, batch, self.loss_weights)
+
+    @torch.no_grad()
+    def appearance_targets(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The appearance feature of every region of every sample as the detector gives it without masking,
+        `[B, K_max, C]` (zeros for text-only samples and padding): a second detector pass without gradient
+        on the unmasked images, standardised with the current running statistics (not updating them)."""
+        norm = self.appearance_norm
+        was_training = norm is not None and norm.training
+        if norm is not None:
+            norm.eval()
+        try:
+            appearance, _, _, counts = self.region_appearance({k: v for k, v in batch.items() if k != "region_masked"})
+        finally:
+            if was_training:
+                norm.train()
+        padded, _ = pad_per_image(appearance, counts)
+        index = batch["sample_image_index"].to(padded.device)
+        return torch.where((index >= 0)[:, None, None], padded[index.clamp(min=0)], 0.0)
 
     # -- regions -------------------------------------------------------------------------------------------
     def backbone_input(self, batch: dict[str, Any]) -> torch.Tensor:

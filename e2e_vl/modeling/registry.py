@@ -53,6 +53,12 @@ def _import_architectures() -> None:
         importlib.import_module(f"e2e_vl.modeling.{module.name}")
 
 
+def architectures() -> list[str]:
+    """The names of every registered architecture (all modules of this package imported first)."""
+    _import_architectures()
+    return sorted(MODELS)
+
+
 def build_model(cfg: CfgNode, arch: str) -> nn.Module:
     """The registered architecture `arch` built from `cfg`, on MODEL.DEVICE, in train mode."""
     _import_architectures()

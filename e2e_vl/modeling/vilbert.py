@@ -259,7 +259,8 @@ class ViLBert(RegionEncoder):
         self.init_appearance_norm(options.appearance_norm)
         self.init_masked_region_feature(self.appearance_dim)
         spec = HeadSpec(text, bert.embeddings.word_embeddings, options.num_answers, options.num_mrc_classes,
-                        region_hidden_size=image.hidden_size)
+                        region_hidden_size=image.hidden_size, appearance_dim=self.appearance_dim,
+                        pooled_hidden_size=sizes.bi_hidden_size)
         self.heads = build_heads(options.heads, spec)
         # True once a ViLBERT checkpoint filled the visual stream and co-attention: then they train at
         # BERT's rate.
@@ -328,8 +329,9 @@ class ViLBert(RegionEncoder):
             text = self._layer(layer, text, text_mask)
         for layer in self.image_layers[start_v:]:
             image = self._layer(layer, image, image_mask)
-        pooled = self.text_pooler(text) * self.image_pooler(image)
-        return Encoded(text, image[:, 1:], image_valid[:, 1:], has_image, pooled=pooled)
+        text_pooled, image_pooled = self.text_pooler(text), self.image_pooler(image)
+        return Encoded(text, image[:, 1:], image_valid[:, 1:], has_image, pooled=text_pooled * image_pooled,
+                       text_pooled=text_pooled, image_pooled=image_pooled)
 
 
 def _init_bert_style(module: nn.Module, std: float) -> None:

@@ -25,13 +25,11 @@ from transformers import VisualBertConfig, VisualBertModel
 
 from detector.config import CfgNode, ConfigError
 from detector.modeling import GeneralizedRCNN
-from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads
+from e2e_vl.modeling.heads import HEADS, Encoded, HeadSpec, build_heads
 from e2e_vl.modeling.hf import BERT_SHAPE_KEYS, bert_text_config, copy_bert_text_side, load_hf_checkpoint
 from e2e_vl.modeling.hf_region_model import HFRegionModel, ModelOptions, build_hf_region_model
 from e2e_vl.modeling.registry import register_model
 
-# Heads that read region outputs: a model that never sees the image cannot feed them.
-REGION_HEADS = ("mrc", "ref")
 
 
 class VisualBert(HFRegionModel):
@@ -43,7 +41,7 @@ class VisualBert(HFRegionModel):
 
     def __init__(self, detector: GeneralizedRCNN, visual_bert: VisualBertModel, options: ModelOptions = ModelOptions(),
                  *, tokenizer: Any = None, new_parameters: Sequence[str] = (), grounded: bool = True):
-        region_heads = sorted(set(options.heads) & set(REGION_HEADS))
+        region_heads = sorted(name for name in options.heads if name in HEADS and HEADS[name].reads_image)
         if not grounded and region_heads:
             raise ConfigError(f"MODEL.VISUALBERT.GROUNDED false reads no image, so the region heads {region_heads} "
                               "cannot be trained; drop them from MODEL.VLBERT.HEADS")
@@ -55,7 +53,7 @@ class VisualBert(HFRegionModel):
         self.init_object_embedding(width, object_dropout=options.object_dropout, appearance_norm=options.appearance_norm)
         self.init_masked_region_feature(width)
         spec = HeadSpec(visual_bert.config, visual_bert.embeddings.word_embeddings, options.num_answers,
-                        options.num_mrc_classes)
+                        options.num_mrc_classes, appearance_dim=self.appearance_dim)
         self.heads = build_heads(options.heads, spec)
 
     def enable_gradient_checkpointing(self) -> None:

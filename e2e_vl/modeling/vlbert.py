@@ -53,7 +53,9 @@ class VLBert(RegionEncoder):
         region_labelled   optional Bool [B, K_max]; mrc_targets Float [M, C] for its True entries
                                         (row-major order over samples, then regions)
         answer_pos        optional Long [B]: index of the answer [MASK] token; vqa_targets optional
-                                        Float [B, A] soft scores
+                                        Float [B, A] soft scores; vqa_labelled optional Bool [B]: the
+                                        samples the vqa loss covers (questions among captions)
+        itm_labels        optional Long [B]: 1 caption with its own image, 0 with another's, -1 neither
         ref_labels        optional Float [B, K_max] region targets, -1 = ignore
         object_labels     optional Long [B, K_max] region classes (VCR's regulariser), -1 = ignore
         choice_labels     optional Long [B / n]: VCR, samples grouped in consecutive runs of n choices
@@ -115,7 +117,8 @@ class VLBert(RegionEncoder):
             for param, token_id in ((self.end_token, sep_token_id), (self.masked_region_token, mask_token_id)):
                 if token_id is not None:
                     param.copy_(words[token_id])
-        self.heads = build_heads(heads, HeadSpec(config, bert.embeddings.word_embeddings, num_answers, num_mrc_classes))
+        self.heads = build_heads(heads, HeadSpec(config, bert.embeddings.word_embeddings, num_answers, num_mrc_classes,
+                                                 appearance_dim=self.appearance_dim))
 
     # -- parameter groups for the engine ------------------------------------------------------------------
     @staticmethod
