@@ -60,17 +60,19 @@ def collate(items: list[dict]) -> dict:
 class StandInModel(nn.Module):
     """A detector-like conv, a question embedding, dropout (so the RNG matters) and an answer head."""
 
-    def __init__(self, nan_at_call: int = -1):
+    def __init__(self, nan_at_call: int = -1, nan_grad_at_calls: tuple[int, ...] = ()):
         super().__init__()
         self.detector = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
         self.question = nn.Embedding(4, 8)
         self.norm = nn.LayerNorm(8)
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(8, 3))
-        self.nan_at_call, self.calls = nan_at_call, 0
+        self.nan_at_call, self.nan_grad_at_calls, self.calls = nan_at_call, nan_grad_at_calls, 0
 
     def forward(self, batch: dict) -> dict:
         self.calls += 1
         feats = self.detector(batch["images"]).mean(dim=(2, 3))[batch["sample_image_index"]]
+        if self.calls in self.nan_grad_at_calls:  # a finite loss whose gradient is NaN
+            feats.register_hook(lambda g: g * float("nan"))
         logits = self.head(self.norm(feats + self.question(batch["question_ids"])))
         loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["vqa_targets"]) * logits.shape[1]
         if self.calls == self.nan_at_call:
@@ -108,6 +110,7 @@ def worker(argv: list[str]) -> None:
     p.add_argument("--max-iter", type=int, default=12)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--nan-at", type=int, default=-1)
+    p.add_argument("--nan-grad-at", default="", help="comma-separated forward calls whose gradient is NaN")
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("opts", nargs="*")
     a = p.parse_args(argv)
@@ -116,7 +119,7 @@ def worker(argv: list[str]) -> None:
     setup_logging(a.out, du.get_rank())
     cfg = standin_cfg(Path(a.out), a.max_iter, a.opts)
     torch.manual_seed(cfg.SEED)
-    model = StandInModel(a.nan_at)
+    model = StandInModel(a.nan_at, tuple(int(c) for c in a.nan_grad_at.split(",") if c))
     if a.sleep:  # slow the steps down so the parent can kill the run mid-way
         model.register_forward_hook(lambda *_: time.sleep(a.sleep))
     data = StandInData()
@@ -301,6 +304,88 @@ def test_nan_loss_stops_with_step_and_losses(tmp_path):
     state = load_checkpoint_file(tmp_path / "model_0000002.pth")
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (tmp_path / "model_0000004.pth").exists()
+
+
+def test_nan_gradient_with_a_finite_loss_stops_naming_the_step_and_parameter(tmp_path):
+    r = _run(["--out", str(tmp_path), "--nan-grad-at", "3", "--max-iter", "4"])
+    assert r.returncode == 3, r.stderr
+    assert "non-finite gradient at step 3 (the losses are finite: loss=" in r.stderr
+    assert "grad norm nan, first in 'detector.0.weight'" in r.stderr
+    assert load_checkpoint_file(tmp_path / "model_0000002.pth")["step"] == 2  # finite, loads
+    assert not (tmp_path / "model_0000004.pth").exists()
+
+
+def test_skip_nonfinite_steps_drops_the_update_up_to_the_configured_count(tmp_path):
+    once = tmp_path / "once"
+    r = _run(["--out", str(once), "--nan-grad-at", "3", "--max-iter", "3", "SOLVER.CHECKPOINT_PERIOD", "1"])
+    assert r.returncode == 3  # the default is to stop
+    r = _run(["--out", str(once), "--nan-grad-at", "3", "--max-iter", "3", "SOLVER.CHECKPOINT_PERIOD", "1",
+              "SOLVER.SKIP_NONFINITE_STEPS", "1"])
+    assert r.returncode == 0, r.stderr
+    assert "non-finite gradient at step 3" in r.stderr and "step skipped (1 of SOLVER.SKIP_NONFINITE_STEPS 1)" in r.stderr
+    before, after = (load_checkpoint_file(once / f"model_000000{i}.pth") for i in (2, 3))
+    assert after["step"] == 3 and after["skipped_steps"] == 1
+    assert all(torch.equal(before["model"][k], v) for k, v in after["model"].items())  # the update was dropped
+    # A second bad step beyond the allowance stops the run, naming it (a NaN loss counts the same way).
+    twice = _run(["--out", str(tmp_path / "twice"), "--nan-grad-at", "3,5", "--max-iter", "6",
+                  "SOLVER.SKIP_NONFINITE_STEPS", "1"])
+    assert twice.returncode == 3
+    assert "non-finite gradient at step 5" in twice.stderr and "SKIP_NONFINITE_STEPS 1 already skipped" in twice.stderr
+
+
+def test_non_finite_weights_are_refused_on_save_and_on_load(tmp_path, caplog):
+    from e2e_vl.engine.checkpoint import NonFiniteWeightsError
+
+    ck = Checkpointer(tmp_path, keep_last=3)
+    base = {"optimizer": {}, "scheduler": {}, "data": {}, "rng": [], "step": 2}
+    ck.save({**base, "model": {"w": torch.ones(3)}}, 2)
+    poisoned = {**base, "model": {"w": torch.ones(3), "head.bias": torch.tensor([1.0, float("inf")])}, "step": 4}
+    with pytest.raises(NonFiniteWeightsError, match=r"model_0000004.pth: model tensor 'head.bias' holds 1 non-finite"):
+        ck.save(poisoned, 4)
+    with pytest.raises(NonFiniteWeightsError, match="model_best.pth: model tensor 'head.bias'"):
+        ck.save_best(poisoned)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_0000002.pth"]
+    torch.save(poisoned, tmp_path / "model_0000004.pth")  # written by something else
+    with pytest.raises(NonFiniteWeightsError, match="model_0000004.pth: model tensor 'head.bias'"):
+        load_checkpoint_file(tmp_path / "model_0000004.pth")
+    with caplog.at_level(logging.WARNING):
+        state, path = ck.load_latest()  # resume takes the last good one and says why
+    assert path.name == "model_0000002.pth" and "'head.bias' holds 1 non-finite" in caplog.text
+
+
+@pytest.mark.parametrize("fault", ["disk_full", "read_only"])
+def test_failed_checkpoint_write_keeps_the_previous_one_and_names_the_file(tmp_path, monkeypatch, fault):
+    import errno
+
+    from e2e_vl.engine import checkpoint as ckpt_module
+    from e2e_vl.engine.checkpoint import CheckpointWriteError
+
+    real_save, real_open, calls = torch.save, open, []
+
+    def full_disk_save(obj, f):  # the second checkpoint runs out of space half-way
+        calls.append(f)
+        if len(calls) == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f)
+
+    def read_only_open(path, mode="r", *args, **kw):  # the folder turned read-only after the first one
+        if "w" in mode and Path(path).name.startswith(".model_0000004"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, mode, *args, **kw)
+
+    if fault == "disk_full":
+        monkeypatch.setattr(ckpt_module.torch, "save", full_disk_save)
+    else:
+        monkeypatch.setattr(ckpt_module, "open", read_only_open, raising=False)
+    cfg = standin_cfg(tmp_path, 6)
+    torch.manual_seed(0)
+    data = StandInData()
+    reason = "No space left on device" if fault == "disk_full" else "Read-only file system"
+    with pytest.raises(CheckpointWriteError, match=f"cannot write checkpoint {tmp_path / 'model_0000004.pth'}: {reason}"):
+        train(cfg, StandInModel(), TrainTask(data, collate), torch.device("cpu"))
+    assert sorted(p.name for p in tmp_path.glob("*.pth*")) == ["model_0000002.pth"]  # no temporary file left
+    assert load_checkpoint_file(tmp_path / "model_0000002.pth")["step"] == 2
 
 
 def test_in_process_training_learns_and_writes_logs(tmp_path):

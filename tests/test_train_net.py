@@ -206,3 +206,25 @@ def test_demo_model_trains_on_two_processes_and_resumes(tmp_path):
     again = torch.load(out / "model_0000012.pth", weights_only=True)["model"]
     for key, value in final["model"].items():
         torch.testing.assert_close(again[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("error,line", [
+    ("checkpoint", "cannot write checkpoint runs/x/model_0000008.pth: No space left on device"),
+    ("read_only", "error: cannot write or read runs/x/log.txt: Read-only file system"),
+])
+def test_cli_reports_a_full_or_read_only_output_dir_in_one_line(monkeypatch, capsys, caplog, error, line):
+    import errno
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import train_net
+
+    from e2e_vl.engine.checkpoint import CheckpointWriteError
+
+    def fail(args):
+        if error == "checkpoint":
+            raise CheckpointWriteError(f"{line} (older checkpoints are kept as they were)")
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "runs/x/log.txt")
+
+    monkeypatch.setattr(train_net, "main", fail)
+    assert train_net.cli([]) == 2
+    assert line in caplog.text and "Traceback" not in capsys.readouterr().err

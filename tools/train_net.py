@@ -183,6 +183,11 @@ def cli(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except OSError as exc:  # e.g. a read-only or full OUTPUT_DIR; one line when the file is known
+        if exc.filename is None:
+            raise
+        logger.error("error: cannot write or read %s: %s", exc.filename, exc.strerror or exc)
+        return 2
     return 0
 
 
