@@ -388,6 +388,32 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_names_the_file(tmp_p
     assert load_checkpoint_file(tmp_path / "model_0000002.pth")["step"] == 2
 
 
+class _RunsCode:
+    """Unpickling this writes a marker file: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (eval, (f"open({self.marker!r}, 'w').close()",))
+
+
+def write_hostile_checkpoint(path: Path, marker: Path) -> None:
+    """A file shaped like a training checkpoint whose unpickling runs code (shared with test_train_net)."""
+    torch.save({"model": {"head.1.bias": torch.zeros(3)}, "optimizer": {}, "scheduler": {}, "data": {}, "rng": [],
+                "step": 4, "config": _RunsCode(marker)}, path)
+
+
+def test_hostile_checkpoint_for_resume_is_refused_and_runs_nothing(tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    out.mkdir()
+    write_hostile_checkpoint(out / "model_0000004.pth", marker)
+    r = _run(["--out", str(out), "--resume"])
+    assert r.returncode == 2, r.stderr
+    assert "model_0000004.pth: refused by torch.load(weights_only=True)" in r.stderr
+    assert "no checkpoint in" in r.stderr and "weights_only=False" not in r.stderr and not marker.exists()
+
+
 def test_in_process_training_learns_and_writes_logs(tmp_path):
     cfg = standin_cfg(tmp_path, 30, ["SOLVER.CHECKPOINT_PERIOD", "100", "TEST.EVAL_PERIOD", "10"])
     torch.manual_seed(0)

@@ -89,6 +89,20 @@ def test_truncated_weights_and_missing_images_are_one_line_naming_the_file(tmp_p
         load_image(str(tmp_path / "nowhere.jpg"))
 
 
+def test_hostile_checkpoint_as_eval_only_weights_is_refused_and_runs_nothing(tmp_path):
+    from test_engine import write_hostile_checkpoint
+
+    hostile, marker = tmp_path / "hostile.pth", tmp_path / "pwned"
+    write_hostile_checkpoint(hostile, marker)
+    r = _run("--eval-only", "--config-file", str(REPO / "configs" / "easy_vqa" / "detector.yaml"),
+             "--output-dir", str(tmp_path / "run"), "MODEL.WEIGHTS", str(hostile), "DATASETS.TEST_LIMIT", "2")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and not marker.exists()
+    assert (f"{hostile}: refused by torch.load(weights_only=True): it contains objects other than tensors and plain "
+            "data (Unsupported global: GLOBAL eval was not an allowed global by default); nothing in it was run") in r.stderr
+    assert "weights_only=False" not in r.stderr  # no advice to load it unsafely
+
+
 SMOKE = [  # the demo config on ~4 easy-VQA images, a few small steps at a high learning rate
     "DATASETS.TRAIN_LIMIT", "30", "DATASETS.TEST_LIMIT", "20", "SOLVER.IMS_PER_BATCH", "2",
     "SOLVER.BASE_LR", "2e-4", "SOLVER.WARMUP_ITERS", "2", "SOLVER.LOG_PERIOD", "1",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from detector.checkpoint import CheckpointError
+from detector.checkpoint.formats import weights_only_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +81,10 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a training checkpoint safely (tensors and plain containers only; no pickled code)."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise weights_only_refusal(path, exc) from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a training checkpoint (top level is {type(state).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in state]
