@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from detector.image_sources import image_id_from_path
 from e2e_vl.data.catalog import DatasetError
 from e2e_vl.data.masking import mask_whole_words, select_masked_regions
-from e2e_vl.data.roi_records import open_roi_store, require_roi_records
+from e2e_vl.data.roi_records import describe_store, open_roi_store, require_roi_records
 from e2e_vl.data.transforms import ResizeFlip
 
 
@@ -166,6 +166,22 @@ class CaptionPretrainDataset(Dataset):
             record = self._record(caption)
             out.append(record.width / record.height)
         return out
+
+    def check_region_classes(self, num_classes: int, key: str = "MODEL.VLBERT.NUM_MRC_CLASSES") -> None:
+        """Fail before training if the stored class distributions (the masked-RoI targets) are not
+        `num_classes` wide; one store comes from one detector, so the first caption's record speaks for all."""
+        if not self.captions:
+            return
+        record = self._record(self.captions[0])
+        if record.class_probs is None:
+            raise CaptionDataError(f"{describe_store(self.regions)}: image {record.image_id!r} has no class "
+                                   f"distributions, which masked RoI classification ({key}) needs")
+        width = int(np.asarray(record.class_probs).shape[-1])
+        if width != num_classes:
+            raise CaptionDataError(
+                f"{key} is {num_classes} but {describe_store(self.regions)} holds class distributions over "
+                f"{width} classes (image {record.image_id!r}); set {key} {width} or use the store of a "
+                f"{num_classes}-class detector")
 
     def _record(self, caption: Caption):
         try:

@@ -19,11 +19,15 @@ def build_pretrain_task(cfg: CfgNode, model, device: torch.device, eval_only: bo
     if not {"mlm", "mrc"} & set(model.heads):
         raise ConfigError(f"TASK pretrain needs a model with the head mlm or mrc, got {list(model.heads)}")
     collate = VLCollator(pad_token_id=tokenizer.pad_token_id)
-    train_set = None
+    train_set = captions = None
     if not eval_only:
         captions, text = build_pretrain_datasets(cfg, tokenizer, seed=cfg.SEED)
         train_set = captions if text is None else CaptionTextMix(captions, text)
     val_set = build_pretrain_val_dataset(cfg, tokenizer)
+    if "mrc" in model.heads:  # a mismatch would otherwise surface as a shape error at the first step
+        for dataset in (captions, val_set):
+            if dataset is not None:
+                dataset.check_region_classes(cfg.MODEL.VLBERT.NUM_MRC_CLASSES)
     evaluate = None if val_set is None else PretrainEvaluator(
         val_set, collate, cfg.TEST.IMS_PER_BATCH, device, AMP_DTYPES[cfg.SOLVER.AMP.DTYPE],
         cfg.DATALOADER.NUM_WORKERS)
