@@ -439,25 +439,27 @@ def write_npz(directory: str | os.PathLike, record: RoIRecord) -> Path:
     `x` (float32 features, only when extracted), `bbox`, `num_bbox`, `image_h`, `image_w` and the `info`
     dict are bottom-up-attention.pytorch's; `info` is an object array, so reading *it* needs
     `allow_pickle=True` as in their code. The same values are also stored as plain arrays (`image_id`,
-    `objects_id`, ..., plus `cls_prob`/`attr_prob`) so `read_npz` never unpickles.
+    `objects_id`, ..., plus `cls_prob`/`attr_prob`) so `read_npz` never unpickles. A detector without an
+    attribute head writes no `attrs_id`/`attrs_conf`/`attr_prob` at all (in `info` neither), so nothing
+    reads as a real attribute; readers that expect them fail on the missing key instead.
     """
     directory = Path(directory)
     image_id = check_image_id(record.image_id)
     if "/" in image_id or image_id in (".", ".."):
         raise RoIStoreError(f"image id {image_id!r} cannot be used as an npz file name")
     k = record.num_boxes
-    objects_id = _or_empty(record.object_ids, np.int64, k)
-    objects_conf = _or_empty(record.object_conf, np.float32, k)
-    attrs_id = _or_empty(record.attr_ids, np.int64, k)
-    attrs_conf = _or_empty(record.attr_conf, np.float32, k)
+    # Ids and confidences the detector did not produce are left out (not zero-filled: attribute id 0 with
+    # confidence 0 would read as a real, if unlikely, attribute).
+    labels = {name: np.asarray(value).astype(dtype) for name, value, dtype in (
+        ("objects_id", record.object_ids, np.int64), ("objects_conf", record.object_conf, np.float32),
+        ("attrs_id", record.attr_ids, np.int64), ("attrs_conf", record.attr_conf, np.float32)) if value is not None}
     info = {"image_id": image_id, "image_h": int(record.height), "image_w": int(record.width), "num_boxes": k,
-            "objects_id": objects_id, "objects_conf": objects_conf, "attrs_id": attrs_id, "attrs_conf": attrs_conf}
+            **labels}
     fields: dict[str, Any] = {
         "bbox": record.boxes.astype(np.float32), "num_bbox": np.int64(k),
         "image_h": np.int64(record.height), "image_w": np.int64(record.width),
         "info": np.array(info, dtype=object),
-        "image_id": np.str_(image_id), "path": np.str_(record.path),
-        "objects_id": objects_id, "objects_conf": objects_conf, "attrs_id": attrs_id, "attrs_conf": attrs_conf,
+        "image_id": np.str_(image_id), "path": np.str_(record.path), **labels,
     }
     if record.features is not None:
         fields["x"] = record.features.astype(np.float32)
@@ -477,10 +479,6 @@ def write_npz(directory: str | os.PathLike, record: RoIRecord) -> Path:
     return final
 
 
-def _or_empty(array: np.ndarray | None, dtype: type, k: int) -> np.ndarray:
-    return np.zeros(k, dtype) if array is None else np.asarray(array).astype(dtype)
-
-
 def read_npz(path: str | os.PathLike) -> RoIRecord:
     """Read an npz written by `write_npz` without unpickling anything (the `info` dict is skipped)."""
     try:
@@ -491,12 +489,16 @@ def read_npz(path: str | os.PathLike) -> RoIRecord:
                 image_id=str(data["image_id"]), path=str(data["path"]),
                 height=int(data["image_h"]), width=int(data["image_w"]), boxes=data["bbox"],
                 class_probs=get("cls_prob"), attr_probs=get("attr_prob"),
-                object_ids=get("objects_id").astype(np.int32), object_conf=get("objects_conf"),
-                attr_ids=get("attrs_id").astype(np.int32), attr_conf=get("attrs_conf"),
+                object_ids=_as_int32(get("objects_id")), object_conf=get("objects_conf"),
+                attr_ids=_as_int32(get("attrs_id")), attr_conf=get("attrs_conf"),
                 features=features,
             )
     except (OSError, ValueError, KeyError) as exc:
         raise RoIStoreError(f"{path}: not a readable RoI npz file: {exc}") from None
+
+
+def _as_int32(array: np.ndarray | None) -> np.ndarray | None:
+    return None if array is None else array.astype(np.int32)
 
 
 def npz_ids(directory: str | os.PathLike) -> set[str]:

@@ -193,6 +193,22 @@ def test_npz_layout_matches_bottom_up_attention(tmp_path):
         assert "x" not in data.files
 
 
+def test_npz_without_an_attribute_head_stores_no_attributes(tmp_path):
+    rec = make_record("plain", k=3)
+    rec.attr_probs = rec.attr_ids = rec.attr_conf = None  # a detector without an attribute head
+    path = write_npz(tmp_path, rec)
+    with np.load(path, allow_pickle=True) as data:
+        assert not {"attrs_id", "attrs_conf", "attr_prob"} & set(data.files)
+        info = data["info"].item()
+    assert set(info) == {"image_id", "image_h", "image_w", "num_boxes", "objects_id", "objects_conf"}
+    back = read_npz(path)
+    assert back.attr_ids is None and back.attr_conf is None and back.attr_probs is None
+    np.testing.assert_array_equal(back.object_ids, rec.object_ids)
+    with RoIStoreWriter(tmp_path / "s", HEADER) as w:  # the LMDB store leaves them out too
+        w.write_batch([rec])
+    assert RoIStore(tmp_path / "s")["plain"].attr_ids is None
+
+
 def test_a_stored_record_is_byte_for_byte_what_the_codec_wrote_before_it_moved_to_detector():
     """tests/data/roi_record_v1.bin was written by the codec while it lived in e2e_vl.data.roi_store; the
     codec under detector/ must read it to the same values and write the same bytes."""
