@@ -347,6 +347,43 @@ def test_sigkill_mid_run_then_resume(tmp_path, weights):
             assert rec.features.shape == (rec.num_boxes, 512) and 10 <= rec.num_boxes <= 100
 
 
+@pytest.mark.slow
+def test_sigint_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, weights):
+    files = make_images(tmp_path / "imgs", [(96, 128), (120, 90)] * 8)
+    out, flags = tmp_path / "out", ["--features", "--batch-size", "2"]
+    cmd = [sys.executable, str(REPO / "tools" / "extract_rois.py"), "--config-file", str(CONFIG),
+           "--weights", str(weights), "--input", str(tmp_path / "imgs"), "--output", str(out),
+           "--device", "cpu", "--num-workers", "1", "--no-progress", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Ctrl-C in a terminal signals the whole process group: the tool and its DataLoader worker.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "data.mdb").exists():
+            with RoIStore(out) as store:
+                if len(store) >= 1:
+                    break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert "Traceback" not in stderr and f"{out} is consistent: run the same command again" in stderr
+    with RoIStore(out) as store:
+        at_interrupt = len(store)
+        for rec in store:
+            check_valid(rec)
+    assert 1 <= at_interrupt < len(files)
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"done {len(files) - at_interrupt}, skipped {at_interrupt}" in rerun.stdout
+    assert run_tool(weights, [tmp_path / "imgs"], tmp_path / "whole", *flags) == 0
+    resumed, whole = _raw_records(out), _raw_records(tmp_path / "whole")
+    assert sorted(resumed) == [f.stem for f in files]
+    assert resumed == whole  # every record bit for bit as in the uninterrupted run
+
+
 def test_webdataset_input_and_visualization(tmp_path, weights):
     import io
     import tarfile

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,14 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 class UsageError(ValueError):
     """Bad command-line arguments (exit status 2)."""
+
+
+class ExtractionInterrupted(RuntimeError):
+    """Ctrl-C (SIGINT): the batch in flight was not stored (a batch is one transaction), the rest is."""
+
+    def __init__(self, stored: int, output: str):
+        super().__init__(f"interrupted (SIGINT) after storing {stored} images in this run; {output} is "
+                         "consistent: run the same command again to continue where it stopped")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -281,6 +290,8 @@ def run(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict[str
             extractor = RegionExtractor(model, cfg.INPUT.FORMAT, selection, with_features=args.features,
                                         autocast_dtype=PRECISIONS[args.precision])
             process(todo, extractor, cfg, args, sink, failures, boxes_store, stats)
+    except KeyboardInterrupt:
+        raise ExtractionInterrupted(stats["done"], args.output) from None
     finally:
         stats["failed"] = failures.count
         failures.close()
@@ -345,6 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, RoIStoreError, CheckpointError) as exc:
         log.error("%s", exc)
         return 2
+    except ExtractionInterrupted as exc:
+        log.error("%s", exc)
+        return 128 + signal.SIGINT
     print(f"done {stats['done']}, skipped {stats['skipped']} (already stored), failed {stats['failed']}"
           f"{' (see failures.tsv)' if stats['failed'] else ''}", flush=True)
     return 0 if stats["done"] + stats["skipped"] > 0 else 1
