@@ -112,6 +112,7 @@ def worker(argv: list[str]) -> None:
     p.add_argument("--nan-at", type=int, default=-1)
     p.add_argument("--nan-grad-at", default="", help="comma-separated forward calls whose gradient is NaN")
     p.add_argument("--sleep", type=float, default=0.0)
+    p.add_argument("--eval-sleep", type=float, default=0.0, help="each evaluation touches OUT/evaluating, then sleeps")
     p.add_argument("opts", nargs="*")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -123,8 +124,15 @@ def worker(argv: list[str]) -> None:
     if a.sleep:  # slow the steps down so the parent can kill the run mid-way
         model.register_forward_hook(lambda *_: time.sleep(a.sleep))
     data = StandInData()
+
+    def evaluate(m: nn.Module) -> dict:
+        if a.eval_sleep:  # lets the parent kill the run during an evaluation
+            (Path(a.out) / "evaluating").touch()
+            time.sleep(a.eval_sleep)
+        return accuracy(m, data)
+
     try:
-        train(cfg, model, TrainTask(data, collate, lambda m: accuracy(m, data)), device, resume=a.resume)
+        train(cfg, model, TrainTask(data, collate, evaluate), device, resume=a.resume)
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(3)
@@ -175,6 +183,31 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_sigkill_during_evaluation_then_resume_is_bit_exact(tmp_path):
+    flags = ["TEST.EVAL_PERIOD", "4"]
+    ref = _run(["--out", str(tmp_path / "ref"), "--max-iter", "8", *flags])
+    assert ref.returncode == 0, ref.stderr
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, __file__, "--out", str(killed), "--max-iter", "8", "--eval-sleep", "30",
+                             *flags], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (killed / "evaluating").exists():
+        time.sleep(0.01)
+    assert (killed / "evaluating").exists(), "the run never reached its evaluation"
+    proc.send_signal(signal.SIGKILL)  # inside the evaluation at step 4, before step 4's checkpoint
+    proc.wait()
+    assert sorted(p.name for p in killed.glob("*.pth")) == ["model_0000002.pth"]
+    resumed = _run(["--out", str(killed), "--resume", "--max-iter", "8", *flags])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
+    a, b = _final_weights(tmp_path / "ref"), _final_weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    best_a, best_b = (load_checkpoint_file(d / "model_best.pth") for d in (tmp_path / "ref", killed))
+    assert best_a["step"] == best_b["step"] and all(torch.equal(best_a["model"][k], best_b["model"][k]) for k in a)
 
 
 @pytest.mark.slow
