@@ -242,3 +242,23 @@ def test_cli_reports_a_full_or_read_only_output_dir_in_one_line(monkeypatch, cap
     monkeypatch.setattr(train_net, "main", fail)
     assert train_net.cli([]) == 2
     assert line in caplog.text and "Traceback" not in capsys.readouterr().err
+
+
+def test_an_image_error_from_a_dataloader_worker_is_one_line_without_its_traceback(monkeypatch, capsys, caplog):
+    from torch._utils import ExceptionWrapper
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import train_net
+
+    from detector.image_sources import ImageError
+
+    def worker_failed(args):  # what torch re-raises in the main process when a worker's read fails
+        try:
+            raise ImageError("cannot read file imgs/gone.jpg: No such file or directory")
+        except ImageError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+
+    monkeypatch.setattr(train_net, "main", worker_failed)
+    assert train_net.cli([]) == 2
+    assert "error: cannot read file imgs/gone.jpg: No such file or directory" in caplog.text
+    assert "Traceback" not in caplog.text and "Traceback" not in capsys.readouterr().err

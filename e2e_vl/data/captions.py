@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from detector.image_sources import image_id_from_path
+from detector.image_sources import TAR_SEPARATOR, image_id_from_path
 from e2e_vl.data.catalog import DatasetError
 from e2e_vl.data.masking import mask_whole_words, select_masked_regions
 from e2e_vl.data.roi_records import describe_store, open_roi_store, require_roi_records
@@ -148,10 +148,17 @@ class CaptionPretrainDataset(Dataset):
             self.check_regions()
 
     def check_regions(self) -> None:
-        """Fail early, with the count and examples, if any caption's image has no RoI record."""
+        """Fail early, with the count and examples, if any caption's image has no RoI record or no file
+        (found here, in the main process, rather than mid-run inside a DataLoader worker)."""
         files = sorted({c.source.rsplit(":", 1)[0] for c in self.captions if c.source}) or ["captions"]
         keys = require_roi_records(self.regions, (c.image_id for c in self.captions), ", ".join(files))
         self._keys = {i: k for i, k in keys.items() if i != k}
+        paths = dict.fromkeys(c.path.split(TAR_SEPARATOR, 1)[0] for c in self.captions if c.path)
+        missing = [path for path in paths if not os.path.isfile(path)]
+        if missing:
+            raise CaptionDataError(
+                f"{', '.join(files)}: {len(missing)} of {len(paths)} image files do not exist (e.g. "
+                f"{', '.join(missing[:3])}); check MODEL.VLBERT.PRETRAIN.IMAGE_ROOT")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
