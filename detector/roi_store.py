@@ -216,10 +216,13 @@ class RoIStoreWriter:
     def __init__(self, path: str | os.PathLike, header: dict[str, Any], overwrite: bool = False,
                  map_size: int = 1 << 30):
         self.path = Path(path)
-        if overwrite and self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(str(self.path), map_size=map_size, subdir=True, max_dbs=0, readahead=False)
+        try:
+            if overwrite and self.path.exists():
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._env = lmdb.open(str(self.path), map_size=map_size, subdir=True, max_dbs=0, readahead=False)
+        except (OSError, lmdb.Error) as exc:  # e.g. a read-only or full file system
+            raise RoIStoreError(f"{self.path}: cannot open the RoI store for writing: {_reason(exc)}") from None
         with self._env.begin() as txn:
             existing = txn.get(HEADER_KEY)
         # A store without records (a run that failed before storing anything) pins nothing: its header
@@ -261,6 +264,9 @@ class RoIStoreWriter:
                 return
             except lmdb.MapFullError:
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)
+            except lmdb.Error as exc:  # disk full, I/O error: the transaction was aborted as a whole
+                raise RoIStoreError(f"{self.path}: cannot store {len(items)} records ({_reason(exc)}); none of "
+                                    "them was stored, the records stored before are intact") from None
 
     def close(self) -> None:
         if self._env is not None:
@@ -471,12 +477,20 @@ def write_npz(directory: str | os.PathLike, record: RoIRecord) -> Path:
     np.savez_compressed(buf, **fields)
     final = directory / f"{image_id}.npz"
     tmp = directory / f".{image_id}.npz.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(buf.getbuffer())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except OSError as exc:  # disk full, read-only folder: no half-written file is left behind
+        tmp.unlink(missing_ok=True)
+        raise RoIStoreError(f"cannot write {final}: {_reason(exc)}") from None
     return final
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def read_npz(path: str | os.PathLike) -> RoIRecord:

@@ -1,5 +1,6 @@
 """RoI store: record round trips, atomic batches, shards read together, fork-safe reading, npz layout."""
 import multiprocessing as mp
+import os
 import pickle
 from pathlib import Path
 
@@ -191,6 +192,35 @@ def test_npz_layout_matches_bottom_up_attention(tmp_path):
     no_feat = write_npz(tmp_path, make_record("nf", features=False))
     with np.load(no_feat, allow_pickle=False) as data:
         assert "x" not in data.files
+
+
+def test_an_unwritable_output_is_one_error_naming_it(tmp_path, monkeypatch):
+    import errno
+
+    import lmdb
+
+    from detector import roi_store
+
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(RoIStoreError, match=f"{tmp_path / 'file' / 's'}: cannot open the RoI store for writing: "
+                                            "Not a directory"):
+        RoIStoreWriter(tmp_path / "file" / "s", HEADER)
+
+    def read_only(path, **kw):
+        raise lmdb.ReadonlyError(f"{path}: Read-only file system")
+
+    monkeypatch.setattr(lmdb, "open", read_only)
+    with pytest.raises(RoIStoreError, match=f"{tmp_path / 'ro'}: cannot open the RoI store for writing: .*Read-only"):
+        RoIStoreWriter(tmp_path / "ro", HEADER)
+    monkeypatch.undo()
+
+    def no_space(path, mode="r", *args, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(roi_store, "open", no_space, raising=False)
+    with pytest.raises(RoIStoreError, match=f"cannot write {tmp_path / 'a.npz'}: No space left on device"):
+        write_npz(tmp_path, make_record("a"))
+    assert not list(tmp_path.glob("*a.npz*"))
 
 
 def test_npz_without_an_attribute_head_stores_no_attributes(tmp_path):

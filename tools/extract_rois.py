@@ -359,6 +359,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExtractionInterrupted as exc:
         log.error("%s", exc)
         return 128 + signal.SIGINT
+    except OSError as exc:  # e.g. failures.tsv or header.json in a read-only or full output folder
+        if exc.filename is None:
+            raise
+        log.error("cannot write or read %s: %s", exc.filename, exc.strerror or exc)
+        return 2
     print(f"done {stats['done']}, skipped {stats['skipped']} (already stored), failed {stats['failed']}"
           f"{' (see failures.tsv)' if stats['failed'] else ''}", flush=True)
     return 0 if stats["done"] + stats["skipped"] > 0 else 1
