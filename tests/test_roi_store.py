@@ -115,6 +115,39 @@ def test_failed_batch_writes_nothing(tmp_path):
     assert RoIStore(tmp_path / "s").ids() == ["a"]
 
 
+BATCH = 4
+
+
+def _write_forever(path: Path) -> None:
+    """A writer that commits batches of large records (each commit spends its time writing and syncing)
+    until it is killed; record i is always make_record(i, k=2000, seed=i)."""
+    with RoIStoreWriter(path, HEADER) as w:
+        start = len(w.existing_ids())
+        for first in range(start, 10**6, BATCH):
+            w.write_batch([make_record(i, k=2000, seed=i) for i in range(first, first + BATCH)])
+
+
+def test_sigkill_at_random_points_of_commits_leaves_whole_batches(tmp_path):
+    import random
+    import signal
+    import time
+
+    rng, ctx, path = random.Random(0), mp.get_context("fork"), tmp_path / "s"
+    for _ in range(5):
+        proc = ctx.Process(target=_write_forever, args=(path,))
+        proc.start()
+        time.sleep(rng.uniform(0.3, 0.8))  # most of a writer's time is spent inside commits
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+        assert proc.exitcode == -signal.SIGKILL
+        with RoIStore(path) as store:
+            ids = sorted(int(i) for i in store.ids())
+            assert len(ids) % BATCH == 0 and ids == list(range(len(ids)))  # whole batches, in order
+            for i in ids[-BATCH:]:  # the newest batch, written last before a kill, is complete and exact
+                assert_same(store[str(i)], make_record(i, k=2000, seed=i))
+    assert len(ids) >= BATCH  # the writers did store something
+
+
 def test_map_grows_when_full(tmp_path):
     with RoIStoreWriter(tmp_path / "s", HEADER, map_size=64 * 1024) as w:
         w.write_batch([make_record(i, k=200, seed=i) for i in range(8)])
