@@ -265,8 +265,8 @@ class RoIStoreWriter:
             except lmdb.MapFullError:
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)
             except lmdb.Error as exc:  # disk full, I/O error: the transaction was aborted as a whole
-                raise RoIStoreError(f"{self.path}: cannot store {len(items)} records ({_reason(exc)}); none of "
-                                    "them was stored, the records stored before are intact") from None
+                raise RoIStoreError(f"{self.path}: cannot store a batch of {len(items)} record(s) ({_reason(exc)}); "
+                                    "none of it was stored, the records stored before are intact") from None
 
     def close(self) -> None:
         if self._env is not None:

@@ -110,7 +110,6 @@ def worker(argv: list[str]) -> None:
     p.add_argument("--max-iter", type=int, default=12)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--nan-at", type=int, default=-1)
-    p.add_argument("--nan-grad-at", default="", help="comma-separated forward calls whose gradient is NaN")
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--eval-sleep", type=float, default=0.0, help="each evaluation touches OUT/evaluating, then sleeps")
     p.add_argument("opts", nargs="*")
@@ -120,7 +119,7 @@ def worker(argv: list[str]) -> None:
     setup_logging(a.out, du.get_rank())
     cfg = standin_cfg(Path(a.out), a.max_iter, a.opts)
     torch.manual_seed(cfg.SEED)
-    model = StandInModel(a.nan_at, tuple(int(c) for c in a.nan_grad_at.split(",") if c))
+    model = StandInModel(a.nan_at)
     if a.sleep:  # slow the steps down so the parent can kill the run mid-way
         model.register_forward_hook(lambda *_: time.sleep(a.sleep))
     data = StandInData()
@@ -339,31 +338,35 @@ def test_nan_loss_stops_with_step_and_losses(tmp_path):
     assert not (tmp_path / "model_0000004.pth").exists()
 
 
+def _train_in_process(out: Path, max_iter: int, extra: list[str] = (), resume: bool = False, **model_kw) -> None:
+    torch.manual_seed(0)
+    data = StandInData()
+    train(standin_cfg(out, max_iter, list(extra)), StandInModel(**model_kw), TrainTask(data, collate),
+          torch.device("cpu"), resume=resume)
+
+
 def test_nan_gradient_with_a_finite_loss_stops_naming_the_step_and_parameter(tmp_path):
-    r = _run(["--out", str(tmp_path), "--nan-grad-at", "3", "--max-iter", "4"])
-    assert r.returncode == 3, r.stderr
-    assert "non-finite gradient at step 3 (the losses are finite: loss=" in r.stderr
-    assert "grad norm nan, first in 'detector.0.weight'" in r.stderr
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient at step 3 \(the losses are finite: loss="
+                                                 r".*grad norm nan, first in 'detector.0.weight'"):
+        _train_in_process(tmp_path, 4, nan_grad_at_calls=(3,))
     assert load_checkpoint_file(tmp_path / "model_0000002.pth")["step"] == 2  # finite, loads
     assert not (tmp_path / "model_0000004.pth").exists()
 
 
-def test_skip_nonfinite_steps_drops_the_update_up_to_the_configured_count(tmp_path):
+def test_skip_nonfinite_steps_drops_the_update_up_to_the_configured_count(tmp_path, caplog):
     once = tmp_path / "once"
-    r = _run(["--out", str(once), "--nan-grad-at", "3", "--max-iter", "3", "SOLVER.CHECKPOINT_PERIOD", "1"])
-    assert r.returncode == 3  # the default is to stop
-    r = _run(["--out", str(once), "--nan-grad-at", "3", "--max-iter", "3", "SOLVER.CHECKPOINT_PERIOD", "1",
-              "SOLVER.SKIP_NONFINITE_STEPS", "1"])
-    assert r.returncode == 0, r.stderr
-    assert "non-finite gradient at step 3" in r.stderr and "step skipped (1 of SOLVER.SKIP_NONFINITE_STEPS 1)" in r.stderr
+    with caplog.at_level(logging.WARNING, logger="e2e_vl.train"):
+        _train_in_process(once, 3, ["SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.SKIP_NONFINITE_STEPS", "1"],
+                          nan_grad_at_calls=(3,))
+    assert "non-finite gradient at step 3" in caplog.text
+    assert "step skipped (1 of SOLVER.SKIP_NONFINITE_STEPS 1)" in caplog.text
     before, after = (load_checkpoint_file(once / f"model_000000{i}.pth") for i in (2, 3))
     assert after["step"] == 3 and after["skipped_steps"] == 1
     assert all(torch.equal(before["model"][k], v) for k, v in after["model"].items())  # the update was dropped
     # A second bad step beyond the allowance stops the run, naming it (a NaN loss counts the same way).
-    twice = _run(["--out", str(tmp_path / "twice"), "--nan-grad-at", "3,5", "--max-iter", "6",
-                  "SOLVER.SKIP_NONFINITE_STEPS", "1"])
-    assert twice.returncode == 3
-    assert "non-finite gradient at step 5" in twice.stderr and "SKIP_NONFINITE_STEPS 1 already skipped" in twice.stderr
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5: .*SKIP_NONFINITE_STEPS 1 already "):
+        _train_in_process(tmp_path / "twice", 6, ["SOLVER.SKIP_NONFINITE_STEPS", "1"],
+                          nan_grad_at_calls=(3,), nan_at_call=5)
 
 
 def test_non_finite_weights_are_refused_on_save_and_on_load(tmp_path, caplog):
@@ -411,12 +414,9 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_names_the_file(tmp_p
         monkeypatch.setattr(ckpt_module.torch, "save", full_disk_save)
     else:
         monkeypatch.setattr(ckpt_module, "open", read_only_open, raising=False)
-    cfg = standin_cfg(tmp_path, 6)
-    torch.manual_seed(0)
-    data = StandInData()
     reason = "No space left on device" if fault == "disk_full" else "Read-only file system"
     with pytest.raises(CheckpointWriteError, match=f"cannot write checkpoint {tmp_path / 'model_0000004.pth'}: {reason}"):
-        train(cfg, StandInModel(), TrainTask(data, collate), torch.device("cpu"))
+        _train_in_process(tmp_path, 6)
     assert sorted(p.name for p in tmp_path.glob("*.pth*")) == ["model_0000002.pth"]  # no temporary file left
     assert load_checkpoint_file(tmp_path / "model_0000002.pth")["step"] == 2
 
@@ -437,14 +437,13 @@ def write_hostile_checkpoint(path: Path, marker: Path) -> None:
                 "step": 4, "config": _RunsCode(marker)}, path)
 
 
-def test_hostile_checkpoint_for_resume_is_refused_and_runs_nothing(tmp_path):
-    out, marker = tmp_path / "run", tmp_path / "pwned"
-    out.mkdir()
-    write_hostile_checkpoint(out / "model_0000004.pth", marker)
-    r = _run(["--out", str(out), "--resume"])
-    assert r.returncode == 2, r.stderr
-    assert "model_0000004.pth: refused by torch.load(weights_only=True)" in r.stderr
-    assert "no checkpoint in" in r.stderr and "weights_only=False" not in r.stderr and not marker.exists()
+def test_hostile_checkpoint_for_resume_is_refused_and_runs_nothing(tmp_path, caplog):
+    marker = tmp_path / "pwned"
+    write_hostile_checkpoint(tmp_path / "model_0000004.pth", marker)
+    with caplog.at_level(logging.WARNING), pytest.raises(ResumeError, match="no checkpoint in .* can be read"):
+        _train_in_process(tmp_path, 6, resume=True)
+    assert "model_0000004.pth: refused by torch.load(weights_only=True)" in caplog.text
+    assert "weights_only=False" not in caplog.text and not marker.exists()
 
 
 def test_in_process_training_learns_and_writes_logs(tmp_path):

@@ -410,19 +410,19 @@ def test_disk_full_during_extraction_keeps_what_was_stored_and_says_where(tmp_pa
 
     from detector import roi_store
 
-    files = make_images(tmp_path / "imgs", [(64, 80), (80, 64)] * 2)
-    out, flags = tmp_path / "out", ["--batch-size", 2, "--format", fmt]
+    files = make_images(tmp_path / "imgs", [(64, 80), (80, 64)])
+    out, flags = tmp_path / "out", ["--batch-size", 1, "--format", fmt]
     real_open, real_lmdb_open, npz_writes = open, lmdb.open, []
 
     def writer_env(path, **kw):  # only the writer's environment (readers open read-only)
         env = real_lmdb_open(path, **kw)
         return env if kw.get("readonly") else _DiskFillsUp(env)
 
-    def full_disk_open(path, mode="r", *args, **kw):  # the third npz runs out of space half-way
+    def full_disk_open(path, mode="r", *args, **kw):  # the second npz runs out of space half-way
         f = real_open(path, mode, *args, **kw)
         if "w" in mode and str(path).endswith(f".npz.tmp-{os.getpid()}"):
             npz_writes.append(path)
-            if len(npz_writes) == 3:
+            if len(npz_writes) == 2:
                 f.write(b"partial")
                 f.close()
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -434,12 +434,12 @@ def test_disk_full_during_extraction_keeps_what_was_stored_and_says_where(tmp_pa
         else:
             patch.setattr(roi_store, "open", full_disk_open, raising=False)
         assert run_tool(weights, [tmp_path / "imgs"], out, *flags) == 2
-    where = f"{out}: cannot store 2 records" if fmt == "lmdb" else f"cannot write {out / 'im002.npz'}"
+    where = f"{out}: cannot store a batch of 1 record(s)" if fmt == "lmdb" else f"cannot write {out / 'im001.npz'}"
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].startswith(where) and "No space left on device" in errors[0], errors
     assert not [p for p in out.iterdir() if ".tmp" in p.name]  # nothing half-written left behind
     stored = sorted(_raw_records(out)) if fmt == "lmdb" else sorted(p.stem for p in out.glob("*.npz"))
-    assert stored == ["im000", "im001"]  # the first batch, intact and readable
+    assert stored == ["im000"]  # the first batch, intact and readable
     if fmt == "npz":
         for p in out.glob("*.npz"):
             check_valid(read_npz(p))
