@@ -222,7 +222,8 @@ class RoIStoreWriter:
             self.path.mkdir(parents=True, exist_ok=True)
             self._env = lmdb.open(str(self.path), map_size=map_size, subdir=True, max_dbs=0, readahead=False)
         except (OSError, lmdb.Error) as exc:  # e.g. a read-only or full file system
-            raise RoIStoreError(f"{self.path}: cannot open the RoI store for writing: {_reason(exc)}") from None
+            raise RoIStoreError(f"{self.path}: cannot open the RoI store for writing: "
+                                f"{_reason(exc)}") from None
         with self._env.begin() as txn:
             existing = txn.get(HEADER_KEY)
         # A store without records (a run that failed before storing anything) pins nothing: its header
@@ -265,8 +266,9 @@ class RoIStoreWriter:
             except lmdb.MapFullError:
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)
             except lmdb.Error as exc:  # disk full, I/O error: the transaction was aborted as a whole
-                raise RoIStoreError(f"{self.path}: cannot store a batch of {len(items)} record(s) ({_reason(exc)}); "
-                                    "none of it was stored, the records stored before are intact") from None
+                raise RoIStoreError(f"{self.path}: cannot store a batch of {len(items)} record(s) "
+                                    f"({_reason(exc)}); none of it was stored, the records stored before are "
+                                    "intact") from None
 
     def close(self) -> None:
         if self._env is not None:
@@ -456,9 +458,9 @@ def write_npz(directory: str | os.PathLike, record: RoIRecord) -> Path:
     k = record.num_boxes
     # Ids and confidences the detector did not produce are left out (not zero-filled: attribute id 0 with
     # confidence 0 would read as a real, if unlikely, attribute).
-    labels = {name: np.asarray(value).astype(dtype) for name, value, dtype in (
-        ("objects_id", record.object_ids, np.int64), ("objects_conf", record.object_conf, np.float32),
-        ("attrs_id", record.attr_ids, np.int64), ("attrs_conf", record.attr_conf, np.float32)) if value is not None}
+    produced = (("objects_id", record.object_ids, np.int64), ("objects_conf", record.object_conf, np.float32),
+                ("attrs_id", record.attr_ids, np.int64), ("attrs_conf", record.attr_conf, np.float32))
+    labels = {name: np.asarray(value).astype(dtype) for name, value, dtype in produced if value is not None}
     info = {"image_id": image_id, "image_h": int(record.height), "image_w": int(record.width), "num_boxes": k,
             **labels}
     fields: dict[str, Any] = {

@@ -111,7 +111,8 @@ def worker(argv: list[str]) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--nan-at", type=int, default=-1)
     p.add_argument("--sleep", type=float, default=0.0)
-    p.add_argument("--eval-sleep", type=float, default=0.0, help="each evaluation touches OUT/evaluating, then sleeps")
+    p.add_argument("--eval-sleep", type=float, default=0.0,
+                   help="each evaluation touches OUT/evaluating, then sleeps")
     p.add_argument("opts", nargs="*")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -191,8 +192,9 @@ def test_sigkill_during_evaluation_then_resume_is_bit_exact(tmp_path):
     assert ref.returncode == 0, ref.stderr
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, __file__, "--out", str(killed), "--max-iter", "8", "--eval-sleep", "30",
-                             *flags], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, __file__, "--out", str(killed), "--max-iter", "8",
+                             "--eval-sleep", "30", *flags],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (killed / "evaluating").exists():
         time.sleep(0.01)
@@ -206,7 +208,8 @@ def test_sigkill_during_evaluation_then_resume_is_bit_exact(tmp_path):
     a, b = _final_weights(tmp_path / "ref"), _final_weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     best_a, best_b = (load_checkpoint_file(d / "model_best.pth") for d in (tmp_path / "ref", killed))
-    assert best_a["step"] == best_b["step"] and all(torch.equal(best_a["model"][k], best_b["model"][k]) for k in a)
+    assert best_a["step"] == best_b["step"]
+    assert all(torch.equal(best_a["model"][k], best_b["model"][k]) for k in a)
 
 
 @pytest.mark.slow
@@ -376,7 +379,8 @@ def test_non_finite_weights_are_refused_on_save_and_on_load(tmp_path, caplog):
     base = {"optimizer": {}, "scheduler": {}, "data": {}, "rng": [], "step": 2}
     ck.save({**base, "model": {"w": torch.ones(3)}}, 2)
     poisoned = {**base, "model": {"w": torch.ones(3), "head.bias": torch.tensor([1.0, float("inf")])}, "step": 4}
-    with pytest.raises(NonFiniteWeightsError, match=r"model_0000004.pth: model tensor 'head.bias' holds 1 non-finite"):
+    with pytest.raises(NonFiniteWeightsError,
+                       match=r"model_0000004.pth: model tensor 'head.bias' holds 1 non-finite"):
         ck.save(poisoned, 4)
     with pytest.raises(NonFiniteWeightsError, match="model_best.pth: model tensor 'head.bias'"):
         ck.save_best(poisoned)
@@ -415,7 +419,8 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_names_the_file(tmp_p
     else:
         monkeypatch.setattr(ckpt_module, "open", read_only_open, raising=False)
     reason = "No space left on device" if fault == "disk_full" else "Read-only file system"
-    with pytest.raises(CheckpointWriteError, match=f"cannot write checkpoint {tmp_path / 'model_0000004.pth'}: {reason}"):
+    with pytest.raises(CheckpointWriteError,
+                       match=f"cannot write checkpoint {tmp_path / 'model_0000004.pth'}: {reason}"):
         _train_in_process(tmp_path, 6)
     assert sorted(p.name for p in tmp_path.glob("*.pth*")) == ["model_0000002.pth"]  # no temporary file left
     assert load_checkpoint_file(tmp_path / "model_0000002.pth")["step"] == 2

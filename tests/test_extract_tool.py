@@ -403,7 +403,8 @@ class _DiskFillsUp:
 
 
 @pytest.mark.parametrize("fmt", ["lmdb", "npz"])
-def test_disk_full_during_extraction_keeps_what_was_stored_and_says_where(tmp_path, weights, monkeypatch, caplog, fmt):
+def test_disk_full_during_extraction_keeps_what_was_stored_and_says_where(tmp_path, weights, monkeypatch, caplog,
+                                                                        fmt):
     import errno
 
     import lmdb
@@ -434,7 +435,8 @@ def test_disk_full_during_extraction_keeps_what_was_stored_and_says_where(tmp_pa
         else:
             patch.setattr(roi_store, "open", full_disk_open, raising=False)
         assert run_tool(weights, [tmp_path / "imgs"], out, *flags) == 2
-    where = f"{out}: cannot store a batch of 1 record(s)" if fmt == "lmdb" else f"cannot write {out / 'im001.npz'}"
+    where = (f"{out}: cannot store a batch of 1 record(s)" if fmt == "lmdb"
+             else f"cannot write {out / 'im001.npz'}")
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].startswith(where) and "No space left on device" in errors[0], errors
     assert not [p for p in out.iterdir() if ".tmp" in p.name]  # nothing half-written left behind

@@ -72,8 +72,8 @@ def test_box_iou_is_bounded_symmetric_and_invariant_to_scale_and_shift(a, b, sca
     assert ((iou >= 0) & (iou <= 1 + 1e-12)).all()
     torch.testing.assert_close(iou, box_iou(b, a).T)
     moved = torch.tensor([*shift, *shift], dtype=torch.float64)
-    torch.testing.assert_close(box_iou(scale_boxes(a, scale, scale) + moved, scale_boxes(b, scale, scale) + moved),
-                               iou, rtol=1e-6, atol=1e-9)
+    transformed = box_iou(scale_boxes(a, scale, scale) + moved, scale_boxes(b, scale, scale) + moved)
+    torch.testing.assert_close(transformed, iou, rtol=1e-6, atol=1e-9)
     area = lambda t: (t[:, 2] - t[:, 0]) * (t[:, 3] - t[:, 1])  # noqa: E731
     if len(a) and len(b) and (area(a) > 0).all() and (area(b) > 0).all():
         torch.testing.assert_close(iou, tv_box_iou(a, b))  # the usual definition where it is defined
@@ -158,7 +158,8 @@ def vl_samples(draw) -> list[dict]:
             sample.update(shared[key], image_key=key)
         elif kind != "text":
             k, h, w = draw(st.integers(1, 5)), draw(st.integers(4, 20)), draw(st.integers(4, 20))
-            image = {"image": torch.rand(3, h, w) * 255, "boxes": torch.rand(k, 4) * 4 + torch.tensor([0, 0, 4, 4])}
+            boxes = torch.rand(k, 4) * 4 + torch.tensor([0, 0, 4, 4])
+            image = {"image": torch.rand(3, h, w) * 255, "boxes": boxes}
             if kind == "shared":
                 shared[len(shared)] = image
                 sample.update(image, image_key=len(shared) - 1)

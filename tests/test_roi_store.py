@@ -243,7 +243,8 @@ def test_an_unwritable_output_is_one_error_naming_it(tmp_path, monkeypatch):
         raise lmdb.ReadonlyError(f"{path}: Read-only file system")
 
     monkeypatch.setattr(lmdb, "open", read_only)
-    with pytest.raises(RoIStoreError, match=f"{tmp_path / 'ro'}: cannot open the RoI store for writing: .*Read-only"):
+    with pytest.raises(RoIStoreError,
+                       match=f"{tmp_path / 'ro'}: cannot open the RoI store for writing: .*Read-only"):
         RoIStoreWriter(tmp_path / "ro", HEADER)
     monkeypatch.undo()
 

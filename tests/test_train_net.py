@@ -94,12 +94,13 @@ def test_hostile_checkpoint_as_eval_only_weights_is_refused_and_runs_nothing(tmp
 
     hostile, marker, out = tmp_path / "hostile.pth", tmp_path / "pwned", tmp_path / "run"
     write_hostile_checkpoint(hostile, marker)
-    assert train_net.cli(["--eval-only", "--config-file", str(REPO / "configs" / "easy_vqa" / "detector.yaml"),
-                          "--output-dir", str(out), "MODEL.WEIGHTS", str(hostile), "DATASETS.TEST_LIMIT", "2"]) == 2
+    config = REPO / "configs" / "easy_vqa" / "detector.yaml"
+    assert train_net.cli(["--eval-only", "--config-file", str(config), "--output-dir", str(out),
+                          "MODEL.WEIGHTS", str(hostile), "DATASETS.TEST_LIMIT", "2"]) == 2
     log = (out / "log.txt").read_text()
-    assert (f"error: {hostile}: refused by torch.load(weights_only=True): it contains objects other than tensors and "
-            "plain data (Unsupported global: GLOBAL eval was not an allowed global by default); nothing in it was "
-            "run") in log
+    assert (f"error: {hostile}: refused by torch.load(weights_only=True): it contains objects other than "
+            "tensors and plain data (Unsupported global: GLOBAL eval was not an allowed global by default); "
+            "nothing in it was run") in log
     assert "weights_only=False" not in log and not marker.exists()  # no advice to load it unsafely
 
 

@@ -316,8 +316,8 @@ def _grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
 
 def _first_nonfinite_grad(model: nn.Module) -> str:
     """Name of the first parameter whose gradient holds a NaN or inf (for the error message)."""
-    return next((n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()),
-                "?")
+    bad = (n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all())
+    return next(bad, "?")
 
 
 def _convert_position(data_state: dict, items_per_step: int) -> dict:
