@@ -274,6 +274,50 @@ def test_two_process_gloo_trains_checkpoints_and_resumes(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def _rank_process(out: Path, rank: int) -> int | None:
+    """pid of the torchrun worker of `rank` training into `out` (Linux /proc), or None."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if (entry.name.isdigit() and str(out) in (entry / "cmdline").read_bytes().decode(errors="replace")
+                    and f"\0RANK={rank}\0" in "\0" + (entry / "environ").read_bytes().decode(errors="replace")):
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_and_resumes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", __file__, "--max-iter", "12",
+                "SOLVER.CHECKPOINT_PERIOD", "4"]
+    whole = subprocess.run(torchrun + ["--out", str(tmp_path / "whole")], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(torchrun + ["--out", str(out), "--sleep", "0.1"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (out / "model_0000004.pth").exists():
+        time.sleep(0.01)
+    rank1 = _rank_process(out, 1)
+    assert rank1 is not None, "rank 1 not found"
+    os.kill(rank1, signal.SIGTERM)  # only one process is told: the flag reaches the other through the all-reduce
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    steps = [step for step, _ in Checkpointer(out, 2).step_checkpoints()]
+    assert 4 < steps[-1] < 12, (steps, err[-3000:])
+    saved = f"interrupted by SIGTERM after step {steps[-1]}: saved {out / f'model_{steps[-1]:07d}.pth'}"
+    assert saved in err and f"after step {steps[-1]}: checkpoint saved by another process" in err, err[-3000:]
+    resumed = subprocess.run(torchrun + ["--out", str(out), "--resume"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _final_weights(tmp_path / "whole"), _final_weights(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
 def test_truncated_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
     ck = Checkpointer(tmp_path, keep_last=3)
     base = {"model": {"w": torch.ones(3)}, "optimizer": {}, "scheduler": {}, "data": {}, "rng": [], "step": 0}
