@@ -17,10 +17,12 @@ Two different files with one image id are an error naming both (`dedupe`).
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 import struct
 import tarfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -206,7 +208,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
 
     Decodes with IMREAD_ANYDEPTH | IMREAD_ANYCOLOR rather than IMREAD_UNCHANGED: both keep 16-bit and
     grayscale data for us to normalise, but only the former applies the EXIF orientation, as the original
-    extractors' cv2.imread did (boxes must match the image as people see it).
+    extractors' cv2.imread did (boxes must match the image as people see it). The defined conversions:
+    EXIF orientation applied; grayscale repeated to 3 channels; alpha dropped; 16-bit scaled to 8 bits;
+    CMYK and palette images converted to BGR by the decoder; animated GIF/PNG/WebP: the first frame.
+    The size is read from the header first (`peek_image_size`), so a decompression bomb is refused
+    before anything is allocated.
     """
     if len(data) == 0:
         raise ImageError("empty file (0 bytes)")
@@ -267,7 +273,30 @@ def as_bgr_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def peek_image_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) from a PNG or JPEG header without decoding, so huge images are refused cheaply."""
+    """(height, width) from the header without decoding, so huge images are refused cheaply: PNG and JPEG
+    parsed here, other formats (GIF, BMP, WebP, TIFF, ...) by Pillow's header reader; None if unknown."""
+    size = _png_or_jpeg_size(data)
+    return size if size is not None else _pillow_header_size(data)
+
+
+def _pillow_header_size(data: bytes) -> tuple[int, int] | None:
+    """Pillow's `Image.open` reads only the header. Its own bomb guard refuses sizes above twice
+    `Image.MAX_IMAGE_PIXELS` (about 179M pixels) whatever --max-pixels says."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large by its header: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error):
+        return None  # not a format Pillow knows, or a damaged header: the decoder decides
+    return height, width
+
+
+def _png_or_jpeg_size(data: bytes) -> tuple[int, int] | None:
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
         w, h = struct.unpack(">II", data[16:24])
         return h, w

@@ -216,10 +216,14 @@ class RoIStoreWriter:
     def __init__(self, path: str | os.PathLike, header: dict[str, Any], overwrite: bool = False,
                  map_size: int = 1 << 30):
         self.path = Path(path)
-        if overwrite and self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(str(self.path), map_size=map_size, subdir=True, max_dbs=0, readahead=False)
+        try:
+            if overwrite and self.path.exists():
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._env = lmdb.open(str(self.path), map_size=map_size, subdir=True, max_dbs=0, readahead=False)
+        except (OSError, lmdb.Error) as exc:  # e.g. a read-only or full file system
+            raise RoIStoreError(f"{self.path}: cannot open the RoI store for writing: "
+                                f"{_reason(exc)}") from None
         with self._env.begin() as txn:
             existing = txn.get(HEADER_KEY)
         # A store without records (a run that failed before storing anything) pins nothing: its header
@@ -261,6 +265,10 @@ class RoIStoreWriter:
                 return
             except lmdb.MapFullError:
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)
+            except lmdb.Error as exc:  # disk full, I/O error: the transaction was aborted as a whole
+                raise RoIStoreError(f"{self.path}: cannot store a batch of {len(items)} record(s) "
+                                    f"({_reason(exc)}); none of it was stored, the records stored before are "
+                                    "intact") from None
 
     def close(self) -> None:
         if self._env is not None:
@@ -439,25 +447,27 @@ def write_npz(directory: str | os.PathLike, record: RoIRecord) -> Path:
     `x` (float32 features, only when extracted), `bbox`, `num_bbox`, `image_h`, `image_w` and the `info`
     dict are bottom-up-attention.pytorch's; `info` is an object array, so reading *it* needs
     `allow_pickle=True` as in their code. The same values are also stored as plain arrays (`image_id`,
-    `objects_id`, ..., plus `cls_prob`/`attr_prob`) so `read_npz` never unpickles.
+    `objects_id`, ..., plus `cls_prob`/`attr_prob`) so `read_npz` never unpickles. A detector without an
+    attribute head writes no `attrs_id`/`attrs_conf`/`attr_prob` at all (in `info` neither), so nothing
+    reads as a real attribute; readers that expect them fail on the missing key instead.
     """
     directory = Path(directory)
     image_id = check_image_id(record.image_id)
     if "/" in image_id or image_id in (".", ".."):
         raise RoIStoreError(f"image id {image_id!r} cannot be used as an npz file name")
     k = record.num_boxes
-    objects_id = _or_empty(record.object_ids, np.int64, k)
-    objects_conf = _or_empty(record.object_conf, np.float32, k)
-    attrs_id = _or_empty(record.attr_ids, np.int64, k)
-    attrs_conf = _or_empty(record.attr_conf, np.float32, k)
+    # Ids and confidences the detector did not produce are left out (not zero-filled: attribute id 0 with
+    # confidence 0 would read as a real, if unlikely, attribute).
+    produced = (("objects_id", record.object_ids, np.int64), ("objects_conf", record.object_conf, np.float32),
+                ("attrs_id", record.attr_ids, np.int64), ("attrs_conf", record.attr_conf, np.float32))
+    labels = {name: np.asarray(value).astype(dtype) for name, value, dtype in produced if value is not None}
     info = {"image_id": image_id, "image_h": int(record.height), "image_w": int(record.width), "num_boxes": k,
-            "objects_id": objects_id, "objects_conf": objects_conf, "attrs_id": attrs_id, "attrs_conf": attrs_conf}
+            **labels}
     fields: dict[str, Any] = {
         "bbox": record.boxes.astype(np.float32), "num_bbox": np.int64(k),
         "image_h": np.int64(record.height), "image_w": np.int64(record.width),
         "info": np.array(info, dtype=object),
-        "image_id": np.str_(image_id), "path": np.str_(record.path),
-        "objects_id": objects_id, "objects_conf": objects_conf, "attrs_id": attrs_id, "attrs_conf": attrs_conf,
+        "image_id": np.str_(image_id), "path": np.str_(record.path), **labels,
     }
     if record.features is not None:
         fields["x"] = record.features.astype(np.float32)
@@ -469,16 +479,20 @@ def write_npz(directory: str | os.PathLike, record: RoIRecord) -> Path:
     np.savez_compressed(buf, **fields)
     final = directory / f"{image_id}.npz"
     tmp = directory / f".{image_id}.npz.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(buf.getbuffer())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except OSError as exc:  # disk full, read-only folder: no half-written file is left behind
+        tmp.unlink(missing_ok=True)
+        raise RoIStoreError(f"cannot write {final}: {_reason(exc)}") from None
     return final
 
 
-def _or_empty(array: np.ndarray | None, dtype: type, k: int) -> np.ndarray:
-    return np.zeros(k, dtype) if array is None else np.asarray(array).astype(dtype)
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def read_npz(path: str | os.PathLike) -> RoIRecord:
@@ -491,12 +505,16 @@ def read_npz(path: str | os.PathLike) -> RoIRecord:
                 image_id=str(data["image_id"]), path=str(data["path"]),
                 height=int(data["image_h"]), width=int(data["image_w"]), boxes=data["bbox"],
                 class_probs=get("cls_prob"), attr_probs=get("attr_prob"),
-                object_ids=get("objects_id").astype(np.int32), object_conf=get("objects_conf"),
-                attr_ids=get("attrs_id").astype(np.int32), attr_conf=get("attrs_conf"),
+                object_ids=_as_int32(get("objects_id")), object_conf=get("objects_conf"),
+                attr_ids=_as_int32(get("attrs_id")), attr_conf=get("attrs_conf"),
                 features=features,
             )
     except (OSError, ValueError, KeyError) as exc:
         raise RoIStoreError(f"{path}: not a readable RoI npz file: {exc}") from None
+
+
+def _as_int32(array: np.ndarray | None) -> np.ndarray | None:
+    return None if array is None else array.astype(np.int32)
 
 
 def npz_ids(directory: str | os.PathLike) -> set[str]:

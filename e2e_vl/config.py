@@ -195,6 +195,9 @@ def _training_defaults() -> dict:
             "IMS_PER_BATCH": 16,
             "GRAD_ACCUM_STEPS": 1,
             "CLIP_GRAD_NORM": 10.0,  # <= 0 disables clipping
+            # A step whose loss or gradient is NaN/inf stops the run, naming the step; N > 0 instead drops up
+            # to N such updates over the run (each logged), and stops at the next one.
+            "SKIP_NONFINITE_STEPS": 0,
             "AMP": {"DTYPE": "none"},  # none | bf16 | fp16 (fp16 uses a gradient scaler)
             "GRADIENT_CHECKPOINTING": False,
             # Parameters left untouched: regular expressions matched (re.search) against parameter names,
@@ -310,6 +313,8 @@ def validate_train_cfg(cfg: CfgNode) -> None:
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"'{name}' must be >= 1, got {value}")
+    if s.SKIP_NONFINITE_STEPS < 0:
+        raise ConfigError(f"'SOLVER.SKIP_NONFINITE_STEPS' must be >= 0, got {s.SKIP_NONFINITE_STEPS}")
     if s.MAX_ITER < 1 and s.MAX_EPOCHS <= 0:
         raise ConfigError(f"set 'SOLVER.MAX_ITER' >= 1 or 'SOLVER.MAX_EPOCHS' > 0 (got {s.MAX_ITER}, {s.MAX_EPOCHS})")
     if s.BASE_LR <= 0:

@@ -60,17 +60,19 @@ def collate(items: list[dict]) -> dict:
 class StandInModel(nn.Module):
     """A detector-like conv, a question embedding, dropout (so the RNG matters) and an answer head."""
 
-    def __init__(self, nan_at_call: int = -1):
+    def __init__(self, nan_at_call: int = -1, nan_grad_at_calls: tuple[int, ...] = ()):
         super().__init__()
         self.detector = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
         self.question = nn.Embedding(4, 8)
         self.norm = nn.LayerNorm(8)
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(8, 3))
-        self.nan_at_call, self.calls = nan_at_call, 0
+        self.nan_at_call, self.nan_grad_at_calls, self.calls = nan_at_call, nan_grad_at_calls, 0
 
     def forward(self, batch: dict) -> dict:
         self.calls += 1
         feats = self.detector(batch["images"]).mean(dim=(2, 3))[batch["sample_image_index"]]
+        if self.calls in self.nan_grad_at_calls:  # a finite loss whose gradient is NaN
+            feats.register_hook(lambda g: g * float("nan"))
         logits = self.head(self.norm(feats + self.question(batch["question_ids"])))
         loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["vqa_targets"]) * logits.shape[1]
         if self.calls == self.nan_at_call:
@@ -109,6 +111,8 @@ def worker(argv: list[str]) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--nan-at", type=int, default=-1)
     p.add_argument("--sleep", type=float, default=0.0)
+    p.add_argument("--eval-sleep", type=float, default=0.0,
+                   help="each evaluation touches OUT/evaluating, then sleeps")
     p.add_argument("opts", nargs="*")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -120,8 +124,15 @@ def worker(argv: list[str]) -> None:
     if a.sleep:  # slow the steps down so the parent can kill the run mid-way
         model.register_forward_hook(lambda *_: time.sleep(a.sleep))
     data = StandInData()
+
+    def evaluate(m: nn.Module) -> dict:
+        if a.eval_sleep:  # lets the parent kill the run during an evaluation
+            (Path(a.out) / "evaluating").touch()
+            time.sleep(a.eval_sleep)
+        return accuracy(m, data)
+
     try:
-        train(cfg, model, TrainTask(data, collate, lambda m: accuracy(m, data)), device, resume=a.resume)
+        train(cfg, model, TrainTask(data, collate, evaluate), device, resume=a.resume)
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(3)
@@ -172,6 +183,33 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_sigkill_during_evaluation_then_resume_is_bit_exact(tmp_path):
+    flags = ["TEST.EVAL_PERIOD", "4"]
+    ref = _run(["--out", str(tmp_path / "ref"), "--max-iter", "8", *flags])
+    assert ref.returncode == 0, ref.stderr
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, __file__, "--out", str(killed), "--max-iter", "8",
+                             "--eval-sleep", "30", *flags],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (killed / "evaluating").exists():
+        time.sleep(0.01)
+    assert (killed / "evaluating").exists(), "the run never reached its evaluation"
+    proc.send_signal(signal.SIGKILL)  # inside the evaluation at step 4, before step 4's checkpoint
+    proc.wait()
+    assert sorted(p.name for p in killed.glob("*.pth")) == ["model_0000002.pth"]
+    resumed = _run(["--out", str(killed), "--resume", "--max-iter", "8", *flags])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
+    a, b = _final_weights(tmp_path / "ref"), _final_weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    best_a, best_b = (load_checkpoint_file(d / "model_best.pth") for d in (tmp_path / "ref", killed))
+    assert best_a["step"] == best_b["step"]
+    assert all(torch.equal(best_a["model"][k], best_b["model"][k]) for k in a)
 
 
 @pytest.mark.slow
@@ -232,6 +270,50 @@ def test_two_process_gloo_trains_checkpoints_and_resumes(tmp_path):
     state = load_checkpoint_file(tmp_path / "parts" / "model_0000006.pth")
     assert len(state["rng"]) == 2 and state["step"] == 6
     a, b = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "parts")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def _rank_process(out: Path, rank: int) -> int | None:
+    """pid of the torchrun worker of `rank` training into `out` (Linux /proc), or None."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if (entry.name.isdigit() and str(out) in (entry / "cmdline").read_bytes().decode(errors="replace")
+                    and f"\0RANK={rank}\0" in "\0" + (entry / "environ").read_bytes().decode(errors="replace")):
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_and_resumes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", __file__, "--max-iter", "12",
+                "SOLVER.CHECKPOINT_PERIOD", "4"]
+    whole = subprocess.run(torchrun + ["--out", str(tmp_path / "whole")], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(torchrun + ["--out", str(out), "--sleep", "0.1"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (out / "model_0000004.pth").exists():
+        time.sleep(0.01)
+    rank1 = _rank_process(out, 1)
+    assert rank1 is not None, "rank 1 not found"
+    os.kill(rank1, signal.SIGTERM)  # only one process is told: the flag reaches the other through the all-reduce
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    steps = [step for step, _ in Checkpointer(out, 2).step_checkpoints()]
+    assert 4 < steps[-1] < 12, (steps, err[-3000:])
+    saved = f"interrupted by SIGTERM after step {steps[-1]}: saved {out / f'model_{steps[-1]:07d}.pth'}"
+    assert saved in err and f"after step {steps[-1]}: checkpoint saved by another process" in err, err[-3000:]
+    resumed = subprocess.run(torchrun + ["--out", str(out), "--resume"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _final_weights(tmp_path / "whole"), _final_weights(out)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
@@ -301,6 +383,116 @@ def test_nan_loss_stops_with_step_and_losses(tmp_path):
     state = load_checkpoint_file(tmp_path / "model_0000002.pth")
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (tmp_path / "model_0000004.pth").exists()
+
+
+def _train_in_process(out: Path, max_iter: int, extra: list[str] = (), resume: bool = False, **model_kw) -> None:
+    torch.manual_seed(0)
+    data = StandInData()
+    train(standin_cfg(out, max_iter, list(extra)), StandInModel(**model_kw), TrainTask(data, collate),
+          torch.device("cpu"), resume=resume)
+
+
+def test_nan_gradient_with_a_finite_loss_stops_naming_the_step_and_parameter(tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient at step 3 \(the losses are finite: loss="
+                                                 r".*grad norm nan, first in 'detector.0.weight'"):
+        _train_in_process(tmp_path, 4, nan_grad_at_calls=(3,))
+    assert load_checkpoint_file(tmp_path / "model_0000002.pth")["step"] == 2  # finite, loads
+    assert not (tmp_path / "model_0000004.pth").exists()
+
+
+def test_skip_nonfinite_steps_drops_the_update_up_to_the_configured_count(tmp_path, caplog):
+    once = tmp_path / "once"
+    with caplog.at_level(logging.WARNING, logger="e2e_vl.train"):
+        _train_in_process(once, 3, ["SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.SKIP_NONFINITE_STEPS", "1"],
+                          nan_grad_at_calls=(3,))
+    assert "non-finite gradient at step 3" in caplog.text
+    assert "step skipped (1 of SOLVER.SKIP_NONFINITE_STEPS 1)" in caplog.text
+    before, after = (load_checkpoint_file(once / f"model_000000{i}.pth") for i in (2, 3))
+    assert after["step"] == 3 and after["skipped_steps"] == 1
+    assert all(torch.equal(before["model"][k], v) for k, v in after["model"].items())  # the update was dropped
+    # A second bad step beyond the allowance stops the run, naming it (a NaN loss counts the same way).
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5: .*SKIP_NONFINITE_STEPS 1 already "):
+        _train_in_process(tmp_path / "twice", 6, ["SOLVER.SKIP_NONFINITE_STEPS", "1"],
+                          nan_grad_at_calls=(3,), nan_at_call=5)
+
+
+def test_non_finite_weights_are_refused_on_save_and_on_load(tmp_path, caplog):
+    from e2e_vl.engine.checkpoint import NonFiniteWeightsError
+
+    ck = Checkpointer(tmp_path, keep_last=3)
+    base = {"optimizer": {}, "scheduler": {}, "data": {}, "rng": [], "step": 2}
+    ck.save({**base, "model": {"w": torch.ones(3)}}, 2)
+    poisoned = {**base, "model": {"w": torch.ones(3), "head.bias": torch.tensor([1.0, float("inf")])}, "step": 4}
+    with pytest.raises(NonFiniteWeightsError,
+                       match=r"model_0000004.pth: model tensor 'head.bias' holds 1 non-finite"):
+        ck.save(poisoned, 4)
+    with pytest.raises(NonFiniteWeightsError, match="model_best.pth: model tensor 'head.bias'"):
+        ck.save_best(poisoned)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_0000002.pth"]
+    torch.save(poisoned, tmp_path / "model_0000004.pth")  # written by something else
+    with pytest.raises(NonFiniteWeightsError, match="model_0000004.pth: model tensor 'head.bias'"):
+        load_checkpoint_file(tmp_path / "model_0000004.pth")
+    with caplog.at_level(logging.WARNING):
+        state, path = ck.load_latest()  # resume takes the last good one and says why
+    assert path.name == "model_0000002.pth" and "'head.bias' holds 1 non-finite" in caplog.text
+
+
+@pytest.mark.parametrize("fault", ["disk_full", "read_only"])
+def test_failed_checkpoint_write_keeps_the_previous_one_and_names_the_file(tmp_path, monkeypatch, fault):
+    import errno
+
+    from e2e_vl.engine import checkpoint as ckpt_module
+    from e2e_vl.engine.checkpoint import CheckpointWriteError
+
+    real_save, real_open, calls = torch.save, open, []
+
+    def full_disk_save(obj, f):  # the second checkpoint runs out of space half-way
+        calls.append(f)
+        if len(calls) == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f)
+
+    def read_only_open(path, mode="r", *args, **kw):  # the folder turned read-only after the first one
+        if "w" in mode and Path(path).name.startswith(".model_0000004"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, mode, *args, **kw)
+
+    if fault == "disk_full":
+        monkeypatch.setattr(ckpt_module.torch, "save", full_disk_save)
+    else:
+        monkeypatch.setattr(ckpt_module, "open", read_only_open, raising=False)
+    reason = "No space left on device" if fault == "disk_full" else "Read-only file system"
+    with pytest.raises(CheckpointWriteError,
+                       match=f"cannot write checkpoint {tmp_path / 'model_0000004.pth'}: {reason}"):
+        _train_in_process(tmp_path, 6)
+    assert sorted(p.name for p in tmp_path.glob("*.pth*")) == ["model_0000002.pth"]  # no temporary file left
+    assert load_checkpoint_file(tmp_path / "model_0000002.pth")["step"] == 2
+
+
+class _RunsCode:
+    """Unpickling this writes a marker file: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (eval, (f"open({self.marker!r}, 'w').close()",))
+
+
+def write_hostile_checkpoint(path: Path, marker: Path) -> None:
+    """A file shaped like a training checkpoint whose unpickling runs code (shared with test_train_net)."""
+    torch.save({"model": {"head.1.bias": torch.zeros(3)}, "optimizer": {}, "scheduler": {}, "data": {}, "rng": [],
+                "step": 4, "config": _RunsCode(marker)}, path)
+
+
+def test_hostile_checkpoint_for_resume_is_refused_and_runs_nothing(tmp_path, caplog):
+    marker = tmp_path / "pwned"
+    write_hostile_checkpoint(tmp_path / "model_0000004.pth", marker)
+    with caplog.at_level(logging.WARNING), pytest.raises(ResumeError, match="no checkpoint in .* can be read"):
+        _train_in_process(tmp_path, 6, resume=True)
+    assert "model_0000004.pth: refused by torch.load(weights_only=True)" in caplog.text
+    assert "weights_only=False" not in caplog.text and not marker.exists()
 
 
 def test_in_process_training_learns_and_writes_logs(tmp_path):

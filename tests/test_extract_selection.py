@@ -116,6 +116,82 @@ def test_decode_rejects_bad_input_with_reasons():
     assert src.peek_image_size(jpg) == (50, 60) and src.peek_image_size(encode(img)) == (50, 60)
 
 
+def _pil_bytes(image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _two_colour_rgb():
+    """40x20 RGB: a green left quarter on red, so orientation and channel order both show."""
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 20), (200, 30, 10))
+    image.paste((10, 200, 30), (0, 0, 10, 20))
+    return image
+
+
+def test_cmyk_palette_16bit_and_gray_alpha_have_a_defined_conversion():
+    rgb = _two_colour_rgb()
+    want = np.asarray(rgb)[:, :, ::-1]  # BGR
+    near = lambda out, tol: np.abs(out.astype(int) - want.astype(int)).max() <= tol  # noqa: E731
+    cmyk = src.decode_image(_pil_bytes(rgb.convert("CMYK"), "JPEG", quality=95))
+    assert cmyk.shape == (20, 40, 3) and cmyk.dtype == np.uint8 and near(cmyk, 6)
+    assert near(src.decode_image(_pil_bytes(rgb.convert("CMYK"), "TIFF")), 1)
+    assert near(src.decode_image(_pil_bytes(rgb.convert("P"), "PNG")), 60)  # palette: quantised colours
+    rgb16 = src.decode_image(encode(want.astype(np.uint16) * 257))  # 16-bit colour PNG
+    np.testing.assert_array_equal(rgb16, want)
+    gray_alpha = src.decode_image(_pil_bytes(rgb.convert("LA"), "PNG"))
+    np.testing.assert_array_equal(gray_alpha, np.repeat(np.asarray(rgb.convert("L"))[:, :, None], 3, 2))
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP"])
+def test_animated_images_give_their_first_frame(fmt):
+    from PIL import Image
+
+    frames = [Image.new("RGB", (40, 20), colour) for colour in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    data = _pil_bytes(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with Image.open(io.BytesIO(data)) as check:
+        assert check.n_frames == 3  # really animated
+    out = src.decode_image(data)
+    assert out.shape == (20, 40, 3)
+    assert np.abs(out.astype(int) - [0, 0, 255]).max() <= 4  # red (BGR), the first frame
+
+
+def test_exif_orientation_is_applied_as_detectron2_does():
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    out = src.decode_image(_pil_bytes(_two_colour_rgb(), "JPEG", quality=95, exif=exif))
+    assert out.shape == (40, 20, 3)  # displayed upright: the 40x20 image stands 20 wide, 40 tall
+    assert out[2, 10, 1] > 150 and out[38, 10, 2] > 150  # the green quarter is now on top, red below
+
+
+def test_decompression_bombs_are_refused_from_the_header_in_every_format():
+    from PIL import Image
+
+    small = Image.new("RGB", (60, 50), (9, 9, 9))
+    for fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"):
+        data = _pil_bytes(small, fmt)
+        assert src.peek_image_size(data) == (50, 60), fmt
+        with pytest.raises(src.ImageError, match="too large: 60x50"):
+            src.decode_image(data, max_pixels=1000)
+    # Headers that claim far more than the bytes hold: refused before any allocation.
+    bmp = bytearray(_pil_bytes(small, "BMP"))
+    bmp[18:26] = (12000).to_bytes(4, "little") + (12000).to_bytes(4, "little")  # 144M pixels
+    with pytest.raises(src.ImageError, match="too large: 12000x12000"):
+        src.decode_image(bytes(bmp))
+    gif = bytearray(_pil_bytes(small, "GIF"))
+    gif[6:10] = (65535).to_bytes(2, "little") * 2  # 4.3G pixels: Pillow's own guard names it
+    with pytest.raises(src.ImageError, match="too large by its header"):
+        src.decode_image(bytes(gif))
+    png = bytearray(_pil_bytes(small, "PNG"))
+    png[16:24] = (50000).to_bytes(4, "big") * 2
+    with pytest.raises(src.ImageError, match="too large: 50000x50000"):
+        src.decode_image(bytes(png))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sources
 # ---------------------------------------------------------------------------------------------------

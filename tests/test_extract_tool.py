@@ -347,6 +347,109 @@ def test_sigkill_mid_run_then_resume(tmp_path, weights):
             assert rec.features.shape == (rec.num_boxes, 512) and 10 <= rec.num_boxes <= 100
 
 
+@pytest.mark.slow
+def test_sigint_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, weights):
+    files = make_images(tmp_path / "imgs", [(96, 128), (120, 90)] * 8)
+    out, flags = tmp_path / "out", ["--features", "--batch-size", "2"]
+    cmd = [sys.executable, str(REPO / "tools" / "extract_rois.py"), "--config-file", str(CONFIG),
+           "--weights", str(weights), "--input", str(tmp_path / "imgs"), "--output", str(out),
+           "--device", "cpu", "--num-workers", "1", "--no-progress", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Ctrl-C in a terminal signals the whole process group: the tool and its DataLoader worker.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "data.mdb").exists():
+            with RoIStore(out) as store:
+                if len(store) >= 1:
+                    break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert "Traceback" not in stderr and f"{out} is consistent: run the same command again" in stderr
+    with RoIStore(out) as store:
+        at_interrupt = len(store)
+        for rec in store:
+            check_valid(rec)
+    assert 1 <= at_interrupt < len(files)
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"done {len(files) - at_interrupt}, skipped {at_interrupt}" in rerun.stdout
+    assert run_tool(weights, [tmp_path / "imgs"], tmp_path / "whole", *flags) == 0
+    resumed, whole = _raw_records(out), _raw_records(tmp_path / "whole")
+    assert sorted(resumed) == [f.stem for f in files]
+    assert resumed == whole  # every record bit for bit as in the uninterrupted run
+
+
+class _DiskFillsUp:
+    """An LMDB environment whose third write transaction (header, first batch, then this) finds the disk full."""
+
+    def __init__(self, env):
+        self._env, self._writes = env, 0
+
+    def begin(self, write: bool = False, **kw):
+        import lmdb
+
+        self._writes += write
+        if write and self._writes == 3:
+            raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+        return self._env.begin(write=write, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+
+@pytest.mark.parametrize("fmt", ["lmdb", "npz"])
+def test_disk_full_during_extraction_keeps_what_was_stored_and_says_where(tmp_path, weights, monkeypatch, caplog,
+                                                                        fmt):
+    import errno
+
+    import lmdb
+
+    from detector import roi_store
+
+    files = make_images(tmp_path / "imgs", [(64, 80), (80, 64)])
+    out, flags = tmp_path / "out", ["--batch-size", 1, "--format", fmt]
+    real_open, real_lmdb_open, npz_writes = open, lmdb.open, []
+
+    def writer_env(path, **kw):  # only the writer's environment (readers open read-only)
+        env = real_lmdb_open(path, **kw)
+        return env if kw.get("readonly") else _DiskFillsUp(env)
+
+    def full_disk_open(path, mode="r", *args, **kw):  # the second npz runs out of space half-way
+        f = real_open(path, mode, *args, **kw)
+        if "w" in mode and str(path).endswith(f".npz.tmp-{os.getpid()}"):
+            npz_writes.append(path)
+            if len(npz_writes) == 2:
+                f.write(b"partial")
+                f.close()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return f
+
+    with monkeypatch.context() as patch:
+        if fmt == "lmdb":
+            patch.setattr(lmdb, "open", writer_env)
+        else:
+            patch.setattr(roi_store, "open", full_disk_open, raising=False)
+        assert run_tool(weights, [tmp_path / "imgs"], out, *flags) == 2
+    where = (f"{out}: cannot store a batch of 1 record(s)" if fmt == "lmdb"
+             else f"cannot write {out / 'im001.npz'}")
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(where) and "No space left on device" in errors[0], errors
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]  # nothing half-written left behind
+    stored = sorted(_raw_records(out)) if fmt == "lmdb" else sorted(p.stem for p in out.glob("*.npz"))
+    assert stored == ["im000"]  # the first batch, intact and readable
+    if fmt == "npz":
+        for p in out.glob("*.npz"):
+            check_valid(read_npz(p))
+    assert run_tool(weights, [tmp_path / "imgs"], out, *flags) == 0  # space again: the rest is added
+    final = sorted(_raw_records(out)) if fmt == "lmdb" else sorted(p.stem for p in out.glob("*.npz"))
+    assert final == [f.stem for f in files]
+
+
 def test_webdataset_input_and_visualization(tmp_path, weights):
     import io
     import tarfile

@@ -257,6 +257,16 @@ def test_caption_dataset_sample_and_missing_record(tmp_path, tokenizer):
     assert ds.aspect_ratios() == [2.0]
 
 
+def test_missing_caption_image_files_are_counted_when_the_data_set_is_built(tmp_path, tokenizer):
+    store, _ = _store_with_one_image(tmp_path)
+    (tmp_path / "caps.tsv").write_text("17.png\ta red circle\nmoved/17.png\tthe same image, moved away\n")
+    caps = read_tsv_captions(tmp_path / "caps.tsv", image_root=str(tmp_path))
+    with pytest.raises(CaptionDataError, match=f"caps.tsv: 1 of 2 image files do not exist \\(e.g. "
+                                               f"{tmp_path / 'moved' / '17.png'}\\); check .*IMAGE_ROOT"):
+        CaptionPretrainDataset(caps, store, tokenizer, ResizeFlip(60, 1000))
+    assert len(CaptionPretrainDataset(caps[:1], store, tokenizer, ResizeFlip(60, 1000))) == 1
+
+
 def test_text_only_dataset(tokenizer):
     ds = TextOnlyDataset(
         ["a sentence about shapes and colours", "  ", "another one"], tokenizer, mlm_prob=1.0

@@ -129,3 +129,15 @@ def test_epoch_loader_sets_the_data_set_epoch_so_masks_change():
     assert [loader.next() for _ in range(5)] == [[0, 0], [0, 0], [1, 1], [1, 1], [2, 2]]
     loader.load_state_dict({"epoch": 1, "batch_in_epoch": 1})  # as on resume
     assert loader.next() == [1, 1]
+
+
+def test_mrc_class_count_differing_from_the_roi_store_fails_before_training(tmp_path, train_net):
+    root, out = tmp_path / "data", tmp_path / "run"
+    root.mkdir()
+    _write_caption_data(root)
+    args = [*_overrides(root, out, max_iter=2), "MODEL.VLBERT.NUM_MRC_CLASSES", "7"]
+    assert train_net.cli(args) == 2
+    log = (out / "log.txt").read_text()
+    assert (f"MODEL.VLBERT.NUM_MRC_CLASSES is 7 but the RoI store {root / 'rois'} holds class distributions over "
+            f"{NUM_CLASSES} classes" in log)
+    assert not list(out.glob("model_*.pth")) and "training 2 steps" not in log

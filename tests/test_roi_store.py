@@ -1,5 +1,6 @@
 """RoI store: record round trips, atomic batches, shards read together, fork-safe reading, npz layout."""
 import multiprocessing as mp
+import os
 import pickle
 from pathlib import Path
 
@@ -114,6 +115,39 @@ def test_failed_batch_writes_nothing(tmp_path):
     assert RoIStore(tmp_path / "s").ids() == ["a"]
 
 
+BATCH = 4
+
+
+def _write_forever(path: Path) -> None:
+    """A writer that commits batches of large records (each commit spends its time writing and syncing)
+    until it is killed; record i is always make_record(i, k=2000, seed=i)."""
+    with RoIStoreWriter(path, HEADER) as w:
+        start = len(w.existing_ids())
+        for first in range(start, 10**6, BATCH):
+            w.write_batch([make_record(i, k=2000, seed=i) for i in range(first, first + BATCH)])
+
+
+def test_sigkill_at_random_points_of_commits_leaves_whole_batches(tmp_path):
+    import random
+    import signal
+    import time
+
+    rng, ctx, path = random.Random(0), mp.get_context("fork"), tmp_path / "s"
+    for _ in range(5):
+        proc = ctx.Process(target=_write_forever, args=(path,))
+        proc.start()
+        time.sleep(rng.uniform(0.3, 0.8))  # most of a writer's time is spent inside commits
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+        assert proc.exitcode == -signal.SIGKILL
+        with RoIStore(path) as store:
+            ids = sorted(int(i) for i in store.ids())
+            assert len(ids) % BATCH == 0 and ids == list(range(len(ids)))  # whole batches, in order
+            for i in ids[-BATCH:]:  # the newest batch, written last before a kill, is complete and exact
+                assert_same(store[str(i)], make_record(i, k=2000, seed=i))
+    assert len(ids) >= BATCH  # the writers did store something
+
+
 def test_map_grows_when_full(tmp_path):
     with RoIStoreWriter(tmp_path / "s", HEADER, map_size=64 * 1024) as w:
         w.write_batch([make_record(i, k=200, seed=i) for i in range(8)])
@@ -191,6 +225,52 @@ def test_npz_layout_matches_bottom_up_attention(tmp_path):
     no_feat = write_npz(tmp_path, make_record("nf", features=False))
     with np.load(no_feat, allow_pickle=False) as data:
         assert "x" not in data.files
+
+
+def test_an_unwritable_output_is_one_error_naming_it(tmp_path, monkeypatch):
+    import errno
+
+    import lmdb
+
+    from detector import roi_store
+
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(RoIStoreError, match=f"{tmp_path / 'file' / 's'}: cannot open the RoI store for writing: "
+                                            "Not a directory"):
+        RoIStoreWriter(tmp_path / "file" / "s", HEADER)
+
+    def read_only(path, **kw):
+        raise lmdb.ReadonlyError(f"{path}: Read-only file system")
+
+    monkeypatch.setattr(lmdb, "open", read_only)
+    with pytest.raises(RoIStoreError,
+                       match=f"{tmp_path / 'ro'}: cannot open the RoI store for writing: .*Read-only"):
+        RoIStoreWriter(tmp_path / "ro", HEADER)
+    monkeypatch.undo()
+
+    def no_space(path, mode="r", *args, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(roi_store, "open", no_space, raising=False)
+    with pytest.raises(RoIStoreError, match=f"cannot write {tmp_path / 'a.npz'}: No space left on device"):
+        write_npz(tmp_path, make_record("a"))
+    assert not list(tmp_path.glob("*a.npz*"))
+
+
+def test_npz_without_an_attribute_head_stores_no_attributes(tmp_path):
+    rec = make_record("plain", k=3)
+    rec.attr_probs = rec.attr_ids = rec.attr_conf = None  # a detector without an attribute head
+    path = write_npz(tmp_path, rec)
+    with np.load(path, allow_pickle=True) as data:
+        assert not {"attrs_id", "attrs_conf", "attr_prob"} & set(data.files)
+        info = data["info"].item()
+    assert set(info) == {"image_id", "image_h", "image_w", "num_boxes", "objects_id", "objects_conf"}
+    back = read_npz(path)
+    assert back.attr_ids is None and back.attr_conf is None and back.attr_probs is None
+    np.testing.assert_array_equal(back.object_ids, rec.object_ids)
+    with RoIStoreWriter(tmp_path / "s", HEADER) as w:  # the LMDB store leaves them out too
+        w.write_batch([rec])
+    assert RoIStore(tmp_path / "s")["plain"].attr_ids is None
 
 
 def test_a_stored_record_is_byte_for_byte_what_the_codec_wrote_before_it_moved_to_detector():

@@ -89,6 +89,21 @@ def test_truncated_weights_and_missing_images_are_one_line_naming_the_file(tmp_p
         load_image(str(tmp_path / "nowhere.jpg"))
 
 
+def test_hostile_checkpoint_as_eval_only_weights_is_refused_and_runs_nothing(tmp_path, train_net):
+    from test_engine import write_hostile_checkpoint
+
+    hostile, marker, out = tmp_path / "hostile.pth", tmp_path / "pwned", tmp_path / "run"
+    write_hostile_checkpoint(hostile, marker)
+    config = REPO / "configs" / "easy_vqa" / "detector.yaml"
+    assert train_net.cli(["--eval-only", "--config-file", str(config), "--output-dir", str(out),
+                          "MODEL.WEIGHTS", str(hostile), "DATASETS.TEST_LIMIT", "2"]) == 2
+    log = (out / "log.txt").read_text()
+    assert (f"error: {hostile}: refused by torch.load(weights_only=True): it contains objects other than "
+            "tensors and plain data (Unsupported global: GLOBAL eval was not an allowed global by default); "
+            "nothing in it was run") in log
+    assert "weights_only=False" not in log and not marker.exists()  # no advice to load it unsafely
+
+
 SMOKE = [  # the demo config on ~4 easy-VQA images, a few small steps at a high learning rate
     "DATASETS.TRAIN_LIMIT", "30", "DATASETS.TEST_LIMIT", "20", "SOLVER.IMS_PER_BATCH", "2",
     "SOLVER.BASE_LR", "2e-4", "SOLVER.WARMUP_ITERS", "2", "SOLVER.LOG_PERIOD", "1",
@@ -206,3 +221,45 @@ def test_demo_model_trains_on_two_processes_and_resumes(tmp_path):
     again = torch.load(out / "model_0000012.pth", weights_only=True)["model"]
     for key, value in final["model"].items():
         torch.testing.assert_close(again[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("error,line", [
+    ("checkpoint", "cannot write checkpoint runs/x/model_0000008.pth: No space left on device"),
+    ("read_only", "error: cannot write or read runs/x/log.txt: Read-only file system"),
+])
+def test_cli_reports_a_full_or_read_only_output_dir_in_one_line(monkeypatch, capsys, caplog, error, line):
+    import errno
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import train_net
+
+    from e2e_vl.engine.checkpoint import CheckpointWriteError
+
+    def fail(args):
+        if error == "checkpoint":
+            raise CheckpointWriteError(f"{line} (older checkpoints are kept as they were)")
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "runs/x/log.txt")
+
+    monkeypatch.setattr(train_net, "main", fail)
+    assert train_net.cli([]) == 2
+    assert line in caplog.text and "Traceback" not in capsys.readouterr().err
+
+
+def test_an_image_error_from_a_dataloader_worker_is_one_line_without_its_traceback(monkeypatch, capsys, caplog):
+    from torch._utils import ExceptionWrapper
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import train_net
+
+    from detector.image_sources import ImageError
+
+    def worker_failed(args):  # what torch re-raises in the main process when a worker's read fails
+        try:
+            raise ImageError("cannot read file imgs/gone.jpg: No such file or directory")
+        except ImageError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+
+    monkeypatch.setattr(train_net, "main", worker_failed)
+    assert train_net.cli([]) == 2
+    assert "error: cannot read file imgs/gone.jpg: No such file or directory" in caplog.text
+    assert "Traceback" not in caplog.text and "Traceback" not in capsys.readouterr().err

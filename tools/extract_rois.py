@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,14 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 class UsageError(ValueError):
     """Bad command-line arguments (exit status 2)."""
+
+
+class ExtractionInterrupted(RuntimeError):
+    """Ctrl-C (SIGINT): the batch in flight was not stored (a batch is one transaction), the rest is."""
+
+    def __init__(self, stored: int, output: str):
+        super().__init__(f"interrupted (SIGINT) after storing {stored} images in this run; {output} is "
+                         "consistent: run the same command again to continue where it stopped")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -281,6 +290,8 @@ def run(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict[str
             extractor = RegionExtractor(model, cfg.INPUT.FORMAT, selection, with_features=args.features,
                                         autocast_dtype=PRECISIONS[args.precision])
             process(todo, extractor, cfg, args, sink, failures, boxes_store, stats)
+    except KeyboardInterrupt:
+        raise ExtractionInterrupted(stats["done"], args.output) from None
     finally:
         stats["failed"] = failures.count
         failures.close()
@@ -344,6 +355,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats = run(args)
     except (UsageError, RoIStoreError, CheckpointError) as exc:
         log.error("%s", exc)
+        return 2
+    except ExtractionInterrupted as exc:
+        log.error("%s", exc)
+        return 128 + signal.SIGINT
+    except OSError as exc:  # e.g. failures.tsv or header.json in a read-only or full output folder
+        if exc.filename is None:
+            raise
+        log.error("cannot write or read %s: %s", exc.filename, exc.strerror or exc)
         return 2
     print(f"done {stats['done']}, skipped {stats['skipped']} (already stored), failed {stats['failed']}"
           f"{' (see failures.tsv)' if stats['failed'] else ''}", flush=True)

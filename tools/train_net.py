@@ -158,6 +158,20 @@ def main(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def _without_worker_traceback(exc: BaseException) -> str:
+    """The message of an error re-raised from a DataLoader worker, without the worker's traceback that
+    torch puts in front of it ("Caught ImageError in DataLoader worker process 0. Original Traceback ...")."""
+    text = str(exc)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return text
+    last = text.strip().splitlines()[-1]  # "detector.image_sources.ImageError: cannot read file ..."
+    name = type(exc).__name__
+    for prefix in (f"{type(exc).__module__}.{name}: ", f"{name}: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last
+
+
 def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from e2e_vl.config import ConfigError
@@ -172,7 +186,7 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except (CheckpointError, ImageError, DatasetError) as exc:  # the message names the file
-        logger.error("error: %s", exc)
+        logger.error("error: %s", _without_worker_traceback(exc))
         return 2
     except ResumeError as exc:
         logger.error("%s", exc)
@@ -183,6 +197,11 @@ def cli(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except OSError as exc:  # e.g. a read-only or full OUTPUT_DIR; one line when the file is known
+        if exc.filename is None:
+            raise
+        logger.error("error: cannot write or read %s: %s", exc.filename, exc.strerror or exc)
+        return 2
     return 0
 
 

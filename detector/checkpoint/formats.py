@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import struct
 import zipfile
 from typing import Any, Mapping
@@ -65,6 +66,15 @@ def sniff_format(path: str) -> str:
     raise CheckpointError(f"{path}: unrecognised checkpoint format (not a torch zip, safetensors or pickle file)")
 
 
+def weights_only_refusal(path: str | os.PathLike, exc: pickle.UnpicklingError) -> CheckpointError:
+    """The error for a torch file that `weights_only=True` refused, in one line: torch's own message spans
+    several and suggests `weights_only=False`, which is exactly what a file from a stranger must not get."""
+    found = re.search(r"Unsupported (?:global|operand)[^.\n]*", str(exc))
+    what = found.group(0) if found else str(exc).strip().splitlines()[0]
+    return CheckpointError(f"{os.fspath(path)}: refused by torch.load(weights_only=True): it contains objects "
+                           f"other than tensors and plain data ({what}); nothing in it was run")
+
+
 def load_data_file(path: str | os.PathLike) -> Any:
     """The object stored in a torch.save (zip or legacy) or pickle file, admitting only tensors and plain
     data (torch.load(weights_only=True), or the restricted unpickler): a file that names code is refused
@@ -79,8 +89,7 @@ def load_data_file(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): it contains objects "
-                              f"other than tensors and plain data ({exc})") from None
+        raise weights_only_refusal(path, exc) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"{path}: cannot read this torch checkpoint ({type(exc).__name__}: {exc})") from None
 

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from detector.image_sources import image_id_from_path
+from detector.image_sources import TAR_SEPARATOR, image_id_from_path
 from e2e_vl.data.catalog import DatasetError
 from e2e_vl.data.masking import mask_whole_words, select_masked_regions
-from e2e_vl.data.roi_records import open_roi_store, require_roi_records
+from e2e_vl.data.roi_records import describe_store, open_roi_store, require_roi_records
 from e2e_vl.data.transforms import ResizeFlip
 
 
@@ -161,9 +161,17 @@ class CaptionPretrainDataset(Dataset):
             self.check_regions()
 
     def check_regions(self) -> None:
-        """Fail early, with the count and examples, if any caption's image has no RoI record."""
-        keys = require_roi_records(self.regions, (c.image_id for c in self.captions), _describe_sources(self.captions))
+        """Fail early, with the count and examples, if any caption's image has no RoI record or no file
+        (found here, in the main process, rather than mid-run inside a DataLoader worker)."""
+        files = _describe_sources(self.captions)
+        keys = require_roi_records(self.regions, (c.image_id for c in self.captions), files)
         self._keys = {i: k for i, k in keys.items() if i != k}
+        paths = dict.fromkeys(c.path.split(TAR_SEPARATOR, 1)[0] for c in self.captions if c.path)
+        missing = [path for path in paths if not os.path.isfile(path)]
+        if missing:
+            raise CaptionDataError(
+                f"{files}: {len(missing)} of {len(paths)} image files do not exist (e.g. "
+                f"{', '.join(missing[:3])}); check MODEL.VLBERT.PRETRAIN.IMAGE_ROOT")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -178,6 +186,22 @@ class CaptionPretrainDataset(Dataset):
             record = self._record(caption)
             out.append(record.width / record.height)
         return out
+
+    def check_region_classes(self, num_classes: int, key: str = "MODEL.VLBERT.NUM_MRC_CLASSES") -> None:
+        """Fail before training if the stored class distributions (the masked-RoI targets) are not
+        `num_classes` wide; one store comes from one detector, so the first caption's record speaks for all."""
+        if not self.captions:
+            return
+        record = self._record(self.captions[0])
+        if record.class_probs is None:
+            raise CaptionDataError(f"{describe_store(self.regions)}: image {record.image_id!r} has no class "
+                                   f"distributions, which masked RoI classification ({key}) needs")
+        width = int(np.asarray(record.class_probs).shape[-1])
+        if width != num_classes:
+            raise CaptionDataError(
+                f"{key} is {num_classes} but {describe_store(self.regions)} holds class distributions over "
+                f"{width} classes (image {record.image_id!r}); set {key} {width} or use the store of a "
+                f"{num_classes}-class detector")
 
     def _record(self, caption: Caption):
         try:

@@ -4,12 +4,16 @@ A checkpoint is one file `model_<step>.pth` holding everything needed to continu
 optimizer, scheduler, grad scaler, the RNG states of python/numpy/torch/cuda of every rank, the data
 position and the step. It is written to a temporary file, fsync'ed and renamed, so a reader sees
 either the old set of files or the new one. Resuming picks the newest file that loads; a damaged
-one (truncated by a full disk, copied half-way) is skipped with a warning.
+one (truncated by a full disk, copied half-way) is skipped with a warning. Weights that are NaN or
+infinite are refused both when saving and when loading (a checkpoint that cannot continue training is
+worse than none: it would replace the last good one). A write that fails (disk full, read-only folder)
+leaves the existing checkpoints as they were and raises one error naming the file.
 """
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -18,11 +22,31 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import torch
 
+from detector.checkpoint import CheckpointError
+from detector.checkpoint.formats import weights_only_refusal
+
 logger = logging.getLogger(__name__)
 
 _STEP_FILE = re.compile(r"^model_(\d{7,})\.pth$")
 BEST_NAME = "model_best.pth"
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "step", "data", "rng")
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """A model tensor holds NaN or inf: such a checkpoint is neither written nor loaded."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (disk full, read-only folder); the older checkpoints are untouched."""
+
+
+def check_finite_weights(model_state: dict[str, Any], where: str) -> None:
+    """Raise NonFiniteWeightsError naming the first floating tensor of `model_state` with a NaN or inf."""
+    for name, value in model_state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise NonFiniteWeightsError(
+                f"{where}: model tensor '{name}' holds {bad} non-finite value(s) (NaN or inf); refusing it")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -57,12 +81,16 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a training checkpoint safely (tensors and plain containers only; no pickled code)."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise weights_only_refusal(path, exc) from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a training checkpoint (top level is {type(state).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise ValueError(f"{path}: not a training checkpoint, missing {missing}")
+    check_finite_weights(state["model"], str(path))
     return state
 
 
@@ -112,18 +140,27 @@ class Checkpointer:
 
     def save(self, state: dict, step: int) -> Path:
         """Write `model_<step>.pth` atomically, then delete all but the newest `keep_last`."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"model_{step:07d}.pth"
-        atomic_torch_save(state, path)
+        self._write(state, path)
         for _, old in self.step_checkpoints()[:-self.keep_last]:
             old.unlink(missing_ok=True)
         return path
 
     def save_best(self, state: dict) -> Path:
         path = self.directory / BEST_NAME
-        self.directory.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(state, path)
+        self._write(state, path)
         return path
+
+    def _write(self, state: dict, path: Path) -> None:
+        """Refuse non-finite weights; write atomically; turn an OS error into one line naming the file."""
+        check_finite_weights(state["model"], f"not saving {path}")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(state, path)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise CheckpointWriteError(f"cannot write checkpoint {path}: {reason} (older checkpoints are "
+                                       "kept as they were)") from exc
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
         """The newest checkpoint that loads, or None; unreadable ones are skipped with a warning."""

@@ -145,7 +145,7 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
     scheduler = build_lr_scheduler(optimizer, cfg, max_iter)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     checkpointer = Checkpointer(out_dir, s.CHECKPOINT_KEEP_LAST)
-    step, best = 0, -math.inf
+    step, best, skipped = 0, -math.inf, 0  # skipped: steps dropped for non-finite losses or gradients
 
     # --- resume: every rank restores everything (optimizer included) from the same file --------------
     if resume:
@@ -166,6 +166,7 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
             scaler.load_state_dict(state["scaler"])
             data.load_state_dict(_convert_position(state["data"], micro_batch * world))
             step, best = int(state["step"]), float(state["best_metric"])
+            skipped = int(state.get("skipped_steps", 0))
             rng = state["rng"]
             if len(rng) != world:
                 logger.warning("checkpoint was written by %d processes, now %d: RNG streams differ", len(rng), world)
@@ -185,7 +186,7 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
             "model": unwrap(train_model).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
             "data": {**data.state_dict(), "items_per_step": micro_batch * world},
-            "step": step, "best_metric": best, "config": cfg.dump(),
+            "step": step, "best_metric": best, "skipped_steps": skipped, "config": cfg.dump(),
         }
 
     def save(path_kind: str) -> Path | None:
@@ -251,26 +252,41 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
                                  torch.tensor(float(stop.signum is not None), device=device)])
             du.all_reduce_sum(stats)
             stop_flag = stats[-1].item() > 0
+            scaler.unscale_(optimizer)
+            grad_norm = _grad_norm(model, s.CLIP_GRAD_NORM)
+            problem = None
             if stats[-2].item() > 0:
                 where = ", ".join(f"{k}={v}" for k, v in bad.items()) if bad else "on another process"
-                raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {where}")
-
-            scaler.unscale_(optimizer)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), s.CLIP_GRAD_NORM)
-                         if s.CLIP_GRAD_NORM > 0 else None)
-            scaler.step(optimizer)
-            scaler.update()
+                problem = f"non-finite loss at step {step + 1}: {where}"
+            elif not scaler.is_enabled() and not torch.isfinite(grad_norm):  # fp16: the scaler skips by itself
+                problem = (f"non-finite gradient at step {step + 1} (the losses are finite: "
+                           f"{', '.join(f'{k}={loss_sums[k].item():.6g}' for k in names)}): grad norm "
+                           f"{grad_norm.item()}, first in '{_first_nonfinite_grad(model)}'")
+            if problem is not None:
+                if skipped >= s.SKIP_NONFINITE_STEPS:
+                    allowed = (f" (SOLVER.SKIP_NONFINITE_STEPS {s.SKIP_NONFINITE_STEPS} already skipped)"
+                               if s.SKIP_NONFINITE_STEPS else "")
+                    raise NonFiniteLossError(problem + allowed)
+                skipped += 1  # the update is dropped; data and schedule move on as if the step had been taken
+                logger.warning("%s: step skipped (%d of SOLVER.SKIP_NONFINITE_STEPS %d)", problem, skipped,
+                               s.SKIP_NONFINITE_STEPS)
+                scaler.update()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
             meter.add_images(stats[-3].item())
 
-            if step % s.LOG_PERIOD == 0 or step == max_iter:
+            if problem is None and (step % s.LOG_PERIOD == 0 or step == max_iter):
                 denom = s.GRAD_ACCUM_STEPS * world
                 losses = {k: stats[i].item() / denom for i, k in enumerate(names)}
                 scalars = meter.report(step, losses, s.BASE_LR * lr_factor(step, cfg, max_iter), device)
-                if grad_norm is not None:
+                if s.CLIP_GRAD_NORM > 0:
                     scalars["grad_norm"] = float(grad_norm)
+                if skipped:
+                    scalars["skipped_steps"] = skipped
                 writer.write(step, {**{f"train/{k}": v for k, v in losses.items()}, **scalars})
             if cfg.TEST.EVAL_PERIOD > 0 and step % cfg.TEST.EVAL_PERIOD == 0 and step < max_iter:
                 evaluate()
@@ -286,6 +302,22 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
         stop.restore()
         writer.close()
     return metrics
+
+
+def _grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
+    """Total gradient norm (clipped to `clip` when > 0); NaN/inf when any gradient is non-finite."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    if not params:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+def _first_nonfinite_grad(model: nn.Module) -> str:
+    """Name of the first parameter whose gradient holds a NaN or inf (for the error message)."""
+    bad = (n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all())
+    return next(bad, "?")
 
 
 def _convert_position(data_state: dict, items_per_step: int) -> dict:

@@ -28,13 +28,17 @@ def build_pretrain_task(cfg: CfgNode, model, device: torch.device, eval_only: bo
         raise ConfigError("TASK pretrain: the vqa head and 'MODEL.VLBERT.PRETRAIN.VQA_DATASET' go together (image QA "
                           f"as a pre-training task); got heads {list(model.heads)} and VQA_DATASET {p.VQA_DATASET!r}")
     collate = VLCollator(pad_token_id=tokenizer.pad_token_id)
-    train_set = None
+    train_set = captions = None
     if not eval_only:
         mismatch = p.MISMATCH_PROB if "itm" in model.heads else 0.0
         captions, text = build_pretrain_datasets(cfg, tokenizer, seed=cfg.SEED, mismatch_prob=mismatch)
         others = [part for part in (text, _questions(cfg, model)) if part is not None]
         train_set = PretrainMix(captions, *others) if others else captions
     val_set = build_pretrain_val_dataset(cfg, tokenizer)
+    if "mrc" in model.heads:  # a mismatch would otherwise surface as a shape error at the first step
+        for dataset in (captions, val_set):
+            if dataset is not None:
+                dataset.check_region_classes(cfg.MODEL.VLBERT.NUM_MRC_CLASSES)
     evaluate = None if val_set is None else PretrainEvaluator(
         val_set, collate, cfg.TEST.IMS_PER_BATCH, device, AMP_DTYPES[cfg.SOLVER.AMP.DTYPE],
         cfg.DATALOADER.NUM_WORKERS)
