@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from e2e_vl.config import get_train_cfg  # noqa: E402
-from e2e_vl.engine import distributed as du  # noqa: E402
+from e2e_vl import distributed as du  # noqa: E402
 from e2e_vl.engine.checkpoint import Checkpointer, load_checkpoint_file  # noqa: E402
 from e2e_vl.engine.logger import setup_logging  # noqa: E402
 from e2e_vl.engine.optim import build_optimizer, lr_factor  # noqa: E402

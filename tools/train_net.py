@@ -112,7 +112,7 @@ def main(args: argparse.Namespace) -> dict:
         task_spec.check_eval_target(cfg)
 
     from e2e_vl.config import ConfigError
-    from e2e_vl.engine import distributed as du
+    from e2e_vl import distributed as du
     from e2e_vl.engine.logger import setup_logging
     from e2e_vl.engine.trainer import train
     from e2e_vl.modeling import build_model

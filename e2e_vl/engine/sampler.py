@@ -71,7 +71,7 @@ class ShardedEvalSampler(Sampler[list[int]]):
 def sharded_eval_loader(dataset: Dataset, batch_size: int, collate_fn: Callable,
                         num_workers: int = 0) -> tuple[ShardedEvalSampler, DataLoader]:
     """This rank's share of an evaluation set, in order; the sampler tells which items each batch holds."""
-    from e2e_vl.engine import distributed as du
+    from e2e_vl import distributed as du
 
     sampler = ShardedEvalSampler(len(dataset), batch_size, du.get_rank(), du.get_world_size())
     return sampler, DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,

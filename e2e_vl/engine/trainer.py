@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from detector.config import CfgNode, ConfigError
-from e2e_vl.engine import distributed as du
+from e2e_vl import distributed as du
 from e2e_vl.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from e2e_vl.engine.logger import MetricWriter, ProgressMeter
 from e2e_vl.engine.optim import build_lr_scheduler, build_optimizer, freeze_params, lr_factor

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from e2e_vl.engine import distributed as du
+from e2e_vl import distributed as du
 from e2e_vl.evaluation.runner import evaluation_batches
 from e2e_vl.modeling.heads import masked_lm_loss, soft_cross_entropy
 

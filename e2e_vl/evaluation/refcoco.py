@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from detector.structures import paired_box_iou
-from e2e_vl.engine import distributed as du
+from e2e_vl import distributed as du
 from e2e_vl.evaluation.runner import evaluation_batches
 
 CORRECT_IOU = 0.5

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from e2e_vl.engine import distributed as du
+from e2e_vl import distributed as du
 from e2e_vl.evaluation.runner import evaluation_batches
 
 # annot_id -> group name -> (softmax over the choices, label or -1)

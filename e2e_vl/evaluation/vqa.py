@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from e2e_vl.data.vqa_answers import answer_accuracy
-from e2e_vl.engine import distributed as du
+from e2e_vl import distributed as du
 from e2e_vl.engine.checkpoint import atomic_write
 from e2e_vl.evaluation.runner import evaluation_batches
 

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
-from e2e_vl.engine.distributed import all_gather_with_grad, get_world_size
+from e2e_vl.distributed import all_gather_with_grad, get_world_size
 from e2e_vl.modeling.heads import Encoded, Head, HeadSpec, labelled_regions, register_head
 
 # CLIP's initial temperature (0.07) and its cap on the logit scale (100).
