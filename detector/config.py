@@ -192,6 +192,21 @@ def load_yaml_with_base(path: str | os.PathLike, _seen: tuple[str, ...] = ()) ->
     return merged
 
 
+def check_choices(cfg: CfgNode, choices: dict[str, tuple[tuple[Any, ...], str]]) -> None:
+    """Raise ConfigError naming the first key (dotted path) whose value is not one of its declared choices.
+
+    `choices` maps a key to (allowed values, why); the why ends up in the message, so a user who set a
+    Detectron2 value this project does not implement learns what is supported instead of being ignored.
+    """
+    for full, (allowed, why) in choices.items():
+        value: Any = cfg
+        for part in full.split("."):
+            value = value[part]
+        if value not in allowed:
+            expected = repr(allowed[0]) if len(allowed) == 1 else f"one of {list(allowed)}"
+            raise ConfigError(f"'{full}' must be {expected}{f' ({why})' if why else ''}, got {value!r}")
+
+
 def _deep_update(dst: dict, src: dict) -> None:
     for key, value in src.items():
         if isinstance(value, dict) and isinstance(dst.get(key), dict):
@@ -299,15 +314,61 @@ def _detector_defaults() -> dict:
     }
 
 
+# Detectron2 keys with one implementation here: a YAML may restate them, any other value fails.
+_SINGLE = {
+    "MODEL.META_ARCHITECTURE": (("GeneralizedRCNN",), "the only meta-architecture"),
+    "MODEL.BACKBONE.NAME": (("build_resnet_backbone",), "ResNet C4; FPN is not implemented"),
+    "MODEL.PROPOSAL_GENERATOR.NAME": (("RPN", "PrecomputedProposals"), "PrecomputedProposals: boxes given"),
+    "MODEL.ANCHOR_GENERATOR.NAME": (("DefaultAnchorGenerator",), "rotated anchors are not implemented"),
+    "MODEL.RPN.HEAD_NAME": (("StandardRPNHead",), "the only RPN head"),
+    "MODEL.ROI_HEADS.NAME": (("Res5ROIHeads",), "C4"),
+    "MODEL.ROI_BOX_HEAD.NAME": (("",), "Res5ROIHeads runs res5 as its box head"),
+    "INPUT.FORMAT": (("BGR", "RGB"), ""),
+}
+# Keys that only Detectron2's detector training (RPN and box-regression losses, proposal sampling) or its
+# rotated anchors read. This detector is trained only as a region classifier on given boxes, so they are
+# accepted at Detectron2's default (its YAMLs load) and any other value is refused rather than ignored.
+_UNTRAINED = (
+    "MODEL.ANCHOR_GENERATOR.ANGLES",
+    "MODEL.RPN.BOUNDARY_THRESH", "MODEL.RPN.IOU_THRESHOLDS", "MODEL.RPN.IOU_LABELS",
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "MODEL.RPN.POSITIVE_FRACTION", "MODEL.RPN.BBOX_REG_LOSS_TYPE",
+    "MODEL.RPN.BBOX_REG_LOSS_WEIGHT", "MODEL.RPN.SMOOTH_L1_BETA", "MODEL.RPN.LOSS_WEIGHT",
+    "MODEL.ROI_HEADS.IOU_THRESHOLDS", "MODEL.ROI_HEADS.IOU_LABELS", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "MODEL.ROI_HEADS.POSITIVE_FRACTION", "MODEL.ROI_HEADS.PROPOSAL_APPEND_GT",
+    "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT",
+    "MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA",
+)
+
+
+def _detector_choices() -> dict[str, tuple[tuple[Any, ...], str]]:
+    defaults = CfgNode(_detector_defaults())
+    untrained = {}
+    for full in _UNTRAINED:
+        value: Any = defaults
+        for part in full.split("."):
+            value = value[part]
+        untrained[full] = ((value,), "only read to train Detectron2's RPN / box regression, not done here")
+    return {**_SINGLE, **untrained}
+
+
+DETECTOR_CHOICES = _detector_choices()
+
+
+def validate_detector_cfg(cfg: CfgNode) -> None:
+    """Refuse detector values this implementation does not support (see DETECTOR_CHOICES)."""
+    check_choices(cfg, DETECTOR_CHOICES)
+
+
 def get_cfg() -> CfgNode:
     """A fresh copy of the detector defaults."""
     return CfgNode(_detector_defaults())
 
 
 def load_cfg(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> CfgNode:
-    """Defaults, merged with a YAML file and `KEY VALUE` overrides; frozen."""
+    """Defaults, merged with a YAML file and `KEY VALUE` overrides; validated, frozen."""
     cfg = get_cfg()
     if path:
         cfg.merge_from_file(path)
     cfg.merge_from_list(list(overrides))
+    validate_detector_cfg(cfg)
     return cfg.freeze()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from detector.config import CfgNode, ConfigError, get_cfg
+from detector.config import CfgNode, ConfigError, check_choices, get_cfg, validate_detector_cfg
 
 __all__ = ["CfgNode", "ConfigError", "get_train_cfg", "load_train_cfg", "validate_train_cfg"]
 
@@ -288,20 +288,16 @@ def _merge_new(node: CfgNode, extra: dict) -> None:
 
 
 _CHOICES = {
-    ("SOLVER", "OPTIMIZER"): ("AdamW", "SGD"),  # e2e_vl.engine.optim.OPTIMIZERS
-    ("SOLVER", "LR_SCHEDULER"): ("linear", "cosine", "constant", "step"),
-    ("SOLVER", "AMP", "DTYPE"): ("none", "bf16", "fp16"),
+    "SOLVER.OPTIMIZER": (("AdamW", "SGD"), ""),  # e2e_vl.engine.optim.OPTIMIZERS
+    "SOLVER.LR_SCHEDULER": (("linear", "cosine", "constant", "step"), ""),
+    "SOLVER.AMP.DTYPE": (("none", "bf16", "fp16"), ""),
 }
 
 
 def validate_train_cfg(cfg: CfgNode) -> None:
     """Check values the type system cannot (choices, ranges); raise ConfigError naming the key."""
-    for path, allowed in _CHOICES.items():
-        value = cfg
-        for part in path:
-            value = value[part]
-        if value not in allowed:
-            raise ConfigError(f"'{'.'.join(path)}' must be one of {list(allowed)}, got {value!r}")
+    validate_detector_cfg(cfg)
+    check_choices(cfg, _CHOICES)
     if cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
         raise ConfigError(f"'MODEL.WEIGHTS' {cfg.MODEL.WEIGHTS} does not exist (the easy-VQA configs start from "
                           "stage 1's detector, which `make demo` writes first; or set MODEL.WEIGHTS \"\")")
