@@ -57,7 +57,7 @@ def test_dump_roundtrip_and_pickle(tmp_path):
 
 # -- every accepted key is read or refused; configs restate no defaults -----------------------------------
 REPO = Path(__file__).resolve().parent.parent
-CONFIG_MODULES = {REPO / "detector" / "config.py", REPO / "e2e_vl" / "config.py"}
+CONFIG_MODULES = {*(REPO / "detector" / "config").glob("*.py"), REPO / "e2e_vl" / "config.py"}
 # Sections whose keys are read by iterating over the section, not by name.
 WHOLE_SECTIONS = {
     "MODEL.VLBERT.LOSS_WEIGHTS": "LOSS_WEIGHTS.items()",  # key = loss name
@@ -132,3 +132,16 @@ def test_configs_restate_no_defaults():
             if before == after and (name, key) not in DELIBERATE:
                 restated.append(f"{name}: {key}")
     assert not restated, f"lines that restate the default (or the _BASE_'s value): {restated}"
+
+
+def test_config_library_knows_no_keys():
+    """The library (CfgNode, loading, merging, errors) is separate from the detector's keys, and the
+    package keeps its public names."""
+    import detector.config as config
+    from detector.config import cfgnode
+
+    source = (REPO / "detector" / "config" / "cfgnode.py").read_text(encoding="utf-8")
+    assert not re.search(r"^(from|import) (detector|e2e_vl)", source, re.M)  # it depends on no keys
+    assert not hasattr(cfgnode, "get_cfg") and not hasattr(cfgnode, "DETECTOR_CHOICES")
+    assert config.CfgNode is cfgnode.CfgNode and config.ConfigError is cfgnode.ConfigError
+    assert {"get_cfg", "load_cfg", "load_yaml_with_base", "check_choices", "validate_detector_cfg"} <= set(dir(config))
