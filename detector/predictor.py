@@ -17,7 +17,7 @@ import torch
 from detector.config import CfgNode
 from detector.image_sources import ImageError, as_bgr_uint8
 from detector.modeling import GeneralizedRCNN, build_detector
-from detector.transforms import resize_shortest_edge
+from detector.transforms import rescale_boxes, resize_shortest_edge
 
 
 class DetectorPredictor:
@@ -61,5 +61,4 @@ class DetectorPredictor:
         boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32), device=self.model.device)
         if boxes.numel() == 0:
             boxes = boxes.reshape(0, 4)
-        factors = boxes.new_tensor([size[1] / original[1], size[0] / original[0]] * 2)
-        return self.model.fast_rcnn(x, [boxes * factors])
+        return self.model.fast_rcnn(x, [rescale_boxes(boxes, original, size)])

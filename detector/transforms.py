@@ -1,4 +1,5 @@
-"""Test-time resizing exactly as Detectron2's ResizeShortestEdge does it.
+"""Resizing exactly as Detectron2's ResizeShortestEdge does it, and the one mapping of boxes onto the
+resized image (`resize_with_boxes`, `rescale_boxes`) that training, the predictor and the VQA data use.
 
 The new (h, w) is the shortest side scaled to `min_size`, shrunk if the longest side would exceed
 `max_size`, each side then rounded with int(x + 0.5). Pixels: Detectron2 resizes uint8 images with
@@ -16,6 +17,8 @@ import math
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+from detector.structures import scale_boxes
 
 
 def get_output_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[tuple[int, int], float]:
@@ -121,3 +124,21 @@ def resize_shortest_edge(img: np.ndarray, min_size: int, max_size: int) -> tuple
     out = F.interpolate(t, size=(new_h, new_w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
     out = out[..., 0] if img.ndim == 2 else out
     return out.astype(img.dtype, copy=False), scale
+
+
+def rescale_boxes(boxes: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> torch.Tensor:
+    """XYXY boxes of an image of size `from_hw` in the pixels of that image resized to `to_hw`, as float32.
+
+    The factors are the actual per-axis ratios of the sizes (as Detectron2 maps boxes), not the resize's
+    `scale`, which the rounding of the new size makes differ slightly.
+    """
+    return scale_boxes(boxes.float(), to_hw[1] / from_hw[1], to_hw[0] / from_hw[0])
+
+
+def resize_with_boxes(img: np.ndarray, boxes: torch.Tensor | np.ndarray, min_size: int, max_size: int
+                      ) -> tuple[np.ndarray, torch.Tensor, float]:
+    """`resize_shortest_edge` of an HxWxC image plus its [K, 4] XYXY boxes mapped onto the result (float32
+    tensor); returns (resized, boxes, scale)."""
+    resized, scale = resize_shortest_edge(img, min_size, max_size)
+    boxes = torch.from_numpy(np.asarray(boxes, np.float32)) if isinstance(boxes, np.ndarray) else boxes
+    return resized, rescale_boxes(boxes, img.shape[:2], resized.shape[:2]), scale

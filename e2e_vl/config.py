@@ -1,15 +1,16 @@
 """Training configuration: the detector's defaults plus the sections a VL-BERT training run needs.
 
-The schema, YAML `_BASE_` chains, type checking and "did you mean" errors all come from
-`detector.config`; this module only adds keys. Every key a YAML file or a `KEY VALUE` override may
-set must appear here, so a typo fails with the key's name instead of being silently ignored.
+The schema, YAML `_BASE_` chains, type and choice checks and "did you mean" errors all come from the
+config library `detector.config.cfgnode`; this module only adds keys and their checks. Every key a YAML
+file or a `KEY VALUE` override may set must appear here, so a typo fails with the key's name instead of
+being silently ignored.
 """
 from __future__ import annotations
 
 import os
 from typing import Iterable
 
-from detector.config import CfgNode, ConfigError, get_cfg
+from detector.config import CfgNode, ConfigError, check_choices, get_cfg, load_config, validate_detector_cfg
 
 __all__ = ["CfgNode", "ConfigError", "get_train_cfg", "load_train_cfg", "validate_train_cfg"]
 
@@ -288,20 +289,16 @@ def _merge_new(node: CfgNode, extra: dict) -> None:
 
 
 _CHOICES = {
-    ("SOLVER", "OPTIMIZER"): ("AdamW", "SGD"),  # e2e_vl.engine.optim.OPTIMIZERS
-    ("SOLVER", "LR_SCHEDULER"): ("linear", "cosine", "constant", "step"),
-    ("SOLVER", "AMP", "DTYPE"): ("none", "bf16", "fp16"),
+    "SOLVER.OPTIMIZER": (("AdamW", "SGD"), ""),  # e2e_vl.engine.optim.OPTIMIZERS
+    "SOLVER.LR_SCHEDULER": (("linear", "cosine", "constant", "step"), ""),
+    "SOLVER.AMP.DTYPE": (("none", "bf16", "fp16"), ""),
 }
 
 
 def validate_train_cfg(cfg: CfgNode) -> None:
     """Check values the type system cannot (choices, ranges); raise ConfigError naming the key."""
-    for path, allowed in _CHOICES.items():
-        value = cfg
-        for part in path:
-            value = value[part]
-        if value not in allowed:
-            raise ConfigError(f"'{'.'.join(path)}' must be one of {list(allowed)}, got {value!r}")
+    validate_detector_cfg(cfg)
+    check_choices(cfg, _CHOICES)
     if cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
         raise ConfigError(f"'MODEL.WEIGHTS' {cfg.MODEL.WEIGHTS} does not exist (the easy-VQA configs start from "
                           "stage 1's detector, which `make demo` writes first; or set MODEL.WEIGHTS \"\")")
@@ -332,9 +329,4 @@ def validate_train_cfg(cfg: CfgNode) -> None:
 
 def load_train_cfg(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> CfgNode:
     """Training defaults merged with a YAML file (and its bases) and `KEY VALUE` overrides; validated, frozen."""
-    cfg = get_train_cfg()
-    if path:
-        cfg.merge_from_file(path)
-    cfg.merge_from_list(list(overrides))
-    validate_train_cfg(cfg)
-    return cfg.freeze()
+    return load_config(get_train_cfg(), path, overrides, validate_train_cfg)

@@ -1,9 +1,12 @@
 """Config validation: unknown keys, wrong types, bases, overrides."""
 import pickle
+import re
+from pathlib import Path
 
 import pytest
+import yaml
 
-from detector.config import ConfigError, get_cfg, load_cfg
+from detector.config import ConfigError, get_cfg, load_cfg, load_yaml_with_base
 
 
 def test_unknown_key_names_key_and_suggestion(tmp_path):
@@ -50,3 +53,95 @@ def test_dump_roundtrip_and_pickle(tmp_path):
     f.write_text(cfg.dump())
     assert load_cfg(f) == cfg
     assert pickle.loads(pickle.dumps(cfg)).MODEL.RESNETS.DEPTH == 18
+
+
+# -- every accepted key is read or refused; configs restate no defaults -----------------------------------
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_MODULES = {*(REPO / "detector" / "config").glob("*.py"), REPO / "e2e_vl" / "config.py"}
+# Sections whose keys are read by iterating over the section, not by name.
+WHOLE_SECTIONS = {
+    "MODEL.VLBERT.LOSS_WEIGHTS": "LOSS_WEIGHTS.items()",  # key = loss name
+    "MODEL.VILBERT": "f.name.upper()",  # ViLBertSizes.from_cfg: one field per key
+}
+# Restated on purpose: the task a config is for, and two choices the comment next to them justifies.
+DELIBERATE = {("configs/easy_vqa/base.yaml", "TASK"), ("configs/vqa/vlbert_base_e2e.yaml", "TASK"),
+              ("configs/easy_vqa/base.yaml", "MODEL.BACKBONE.FREEZE_AT"),
+              ("configs/easy_vqa/base.yaml", "SOLVER.AMP.DTYPE")}
+
+
+def _leaves(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def test_every_default_key_is_read_or_refused():
+    from detector.config import DETECTOR_CHOICES
+    from e2e_vl.config import _CHOICES, get_train_cfg
+
+    sources = [p for d in ("detector", "e2e_vl", "tools") for p in (REPO / d).rglob("*.py")
+               if p not in CONFIG_MODULES]
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sources)
+    for section, reader in WHOLE_SECTIONS.items():
+        assert reader in text, f"{section} is no longer read as a whole ({reader!r} not found)"
+    words = set(re.findall(r"\b[A-Z][A-Z0-9_]*\b", text))
+    unread = [key for key in _leaves(get_train_cfg()) if key.rsplit(".", 1)[-1] not in words
+              and key not in DETECTOR_CHOICES and key not in _CHOICES
+              and not any(key.startswith(s + ".") for s in WHOLE_SECTIONS)]
+    assert not unread, f"config keys that nothing reads (read, validate or remove them): {unread}"
+
+
+@pytest.mark.parametrize("key,value", [("MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone"),
+                                       ("MODEL.RPN.HEAD_NAME", "RotatedRPNHead"),
+                                       ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "128")])
+def test_unsupported_detectron2_value_is_refused(key, value):
+    from e2e_vl.config import load_train_cfg
+
+    with pytest.raises(ConfigError, match=re.escape(key) + ".*must be"):
+        load_cfg(overrides=[key, value])
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_train_cfg(overrides=[key, value])
+
+
+def test_detectron2_default_restated_is_accepted(tmp_path):
+    f = tmp_path / "d2.yaml"
+    f.write_text("MODEL:\n  META_ARCHITECTURE: GeneralizedRCNN\n  RPN:\n    BATCH_SIZE_PER_IMAGE: 256\n"
+                 "    HEAD_NAME: StandardRPNHead\n  ROI_HEADS:\n    NAME: Res5ROIHeads\n"
+                 "    POSITIVE_FRACTION: 0.25\n")
+    assert load_cfg(f).MODEL.RPN.BATCH_SIZE_PER_IMAGE == 256
+
+
+def test_configs_restate_no_defaults():
+    from e2e_vl.config import get_train_cfg
+
+    restated = []
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        own = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        bases = own.pop("_BASE_", [])
+        parent = get_train_cfg()
+        for base in [bases] if isinstance(bases, str) else bases:
+            parent.merge_from_dict(load_yaml_with_base(path.parent / base))
+        merged = parent.clone().merge_from_dict(own)
+        for key in _leaves(own):
+            before, after = parent, merged
+            for part in key.split("."):
+                before, after = before[part], after[part]
+            name = str(path.relative_to(REPO))
+            if before == after and (name, key) not in DELIBERATE:
+                restated.append(f"{name}: {key}")
+    assert not restated, f"lines that restate the default (or the _BASE_'s value): {restated}"
+
+
+def test_config_library_knows_no_keys():
+    """The library (CfgNode, loading, merging, errors) is separate from the detector's keys, and the
+    package keeps its public names."""
+    import detector.config as config
+    from detector.config import cfgnode
+
+    source = (REPO / "detector" / "config" / "cfgnode.py").read_text(encoding="utf-8")
+    assert not re.search(r"^(from|import) (detector|e2e_vl)", source, re.M)  # it depends on no keys
+    assert not hasattr(cfgnode, "get_cfg") and not hasattr(cfgnode, "DETECTOR_CHOICES")
+    assert config.CfgNode is cfgnode.CfgNode and config.ConfigError is cfgnode.ConfigError
+    assert {"get_cfg", "load_cfg", "load_yaml_with_base", "check_choices", "validate_detector_cfg"} <= set(dir(config))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from detector.config import CfgNode
+from detector.config import CfgNode, validate_detector_cfg
 from detector.layers.wrappers import fold_frozen_batchnorm
 from detector.modeling.resnet import build_resnet_backbone
 from detector.modeling.roi_heads import Res5ROIHeads
@@ -29,20 +29,9 @@ class GeneralizedRCNN(nn.Module):
     def __init__(self, cfg: CfgNode):
         super().__init__()
         m = cfg.MODEL
-        if m.META_ARCHITECTURE != "GeneralizedRCNN":
-            raise ValueError(f"MODEL.META_ARCHITECTURE: only 'GeneralizedRCNN' is supported, got {m.META_ARCHITECTURE!r}")
-        if m.BACKBONE.NAME != "build_resnet_backbone":
-            raise ValueError(f"MODEL.BACKBONE.NAME: only 'build_resnet_backbone' (ResNet C4) is supported, "
-                             f"got {m.BACKBONE.NAME!r}")
-        if m.ROI_HEADS.NAME != "Res5ROIHeads":
-            raise ValueError(f"MODEL.ROI_HEADS.NAME: only 'Res5ROIHeads' (C4) is supported, got {m.ROI_HEADS.NAME!r}")
-        if m.PROPOSAL_GENERATOR.NAME not in ("RPN", "PrecomputedProposals"):
-            raise ValueError(f"MODEL.PROPOSAL_GENERATOR.NAME: expected 'RPN' or 'PrecomputedProposals', "
-                             f"got {m.PROPOSAL_GENERATOR.NAME!r}")
+        validate_detector_cfg(cfg)
         if len(m.PIXEL_MEAN) != len(m.PIXEL_STD):
             raise ValueError(f"MODEL.PIXEL_MEAN {m.PIXEL_MEAN} and MODEL.PIXEL_STD {m.PIXEL_STD} differ in length")
-        if cfg.INPUT.FORMAT not in ("BGR", "RGB"):
-            raise ValueError(f"INPUT.FORMAT: expected 'BGR' or 'RGB', got {cfg.INPUT.FORMAT!r}")
         self.input_format = cfg.INPUT.FORMAT
         self.backbone = build_resnet_backbone(cfg)
         shapes = self.backbone.output_shape()

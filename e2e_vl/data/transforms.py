@@ -1,6 +1,6 @@
 """Image transforms shared by pre-training and fine-tuning: shortest-side resize and horizontal flip.
 
-Resizing uses the detector's own `detector.transforms.resize_shortest_edge` so that images reach the
+Resizing uses the detector's own `detector.transforms.resize_with_boxes` so that images reach the
 backbone exactly as the detector saw them when the RoIs were extracted. Boxes are carried along in
 the resized pixel coordinates. A flip mirrors the boxes and, when the task's text refers to sides, swaps
 "left" and "right" in it (VL-BERT does this for RefCOCO+; captions and VQA questions can ask for it
@@ -81,16 +81,13 @@ class ResizeFlip:
         rng: random.Random | None = None,
     ) -> TransformedImage:
         """`image` HxWxC uint8 (BGR as read by OpenCV); `boxes` [K, 4] in its original pixel coordinates."""
-        from detector.transforms import resize_shortest_edge
+        from detector.transforms import resize_with_boxes
 
         rng = rng or random
         if image.ndim != 3:
             raise ValueError(f"image must be HxWxC, got shape {image.shape}")
         min_size = self.min_sizes[0] if len(self.min_sizes) == 1 else rng.choice(self.min_sizes)
-        resized, scale = resize_shortest_edge(image, min_size, self.max_size)
-        # Per-axis factors from the actual sizes: the rounding of the new size makes them differ slightly.
-        factors = torch.tensor([resized.shape[1] / image.shape[1], resized.shape[0] / image.shape[0]] * 2)
-        boxes = boxes.float() * factors
+        resized, boxes, scale = resize_with_boxes(image, boxes, min_size, self.max_size)
         flipped = self.flip_prob > 0 and rng.random() < self.flip_prob
         if flipped:
             resized = resized[:, ::-1]

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from detector.image_sources import IMAGE_EXTENSIONS, image_id_from_path
-from detector.transforms import resize_shortest_edge
+from detector.transforms import resize_with_boxes
 from e2e_vl.data.catalog import DatasetError
 from e2e_vl.data.collate import items_by_image
 from e2e_vl.data.roi_records import require_roi_records
@@ -65,10 +65,8 @@ def resized_tensors(image: np.ndarray, boxes: np.ndarray, min_size: int, max_siz
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """An HxWx3 image resized as the detector resizes it, as a [3, h, w] tensor, and its boxes scaled
     to match (Float [K, 4])."""
-    resized, _ = resize_shortest_edge(image, min_size, max_size)
-    factors = np.array([resized.shape[1] / image.shape[1], resized.shape[0] / image.shape[0]] * 2, np.float32)
-    return (torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))),
-            torch.from_numpy(np.asarray(boxes, np.float32) * factors))
+    resized, boxes, _ = resize_with_boxes(image, np.asarray(boxes), min_size, max_size)
+    return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))), boxes
 
 
 class ImageQuestionsDataset(Dataset):

@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 from typing import TYPE_CHECKING, Callable
 
-from detector.config import CfgNode, ConfigError
+from detector.config import CfgNode, ConfigError, lookup
 
 if TYPE_CHECKING:
     import torch
@@ -33,10 +33,7 @@ class Task:
 
     def check_eval_target(self, cfg: CfgNode) -> None:
         """--eval-only needs something to evaluate; say which key is empty before any work starts."""
-        node = cfg
-        for part in self.eval_key.split("."):
-            node = node[part]
-        if not node:
+        if not lookup(cfg, self.eval_key):
             raise ConfigError(f"--eval-only: nothing to evaluate: '{self.eval_key}' is empty (TASK {self.name}); set it")
 
 

@@ -1,4 +1,5 @@
-"""Configuration: a validated tree of YAML keys in Detectron2's naming.
+"""The config library: a validated tree of YAML keys in Detectron2's naming (the keys themselves are
+declared by `detector.config.defaults` and, for training, `e2e_vl.config`).
 
 Every key must exist in the defaults: an unknown or mistyped key is an error that names the key, the
 file it came from and the closest valid key (Detectron2/yacs fail too, but without a suggestion).
@@ -10,7 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -32,7 +33,8 @@ class CfgNode(dict):
         object.__setattr__(self, "_frozen", False)
         object.__setattr__(self, "_new_allowed", new_allowed)
         for key, value in (init or {}).items():
-            self[key] = CfgNode(value) if isinstance(value, dict) and not isinstance(value, CfgNode) else value
+            is_plain_dict = isinstance(value, dict) and not isinstance(value, CfgNode)
+            self[key] = CfgNode(value) if is_plain_dict else value
 
     # attribute access -------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -90,7 +92,8 @@ class CfgNode(dict):
         if self._frozen:
             raise ConfigError("config is frozen; clone() it before merging")
         if not isinstance(other, dict):
-            raise ConfigError(f"{source}: '{prefix or '<root>'}' must be a mapping, got {type(other).__name__}")
+            raise ConfigError(f"{source}: '{prefix or '<root>'}' must be a mapping, "
+                              f"got {type(other).__name__}")
         for key, value in other.items():
             full = f"{prefix}{key}"
             if key == BASE_KEY:
@@ -99,7 +102,8 @@ class CfgNode(dict):
                 if self._new_allowed:
                     self[key] = CfgNode(value) if isinstance(value, dict) else value
                     continue
-                raise ConfigError(f"{source}: unknown config key '{full}'{_did_you_mean(key, self.keys(), prefix)}")
+                raise ConfigError(f"{source}: unknown config key "
+                                  f"'{full}'{_did_you_mean(key, self.keys(), prefix)}")
             current = self[key]
             if isinstance(current, CfgNode):
                 if not isinstance(value, dict):
@@ -124,6 +128,16 @@ class CfgNode(dict):
                 nested = {part: nested}
             self.merge_from_dict(nested, source="command line")
         return self
+
+
+def load_config(defaults: CfgNode, path: str | os.PathLike | None, overrides: Iterable[str],
+                validate: Callable[[CfgNode], None]) -> CfgNode:
+    """`defaults` merged with a YAML file (and its bases) and `KEY VALUE` overrides, validated, frozen."""
+    if path:
+        defaults.merge_from_file(path)
+    defaults.merge_from_list(list(overrides))
+    validate(defaults)
+    return defaults.freeze()
 
 
 def _rebuild(d: dict, new_allowed: bool) -> CfgNode:
@@ -162,7 +176,8 @@ def _check_type(full: str, default: Any, value: Any, source: str) -> Any:
     else:
         return value
     raise ConfigError(
-        f"{source}: '{full}' expects {type(default).__name__} (default {default!r}), got {type(value).__name__} {value!r}"
+        f"{source}: '{full}' expects {type(default).__name__} (default {default!r}), "
+        f"got {type(value).__name__} {value!r}"
     )
 
 
@@ -192,122 +207,30 @@ def load_yaml_with_base(path: str | os.PathLike, _seen: tuple[str, ...] = ()) ->
     return merged
 
 
+def lookup(cfg: dict, full: str) -> Any:
+    """The value at a dotted key path such as "MODEL.RPN.NMS_THRESH"."""
+    value: Any = cfg
+    for part in full.split("."):
+        value = value[part]
+    return value
+
+
+def check_choices(cfg: CfgNode, choices: dict[str, tuple[tuple[Any, ...], str]]) -> None:
+    """Raise ConfigError naming the first key (dotted path) whose value is not one of its declared choices.
+
+    `choices` maps a key to (allowed values, why); the why ends up in the message, so a user who set a
+    Detectron2 value this project does not implement learns what is supported instead of being ignored.
+    """
+    for full, (allowed, why) in choices.items():
+        value = lookup(cfg, full)
+        if value not in allowed:
+            expected = repr(allowed[0]) if len(allowed) == 1 else f"one of {list(allowed)}"
+            raise ConfigError(f"'{full}' must be {expected}{f' ({why})' if why else ''}, got {value!r}")
+
+
 def _deep_update(dst: dict, src: dict) -> None:
     for key, value in src.items():
         if isinstance(value, dict) and isinstance(dst.get(key), dict):
             _deep_update(dst[key], value)
         else:
             dst[key] = copy.deepcopy(value)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Detector defaults: Detectron2's key names and default values for the C4 R-CNN, extended with the
-# Visual Genome attribute head. A preset in configs/vg/ selects the released model.
-# ----------------------------------------------------------------------------------------------------
-def _detector_defaults() -> dict:
-    return {
-        "MODEL": {
-            "META_ARCHITECTURE": "GeneralizedRCNN",
-            "DEVICE": "cpu",
-            "WEIGHTS": "",
-            "PIXEL_MEAN": [103.530, 116.280, 123.675],
-            "PIXEL_STD": [1.0, 1.0, 1.0],
-            "PROPOSAL_GENERATOR": {"NAME": "RPN", "MIN_SIZE": 0},
-            "BACKBONE": {"NAME": "build_resnet_backbone", "FREEZE_AT": 2},
-            "RESNETS": {
-                "DEPTH": 50,
-                "OUT_FEATURES": ["res4"],
-                "NUM_GROUPS": 1,
-                "NORM": "FrozenBN",
-                "WIDTH_PER_GROUP": 64,
-                "STRIDE_IN_1X1": True,
-                "RES5_DILATION": 1,
-                "RES2_OUT_CHANNELS": 256,
-                "STEM_OUT_CHANNELS": 64,
-                # "basic": Detectron2's stem (max-pool k3 s2 p1); "caffe": k3 s2 p0 ceil_mode (VG weights).
-                "STEM_TYPE": "basic",
-            },
-            "ANCHOR_GENERATOR": {
-                "NAME": "DefaultAnchorGenerator",
-                "SIZES": [[32, 64, 128, 256, 512]],
-                "ASPECT_RATIOS": [[0.5, 1.0, 2.0]],
-                "ANGLES": [[-90, 0, 90]],
-                "OFFSET": 0.0,
-            },
-            "RPN": {
-                "HEAD_NAME": "StandardRPNHead",
-                "IN_FEATURES": ["res4"],
-                "BOUNDARY_THRESH": -1,
-                "IOU_THRESHOLDS": [0.3, 0.7],
-                "IOU_LABELS": [0, -1, 1],
-                "BATCH_SIZE_PER_IMAGE": 256,
-                "POSITIVE_FRACTION": 0.5,
-                "BBOX_REG_LOSS_TYPE": "smooth_l1",
-                "BBOX_REG_LOSS_WEIGHT": 1.0,
-                "BBOX_REG_WEIGHTS": [1.0, 1.0, 1.0, 1.0],
-                "SMOOTH_L1_BETA": 0.0,
-                "LOSS_WEIGHT": 1.0,
-                "PRE_NMS_TOPK_TRAIN": 12000,
-                "PRE_NMS_TOPK_TEST": 6000,
-                "POST_NMS_TOPK_TRAIN": 2000,
-                "POST_NMS_TOPK_TEST": 1000,
-                "NMS_THRESH": 0.7,
-                "CONV_DIMS": [-1],
-            },
-            "ROI_HEADS": {
-                "NAME": "Res5ROIHeads",
-                "NUM_CLASSES": 80,
-                "IN_FEATURES": ["res4"],
-                "IOU_THRESHOLDS": [0.5],
-                "IOU_LABELS": [0, 1],
-                "BATCH_SIZE_PER_IMAGE": 512,
-                "POSITIVE_FRACTION": 0.25,
-                "SCORE_THRESH_TEST": 0.05,
-                "NMS_THRESH_TEST": 0.5,
-                "PROPOSAL_APPEND_GT": True,
-            },
-            "ROI_BOX_HEAD": {
-                "NAME": "",
-                "BBOX_REG_LOSS_TYPE": "smooth_l1",
-                "BBOX_REG_LOSS_WEIGHT": 1.0,
-                "BBOX_REG_WEIGHTS": [10.0, 10.0, 5.0, 5.0],
-                "SMOOTH_L1_BETA": 0.0,
-                "POOLER_RESOLUTION": 14,
-                "POOLER_SAMPLING_RATIO": 0,
-                # ROIAlignV2 (aligned=True), ROIAlign (legacy, aligned=False) or ROIPool.
-                "POOLER_TYPE": "ROIAlignV2",
-                "CLS_AGNOSTIC_BBOX_REG": False,
-                # Res5ROIHeads: False keeps res5's first block at stride 1 (py-bottom-up-attention's VG model).
-                "RES5HALVE": True,
-            },
-            # Visual Genome attribute head (py-bottom-up-attention's Detectron2 extension).
-            "ATTRIBUTE_ON": False,
-            "ROI_ATTRIBUTE_HEAD": {
-                "NUM_ATTRIBUTES": 400,
-                "EMBED_DIM": 256,
-                "HIDDEN_DIM": 512,
-            },
-        },
-        "INPUT": {
-            "FORMAT": "BGR",
-            "MIN_SIZE_TRAIN": [800],
-            "MAX_SIZE_TRAIN": 1333,
-            "MIN_SIZE_TEST": 800,
-            "MAX_SIZE_TEST": 1333,
-        },
-        "TEST": {"DETECTIONS_PER_IMAGE": 100},
-    }
-
-
-def get_cfg() -> CfgNode:
-    """A fresh copy of the detector defaults."""
-    return CfgNode(_detector_defaults())
-
-
-def load_cfg(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> CfgNode:
-    """Defaults, merged with a YAML file and `KEY VALUE` overrides; frozen."""
-    cfg = get_cfg()
-    if path:
-        cfg.merge_from_file(path)
-    cfg.merge_from_list(list(overrides))
-    return cfg.freeze()
