@@ -349,7 +349,9 @@ def test_sigkill_mid_run_then_resume(tmp_path, weights):
 
 @pytest.mark.slow
 def test_sigint_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, weights):
-    files = make_images(tmp_path / "imgs", [(96, 128), (120, 90)] * 8)
+    # 48 images: the signal must land while the run still has work. With 16, a test process starved by a
+    # busy machine first saw a record when the run was already exiting (make test, 2 cores, 2 more jobs).
+    files = make_images(tmp_path / "imgs", [(96, 128), (120, 90)] * 24)
     out, flags = tmp_path / "out", ["--features", "--batch-size", "2"]
     cmd = [sys.executable, str(REPO / "tools" / "extract_rois.py"), "--config-file", str(CONFIG),
            "--weights", str(weights), "--input", str(tmp_path / "imgs"), "--output", str(out),

@@ -350,6 +350,9 @@ def extract_batch(ready: list, extractor: RegionExtractor, given_boxes: bool,
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    # Ctrl-C stops the run cleanly even when the parent started us with SIGINT ignored (Python then keeps
+    # it ignored: pytest-xdist workers, background jobs of scripts), as train_net installs its own handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parse_args(argv)
     try:
         stats = run(args)
