@@ -29,8 +29,9 @@ def _vlbert_defaults() -> dict:
         # Heads to build: any of mlm, mrc (pre-training), vqa, ref (RefCOCO+), vcr and vcr_objects (its
         # region-classification regulariser); the other architectures' pre-training objectives
         # (e2e_vl.modeling.objectives): itm (image-text matching), mrc_kl (ViLBERT's KL to the stored class
-        # distribution), obj_label and feat_regression (LXMERT's masked-object losses), contrastive (CLIP-style);
-        # with TASK pretrain and PRETRAIN.VQA_DATASET, vqa is LXMERT's image-QA pre-training task.
+        # distribution), obj_label and feat_regression (LXMERT's masked-object losses), contrastive
+        # (CLIP-style); with TASK pretrain and DATASETS.PRETRAIN_VQA, vqa is LXMERT's image-QA pre-training
+        # task.
         "HEADS": ["vqa"],
         # Size of the answer vocabulary of the vqa head (easy-VQA 13, VQA v2 3129); required with "vqa".
         "NUM_ANSWERS": 0,
@@ -58,19 +59,11 @@ def _vlbert_defaults() -> dict:
         # Weight of each loss in "loss" (names as in the model's "losses"; absent losses are skipped).
         # LXMERT weighted its masked-object losses (FEAT_REGRESSION, OBJ_LABEL) 1 / 0.15.
         "LOSS_WEIGHTS": {"MLM": 1.0, "MLM_TEXT": 1.0, "MRC": 1.0, "VQA": 1.0, "REF": 1.0, "VCR": 1.0,
-                         "VCR_OBJECTS": 1.0, "ITM": 1.0, "MRC_KL": 1.0, "OBJ_LABEL": 1.0, "FEAT_REGRESSION": 1.0,
-                         "CONTRASTIVE": 1.0},
-        # Pre-training data (e2e_vl.data.captions).
+                         "VCR_OBJECTS": 1.0, "ITM": 1.0, "MRC_KL": 1.0, "OBJ_LABEL": 1.0,
+                         "FEAT_REGRESSION": 1.0, "CONTRASTIVE": 1.0},
+        # The pre-training objective (TASK pretrain); its data sets are named in DATASETS (TRAIN, TEST,
+        # CAPTIONS_*, TEXT_CORPUS, PRETRAIN_VQA).
         "PRETRAIN": {
-            # Caption file (COCO captions .json or "image_path<TAB>caption" .tsv) and the folder its
-            # image paths are relative to; regions come from DATASETS.ROI_STORE. Relative to DATASETS.ROOT.
-            "CAPTIONS": "",
-            "IMAGE_ROOT": "",
-            # Held-out captions (same format, images and RoI store) scored by TASK pretrain's evaluation
-            # (masked-word accuracy, masked-RoI loss/accuracy); empty = train without evaluation.
-            "VAL_CAPTIONS": "",
-            # Optional text-only corpus (one passage per line) for the mixed-in text-only MLM batches.
-            "TEXT_CORPUS": "",
             "MLM_PROB": 0.15,  # per word, whole-word masking, 80% [MASK] / 10% random / 10% kept
             "MRC_PROB": 0.15,  # per region other than the whole image
             "MRC_MASK_FRAC": 0.9,  # of the chosen regions, masked (the rest are labelled but visible)
@@ -79,11 +72,6 @@ def _vlbert_defaults() -> dict:
             "FLIP_PROB": 0.5,
             # With the itm head: the share of captions shown with another image (never their own).
             "MISMATCH_PROB": 0.5,
-            # Image questions mixed into the caption batches for the vqa head (LXMERT's image-QA task): a VQA
-            # data set name (as DATASETS.TRAIN of TASK vqa: easy_vqa_train, vqa_v2_train, ...), one item of it
-            # per caption; empty = none. VQA_LIMIT caps its questions (0 = all).
-            "VQA_DATASET": "",
-            "VQA_LIMIT": 0,
         },
     }
 
@@ -119,8 +107,9 @@ def _lxmert_defaults() -> dict:
         # Local Hugging Face folder of an LXMERT (unc-nlp/lxmert-base-uncased layout; a LxmertModel or a model
         # with an lxmert.* body). Empty: language layers from MODEL.VLBERT.BERT_PATH, the rest new.
         "CHECKPOINT": "",
-        # Layers of the language, object-relationship and cross-modality encoders. 0 = the checkpoint's; without
-        # one, L = the BERT folder's layer count and R = X = 5 (LXMERT's). Set with a checkpoint, they must match it.
+        # Layers of the language, object-relationship and cross-modality encoders. 0 = the checkpoint's;
+        # without one, L = the BERT folder's layer count and R = X = 5 (LXMERT's). Set with a checkpoint, they
+        # must match it.
         "L_LAYERS": 0,
         "R_LAYERS": 0,
         "X_LAYERS": 0,
@@ -162,8 +151,8 @@ def _training_defaults() -> dict:
         # vcr (Visual Commonsense Reasoning: Q->A, QA->R) |
         # refcoco (RefCOCO+ referring expressions: a score per region)
         "TASK": "vqa",
-        # The registered architecture (e2e_vl.modeling.registry) to train: vlbert, visualbert, lxmert; empty = the
-        # task's default.
+        # The registered architecture (e2e_vl.modeling.registry) to train: vlbert, visualbert, lxmert; empty =
+        # the task's default.
         "MODEL": {"ARCH": ""},
         "OUTPUT_DIR": "output/easy_vqa",
         "SEED": 0,
@@ -240,6 +229,24 @@ def _training_defaults() -> dict:
                 "MAX_TEXT_LEN": 64,
                 "FLIP_PROB": 0.0,  # training images mirrored (and "left"/"right" swapped in the text)
             },
+            # TASK pretrain (e2e_vl.tasks.pretrain): data set captions_train reads CAPTIONS_TRAIN,
+            # captions_test CAPTIONS_TEST, each a COCO captions .json or an "image_path<TAB>caption" .tsv
+            # under ROOT whose image paths are relative to CAPTIONS_IMAGE_DIR_TRAIN / _TEST (under ROOT;
+            # empty: a COCO json's own folder, a TSV's paths as written); regions from ROI_STORE. Their own
+            # image folders, not IMAGE_DIR_*: a pre-training run may mix in VQA v2 questions (PRETRAIN_VQA)
+            # whose COCO images lie there.
+            "CAPTIONS_TRAIN": "",
+            "CAPTIONS_TEST": "",
+            "CAPTIONS_IMAGE_DIR_TRAIN": "",
+            "CAPTIONS_IMAGE_DIR_TEST": "",
+            # Optional text-only corpus (one passage per line, under ROOT): text-only MLM mixed 1:1 into the
+            # caption batches (VL-BERT's).
+            "TEXT_CORPUS": "",
+            # Image questions mixed into the caption batches for the vqa head (LXMERT's image-QA task): a VQA
+            # data set name (as DATASETS.TRAIN of TASK vqa: easy_vqa_train, vqa_v2_train, ...), one item of it
+            # per caption; empty = none. PRETRAIN_VQA_LIMIT caps its questions (0 = all).
+            "PRETRAIN_VQA": "",
+            "PRETRAIN_VQA_LIMIT": 0,
             # Cap the number of training/test questions (0 = all): for smoke runs.
             "TRAIN_LIMIT": 0,
             "TEST_LIMIT": 0,
@@ -300,20 +307,23 @@ def validate_train_cfg(cfg: CfgNode) -> None:
     validate_detector_cfg(cfg)
     check_choices(cfg, _CHOICES)
     if cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
-        raise ConfigError(f"'MODEL.WEIGHTS' {cfg.MODEL.WEIGHTS} does not exist (the easy-VQA configs start from "
-                          "stage 1's detector, which `make demo` writes first; or set MODEL.WEIGHTS \"\")")
+        raise ConfigError(f"'MODEL.WEIGHTS' {cfg.MODEL.WEIGHTS} does not exist (the easy-VQA configs start "
+                          "from stage 1's detector, which `make demo` writes first; or set "
+                          "MODEL.WEIGHTS \"\")")
     if cfg.MODEL.VLBERT.INIT_FROM and not os.path.isfile(cfg.MODEL.VLBERT.INIT_FROM):
         raise ConfigError(f"'MODEL.VLBERT.INIT_FROM' {cfg.MODEL.VLBERT.INIT_FROM} does not exist")
     s = cfg.SOLVER
     positive = {"SOLVER.IMS_PER_BATCH": s.IMS_PER_BATCH, "SOLVER.GRAD_ACCUM_STEPS": s.GRAD_ACCUM_STEPS,
-                "SOLVER.CHECKPOINT_KEEP_LAST": s.CHECKPOINT_KEEP_LAST, "TEST.IMS_PER_BATCH": cfg.TEST.IMS_PER_BATCH}
+                "SOLVER.CHECKPOINT_KEEP_LAST": s.CHECKPOINT_KEEP_LAST,
+                "TEST.IMS_PER_BATCH": cfg.TEST.IMS_PER_BATCH}
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"'{name}' must be >= 1, got {value}")
     if s.SKIP_NONFINITE_STEPS < 0:
         raise ConfigError(f"'SOLVER.SKIP_NONFINITE_STEPS' must be >= 0, got {s.SKIP_NONFINITE_STEPS}")
     if s.MAX_ITER < 1 and s.MAX_EPOCHS <= 0:
-        raise ConfigError(f"set 'SOLVER.MAX_ITER' >= 1 or 'SOLVER.MAX_EPOCHS' > 0 (got {s.MAX_ITER}, {s.MAX_EPOCHS})")
+        raise ConfigError(f"set 'SOLVER.MAX_ITER' >= 1 or 'SOLVER.MAX_EPOCHS' > 0 (got {s.MAX_ITER}, "
+                          f"{s.MAX_EPOCHS})")
     if s.BASE_LR <= 0:
         raise ConfigError(f"'SOLVER.BASE_LR' must be > 0, got {s.BASE_LR}")
     if any(not 0.0 < f < 1.0 for f in s.DECAY_AT):
@@ -328,5 +338,6 @@ def validate_train_cfg(cfg: CfgNode) -> None:
 
 
 def load_train_cfg(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> CfgNode:
-    """Training defaults merged with a YAML file (and its bases) and `KEY VALUE` overrides; validated, frozen."""
+    """Training defaults merged with a YAML file (and its bases) and `KEY VALUE` overrides; validated,
+    frozen."""
     return load_config(get_train_cfg(), path, overrides, validate_train_cfg)

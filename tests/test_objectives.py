@@ -274,9 +274,10 @@ def test_two_pretraining_steps_with_every_objective(arch, bert_folder, tmp_path)
         "MODEL.VILBERT.V_NUM_ATTENTION_HEADS", "2", "MODEL.VILBERT.V_INTERMEDIATE_SIZE", "64",
         "MODEL.VILBERT.BI_HIDDEN_SIZE", "48", "MODEL.VILBERT.BI_NUM_ATTENTION_HEADS", "2",
         "MODEL.VILBERT.V_BIATTENTION_ID", "[0]", "MODEL.VILBERT.T_BIATTENTION_ID", "[1]",
-        "DATASETS.ROOT", str(root), "DATASETS.ROI_STORE", "rois", "MODEL.VLBERT.PRETRAIN.CAPTIONS", "train.json",
-        "MODEL.VLBERT.PRETRAIN.TEXT_CORPUS", "text.txt", "MODEL.VLBERT.PRETRAIN.MRC_PROB", "0.9", "MODEL.VLBERT.PRETRAIN.MLM_PROB", "0.5",
-        "MODEL.VLBERT.PRETRAIN.VQA_DATASET", "easy_vqa_train", "MODEL.VLBERT.PRETRAIN.VQA_LIMIT", "2",
+        "DATASETS.ROOT", str(root), "DATASETS.ROI_STORE", "rois", "DATASETS.TRAIN", "captions_train",
+        "DATASETS.TEST", "", "DATASETS.CAPTIONS_TRAIN", "train.json", "DATASETS.TEXT_CORPUS", "text.txt",
+        "MODEL.VLBERT.PRETRAIN.MRC_PROB", "0.9", "MODEL.VLBERT.PRETRAIN.MLM_PROB", "0.5",
+        "DATASETS.PRETRAIN_VQA", "easy_vqa_train", "DATASETS.PRETRAIN_VQA_LIMIT", "2",
         "DATALOADER.QUESTIONS_PER_IMAGE", "1", "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "[64]",
         "INPUT.MAX_SIZE_TRAIN", "64", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "2", "SOLVER.LOG_PERIOD", "1",
         "SOLVER.CHECKPOINT_PERIOD", "100", "SOLVER.WARMUP_ITERS", "0",
@@ -362,7 +363,7 @@ def test_pretraining_pairs_the_vqa_head_with_its_questions():
 
     cfg = get_train_cfg()
     model = SimpleNamespace(tokenizer=None, heads={"mlm": None, "vqa": None})
-    with pytest.raises(ConfigError, match="the vqa head and 'MODEL.VLBERT.PRETRAIN.VQA_DATASET' go together"):
+    with pytest.raises(ConfigError, match="the vqa head and 'DATASETS.PRETRAIN_VQA' go together"):
         get_task("pretrain").build(cfg, model, torch.device("cpu"), False)
 
 

@@ -262,7 +262,8 @@ def test_missing_caption_image_files_are_counted_when_the_data_set_is_built(tmp_
     (tmp_path / "caps.tsv").write_text("17.png\ta red circle\nmoved/17.png\tthe same image, moved away\n")
     caps = read_tsv_captions(tmp_path / "caps.tsv", image_root=str(tmp_path))
     with pytest.raises(CaptionDataError, match=f"caps.tsv: 1 of 2 image files do not exist \\(e.g. "
-                                               f"{tmp_path / 'moved' / '17.png'}\\); check .*IMAGE_ROOT"):
+                                               f"{tmp_path / 'moved' / '17.png'}\\); check "
+                                               "DATASETS.CAPTIONS_IMAGE_DIR_TRAIN"):
         CaptionPretrainDataset(caps, store, tokenizer, ResizeFlip(60, 1000))
     assert len(CaptionPretrainDataset(caps[:1], store, tokenizer, ResizeFlip(60, 1000))) == 1
 
@@ -278,36 +279,41 @@ def test_text_only_dataset(tokenizer):
 
 
 def test_pretrain_config_builds_datasets_from_an_roi_store(tmp_path, tokenizer):
-    from e2e_vl.config import load_train_cfg
-    from e2e_vl.data.captions import build_pretrain_datasets
+    from types import SimpleNamespace
+
+    from detector.config import ConfigError
     from detector.roi_store import RoIStoreWriter
+    from e2e_vl.config import load_train_cfg
+    from e2e_vl.tasks import get_task
+    from e2e_vl.tasks.pretrain import CAPTION_DATASETS
 
     _, record = _store_with_one_image(tmp_path)
     with RoIStoreWriter(tmp_path / "rois", {"fingerprint": "test"}) as writer:
         writer.write_batch([record])
+    (tmp_path / "images").mkdir()
+    (tmp_path / "17.png").rename(tmp_path / "images" / "17.png")
     (tmp_path / "caps.tsv").write_text("17.png\ta red circle\n")
+    (tmp_path / "held_out.tsv").write_text("images/17.png\ta red circle on the left\n")
     (tmp_path / "text.txt").write_text("a passage of text\n")
     overrides = [
-        "DATASETS.ROOT",
-        str(tmp_path),
-        "DATASETS.ROI_STORE",
-        "rois",
-        "MODEL.VLBERT.PRETRAIN.CAPTIONS",
-        "caps.tsv",
-        "MODEL.VLBERT.PRETRAIN.IMAGE_ROOT",
-        ".",
-        "MODEL.VLBERT.PRETRAIN.TEXT_CORPUS",
-        "text.txt",
-        "INPUT.MIN_SIZE_TRAIN",
-        "[60]",
+        "DATASETS.ROOT", str(tmp_path), "DATASETS.ROI_STORE", "rois",
+        "DATASETS.CAPTIONS_TRAIN", "caps.tsv", "DATASETS.CAPTIONS_IMAGE_DIR_TRAIN", "images",
+        "DATASETS.CAPTIONS_TEST", "held_out.tsv", "DATASETS.CAPTIONS_IMAGE_DIR_TEST", ".",
+        "DATASETS.TEXT_CORPUS", "text.txt", "INPUT.MIN_SIZE_TRAIN", "[60]", "INPUT.MIN_SIZE_TEST", "30",
+        "MODEL.VLBERT.NUM_MRC_CLASSES", "5",
     ]
     cfg = load_train_cfg(PRETRAIN_CONFIG, overrides)
-    captions, text = build_pretrain_datasets(cfg, tokenizer)
+    model = SimpleNamespace(tokenizer=tokenizer, heads={"mlm": None, "mrc": None})
+    task = get_task("pretrain").build(cfg, model, torch.device("cpu"), False)
+    captions, text = task.train_set.parts  # the captions paired 1:1 with the text corpus
     sample = captions[0]
     assert sample["image"].shape[-2:] == (60, 120) and len(sample["boxes"]) == 4
     assert sample["mrc_targets"].shape == (4, 5)
     assert len(text) == 1
-    with pytest.raises(CaptionDataError, match="PRETRAIN.CAPTIONS is empty"):
-        build_pretrain_datasets(
-            load_train_cfg(PRETRAIN_CONFIG, ["MODEL.VLBERT.PRETRAIN.CAPTIONS", ""]), tokenizer
-        )
+    # captions_test: its own file and image folder, at the test size
+    held_out = CAPTION_DATASETS.build("DATASETS.TEST", cfg.DATASETS.TEST, cfg, tokenizer, False)
+    assert held_out.captions[0].text == "a red circle on the left"
+    assert held_out[0]["image"].shape[-2:] == (30, 60)
+    no_captions = load_train_cfg(PRETRAIN_CONFIG, ["DATASETS.CAPTIONS_TRAIN", ""])
+    with pytest.raises(ConfigError, match="'DATASETS.CAPTIONS_TRAIN' is empty: captions_train needs"):
+        CAPTION_DATASETS.build("DATASETS.TRAIN", "captions_train", no_captions, tokenizer, True)

@@ -50,8 +50,8 @@ def _overrides(root: Path, out: Path, max_iter: int) -> list[str]:
         "TASK", "pretrain", "MODEL.WEIGHTS", "", "MODEL.VLBERT.HEADS", "['mlm', 'mrc']",
         "MODEL.VLBERT.NUM_MRC_CLASSES", str(NUM_CLASSES), "MODEL.VLBERT.BERT_RANDOM_INIT", "True",
         "DATASETS.ROOT", str(root), "DATASETS.ROI_STORE", "rois",
-        "MODEL.VLBERT.PRETRAIN.CAPTIONS", "train.json", "MODEL.VLBERT.PRETRAIN.VAL_CAPTIONS", "val.json",
-        "MODEL.VLBERT.PRETRAIN.TEXT_CORPUS", "text.txt",
+        "DATASETS.TRAIN", "captions_train", "DATASETS.TEST", "captions_test", "DATASETS.CAPTIONS_TRAIN",
+        "train.json", "DATASETS.CAPTIONS_TEST", "val.json", "DATASETS.TEXT_CORPUS", "text.txt",
         "MODEL.VLBERT.PRETRAIN.MLM_PROB", "0.4", "MODEL.VLBERT.PRETRAIN.MRC_PROB", "0.6",
         "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", str(max_iter), "SOLVER.WARMUP_ITERS", "0",
         "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.CHECKPOINT_KEEP_LAST", "3", "SOLVER.LOG_PERIOD", "1",
@@ -140,4 +140,30 @@ def test_mrc_class_count_differing_from_the_roi_store_fails_before_training(tmp_
     log = (out / "log.txt").read_text()
     assert (f"MODEL.VLBERT.NUM_MRC_CLASSES is 7 but the RoI store {root / 'rois'} holds class distributions over "
             f"{NUM_CLASSES} classes" in log)
+    assert not list(out.glob("model_*.pth")) and "training 2 steps" not in log
+
+
+@pytest.mark.parametrize("key,name", [("DATASETS.TRAIN", "captions_val"), ("DATASETS.TEST", "easy_vqa_test")])
+def test_an_unknown_data_set_name_fails_naming_the_key_and_the_known_names(key, name):
+    """Names are checked before any file is read (the config's caption files do not exist here)."""
+    import re
+
+    from e2e_vl.tasks import get_task
+
+    cfg = load_train_cfg(REPO / "configs" / "pretrain" / "vlbert_base_cc.yaml", [key, name])
+    model = SimpleNamespace(tokenizer=None, heads={"mlm": None, "mrc": None})
+    expected = (f"'{key}' {name!r} is not a caption data set; "
+                "expected one of ['captions_train', 'captions_test']")
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        get_task("pretrain").build(cfg, model, torch.device("cpu"), False)
+
+
+def test_a_missing_caption_file_fails_before_training_naming_the_file(tmp_path, train_net):
+    root, out = tmp_path / "data", tmp_path / "run"
+    root.mkdir()
+    _write_caption_data(root)
+    args = [*_overrides(root, out, max_iter=2), "DATASETS.CAPTIONS_TRAIN", "captions_train2017.json"]
+    assert train_net.cli(args) == 2
+    log = (out / "log.txt").read_text()
+    assert f"caption file not found: {root / 'captions_train2017.json'}" in log
     assert not list(out.glob("model_*.pth")) and "training 2 steps" not in log

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from detector.image_sources import TAR_SEPARATOR, image_id_from_path
 from e2e_vl.data.catalog import DatasetError
 from e2e_vl.data.masking import mask_whole_words, select_masked_regions
-from e2e_vl.data.roi_records import describe_store, open_roi_store, require_roi_records
+from e2e_vl.data.roi_records import describe_store, require_roi_records
 from e2e_vl.data.transforms import ResizeFlip
 
 
@@ -151,7 +151,8 @@ class CaptionPretrainDataset(Dataset):
         self.mismatch_prob = mismatch_prob
         if mismatch_prob > 0 and len({c.image_id for c in self.captions}) < 2:
             raise CaptionDataError(f"image-text matching needs captions of at least two images; "
-                                   f"{_describe_sources(self.captions)} has {len(self.captions)} captions of one")
+                                   f"{_describe_sources(self.captions)} has {len(self.captions)} captions of "
+                                   "one")
         if image_loader is None:
             from detector.image_sources import load_image as image_loader
         self.image_loader = image_loader
@@ -171,7 +172,7 @@ class CaptionPretrainDataset(Dataset):
         if missing:
             raise CaptionDataError(
                 f"{files}: {len(missing)} of {len(paths)} image files do not exist (e.g. "
-                f"{', '.join(missing[:3])}); check MODEL.VLBERT.PRETRAIN.IMAGE_ROOT")
+                f"{', '.join(missing[:3])}); check DATASETS.CAPTIONS_IMAGE_DIR_TRAIN / _TEST")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -189,7 +190,8 @@ class CaptionPretrainDataset(Dataset):
 
     def check_region_classes(self, num_classes: int, key: str = "MODEL.VLBERT.NUM_MRC_CLASSES") -> None:
         """Fail before training if the stored class distributions (the masked-RoI targets) are not
-        `num_classes` wide; one store comes from one detector, so the first caption's record speaks for all."""
+        `num_classes` wide; one store comes from one detector, so the first caption's record speaks for
+        all."""
         if not self.captions:
             return
         record = self._record(self.captions[0])
@@ -349,70 +351,6 @@ class PretrainMix(Dataset):
             item = part[index % len(part)]
             samples.extend(item if isinstance(item, list) else [item])
         return samples
-
-
-def build_pretrain_datasets(
-    cfg, tokenizer, seed: int = 0, mismatch_prob: float = 0.0
-) -> tuple[CaptionPretrainDataset, TextOnlyDataset | None]:
-    """The caption data set (and the text-only corpus, when configured) of a training config:
-    MODEL.VLBERT.PRETRAIN.{CAPTIONS, IMAGE_ROOT, TEXT_CORPUS, rates}, DATASETS.{ROOT, ROI_STORE} and the
-    INPUT training sizes; `mismatch_prob`: image-text matching's share of captions shown with another image."""
-    p = cfg.MODEL.VLBERT.PRETRAIN
-    if not p.CAPTIONS:
-        raise CaptionDataError(
-            "MODEL.VLBERT.PRETRAIN.CAPTIONS is empty: name a COCO captions json or a TSV file"
-        )
-    transform = ResizeFlip(
-        list(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN, flip_prob=p.FLIP_PROB, swap_text_sides=True
-    )
-    captions_set = _caption_dataset(cfg, tokenizer, p.CAPTIONS, transform, seed, mismatch_prob)
-    text_set = None
-    if p.TEXT_CORPUS:
-        text_set = TextOnlyDataset.from_file(
-            _under_root(cfg, p.TEXT_CORPUS), tokenizer, mlm_prob=p.MLM_PROB, max_len=p.MAX_SEQ_LEN, seed=seed
-        )
-    return captions_set, text_set
-
-
-def build_pretrain_val_dataset(cfg, tokenizer) -> CaptionPretrainDataset | None:
-    """The held-out captions MODEL.VLBERT.PRETRAIN.VAL_CAPTIONS (None when empty) at the INPUT test size,
-    unflipped; masks come from seed 0 at epoch 0, so every evaluation scores the same words and regions."""
-    p = cfg.MODEL.VLBERT.PRETRAIN
-    if not p.VAL_CAPTIONS:
-        return None
-    transform = ResizeFlip(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    return _caption_dataset(cfg, tokenizer, p.VAL_CAPTIONS, transform, seed=0)
-
-
-def _caption_dataset(
-    cfg, tokenizer, captions_file: str, transform: ResizeFlip, seed: int, mismatch_prob: float = 0.0
-) -> CaptionPretrainDataset:
-    """Captions of `captions_file` joined with DATASETS.ROI_STORE, masked at the PRETRAIN rates."""
-    p = cfg.MODEL.VLBERT.PRETRAIN
-    if not cfg.DATASETS.ROI_STORE:
-        raise CaptionDataError(
-            "DATASETS.ROI_STORE is empty: pre-training needs the regions of tools/extract_rois.py"
-        )
-    captions = read_captions(_under_root(cfg, captions_file), _under_root(cfg, p.IMAGE_ROOT) or None)
-    return CaptionPretrainDataset(
-        captions,
-        open_roi_store(_under_root(cfg, cfg.DATASETS.ROI_STORE)),
-        tokenizer,
-        transform,
-        mlm_prob=p.MLM_PROB,
-        mrc_prob=p.MRC_PROB,
-        mrc_mask_frac=p.MRC_MASK_FRAC,
-        max_seq_len=p.MAX_SEQ_LEN,
-        max_text_len=p.MAX_TEXT_LEN,
-        seed=seed,
-        mismatch_prob=mismatch_prob,
-    )
-
-
-def _under_root(cfg, path: str) -> str:
-    """`path` relative to DATASETS.ROOT (absolute and empty paths as they are)."""
-    root = cfg.DATASETS.ROOT
-    return os.path.join(root, path) if root and path and not os.path.isabs(path) else path
 
 
 def _top_boxes(record, budget: int) -> np.ndarray:

@@ -1,40 +1,103 @@
 """TASK pretrain: captions with masked words and regions (mixed 1:1 with text-only passages when
-MODEL.VLBERT.PRETRAIN.TEXT_CORPUS is set, and with image questions when PRETRAIN.VQA_DATASET is set);
-with the itm head, PRETRAIN.MISMATCH_PROB of the captions are shown with another image. Masked-word
-accuracy on PRETRAIN.VAL_CAPTIONS, if any."""
+DATASETS.TEXT_CORPUS is set, and with image questions when DATASETS.PRETRAIN_VQA is set); with the itm
+head, MODEL.VLBERT.PRETRAIN.MISMATCH_PROB of the captions are shown with another image. Masked-word
+accuracy on DATASETS.TEST, if any.
+
+Data sets `captions_train` and `captions_test` are the caption files DATASETS.CAPTIONS_TRAIN and
+CAPTIONS_TEST under DATASETS.ROOT (`e2e_vl.data.captions`), joined with DATASETS.ROI_STORE. The objective
+(masking rates, lengths, flips) is MODEL.VLBERT.PRETRAIN's."""
 from __future__ import annotations
+
+import os
 
 import torch
 
 from detector.config import CfgNode, ConfigError
+from e2e_vl.data.catalog import DatasetCatalog
 from e2e_vl.tasks import register_task
 
 # Heads trained on caption-image pairs; a pre-training model needs one of them.
 CAPTION_HEADS = ("mlm", "mrc", "itm", "mrc_kl", "obj_label", "feat_regression", "contrastive")
+CAPTION_DATASETS = DatasetCatalog("caption")
+# data set -> the DATASETS keys of its caption file and of the folder its image paths are relative to
+CAPTION_FILES = {"captions_train": ("CAPTIONS_TRAIN", "CAPTIONS_IMAGE_DIR_TRAIN"),
+                 "captions_test": ("CAPTIONS_TEST", "CAPTIONS_IMAGE_DIR_TEST")}
 
 
-@register_task("pretrain", default_arch="vlbert", eval_key="MODEL.VLBERT.PRETRAIN.VAL_CAPTIONS")
+@CAPTION_DATASETS.register(*CAPTION_FILES)
+def _captions(name: str, cfg: CfgNode, tokenizer, train: bool, mismatch_prob: float = 0.0):
+    """The caption file of `name`. As DATASETS.TRAIN: the INPUT training sizes, flips and masks drawn anew
+    each epoch from SEED; as DATASETS.TEST: the test size, unflipped, masks of seed 0 at epoch 0, so every
+    evaluation scores the same words and regions. `mismatch_prob`: image-text matching's share of captions
+    shown with another image."""
+    from e2e_vl.data.captions import CaptionPretrainDataset, read_captions
+    from e2e_vl.data.roi_records import open_roi_store
+    from e2e_vl.data.transforms import ResizeFlip
+
+    d, p = cfg.DATASETS, cfg.MODEL.VLBERT.PRETRAIN
+    file_key, dir_key = CAPTION_FILES[name]
+    if not d[file_key]:
+        raise ConfigError(f"'DATASETS.{file_key}' is empty: {name} needs a COCO captions json or an "
+                          "image_path<TAB>caption TSV file")
+    if not d.ROI_STORE:
+        raise ConfigError(f"'DATASETS.ROI_STORE' is empty: {name} needs the regions of tools/extract_rois.py")
+    image_dir = _under_root(cfg, d[dir_key]) if d[dir_key] else None  # None: the reader's own default
+    captions = read_captions(_under_root(cfg, d[file_key]), image_dir)
+    if train:
+        transform = ResizeFlip(list(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN,
+                               flip_prob=p.FLIP_PROB, swap_text_sides=True)
+    else:
+        transform = ResizeFlip(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    return CaptionPretrainDataset(
+        captions, open_roi_store(_under_root(cfg, d.ROI_STORE)), tokenizer, transform, mlm_prob=p.MLM_PROB,
+        mrc_prob=p.MRC_PROB, mrc_mask_frac=p.MRC_MASK_FRAC, max_seq_len=p.MAX_SEQ_LEN,
+        max_text_len=p.MAX_TEXT_LEN, seed=cfg.SEED if train else 0, mismatch_prob=mismatch_prob)
+
+
+def _under_root(cfg: CfgNode, path: str) -> str:
+    """`path` under DATASETS.ROOT (an absolute path as it is)."""
+    return os.path.join(cfg.DATASETS.ROOT, path)
+
+
+def _check_config(cfg: CfgNode, eval_only: bool) -> None:
+    """Data set names, checked before any file is read."""
+    from e2e_vl.tasks.vqa import VQA_DATASETS
+
+    d = cfg.DATASETS
+    if not eval_only:
+        CAPTION_DATASETS.check("DATASETS.TRAIN", d.TRAIN)
+    if d.TEST:
+        CAPTION_DATASETS.check("DATASETS.TEST", d.TEST)
+    if d.PRETRAIN_VQA and not eval_only:
+        VQA_DATASETS.check("DATASETS.PRETRAIN_VQA", d.PRETRAIN_VQA)
+
+
+@register_task("pretrain", default_arch="vlbert")
 def build_pretrain_task(cfg: CfgNode, model, device: torch.device, eval_only: bool):
-    from e2e_vl.data.captions import PretrainMix, build_pretrain_datasets, build_pretrain_val_dataset
+    from e2e_vl.data.captions import PretrainMix, TextOnlyDataset
     from e2e_vl.data.collate import VLCollator
     from e2e_vl.engine.trainer import AMP_DTYPES, TrainTask
     from e2e_vl.evaluation.pretrain import PretrainEvaluator
 
-    tokenizer = model.tokenizer
-    p = cfg.MODEL.VLBERT.PRETRAIN
+    tokenizer, d, p = model.tokenizer, cfg.DATASETS, cfg.MODEL.VLBERT.PRETRAIN
     if not set(CAPTION_HEADS) & set(model.heads):
-        raise ConfigError(f"TASK pretrain needs a model with one of the heads {list(CAPTION_HEADS)}, got {list(model.heads)}")
-    if ("vqa" in model.heads) != bool(p.VQA_DATASET):
-        raise ConfigError("TASK pretrain: the vqa head and 'MODEL.VLBERT.PRETRAIN.VQA_DATASET' go together (image QA "
-                          f"as a pre-training task); got heads {list(model.heads)} and VQA_DATASET {p.VQA_DATASET!r}")
+        raise ConfigError(f"TASK pretrain needs a model with one of the heads {list(CAPTION_HEADS)}, "
+                          f"got {list(model.heads)}")
+    if ("vqa" in model.heads) != bool(d.PRETRAIN_VQA):
+        raise ConfigError("TASK pretrain: the vqa head and 'DATASETS.PRETRAIN_VQA' go together (image QA as "
+                          f"a pre-training task); got heads {list(model.heads)} and PRETRAIN_VQA "
+                          f"{d.PRETRAIN_VQA!r}")
+    _check_config(cfg, eval_only)
     collate = VLCollator(pad_token_id=tokenizer.pad_token_id)
     train_set = captions = None
     if not eval_only:
         mismatch = p.MISMATCH_PROB if "itm" in model.heads else 0.0
-        captions, text = build_pretrain_datasets(cfg, tokenizer, seed=cfg.SEED, mismatch_prob=mismatch)
+        captions = CAPTION_DATASETS.build("DATASETS.TRAIN", d.TRAIN, cfg, tokenizer, True, mismatch)
+        text = TextOnlyDataset.from_file(_under_root(cfg, d.TEXT_CORPUS), tokenizer, mlm_prob=p.MLM_PROB,
+                                         max_len=p.MAX_SEQ_LEN, seed=cfg.SEED) if d.TEXT_CORPUS else None
         others = [part for part in (text, _questions(cfg, model)) if part is not None]
         train_set = PretrainMix(captions, *others) if others else captions
-    val_set = build_pretrain_val_dataset(cfg, tokenizer)
+    val_set = CAPTION_DATASETS.build("DATASETS.TEST", d.TEST, cfg, tokenizer, False) if d.TEST else None
     if "mrc" in model.heads:  # a mismatch would otherwise surface as a shape error at the first step
         for dataset in (captions, val_set):
             if dataset is not None:
@@ -47,16 +110,18 @@ def build_pretrain_task(cfg: CfgNode, model, device: torch.device, eval_only: bo
 
 
 def _questions(cfg: CfgNode, model):
-    """PRETRAIN.VQA_DATASET's training questions (None when unset), checked against the vqa head's answers."""
+    """DATASETS.PRETRAIN_VQA's training questions (None when unset), checked against the vqa head's
+    answers."""
     from e2e_vl.tasks.vqa import VQA_DATASETS
 
-    p = cfg.MODEL.VLBERT.PRETRAIN
-    if not p.VQA_DATASET:
+    d = cfg.DATASETS
+    if not d.PRETRAIN_VQA:
         return None
     sizes = (cfg.INPUT.MIN_SIZE_TRAIN[0], cfg.INPUT.MAX_SIZE_TRAIN)
-    questions, answers = VQA_DATASETS.build("MODEL.VLBERT.PRETRAIN.VQA_DATASET", p.VQA_DATASET, cfg, model.tokenizer,
-                                            True, sizes, p.VQA_LIMIT)
+    questions, answers = VQA_DATASETS.build("DATASETS.PRETRAIN_VQA", d.PRETRAIN_VQA, cfg, model.tokenizer,
+                                            True, sizes, d.PRETRAIN_VQA_LIMIT)
     if len(answers) != model.heads["vqa"].num_answers:
-        raise ConfigError(f"the vqa head has {model.heads['vqa'].num_answers} answers (MODEL.VLBERT.NUM_ANSWERS) but "
-                          f"MODEL.VLBERT.PRETRAIN.VQA_DATASET {p.VQA_DATASET} has {len(answers)}")
+        raise ConfigError(f"the vqa head has {model.heads['vqa'].num_answers} answers "
+                          f"(MODEL.VLBERT.NUM_ANSWERS) but DATASETS.PRETRAIN_VQA {d.PRETRAIN_VQA} has "
+                          f"{len(answers)}")
     return questions
