@@ -19,6 +19,9 @@ from detector.image_sources import ImageError, as_bgr_uint8
 from detector.modeling import GeneralizedRCNN, build_detector
 from detector.transforms import rescale_boxes, resize_shortest_edge
 
+# ImageError is re-exported: it is what DetectorPredictor raises for an image it cannot take.
+__all__ = ["DetectorPredictor", "ImageError", "as_bgr_uint8"]
+
 
 class DetectorPredictor:
     """Builds the detector of `cfg`, loads `weights` (or MODEL.WEIGHTS), and runs single images."""

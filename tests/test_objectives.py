@@ -20,6 +20,8 @@ from e2e_vl.data.captions import Caption, CaptionDataError, CaptionPretrainDatas
 from e2e_vl.data.collate import collate_samples
 from e2e_vl.modeling.heads import HEADS, Encoded
 from e2e_vl.modeling.objectives import contrastive_loss, feature_regression_loss, kl_to_distribution
+# Fixtures: pytest finds them among this module's names. A test taking one as an argument rebinds the
+# name, which pyflakes reports as a redefinition (F811).
 from test_architectures import bert_folder, one_thread  # noqa: F401  (fixtures)
 from test_pretrain_task import NUM_CLASSES, _write_caption_data
 from test_vlbert import tiny_detector_cfg
@@ -254,7 +256,7 @@ def test_contrastive_loss_gathers_negatives_over_processes(tmp_path):
 
 # ---- every objective at once, through the task and the training loop -------------------------------------
 @pytest.mark.parametrize("arch", ["vlbert", "visualbert", "lxmert", "vilbert"])
-def test_two_pretraining_steps_with_every_objective(arch, bert_folder, tmp_path):
+def test_two_pretraining_steps_with_every_objective(arch, bert_folder, tmp_path):  # noqa: F811
     from e2e_vl.config import get_train_cfg
     from e2e_vl.engine.trainer import train
     from e2e_vl.modeling.registry import build_model
@@ -368,7 +370,7 @@ def test_pretraining_pairs_the_vqa_head_with_its_questions():
 
 
 @pytest.mark.parametrize("head", ["itm", "mrc_kl", "obj_label", "feat_regression", "contrastive"])
-def test_visualbert_without_grounding_refuses_the_image_objectives(head, bert_folder):
+def test_visualbert_without_grounding_refuses_the_image_objectives(head, bert_folder):  # noqa: F811
     from detector.config import ConfigError
     from test_architectures import build
 

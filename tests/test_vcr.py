@@ -391,7 +391,7 @@ def test_missing_files_fail_before_training_and_bad_metadata_names_its_file(vcr_
     with pytest.raises(VCRDataError, match=f"annot_id 'train-2': img_fn {image} does not exist"):
         VCRDataset(records, vcr_root / "vcr1images", tokenizer, ResizeFlip(64, 96), source="train.jsonl")
     (vcr_root / "vcr1images" / records[0].metadata_fn).unlink()
-    with pytest.raises(VCRDataError, match=f"annot_id 'train-0': metadata_fn .*@0.json does not exist"):
+    with pytest.raises(VCRDataError, match="annot_id 'train-0': metadata_fn .*@0.json does not exist"):
         VCRDataset(records[:1], vcr_root / "vcr1images", tokenizer, ResizeFlip(64, 96))
     out = tmp_path / "run"
     assert train_net.cli(_args(vcr_root, out)) == 2  # one logged line, before any step
