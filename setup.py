@@ -46,7 +46,8 @@ def _extensions():
                 "detector._C",
                 cpp + cu,
                 define_macros=macros,
-                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]},
+                extra_compile_args={"cxx": cxx_flags,
+                                    "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]},
                 extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],
             )
         ]
@@ -64,7 +65,8 @@ def _extensions():
 setup(
     name="e2e-vl",
     version="0.1.0",
-    description="End-to-end VL-BERT with a Detectron2-architecture Visual Genome detector and a native RoIAlign",
+    description="End-to-end VL-BERT with a Detectron2-architecture Visual Genome detector and a native "
+                "RoIAlign",
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

@@ -16,7 +16,8 @@ Full run (about 2,000 steps x 4 runs per architecture pair; hours on 2 CPU cores
 
 A quick look (trailing KEY VALUE pairs override every run's config):
 
-    .venv/bin/python benchmarks/architectures.py --steps 20 --archs vlbert lxmert --threads 1 DATASETS.TEST_LIMIT 64
+    .venv/bin/python benchmarks/architectures.py --steps 20 --archs vlbert lxmert --threads 1 \\
+        DATASETS.TEST_LIMIT 64
 """
 from __future__ import annotations
 
@@ -41,10 +42,12 @@ ANSWER_TYPES = ("yes/no", "colour", "shape")
 
 
 def easy_vqa_architectures() -> list[str]:
-    """The registered architectures with an easy-VQA config of their own, and TASK vqa's default (base.yaml's)."""
+    """The registered architectures with an easy-VQA config of their own, and TASK vqa's default
+    (base.yaml's)."""
     from e2e_vl.tasks import get_task
 
-    return sorted({a for a in architectures() if (CONFIGS / f"{a}.yaml").is_file()} | {get_task("vqa").default_arch})
+    return sorted({a for a in architectures() if (CONFIGS / f"{a}.yaml").is_file()}
+                  | {get_task("vqa").default_arch})
 
 
 def arch_config(arch: str) -> tuple[Path, list[str]]:
@@ -76,7 +79,8 @@ def run_one(arch: str, setting: str, steps: int, out: Path, overrides: list[str]
     from e2e_vl.tasks import get_task
 
     config, arch_keys = arch_config(arch)
-    keys = [*arch_keys, *SETTINGS[setting], "SOLVER.MAX_ITER", str(steps), "OUTPUT_DIR", str(out / f"{arch}-{setting}")]
+    keys = [*arch_keys, *SETTINGS[setting], "SOLVER.MAX_ITER", str(steps),
+            "OUTPUT_DIR", str(out / f"{arch}-{setting}")]
     cfg = load_train_cfg(config, [*keys, *overrides])
     if cfg.SOLVER.WARMUP_ITERS >= steps:  # a short budget keeps a proportionate warm-up
         cfg = load_train_cfg(config, [*keys, "SOLVER.WARMUP_ITERS", str(steps // 10), *overrides])
@@ -88,7 +92,8 @@ def run_one(arch: str, setting: str, steps: int, out: Path, overrides: list[str]
     metrics = train(cfg, model, get_task(cfg.TASK).build(cfg, model, device, False), device)
     wall = time.perf_counter() - start
     return {"arch": arch, "setting": setting, "steps": steps, "wall_s": wall, "params": params,
-            "images_per_s": training_images_per_s(Path(cfg.OUTPUT_DIR) / "metrics.jsonl", cfg.SOLVER.IMS_PER_BATCH),
+            "images_per_s": training_images_per_s(Path(cfg.OUTPUT_DIR) / "metrics.jsonl",
+                                                  cfg.SOLVER.IMS_PER_BATCH),
             "metrics": metrics}
 
 
@@ -100,7 +105,8 @@ def markdown_table(results: list[dict]) -> str:
         m, p = r["metrics"], r["params"]
         by_type = " | ".join(f"{m.get(f'accuracy/{t}', float('nan')):.3f}" for t in ANSWER_TYPES)
         lines.append(f"| {r['arch']} | {r['setting']} | {m.get('accuracy', float('nan')):.3f} | {by_type} | "
-                     f"{r['images_per_s']:.1f} | " + " / ".join(f"{p[k] / 1e6:.2f}" for k in PARAMETER_KINDS) + " |")
+                     f"{r['images_per_s']:.1f} | " + " / ".join(f"{p[k] / 1e6:.2f}" for k in PARAMETER_KINDS)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -129,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"steps": args.steps, "threads": args.threads, "overrides": args.overrides,
-                                         "results": results}, indent=1))
+        args.json.write_text(json.dumps({"steps": args.steps, "threads": args.threads,
+                                         "overrides": args.overrides, "results": results}, indent=1))
     return 0
 
 

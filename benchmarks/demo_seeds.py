@@ -72,8 +72,9 @@ def stage1(out: Path, threads: int, overrides: list[str]) -> tuple[Path, float]:
 
 def stage2(out: Path, weights: Path, setting: str, seed: int, threads: int, overrides: list[str]) -> dict:
     run_dir = out / f"threads{threads}" / f"{setting}_seed{seed}"
-    stdout, wall = run(["tools/train_net.py", "--config-file", SETTINGS[setting], "--output-dir", str(run_dir),
-                        "SEED", str(seed), "MODEL.WEIGHTS", str(weights), *overrides],
+    stdout, wall = run(["tools/train_net.py", "--config-file", SETTINGS[setting],
+                        "--output-dir", str(run_dir), "SEED", str(seed), "MODEL.WEIGHTS", str(weights),
+                        *overrides],
                        threads, run_dir.with_suffix(".log"))
     return {"setting": setting, "seed": seed, "threads": threads, "stage2_s": round(wall, 1),
             **parse_accuracy(stdout)}
@@ -85,15 +86,18 @@ def table(rows: list[dict], stage1_s: dict[int, float]) -> str:
              "| --- | --- | --- | --- | " + " | ".join("---" for _ in types) + " | --- |"]
     for r in sorted(rows, key=lambda r: (r["setting"], r["threads"], r["seed"])):
         lines.append(f"| {r['setting']} | {r['threads']} | {r['seed']} | {r['accuracy']:.4f} | "
-                     + " | ".join(f"{r.get(t, float('nan')):.4f}" for t in types) + f" | {r['stage2_s']:.0f} |")
+                     + " | ".join(f"{r.get(t, float('nan')):.4f}" for t in types)
+                     + f" | {r['stage2_s']:.0f} |")
     lines.append("")
     lines.append("| setting | runs | mean | min | max |")
     lines.append("| --- | --- | --- | --- | --- |")
     for setting in sorted({r["setting"] for r in rows}):
         acc = [r["accuracy"] for r in rows if r["setting"] == setting]
-        lines.append(f"| {setting} | {len(acc)} | {statistics.mean(acc):.4f} | {min(acc):.4f} | {max(acc):.4f} |")
+        lines.append(f"| {setting} | {len(acc)} | {statistics.mean(acc):.4f} | {min(acc):.4f} | "
+                     f"{max(acc):.4f} |")
     lines.append("")
-    lines.append("stage 1 + export (s): " + ", ".join(f"{t} threads {s:.0f}" for t, s in sorted(stage1_s.items())))
+    lines.append("stage 1 + export (s): "
+                 + ", ".join(f"{t} threads {s:.0f}" for t, s in sorted(stage1_s.items())))
     return "\n".join(lines)
 
 
@@ -117,13 +121,15 @@ def main() -> None:
         else:
             weights[threads], stage1_s[threads] = stage1(args.out, threads, args.opts)
             print(f"stage 1, {threads} threads: {stage1_s[threads]:.0f} s", flush=True)
-    jobs = [(setting, seed, threads) for threads in args.threads for setting in args.settings for seed in args.seeds]
+    jobs = [(setting, seed, threads) for threads in args.threads for setting in args.settings
+            for seed in args.seeds]
     rows: list[dict] = []
 
     def one(job: tuple[str, int, int]) -> dict:
         setting, seed, threads = job
         row = stage2(args.out, weights[threads], setting, seed, threads, args.opts)
-        print(f"{setting} seed {seed} threads {threads}: {row['accuracy']:.4f} in {row['stage2_s']:.0f} s", flush=True)
+        print(f"{setting} seed {seed} threads {threads}: {row['accuracy']:.4f} in {row['stage2_s']:.0f} s",
+              flush=True)
         return row
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:

@@ -97,7 +97,8 @@ def bench_train(cfg_path: Path, device: torch.device, dtype: torch.dtype, h: int
     boxes = [_random_boxes(num_boxes, h, w, gen).to(device)]
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     labels = torch.randint(0, num_classes + 1, (num_boxes,), generator=gen).to(device)
-    attr_labels = torch.randint(0, cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES + 1, (num_boxes,), generator=gen)
+    attr_labels = torch.randint(0, cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES + 1, (num_boxes,),
+                                generator=gen)
 
     def step():
         with _autocast(device, dtype):
@@ -183,11 +184,13 @@ def bench_vs_detectron2(h: int, w: int, num_boxes: int, warmup: int, iters: int,
         d2_sec = _time(theirs_fn, warmup, iters, cpu)
         our_sec = _time(ours_fn, warmup, iters, cpu)
         print(f"{task:<22}{'detectron2':<12}{d2_sec:>9.3f}{1 / d2_sec:>9.2f}{'1.00x':>9}")
-        print(f"{task:<22}{'ours':<12}{our_sec:>9.3f}{1 / our_sec:>9.2f}{d2_sec / our_sec:>8.2f}x", flush=True)
+        print(f"{task:<22}{'ours':<12}{our_sec:>9.3f}{1 / our_sec:>9.2f}{d2_sec / our_sec:>8.2f}x",
+              flush=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model and images, few iterations")
     parser.add_argument("--devices", default="cpu,cuda", help="comma list; cuda rows only when available")
     parser.add_argument("--dtypes", default="fp32,bf16,fp32+opt,bf16+opt,fp32+cl,bf16+cl",
@@ -195,8 +198,10 @@ def main() -> None:
                              "model.optimize_for_inference(dtype), '+cl' (training rows) uses channels-last "
                              "weights, e.g. bf16+opt,bf16+cl")
     parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--skip", default="", help="comma list of sections to skip: inference,train,detectron2")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--skip", default="",
+                        help="comma list of sections to skip: inference,train,detectron2")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,7 +214,8 @@ def main() -> None:
                if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
     skip = set(filter(None, args.skip.split(",")))
     print(f"detector benchmark: {h}x{w}, {boxes} boxes/image, batch 1, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads, inference cfg {infer_cfg.name}, train cfg {train_cfg.name}")
+          f"{torch.get_num_threads()} CPU threads, inference cfg {infer_cfg.name}, train cfg "
+          f"{train_cfg.name}")
     print(f"{'task':<22}{'device':<8}{'dtype':<11}{'s/img':>9}{'img/s':>9}{'vs fp32':>9}")
     for task in ("inference", "train"):
         if task in skip:
@@ -228,7 +234,8 @@ def main() -> None:
                     continue
                 base = base or (sec if name == "fp32" else None)
                 ratio = f"{base / sec:.2f}x" if base else "-"
-                print(f"{label:<22}{device.type:<8}{name:<11}{sec:>9.3f}{1 / sec:>9.2f}{ratio:>9}", flush=True)
+                print(f"{label:<22}{device.type:<8}{name:<11}{sec:>9.3f}{1 / sec:>9.2f}{ratio:>9}",
+                      flush=True)
     if "detectron2" not in skip:
         bench_vs_detectron2(h, w, boxes, warmup, iters, args.quick)
 

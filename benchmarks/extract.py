@@ -66,7 +66,8 @@ def sane_random_weights(model: torch.nn.Module, image: np.ndarray, min_size: int
         module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
         module.running_var.copy_(x.var(dim=(0, 2, 3)).clamp(min=1e-4))
 
-    hooks = [m.register_forward_pre_hook(set_stats) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    hooks = [m.register_forward_pre_hook(set_stats)
+             for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
     p = prepare_image(image, min_size, max_size)
     x = model.preprocess_image(torch.from_numpy(p.image).permute(2, 0, 1)[None].float().to(model.device))
     with torch.no_grad():
@@ -97,7 +98,8 @@ def bench_device(cfg_path: Path, device: torch.device, jpegs: list[bytes], batch
 
     rows = []
     for dtype, features in [(d, f) for d in dtypes for f in (False, True)]:
-        ex = RegionExtractor(model, cfg.INPUT.FORMAT, Selection(), with_features=features, autocast_dtype=dtype)
+        ex = RegionExtractor(model, cfg.INPUT.FORMAT, Selection(), with_features=features,
+                             autocast_dtype=dtype)
         for i in range(warmup):
             ex(prepared[i * batch:(i + 1) * batch] or prepared[:batch])
         ex.timings.clear()
@@ -133,7 +135,8 @@ def bench_selection(n: int, c: int, repeats: int) -> list[tuple[str, float]]:
         return (time.perf_counter() - t) / repeats
 
     return [("python loop over classes (baseline)", timed(python_loop)),
-            ("select_boxes (pairs above floor, one NMS)", timed(lambda: select_boxes(boxes, probs, Selection()))),
+            ("select_boxes (pairs above floor, one NMS)",
+             timed(lambda: select_boxes(boxes, probs, Selection()))),
             ("max_conf_dense (exact top-up path)", timed(lambda: max_conf_dense(boxes, probs[:, :-1], 0.3)))]
 
 
@@ -165,8 +168,9 @@ def main() -> None:
     name = "tiny R18-C4" if args.quick else "VG R101-C4"
     print(f"\nExtraction, {name}, {n} {w}x{h} JPEGs (resized per config), torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
-    head = (f"{'device':<8} {'dtype':<8} {'features':<8} {'s/img':>8} {'serial img/s':>12} {'pipelined img/s':>15} {'ratio':>6} "
-            f"{'boxes':>6} " + " ".join(f"{s:>9}" for s in ("decode", *STAGES)))
+    head = (f"{'device':<8} {'dtype':<8} {'features':<8} {'s/img':>8} {'serial img/s':>12} "
+            f"{'pipelined img/s':>15} {'ratio':>6} {'boxes':>6} "
+            + " ".join(f"{s:>9}" for s in ("decode", *STAGES)))
     print(head)
     print("-" * len(head))
     base = {}
@@ -174,7 +178,8 @@ def main() -> None:
         total = r["decode"] + r["model"]
         base.setdefault(r["device"], r["model"])
         shares = [r["decode"] / total] + [r[s] / total for s in STAGES]
-        print(f"{r['device']:<8} {r['dtype']:<8} {'yes' if r['features'] else 'no':<8} {total:>8.3g} {1 / total:>12.3g} {1 / r['model']:>15.3g} "
+        print(f"{r['device']:<8} {r['dtype']:<8} {'yes' if r['features'] else 'no':<8} {total:>8.3g} "
+              f"{1 / total:>12.3g} {1 / r['model']:>15.3g} "
               f"{base[r['device']] / r['model']:>6.2f} {r['boxes']:>6.1f} "
               + " ".join(f"{100 * s:>8.1f}%" for s in shares))
 

@@ -68,7 +68,8 @@ def store_class_probs(model: VLBert, dataset: CaptionPretrainDataset) -> None:
             dataset.regions[sample["image_id"]].class_probs = rows[1:].numpy()  # row 0: the whole image
 
 
-def probe_samples(dataset: CaptionPretrainDataset, tokenizer, word: int, condition: str) -> list[dict[str, Any]]:
+def probe_samples(dataset: CaptionPretrainDataset, tokenizer, word: int,
+                  condition: str) -> list[dict[str, Any]]:
     """Held-out samples with caption word `word` masked (all its pieces labelled), under `condition`."""
     samples = []
     for index in range(len(dataset)):
@@ -146,7 +147,8 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
         ResizeFlip(size, max_size, flip_prob=0.5, swap_text_sides=True),
         mlm_prob=args.mlm_prob, seed=cfg.SEED, **lengths,
     )
-    test_set = CaptionPretrainDataset(test_caps, test_records, tokenizer, ResizeFlip(size, max_size), **unmasked)
+    test_set = CaptionPretrainDataset(test_caps, test_records, tokenizer, ResizeFlip(size, max_size),
+                                      **unmasked)
     probes = {(w, c): probe_samples(test_set, tokenizer, i, c) for w, i in WORDS.items() for c in CONDITIONS}
 
     def measure() -> dict[str, dict[str, float]]:
@@ -188,7 +190,8 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default=os.path.join(REPO, "configs", "easy_vqa", "e2e.yaml"))
     parser.add_argument("--detector-weights", default=os.path.join("output", "easy_vqa", "detector.pth"),
                         help="the stage-1 detector (tools/export_detector.py output)")
@@ -211,8 +214,8 @@ def main() -> None:
             json.dump(result, f, indent=1)
     losses = result["losses"]
     head = max(1, len(losses) // 10)
-    print(f"VL-BERT pre-training: {len(losses)} steps x {args.batch_size} captions ({result['num_train']} images), "
-          f"{result['train_seconds']:.0f} s; loss first/last {head} steps: "
+    print(f"VL-BERT pre-training: {len(losses)} steps x {args.batch_size} captions ({result['num_train']} "
+          f"images), {result['train_seconds']:.0f} s; loss first/last {head} steps: "
           f"{np.mean(losses[:head]):.3f} -> {np.mean(losses[-head:]):.3f}"
           + (f"; overrides: {' '.join(args.opts)}" if args.opts else ""))
     print(f"held-out captions: {result['num_eval']}; accuracy of the masked word (all word pieces right)\n")

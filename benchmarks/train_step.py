@@ -45,9 +45,11 @@ def build_model(quick: bool, device: torch.device) -> VLBert:
         cfg.merge_from_list(["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
                              "MODEL.RESNETS.WIDTH_PER_GROUP", "16", "MODEL.RESNETS.RES5_DILATION", "1",
                              "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "7"])
-        bert_cfg = BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
+        bert_cfg = BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=512)
     else:
-        bert_cfg = BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+        bert_cfg = BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                              intermediate_size=3072)
     torch.manual_seed(0)
     detector = build_detector(cfg)
     bert = BertModel(bert_cfg, add_pooling_layer=False)
@@ -55,12 +57,14 @@ def build_model(quick: bool, device: torch.device) -> VLBert:
     return model.to(device).train()
 
 
-def make_batch(n_images: int, regions: int, size: tuple[int, int], text_len: int, device: torch.device) -> dict:
+def make_batch(n_images: int, regions: int, size: tuple[int, int], text_len: int,
+               device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     h, w = size
     xy = torch.rand(n_images, regions, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
     wh = 16 + torch.rand(n_images, regions, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3])
-    boxes = [torch.cat([torch.tensor([[0.0, 0.0, w, h]]), torch.cat([xy[i], xy[i] + wh[i]], 1)]) for i in range(n_images)]
+    boxes = [torch.cat([torch.tensor([[0.0, 0.0, w, h]]), torch.cat([xy[i], xy[i] + wh[i]], 1)])
+             for i in range(n_images)]
     ids = torch.randint(1000, 20000, (n_images, text_len), generator=g)
     ids[:, 0], ids[:, -3], ids[:, -2], ids[:, -1] = 101, 102, 103, 102
     batch = {
@@ -68,7 +72,8 @@ def make_batch(n_images: int, regions: int, size: tuple[int, int], text_len: int
         "image_sizes": torch.tensor([[h, w]] * n_images),
         "boxes": boxes,
         "sample_image_index": torch.arange(n_images),
-        "input_ids": ids, "token_type_ids": torch.zeros_like(ids), "text_mask": torch.ones_like(ids, dtype=torch.bool),
+        "input_ids": ids, "token_type_ids": torch.zeros_like(ids),
+        "text_mask": torch.ones_like(ids, dtype=torch.bool),
         "answer_pos": torch.full((n_images,), text_len - 2),
         "vqa_targets": (torch.rand(n_images, 3129, generator=g) > 0.999).float(),
     }
@@ -126,10 +131,13 @@ def main() -> None:
     peak = matmul_peak(device, 1024 if device.type == "cpu" else 8192)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     spec = next((v for k, v in SPEC_BF16_TFLOPS.items() if k in name), None)
-    print(f"device: {name} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f"device: {name}")
-    print(f"model: {'R18-C4 (narrow res5, 7x7) + BERT L2/H128 (quick)' if a.quick else 'R101-C4 (res5 dil. 2, 14x14) + BERT-base'}, "
-          f"batch {n_images}, images {size[0]}x{size[1]}, bf16 autocast, AdamW")
-    print(f"measured bf16 matmul peak: {peak / 1e12:.2f} TFLOP/s" + (f"; spec {spec:.0f} TFLOP/s" if spec else ""))
+    print(f"device: {name} ({torch.get_num_threads()} threads)" if device.type == "cpu"
+          else f"device: {name}")
+    model_name = ("R18-C4 (narrow res5, 7x7) + BERT L2/H128 (quick)" if a.quick
+                  else "R101-C4 (res5 dil. 2, 14x14) + BERT-base")
+    print(f"model: {model_name}, batch {n_images}, images {size[0]}x{size[1]}, bf16 autocast, AdamW")
+    print(f"measured bf16 matmul peak: {peak / 1e12:.2f} TFLOP/s"
+          + (f"; spec {spec:.0f} TFLOP/s" if spec else ""))
     print()
     header = (f"{'regions':>7} {'images/s':>9} {'step ms':>8} {'TFLOP/step':>10} {'MFU(meas)':>9} "
               f"{'MFU(spec)':>9} | {'trunk':>6} {'regions':>7} {'transf.':>7} {'optim':>6}")
@@ -172,12 +180,13 @@ def main() -> None:
         total = sum(shares)
         mfu_meas = flops / t_step / peak
         mfu_spec = f"{flops / t_step / (spec * 1e12):9.1%}" if spec else f"{'-':>9}"
-        print(f"{k:>7} {n_images / t_step:9.2f} {t_step * 1e3:8.0f} {flops / 1e12:10.3f} {mfu_meas:9.1%} {mfu_spec} | "
-              + " ".join(f"{s / total:>{w}.0%}" for s, w in zip(shares, (6, 7, 7, 6))))
+        print(f"{k:>7} {n_images / t_step:9.2f} {t_step * 1e3:8.0f} {flops / 1e12:10.3f} {mfu_meas:9.1%} "
+              f"{mfu_spec} | " + " ".join(f"{s / total:>{w}.0%}" for s, w in zip(shares, (6, 7, 7, 6))))
         rows.append({"regions": k, "images_per_s": n_images / t_step, "step_ms": t_step * 1e3,
                      "tflop_per_step": flops / 1e12, "mfu_meas": mfu_meas,
                      "mfu_spec": flops / t_step / (spec * 1e12) if spec else None,
-                     "shares": dict(zip(("trunk", "regions", "transformer", "optimizer"), (x / total for x in shares)))})
+                     "shares": dict(zip(("trunk", "regions", "transformer", "optimizer"),
+                                        (x / total for x in shares)))})
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump({"device": name, "batch": n_images, "size": list(size), "peak_tflops_meas": peak / 1e12,

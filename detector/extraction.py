@@ -60,7 +60,8 @@ def max_conf_per_class_nms(boxes: torch.Tensor, scores: torch.Tensor, nms_thresh
     n = boxes.shape[0]
     max_conf = scores.new_zeros(n, dtype=torch.float32)
     if floor <= 0:
-        raise ValueError("max_conf_per_class_nms needs a positive score floor; use max_conf_dense for all pairs")
+        raise ValueError("max_conf_per_class_nms needs a positive score floor; use max_conf_dense for all "
+                         "pairs")
     rows, cols = torch.nonzero(scores >= floor, as_tuple=True)
     if rows.numel() == 0:
         return max_conf
@@ -95,7 +96,8 @@ def max_conf_dense(boxes: torch.Tensor, scores: torch.Tensor, nms_thresh: float)
         idx = order[rank]
         alive = ((suppressed.gather(1, words[rank, :, None])[:, 0] >> bits[rank]) & 1) == 0
         suppressed |= overlaps.index_select(0, torch.where(alive, idx, n))
-        max_conf.scatter_reduce_(0, idx, scores[idx, classes].float() * alive, reduce="amax", include_self=True)
+        max_conf.scatter_reduce_(0, idx, scores[idx, classes].float() * alive, reduce="amax",
+                                 include_self=True)
     return max_conf
 
 
@@ -119,7 +121,8 @@ def select_boxes(boxes: torch.Tensor, class_probs: torch.Tensor, selection: Sele
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     scores = class_probs[:, :-1]
-    floors = sorted({f for f in (selection.conf_thresh, *selection.score_floors) if 0 < f <= selection.conf_thresh},
+    floors = sorted({f for f in (selection.conf_thresh, *selection.score_floors)
+                     if 0 < f <= selection.conf_thresh},
                     reverse=True)
     need = min(selection.min_boxes, n)
     for floor in floors:
@@ -220,7 +223,8 @@ class RegionExtractor:
         with self._autocast():
             out = self.model.region_outputs(res4, [prop])
         feats, class_probs, attr_probs = out["features"], out["class_probs"], out.get("attr_probs")
-        if not torch.isfinite(class_probs).all() or (attr_probs is not None and not torch.isfinite(attr_probs).all()):
+        if (not torch.isfinite(class_probs).all()
+            or (attr_probs is not None and not torch.isfinite(attr_probs).all())):
             raise FloatingPointError("the detector produced NaN/inf class or attribute scores")
         t = self._tick("roi_heads", t)
 

@@ -122,7 +122,8 @@ def _list_text(path: Path, image_root: str | os.PathLike | None) -> list[ImageIt
 
 
 def _list_coco(path: Path, image_root: str | os.PathLike | None) -> list[ImageItem]:
-    """Walk a COCO-style json's `images`; `file_name` is relative to --image-root (default: the json's folder)."""
+    """Walk a COCO-style json's `images`; `file_name` is relative to --image-root (default: the json's
+    folder)."""
     from pycocotools.coco import COCO  # heavy import, only for this source kind
 
     try:

@@ -97,9 +97,11 @@ def encode_record(record: RoIRecord) -> bytes:
         dtype, width = ARRAY_FIELDS[name]
         array = np.ascontiguousarray(np.asarray(array).astype(dtype, copy=False))
         want_ndim = 1 if width is None else 2
-        if array.ndim != want_ndim or array.shape[0] != k or (width not in (None, -1) and array.shape[1] != width):
-            raise RoIStoreError(f"image {record.image_id!r}: field '{name}' has shape {array.shape}, "
-                                f"expected [{k}{'' if width is None else ', ' + ('D' if width == -1 else str(width))}]")
+        if (array.ndim != want_ndim or array.shape[0] != k
+            or (width not in (None, -1) and array.shape[1] != width)):
+            raise RoIStoreError(
+                f"image {record.image_id!r}: field '{name}' has shape {array.shape}, "
+                f"expected [{k}{'' if width is None else ', ' + ('D' if width == -1 else str(width))}]")
         arrays.append((name, array))
     meta: dict[str, Any] = {
         "image_id": check_image_id(record.image_id),
@@ -522,4 +524,5 @@ def npz_ids(directory: str | os.PathLike) -> set[str]:
     directory = Path(directory)
     if not directory.is_dir():
         return set()
-    return {p.name[:-4] for p in directory.iterdir() if p.name.endswith(".npz") and not p.name.startswith(".")}
+    return {p.name[:-4] for p in directory.iterdir()
+            if p.name.endswith(".npz") and not p.name.startswith(".")}

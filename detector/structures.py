@@ -52,7 +52,8 @@ def paired_box_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     area_a = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)
     area_b = (others[..., 2:] - others[..., :2]).clamp(min=0).prod(-1)
     union = area_a + area_b - inter
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(inter))
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny),
+                       torch.zeros_like(inter))
 
 
 def scale_boxes(boxes: torch.Tensor, scale_x: float, scale_y: float) -> torch.Tensor:
@@ -69,7 +70,8 @@ def pad_images(images: Sequence[torch.Tensor], size_divisibility: int = 0,
         raise ValueError("pad_images needs at least one image")
     for i, img in enumerate(images):
         if img.dim() != 3 or img.shape[0] != images[0].shape[0]:
-            raise ValueError(f"image {i} has shape {tuple(img.shape)}; expected (C, H, W) with C={images[0].shape[0]}")
+            raise ValueError(f"image {i} has shape {tuple(img.shape)}; expected (C, H, W) with "
+                             f"C={images[0].shape[0]}")
     sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
     max_h = max(s[0] for s in sizes)
     max_w = max(s[1] for s in sizes)

@@ -70,7 +70,8 @@ def _pil_bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndar
 def _pil_resample_axis(img: np.ndarray, out_size: int, axis: int) -> np.ndarray:
     """One PIL pass along `axis` (1: width, 0: height) of an HxWxC uint8 array, rounded to uint8."""
     index, weight = _pil_bilinear_taps(img.shape[axis], out_size)
-    acc = np.full(img.shape[:axis] + (out_size,) + img.shape[axis + 1:], 1 << (_PIL_PRECISION_BITS - 1), np.int64)
+    acc = np.full(img.shape[:axis] + (out_size,) + img.shape[axis + 1:], 1 << (_PIL_PRECISION_BITS - 1),
+                  np.int64)
     shape = (1, -1, 1) if axis == 1 else (-1, 1, 1)
     for j in range(index.shape[1]):
         acc += np.take(img, index[:, j], axis=axis).astype(np.int64) * weight[:, j].reshape(shape)
@@ -121,7 +122,8 @@ def resize_shortest_edge(img: np.ndarray, min_size: int, max_size: int) -> tuple
         return _resize_uint8(img, new_h, new_w), scale
     t = torch.from_numpy(np.ascontiguousarray(img))
     t = (t[..., None] if img.ndim == 2 else t).permute(2, 0, 1)[None].float()
-    out = F.interpolate(t, size=(new_h, new_w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+    out = F.interpolate(t, size=(new_h, new_w), mode="bilinear",
+                        align_corners=False)[0].permute(1, 2, 0).numpy()
     out = out[..., 0] if img.ndim == 2 else out
     return out.astype(img.dtype, copy=False), scale
 

@@ -11,9 +11,9 @@ _PR_SET_PDEATHSIG = 1
 
 def init_worker(_: int = 0) -> None:
     """`worker_init_fn` for every DataLoader here: one OpenCV thread per worker (the workers already run
-    in parallel), SIGINT/SIGTERM left to the parent, and on Linux the worker is killed with its parent. A parent killed with SIGKILL (the
-    OOM killer, `kill -9`) otherwise leaves its workers behind for good: they block flushing batches into
-    a pipe nobody reads."""
+    in parallel), SIGINT/SIGTERM left to the parent, and on Linux the worker is killed with its parent.
+    A parent killed with SIGKILL (the OOM killer, `kill -9`) otherwise leaves its workers behind for good:
+    they block flushing batches into a pipe nobody reads."""
     import cv2
 
     cv2.setNumThreads(1)

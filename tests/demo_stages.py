@@ -14,15 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python <script> args` from the repository (e.g. "tools/train_net.py"), two threads, quiet HF."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "TRANSFORMERS_VERBOSITY": "error"}
-    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
 
 
-def stage1_detector(tmp_path: Path, steps: int = 30, images: int = 16, batch: int = 8, timeout: int = 600) -> Path:
+def stage1_detector(tmp_path: Path, steps: int = 30, images: int = 16, batch: int = 8,
+                    timeout: int = 600) -> Path:
     """Stage 1 of the demo (configs/easy_vqa/detector.yaml) for `steps` steps of `batch` of the first
     `images` training images (0: all), exported with tools/export_detector.py; checks that its loss fell."""
     out = tmp_path / "detector"
-    r = run_script("tools/train_net.py", "--config-file", str(REPO / "configs" / "easy_vqa" / "detector.yaml"),
+    r = run_script("tools/train_net.py",
+                   "--config-file", str(REPO / "configs" / "easy_vqa" / "detector.yaml"),
                    "--output-dir", str(out), "SOLVER.MAX_ITER", str(steps),
                    "SOLVER.WARMUP_ITERS", str(min(50, steps // 10)), "SOLVER.IMS_PER_BATCH", str(batch),
                    "DATASETS.TRAIN_LIMIT", str(images), "DATASETS.TEST_LIMIT", "16", "SOLVER.LOG_PERIOD", "1",
@@ -33,6 +35,7 @@ def stage1_detector(tmp_path: Path, steps: int = 30, images: int = 16, batch: in
     assert len(losses) == steps and sum(losses[-4:]) < 0.5 * sum(losses[:4]), losses
     assert "region_accuracy:" in r.stdout
     weights = tmp_path / "detector.pth"
-    e = run_script("tools/export_detector.py", "--checkpoint", str(out), "--output", str(weights), timeout=300)
+    e = run_script("tools/export_detector.py", "--checkpoint", str(out), "--output", str(weights),
+                   timeout=300)
     assert e.returncode == 0, e.stderr[-3000:]
     return weights

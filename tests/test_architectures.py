@@ -56,7 +56,8 @@ def arch_cfg(arch: str, bert_folder: str, *overrides: str):
     cfg = tiny_detector_cfg(get_train_cfg())
     cfg.MODEL.ARCH = arch
     v = cfg.MODEL.VLBERT
-    v.BERT_PATH, v.HEADS, v.NUM_ANSWERS, v.NUM_MRC_CLASSES = bert_folder, ["mlm", "mrc", "vqa", "ref"], NUM_ANSWERS, NUM_CLASSES
+    v.BERT_PATH, v.HEADS, v.NUM_ANSWERS, v.NUM_MRC_CLASSES = (bert_folder, ["mlm", "mrc", "vqa", "ref"],
+                                                              NUM_ANSWERS, NUM_CLASSES)
     cfg.MODEL.LXMERT.R_LAYERS = cfg.MODEL.LXMERT.X_LAYERS = 1
     cfg.merge_from_list(list(overrides))
     return cfg
@@ -68,9 +69,12 @@ def build(arch: str, bert_folder: str, *overrides: str):
 
 
 def mixed_batch(**first) -> dict:
-    """Two images (3 and 2 boxes, different text lengths) and one text-only sample, with every head's targets."""
-    targets = dict(answer_pos=1, vqa_targets=torch.rand(NUM_ANSWERS), mrc_targets=torch.softmax(torch.randn(3, NUM_CLASSES), -1),
-                   region_labelled=torch.tensor([False, True, True]), ref_labels=torch.tensor([-1.0, 1.0, 0.0]),
+    """Two images (3 and 2 boxes, different text lengths) and one text-only sample, with every head's
+    targets."""
+    targets = dict(answer_pos=1, vqa_targets=torch.rand(NUM_ANSWERS),
+                   mrc_targets=torch.softmax(torch.randn(3, NUM_CLASSES), -1),
+                   region_labelled=torch.tensor([False, True, True]),
+                   ref_labels=torch.tensor([-1.0, 1.0, 0.0]),
                    mlm_labels=torch.tensor([-100, -100, 7, -100, 9, -100]))
     one = image_sample(num_boxes=3, text_len=6, **{**targets, **first})
     two = image_sample(num_boxes=2, text_len=4, seed=1, answer_pos=2, vqa_targets=torch.rand(NUM_ANSWERS))
@@ -130,7 +134,8 @@ def test_outputs_per_token_region_and_pooled(arch, bert_folder):
     model = build(arch, bert_folder).eval()
     batch = mixed_batch()
     enc = model.encode(batch)
-    assert enc.text.shape == (3, 6, HIDDEN) and enc.regions.shape == (3, 3, HIDDEN) and enc.pooled.shape == (3, HIDDEN)
+    assert (enc.text.shape == (3, 6, HIDDEN) and enc.regions.shape == (3, 3, HIDDEN)
+            and enc.pooled.shape == (3, HIDDEN))
     assert enc.region_valid.tolist() == [[True] * 3, [True, True, False], [False] * 3]
     assert enc.has_image.tolist() == [True, True, False]
     out = model(batch)
@@ -144,7 +149,8 @@ def test_outputs_per_token_region_and_pooled(arch, bert_folder):
     torch.testing.assert_close(again.text[1:], enc.text[1:])
     # A batch without any image: no region outputs, the rest as usual.
     alone = model.encode(collate_samples([{"input_ids": torch.arange(5, 10)}]))
-    assert alone.regions.shape == (1, 0, HIDDEN) and alone.text.shape == (1, 5, HIDDEN) and alone.pooled.shape == (1, HIDDEN)
+    assert (alone.regions.shape == (1, 0, HIDDEN) and alone.text.shape == (1, 5, HIDDEN)
+            and alone.pooled.shape == (1, HIDDEN))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -169,14 +175,16 @@ def test_vcr_head_scores_choices_and_starts_from_bert_s_pooler(arch, bert_folder
     model = build(arch, bert_folder, "MODEL.VLBERT.HEADS", "['vcr']")
     pooler = load_file(f"{bert_folder}/model.safetensors")["pooler.dense.weight"]
     assert torch.equal(model.heads["vcr"].pooler.dense.weight, pooler)
-    choices = [image_sample(seed=i, image_key="img", **({"choice_label": 2} if i == 0 else {})) for i in range(4)]
+    choices = [image_sample(seed=i, image_key="img", **({"choice_label": 2} if i == 0 else {}))
+               for i in range(4)]
     for sample in choices[1:]:
         sample.update(image=choices[0]["image"], boxes=choices[0]["boxes"])
     out = model(collate_samples(choices))
     assert out["vcr_logits"].shape == (1, 4) and torch.isfinite(out["losses"]["vcr"])
 
 
-# Whether the architecture's transformer supports SOLVER.GRADIENT_CHECKPOINTING (transformers' LXMERT does not).
+# Whether the architecture's transformer supports SOLVER.GRADIENT_CHECKPOINTING (transformers' LXMERT does
+# not).
 CHECKPOINTING = {"visualbert": True, "lxmert": False}
 
 
@@ -193,15 +201,17 @@ def test_gradient_checkpointing_runs_or_is_refused_by_name(arch, bert_folder):
 
 
 def _visualbert_release(folder, appearance_dim: int) -> None:
-    config = VisualBertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
-                              intermediate_size=64, max_position_embeddings=64, visual_embedding_dim=24)
+    config = VisualBertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
+                              num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                              visual_embedding_dim=24)
     VisualBertForPreTraining(config).save_pretrained(folder)
 
 
 def _lxmert_release(folder, appearance_dim: int) -> None:
     config = LxmertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=64,
                           max_position_embeddings=64, l_layers=2, r_layers=1, x_layers=1,
-                          visual_feat_dim=appearance_dim, num_qa_labels=7, num_object_labels=9, num_attr_labels=4)
+                          visual_feat_dim=appearance_dim, num_qa_labels=7, num_object_labels=9,
+                          num_attr_labels=4)
     LxmertForPreTraining(config).save_pretrained(folder)
 
 
@@ -231,7 +241,8 @@ def test_released_checkpoint_layout_loads_strictly(arch, bert_folder, tmp_path):
     own = {k.split(".", 1)[1]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     body = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
     assert own.keys() == body.keys() and all(torch.equal(own[k], body[k]) for k in body)
-    assert torch.equal(model.heads["mlm"].transform.dense.weight, saved["cls.predictions.transform.dense.weight"])
+    assert torch.equal(model.heads["mlm"].transform.dense.weight,
+                       saved["cls.predictions.transform.dense.weight"])
     assert {model.parameter_kind(prefix + k) for k in body} == {"bert"}
 
     target = prefix + "encoder.layer.0.output.dense.weight"
@@ -254,15 +265,19 @@ def test_released_checkpoint_layout_loads_strictly(arch, bert_folder, tmp_path):
     buffers = {prefix + k: torch.arange(64)[None] for k, _ in getattr(model, prefix[:-1]).named_buffers()
                if k == "embeddings.position_ids"}  # VisualBERT's; LXMERT has none
     torch.save({**saved, **buffers}, legacy / "pytorch_model.bin")
-    assert torch.equal(dict(build(arch, bert_folder, key, str(legacy)).named_parameters())[prefix + "pooler.dense.weight"],
-                       saved[prefix + "pooler.dense.weight"])
+    assert torch.equal(
+        dict(build(arch, bert_folder, key, str(legacy)).named_parameters())[prefix + "pooler.dense.weight"],
+        saved[prefix + "pooler.dense.weight"])
     torch.save({"weights": NotATensor()}, legacy / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pytorch_model.bin cannot be read as plain tensors"):
         build(arch, bert_folder, key, str(legacy))
 
-    with pytest.raises(CheckpointError, match=r"missing from the checkpoint \(1\):\s+encoder\.layer\.0\.output\.dense\.weight"):
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint "
+                                              r"\(1\):\s+encoder\.layer\.0\.output\.dense\.weight"):
         build(arch, bert_folder, key, broken("missing", lambda t: t.pop(target)))
-    with pytest.raises(CheckpointError, match=r"wrong shape \(1\):\s+encoder\.layer\.0\.output\.dense\.weight: checkpoint \(3, 3\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"wrong shape \(1\):\s+encoder\.layer\.0\.output\.dense\.weight: checkpoint "
+                             r"\(3, 3\)"):
         build(arch, bert_folder, key, broken("shape", lambda t: t.update({target: torch.zeros(3, 3)})))
 
 
@@ -270,7 +285,8 @@ def test_visualbert_without_early_fusion_meets_the_image_in_the_last_layer_only(
     model = build("visualbert", bert_folder, "MODEL.VISUALBERT.EARLY_FUSION", "False").eval()
     assert any(k.startswith("visual_bert.additional_layer.") for k in model.state_dict())
     text_layers = []
-    model.visual_bert.encoder.register_forward_hook(lambda mod, args, out: text_layers.append(out.last_hidden_state))
+    model.visual_bert.encoder.register_forward_hook(
+        lambda mod, args, out: text_layers.append(out.last_hidden_state))
     batch = mixed_batch()
     first = model.encode(batch)
     batch["images"][0] = 255 - batch["images"][0]
@@ -284,10 +300,12 @@ def test_visualbert_without_early_fusion_meets_the_image_in_the_last_layer_only(
 def test_visualbert_without_grounded_pre_training_reads_text_only(bert_folder):
     with pytest.raises(ConfigError, match="GROUNDED.*region heads"):
         build("visualbert", bert_folder, "MODEL.VISUALBERT.GROUNDED", "False")
-    model = build("visualbert", bert_folder, "MODEL.VISUALBERT.GROUNDED", "False", "MODEL.VLBERT.HEADS", "['mlm', 'vqa']")
+    model = build("visualbert", bert_folder, "MODEL.VISUALBERT.GROUNDED", "False",
+                  "MODEL.VLBERT.HEADS", "['mlm', 'vqa']")
     seen = capture_backbone_input(model)
     out = model(mixed_batch())
-    assert not seen and set(out["losses"]) == {"mlm_text", "vqa"} and out["vqa_logits"].shape == (3, NUM_ANSWERS)
+    assert (not seen and set(out["losses"]) == {"mlm_text", "vqa"}
+            and out["vqa_logits"].shape == (3, NUM_ANSWERS))
     grounded = build("visualbert", bert_folder, "MODEL.VLBERT.HEADS", "['mlm', 'vqa']")
     assert model.state_dict().keys() == grounded.state_dict().keys()  # its checkpoint fine-tunes grounded
 
@@ -312,8 +330,8 @@ def test_easy_vqa_config_selects_the_architecture_and_freezes_its_word_table(arc
     cfg = get_train_cfg()
     cfg.merge_from_file(REPO / "configs" / "easy_vqa" / f"{arch}.yaml")
     assert cfg.MODEL.ARCH == arch and cfg.TASK == "vqa"
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.VLBERT.BERT_PATH", bert_folder, "MODEL.LXMERT.R_LAYERS", "1",
-                         "MODEL.LXMERT.X_LAYERS", "1"])
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.VLBERT.BERT_PATH", bert_folder,
+                         "MODEL.LXMERT.R_LAYERS", "1", "MODEL.LXMERT.X_LAYERS", "1"])
     model = build_model(cfg, arch)
     assert freeze_params(model, list(cfg.SOLVER.FREEZE_PARAMS)) == 1
     frozen = [k for k, p in model.named_parameters() if not p.requires_grad and not k.startswith("detector.")]
@@ -329,11 +347,13 @@ def test_easy_vqa_fine_tuning_learns(arch, bert_folder, tmp_path):
 
     cfg = get_train_cfg()
     cfg.merge_from_file(REPO / "configs" / "easy_vqa" / "smoke.yaml")
-    cfg.merge_from_list(["MODEL.ARCH", arch, "MODEL.VLBERT.BERT_PATH", bert_folder, "OUTPUT_DIR", str(tmp_path)])
+    cfg.merge_from_list(["MODEL.ARCH", arch, "MODEL.VLBERT.BERT_PATH", bert_folder,
+                         "OUTPUT_DIR", str(tmp_path)])
     cfg.freeze()
     torch.manual_seed(0)
     model = build_model(cfg, arch)
-    metrics = train(cfg, model, get_task("vqa").build(cfg, model, torch.device("cpu"), False), torch.device("cpu"))
+    metrics = train(cfg, model, get_task("vqa").build(cfg, model, torch.device("cpu"), False),
+                    torch.device("cpu"))
     losses = [json.loads(line)["train/loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
               if "train/loss" in line]
     assert len(losses) == 60 and 0.0 <= metrics["accuracy"] <= 1.0

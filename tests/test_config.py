@@ -144,4 +144,5 @@ def test_config_library_knows_no_keys():
     assert not re.search(r"^(from|import) (detector|e2e_vl)", source, re.M)  # it depends on no keys
     assert not hasattr(cfgnode, "get_cfg") and not hasattr(cfgnode, "DETECTOR_CHOICES")
     assert config.CfgNode is cfgnode.CfgNode and config.ConfigError is cfgnode.ConfigError
-    assert {"get_cfg", "load_cfg", "load_yaml_with_base", "check_choices", "validate_detector_cfg"} <= set(dir(config))
+    assert ({"get_cfg", "load_cfg", "load_yaml_with_base", "check_choices", "validate_detector_cfg"}
+            <= set(dir(config)))

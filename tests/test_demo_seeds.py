@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 
-SPEC = importlib.util.spec_from_file_location("demo_seeds", Path(__file__).resolve().parents[1] / "benchmarks" / "demo_seeds.py")
+SPEC = importlib.util.spec_from_file_location(
+    "demo_seeds", Path(__file__).resolve().parents[1] / "benchmarks" / "demo_seeds.py")
 demo_seeds = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(demo_seeds)
 
 
 def test_parse_accuracy_reads_overall_and_per_type():
-    line = "easy_vqa_test accuracy: 0.9987 (9673 questions); by type: colour 1.0000, shape 0.9968, yes/no 0.9982\n"
+    line = ("easy_vqa_test accuracy: 0.9987 (9673 questions); "
+            "by type: colour 1.0000, shape 0.9968, yes/no 0.9982\n")
     assert demo_seeds.parse_accuracy("log line\n" + line) == {
         "accuracy": 0.9987, "questions": 9673, "colour": 1.0, "shape": 0.9968, "yes/no": 0.9982}
     with pytest.raises(ValueError, match="no accuracy line"):

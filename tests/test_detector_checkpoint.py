@@ -50,7 +50,8 @@ def reference():
     return model, _outputs(model)
 
 
-@pytest.mark.parametrize("fmt,name", [("detectron2", "m.pth"), ("pkl", "m.pkl"), ("safetensors", "m.safetensors")])
+@pytest.mark.parametrize("fmt,name", [("detectron2", "m.pth"), ("pkl", "m.pkl"),
+                                      ("safetensors", "m.safetensors")])
 def test_round_trip_gives_identical_outputs(reference, tmp_path, fmt, name):
     model, expected = reference
     path = tmp_path / name
@@ -107,11 +108,13 @@ def test_strict_errors_list_the_tensors(reference, tmp_path):
     # non-strict still refuses wrong shapes, but reports missing/unexpected
     with pytest.raises(CheckpointError, match="wrong shape"):
         load_checkpoint(_tiny(), tmp_path / "bad.pth", strict=False)
-    sd["roi_heads.box_predictor.cls_score.weight"] = model.state_dict()["roi_heads.box_predictor.cls_score.weight"]
+    sd["roi_heads.box_predictor.cls_score.weight"] = model.state_dict()[
+        "roi_heads.box_predictor.cls_score.weight"]
     torch.save({"model": sd}, tmp_path / "partial.pth")
     with pytest.warns(UserWarning, match="1 model tensors keep"):
         report = load_checkpoint(_tiny(), tmp_path / "partial.pth", strict=False)
-    assert report == {"missing": ["roi_heads.res5.2.conv3.weight"], "unexpected": ["roi_heads.box_predictor.extra.weight"]}
+    assert (report == {"missing": ["roi_heads.res5.2.conv3.weight"],
+                       "unexpected": ["roi_heads.box_predictor.extra.weight"]})
 
 
 class _Evil:
@@ -164,7 +167,8 @@ def test_unreadable_files(tmp_path):
     with pytest.raises(CheckpointError, match="cut.pth"):
         load_checkpoint(_tiny(), tmp_path / "cut.pth")
     (tmp_path / "half.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:2000])  # a copy cut short
-    with pytest.raises(CheckpointError, match=r"half.pth: truncated or damaged torch checkpoint \(2000 bytes"):
+    with pytest.raises(CheckpointError,
+                       match=r"half.pth: truncated or damaged torch checkpoint \(2000 bytes"):
         load_checkpoint(_tiny(), tmp_path / "half.pth")
     (tmp_path / "trunc.pkl").write_bytes(pickle.dumps({"model": {"a": np.zeros(3)}})[:-5])
     with pytest.raises(CheckpointError, match="not a readable pickle"):

@@ -50,14 +50,16 @@ def test_uint8_resize_follows_pil_bilinear_arithmetic():
     # shrinking, weights normalised then rounded to 22-bit fixed point, +half, >> 22)
     row = np.array([[0, 100, 200, 255]], np.uint8)[:, :, None]
     assert pil_bilinear_resize(row, 1, 2)[0, :, 0].tolist() == [71, 209]
-    assert pil_bilinear_resize(np.array([[10, 50]], np.uint8)[:, :, None], 1, 4)[0, :, 0].tolist() == [10, 20, 40, 50]
+    assert (pil_bilinear_resize(np.array([[10, 50]], np.uint8)[:, :, None], 1, 4)[0, :, 0].tolist()
+            == [10, 20, 40, 50])
     column = np.array([[10], [50]], np.uint8)[:, :, None]
     assert pil_bilinear_resize(column, 4, 1)[:, 0, 0].tolist() == [10, 20, 40, 50]
     img = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     assert np.array_equal(pil_bilinear_resize(img, 37, 53), img)
     out, _ = resize_shortest_edge(img, 74, 1000)  # channels are independent
     for c in range(3):
-        assert np.array_equal(resize_shortest_edge(np.ascontiguousarray(img[:, :, c]), 74, 1000)[0], out[:, :, c])
+        assert np.array_equal(resize_shortest_edge(np.ascontiguousarray(img[:, :, c]), 74, 1000)[0],
+                              out[:, :, c])
 
 
 @pytest.mark.parametrize("shape,new", [((37, 53), (74, 106)), ((40, 90), (60, 45)), ((90, 40), (90, 20)),

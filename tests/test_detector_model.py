@@ -1,4 +1,5 @@
-"""Detector architecture: Detectron2 key names/shapes of the VG R101-C4 model, and the tiny model's behaviour."""
+"""Detector architecture: Detectron2 key names/shapes of the VG R101-C4 model, and the tiny model's
+behaviour."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +22,8 @@ def _conv(prefix: str, out_c: int, in_c: int, k: int) -> dict[str, tuple[int, ..
     return shapes
 
 
-def _bottleneck_stage(prefix: str, blocks: int, in_c: int, mid: int, out_c: int) -> dict[str, tuple[int, ...]]:
+def _bottleneck_stage(prefix: str, blocks: int, in_c: int, mid: int,
+                      out_c: int) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for i in range(blocks):
         p = f"{prefix}.{i}"
@@ -138,7 +140,8 @@ def _images(n=2, h=96, w=128, seed=0):
 
 def test_tiny_fast_rcnn_shapes_and_probabilities(tiny):
     x = tiny.preprocess_image(_images())
-    boxes = [torch.tensor([[0.0, 0.0, 50.0, 50.0], [10.0, 12.0, 100.0, 90.0]]), torch.tensor([[5.0, 5.0, 30.0, 60.0]])]
+    boxes = [torch.tensor([[0.0, 0.0, 50.0, 50.0], [10.0, 12.0, 100.0, 90.0]]),
+             torch.tensor([[5.0, 5.0, 30.0, 60.0]])]
     out = tiny.fast_rcnn(x, boxes)
     assert out["features"].shape == (3, 512)
     assert out["class_logits"].shape == (3, 11) and out["box_deltas"].shape == (3, 40)
@@ -187,14 +190,17 @@ def test_tiny_faster_rcnn_inference_maps_to_output_size(tiny):
     (mapped,) = tiny.inference(x, [(96, 128)], output_sizes=[(192, 256)])
     n = len(raw["boxes"])
     assert n > 0 and n <= 100
-    assert set(raw) >= {"boxes", "scores", "classes", "class_probs", "attr_probs", "features", "proposal_boxes"}
+    assert (set(raw) >= {"boxes", "scores", "classes", "class_probs", "attr_probs", "features",
+                         "proposal_boxes"})
     assert raw["features"].shape == (n, 512) and raw["class_probs"].shape == (n, 11)
     assert raw["attr_probs"].shape == (n, 7)
     assert (raw["scores"] > 0.05).all() and (raw["classes"] < 10).all()
     assert (raw["scores"][:-1] >= raw["scores"][1:]).all()
     torch.testing.assert_close(raw["scores"], raw["class_probs"][torch.arange(n), raw["classes"]])
-    assert (raw["boxes"][:, 2] <= 128).all() and (raw["boxes"][:, 3] <= 96).all() and (raw["boxes"] >= 0).all()
-    torch.testing.assert_close(mapped["boxes"], raw["boxes"][(raw["boxes"][:, 2:] > raw["boxes"][:, :2]).all(1)] * 2)
+    assert ((raw["boxes"][:, 2] <= 128).all() and (raw["boxes"][:, 3] <= 96).all()
+            and (raw["boxes"] >= 0).all())
+    torch.testing.assert_close(mapped["boxes"],
+                               raw["boxes"][(raw["boxes"][:, 2:] > raw["boxes"][:, :2]).all(1)] * 2)
     # the features reported for a detection are those of its proposal
     again = tiny.fast_rcnn(x, [raw["proposal_boxes"]])
     torch.testing.assert_close(again["features"], raw["features"], atol=1e-4, rtol=1e-4)
@@ -241,10 +247,12 @@ def test_tiny_fast_rcnn_trains_the_unfrozen_stages():
     boxes = [torch.tensor([[0.0, 0.0, 50.0, 50.0], [10.0, 12.0, 100.0, 90.0]])]
     labels = torch.tensor([3, 10])
     out = model.fast_rcnn(x, boxes, classes=[labels])
-    loss = torch.nn.functional.cross_entropy(out["class_logits"], labels) + out["attr_logits"].logsumexp(1).mean()
+    loss = (torch.nn.functional.cross_entropy(out["class_logits"], labels)
+            + out["attr_logits"].logsumexp(1).mean())
     loss.backward()
-    for name in ("backbone.res3.0.conv1.weight", "backbone.res4.1.conv2.weight", "roi_heads.res5.2.conv3.weight",
-                 "roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_embedding.weight"):
+    for name in ("backbone.res3.0.conv1.weight", "backbone.res4.1.conv2.weight",
+                 "roi_heads.res5.2.conv3.weight", "roi_heads.box_predictor.cls_score.weight",
+                 "roi_heads.box_predictor.cls_embedding.weight"):
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
     assert model.get_parameter("backbone.stem.conv1.weight").grad is None
@@ -297,7 +305,8 @@ def test_pad_images_and_box_helpers():
     with pytest.raises(ValueError, match="image 1"):
         pad_images([a, torch.ones(1, 4, 5)])
     boxes = torch.tensor([[-5.0, 2.0, 30.0, 8.0], [3.0, 3.0, 3.0, 9.0]])
-    torch.testing.assert_close(clip_boxes(boxes, (6, 20)), torch.tensor([[0.0, 2.0, 20.0, 6.0], [3.0, 3.0, 3.0, 6.0]]))
+    torch.testing.assert_close(clip_boxes(boxes, (6, 20)),
+                               torch.tensor([[0.0, 2.0, 20.0, 6.0], [3.0, 3.0, 3.0, 6.0]]))
     assert nonempty(boxes).tolist() == [True, False]
 
 

@@ -151,7 +151,8 @@ def worker(argv: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------------
 def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, timeout=300, **kw)
+    return subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env,
+                          timeout=300, **kw)
 
 
 def _final_weights(out: Path) -> dict:
@@ -223,7 +224,8 @@ def test_sigint_and_sigterm_save_a_checkpoint_that_resumes_exactly(tmp_path):
         # CHECKPOINT_PERIOD 4: a stop after step 5 is saved only because of the signal.
         proc = subprocess.Popen([sys.executable, __file__, "--out", str(out), "--sleep", "0.1",
                                  "DATALOADER.NUM_WORKERS", "1", "SOLVER.CHECKPOINT_PERIOD", "4"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         deadline = time.time() + 120
         while time.time() < deadline and not (out / "model_0000004.pth").exists():
             time.sleep(0.01)
@@ -263,8 +265,8 @@ def test_two_process_gloo_trains_checkpoints_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     # Pretend the run died after step 4: drop the final checkpoint, then resume on two processes.
     (tmp_path / "parts" / "model_0000006.pth").unlink()
-    second = subprocess.run(torchrun + ["--out", str(tmp_path / "parts"), "--max-iter", "6", "--resume"], env=env,
-                            capture_output=True, text=True, timeout=300)
+    second = subprocess.run(torchrun + ["--out", str(tmp_path / "parts"), "--max-iter", "6", "--resume"],
+                            env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr and "model_0000004.pth" in second.stderr
     state = load_checkpoint_file(tmp_path / "parts" / "model_0000006.pth")
@@ -279,7 +281,8 @@ def _rank_process(out: Path, rank: int) -> int | None:
     for entry in Path("/proc").iterdir():
         try:
             if (entry.name.isdigit() and str(out) in (entry / "cmdline").read_bytes().decode(errors="replace")
-                    and f"\0RANK={rank}\0" in "\0" + (entry / "environ").read_bytes().decode(errors="replace")):
+                    and f"\0RANK={rank}\0"
+                        in "\0" + (entry / "environ").read_bytes().decode(errors="replace")):
                 return int(entry.name)
         except OSError:
             continue
@@ -292,26 +295,27 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_and_resu
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", __file__, "--max-iter", "12",
                 "SOLVER.CHECKPOINT_PERIOD", "4"]
-    whole = subprocess.run(torchrun + ["--out", str(tmp_path / "whole")], env=env, capture_output=True, text=True,
-                           timeout=300)
+    whole = subprocess.run(torchrun + ["--out", str(tmp_path / "whole")], env=env, capture_output=True,
+                           text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "stopped"
-    proc = subprocess.Popen(torchrun + ["--out", str(out), "--sleep", "0.1"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(torchrun + ["--out", str(out), "--sleep", "0.1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while time.time() < deadline and not (out / "model_0000004.pth").exists():
         time.sleep(0.01)
     rank1 = _rank_process(out, 1)
     assert rank1 is not None, "rank 1 not found"
-    os.kill(rank1, signal.SIGTERM)  # only one process is told: the flag reaches the other through the all-reduce
+    # only one process is told: the flag reaches the other through the all-reduce
+    os.kill(rank1, signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode != 0
     steps = [step for step, _ in Checkpointer(out, 2).step_checkpoints()]
     assert 4 < steps[-1] < 12, (steps, err[-3000:])
     saved = f"interrupted by SIGTERM after step {steps[-1]}: saved {out / f'model_{steps[-1]:07d}.pth'}"
     assert saved in err and f"after step {steps[-1]}: checkpoint saved by another process" in err, err[-3000:]
-    resumed = subprocess.run(torchrun + ["--out", str(out), "--resume"], env=env, capture_output=True, text=True,
-                             timeout=300)
+    resumed = subprocess.run(torchrun + ["--out", str(out), "--resume"], env=env, capture_output=True,
+                             text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = _final_weights(tmp_path / "whole"), _final_weights(out)
     for k in a:
@@ -336,7 +340,8 @@ def test_resume_refuses_when_no_checkpoint_can_be_read(tmp_path):
     (out / "model_0000004.pth").write_bytes(b"half a checkpoint")  # e.g. cut short by a full disk
     r = _run(["--out", str(out), "--resume"])
     assert r.returncode == 2, r.stderr
-    assert "no checkpoint in" in r.stderr and "model_0000004.pth" in r.stderr and "without --resume" in r.stderr
+    assert ("no checkpoint in" in r.stderr and "model_0000004.pth" in r.stderr
+            and "without --resume" in r.stderr)
     assert not (out / "model_0000002.pth").exists()  # nothing trained, nothing overwritten
     # An empty folder is a first launch: --resume starts at step 0 (cluster jobs always pass --resume).
     fresh = _run(["--out", str(tmp_path / "fresh"), "--resume", "--max-iter", "2"])
@@ -385,7 +390,8 @@ def test_nan_loss_stops_with_step_and_losses(tmp_path):
     assert not (tmp_path / "model_0000004.pth").exists()
 
 
-def _train_in_process(out: Path, max_iter: int, extra: list[str] = (), resume: bool = False, **model_kw) -> None:
+def _train_in_process(out: Path, max_iter: int, extra: list[str] = (), resume: bool = False,
+                      **model_kw) -> None:
     torch.manual_seed(0)
     data = StandInData()
     train(standin_cfg(out, max_iter, list(extra)), StandInModel(**model_kw), TrainTask(data, collate),
@@ -393,7 +399,8 @@ def _train_in_process(out: Path, max_iter: int, extra: list[str] = (), resume: b
 
 
 def test_nan_gradient_with_a_finite_loss_stops_naming_the_step_and_parameter(tmp_path):
-    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient at step 3 \(the losses are finite: loss="
+    with pytest.raises(NonFiniteLossError,
+                       match=r"non-finite gradient at step 3 \(the losses are finite: loss="
                                                  r".*grad norm nan, first in 'detector.0.weight'"):
         _train_in_process(tmp_path, 4, nan_grad_at_calls=(3,))
     assert load_checkpoint_file(tmp_path / "model_0000002.pth")["step"] == 2  # finite, loads
@@ -409,9 +416,11 @@ def test_skip_nonfinite_steps_drops_the_update_up_to_the_configured_count(tmp_pa
     assert "step skipped (1 of SOLVER.SKIP_NONFINITE_STEPS 1)" in caplog.text
     before, after = (load_checkpoint_file(once / f"model_000000{i}.pth") for i in (2, 3))
     assert after["step"] == 3 and after["skipped_steps"] == 1
-    assert all(torch.equal(before["model"][k], v) for k, v in after["model"].items())  # the update was dropped
+    # the update was dropped
+    assert all(torch.equal(before["model"][k], v) for k, v in after["model"].items())
     # A second bad step beyond the allowance stops the run, naming it (a NaN loss counts the same way).
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5: .*SKIP_NONFINITE_STEPS 1 already "):
+    with pytest.raises(NonFiniteLossError,
+                       match=r"non-finite loss at step 5: .*SKIP_NONFINITE_STEPS 1 already "):
         _train_in_process(tmp_path / "twice", 6, ["SOLVER.SKIP_NONFINITE_STEPS", "1"],
                           nan_grad_at_calls=(3,), nan_at_call=5)
 
@@ -422,7 +431,8 @@ def test_non_finite_weights_are_refused_on_save_and_on_load(tmp_path, caplog):
     ck = Checkpointer(tmp_path, keep_last=3)
     base = {"optimizer": {}, "scheduler": {}, "data": {}, "rng": [], "step": 2}
     ck.save({**base, "model": {"w": torch.ones(3)}}, 2)
-    poisoned = {**base, "model": {"w": torch.ones(3), "head.bias": torch.tensor([1.0, float("inf")])}, "step": 4}
+    poisoned = {**base, "model": {"w": torch.ones(3), "head.bias": torch.tensor([1.0, float("inf")])},
+                "step": 4}
     with pytest.raises(NonFiniteWeightsError,
                        match=r"model_0000004.pth: model tensor 'head.bias' holds 1 non-finite"):
         ck.save(poisoned, 4)
@@ -482,14 +492,15 @@ class _RunsCode:
 
 def write_hostile_checkpoint(path: Path, marker: Path) -> None:
     """A file shaped like a training checkpoint whose unpickling runs code (shared with test_train_net)."""
-    torch.save({"model": {"head.1.bias": torch.zeros(3)}, "optimizer": {}, "scheduler": {}, "data": {}, "rng": [],
-                "step": 4, "config": _RunsCode(marker)}, path)
+    torch.save({"model": {"head.1.bias": torch.zeros(3)}, "optimizer": {}, "scheduler": {}, "data": {},
+                "rng": [], "step": 4, "config": _RunsCode(marker)}, path)
 
 
 def test_hostile_checkpoint_for_resume_is_refused_and_runs_nothing(tmp_path, caplog):
     marker = tmp_path / "pwned"
     write_hostile_checkpoint(tmp_path / "model_0000004.pth", marker)
-    with caplog.at_level(logging.WARNING), pytest.raises(ResumeError, match="no checkpoint in .* can be read"):
+    with caplog.at_level(logging.WARNING), pytest.raises(ResumeError,
+                                                         match="no checkpoint in .* can be read"):
         _train_in_process(tmp_path, 6, resume=True)
     assert "model_0000004.pth: refused by torch.load(weights_only=True)" in caplog.text
     assert "weights_only=False" not in caplog.text and not marker.exists()
@@ -534,7 +545,8 @@ def test_freeze_params_leaves_matching_parameters_out(tmp_path):
 def test_lr_schedule_warmup_then_linear_and_cosine(tmp_path):
     cfg = standin_cfg(tmp_path, 10, ["SOLVER.WARMUP_ITERS", "4", "SOLVER.WARMUP_FACTOR", "0.1"])
     assert lr_factor(0, cfg, 10) == pytest.approx(0.1) and lr_factor(2, cfg, 10) == pytest.approx(0.55)
-    assert lr_factor(4, cfg, 10) == 1.0 and lr_factor(7, cfg, 10) == pytest.approx(0.5) and lr_factor(10, cfg, 10) == 0
+    assert (lr_factor(4, cfg, 10) == 1.0 and lr_factor(7, cfg, 10) == pytest.approx(0.5)
+            and lr_factor(10, cfg, 10) == 0)
     cos = standin_cfg(tmp_path, 10, ["SOLVER.WARMUP_ITERS", "0", "SOLVER.LR_SCHEDULER", "cosine"])
     assert lr_factor(5, cos, 10) == pytest.approx(0.5) and lr_factor(10, cos, 10) == pytest.approx(0.0)
 

@@ -91,7 +91,8 @@ def test_untouched_parts_come_from_base_bit_for_bit(run_dir, tmp_path):
     exported = build_detector(cfg)
     load_checkpoint(exported, out, strict=True)
     sd = exported.state_dict()
-    trained = {k[len("detector."):]: v for k, v in _run_state(run_dir)["model"].items() if k.startswith("detector.")}
+    trained = {k[len("detector."):]: v
+               for k, v in _run_state(run_dir)["model"].items() if k.startswith("detector.")}
     for key, value in sd.items():
         if key.startswith(("backbone.", "roi_heads.res5.")):
             assert torch.equal(value, trained[key]), key
@@ -107,7 +108,8 @@ def test_exported_weights_run_in_extract_rois(run_dir, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     for i in range(2):
-        cv2.imwrite(str(images / f"{i}.png"), np.random.default_rng(i).integers(0, 255, (64, 80, 3), dtype=np.uint8))
+        cv2.imwrite(str(images / f"{i}.png"),
+                    np.random.default_rng(i).integers(0, 255, (64, 80, 3), dtype=np.uint8))
     rc = _tool("extract_rois").main([
         "--config-file", str(out.with_suffix(".yaml")), "--weights", str(out), "--input", str(images),
         "--output", str(tmp_path / "store"), "--min-boxes", "2", "--max-boxes", "4", "--num-workers", "0",

@@ -50,7 +50,8 @@ def test_max_conf_matches_per_class_loop(n, c, temp):
 
 @pytest.mark.parametrize("temp,min_boxes,max_boxes,conf", [
     (6.0, 10, 100, 0.2),   # peaked scores: the sparse path decides
-    (0.1, 10, 100, 0.2),   # near-uniform scores (random weights): nothing above conf, top-up via the dense path
+    (0.1, 10, 100, 0.2),   # near-uniform scores (random weights): nothing above conf, top-up via the
+                           # dense path
     (6.0, 3, 5, 0.0),      # everything above conf: cut to max_boxes
     (6.0, 50, 60, 0.99),   # few above: topped up to min_boxes
 ])
@@ -201,7 +202,8 @@ def test_sources_folder_list_coco_and_webdataset(tmp_path):
     for rel in ["b.jpg", "sub/a.PNG", "notes.txt"]:
         (tmp_path / "imgs" / rel).write_bytes(img)
     folder = src.list_images([tmp_path / "imgs"])
-    assert [(i.image_id, i.path.endswith(p)) for i, p in zip(folder, ["b.jpg", "a.PNG"])] == [("b", True), ("a", True)]
+    assert ([(i.image_id, i.path.endswith(p)) for i, p in zip(folder, ["b.jpg", "a.PNG"])]
+            == [("b", True), ("a", True)])
 
     (tmp_path / "list.txt").write_text("# comment\nb.jpg\n\nsub/a.PNG\n")
     listed = src.list_images([tmp_path / "list.txt"], image_root=tmp_path / "imgs")
@@ -209,7 +211,8 @@ def test_sources_folder_list_coco_and_webdataset(tmp_path):
     assert src.read_bytes(listed[1]) == img
 
     coco = {"images": [{"id": 42, "file_name": "sub/a.PNG", "height": 8, "width": 9},
-                       {"id": 7, "file_name": "b.jpg", "height": 8, "width": 9}], "annotations": [], "categories": []}
+                       {"id": 7, "file_name": "b.jpg", "height": 8, "width": 9}], "annotations": [],
+            "categories": []}
     (tmp_path / "ann.json").write_text(json.dumps(coco))
     items = src.list_images([tmp_path / "ann.json"], image_root=tmp_path / "imgs")
     assert [i.image_id for i in items] == ["7", "42"]
@@ -218,7 +221,8 @@ def test_sources_folder_list_coco_and_webdataset(tmp_path):
     shard = tmp_path / "00000.tar"
     with tarfile.open(shard, "w") as tar:
         for key in ["000000001", "000000002"]:
-            for ext, data in [(".jpg", img), (".txt", b"a caption"), (".json", b'{"key": "%s"}' % key.encode())]:
+            for ext, data in [(".jpg", img), (".txt", b"a caption"),
+                              (".json", b'{"key": "%s"}' % key.encode())]:
                 info = tarfile.TarInfo(key + ext)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))

@@ -35,7 +35,8 @@ visualize_tool = load_tool("visualize_rois")
 
 
 def make_images(folder, sizes, seed=0):
-    """Smooth random blobs (JPEG-friendly), one file per size, named so that sorted order is creation order."""
+    """Smooth random blobs (JPEG-friendly), one file per size, named so that sorted order is creation
+    order."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i, (h, w) in enumerate(sizes):
@@ -75,7 +76,8 @@ def model(weights):
 def run_tool(weights, inputs, output, *extra):
     """In-process run (decoding in the main process unless a test asks for workers)."""
     args = ["--config-file", str(CONFIG), "--weights", str(weights), "--input", *map(str, inputs),
-            "--output", str(output), "--device", "cpu", "--no-progress", "--num-workers", "0", *map(str, extra)]
+            "--output", str(output), "--device", "cpu", "--no-progress", "--num-workers", "0",
+            *map(str, extra)]
     return extract_tool.main(args)
 
 
@@ -120,7 +122,8 @@ def test_store_matches_detector_called_directly(tmp_path, weights, model):
     store = RoIStore(tmp_path / "out")
     assert sorted(store.ids()) == [f.stem for f in files]
     header = store.header
-    assert header["mode"] == "faster_rcnn" and header["features"] is True and len(header["weights_sha256"]) == 64
+    assert (header["mode"] == "faster_rcnn" and header["features"] is True
+            and len(header["weights_sha256"]) == 64)
     assert "ROI_HEADS" in header["detector_config"] and header["selection"]["min_boxes"] == 10
     for f in files:
         rec = store[f.stem]
@@ -171,7 +174,8 @@ def test_bad_files_are_listed_and_run_completes(tmp_path, weights):
     (imgs / "text.png").write_text("not an image")
     (imgs / "noise.jpg").write_bytes(os.urandom(3000))
     cv2.imwrite(str(imgs / "huge.png"), np.zeros((300, 300, 3), np.uint8))
-    cv2.imwrite(str(imgs / "gray16.png"), (np.arange(90 * 120).reshape(90, 120) * 7 % 65535).astype(np.uint16))
+    cv2.imwrite(str(imgs / "gray16.png"),
+                (np.arange(90 * 120).reshape(90, 120) * 7 % 65535).astype(np.uint16))
     assert run_tool(weights, [imgs], tmp_path / "out", "--num-workers", 2, "--batch-size", 3,
                     "--max-pixels", 50_000) == 0
     lines = (tmp_path / "out" / "failures.tsv").read_text().splitlines()
@@ -237,7 +241,8 @@ def test_boxes_from_gives_features_for_exactly_those_boxes(tmp_path, weights, mo
             np.testing.assert_array_equal(rec.boxes, given[f.stem])  # exactly the given boxes, in order
             img = cv2.imread(str(f))
             resized, _ = resize_shortest_edge(img, 96, 128)
-            scale = np.array([resized.shape[1] / img.shape[1], resized.shape[0] / img.shape[0]] * 2, np.float32)
+            scale = np.array([resized.shape[1] / img.shape[1], resized.shape[0] / img.shape[0]] * 2,
+                             np.float32)
             x = model.preprocess_image(torch.from_numpy(resized).permute(2, 0, 1)[None].float())
             with torch.no_grad():
                 out = model.fast_rcnn(x, [torch.from_numpy(given[f.stem] * scale)])
@@ -277,7 +282,8 @@ def test_records_do_not_depend_on_batch_size_sharding_or_resume(tmp_path, weight
     reference = _raw_records(tmp_path / "b1")
     assert sorted(reference) == [f.stem for f in files]
     runs = {"batch 4": [["--batch-size", 4]], "batch 3": [["--batch-size", 3]],
-            "sharded 0/2 + 1/2, batch 4": [["--shard", "0/2", "--batch-size", 4], ["--shard", "1/2", "--batch-size", 4]]}
+            "sharded 0/2 + 1/2, batch 4": [["--shard", "0/2", "--batch-size", 4],
+                                           ["--shard", "1/2", "--batch-size", 4]]}
     for name, commands in runs.items():
         out = tmp_path / name.replace(" ", "_").replace("/", "of")
         for extra in commands:
@@ -387,7 +393,8 @@ def test_sigint_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, weight
 
 
 class _DiskFillsUp:
-    """An LMDB environment whose third write transaction (header, first batch, then this) finds the disk full."""
+    """An LMDB environment whose third write transaction (header, first batch, then this) finds the disk
+    full."""
 
     def __init__(self, env):
         self._env, self._writes = env, 0
@@ -405,8 +412,8 @@ class _DiskFillsUp:
 
 
 @pytest.mark.parametrize("fmt", ["lmdb", "npz"])
-def test_disk_full_during_extraction_keeps_what_was_stored_and_says_where(tmp_path, weights, monkeypatch, caplog,
-                                                                        fmt):
+def test_disk_full_during_extraction_keeps_what_was_stored_and_says_where(tmp_path, weights, monkeypatch,
+                                                                          caplog, fmt):
     import errno
 
     import lmdb
@@ -460,7 +467,8 @@ def test_webdataset_input_and_visualization(tmp_path, weights):
     shard = tmp_path / "00000.tar"
     with tarfile.open(shard, "w") as tar:
         for key in ("000000000", "000000001"):
-            img = cv2.resize(rng.integers(0, 255, (5, 5, 3), np.uint8), (140, 100), interpolation=cv2.INTER_CUBIC)
+            img = cv2.resize(rng.integers(0, 255, (5, 5, 3), np.uint8), (140, 100),
+                             interpolation=cv2.INTER_CUBIC)
             for ext, data in ((".jpg", cv2.imencode(".jpg", img)[1].tobytes()), (".txt", b"caption"),
                               (".json", b"{}")):
                 info = tarfile.TarInfo(key + ext)

@@ -53,8 +53,9 @@ def steps_table(report: str) -> dict[str, tuple[str, str]]:
 def test_cpu_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--device", "cpu", "--out", str(out),
-                        "--work", str(work)], capture_output=True, text=True, env=env, timeout=900)
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--device", "cpu",
+                        "--out", str(out), "--work", str(work)], capture_output=True, text=True, env=env,
+                       timeout=900)
     report = (out / "gpu_report.md").read_text()
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + report[-3000:]
     assert "dry run on the CPU" in report
@@ -63,15 +64,18 @@ def test_cpu_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert set(rows) == set(STEP_TITLES), rows
     for title, allowed in STEP_TITLES.items():
         assert rows[title][0] in allowed, (title, rows[title])
-    assert "0 passed, 0 failed, 0 errors" in rows["pytest -m cuda tests"][1]  # every cuda test collected, skipped
-    assert "SIGKILLed after model_0000008.pth of 16 steps" in rows["stage 2: VL-BERT end to end, SIGKILLed half way"][1]
+    # every cuda test collected, skipped
+    assert "0 passed, 0 failed, 0 errors" in rows["pytest -m cuda tests"][1]
+    assert ("SIGKILLed after model_0000008.pth of 16 steps"
+            in rows["stage 2: VL-BERT end to end, SIGKILLed half way"][1])
     assert "resumed at step 8; test accuracy" in rows["stage 2 --resume to the end, test accuracy"][1]
 
     # every benchmark's table is in the report, and the targets sit beside measured values
     for header in ("fwd ms", "Faster R-CNN infer", "pipelined img/s", "MFU(meas)"):
         assert header in report, header
     targets = report.split("## Targets (issue 17)", 1)[1].split("\n## ", 1)[0]
-    assert targets.count("n/a (dry run: CPU, tiny sizes)") == 3 and "| not measured |" in targets  # no det. bwd on CPU
+    # no det. bwd on CPU
+    assert targets.count("n/a (dry run: CPU, tiny sizes)") == 3 and "| not measured |" in targets
 
     data = json.loads((out / "gpu_report.json").read_text())
     assert data["finished"] and data["mode"] == "dry-run"
@@ -98,7 +102,8 @@ def test_spent_budget_skips_every_step_and_says_what_to_run_next(tmp_path):
 
 def test_unknown_step_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="unknown"):
-        gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--work", str(tmp_path), "--steps", "demo,bogus"])
+        gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--work", str(tmp_path),
+                        "--steps", "demo,bogus"])
 
 
 def test_judge_sanitizer():
@@ -116,8 +121,8 @@ def test_judge_sanitizer():
 
 def test_parse_junit(tmp_path):
     xml = tmp_path / "r.xml"
-    xml.write_text('<?xml version="1.0"?><testsuites><testsuite name="pytest" errors="1" failures="2" skipped="3" '
-                   'tests="10"></testsuite></testsuites>')
+    xml.write_text('<?xml version="1.0"?><testsuites><testsuite name="pytest" errors="1" failures="2" '
+                   'skipped="3" tests="10"></testsuite></testsuites>')
     assert gpu_check.parse_junit(xml) == {"tests": 10, "failures": 2, "errors": 1, "skipped": 3, "passed": 4}
 
 
@@ -142,11 +147,13 @@ def test_targets_side_by_side_with_measurements():
     }
     t = {row["target"]: row for row in gpu_check.targets_from(results, dry=False)}
     roi = t[gpu_check.TARGETS["roi_bf16"]]
-    assert roi["verdict"] == "partly (1 of 2 cases)" and "min 1.50" in roi["measured"] and "max 3.00" in roi["measured"]
+    assert (roi["verdict"] == "partly (1 of 2 cases)" and "min 1.50" in roi["measured"]
+            and "max 3.00" in roi["measured"])
     det = t[gpu_check.TARGETS["det_bwd"]]
     assert det["verdict"] == "partly (2 of 3 cases)"
     ext = t[gpu_check.TARGETS["extract"]]
-    assert ext["verdict"] == "met" and ext["measured"].startswith("50.0 img/s pipelined, 33.3 serial (bfloat16")
+    assert (ext["verdict"] == "met"
+            and ext["measured"].startswith("50.0 img/s pipelined, 33.3 serial (bfloat16"))
     mfu = t[gpu_check.TARGETS["mfu"]]
     assert mfu["verdict"] == "partly (1 of 2 cases)" and "36 regions 40.0%" in mfu["measured"]
     assert "spec" in mfu["measured"]
@@ -155,8 +162,8 @@ def test_targets_side_by_side_with_measurements():
 
 
 def test_build_targets_the_local_gpu_architecture(tmp_path):
-    ns = type("A", (), {"out": str(tmp_path / "o"), "work": str(tmp_path / "w"), "device": "cuda", "budget": 60.0,
-                        "steps": "", "skip": "", "wheels": str(tmp_path / "none")})()
+    ns = type("A", (), {"out": str(tmp_path / "o"), "work": str(tmp_path / "w"), "device": "cuda",
+                        "budget": 60.0, "steps": "", "skip": "", "wheels": str(tmp_path / "none")})()
     check = gpu_check.Check(ns)
     check.env_info = {"gpus": [{"name": "NVIDIA H200", "capability": "9.0", "memory_gib": 139.8}] * 2}
     env = check.build_env()
@@ -180,9 +187,11 @@ def make_wheel(path: Path, tensors: dict[str, np.ndarray]) -> None:
         "toymodel/__init__.py": b"from pathlib import Path\nMODEL = Path(__file__).parent / 'model'\n",
         "toymodel/model/model.safetensors": save(tensors, metadata={"format": "pt"}),
         "toymodel-0.1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: toymodel\nVersion: 0.1.0\n",
-        "toymodel-0.1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        "toymodel-0.1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                          b"Tag: py3-none-any\n",
     }
-    record = "".join(f"{n},{_record_hash(d)},{len(d)}\n" for n, d in files.items()) + "toymodel-0.1.0.dist-info/RECORD,,\n"
+    record = ("".join(f"{n},{_record_hash(d)},{len(d)}\n" for n, d in files.items())
+              + "toymodel-0.1.0.dist-info/RECORD,,\n")
     with zipfile.ZipFile(path, "w") as z:
         for n, d in files.items():
             z.writestr(n, d)

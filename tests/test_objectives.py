@@ -36,8 +36,8 @@ def log_softmax(row: list[float]) -> list[float]:
 
 def encoded(regions: torch.Tensor, valid: torch.Tensor, **fields) -> Encoded:
     batch = regions.shape[0]
-    return Encoded(torch.zeros(batch, 2, regions.shape[-1]), regions, valid, torch.ones(batch, dtype=torch.bool),
-                   **fields)
+    return Encoded(torch.zeros(batch, 2, regions.shape[-1]), regions, valid,
+                   torch.ones(batch, dtype=torch.bool), **fields)
 
 
 # ---- losses against hand computations ----------------------------------------------------------------
@@ -50,7 +50,8 @@ def test_kl_to_the_stored_distribution():
         expected += sum(pc * (math.log(pc) - lq) for pc, lq in zip(p, log_q) if pc > 0)
     assert kl_to_distribution(logits, stored).item() == pytest.approx(expected / 2, rel=1e-6)
     assert kl_to_distribution(torch.zeros(0, 3, requires_grad=True), torch.zeros(0, 3)).item() == 0.0
-    assert kl_to_distribution((stored + 1e-9).log(), stored).item() == pytest.approx(0.0, abs=1e-6)  # equal: none
+    # equal: none
+    assert kl_to_distribution((stored + 1e-9).log(), stored).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_feature_regression_is_smooth_l1_to_the_detached_target():
@@ -72,7 +73,8 @@ def test_contrastive_loss_is_symmetric_infonce_with_the_learned_scale():
     t2i = -sum(log_softmax(row)[k] for k, row in enumerate(sims)) / 2
     i2t = -sum(log_softmax([sims[r][c] for r in range(2)])[c] for c in range(2)) / 2
     logits, loss = contrastive_loss(text, image, log_scale)
-    assert torch.allclose(logits, torch.tensor(sims)) and loss.item() == pytest.approx((t2i + i2t) / 2, rel=1e-6)
+    assert (torch.allclose(logits, torch.tensor(sims))
+            and loss.item() == pytest.approx((t2i + i2t) / 2, rel=1e-6))
     loss.backward()
     assert log_scale.grad is not None and log_scale.grad != 0
     capped = contrastive_loss(text, image, torch.tensor(10.0))[0]  # exp(10) is capped at 100
@@ -122,7 +124,8 @@ def test_region_heads_score_the_chosen_regions_in_target_order(name):
     assert torch.equal(out[f"{name}_logits"], logits)
     expected = {
         "mrc_kl": lambda: kl_to_distribution(logits, batch["mrc_targets"]),
-        "obj_label": lambda: torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0])),  # top stored classes
+        # top stored classes
+        "obj_label": lambda: torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0])),
         "feat_regression": lambda: feature_regression_loss(logits, torch.stack([target[0, 1], target[1, 0]])),
     }[name]()
     assert out["losses"][name].item() == pytest.approx(expected.item())
@@ -139,7 +142,8 @@ def test_summaries_default_to_cls_and_the_mean_of_valid_regions():
     assert torch.equal(enc.text_summary(), enc.text[:, 0])
     assert torch.allclose(enc.image_summary()[1], (regions[1, 0] + regions[1, 1]) / 2)
     own = torch.ones(2, 3)
-    assert enc.image_summary() is not own and Encoded(enc.text, regions, valid, enc.has_image, image_pooled=own).image_summary() is own
+    assert (enc.image_summary() is not own
+            and Encoded(enc.text, regions, valid, enc.has_image, image_pooled=own).image_summary() is own)
 
 
 def test_contrastive_head_pairs_only_captions_with_their_own_image():
@@ -151,7 +155,8 @@ def test_contrastive_head_pairs_only_captions_with_their_own_image():
     out = head.outputs(enc, {"itm_labels": torch.tensor([1, 0, 1])})
     text = torch.nn.functional.normalize(head.text_projection(enc.text[[0, 2], 0]), dim=-1)
     image = torch.nn.functional.normalize(head.image_projection(enc.regions[[0, 2]].mean(1)), dim=-1)
-    assert out["losses"]["contrastive"].item() == pytest.approx(contrastive_loss(text, image, head.logit_scale)[1].item())
+    assert (out["losses"]["contrastive"].item()
+            == pytest.approx(contrastive_loss(text, image, head.logit_scale)[1].item()))
 
 
 def test_vqa_loss_covers_the_questions_of_a_mixed_batch_only():
@@ -160,13 +165,15 @@ def test_vqa_loss_covers_the_questions_of_a_mixed_batch_only():
     torch.manual_seed(0)
     head = HEADS["vqa"].build(dataclasses.replace(spec(), num_answers=2)).eval()
     question = {"input_ids": torch.tensor([1, 2]), "answer_pos": 1, "vqa_targets": torch.tensor([1.0, 0.0])}
-    batch = collate_samples([{"input_ids": torch.tensor([1, 3, 4]), "mlm_labels": torch.tensor([-100, 3, -100])},
+    batch = collate_samples([{"input_ids": torch.tensor([1, 3, 4]),
+                              "mlm_labels": torch.tensor([-100, 3, -100])},
                              question])
     enc = Encoded(torch.randn(2, 3, 3), torch.zeros(2, 0, 3), torch.zeros(2, 0, dtype=torch.bool),
                   torch.zeros(2, dtype=torch.bool))
     out = head.outputs(enc, batch)
     assert out["vqa_logits"].shape == (2, 2)
-    assert out["losses"]["vqa"].item() == pytest.approx(soft_bce_loss(out["vqa_logits"][1:], batch["vqa_targets"][1:]).item())
+    assert (out["losses"]["vqa"].item()
+            == pytest.approx(soft_bce_loss(out["vqa_logits"][1:], batch["vqa_targets"][1:]).item()))
 
 
 # ---- image-text matching: the mismatched caption's image --------------------------------------------------
@@ -177,9 +184,10 @@ class _Tokenizer:
 def caption_set(seed: int = 3, prob: float = 0.5) -> CaptionPretrainDataset:
     """Ten captions of five images (two each, adjacent), regions as plain records: no image is read."""
     captions = [Caption(str(i // 2), f"caption {i}") for i in range(10)]
-    records = {str(k): RoIRecord(str(k), "unused.png", 8, 8, boxes=np.zeros((1, 4), np.float32)) for k in range(5)}
-    return CaptionPretrainDataset(captions, records, _Tokenizer(), transform=None, seed=seed, mismatch_prob=prob,
-                                  image_loader=lambda path: None)
+    records = {str(k): RoIRecord(str(k), "unused.png", 8, 8, boxes=np.zeros((1, 4), np.float32))
+               for k in range(5)}
+    return CaptionPretrainDataset(captions, records, _Tokenizer(), transform=None, seed=seed,
+                                  mismatch_prob=prob, image_loader=lambda path: None)
 
 
 def test_mismatched_captions_never_get_their_own_image_and_survive_a_resume():
@@ -209,7 +217,7 @@ def test_matching_needs_two_images():
         CaptionPretrainDataset(captions, records, _Tokenizer(), transform=None, mismatch_prob=0.5)
 
 
-# ---- contrastive negatives gathered over two gloo processes --------------------------------------------------
+# ---- contrastive negatives gathered over two gloo processes ------------------------------------------------
 ROWS = (2, 3)  # rows per rank: unequal, so the gather pads
 
 
@@ -227,7 +235,8 @@ def _gloo_worker(rank: int, init_file: str, out_dir: str) -> None:
         text, image = (t.requires_grad_() for t in _features(rank))
         logits, loss = contrastive_loss(text, image, torch.tensor(math.log(5.0)))
         loss.backward()
-        torch.save({"loss": loss.detach(), "logits": logits.detach(), "text_grad": text.grad, "image_grad": image.grad},
+        torch.save({"loss": loss.detach(), "logits": logits.detach(), "text_grad": text.grad,
+                    "image_grad": image.grad},
                    f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -281,8 +290,8 @@ def test_two_pretraining_steps_with_every_objective(arch, bert_folder, tmp_path)
         "MODEL.VLBERT.PRETRAIN.MRC_PROB", "0.9", "MODEL.VLBERT.PRETRAIN.MLM_PROB", "0.5",
         "DATASETS.PRETRAIN_VQA", "easy_vqa_train", "DATASETS.PRETRAIN_VQA_LIMIT", "2",
         "DATALOADER.QUESTIONS_PER_IMAGE", "1", "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "[64]",
-        "INPUT.MAX_SIZE_TRAIN", "64", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "2", "SOLVER.LOG_PERIOD", "1",
-        "SOLVER.CHECKPOINT_PERIOD", "100", "SOLVER.WARMUP_ITERS", "0",
+        "INPUT.MAX_SIZE_TRAIN", "64", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "2",
+        "SOLVER.LOG_PERIOD", "1", "SOLVER.CHECKPOINT_PERIOD", "100", "SOLVER.WARMUP_ITERS", "0",
     ])
     cfg.freeze()
     torch.manual_seed(0)
@@ -295,7 +304,8 @@ def test_two_pretraining_steps_with_every_objective(arch, bert_folder, tmp_path)
     for row in rows:
         assert expected <= set(row), sorted(expected - set(row))
         assert all(np.isfinite(row[k]) for k in expected), row
-    assert any(row[f"train/{name}"] > 0 for row in rows for name in ("itm", "mrc_kl", "obj_label", "feat_regression",
+    assert any(row[f"train/{name}"] > 0 for row in rows
+               for name in ("itm", "mrc_kl", "obj_label", "feat_regression",
                                                                        "contrastive", "vqa"))
 
 
@@ -306,9 +316,9 @@ def test_a_mismatched_caption_carries_no_word_or_region_targets(tmp_path):
     from e2e_vl.modeling.hf import load_tokenizer
 
     _write_caption_data(tmp_path)
-    data = CaptionPretrainDataset(read_coco_captions(tmp_path / "train.json"), open_roi_store(tmp_path / "rois"),
-                                  load_tokenizer(""), ResizeFlip([64], 64), mlm_prob=0.9, mrc_prob=0.9,
-                                  mismatch_prob=0.5)
+    data = CaptionPretrainDataset(read_coco_captions(tmp_path / "train.json"),
+                                  open_roi_store(tmp_path / "rois"), load_tokenizer(""), ResizeFlip([64], 64),
+                                  mlm_prob=0.9, mrc_prob=0.9, mismatch_prob=0.5)
     seen = set()
     for epoch in range(3):
         data.set_epoch(epoch)
@@ -329,7 +339,8 @@ def test_the_regression_target_is_the_unmasked_feature_and_leaves_running_statis
 
     model = tiny_model(heads=("feat_regression",), appearance_norm="running").train()
     masked = torch.tensor([False, True, False])
-    sample = image_sample(region_masked=masked, region_labelled=masked, mrc_targets=torch.full((3, CLASSES), 1 / CLASSES))
+    sample = image_sample(region_masked=masked, region_labelled=masked,
+                          mrc_targets=torch.full((3, CLASSES), 1 / CLASSES))
     batch = collate_samples([sample, {"input_ids": torch.arange(3)}])
     model.region_appearance(batch)  # the first batch sets the running statistics
     stats = model.appearance_norm.running_mean.clone()
@@ -344,7 +355,8 @@ def test_the_regression_target_is_the_unmasked_feature_and_leaves_running_statis
     assert (target[1] == 0).all()  # the text-only sample
     model.appearance_norm.train()
     out = model(batch)
-    assert out["feat_regression_logits"].shape == (1, model.appearance_dim) and out["losses"]["feat_regression"] > 0
+    assert (out["feat_regression_logits"].shape == (1, model.appearance_dim)
+            and out["losses"]["feat_regression"] > 0)
 
 
 @pytest.mark.parametrize("name", ["lxmert_cc", "visualbert_cc"])
@@ -375,4 +387,5 @@ def test_visualbert_without_grounding_refuses_the_image_objectives(head, bert_fo
     from test_architectures import build
 
     with pytest.raises(ConfigError, match=f"region heads \\['{head}'\\]"):
-        build("visualbert", bert_folder, "MODEL.VISUALBERT.GROUNDED", "False", "MODEL.VLBERT.HEADS", f"['mlm', '{head}']")
+        build("visualbert", bert_folder, "MODEL.VISUALBERT.GROUNDED", "False",
+              "MODEL.VLBERT.HEADS", f"['mlm', '{head}']")

@@ -22,7 +22,8 @@ from demo_stages import run_script, stage1_detector
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # stage 1 (128 px, ~6 min alone) + pre-training (~7 min): up to 30 on a busy 2-core machine
+# stage 1 (128 px, ~6 min alone) + pre-training (~7 min): up to 30 on a busy 2-core machine
+@pytest.mark.timeout(3600)
 def test_pretraining_reads_the_region_and_pixel_masking_takes_the_clue_away(tmp_path):
     weights = stage1_detector(tmp_path, steps=1200, images=0, batch=16, timeout=1800)  # the demo's stage 1
     out = tmp_path / "probe.json"

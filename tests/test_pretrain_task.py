@@ -138,8 +138,8 @@ def test_mrc_class_count_differing_from_the_roi_store_fails_before_training(tmp_
     args = [*_overrides(root, out, max_iter=2), "MODEL.VLBERT.NUM_MRC_CLASSES", "7"]
     assert train_net.cli(args) == 2
     log = (out / "log.txt").read_text()
-    assert (f"MODEL.VLBERT.NUM_MRC_CLASSES is 7 but the RoI store {root / 'rois'} holds class distributions over "
-            f"{NUM_CLASSES} classes" in log)
+    assert (f"MODEL.VLBERT.NUM_MRC_CLASSES is 7 but the RoI store {root / 'rois'} holds class distributions "
+            f"over {NUM_CLASSES} classes" in log)
     assert not list(out.glob("model_*.pth")) and "training 2 steps" not in log
 
 

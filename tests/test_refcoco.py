@@ -24,10 +24,13 @@ W, H = 64, 48
 # image id -> split of its refs, annotations {ann_id: [x, y, w, h]}, refs [(ref_id, ann_id, [sentences])]
 IMAGES = {
     1: ("train", {11: [4, 8, 20, 30], 12: [36, 8, 24, 30]},
-        [(101, 11, [["left", "red", "box"], ["the", "box", "on", "the", "left"]]), (102, 12, [["right", "box"]])]),
+        [(101, 11, [["left", "red", "box"], ["the", "box", "on", "the", "left"]]),
+         (102, 12, [["right", "box"]])]),
     2: ("train", {21: [0, 0, 30, 48], 22: [30, 10, 30, 30]}, [(201, 22, [["square", "on", "the", "right"]])]),
-    3: ("val", {31: [10, 10, 20, 20], 32: [34, 10, 20, 20]}, [(301, 31, [["left", "one"], ["green", "square"]])]),
-    4: ("testA", {41: [5, 5, 25, 25], 42: [32, 16, 28, 28], 43: [0, 40, 8, 8]}, [(401, 42, [["man", "on", "right"]])]),
+    3: ("val", {31: [10, 10, 20, 20], 32: [34, 10, 20, 20]},
+        [(301, 31, [["left", "one"], ["green", "square"]])]),
+    4: ("testA", {41: [5, 5, 25, 25], 42: [32, 16, 28, 28], 43: [0, 40, 8, 8]},
+        [(401, 42, [["man", "on", "right"]])]),
     5: ("testB", {51: [2, 2, 60, 44], 52: [40, 20, 10, 10]},
         [(501, 52, [["small", "thing"]]), (502, 51, [["the", "big", "one"]])]),
 }
@@ -58,9 +61,9 @@ def py2_pickle(obj) -> bytes:
 
 
 def write_refer(root: Path, refs_hook=None) -> Path:
-    """The refer layout under `root`: refcoco+/{refs(unc).p (a Python 2 pickle), instances.json, proposal/<dets>.json},
-    train2014/ images (64x48, a filled rectangle per annotation) and an RoI store `rois/` keyed by the
-    numeric image id. `refs_hook(refs)` may corrupt the refs before they are pickled."""
+    """The refer layout under `root`: refcoco+/{refs(unc).p (a Python 2 pickle), instances.json,
+    proposal/<dets>.json}, train2014/ images (64x48, a filled rectangle per annotation) and an RoI store
+    `rois/` keyed by the numeric image id. `refs_hook(refs)` may corrupt the refs before they are pickled."""
     folder, images_dir = root / "refcoco+", root / "train2014"
     (folder / "proposal").mkdir(parents=True)
     images_dir.mkdir()
@@ -70,8 +73,8 @@ def write_refer(root: Path, refs_hook=None) -> Path:
         image = np.full((H, W, 3), 255, np.uint8)
         for k, (ann_id, (x, y, w, h)) in enumerate(objects.items()):
             cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), COLOURS[k % 3], thickness=-1)
-            anns.append({"id": ann_id, "image_id": image_id, "category_id": 1, "area": float(w * h), "iscrowd": 0,
-                         "bbox": [float(x), float(y), float(w), float(h)],
+            anns.append({"id": ann_id, "image_id": image_id, "category_id": 1, "area": float(w * h),
+                         "iscrowd": 0, "bbox": [float(x), float(y), float(w), float(h)],
                          "segmentation": [[x, y, x + w, y, x + w, y + h]]})
             dets.append({"det_id": len(dets), "h5_id": len(dets), "box": [x + 1.0, y + 1.0, w - 1.0, h - 1.0],
                          "image_id": image_id, "category_id": 1, "category_name": "person", "score": 0.9})
@@ -117,7 +120,8 @@ def refer_root(tmp_path):
 def _build(root: Path, tokenizer, splits, boxes=("gt",), flip: float = 0.0, **kwargs) -> RefCOCODataset:
     return build_refer_dataset(root, "refcoco+", "unc", splits, root / "train2014", boxes, tokenizer,
                                ResizeFlip(H, W, flip_prob=flip, swap_text_sides=True),
-                               detections=str(root / "refcoco+/proposal/res101_coco_minus_refer_notime_dets.json"),
+                               detections=str(
+                                   root / "refcoco+/proposal/res101_coco_minus_refer_notime_dets.json"),
                                roi_store=str(root / "rois"), **kwargs)
 
 
@@ -146,7 +150,8 @@ def test_reader_gives_one_sample_per_sentence_with_its_referred_box(refer_root, 
     assert _decode(tokenizer, samples[0]["input_ids"]) == "[CLS] left red box [SEP]"
     assert samples[0]["token_type_ids"].tolist() == [0] * 5
     # box 0 = the whole image, then the image's COCO boxes (64x48 is the test size: no resizing)
-    torch.testing.assert_close(samples[0]["boxes"], torch.tensor([[0, 0, 64, 48], [4, 8, 24, 38], [36, 8, 60, 38.]]))
+    torch.testing.assert_close(samples[0]["boxes"],
+                               torch.tensor([[0, 0, 64, 48], [4, 8, 24, 38], [36, 8, 60, 38.]]))
     assert samples[0]["ref_labels"].tolist() == [0, 1, 0] and samples[2]["ref_labels"].tolist() == [0, 0, 1]
     assert samples[0]["image_key"] == (1, False, 48, 64) and samples[0]["image"].shape == (3, 48, 64)
 
@@ -187,9 +192,11 @@ def test_flip_mirrors_image_and_boxes_and_swaps_left_and_right(refer_root, token
     assert [_decode(tokenizer, s["input_ids"]) for s in flipped] == [
         "[CLS] right red box [SEP]", "[CLS] the box on the right [SEP]", "[CLS] left box [SEP]"]
     assert torch.equal(flipped[0]["image"], plain[0]["image"].flip(-1))
-    torch.testing.assert_close(flipped[0]["boxes"], torch.tensor([[0, 0, 64, 48], [40, 8, 60, 38], [4, 8, 28, 38.]]))
+    torch.testing.assert_close(flipped[0]["boxes"],
+                               torch.tensor([[0, 0, 64, 48], [40, 8, 60, 38], [4, 8, 28, 38.]]))
     assert [s["ref_labels"].tolist() for s in flipped] == [s["ref_labels"].tolist() for s in plain]
-    assert flipped[0]["image_key"] == (1, True, 48, 64)  # never shares a detector pass with the unflipped image
+    # never shares a detector pass with the unflipped image
+    assert flipped[0]["image_key"] == (1, True, 48, 64)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,7 +264,8 @@ def test_evaluation_reproduces_a_hand_computed_accuracy(refer_root, tokenizer, t
     # val 3001 ann 31 (right), 3002 ann 32 (wrong: IoU 0); testA ann 42 (right); testB: the whole image
     # for the small ann 52 (IoU 100/3072, wrong) and for the big ann 51 (IoU 2640/3072, right).
     evaluator = RefCOCOEvaluator(ds, VLCollator(tokenizer.pad_token_id), 2, torch.device("cpu"),
-                                 predictions_path=tmp_path / "pred.json", metrics_path=tmp_path / "metrics.json")
+                                 predictions_path=tmp_path / "pred.json",
+                                 metrics_path=tmp_path / "metrics.json")
     metrics = evaluator(_Picker([1, 2, 2, 0, 0]))
     assert metrics == {"num_sentences": 5.0, "accuracy": 0.6, "accuracy/testA": 1.0, "accuracy/testB": 0.5,
                        "accuracy/val": 0.5}
@@ -287,7 +295,8 @@ def test_a_code_running_refs_pickle_is_refused_and_runs_nothing(tmp_path, tokeni
     refs = pickle.loads((root / "refcoco+/refs(unc).p").read_bytes(), encoding="latin1")
     refs[0]["category_id"] = _Evil(str(marker))
     (root / "refcoco+/refs(unc).p").write_bytes(pickle.dumps(refs, protocol=protocol))
-    with pytest.raises(RefCOCODataError, match=r"refs\(unc\)\.p: refusing to load '(__builtin__|builtins).eval'"):
+    with pytest.raises(RefCOCODataError,
+                       match=r"refs\(unc\)\.p: refusing to load '(__builtin__|builtins).eval'"):
         _build(root, tokenizer, ["train"])
     assert not marker.exists()
 
@@ -315,7 +324,8 @@ def _drop_tokens(refs):
 
 @pytest.mark.parametrize("hook, message", [
     (_drop_split, r"refs\(unc\)\.p: ref #2 \(ref_id 201\): missing key 'split'"),
-    (_point_at_missing_ann, r"refs\(unc\)\.p: ref_id 201: ann_id 999 is not an annotation of .*instances\.json"),
+    (_point_at_missing_ann,
+     r"refs\(unc\)\.p: ref_id 201: ann_id 999 is not an annotation of .*instances\.json"),
     (_drop_tokens, r"ref #0 \(ref_id 101\): sentences\[1\]: missing key 'tokens'"),
 ])
 def test_malformed_refs_are_named(tmp_path, tokenizer, hook, message):
@@ -334,8 +344,9 @@ def test_missing_regions_and_images_are_counted_with_examples(refer_root, tokeni
     with RoIStoreWriter(refer_root / "rois", {"fingerprint": "test"}) as writer:
         writer.write_batch(keep)
     with pytest.raises(DatasetError, match=r"2 of 3 images have no record in the RoI store .*rois "
-                                           r"\(e\.g\. image ids '3', '5'; the store's keys look like '1', '4'\)\. "
-                                           r"Extract their regions first: python tools/extract_rois\.py"):
+                                           r"\(e\.g\. image ids '3', '5'; the store's keys look like '1', "
+                                           r"'4'\)\. Extract their regions first: python "
+                                           r"tools/extract_rois\.py"):
         _build(refer_root, tokenizer, ["val", "testA", "testB"], boxes=("roi_store",))
     dets = refer_root / "refcoco+/proposal/res101_coco_minus_refer_notime_dets.json"
     dets.write_text(json.dumps([d for d in json.loads(dets.read_text()) if d["image_id"] != 2]))
@@ -343,7 +354,8 @@ def test_missing_regions_and_images_are_counted_with_examples(refer_root, tokeni
                        match=r"1 of 2 images have no detections in .*dets\.json \(e\.g\. image_id 2\)"):
         _build(refer_root, tokenizer, ["train"], boxes=("detections",))
     (refer_root / "train2014" / _file_name(5)).unlink()
-    with pytest.raises(RefCOCODataError, match=r"1 of 3 images have no file in .*train2014 \(e\.g\. image_id 5\)"):
+    with pytest.raises(RefCOCODataError,
+                       match=r"1 of 3 images have no file in .*train2014 \(e\.g\. image_id 5\)"):
         _build(refer_root, tokenizer, ["val", "testA", "testB"])
 
 
@@ -403,7 +415,8 @@ def test_a_bad_ref_stops_train_net_before_training(tmp_path, train_net, capsys):
     root = write_refer(tmp_path / "coco", _point_at_missing_ann)
     out = tmp_path / "run"
     assert train_net.cli(_args(root, out)) == 2
-    assert "error: " in (err := capsys.readouterr().err) and "ref_id 201: ann_id 999 is not an annotation of" in err
+    assert ("error: " in (err := capsys.readouterr().err)
+            and "ref_id 201: ann_id 999 is not an annotation of" in err)
     assert not list(out.glob("model_*.pth")) and not (out / "metrics.jsonl").exists()
 
 
@@ -415,7 +428,8 @@ def test_paper_configs_load_and_task_config_errors_are_named(tmp_path):
 
     base = load_train_cfg(REPO / "configs/refcoco/vlbert_base_e2e.yaml")
     large = load_train_cfg(REPO / "configs/refcoco/vlbert_large_e2e.yaml")
-    for cfg in (base, large):  # VL-BERT: 32 sentences per step, 8e-7 x 32, 20 epochs, detections (+ gt in training)
+    # VL-BERT: 32 sentences per step, 8e-7 x 32, 20 epochs, detections (+ gt in training)
+    for cfg in (base, large):
         assert cfg.TASK == "refcoco" and list(cfg.MODEL.VLBERT.HEADS) == ["ref"]
         assert cfg.SOLVER.IMS_PER_BATCH == 32 and cfg.SOLVER.BASE_LR == pytest.approx(8e-7 * 32)
         assert cfg.SOLVER.MAX_EPOCHS == 20 and cfg.DATALOADER.QUESTIONS_PER_IMAGE == 1
@@ -425,8 +439,10 @@ def test_paper_configs_load_and_task_config_errors_are_named(tmp_path):
 
     task = get_task("refcoco")
     ref_model = SimpleNamespace(tokenizer=None, heads={"ref": None})
-    bad_boxes = load_train_cfg(REPO / "configs/refcoco/tiny.yaml", ["DATASETS.REFCOCO.TEST_BOXES", "['proposal']"])
-    with pytest.raises(ConfigError, match=r"'DATASETS.REFCOCO.TEST_BOXES' must list some of \['detections', 'gt', "
+    bad_boxes = load_train_cfg(REPO / "configs/refcoco/tiny.yaml",
+                               ["DATASETS.REFCOCO.TEST_BOXES", "['proposal']"])
+    with pytest.raises(ConfigError,
+                       match=r"'DATASETS.REFCOCO.TEST_BOXES' must list some of \['detections', 'gt', "
                                           r"'roi_store'\], got \['proposal'\]"):
         task.build(bad_boxes, ref_model, torch.device("cpu"), False)
     bad_name = load_train_cfg(REPO / "configs/refcoco/tiny.yaml", ["DATASETS.TEST", "refcoco+_test"])
@@ -439,6 +455,7 @@ def test_paper_configs_load_and_task_config_errors_are_named(tmp_path):
 def test_an_image_of_another_size_than_instances_json_says_is_named(refer_root, tokenizer):
     cv2.imwrite(str(refer_root / "train2014" / _file_name(2)), np.zeros((20, 30, 3), np.uint8))
     ds = _build(refer_root, tokenizer, ["train"], sentences_per_item=0)
-    with pytest.raises(RefCOCODataError, match=r"COCO_train2014_000000000002\.jpg is 30x20 but .*instances\.json says "
+    with pytest.raises(RefCOCODataError,
+                       match=r"COCO_train2014_000000000002\.jpg is 30x20 but .*instances\.json says "
                                                r"64x48 for image_id 2"):
         ds[1]

@@ -235,7 +235,8 @@ def test_an_unwritable_output_is_one_error_naming_it(tmp_path, monkeypatch):
     from detector import roi_store
 
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(RoIStoreError, match=f"{tmp_path / 'file' / 's'}: cannot open the RoI store for writing: "
+    with pytest.raises(RoIStoreError,
+                       match=f"{tmp_path / 'file' / 's'}: cannot open the RoI store for writing: "
                                             "Not a directory"):
         RoIStoreWriter(tmp_path / "file" / "s", HEADER)
 

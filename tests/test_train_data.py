@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from e2e_vl.data.easy_vqa import (EasyVQAImages, answer_vocab, balance_colour_existence, colour_existence_form,
-                                  load_questions, shape_box)
+from e2e_vl.data.easy_vqa import (EasyVQAImages, answer_vocab, balance_colour_existence,
+                                  colour_existence_form, load_questions, shape_box)
 from e2e_vl.data.catalog import DatasetError
 from e2e_vl.data.vqa import CocoImageLoader, ImageQuestionsDataset, Question, build_answer_vocab, load_vqa_v2
 from e2e_vl.data.vqa_answers import normalize_answer, soft_scores
@@ -49,7 +49,8 @@ def test_balanced_training_questions_take_the_colour_yes_no_prior_away():
     yes, no = answer_vocab().index("yes"), answer_vocab().index("no")
 
     def counts(qs):
-        return {(form, answer): sum(1 for q in qs if colour_existence_form(q.text) == form and answer in q.scores)
+        return {(form, answer): sum(1 for q in qs
+                                    if colour_existence_form(q.text) == form and answer in q.scores)
                 for form in ("asks", "asks not") for answer in (yes, no)}
 
     before, after = counts(questions), counts(balanced)
@@ -111,7 +112,8 @@ def test_normalize_answer():
     assert normalize_answer("Two.") == "2"
     assert normalize_answer("a Red car!") == "red car"
     assert normalize_answer("3.5") == "3.5"
-    assert normalize_answer("don't") == normalize_answer("dont") == "don't"  # the official rule keeps apostrophes
+    # the official rule keeps apostrophes
+    assert normalize_answer("don't") == normalize_answer("dont") == "don't"
 
 
 def test_vqa_v2_reader(tmp_path):
@@ -174,7 +176,8 @@ def test_region_labels_agree_with_every_colour_and_shape_answer():
     ds = EasyVQARegions("test", 96, 96, limit=3)
     item = ds[0]
     assert item["image"].shape == (3, 96, 96) and item["image"].dtype == torch.uint8
-    assert item["boxes"].shape == (2, 4) and torch.equal(item["boxes"][0], torch.tensor([0.0, 0.0, 96.0, 96.0]))
+    assert (item["boxes"].shape == (2, 4)
+            and torch.equal(item["boxes"][0], torch.tensor([0.0, 0.0, 96.0, 96.0])))
     assert item["region_labels"].tolist() == [-1, labels[ds.image_ids[0]]]  # the whole image is no object
     batch = collate_region_samples([ds[0], ds[1]])
     assert batch["images"].shape == (2, 3, 96, 96) and batch["region_labels"].shape == (4,)

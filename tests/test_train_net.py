@@ -34,14 +34,16 @@ def test_config_errors_are_one_clear_line(args, expected):
 
 def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("_BASE_: " + str(REPO / "configs" / "easy_vqa" / "e2e.yaml") + "\nSOLVER:\n  MAX_ITERS: 3\n")
+    cfg.write_text("_BASE_: " + str(REPO / "configs" / "easy_vqa" / "e2e.yaml")
+                   + "\nSOLVER:\n  MAX_ITERS: 3\n")
     r = _run("--config-file", str(cfg))
     assert r.returncode == 2 and str(cfg) in r.stderr and "SOLVER.MAX_ITERS" in r.stderr
 
 
 @pytest.mark.parametrize("args,key", [
     (["MODEL.WEIGHTS", "", "DATASETS.TEST", ""], "DATASETS.TEST"),
-    (["--config-file", str(REPO / "configs" / "easy_vqa" / "detector.yaml"), "DATASETS.TEST", ""], "DATASETS.TEST"),
+    (["--config-file", str(REPO / "configs" / "easy_vqa" / "detector.yaml"), "DATASETS.TEST", ""],
+     "DATASETS.TEST"),
     (["--config-file", str(REPO / "configs" / "pretrain" / "vlbert_base_cc.yaml"),
       "DATASETS.TEST", ""], "DATASETS.TEST"),
 ])
@@ -188,7 +190,8 @@ def test_cli_reports_an_interrupted_run_and_exits_128_plus_the_signal(monkeypatc
 
     monkeypatch.setattr(train_net, "main", interrupted)
     assert train_net.cli([]) == 128 + signal.SIGTERM
-    assert "interrupted by SIGTERM after step 7: saved runs/x/model_0000007.pth; continue with --resume" in caplog.text
+    assert ("interrupted by SIGTERM after step 7: saved runs/x/model_0000007.pth; continue with --resume"
+            in caplog.text)
 
 
 @pytest.mark.slow
@@ -196,11 +199,13 @@ def test_demo_model_trains_on_two_processes_and_resumes(tmp_path):
     """The real VL-BERT + detector under DDP (torchrun, gloo): both ranks train, the checkpoint of the
     run resumed at step 6 on two processes ends where the uninterrupted run did."""
     torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", str(REPO / "tools" / "train_net.py")]
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+                str(REPO / "tools" / "train_net.py")]
     smoke = [*SMOKE, "MODEL.WEIGHTS", ""]  # the demo model, its detector randomly initialised
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+               "TRANSFORMERS_VERBOSITY": "error"}
         return subprocess.run([sys.executable, *torchrun, *args], capture_output=True, text=True, env=env,
                               timeout=600)
 
@@ -245,7 +250,8 @@ def test_cli_reports_a_full_or_read_only_output_dir_in_one_line(monkeypatch, cap
     assert line in caplog.text and "Traceback" not in capsys.readouterr().err
 
 
-def test_an_image_error_from_a_dataloader_worker_is_one_line_without_its_traceback(monkeypatch, capsys, caplog):
+def test_an_image_error_from_a_dataloader_worker_is_one_line_without_its_traceback(monkeypatch, capsys,
+                                                                                   caplog):
     from torch._utils import ExceptionWrapper
 
     sys.path.insert(0, str(REPO / "tools"))

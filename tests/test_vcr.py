@@ -15,8 +15,8 @@ from transformers import BertConfig
 
 from e2e_vl.data.collate import collate_samples
 from e2e_vl.data.transforms import ResizeFlip
-from e2e_vl.data.vcr import (PERSON_NAMES, VCRDataError, VCRDataset, choice_sequence, encode_words, object_names,
-                             read_vcr_jsonl, render_tokens)
+from e2e_vl.data.vcr import (PERSON_NAMES, VCRDataError, VCRDataset, choice_sequence, encode_words,
+                             object_names, read_vcr_jsonl, render_tokens)
 from e2e_vl.evaluation.vcr import VCREvaluator, leaderboard_rows, vcr_metrics
 from e2e_vl.modeling.heads import ChoiceScoreHead, Encoded, ObjectClassHead
 from e2e_vl.modeling.hf import load_tokenizer
@@ -26,7 +26,8 @@ MOVIE = "lsmdc_0001_American_Beauty"
 IMAGES = [  # (file stem, objects, boxes x1 y1 x2 y2)
     ("0001_American_Beauty_00.00.51.926-00.00.54.277@0", ["person", "person", "dog"],
      [[4, 6, 30, 44], [34, 2, 60, 40], [10, 30, 28, 46]]),
-    ("0001_American_Beauty_00.01.10.351-00.01.13.072@1", ["person", "diningtable"], [[2, 2, 26, 46], [30, 20, 62, 44]]),
+    ("0001_American_Beauty_00.01.10.351-00.01.13.072@1", ["person", "diningtable"],
+     [[2, 2, 26, 46], [30, 20, 62, 44]]),
     ("0001_American_Beauty_00.02.05.000-00.02.07.500@0", ["person", "cellphone", "person"],
      [[0, 0, 20, 40], [22, 10, 30, 18], [36, 4, 62, 46]]),
 ]
@@ -38,9 +39,9 @@ def _annotation(k: int, split: str, image: int, question, answers, rationales, l
            "img_fn": f"{MOVIE}/{stem}.jpg", "metadata_fn": f"{MOVIE}/{stem}.json",
            "answer_orig": "", "question_orig": "", "rationale_orig": "", "question": question,
            "answer_match_iter": [3, 0, 2, 1], "answer_sources": [10, 0, 20, 30], "answer_choices": answers,
-           "rationale_sources": [1, 0, 2, 3], "rationale_match_iter": [3, 0, 2, 1], "rationale_choices": rationales,
-           "img_id": f"{split}-{image}", "question_number": k, "annot_id": f"{split}-{k}",
-           "match_fold": f"{split}-0", "match_index": k}
+           "rationale_sources": [1, 0, 2, 3], "rationale_match_iter": [3, 0, 2, 1],
+           "rationale_choices": rationales, "img_id": f"{split}-{image}", "question_number": k,
+           "annot_id": f"{split}-{k}", "match_fold": f"{split}-0", "match_index": k}
     if split != "test":
         ann["answer_label"], ann["rationale_label"] = labels
     return ann
@@ -62,14 +63,17 @@ def write_vcr(root: Path) -> Path:
                 "names": objects, "width": 64, "height": 48}
         (folder / f"{stem}.json").write_text(json.dumps(meta))
     answers = [["Yes", ",", [0], "is", "happy", "."], ["No", "."], [[1], "is", "sad", "."], ["Maybe", "."]]
-    rationales = [[[0], "smiles", "."], ["Because", "of", "the", [1], "."], ["It", "rains", "."], ["No", "reason"]]
+    rationales = [[[0], "smiles", "."], ["Because", "of", "the", [1], "."], ["It", "rains", "."],
+                  ["No", "reason"]]
     rows = {
-        "train": [_annotation(0, "train", 0, ["Why", "is", [0, 1], "near", "the", [2], "?"], answers, rationales),
+        "train": [_annotation(0, "train", 0, ["Why", "is", [0, 1], "near", "the", [2], "?"], answers,
+                              rationales),
                   _annotation(1, "train", 1, ["What", "is", [0], "doing", "?"], answers, rationales, (0, 1)),
                   _annotation(2, "train", 2, ["Is", [2], "holding", [1], "?"], answers, rationales, (3, 0)),
                   _annotation(3, "train", 0, ["Where", "is", [2], "?"], answers, rationales, (2, 3))],
         "val": [_annotation(0, "val", 1, ["Is", [0], "eating", "?"], answers, rationales, (1, 1)),
-                _annotation(1, "val", 2, ["Who", "is", "on", "the", "left", "?"], answers, rationales, (0, 2))],
+                _annotation(1, "val", 2, ["Who", "is", "on", "the", "left", "?"], answers, rationales,
+                            (0, 2))],
         "test": [_annotation(0, "test", 0, ["Why", "is", [1], "there", "?"], answers, rationales),
                  _annotation(1, "test", 2, ["Does", [0], "call", [2], "?"], answers, rationales)],
     }
@@ -111,7 +115,8 @@ def test_reader_parses_the_released_layout(vcr_root):
 
 def test_references_render_as_names_and_each_word_piece_is_grounded_in_its_region(tokenizer):
     names = object_names(["person", "dog", "person", "diningtable"])
-    assert names == [PERSON_NAMES[0], "dog", PERSON_NAMES[1], "diningtable"] == ["Casey", "dog", "Riley", "diningtable"]
+    assert (names == [PERSON_NAMES[0], "dog", PERSON_NAMES[1], "diningtable"]
+            == ["Casey", "dog", "Riley", "diningtable"])
     words, regions = render_tokens(["Why", "is", [2, 0], "near", "the", [3], "?"], names)
     assert words == ["Why", "is", "Riley", "and", "Casey", "near", "the", "diningtable", "?"]
     question = encode_words(tokenizer, words, regions)
@@ -120,7 +125,8 @@ def test_references_render_as_names_and_each_word_piece_is_grounded_in_its_regio
         ("why", 0), ("is", 0), ("riley", 3), ("and", 0), ("casey", 1), ("near", 0), ("the", 0),
         ("dining", 4), ("##table", 4), ("?", 0)]
     answer = encode_words(tokenizer, *render_tokens([[1], "left", "."], names, flipped=True))
-    assert list(zip(tokenizer.convert_ids_to_tokens(answer[0]), answer[1])) == [("dog", 2), ("right", 0), (".", 0)]
+    assert (list(zip(tokenizer.convert_ids_to_tokens(answer[0]), answer[1]))
+            == [("dog", 2), ("right", 0), (".", 0)])
 
     seq = choice_sequence(tokenizer, [question], answer, max_text_len=64)
     assert tokenizer.convert_ids_to_tokens(seq["input_ids"].tolist()) == [
@@ -130,7 +136,8 @@ def test_references_render_as_names_and_each_word_piece_is_grounded_in_its_regio
     assert seq["text_region_index"].tolist() == [0, 0, 0, 3, 0, 1, 0, 0, 4, 4, 0, 0, 2, 0, 0, 0]
     # QA->R: question and answer are the first text; truncation trims the longest part from its end.
     short = choice_sequence(tokenizer, [question, answer], ([7, 8], [0, 1]), max_text_len=9)
-    assert short["input_ids"].tolist()[1:-1] == [*question[0][:4], *answer[0][:3], tokenizer.sep_token_id, 7, 8]
+    assert (short["input_ids"].tolist()[1:-1]
+            == [*question[0][:4], *answer[0][:3], tokenizer.sep_token_id, 7, 8])
     assert len(short["input_ids"]) == 9 + 3 and short["token_type_ids"].tolist() == [0] * 9 + [1] * 3
 
 
@@ -199,9 +206,11 @@ def test_head_and_loss_match_a_hand_computation():
         head.pooler.dense.bias.zero_()
         head.classifier.weight.copy_(torch.tensor([[1.0, -1.0]]))
         head.classifier.bias.fill_(0.5)
-    cls = torch.tensor([[0.5, 0.0], [0.0, 0.5], [1.0, 1.0], [0.0, 0.0], [0.2, 0.1], [0.0, 0.3], [0.0, 0.0], [1.0, 0.0]])
+    cls = torch.tensor([[0.5, 0.0], [0.0, 0.5], [1.0, 1.0], [0.0, 0.0], [0.2, 0.1], [0.0, 0.3], [0.0, 0.0],
+                        [1.0, 0.0]])
     text = torch.cat([cls[:, None, :], torch.randn(8, 3, 2)], dim=1)  # only [CLS] is read
-    encoded = Encoded(text, torch.zeros(8, 0, 2), torch.zeros(8, 0, dtype=torch.bool), torch.ones(8, dtype=torch.bool))
+    encoded = Encoded(text, torch.zeros(8, 0, 2), torch.zeros(8, 0, dtype=torch.bool),
+                      torch.ones(8, dtype=torch.bool))
     out = head.outputs(encoded, {"choice_labels": torch.tensor([2, -1])})
     pooled = torch.tanh(cls * torch.tensor([1.0, 2.0]))
     logits = (pooled[:, 0] - pooled[:, 1] + 0.5).view(2, 4)
@@ -238,10 +247,14 @@ def test_metrics_equal_a_hand_computation():
         return (probs, label)
 
     results = {  # q2a right/wrong, qa2r right/wrong
-        "a": {"answer": group([0.1, 0.7, 0.1, 0.1], 1), "rationale": group([0.4, 0.3, 0.2, 0.1], 0)},  # both right
-        "b": {"answer": group([0.1, 0.7, 0.1, 0.1], 1), "rationale": group([0.1, 0.3, 0.5, 0.1], 0)},  # A only
-        "c": {"answer": group([0.6, 0.2, 0.1, 0.1], 3), "rationale": group([0.1, 0.2, 0.3, 0.4], 3)},  # R only
-        "d": {"answer": group([0.25, 0.25, 0.25, 0.25], 1), "rationale": group([0.1, 0.7, 0.1, 0.1], 0)},  # none
+        "a": {"answer": group([0.1, 0.7, 0.1, 0.1], 1),
+              "rationale": group([0.4, 0.3, 0.2, 0.1], 0)},  # both right
+        "b": {"answer": group([0.1, 0.7, 0.1, 0.1], 1),
+              "rationale": group([0.1, 0.3, 0.5, 0.1], 0)},  # A only
+        "c": {"answer": group([0.6, 0.2, 0.1, 0.1], 3),
+              "rationale": group([0.1, 0.2, 0.3, 0.4], 3)},  # R only
+        "d": {"answer": group([0.25, 0.25, 0.25, 0.25], 1),
+              "rationale": group([0.1, 0.7, 0.1, 0.1], 0)},  # none
         "e": {"answer": group([0.1, 0.1, 0.1, 0.7], 3)},  # Q->A only: counts for q2a alone
     }
     assert vcr_metrics(results) == {"num_annotations": 5.0, "q2a_accuracy": 3 / 5, "qa2r_accuracy": 2 / 4,
@@ -285,10 +298,12 @@ def test_evaluator_scores_and_writes_predictions_metrics_and_the_leaderboard_fil
     evaluator = VCREvaluator(labelled, lambda items: {"index": torch.tensor(items)}, 2, torch.device("cpu"),
                              output_dir=tmp_path, split="val")
     metrics = evaluator(_ScriptedModel(logits))
-    assert metrics == {"num_annotations": 3.0, "q2a_accuracy": 2 / 3, "qa2r_accuracy": 2 / 3, "q2ar_accuracy": 1 / 3}
+    assert (metrics == {"num_annotations": 3.0, "q2a_accuracy": 2 / 3, "qa2r_accuracy": 2 / 3,
+                        "q2ar_accuracy": 1 / 3})
     assert json.loads((tmp_path / "vcr_val_metrics.json").read_text()) == metrics
     predictions = json.loads((tmp_path / "vcr_val_predictions.json").read_text())
-    np.testing.assert_allclose(predictions["val-0"]["answer"], torch.softmax(logits[0][0], 0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(predictions["val-0"]["answer"], torch.softmax(logits[0][0], 0).numpy(),
+                               rtol=1e-6)
     assert not (tmp_path / "vcr_val_leaderboard.csv").exists()
 
     names = ["answer"] + [f"rationale_conditioned_on_a{a}" for a in range(4)]
@@ -299,9 +314,11 @@ def test_evaluator_scores_and_writes_predictions_metrics_and_the_leaderboard_fil
     assert metrics == {"num_annotations": 1.0}
     with open(tmp_path / "vcr_test_leaderboard.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0][:6] == ["annot_id", "answer_0", "answer_1", "answer_2", "answer_3", "rationale_conditioned_on_a0_0"]
+    assert (rows[0][:6] == ["annot_id", "answer_0", "answer_1", "answer_2", "answer_3",
+                            "rationale_conditioned_on_a0_0"])
     assert len(rows[0]) == 21 and rows[1][0] == "test-0"
-    np.testing.assert_allclose([float(x) for x in rows[1][1:]], torch.softmax(test_logits[0], 1).flatten(), rtol=1e-6)
+    np.testing.assert_allclose([float(x) for x in rows[1][1:]], torch.softmax(test_logits[0], 1).flatten(),
+                               rtol=1e-6)
     assert leaderboard_rows({"x": {"answer": [0.5, 0.5]}}) == []  # rationale groups missing: no file
 
 
@@ -351,7 +368,8 @@ def test_paper_configs_use_vl_berts_solver_sgd_with_step_decay():
     model.parameter_kind = lambda name: "head"
     optimizer = build_optimizer(model, cfg)
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.9
-    assert {g["weight_decay"] for g in optimizer.param_groups} == {1e-4}  # every parameter decays, as VL-BERT's
+    # every parameter decays, as VL-BERT's
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {1e-4}
 
 
 def _rewrite(path: Path, line: int, change) -> None:
@@ -362,12 +380,14 @@ def _rewrite(path: Path, line: int, change) -> None:
 
 @pytest.mark.parametrize("change, message", [
     (lambda r: r["answer_choices"][2].append([5]),
-     r"train.jsonl:1 \(annot_id 'train-0'\): 'answer_choices': object reference \[5\] has index 5 out of range "
-     r"\(the record has 3 objects: 0..2\)"),
+     r"train.jsonl:1 \(annot_id 'train-0'\): 'answer_choices': object reference \[5\] has index 5 out of "
+     r"range \(the record has 3 objects: 0..2\)"),
     (lambda r: r.pop("rationale_label"),
      r"train.jsonl:1 \(annot_id 'train-0'\): missing key\(s\) \['rationale_label'\]"),
-    (lambda r: r.update(answer_label=4), r"train.jsonl:1 \(annot_id 'train-0'\): 'answer_label' 4 is not a choice"),
-    (lambda r: r.update(question=["Why", {"x": 1}]), r"annot_id 'train-0'\): 'question': token \{'x': 1\} is neither"),
+    (lambda r: r.update(answer_label=4),
+     r"train.jsonl:1 \(annot_id 'train-0'\): 'answer_label' 4 is not a choice"),
+    (lambda r: r.update(question=["Why", {"x": 1}]),
+     r"annot_id 'train-0'\): 'question': token \{'x': 1\} is neither"),
     (lambda r: r["objects"].append("unicorn"), r"annot_id 'train-0'\): object class 'unicorn' is not one of"),
 ])
 def test_malformed_records_fail_naming_file_record_and_problem(vcr_root, change, message):
@@ -376,8 +396,8 @@ def test_malformed_records_fail_naming_file_record_and_problem(vcr_root, change,
         read_vcr_jsonl(vcr_root / "train.jsonl", labelled=True)
 
 
-def test_missing_files_fail_before_training_and_bad_metadata_names_its_file(vcr_root, tmp_path, tokenizer, train_net,
-                                                                            capsys):
+def test_missing_files_fail_before_training_and_bad_metadata_names_its_file(vcr_root, tmp_path, tokenizer,
+                                                                            train_net, capsys):
     records = read_vcr_jsonl(vcr_root / "train.jsonl", True)
     meta = vcr_root / "vcr1images" / records[1].metadata_fn
     data = json.loads(meta.read_text())

@@ -316,11 +316,13 @@ def test_short_easy_vqa_finetuning_learns(tmp_path, tiny_bert_folder):
     """configs/easy_vqa/smoke.yaml with MODEL.ARCH vilbert and a toy BERT, through the shared VQA task,
     training loop and evaluator: the answer loss ends well below its start within 60 steps."""
     cfg = load_train_cfg(REPO / "configs" / "easy_vqa" / "smoke.yaml",
-                         ["MODEL.ARCH", "vilbert", "MODEL.VLBERT.BERT_PATH", tiny_bert_folder, "OUTPUT_DIR", str(tmp_path)])
+                         ["MODEL.ARCH", "vilbert", "MODEL.VLBERT.BERT_PATH", tiny_bert_folder,
+                          "OUTPUT_DIR", str(tmp_path)])
     torch.manual_seed(0)
     model = build_model(cfg, get_task(cfg.TASK).arch(cfg))
     assert isinstance(model, ViLBert)
-    metrics = train(cfg, model, get_task(cfg.TASK).build(cfg, model, torch.device("cpu"), False), torch.device("cpu"))
+    metrics = train(cfg, model, get_task(cfg.TASK).build(cfg, model, torch.device("cpu"), False),
+                    torch.device("cpu"))
     losses = [json.loads(line)["train/loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
               if "train/loss" in line]
     assert len(losses) == 60 and 0.0 <= metrics["accuracy"] <= 1.0

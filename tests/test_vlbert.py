@@ -96,7 +96,8 @@ def test_geometry_code_is_as_wide_as_the_appearance_feature(appearance_dim):
     box code does not outweigh the appearance in the projection."""
     embed = ObjectFeatureEmbedding(32, appearance_dim=appearance_dim)
     assert embed.proj.in_features == 2 * appearance_dim
-    out = embed(torch.randn(3, appearance_dim), torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 3), torch.tensor([16.0, 16.0]))
+    out = embed(torch.randn(3, appearance_dim), torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 3),
+                torch.tensor([16.0, 16.0]))
     assert out.shape == (3, 32)
 
 
@@ -339,7 +340,8 @@ def test_heads_outputs_and_losses():
     torch.testing.assert_close(out["losses"]["mrc"], expected_mrc)
     torch.testing.assert_close(  # VL-BERT's VCR loss: per-choice sigmoid BCE against the one-hot label
         out["losses"]["vcr"],
-        torch.nn.functional.binary_cross_entropy_with_logits(out["vcr_logits"], torch.tensor([[0.0, 0, 1, 0]])),
+        torch.nn.functional.binary_cross_entropy_with_logits(out["vcr_logits"],
+                                                             torch.tensor([[0.0, 0, 1, 0]])),
     )
     assert set(out["losses"]) == {"mlm", "mrc", "vqa", "ref", "vcr"}
     torch.testing.assert_close(out["loss"], sum(out["losses"].values()))
@@ -454,7 +456,8 @@ def test_detector_weights_load_and_missing_trunk_tensors_are_an_error(tmp_path, 
     assert "missing" in caplog.text
 
     # A res5 tensor absent: every region feature would use random weights, so it is an error.
-    save_checkpoint({k: v for k, v in full.items() if k != "roi_heads.res5.0.conv1.weight"}, tmp_path / "no_res5.pth")
+    save_checkpoint({k: v for k, v in full.items() if k != "roi_heads.res5.0.conv1.weight"},
+                    tmp_path / "no_res5.pth")
     cfg.MODEL.WEIGHTS = str(tmp_path / "no_res5.pth")
     with pytest.raises(CheckpointError, match=r"roi_heads\.res5\.0\.conv1\.weight"):
         build_vlbert(cfg)
@@ -502,7 +505,8 @@ def test_appearance_norm_option_standardises_region_features_and_is_saved():
     appearance = seen[0]
     assert torch.allclose(appearance.mean(0), torch.zeros(appearance.shape[1]), atol=1e-4)
     assert int(model.appearance_norm.num_updates) == 1
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.detector.roi_heads.res5.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.detector.roi_heads.res5.parameters())
 
 
 def test_region_classifier_trains_trunk_and_class_scores_and_checks_labels():

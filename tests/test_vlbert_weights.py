@@ -57,8 +57,8 @@ class Layout:
 BASE = Layout()
 LARGE = Layout(hidden=1024, layers=24, intermediate=4096)
 # The tiny model of test_vlbert: ResNet-50 blocks of narrow widths, a 2-layer BERT of 32 hidden.
-TINY = Layout(hidden=32, layers=2, intermediate=64, max_pos=64, stem=16, planes=(8, 16, 32, 64), blocks=(3, 4, 6, 3),
-              mvrc_classes=NUM_CLASSES, answers=5)
+TINY = Layout(hidden=32, layers=2, intermediate=64, max_pos=64, stem=16, planes=(8, 16, 32, 64),
+              blocks=(3, 4, 6, 3), mvrc_classes=NUM_CLASSES, answers=5)
 
 
 def _bn(prefix: str, c: int) -> dict[str, tuple[int, ...]]:
@@ -70,7 +70,8 @@ def _stage(prefix: str, inplanes: int, planes: int, blocks: int, stride: int) ->
     keys: dict[str, tuple[int, ...]] = {}
     for i in range(blocks):
         cin, b = inplanes if i == 0 else planes * 4, f"{prefix}.{i}"
-        for j, shape in enumerate([(planes, cin, 1, 1), (planes, planes, 3, 3), (planes * 4, planes, 1, 1)], 1):
+        for j, shape in enumerate([(planes, cin, 1, 1), (planes, planes, 3, 3),
+                                   (planes * 4, planes, 1, 1)], 1):
             keys[f"{b}.conv{j}.weight"] = shape
             keys |= _bn(f"{b}.bn{j}", shape[0])
         if i == 0 and (cin != planes * 4 or stride != 1):
@@ -104,7 +105,8 @@ def vlbert_keys(lay: Layout) -> dict[str, tuple[int, ...]]:
         p = f"{vl}encoder.layer.{i}."
         for name, shape in (("attention.self.query", (h, h)), ("attention.self.key", (h, h)),
                             ("attention.self.value", (h, h)), ("attention.output.dense", (h, h)),
-                            ("intermediate.dense", (lay.intermediate, h)), ("output.dense", (h, lay.intermediate))):
+                            ("intermediate.dense", (lay.intermediate, h)),
+                            ("output.dense", (h, lay.intermediate))):
             keys |= {p + name + ".weight": shape, p + name + ".bias": (shape[0],)}
         for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
             keys |= {f"{p}{ln}.weight": (h,), f"{p}{ln}.bias": (h,)}
@@ -113,9 +115,9 @@ def vlbert_keys(lay: Layout) -> dict[str, tuple[int, ...]]:
         if not lay.e2e:
             keys["object_mask_visual_embedding.weight"] = (1, appearance)
         m = vl + "mlm_head.predictions."
-        keys |= {m + "bias": (lay.vocab,), m + "transform.dense.weight": (h, h), m + "transform.dense.bias": (h,),
-                 m + "transform.LayerNorm.weight": (h,), m + "transform.LayerNorm.bias": (h,),
-                 m + "decoder.weight": (lay.vocab, h)}
+        keys |= {m + "bias": (lay.vocab,), m + "transform.dense.weight": (h, h),
+                 m + "transform.dense.bias": (h,), m + "transform.LayerNorm.weight": (h,),
+                 m + "transform.LayerNorm.bias": (h,), m + "decoder.weight": (lay.vocab, h)}
         keys |= {vl + "mvrc_head.transform.dense.weight": (h, h), vl + "mvrc_head.transform.dense.bias": (h,),
                  vl + "mvrc_head.region_cls_pred.weight": (lay.mvrc_classes, h),
                  vl + "mvrc_head.region_cls_pred.bias": (lay.mvrc_classes,)}
@@ -157,8 +159,10 @@ def known_weights(lay: Layout, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def save_vlbert_file(path: Path, sd: dict[str, torch.Tensor]) -> Path:
     """As VL-BERT's Checkpoint callback writes it (torch of its time: the legacy, non-zip format)."""
-    torch.save({"state_dict": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-7, "params": [0, 1]}]},
-                "validation_monitor": {"best_epoch": 3, "best_val": 0.71}}, path, _use_new_zipfile_serialization=False)
+    torch.save({"state_dict": sd,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-7, "params": [0, 1]}]},
+                "validation_monitor": {"best_epoch": 3, "best_val": 0.71}}, path,
+               _use_new_zipfile_serialization=False)
     return path
 
 
@@ -173,7 +177,8 @@ def _read_key_list(name: str) -> dict[str, tuple[int, ...]]:
 @pytest.mark.parametrize("name, layout", [
     ("pretrain_base_e2e", BASE), ("pretrain_base_prec", dataclasses.replace(BASE, e2e=False)),
     ("pretrain_large_e2e", LARGE), ("vqa_base", dataclasses.replace(BASE, task="vqa", e2e=False)),
-    ("refcoco_base", dataclasses.replace(BASE, task="refcoco")), ("vcr_base_q2a", dataclasses.replace(BASE, task="vcr")),
+    ("refcoco_base", dataclasses.replace(BASE, task="refcoco")),
+    ("vcr_base_q2a", dataclasses.replace(BASE, task="vcr")),
 ])
 def test_generated_layout_is_vlbert_own_key_list(name, layout):
     assert vlbert_keys(layout) == _read_key_list(f"{name}.keys.txt")
@@ -207,7 +212,8 @@ def reference_forward(t: dict, ids: torch.Tensor, types: torch.Tensor, appearanc
     n_text, n_reg = len(ids), len(boxes)
     positions = torch.tensor(list(range(n_text)) + [n_text] * n_reg + [n_text + 1])
     segments = torch.cat([types, torch.full((n_reg + 1,), 2)])
-    x = x + t["vlbert.position_embeddings.weight"][positions] + t["vlbert.token_type_embeddings.weight"][segments]
+    x = (x + t["vlbert.position_embeddings.weight"][positions]
+         + t["vlbert.token_type_embeddings.weight"][segments])
     x = _ln(x, t, "vlbert.embedding_LayerNorm")
     layer = 0
     while f"vlbert.encoder.layer.{layer}.output.dense.weight" in t:
@@ -228,7 +234,8 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _sample_batch(**extra):
-    sample = image_sample(num_boxes=3, text_len=6, seed=3, token_type_ids=torch.tensor([0, 0, 0, 0, 1, 1]), **extra)
+    sample = image_sample(num_boxes=3, text_len=6, seed=3, token_type_ids=torch.tensor([0, 0, 0, 0, 1, 1]),
+                          **extra)
     return collate_samples([sample])
 
 
@@ -241,8 +248,9 @@ def _appearance(model, batch) -> torch.Tensor:
 def _reference(model, batch, t) -> torch.Tensor:
     sizes = batch["image_sizes"][0].float()
     with torch.no_grad():
-        return reference_forward(t, batch["input_ids"][0], batch["token_type_ids"][0], _appearance(model, batch),
-                                 batch["boxes"][0].float(), (sizes[1], sizes[0]), model.bert.config.num_attention_heads)
+        return reference_forward(t, batch["input_ids"][0], batch["token_type_ids"][0],
+                                 _appearance(model, batch), batch["boxes"][0].float(), (sizes[1], sizes[0]),
+                                 model.bert.config.num_attention_heads)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,10 +277,12 @@ def test_pretrained_file_loads_everything_and_gives_the_outputs_of_its_weights(t
                "detector.backbone.res4.0.shortcut.norm.bias": fe + "backbone.layer3.0.downsample.1.bias",
                "detector.roi_heads.res5.2.conv3.norm.weight": res5 + "2.bn3.weight",
                "detector.roi_heads.res5.0.shortcut.weight": res5 + "0.downsample.0.weight",
-               "bert.encoder.layer.1.attention.self.key.bias": "vlbert.encoder.layer.1.attention.self.key.bias"}
+               "bert.encoder.layer.1.attention.self.key.bias":
+                   "vlbert.encoder.layer.1.attention.self.key.bias"}
     for ours, theirs in renamed.items():
         assert torch.equal(own[ours], t[theirs]), ours
-    for ours, theirs in {"img_token": "object_linguistic_embeddings.weight", "end_token": "vlbert.end_embedding.weight",
+    for ours, theirs in {"img_token": "object_linguistic_embeddings.weight",
+                         "end_token": "vlbert.end_embedding.weight",
                          "masked_region_token": "object_mask_word_embedding.weight",
                          "text_only_visual": "aux_text_visual_embedding.weight"}.items():
         assert torch.equal(own[ours], t[theirs][0]), ours
@@ -284,7 +294,8 @@ def test_pretrained_file_loads_everything_and_gives_the_outputs_of_its_weights(t
 
     image = torch.randn(1, 3, 32, 40)
     b = "image_feature_extractor.backbone."
-    stem = F.max_pool2d(F.relu(bn(F.conv2d(image, t[b + "conv1.weight"], stride=2, padding=3), b + "bn1")), 3, 2, 1)
+    stem = F.max_pool2d(F.relu(bn(F.conv2d(image, t[b + "conv1.weight"], stride=2, padding=3), b + "bn1")),
+                        3, 2, 1)
     block = b + "layer1.0."
     out = F.relu(bn(F.conv2d(stem, t[block + "conv1.weight"]), block + "bn1"))
     out = F.relu(bn(F.conv2d(out, t[block + "conv2.weight"], padding=1), block + "bn2"))
@@ -305,9 +316,11 @@ def test_pretrained_file_loads_everything_and_gives_the_outputs_of_its_weights(t
     mlm = _ln(F.gelu(_lin(hidden[:6], t, m + "transform.dense")), t, m + "transform.LayerNorm")
     mlm = mlm @ t["vlbert.word_embeddings.weight"].T + t[m + "bias"]
     torch.testing.assert_close(out["mlm_logits"], mlm, rtol=1e-4, atol=1e-4)
-    mrc = _lin(F.gelu(_lin(hidden[6:9], t, "vlbert.mvrc_head.transform.dense")), t, "vlbert.mvrc_head.region_cls_pred")
+    mrc = _lin(F.gelu(_lin(hidden[6:9], t, "vlbert.mvrc_head.transform.dense")), t,
+               "vlbert.mvrc_head.region_cls_pred")
     # VL-BERT's region classes come in the Caffe detector's order (background first); ours end with it.
-    torch.testing.assert_close(out["mrc_logits"], torch.cat([mrc[:, 1:], mrc[:, :1]], 1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["mrc_logits"], torch.cat([mrc[:, 1:], mrc[:, :1]], 1), rtol=1e-4,
+                               atol=1e-4)
 
 
 def test_fine_tuned_vqa_file_of_the_precomputed_variant_needs_the_detector_and_gives_its_answers(tmp_path):
@@ -322,8 +335,8 @@ def test_fine_tuned_vqa_file_of_the_precomputed_variant_needs_the_detector_and_g
     assert all(torch.equal(v, model.detector.state_dict()[k]) for k, v in detector_before.items())
     assert set(report.fresh) == {"detector trunk and res5 from MODEL.WEIGHTS (the file has none)",
                                  "detector parts VL training does not use (RPN, box predictor, attributes)",
-                                 "text-only visual vector (VL-BERT's aux_text_visual_embedding; text-only MLM only)",
-                                 "masked-region token (pre-training only)"}
+                                 "text-only visual vector (VL-BERT's aux_text_visual_embedding; text-only "
+                                 "MLM only)", "masked-region token (pre-training only)"}
     assert not report.unused
 
     batch = _sample_batch(answer_pos=torch.tensor(5))
@@ -331,18 +344,21 @@ def test_fine_tuned_vqa_file_of_the_precomputed_variant_needs_the_detector_and_g
         logits = model(batch)["vqa_logits"]
     t = _strip(sd)
     hidden = _reference(model, batch, t)[5]
-    expected = _lin(_ln(F.gelu(_lin(hidden, t, "final_mlp.0.dense")), t, "final_mlp.0.LayerNorm"), t, "final_mlp.2")
+    expected = _lin(_ln(F.gelu(_lin(hidden, t, "final_mlp.0.dense")), t, "final_mlp.0.LayerNorm"), t,
+                    "final_mlp.2")
     torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_other_tasks_heads_are_dropped_with_a_report_and_the_vqa_head_starts_from_the_mlm_transform(tmp_path):
     sd = known_weights(TINY)
-    report = init_vlbert_weights(model := tiny_model(heads=("vqa",)), save_vlbert_file(tmp_path / "pre.model", sd))
+    report = init_vlbert_weights(model := tiny_model(heads=("vqa",)),
+                                 save_vlbert_file(tmp_path / "pre.model", sd))
     assert sorted(report.unused["head 'mlm' is not in this model (MODEL.VLBERT.HEADS)"]) == sorted(
         k[len("module."):] for k in sd if ".mlm_head.predictions." in k and "decoder" not in k)
     assert len(report.unused["head 'mrc' is not in this model (MODEL.VLBERT.HEADS)"]) == 4
     t = _strip(sd)
-    assert torch.equal(model.heads["vqa"].transform.dense.weight, t["vlbert.mlm_head.predictions.transform.dense.weight"])
+    assert torch.equal(model.heads["vqa"].transform.dense.weight,
+                       t["vlbert.mlm_head.predictions.transform.dense.weight"])
     fresh = report.fresh["new 'vqa' head (its transform.* from the 'mlm' head, VL-BERT's recipe)"]
     assert fresh == ["heads.vqa.classifier.weight", "heads.vqa.classifier.bias"]
 
@@ -393,16 +409,21 @@ def _edited(tmp_path: Path, edit, lay: Layout = TINY) -> Path:
     (lambda sd: sd.pop("module.vlbert.encoder.layer.1.output.dense.weight"),
      r"missing from the file \(1\):\n    bert\.encoder\.layer\.1\.output\.dense\.weight"),
     (lambda sd: sd.update({"module.vlbert.visual_ln_object.weight": torch.ones(31)}),
-     r"visual_norms\.region\.weight \(file: vlbert\.visual_ln_object\.weight\): file \(31,\) vs model \(32,\)"),
+     r"visual_norms\.region\.weight \(file: vlbert\.visual_ln_object\.weight\): file \(31,\) vs model "
+     r"\(32,\)"),
     (lambda sd: sd.update({f"module.image_feature_extractor.{name}.1.conv2.weight": torch.ones(64, 64, 1, 1)
                            for name in ("roi_head_feature_extractor", "head.0")}),
-     r"detector\.roi_heads\.res5\.1\.conv2\.weight \(file: image_feature_extractor\.roi_head_feature_extractor\.1\."
+     r"detector\.roi_heads\.res5\.1\.conv2\.weight \(file: "
+     r"image_feature_extractor\.roi_head_feature_extractor\.1\."
      r"conv2\.weight\): file \(64, 64, 1, 1\) vs model \(64, 64, 3, 3\)"),
     (lambda sd: sd.update({"module.vlbert.adapter.weight": torch.ones(2)}),
      r"fit no name .*\n    vlbert\.adapter\.weight \(2,\)"),
-    (lambda sd: sd.update({"module.vlbert.visual_1x1_text.weight": torch.ones(32, 32)}), "visual_size != hidden_size"),
-    (lambda sd: sd.update({"module.image_feature_extractor.head.0.0.conv1.weight": torch.zeros(8, 128, 1, 1)}),
-     r"head\.0\.0\.conv1\.weight should repeat .*roi_head_feature_extractor\.0\.conv1\.weight .* the two differ"),
+    (lambda sd: sd.update({"module.vlbert.visual_1x1_text.weight": torch.ones(32, 32)}),
+     "visual_size != hidden_size"),
+    (lambda sd: sd.update(
+        {"module.image_feature_extractor.head.0.0.conv1.weight": torch.zeros(8, 128, 1, 1)}),
+     r"head\.0\.0\.conv1\.weight should repeat "
+     r".*roi_head_feature_extractor\.0\.conv1\.weight .* the two differ"),
 ])
 def test_a_file_that_does_not_fit_is_an_error_naming_the_tensor(tmp_path, edit, message):
     with pytest.raises(CheckpointError, match=message):
@@ -412,7 +433,8 @@ def test_a_file_that_does_not_fit_is_an_error_naming_the_tensor(tmp_path, edit, 
 def test_a_bert_of_another_size_is_named_with_the_fix(tmp_path):
     path = save_vlbert_file(tmp_path / "deep.model", known_weights(dataclasses.replace(TINY, layers=3)))
     with pytest.raises(CheckpointError,
-                       match=r"a BERT of 3 layers x 32 hidden, the model's is 2 x 32; set MODEL.VLBERT.BERT_PATH"):
+                       match=r"a BERT of 3 layers x 32 hidden, the model's is 2 x 32; set "
+                             r"MODEL.VLBERT.BERT_PATH"):
         init_vlbert_weights(tiny_model(heads=("mlm", "mrc")), path)
 
 
@@ -453,7 +475,8 @@ def _tiny_bert_folder(path: Path) -> str:
 def _cfg(tmp_path: Path, heads: list[str], init_from: Path, out: str):
     cfg = tiny_detector_cfg(get_train_cfg())
     v = cfg.MODEL.VLBERT
-    v.BERT_PATH, v.BERT_RANDOM_INIT, v.HEADS, v.INIT_FROM = str(tmp_path / "bert"), True, heads, str(init_from)
+    v.BERT_PATH, v.BERT_RANDOM_INIT, v.HEADS, v.INIT_FROM = (str(tmp_path / "bert"), True, heads,
+                                                             str(init_from))
     v.NUM_ANSWERS, v.NUM_MRC_CLASSES = 5, NUM_CLASSES
     cfg.MODEL.DEVICE, cfg.OUTPUT_DIR = "cpu", str(tmp_path / out)
     s = cfg.SOLVER
@@ -480,12 +503,15 @@ def test_fine_tuning_starts_from_a_vlbert_file_and_from_our_own_pretraining_chec
     cfg = _cfg(tmp_path, ["mlm", "mrc"], release, "pretrain")
     model = build_vlbert(cfg)
     t = _strip(sd)
-    assert torch.equal(model.state_dict()["bert.embeddings.word_embeddings.weight"], t["vlbert.word_embeddings.weight"])
+    assert torch.equal(model.state_dict()["bert.embeddings.word_embeddings.weight"],
+                       t["vlbert.word_embeddings.weight"])
     targets = torch.softmax(torch.randn(3, NUM_CLASSES), -1)
     pretrain = [image_sample(seed=i, mlm_labels=torch.tensor([-100, 8, -100, 9, -100, -100]),
-                             region_labelled=torch.tensor([False, True, True]), mrc_targets=targets) for i in range(4)]
+                             region_labelled=torch.tensor([False, True, True]), mrc_targets=targets)
+                for i in range(4)]
     before = _train_two_steps(cfg, model, pretrain)
-    assert torch.equal(before["heads.mrc.classifier.weight"][-1], t["vlbert.mvrc_head.region_cls_pred.weight"][0])
+    assert torch.equal(before["heads.mrc.classifier.weight"][-1],
+                       t["vlbert.mvrc_head.region_cls_pred.weight"][0])
     own = tmp_path / "pretrain" / "model_0000002.pth"
     assert own.exists()
 
@@ -496,7 +522,8 @@ def test_fine_tuning_starts_from_a_vlbert_file_and_from_our_own_pretraining_chec
     saved = torch.load(own, weights_only=True)["model"]
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.items() if not k.startswith("heads."))
-    assert torch.equal(state["heads.vqa.transform.LayerNorm.bias"], saved["heads.mlm.transform.LayerNorm.bias"])
+    assert torch.equal(state["heads.vqa.transform.LayerNorm.bias"],
+                       saved["heads.mlm.transform.LayerNorm.bias"])
     vqa = [image_sample(seed=i, answer_pos=3, vqa_targets=torch.rand(5)) for i in range(4)]
     _train_two_steps(cfg, model, vqa)
 
@@ -529,7 +556,8 @@ def test_eval_only_evaluates_the_model_built_from_init_from(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda sd: sd.pop("heads.vqa.classifier.bias"), r"missing from the file \(1\):\n    heads\.vqa\.classifier\.bias"),
+    (lambda sd: sd.pop("heads.vqa.classifier.bias"),
+     r"missing from the file \(1\):\n    heads\.vqa\.classifier\.bias"),
     (lambda sd: sd.update({"appearance_norm.running_mean": torch.zeros(256)}),
      r"not in the model \(1\):\n    appearance_norm\.running_mean"),
     (lambda sd: sd.update({"heads.vqa.classifier.weight": torch.zeros(7, 32)}),
@@ -546,16 +574,18 @@ def test_our_own_checkpoint_is_held_to_the_same_rules(tmp_path, edit, message):
 def test_init_from_that_does_not_exist_is_a_config_error_before_any_work():
     from e2e_vl.config import ConfigError, load_train_cfg
 
-    with pytest.raises(ConfigError, match="'MODEL.VLBERT.INIT_FROM' nowhere/vl-bert-base-e2e.model does not exist"):
-        load_train_cfg(None, ["MODEL.VLBERT.INIT_FROM", "nowhere/vl-bert-base-e2e.model", "MODEL.WEIGHTS", ""])
+    with pytest.raises(ConfigError,
+                       match="'MODEL.VLBERT.INIT_FROM' nowhere/vl-bert-base-e2e.model does not exist"):
+        load_train_cfg(None, ["MODEL.VLBERT.INIT_FROM", "nowhere/vl-bert-base-e2e.model",
+                              "MODEL.WEIGHTS", ""])
 
 
 def test_a_pretraining_run_with_feature_masking_starts_a_model_without_it(tmp_path):
     source = tiny_model(heads=("mlm", "mrc"), masking="feature")
     torch.save({"model": source.state_dict()}, tmp_path / "pretrain.pth")
     report = init_vlbert_weights(tiny_model(heads=("vqa",)), tmp_path / "pretrain.pth")
-    assert report.unused["learned feature of masked regions (MASKING feature, pre-training only), not in this model"] == [
-        "masked_region_feature"]
+    assert report.unused["learned feature of masked regions (MASKING feature, pre-training only), "
+                         "not in this model"] == ["masked_region_feature"]
 
 
 
@@ -570,11 +600,13 @@ def test_fine_tuned_vcr_file_gives_its_choice_scores_and_region_classes(tmp_path
     t = _strip(sd)
     hidden = _reference(model, batch, t)
     pooled = torch.tanh(_lin(hidden[0], t, "vlbert.pooler.dense"))  # VL-BERT's VCR head reads BERT's pooler
-    torch.testing.assert_close(out["vcr_logits"].flatten(), _lin(pooled, t, "final_mlp.1"), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["vcr_logits"].flatten(), _lin(pooled, t, "final_mlp.1"), rtol=1e-4,
+                               atol=1e-4)
     regions = _lin(F.gelu(_lin(hidden[6:9], t, "cnn_loss_reg.0.dense")), t, "cnn_loss_reg.2")
     torch.testing.assert_close(model.heads["vcr_objects"](hidden[6:9]), regions, rtol=1e-4, atol=1e-4)
 
-    assert torch.equal(model.bert.embeddings.token_type_embeddings.weight, t["vlbert.token_type_embeddings.weight"])
+    assert torch.equal(model.bert.embeddings.token_type_embeddings.weight,
+                       t["vlbert.token_type_embeddings.weight"])
 
     # From the pre-trained file, as VL-BERT's VCR recipe: the regulariser's first Linear is the MVRC head's,
     # and segment B (the answer) starts as segment A.
@@ -582,7 +614,8 @@ def test_fine_tuned_vcr_file_gives_its_choice_scores_and_region_classes(tmp_path
     model = tiny_model(heads=("vcr", "vcr_objects"))
     init_vlbert_weights(model, save_vlbert_file(tmp_path / "pre.model", known_weights(TINY)))
     assert torch.equal(model.heads["vcr_objects"].dense.bias, pre["vlbert.mvrc_head.transform.dense.bias"])
-    rows, file_rows = model.bert.embeddings.token_type_embeddings.weight, pre["vlbert.token_type_embeddings.weight"]
+    rows, file_rows = (model.bert.embeddings.token_type_embeddings.weight,
+                       pre["vlbert.token_type_embeddings.weight"])
     assert torch.equal(rows[1], file_rows[0]) and torch.equal(rows[2], file_rows[2])
 
 
@@ -603,6 +636,7 @@ def test_fine_tuned_refcoco_file_gives_its_region_scores(tmp_path):
     pre = known_weights(TINY)
     model = tiny_model(heads=("ref",))
     report = init_vlbert_weights(model, save_vlbert_file(tmp_path / "pre.model", pre))
-    assert torch.equal(model.heads["ref"].dense.weight, _strip(pre)["vlbert.mvrc_head.transform.dense.weight"])
+    assert torch.equal(model.heads["ref"].dense.weight,
+                       _strip(pre)["vlbert.mvrc_head.transform.dense.weight"])
     assert report.fresh["new 'ref' head (its dense.* from the 'mrc' head, VL-BERT's recipe)"] == [
         "heads.ref.classifier.weight", "heads.ref.classifier.bias"]

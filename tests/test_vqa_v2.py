@@ -51,17 +51,20 @@ CASES = [
 ]
 # By hand from the table: yes/no (1.0 + 0 + 0.3) / 3, number (0.6 + 0.9 + 0.3 + 1.0 + 0.6 + 0) / 6,
 # other (0.9 + 0.6 + 0.9 + 0.9 + 0.6 + 1.0) / 6, overall 9.6 / 15; the server reports 100x, 2 decimals.
-EXPECTED_PERCENT = {"accuracy": 64.0, "accuracy/yes/no": 43.33, "accuracy/number": 56.67, "accuracy/other": 81.67}
+EXPECTED_PERCENT = {"accuracy": 64.0, "accuracy/yes/no": 43.33, "accuracy/number": 56.67,
+                    "accuracy/other": 81.67}
 
 
-def _official_files(root: Path, subtype: str, items: list[tuple[int, int, str, list[str] | None, str]]) -> None:
+def _official_files(root: Path, subtype: str,
+                    items: list[tuple[int, int, str, list[str] | None, str]]) -> None:
     """Questions (and, where answers are given, annotations) json of one split in VQA v2's layout.
     items: (question_id, image_id, question, the 10 answers or None, answer_type)."""
     info = {"description": "generated for the tests", "version": "2.0", "year": 2017}
     licence = {"name": "test", "url": ""}
     questions = {"info": info, "task_type": "Open-Ended", "data_type": "mscoco", "license": licence,
                  "data_subtype": subtype,
-                 "questions": [{"image_id": img, "question": q, "question_id": qid} for qid, img, q, _, _ in items]}
+                 "questions": [{"image_id": img, "question": q, "question_id": qid}
+                               for qid, img, q, _, _ in items]}
     (root / f"v2_OpenEnded_mscoco_{subtype}_questions.json").write_text(json.dumps(questions))
     if items[0][3] is None:
         return
@@ -90,12 +93,14 @@ def test_caption_and_boxes_from_readers_use_the_same_ids(tmp_path):
     from e2e_vl.data.catalog import DatasetError
     from e2e_vl.data.roi_records import open_roi_store
 
-    (tmp_path / "cc.tsv").write_text("train2014/COCO_train2014_000000000856.jpg\ta cat\nimgs/cat 1.jpg\ta dog\n")
+    (tmp_path / "cc.tsv").write_text("train2014/COCO_train2014_000000000856.jpg\ta cat\n"
+                                     "imgs/cat 1.jpg\ta dog\n")
     assert [c.image_id for c in read_tsv_captions(tmp_path / "cc.tsv")] == ["856", "cat 1"]
     record = RoIRecord("x", "", 10, 10, boxes=np.zeros((1, 4), np.float32))
     item = sources.ImageItem("42", str(tmp_path / "val2014" / "COCO_val2014_000000000042.jpg"))
     assert extract_tool.stored_boxes({"42": record}, item) is record
-    assert extract_tool.stored_boxes({"COCO_val2014_000000000042": record}, item) is record  # a stem-keyed store
+    # a stem-keyed store
+    assert extract_tool.stored_boxes({"COCO_val2014_000000000042": record}, item) is record
     assert extract_tool.stored_boxes({"7": record}, item) is None
     with pytest.raises(DatasetError, match=r"DATASETS.ROI_STORE: RoI store not found: .*nowhere"):
         open_roi_store(tmp_path / "nowhere")
@@ -212,7 +217,8 @@ def test_store_keyed_by_file_stem_is_read_but_not_resumed(tmp_path, tiny_weights
 TRAIN = [(8560, 856, "what color is it?", ["red"] * 8 + ["blue"] * 2, "other"),
          (8561, 856, "is it red?", ["yes"] * 10, "yes/no"),
          (90, 9, "how many?", ["two", "2", "2", "3"] + ["2"] * 6, "number")]
-VAL = [(10, 1, "is it blue?", ["no"] * 9 + ["yes"], "yes/no"), (770, 77, "what color?", ["red"] * 10, "other")]
+VAL = [(10, 1, "is it blue?", ["no"] * 9 + ["yes"], "yes/no"),
+       (770, 77, "what color?", ["red"] * 10, "other")]
 TEST_DEV = [(50, 5, "what color?", None, ""), (51, 5, "is it red?", None, ""), (60, 6, "how many?", None, "")]
 
 
@@ -255,7 +261,8 @@ def test_vqa_v2_from_extraction_with_coco_names_to_training_and_test_dev_results
 
     # test-dev: questions only; --eval-only writes the file the evaluation server takes.
     capsys.readouterr()
-    dev = ["DATASETS.TEST", "vqa_v2_test", "DATASETS.ANNOTATIONS_TEST", "", "DATASETS.IMAGE_DIR_TEST", "test2015",
+    dev = ["DATASETS.TEST", "vqa_v2_test", "DATASETS.ANNOTATIONS_TEST", "",
+           "DATASETS.IMAGE_DIR_TEST", "test2015",
            "DATASETS.QUESTIONS_TEST", "v2_OpenEnded_mscoco_test-dev2015_questions.json"]
     assert train_net.cli(["--eval-only", *_train_args(root, out, *dev)]) == 0
     assert "num_questions: 3.0000" in capsys.readouterr().out
@@ -274,8 +281,10 @@ def test_missing_records_stop_the_run_before_training(tmp_path, train_net):
     out = tmp_path / "run"
     assert train_net.cli(_train_args(root, out)) == 2
     log = (out / "log.txt").read_text()
-    assert "v2_OpenEnded_mscoco_train2014_questions.json: 2 of 2 images have no record in the RoI store" in log
-    assert "image ids '856', '9'" in log and "keys look like '1'" in log and "python tools/extract_rois.py" in log
+    assert ("v2_OpenEnded_mscoco_train2014_questions.json: 2 of 2 images have no record in the RoI store"
+            in log)
+    assert ("image ids '856', '9'" in log and "keys look like '1'" in log
+            and "python tools/extract_rois.py" in log)
     assert not (out / "metrics.jsonl").exists() and not list(out.glob("model_*.pth"))
 
 

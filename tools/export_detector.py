@@ -6,8 +6,9 @@
 
 The trunk and res5 head come from the training checkpoint (a file, or a run folder: its newest valid
 checkpoint); the parts training did not touch (RPN, box predictor, attribute head) from --base-weights
-when given. The result loads into Detectron2's DetectionCheckpointer, into `detector.checkpoint.load_checkpoint`
-and into tools/extract_rois.py (with the detector config written beside it, OUTPUT.yaml), and records where it came from (run, step, config and weights hashes).
+when given. The result loads into Detectron2's DetectionCheckpointer, into
+`detector.checkpoint.load_checkpoint` and into tools/extract_rois.py (with the detector config written
+beside it, OUTPUT.yaml), and records where it came from (run, step, config and weights hashes).
 """
 from __future__ import annotations
 
@@ -33,12 +34,14 @@ FORMAT_BY_SUFFIX = {".pth": "detectron2", ".pkl": "pkl", ".safetensors": "safete
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="training checkpoint file, or a run folder (newest valid one)")
+    p.add_argument("--checkpoint", required=True,
+                   help="training checkpoint file, or a run folder (newest valid one)")
     p.add_argument("--output", required=True, help="file to write")
     p.add_argument("--format", choices=sorted(set(FORMAT_BY_SUFFIX.values())), default=None,
                    help="default: from the output's suffix (.pth, .pkl, .safetensors)")
     p.add_argument("--base-weights", default=None,
-                   help="the original detector weights; the parts training did not touch are copied from them")
+                   help="the original detector weights; the parts training did not touch are copied from "
+                        "them")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p
 
@@ -50,7 +53,8 @@ def read_training_checkpoint(path: str) -> tuple[dict, str]:
     if os.path.isdir(path):
         found = Checkpointer(path, keep_last=1).load_latest()
         if found is None:
-            raise CheckpointError(f"{path}: no readable training checkpoint (model_<step>.pth) in this folder")
+            raise CheckpointError(f"{path}: no readable training checkpoint (model_<step>.pth) in this "
+                                  "folder")
         state, file = found
         return state, os.fspath(file)
     if not os.path.isfile(path):
@@ -67,7 +71,8 @@ def detector_cfg_from_run(state: dict, source: str):
 
     text = state.get("config")
     if not isinstance(text, str):
-        raise CheckpointError(f"{source}: the checkpoint does not record its config; cannot tell the architecture")
+        raise CheckpointError(f"{source}: the checkpoint does not record its config; cannot tell the "
+                              "architecture")
     cfg = get_train_cfg()
     cfg.merge_from_dict(yaml.safe_load(text), source=f"{source} (saved config)")
     cfg.MODEL.WEIGHTS = ""
@@ -77,7 +82,8 @@ def detector_cfg_from_run(state: dict, source: str):
 def export(args: argparse.Namespace) -> dict:
     fmt = args.format or FORMAT_BY_SUFFIX.get(Path(args.output).suffix)
     if fmt is None:
-        raise CheckpointError(f"--output {args.output}: cannot tell the format from its suffix; pass --format")
+        raise CheckpointError(f"--output {args.output}: cannot tell the format from its suffix; pass "
+                              "--format")
     for existing in (args.output, Path(args.output).with_suffix(".yaml")):
         if os.path.exists(existing) and not args.overwrite:
             raise CheckpointError(f"{existing} exists; pass --overwrite to replace it")
@@ -90,12 +96,14 @@ def export(args: argparse.Namespace) -> dict:
     model = build_detector(cfg)
     base = None
     if args.base_weights:
-        load_checkpoint(model, args.base_weights, strict=True)  # converts bua layouts, checks the architecture
+        # converts bua layouts, checks the architecture
+        load_checkpoint(model, args.base_weights, strict=True)
         base = model.state_dict()
     sd, counts = assemble_detector_state(model, trained, base, source=ckpt_file)
     config_text = yaml.safe_dump(_restrict(cfg.to_dict(), get_cfg().to_dict()), sort_keys=False)
     metadata = {
-        "exported_from": os.path.basename(os.path.dirname(os.path.abspath(ckpt_file))) + "/" + os.path.basename(ckpt_file),
+        "exported_from": os.path.basename(os.path.dirname(os.path.abspath(ckpt_file))) + "/"
+                         + os.path.basename(ckpt_file),
         "checkpoint_sha256": file_sha256(ckpt_file),
         "step": str(state.get("step", "")),
         "config_sha256": hashlib.sha256(state["config"].encode()).hexdigest(),
@@ -112,7 +120,8 @@ def export(args: argparse.Namespace) -> dict:
 
 def _restrict(values: dict, template: dict) -> dict:
     """The keys of `values` that the detector's own config has (drops the training sections)."""
-    return {k: (_restrict(v, template[k]) if isinstance(v, dict) else v) for k, v in values.items() if k in template}
+    return {k: (_restrict(v, template[k]) if isinstance(v, dict) else v)
+            for k, v in values.items() if k in template}
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -122,8 +131,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError) as exc:
         print(f"export_detector: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {info['output']} ({info['format']}) and its config {info['config']}: {info['tensors']} tensors, {info['trained']} from the run "
-          f"(step {info['step']}), {info['base']} from the base weights")
+    print(f"wrote {info['output']} ({info['format']}) and its config {info['config']}: {info['tensors']} "
+          f"tensors, {info['trained']} from the run (step {info['step']}), {info['base']} from the base "
+          "weights")
     return 0
 
 

@@ -42,8 +42,8 @@ from detector.modeling import build_detector  # noqa: E402
 from detector.workers import init_worker  # noqa: E402
 from detector import image_sources as sources  # noqa: E402
 from detector.roi_store import (  # noqa: E402
-    SCHEMA_VERSION, RoIRecord, RoIStore, RoIStoreError, RoIStoreWriter, header_differences, npz_ids, shard_name,
-    write_npz)
+    SCHEMA_VERSION, RoIRecord, RoIStore, RoIStoreError, RoIStoreWriter, header_differences, npz_ids,
+    shard_name, write_npz)
 
 log = logging.getLogger("extract_rois")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,12 +64,14 @@ class ExtractionInterrupted(RuntimeError):
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="detector YAML (configs/vg/...)")
-    p.add_argument("--weights", required=True, help="checkpoint (.pth/.pkl/.safetensors, Detectron2 or bua layout)")
+    p.add_argument("--weights", required=True,
+                   help="checkpoint (.pth/.pkl/.safetensors, Detectron2 or bua layout)")
     p.add_argument("--input", required=True, nargs="+",
                    help="image folder, text file of paths, COCO-style json, or webdataset .tar shard(s)")
     p.add_argument("--input-type", default="auto", choices=["auto", "folder", "list", "coco", "wds"])
     p.add_argument("--image-root", default=None,
-                   help="root for relative paths of a list file / COCO file_name (default: cwd / the json's folder)")
+                   help="root for relative paths of a list file / COCO file_name (default: cwd / the json's "
+                        "folder)")
     p.add_argument("--output", required=True, help="store directory (lmdb) or npz directory")
     p.add_argument("--format", default="lmdb", choices=["lmdb", "npz"])
     p.add_argument("--min-boxes", type=int, default=10)
@@ -78,7 +80,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nms-thresh", type=float, default=0.3)
     p.add_argument("--features", action="store_true", help="store the 2048-d region features (fp16 in lmdb)")
     p.add_argument("--boxes-from", default=None,
-                   help="RoI store with the boxes to use (Fast R-CNN mode: features/scores for exactly those boxes)")
+                   help="RoI store with the boxes to use (Fast R-CNN mode: features/scores for exactly those "
+                        "boxes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=4,
                    help="images decoded and stored per store transaction; the network runs image by image, "
@@ -89,7 +92,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="DataLoader processes decoding images (0: decode in this process)")
     p.add_argument("--max-pixels", type=int, default=sources.DEFAULT_MAX_PIXELS,
                    help="refuse images with more pixels than this")
-    p.add_argument("--shard", default=None, help="i/N: process the i-th of N disjoint parts (default from torchrun)")
+    p.add_argument("--shard", default=None,
+                   help="i/N: process the i-th of N disjoint parts (default from torchrun)")
     p.add_argument("--overwrite", action="store_true", help="delete this shard's existing output first")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE", help="config overrides")
@@ -228,10 +232,10 @@ def refuse_stem_keyed_coco(directory: Path, done: set[str]) -> None:
     old = sorted(k for k in done if sources.image_id_from_stem(k) != k)
     if old:
         raise RoIStoreError(
-            f"{directory}: holds {len(old)} records keyed by COCO file stem (e.g. {old[0]!r}), written before "
-            f"COCO images were keyed by their numeric id ({sources.image_id_from_stem(old[0])!r}); resuming "
-            "would store them twice. Training reads such a store as it is; to add images, write a new "
-            "--output (or pass --overwrite)")
+            f"{directory}: holds {len(old)} records keyed by COCO file stem (e.g. {old[0]!r}), written "
+            f"before COCO images were keyed by their numeric id ({sources.image_id_from_stem(old[0])!r}); "
+            "resuming would store them twice. Training reads such a store as it is; to add images, write a "
+            "new --output (or pass --overwrite)")
 
 
 def stored_boxes(boxes_store: RoIStore, item: sources.ImageItem) -> RoIRecord | None:
@@ -301,10 +305,11 @@ def run(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict[str
 
 def process(todo: list[sources.ImageItem], extractor: RegionExtractor, cfg, args: argparse.Namespace,
             sink: Sink, failures: FailureLog, boxes_store: RoIStore | None, stats: dict[str, int]) -> None:
-    prepare = functools.partial(prepare_image, min_size=cfg.INPUT.MIN_SIZE_TEST, max_size=cfg.INPUT.MAX_SIZE_TEST)
+    prepare = functools.partial(prepare_image, min_size=cfg.INPUT.MIN_SIZE_TEST,
+                                max_size=cfg.INPUT.MAX_SIZE_TEST)
     dataset = sources.ImageDataset(todo, prepare, args.max_pixels)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=_collate,
-                        worker_init_fn=init_worker if args.num_workers else None,
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                        collate_fn=_collate, worker_init_fn=init_worker if args.num_workers else None,
                         pin_memory=False, persistent_workers=False)
     bar = tqdm(total=len(todo), unit="img", dynamic_ncols=True, disable=args.no_progress, smoothing=0.1)
     for batch in loader:
@@ -332,7 +337,8 @@ def process(todo: list[sources.ImageItem], extractor: RegionExtractor, cfg, args
 
 def extract_batch(ready: list, extractor: RegionExtractor, given_boxes: bool,
                   failures: FailureLog) -> list[RoIRecord]:
-    """Run a batch; if it fails as a whole (e.g. out of memory), retry image by image to isolate the culprit."""
+    """Run a batch; if it fails as a whole (e.g. out of memory), retry image by image to isolate the
+    culprit."""
     if not ready:
         return []
     try:

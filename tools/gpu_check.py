@@ -126,8 +126,9 @@ def parse_junit(path: Path) -> dict[str, int]:
 
 
 REFUSALS = ("Device not supported", "device is not supported", "Target application terminated before first "
-            "instrumented API call", "Unable to find injection library", "Error: Target application returned an "
-            "error", "Unable to launch", "not supported on this platform")
+            "instrumented API call", "Unable to find injection library",
+            "Error: Target application returned an error", "Unable to launch",
+            "not supported on this platform")
 
 
 def judge_sanitizer(rc: int | None, text: str) -> tuple[str, str]:
@@ -179,7 +180,8 @@ def summarize(values: list[float], unit: str = "x", digits: int = 2) -> str:
     med = statistics.median(values)
     if len(values) == 1:
         return f"{med:.{digits}f}{unit}"
-    return f"median {med:.{digits}f}{unit} (min {min(values):.{digits}f}, max {max(values):.{digits}f}; {len(values)} cases)"
+    return (f"median {med:.{digits}f}{unit} (min {min(values):.{digits}f}, "
+            f"max {max(values):.{digits}f}; {len(values)} cases)")
 
 
 def targets_from(results: dict, dry: bool) -> list[dict]:
@@ -194,22 +196,27 @@ def targets_from(results: dict, dry: bool) -> list[dict]:
     rows.append({"target": TARGETS["det_bwd"], "goal": "<= 1.5x", "measured": summarize(det),
                  "verdict": ratio_verdict(det, 1.5, False)})
     ext = results.get("extract") or {}
-    ext_rows = [r for r in ext.get("rows", []) if r["features"] and r["device"].startswith("cpu" if dry else "cuda")]
+    ext_rows = [r for r in ext.get("rows", [])
+                if r["features"] and r["device"].startswith("cpu" if dry else "cuda")]
     best = [r for r in ext_rows if r["dtype"] == "bfloat16"] or ext_rows
     if best:
         r = best[0]
         pipelined, serial = 1 / r["model"], 1 / (r["model"] + r["decode"])
-        measured = f"{pipelined:.1f} img/s pipelined, {serial:.1f} serial ({r['dtype']}, {ext.get('config', '')})"
+        measured = (f"{pipelined:.1f} img/s pipelined, {serial:.1f} serial "
+                    f"({r['dtype']}, {ext.get('config', '')})")
         verdict = ratio_verdict([pipelined], 30.0, True)
     else:
         measured, verdict = "-", "not measured"
-    rows.append({"target": TARGETS["extract"], "goal": ">= 30 img/s", "measured": measured, "verdict": verdict})
+    rows.append({"target": TARGETS["extract"], "goal": ">= 30 img/s", "measured": measured,
+                 "verdict": verdict})
     ts = results.get("train_step") or {}
-    mfu = [(r["regions"], r["mfu_spec"] if r.get("mfu_spec") is not None else r["mfu_meas"]) for r in ts.get("rows", [])]
+    mfu = [(r["regions"], r["mfu_spec"] if r.get("mfu_spec") is not None else r["mfu_meas"])
+           for r in ts.get("rows", [])]
     basis = "of the dense bf16 spec" if any(r.get("mfu_spec") is not None for r in ts.get("rows", [])) else \
         "of the bf16 matmul peak measured in the run"
     rows.append({"target": TARGETS["mfu"], "goal": ">= 35%",
-                 "measured": ", ".join(f"{k} regions {v:.1%}" for k, v in mfu) + (f" ({basis})" if mfu else "-"),
+                 "measured": ", ".join(f"{k} regions {v:.1%}" for k, v in mfu)
+                 + (f" ({basis})" if mfu else "-"),
                  "verdict": ratio_verdict([v for _, v in mfu], 0.35, True)})
     if dry:
         for r in rows:
@@ -261,7 +268,8 @@ def smoke(device: str) -> int:
                   and torch.allclose(inp.grad.float().cpu(), ref_in.grad, rtol=tol, atol=tol))
             if not ok:
                 bad += 1
-                print(f"MISMATCH dtype={dtype} aligned={aligned} sr={sr} channels_last={cl} deterministic={det}")
+                print(f"MISMATCH dtype={dtype} aligned={aligned} sr={sr} channels_last={cl} "
+                      f"deterministic={det}")
     if device == "cuda":
         torch.cuda.synchronize()
     empty = roi_align(x.to(device), torch.zeros(0, 5, device=device), 5, scale, 0, True)
@@ -338,9 +346,11 @@ class Check:
                     rc = None
                     break
         self._kill_group(p, quiet=True)  # stragglers (e.g. data-loader workers)
-        proc = Proc(rc, time.perf_counter() - t, out_f.read_text(errors="replace"), err_f.read_text(errors="replace"))
+        proc = Proc(rc, time.perf_counter() - t, out_f.read_text(errors="replace"),
+                    err_f.read_text(errors="replace"))
         with open(self.log_path, "a") as log:
-            log.write(f"\n===== {name}: {fmt_cmd(cmd, env_extra)}\n===== exit {rc if rc is not None else 'TIMEOUT'}"
+            log.write(f"\n===== {name}: {fmt_cmd(cmd, env_extra)}\n"
+                      f"===== exit {rc if rc is not None else 'TIMEOUT'}"
                       f" after {proc.seconds:.1f} s\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}\n")
         return proc
 
@@ -392,10 +402,12 @@ info = {"python": platform.python_version(), "executable": sys.executable, "cpu_
         "platform": platform.platform()}
 try:
     import torch
-    info.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
+    info.update(torch=torch.__version__, torch_cuda=torch.version.cuda,
+                cuda_available=torch.cuda.is_available(),
                 cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
     if torch.cuda.is_available():
-        info["gpus"] = [{"name": torch.cuda.get_device_name(i), "capability": "%d.%d" % torch.cuda.get_device_capability(i),
+        info["gpus"] = [{"name": torch.cuda.get_device_name(i),
+                         "capability": "%d.%d" % torch.cuda.get_device_capability(i),
                          "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
                         for i in range(torch.cuda.device_count())]
 except Exception as exc:
@@ -413,7 +425,8 @@ print(json.dumps(info))
         except (json.JSONDecodeError, IndexError):
             self.env_info = {"error": tail(proc.text, 5)}
         smi = shutil.which("nvidia-smi") or next(
-            (p for p in ("/usr/local/nvidia/bin/nvidia-smi", "/usr/bin/nvidia-smi") if os.path.isfile(p)), None)
+            (p for p in ("/usr/local/nvidia/bin/nvidia-smi", "/usr/bin/nvidia-smi") if os.path.isfile(p)),
+            None)
         if smi:
             p = self.run([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"], 30,
                          name="nvidia-smi")
@@ -421,7 +434,8 @@ print(json.dumps(info))
         nvcc = self.nvcc()
         if nvcc:
             p = self.run([nvcc, "--version"], 30, name="nvcc")
-            self.env_info["nvcc"] = next((ln.strip() for ln in p.stdout.splitlines() if "release" in ln), p.stdout.strip())
+            self.env_info["nvcc"] = next((ln.strip() for ln in p.stdout.splitlines() if "release" in ln),
+                                         p.stdout.strip())
         git = shutil.which("git")
         if git and (REPO / ".git").exists():
             p = self.run([git, "rev-parse", "--short", "HEAD"], 30, name="git")
@@ -431,7 +445,8 @@ print(json.dumps(info))
 
     @staticmethod
     def nvcc() -> str | None:
-        for c in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"), shutil.which("nvcc")):
+        for c in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
+                  shutil.which("nvcc")):
             if c and os.path.isfile(c):
                 return c
         return None
@@ -444,19 +459,22 @@ print(json.dumps(info))
         found = sorted(src.glob("*.whl")) if src.is_dir() else []
         notes = []
         if found and not self.dry:
-            cmd = [PY, str(REPO / "tools" / "gpu_wheels.py"), "install", "--src", str(src), "--site", str(self.site)]
+            cmd = [PY, str(REPO / "tools" / "gpu_wheels.py"), "install", "--src", str(src),
+                   "--site", str(self.site)]
             s.command = fmt_cmd(cmd)
             proc = self.run(cmd, timeout, name="wheels")
             if not self.from_proc(s, proc):
                 return
-            notes.append(f"installed {len(found)} wheels into the work folder's site/ (on every step's PYTHONPATH)")
+            notes.append(f"installed {len(found)} wheels into the work folder's site/ (on every step's "
+                         "PYTHONPATH)")
         elif found:
-            notes.append(f"dry run: {len(found)} wheels in {src.name}/ not installed (they are for the GPU image's "
-                         "Python 3.12)")
+            notes.append(f"dry run: {len(found)} wheels in {src.name}/ not installed (they are for the GPU "
+                         "image's Python 3.12)")
         else:
             notes.append(f"no wheels in {src}")
-        code = "import importlib.util, json; print(json.dumps({m: importlib.util.find_spec(m) is not None for m in %r}))" \
-            % list(WHEEL_MODULES.values())
+        code = ("import importlib.util, json; "
+                "print(json.dumps({m: importlib.util.find_spec(m) is not None for m in %r}))"
+                % list(WHEEL_MODULES.values()))
         proc = self.run([PY, "-c", code], 60, name="imports")
         have = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.rc == 0 else {}
         missing = [p for p, m in WHEEL_MODULES.items() if not have.get(m)]
@@ -479,13 +497,14 @@ print(json.dumps(info))
 
     def build(self, s: Step, timeout: float) -> None:
         cmd = [PY, "setup.py", "build_ext", "--inplace"]
-        check = [PY, "-c", "import detector._ext as e; e.require(); print('extension CUDA version', e.cuda_version())"]
+        check = [PY, "-c", "import detector._ext as e; e.require(); "
+                           "print('extension CUDA version', e.cuda_version())"]
         if self.dry:
             s.command = fmt_cmd(check)
             proc = self.run(check, timeout, name="build-check")
             if self.from_proc(s, proc):
-                s.note = (f"dry run: not rebuilt (on a GPU: {fmt_cmd(cmd, self.build_env())}); the built extension "
-                          f"loads, {proc.stdout.strip()}")
+                s.note = (f"dry run: not rebuilt (on a GPU: {fmt_cmd(cmd, self.build_env())}); the built "
+                          f"extension loads, {proc.stdout.strip()}")
             return
         env = self.build_env()
         s.command = fmt_cmd(cmd, env)
@@ -500,12 +519,14 @@ print(json.dumps(info))
             s.status, s.note = "fail", "the extension was built without CUDA (is nvcc there? CUDA_HOME?)"
             return
         archs = ""
-        cuobjdump = shutil.which("cuobjdump") or (os.path.join(os.path.dirname(self.nvcc() or ""), "cuobjdump"))
+        cuobjdump = (shutil.which("cuobjdump")
+                     or (os.path.join(os.path.dirname(self.nvcc() or ""), "cuobjdump")))
         so = sorted((REPO / "detector").glob("_C*.so"))
         if so and cuobjdump and os.path.isfile(cuobjdump):
             p = self.run([cuobjdump, "--list-elf", str(so[0])], 60, name="cuobjdump")
             archs = ", ".join(sorted(set(re.findall(r"sm_\d+a?", p.stdout))))
-        s.note = f"{env.get('TORCH_CUDA_ARCH_LIST', 'default archs')}; {version}" + (f"; SASS for {archs}" if archs else "")
+        s.note = (f"{env.get('TORCH_CUDA_ARCH_LIST', 'default archs')}; {version}"
+                  + (f"; SASS for {archs}" if archs else ""))
 
     # -- 1. pytest -----------------------------------------------------------------------------------
 
@@ -532,8 +553,9 @@ print(json.dumps(info))
             return
         counts = parse_junit(xml) if xml.exists() else {}
         s.data = counts
-        summary = (f"{counts.get('passed', 0)} passed, {counts.get('failures', 0)} failed, "
-                   f"{counts.get('errors', 0)} errors, {counts.get('skipped', 0)} skipped") if counts else "no results"
+        summary = ((f"{counts.get('passed', 0)} passed, {counts.get('failures', 0)} failed, "
+                    f"{counts.get('errors', 0)} errors, {counts.get('skipped', 0)} skipped") if counts
+                   else "no results")
         if proc.rc != 0 or not counts:
             s.status, s.note = "fail", f"exit {proc.rc}: {summary}"
         elif self.dry:
@@ -547,7 +569,8 @@ print(json.dumps(info))
     # -- 2. sanitizer --------------------------------------------------------------------------------
 
     def smoke_cmd(self) -> list[str]:
-        return [PY, str(REPO / "tools" / "gpu_check.py"), "--smoke", "--device", "cuda" if not self.dry else "cpu"]
+        return [PY, str(REPO / "tools" / "gpu_check.py"),
+                "--smoke", "--device", "cuda" if not self.dry else "cpu"]
 
     def smoke_step(self, s: Step, timeout: float) -> None:
         s.command = fmt_cmd(self.smoke_cmd())
@@ -567,7 +590,8 @@ print(json.dumps(info))
         def fn(s: Step, timeout: float) -> None:
             cs = self.sanitizer_path()
             if self.dry:
-                s.status, s.note = "skipped", "dry run: needs a CUDA device" + ("" if cs else " (and compute-sanitizer)")
+                s.status, s.note = ("skipped", "dry run: needs a CUDA device"
+                                    + ("" if cs else " (and compute-sanitizer)"))
                 return
             if cs is None:
                 s.status, s.note = "skipped", "compute-sanitizer not found (PATH, CUDA_HOME/bin)"
@@ -615,7 +639,8 @@ print(json.dumps(info))
                 "SOLVER.CHECKPOINT_PERIOD", "4", "SOLVER.LOG_PERIOD", "1", "DATASETS.TRAIN_LIMIT", "16",
                 "DATASETS.TEST_LIMIT", "16"] if self.dry else []
         return [PY, str(REPO / "tools" / "train_net.py"), "--config-file",
-                str(REPO / "configs" / "easy_vqa" / "detector.yaml"), "--output-dir", str(self.work / "demo" / "detector"),
+                str(REPO / "configs" / "easy_vqa" / "detector.yaml"),
+                "--output-dir", str(self.work / "demo" / "detector"),
                 *self.demo_common(), *tiny]
 
     def stage2_cmd(self, out: Path, weights: Path) -> list[str]:
@@ -623,8 +648,8 @@ print(json.dumps(info))
                 "SOLVER.CHECKPOINT_PERIOD", "4", "SOLVER.LOG_PERIOD", "1", "DATASETS.TRAIN_LIMIT", "30",
                 "DATASETS.TEST_LIMIT", "20"] if self.dry else []
         return [PY, str(REPO / "tools" / "train_net.py"), "--config-file",
-                str(REPO / "configs" / "easy_vqa" / "e2e.yaml"), "--output-dir", str(out), *self.demo_common(),
-                "MODEL.WEIGHTS", str(weights), *tiny]
+                str(REPO / "configs" / "easy_vqa" / "e2e.yaml"), "--output-dir", str(out),
+                *self.demo_common(), "MODEL.WEIGHTS", str(weights), *tiny]
 
     def demo_stage1(self, s: Step, timeout: float) -> None:
         out = self.work / "demo" / "detector"
@@ -644,7 +669,8 @@ print(json.dumps(info))
 
     def demo_export(self, s: Step, timeout: float) -> None:
         weights = self.work / "demo" / "detector.pth"
-        cmd = [PY, str(REPO / "tools" / "export_detector.py"), "--checkpoint", str(self.work / "demo" / "detector"),
+        cmd = [PY, str(REPO / "tools" / "export_detector.py"),
+               "--checkpoint", str(self.work / "demo" / "detector"),
                "--output", str(weights), "--overwrite"]
         s.command = fmt_cmd(cmd)
         proc = self.run(cmd, timeout, name="demo-export")
@@ -674,7 +700,8 @@ print(json.dumps(info))
                     killed["max_iter"] = int(cfg["SOLVER"]["MAX_ITER"])
                 except Exception:  # noqa: BLE001 - half written: try again
                     return
-            steps = [int(m.group(1)) for f in out.glob("model_*.pth") if (m := re.match(r"model_(\d+)\.pth$", f.name))]
+            steps = [int(m.group(1))
+                     for f in out.glob("model_*.pth") if (m := re.match(r"model_(\d+)\.pth$", f.name))]
             past = [n for n in steps if 2 * n >= killed["max_iter"] and n < killed["max_iter"]]
             if past:
                 os.kill(p.pid, signal.SIGKILL)
@@ -723,7 +750,8 @@ print(json.dumps(info))
             problems.append("no test accuracy printed")
         if final and not (out / f"model_{final:07d}.pth").exists():
             problems.append(f"no model_{final:07d}.pth")
-        s.data = {"resumed_at": int(m.group(2)) if m else None, "accuracy": float(acc.group(2)) if acc else None,
+        s.data = {"resumed_at": int(m.group(2)) if m else None,
+                  "accuracy": float(acc.group(2)) if acc else None,
                   "questions": int(acc.group(3)) if acc else None, "by_type": acc.group(4) if acc else None,
                   "images_per_s": statistics.median(ips_all) if ips_all else None}
         self.results["demo_stage2"] = s.data
@@ -744,11 +772,12 @@ print(json.dumps(info))
         out = self.work / "ddp"
         shutil.rmtree(out, ignore_errors=True)
         weights = self.work / "demo" / "detector.pth"
-        cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", "--rdzv-backend",
-               "c10d", "--rdzv-endpoint", "localhost:0", str(REPO / "tools" / "train_net.py"), "--config-file",
-               str(REPO / "configs" / "easy_vqa" / "e2e.yaml"), "--output-dir", str(out), *self.demo_common(),
-               "MODEL.WEIGHTS", str(weights) if weights.exists() else "", "SOLVER.MAX_ITER", "300",
-               "SOLVER.IMS_PER_BATCH", "8", "SOLVER.CHECKPOINT_PERIOD", "300"]
+        cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+               str(REPO / "tools" / "train_net.py"),
+               "--config-file", str(REPO / "configs" / "easy_vqa" / "e2e.yaml"), "--output-dir", str(out),
+               *self.demo_common(), "MODEL.WEIGHTS", str(weights) if weights.exists() else "",
+               "SOLVER.MAX_ITER", "300", "SOLVER.IMS_PER_BATCH", "8", "SOLVER.CHECKPOINT_PERIOD", "300"]
         s.command = fmt_cmd(cmd)
         proc = self.run(cmd, timeout, name="ddp")
         if not self.from_proc(s, proc):
@@ -758,8 +787,10 @@ print(json.dumps(info))
         if "x 2 processes" not in proc.stderr:
             s.status, s.note = "fail", "the log does not show two processes"
             return
-        s.data = {"accuracy": float(acc.group(2)) if acc else None, "images_per_s": statistics.median(ips) if ips else None}
-        s.note = (f"300 steps of 8 images on 2 GPUs; test accuracy {acc.group(2)}" if acc else "no accuracy printed") + \
+        s.data = {"accuracy": float(acc.group(2)) if acc else None,
+                  "images_per_s": statistics.median(ips) if ips else None}
+        s.note = (f"300 steps of 8 images on 2 GPUs; test accuracy {acc.group(2)}" if acc
+                  else "no accuracy printed") + \
             (f"; {s.data['images_per_s']:.1f} images/s" if ips else "")
 
     # -- the whole run -------------------------------------------------------------------------------
@@ -768,9 +799,9 @@ print(json.dumps(info))
         self.collect_env()
         if not self.dry and not self.gpus():
             print("no CUDA device visible to torch: use --device cpu for the dry run", file=sys.stderr)
-        cuda_caps = {"wheels": 120, "build": 300, "pytest": 180, "smoke": 60, "memcheck": 120, "racecheck": 120,
-                     "roi_align": 120, "detector_speed": 150, "extract": 120, "train_step": 150, "stage1": 180,
-                     "export": 60, "stage2": 240, "resume": 240, "ddp": 240}
+        cuda_caps = {"wheels": 120, "build": 300, "pytest": 180, "smoke": 60, "memcheck": 120,
+                     "racecheck": 120, "roi_align": 120, "detector_speed": 150, "extract": 120,
+                     "train_step": 150, "stage1": 180, "export": 60, "stage2": 240, "resume": 240, "ddp": 240}
         caps = {k: (v if not self.dry else 240) for k, v in cuda_caps.items()}
         self.step("wheels", "setup", "wheels from .whl/", caps["wheels"], self.wheels)
         build = self.step("build", "setup", "build the extension in place", caps["build"], self.build)
@@ -787,30 +818,36 @@ print(json.dumps(info))
         if "pytest" in self.selected:
             self.step("pytest", "pytest", "pytest -m cuda tests", caps["pytest"], needs_build(self.pytest))
         if "sanitizer" in self.selected:
-            self.step("smoke", "sanitizer", "RoIAlign fwd/bwd smoke (no tool)", caps["smoke"], needs_build(self.smoke_step))
+            self.step("smoke", "sanitizer", "RoIAlign fwd/bwd smoke (no tool)", caps["smoke"],
+                      needs_build(self.smoke_step))
             self.step("memcheck", "sanitizer", "compute-sanitizer memcheck", caps["memcheck"],
                       needs_build(self.sanitizer("memcheck")))
             self.step("racecheck", "sanitizer", "compute-sanitizer racecheck", caps["racecheck"],
                       needs_build(self.sanitizer("racecheck")))
         if "bench" in self.selected:
             dev = "cpu" if self.dry else "cuda"
-            self.step("roi_align", "bench", "benchmarks/roi_align.py", caps["roi_align"], needs_build(self.bench(
-                "roi_align", ["--device", "cuda", "--quick"], ["--device", "cpu", "--quick", "--boxes", "10", "--repeats", "1"])))
+            self.step("roi_align", "bench", "benchmarks/roi_align.py", caps["roi_align"],
+                      needs_build(self.bench("roi_align", ["--device", "cuda", "--quick"],
+                                             ["--device", "cpu", "--quick", "--boxes", "10",
+                                              "--repeats", "1"])))
             self.step("detector_speed", "bench", "benchmarks/detector_speed.py", caps["detector_speed"],
                       needs_build(self.bench("detector_speed",
                                              ["--devices", "cuda", "--dtypes", "fp32,bf16+opt,bf16+cl",
                                               "--skip", "detectron2"],
-                                             ["--quick", "--devices", "cpu", "--dtypes", "fp32,bf16+opt,bf16+cl",
-                                              "--iters", "1", "--skip", "detectron2"], json_out=False)))
+                                             ["--quick", "--devices", "cpu",
+                                              "--dtypes", "fp32,bf16+opt,bf16+cl", "--iters", "1",
+                                              "--skip", "detectron2"], json_out=False)))
             self.step("extract", "bench", "benchmarks/extract.py", caps["extract"], needs_build(self.bench(
                 "extract", ["--device", "cuda"], ["--quick", "--device", dev, "--images", "2"])))
-            self.step("train_step", "bench", "benchmarks/train_step.py", caps["train_step"], needs_build(self.bench(
-                "train_step", ["--device", "cuda"], ["--quick", "--device", "cpu", "--regions", "10", "--batch", "1",
-                                                     "--repeats", "1"])))
+            self.step("train_step", "bench", "benchmarks/train_step.py", caps["train_step"],
+                      needs_build(self.bench("train_step", ["--device", "cuda"],
+                                             ["--quick", "--device", "cpu", "--regions", "10", "--batch", "1",
+                                              "--repeats", "1"])))
         if "demo" in self.selected:
             self.step("stage1", "demo", "stage 1: detector (configs/easy_vqa/detector.yaml)", caps["stage1"],
                       needs_build(self.demo_stage1))
-            self.step("export", "demo", "export the stage-1 detector", caps["export"], needs_build(self.demo_export))
+            self.step("export", "demo", "export the stage-1 detector", caps["export"],
+                      needs_build(self.demo_export))
             self.step("stage2", "demo", "stage 2: VL-BERT end to end, SIGKILLed half way", caps["stage2"],
                       needs_build(self.demo_stage2))
             self.step("resume", "demo", "stage 2 --resume to the end, test accuracy", caps["resume"],
@@ -834,28 +871,35 @@ print(json.dumps(info))
                   f"- started {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(self.t0))}; "
                   + (f"finished after {elapsed:.0f} s" if final else f"in progress ({elapsed:.0f} s so far)")
                   + f" (budget {self.args.budget:.0f} s)",
-                  f"- command: `python tools/gpu_check.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`", ""]
+                  f"- command: `python tools/gpu_check.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`",
+                  ""]
         lines += ["## Machine", "", "| | |", "| --- | --- |"]
-        gpus = "; ".join(f"{g['name']} (sm {g['capability']}, {g['memory_gib']} GiB)" for g in self.gpus()) or "none"
+        gpus = ("; ".join(f"{g['name']} (sm {g['capability']}, {g['memory_gib']} GiB)" for g in self.gpus())
+                or "none")
         for k, v in (("GPUs", gpus), ("nvidia-smi (name, driver, memory)", e.get("nvidia_smi", "not found")),
-                     ("torch", e.get("torch", e.get("torch_error", "?"))), ("torch CUDA", e.get("torch_cuda")),
-                     ("cuDNN", e.get("cudnn")), ("nvcc", e.get("nvcc", "not found")),
+                     ("torch", e.get("torch", e.get("torch_error", "?"))),
+                     ("torch CUDA", e.get("torch_cuda")), ("cuDNN", e.get("cudnn")),
+                     ("nvcc", e.get("nvcc", "not found")),
                      ("python", f"{e.get('python')} ({e.get('executable', '?')})"),
                      ("torchvision / transformers / numpy",
                       f"{e.get('torchvision')} / {e.get('transformers')} / {e.get('numpy')}"),
                      ("CPU cores", e.get("cpu_count")), ("platform", e.get("platform")),
                      ("commit", e.get("commit", "unknown (no git here)"))):
             lines.append(f"| {k} | {v} |")
-        lines += ["", "## Steps", "", "| step | what | status | wall s | note |", "| --- | --- | --- | --- | --- |"]
+        lines += ["", "## Steps", "", "| step | what | status | wall s | note |",
+                  "| --- | --- | --- | --- | --- |"]
         for s in self.steps:
             note = s.note.replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {GROUP_TITLES[s.group]} | {s.title} | **{s.status}** | {s.seconds:.1f} | {note} |")
+            lines.append(f"| {GROUP_TITLES[s.group]} | {s.title} | **{s.status}** | {s.seconds:.1f} "
+                         f"| {note} |")
         left = [s.key for s in self.steps if s.status == "skipped" and "budget" in s.note]
         if left:
-            groups = sorted({s.group for s in self.steps if s.key in left and s.group in CHECKS}, key=CHECKS.index)
+            groups = sorted({s.group for s in self.steps if s.key in left and s.group in CHECKS},
+                            key=CHECKS.index)
             lines += ["", f"Left for lack of time: {', '.join(left)}. Run them with `make gpu-check OUT=$OUT "
                           f"STEPS={','.join(groups)}` (the build is kept while the machine is warm)."]
-        lines += ["", "## Targets (issue 17)", "", "| target | goal | measured | verdict |", "| --- | --- | --- | --- |"]
+        lines += ["", "## Targets (issue 17)", "", "| target | goal | measured | verdict |",
+                  "| --- | --- | --- | --- |"]
         for t in targets_from(self.results, self.dry):
             lines.append(f"| {t['target']} | {t['goal']} | {t['measured']} | {t['verdict']} |")
         d1, d2 = self.results.get("demo_stage1") or {}, self.results.get("demo_stage2") or {}
@@ -865,10 +909,13 @@ print(json.dumps(info))
                 lines.append(f"| stage 1 region accuracy / images/s | {d1.get('region_accuracy')} / "
                              f"{_num(d1.get('images_per_s'))} |")
             if d2:
-                lines.append(f"| stage 2 test accuracy (questions) | {d2.get('accuracy')} ({d2.get('questions')}) |")
+                lines.append(f"| stage 2 test accuracy (questions) | {d2.get('accuracy')} "
+                             f"({d2.get('questions')}) |")
                 lines.append(f"| stage 2 accuracy by type | {d2.get('by_type')} |")
-                lines.append(f"| stage 2 images/s (median of the logged windows) | {_num(d2.get('images_per_s'))} |")
-                lines.append(f"| killed at / resumed at step | {(self.results.get('demo_stage2_kill') or {}).get('killed_at')}"
+                lines.append("| stage 2 images/s (median of the logged windows) | "
+                             f"{_num(d2.get('images_per_s'))} |")
+                lines.append("| killed at / resumed at step | "
+                             f"{(self.results.get('demo_stage2_kill') or {}).get('killed_at')}"
                              f" / {d2.get('resumed_at')} |")
         lines += ["", "## Details", ""]
         for s in self.steps:
@@ -880,12 +927,13 @@ print(json.dumps(info))
             if s.table:
                 lines += ["```", s.table, "```", ""]
             elif s.tail:
-                lines += ["<details><summary>output (end)</summary>", "", "```", s.tail, "```", "", "</details>", ""]
+                lines += ["<details><summary>output (end)</summary>", "", "```", s.tail, "```", "",
+                          "</details>", ""]
         (self.out / "gpu_report.md").write_text("\n".join(lines) + "\n")
         (self.out / "gpu_report.json").write_text(json.dumps(
-            {"mode": "dry-run" if self.dry else "cuda", "env": self.env_info, "steps": [asdict(s) for s in self.steps],
-             "targets": targets_from(self.results, self.dry), "results": self.results,
-             "finished": final}, indent=1, default=str))
+            {"mode": "dry-run" if self.dry else "cuda", "env": self.env_info,
+             "steps": [asdict(s) for s in self.steps], "targets": targets_from(self.results, self.dry),
+             "results": self.results, "finished": final}, indent=1, default=str))
 
 
 def _num(v) -> str:
@@ -894,16 +942,20 @@ def _num(v) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(REPO / "output" / "gpu_check"), help="folder for gpu_report.md and the log")
+    ap.add_argument("--out", default=str(REPO / "output" / "gpu_check"),
+                    help="folder for gpu_report.md and the log")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                     help="cpu: the dry run (tiny sizes); auto: cuda when torch sees a GPU")
-    ap.add_argument("--work", default=str(REPO / "output" / "gpu_check_work"), help="scratch folder (runs, JSON)")
+    ap.add_argument("--work", default=str(REPO / "output" / "gpu_check_work"),
+                    help="scratch folder (runs, JSON)")
     ap.add_argument("--wheels", default=str(REPO / ".whl"), help="wheels to install first (make gpu-wheels)")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds for the whole run (default 540 on CUDA, 900 for the dry run)")
-    ap.add_argument("--steps", default="", help=f"comma list of checks to run (default all): {','.join(CHECKS)}")
+    ap.add_argument("--steps", default="",
+                    help=f"comma list of checks to run (default all): {','.join(CHECKS)}")
     ap.add_argument("--skip", default="", help="comma list of step keys to skip, e.g. build,memcheck,ddp")
-    ap.add_argument("--smoke", action="store_true", help="only the RoIAlign smoke program (what the sanitizers run)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="only the RoIAlign smoke program (what the sanitizers run)")
     a = ap.parse_args(argv)
     if a.device == "auto":
         import torch

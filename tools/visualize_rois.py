@@ -44,7 +44,8 @@ def box_labels(record: RoIRecord, attr_thresh: float) -> list[str]:
     labels = []
     for i in range(record.num_boxes):
         parts = []
-        if record.attr_ids is not None and record.attr_conf is not None and record.attr_conf[i] >= attr_thresh:
+        if (record.attr_ids is not None and record.attr_conf is not None
+            and record.attr_conf[i] >= attr_thresh):
             a = int(record.attr_ids[i])
             parts.append(attrs[a] if attrs else f"attr{a}")
         if record.object_ids is not None:
@@ -70,8 +71,8 @@ def draw(image: np.ndarray, record: RoIRecord, max_boxes: int, attr_thresh: floa
         (tw, th), base = cv2.getTextSize(labels[i], cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
         ty = y1 - 2 if y1 - th - base - 2 >= 0 else y1 + th + base + 2
         cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 2, ty + 1), color, -1)
-        cv2.putText(out, labels[i], (x1 + 1, ty - base + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1,
-                    cv2.LINE_AA)
+        cv2.putText(out, labels[i], (x1 + 1, ty - base + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0),
+                    1, cv2.LINE_AA)
     return out
 
 
@@ -81,13 +82,15 @@ def resolve_image_path(path: str, image_root: str | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", required=True, help="RoI store directory (lmdb, sharded or not) or one .npz file")
+    p.add_argument("--store", required=True,
+                   help="RoI store directory (lmdb, sharded or not) or one .npz file")
     p.add_argument("--image-id", action="append", default=None, help="image id(s) to draw (repeatable)")
     p.add_argument("--num", type=int, default=1, help="without --image-id: draw the store's first N images")
     p.add_argument("--image-root", default=None, help="prefix for relative image paths stored in the records")
     p.add_argument("--output", required=True, help="folder for <image_id>.png")
     p.add_argument("--max-boxes", type=int, default=36, help="draw at most this many boxes (best first)")
-    p.add_argument("--attr-thresh", type=float, default=0.1, help="show an attribute only above this confidence")
+    p.add_argument("--attr-thresh", type=float, default=0.1,
+                   help="show an attribute only above this confidence")
     args = p.parse_args(argv)
 
     try:

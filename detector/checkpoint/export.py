@@ -19,9 +19,10 @@ TRAINED_PREFIXES = ("backbone.", "roi_heads.res5.")
 DETECTOR_KEY_PREFIX = "detector."
 
 
-def assemble_detector_state(model: nn.Module, trained: Mapping[str, torch.Tensor],
-                            base: Mapping[str, torch.Tensor] | None = None,
-                            source: str = "training checkpoint") -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+def assemble_detector_state(
+    model: nn.Module, trained: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor] | None = None,
+    source: str = "training checkpoint"
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """The full state dict of `model`'s architecture: trained parts from `trained`, the rest from `base`.
 
     Without `base`, every tensor comes from `trained` (the run kept the untouched parts as it loaded them).
@@ -30,7 +31,8 @@ def assemble_detector_state(model: nn.Module, trained: Mapping[str, torch.Tensor
     """
     wanted = {k: v for k, v in model.state_dict().items() if not _ignored(k)}
     if not any(k.startswith(TRAINED_PREFIXES) for k in trained):
-        raise CheckpointError(f"{source} holds no detector weights (no 'backbone.*' or 'roi_heads.res5.*' tensors)")
+        raise CheckpointError(f"{source} holds no detector weights (no 'backbone.*' or 'roi_heads.res5.*' "
+                              "tensors)")
     out: dict[str, torch.Tensor] = {}
     counts = {"trained": 0, "base": 0}
     missing, mismatched = [], []
@@ -44,8 +46,10 @@ def assemble_detector_state(model: nn.Module, trained: Mapping[str, torch.Tensor
         if tuple(tensor.shape) != tuple(ref.shape):
             mismatched.append(f"{key}: {name} {tuple(tensor.shape)} vs architecture {tuple(ref.shape)}")
             continue
-        if base is not None and key in base and key in trained and tuple(base[key].shape) != tuple(trained[key].shape):
-            mismatched.append(f"{key}: {source} {tuple(trained[key].shape)} vs base weights {tuple(base[key].shape)}")
+        if (base is not None and key in base and key in trained
+            and tuple(base[key].shape) != tuple(trained[key].shape)):
+            mismatched.append(f"{key}: {source} {tuple(trained[key].shape)} vs base weights "
+                              f"{tuple(base[key].shape)}")
             continue
         out[key] = tensor.detach().cpu().clone()
         counts["base" if from_base else "trained"] += 1

@@ -56,14 +56,15 @@ def sniff_format(path: str) -> str:
     if zipfile.is_zipfile(path):
         return "zip"
     if head[:4] == b"PK\x03\x04":  # a zip's first entry without its end (central directory): cut short
-        raise CheckpointError(f"{path}: truncated or damaged torch checkpoint ({os.path.getsize(path)} bytes, "
-                              "the zip archive has no end); copy or save it again")
+        raise CheckpointError(f"{path}: truncated or damaged torch checkpoint ({os.path.getsize(path)} "
+                              "bytes, the zip archive has no end); copy or save it again")
     (header_len,) = struct.unpack("<Q", head[:8])
     if head[8:9] == b"{" and 0 < header_len < 100_000_000:
         return "safetensors"
     if head[:1] == b"\x80":  # pickle protocol >= 2
         return "torch-legacy" if head[2:14] == _TORCH_LEGACY_PREFIX else "pickle"
-    raise CheckpointError(f"{path}: unrecognised checkpoint format (not a torch zip, safetensors or pickle file)")
+    raise CheckpointError(f"{path}: unrecognised checkpoint format (not a torch zip, safetensors or pickle "
+                          "file)")
 
 
 def weights_only_refusal(path: str | os.PathLike, exc: pickle.UnpicklingError) -> CheckpointError:
@@ -71,8 +72,8 @@ def weights_only_refusal(path: str | os.PathLike, exc: pickle.UnpicklingError) -
     several and suggests `weights_only=False`, which is exactly what a file from a stranger must not get."""
     found = re.search(r"Unsupported (?:global|operand)[^.\n]*", str(exc))
     what = found.group(0) if found else str(exc).strip().splitlines()[0]
-    return CheckpointError(f"{os.fspath(path)}: refused by torch.load(weights_only=True): it contains objects "
-                           f"other than tensors and plain data ({what}); nothing in it was run")
+    return CheckpointError(f"{os.fspath(path)}: refused by torch.load(weights_only=True): it contains "
+                           f"objects other than tensors and plain data ({what}); nothing in it was run")
 
 
 def load_data_file(path: str | os.PathLike) -> Any:
@@ -91,11 +92,13 @@ def load_data_file(path: str | os.PathLike) -> Any:
     except pickle.UnpicklingError as exc:
         raise weights_only_refusal(path, exc) from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: cannot read this torch checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{path}: cannot read this torch checkpoint ({type(exc).__name__}: "
+                              f"{exc})") from None
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state dict in Detectron2 layout, metadata) of any supported file; bua layouts are NOT converted here."""
+    """(state dict in Detectron2 layout, metadata) of any supported file; bua layouts are NOT converted
+    here."""
     path = os.fspath(path)
     metadata: dict[str, str] = {}
     if sniff_format(path) == "safetensors":
@@ -142,7 +145,8 @@ def is_bua_layout(sd: Mapping[str, torch.Tensor]) -> bool:
     """bottom-up-attention.pytorch checkpoints: a background box row, 2 RPN logits per anchor or bua names."""
     if any(k.startswith(tuple(BUA_RENAMES)) for k in sd):
         return True
-    cls, box = sd.get("roi_heads.box_predictor.cls_score.weight"), sd.get("roi_heads.box_predictor.bbox_pred.weight")
+    cls, box = (sd.get("roi_heads.box_predictor.cls_score.weight"),
+                sd.get("roi_heads.box_predictor.bbox_pred.weight"))
     if cls is not None and box is not None and box.shape[0] == 4 * cls.shape[0]:
         return True
     obj = sd.get("proposal_generator.rpn_head.objectness_logits.weight")
@@ -204,7 +208,8 @@ def convert_bua(sd: Mapping[str, torch.Tensor], num_sizes: int, num_ratios: int,
                 obj = obj[num_anchors:] - obj[:num_anchors]
             if obj.shape[0] != num_anchors:
                 raise CheckpointError(f"{rpn}objectness_logits.{name} has {obj.shape[0]} channels; expected "
-                                      f"{num_anchors} or {2 * num_anchors} for {num_sizes} sizes x {num_ratios} ratios")
+                                      f"{num_anchors} or {2 * num_anchors} for {num_sizes} sizes x "
+                                      f"{num_ratios} ratios")
             out[rpn + f"objectness_logits.{name}"] = obj[perm]
         deltas = out.get(rpn + f"anchor_deltas.{name}")
         if deltas is not None:
@@ -229,11 +234,13 @@ def write_checkpoint(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, fm
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
-        save_file({k: v.clone() for k, v in tensors.items()}, tmp, metadata={"format": "detectron2", **metadata})
+        save_file({k: v.clone() for k, v in tensors.items()}, tmp,
+                  metadata={"format": "detectron2", **metadata})
     elif fmt == "detectron2":
         torch.save({"model": tensors, "__author__": AUTHOR, "metadata": metadata}, tmp)
     else:
-        arrays = {k: v.numpy() if v.dtype != torch.bfloat16 else v.float().numpy() for k, v in tensors.items()}
+        arrays = {k: v.numpy() if v.dtype != torch.bfloat16 else v.float().numpy()
+                  for k, v in tensors.items()}
         with open(tmp, "wb") as f:
             pickle.dump({"model": arrays, "__author__": AUTHOR, "metadata": metadata}, f, protocol=4)
     os.replace(tmp, path)

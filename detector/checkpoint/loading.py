@@ -74,7 +74,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         rpn = getattr(model, "proposal_generator", None)
         ag = rpn.anchor_generator if rpn is not None else None
         num_sizes, num_ratios = (ag.num_sizes, ag.num_ratios) if ag is not None else (4, 3)
-        weights = model.roi_heads.box2box_transform.weights if hasattr(model, "roi_heads") else (10.0, 10.0, 5.0, 5.0)
+        weights = (model.roi_heads.box2box_transform.weights if hasattr(model, "roi_heads")
+                   else (10.0, 10.0, 5.0, 5.0))
         sd = convert_bua(sd, num_sizes, num_ratios, weights)
     return load_state_dict_checked(model, sd, strict, source=os.fspath(path))
 
@@ -87,5 +88,6 @@ def save_checkpoint(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     """
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
-    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    sd = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module)
+          else model_or_state_dict)
     write_checkpoint({k: v for k, v in sd.items() if not _ignored(k)}, path, fmt, metadata)

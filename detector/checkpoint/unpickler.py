@@ -43,9 +43,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not self.plain and (module, name) in _ALLOWED:
             return super().find_class(module, name)
         what = "dicts, lists, numbers, strings" + ("" if self.plain else ", numpy arrays")
-        hint = "" if self.plain else " If you trust the file, convert it to .safetensors in a trusted environment."
-        raise CheckpointError(f"{self.source}: refusing to load '{module}.{name}': this pickle references code, "
-                              f"and only plain data ({what}) is allowed.{hint}")
+        hint = ("" if self.plain
+                else " If you trust the file, convert it to .safetensors in a trusted environment.")
+        raise CheckpointError(f"{self.source}: refusing to load '{module}.{name}': this pickle references "
+                              f"code, and only plain data ({what}) is allowed.{hint}")
 
     def persistent_load(self, pid: Any) -> Any:
         raise CheckpointError(f"{self.source}: pickle uses persistent ids (a torch.save file?); "
@@ -72,5 +73,6 @@ def _load(stream: IO[bytes], name: str, plain: bool) -> Any:
         return _RestrictedUnpickler(stream, name, plain).load()
     except CheckpointError:
         raise
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as exc:
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
+            ValueError) as exc:
         raise CheckpointError(f"{name}: not a readable pickle ({type(exc).__name__}: {exc})") from None

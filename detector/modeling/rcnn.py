@@ -31,14 +31,15 @@ class GeneralizedRCNN(nn.Module):
         m = cfg.MODEL
         validate_detector_cfg(cfg)
         if len(m.PIXEL_MEAN) != len(m.PIXEL_STD):
-            raise ValueError(f"MODEL.PIXEL_MEAN {m.PIXEL_MEAN} and MODEL.PIXEL_STD {m.PIXEL_STD} differ in length")
+            raise ValueError(f"MODEL.PIXEL_MEAN {m.PIXEL_MEAN} and MODEL.PIXEL_STD {m.PIXEL_STD} differ in "
+                             "length")
         self.input_format = cfg.INPUT.FORMAT
         self.backbone = build_resnet_backbone(cfg)
         shapes = self.backbone.output_shape()
         feature = m.ROI_HEADS.IN_FEATURES[0]
         if feature not in shapes:
-            raise ValueError(f"MODEL.ROI_HEADS.IN_FEATURES {m.ROI_HEADS.IN_FEATURES} is not produced by the backbone "
-                             f"(MODEL.RESNETS.OUT_FEATURES = {list(shapes)})")
+            raise ValueError(f"MODEL.ROI_HEADS.IN_FEATURES {m.ROI_HEADS.IN_FEATURES} is not produced by the "
+                             f"backbone (MODEL.RESNETS.OUT_FEATURES = {list(shapes)})")
         channels, stride = shapes[feature]
         self.in_feature = feature
         # PrecomputedProposals: a Fast R-CNN-only model without RPN weights.
@@ -58,7 +59,8 @@ class GeneralizedRCNN(nn.Module):
         for bfloat16. State-dict keys change (BatchNorms disappear): save checkpoints before.
         """
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"optimize_for_inference: dtype must be float32, bfloat16 or float16, got {dtype}")
+            raise ValueError("optimize_for_inference: dtype must be float32, bfloat16 or float16, got "
+                             f"{dtype}")
         fold_frozen_batchnorm(self)
         self.to(memory_format=torch.channels_last)
         if dtype != torch.float32:
@@ -84,11 +86,13 @@ class GeneralizedRCNN(nn.Module):
         normalising with zeros to match Detectron2 (see detector.structures.pad_images).
         """
         if images.dim() != 4 or images.shape[1] != self.pixel_mean.shape[0]:
-            raise ValueError(f"preprocess_image expects (B, {self.pixel_mean.shape[0]}, H, W), got {tuple(images.shape)}")
+            raise ValueError(f"preprocess_image expects (B, {self.pixel_mean.shape[0]}, H, W), got "
+                             f"{tuple(images.shape)}")
         return (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The C4 feature map (res4) of a normalised batch (in `compute_dtype` after optimize_for_inference)."""
+        """The C4 feature map (res4) of a normalised batch (in `compute_dtype` after
+        optimize_for_inference)."""
         with self._precision():
             return self.backbone(images)[self.in_feature]
 
@@ -102,14 +106,16 @@ class GeneralizedRCNN(nn.Module):
         _, _, height, width = x.shape
         rows = torch.arange(height, device=x.device)
         cols = torch.arange(width, device=x.device)
-        keep = (rows[None, :, None] < sizes[:, 0, None, None]) & (cols[None, None, :] < sizes[:, 1, None, None])
+        keep = ((rows[None, :, None] < sizes[:, 0, None, None])
+                & (cols[None, None, :] < sizes[:, 1, None, None]))
         for i, boxes in enumerate(masked_boxes or ()):
             if len(boxes):
                 keep[i] &= ~box_pixel_mask(boxes.float(), height, width).to(x.device)
         return x * keep[:, None].to(x.dtype)
 
     def region_outputs(self, res4: torch.Tensor, boxes: Sequence[torch.Tensor],
-                       classes: Sequence[torch.Tensor] | None = None, scores: bool = True) -> dict[str, torch.Tensor]:
+                       classes: Sequence[torch.Tensor] | None = None,
+                       scores: bool = True) -> dict[str, torch.Tensor]:
         """Features and scores of given boxes on a res4 map: the one entry point that extraction,
         training (VL-BERT's regions, the region classifier) and `fast_rcnn` share.
 
@@ -137,7 +143,8 @@ class GeneralizedRCNN(nn.Module):
                   classes: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Fast R-CNN on given boxes of a normalised batch: `region_outputs` of its res4 map."""
         if len(boxes) != images.shape[0]:
-            raise ValueError(f"fast_rcnn got {len(boxes)} box tensors for a batch of {images.shape[0]} images")
+            raise ValueError(f"fast_rcnn got {len(boxes)} box tensors for a batch of {images.shape[0]} "
+                             "images")
         return self.region_outputs(self.features(images), boxes, classes)
 
     @torch.no_grad()
@@ -154,7 +161,8 @@ class GeneralizedRCNN(nn.Module):
         if len(image_sizes) != images.shape[0]:
             raise ValueError(f"got {len(image_sizes)} image sizes for a batch of {images.shape[0]} images")
         if proposals is None and self.proposal_generator is None:
-            raise ValueError("this model has no RPN (PROPOSAL_GENERATOR.NAME = PrecomputedProposals); pass proposals=")
+            raise ValueError("this model has no RPN (PROPOSAL_GENERATOR.NAME = PrecomputedProposals); pass "
+                             "proposals=")
         with self._precision():
             res4 = self.features(images)
             if proposals is None:

@@ -44,7 +44,8 @@ class RegionClassifier(nn.Module):
         return "detector"
 
     def enable_gradient_checkpointing(self) -> None:
-        raise ConfigError("'SOLVER.GRADIENT_CHECKPOINTING' is on but the region classifier does not support it")
+        raise ConfigError("'SOLVER.GRADIENT_CHECKPOINTING' is on but the region classifier does not support "
+                          "it")
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         device = next(self.detector.parameters()).device
@@ -54,8 +55,9 @@ class RegionClassifier(nn.Module):
         labels = batch["region_labels"].to(device)
         num_classes = logits.shape[1] - 1
         if bool(((labels < -1) | (labels >= num_classes)).any()):
-            raise ValueError(f"region_labels must lie in [-1, {num_classes - 1}] (MODEL.ROI_HEADS.NUM_CLASSES is "
-                             f"{num_classes}), got values {sorted(set(labels.tolist()))}")
+            raise ValueError(f"region_labels must lie in [-1, {num_classes - 1}] "
+                             f"(MODEL.ROI_HEADS.NUM_CLASSES is {num_classes}), got values "
+                             f"{sorted(set(labels.tolist()))}")
         used = labels >= 0
         loss = F.cross_entropy(logits[used].float(), labels[used]) if bool(used.any()) else logits.sum() * 0.0
         return {"loss": loss, "losses": {"cls": loss}, "class_logits": logits, "region_labels": labels}

@@ -17,7 +17,8 @@ from detector.config import CfgNode
 from detector.layers.batch_norm import FrozenBatchNorm2d, get_norm
 from detector.layers.wrappers import Conv2d, c2_msra_fill
 
-DEPTH_TO_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
+DEPTH_TO_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3],
+                   152: [3, 8, 36, 3]}
 STEM_TYPES = ("basic", "caffe")
 
 
@@ -35,7 +36,8 @@ class BasicStem(nn.Module):
                  stem_type: str = "basic"):
         super().__init__()
         if stem_type not in STEM_TYPES:
-            raise ValueError(f"MODEL.RESNETS.STEM_TYPE: unknown stem {stem_type!r}; expected one of {STEM_TYPES}")
+            raise ValueError(f"MODEL.RESNETS.STEM_TYPE: unknown stem {stem_type!r}; expected one of "
+                             f"{STEM_TYPES}")
         self.stem_type = stem_type
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, 4
         self.conv1 = Conv2d(in_channels, out_channels, kernel_size=7, stride=2, padding=3, bias=False,
@@ -182,18 +184,22 @@ def build_resnet_backbone(cfg: CfgNode) -> ResNet:
     r = cfg.MODEL.RESNETS
     depth = r.DEPTH
     if depth not in DEPTH_TO_BLOCKS:
-        raise ValueError(f"MODEL.RESNETS.DEPTH: unsupported depth {depth}; expected one of {sorted(DEPTH_TO_BLOCKS)}")
+        raise ValueError(f"MODEL.RESNETS.DEPTH: unsupported depth {depth}; expected one of "
+                         f"{sorted(DEPTH_TO_BLOCKS)}")
     stem = BasicStem(len(cfg.MODEL.PIXEL_MEAN), r.STEM_OUT_CHANNELS, r.NORM, r.STEM_TYPE)
     valid = ["stem", "res2", "res3", "res4", "res5"]
     for name in r.OUT_FEATURES:
         if name not in valid:
-            raise ValueError(f"MODEL.RESNETS.OUT_FEATURES: unknown feature {name!r}; expected some of {valid}")
+            raise ValueError(f"MODEL.RESNETS.OUT_FEATURES: unknown feature {name!r}; expected some of "
+                             f"{valid}")
     max_stage = max(valid.index(n) for n in r.OUT_FEATURES) + 1  # res2 -> stage index 2
     if depth in (18, 34):
         if r.RES2_OUT_CHANNELS != 64:
-            raise ValueError(f"MODEL.RESNETS.RES2_OUT_CHANNELS must be 64 for depth {depth}, got {r.RES2_OUT_CHANNELS}")
+            raise ValueError(f"MODEL.RESNETS.RES2_OUT_CHANNELS must be 64 for depth {depth}, got "
+                             f"{r.RES2_OUT_CHANNELS}")
         if max_stage == 5 and r.RES5_DILATION != 1:
-            raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 for depth {depth}, got {r.RES5_DILATION}")
+            raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 for depth {depth}, got "
+                             f"{r.RES5_DILATION}")
     if r.RES5_DILATION not in (1, 2):
         raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 or 2, got {r.RES5_DILATION}")
 
@@ -203,12 +209,15 @@ def build_resnet_backbone(cfg: CfgNode) -> ResNet:
     for idx, stage_idx in enumerate(range(2, max_stage + 1)):
         dilation = r.RES5_DILATION if stage_idx == 5 else 1
         first_stride = 1 if idx == 0 or (stage_idx == 5 and dilation == 2) else 2
-        kwargs = dict(first_stride=first_stride, in_channels=in_channels, out_channels=out_channels, norm=r.NORM)
+        kwargs = dict(first_stride=first_stride, in_channels=in_channels, out_channels=out_channels,
+                      norm=r.NORM)
         if depth in (18, 34):
             blocks = make_stage(BasicBlock, DEPTH_TO_BLOCKS[depth][idx], **kwargs)
         else:
-            blocks = make_stage(BottleneckBlock, DEPTH_TO_BLOCKS[depth][idx], bottleneck_channels=bottleneck_channels,
-                                num_groups=r.NUM_GROUPS, stride_in_1x1=r.STRIDE_IN_1X1, dilation=dilation, **kwargs)
+            blocks = make_stage(BottleneckBlock, DEPTH_TO_BLOCKS[depth][idx],
+                                bottleneck_channels=bottleneck_channels, num_groups=r.NUM_GROUPS,
+                                stride_in_1x1=r.STRIDE_IN_1X1, dilation=dilation,
+                                **kwargs)
             bottleneck_channels *= 2
         stages.append(blocks)
         in_channels = out_channels

@@ -68,21 +68,24 @@ class Res5ROIHeads(nn.Module):
         super().__init__()
         rh, bh, r = cfg.MODEL.ROI_HEADS, cfg.MODEL.ROI_BOX_HEAD, cfg.MODEL.RESNETS
         if len(rh.IN_FEATURES) != 1:
-            raise ValueError(f"MODEL.ROI_HEADS.IN_FEATURES: Res5ROIHeads pools one feature map, got {rh.IN_FEATURES}")
+            raise ValueError("MODEL.ROI_HEADS.IN_FEATURES: Res5ROIHeads pools one feature map, got "
+                             f"{rh.IN_FEATURES}")
         self.in_feature = rh.IN_FEATURES[0]
         self.num_classes = rh.NUM_CLASSES
         self.score_thresh = rh.SCORE_THRESH_TEST
         self.nms_thresh = rh.NMS_THRESH_TEST
         self.detections_per_image = cfg.TEST.DETECTIONS_PER_IMAGE
-        self.pooler = ROIPooler(bh.POOLER_RESOLUTION, 1.0 / feature_stride, bh.POOLER_SAMPLING_RATIO, bh.POOLER_TYPE)
+        self.pooler = ROIPooler(bh.POOLER_RESOLUTION, 1.0 / feature_stride, bh.POOLER_SAMPLING_RATIO,
+                                bh.POOLER_TYPE)
 
         factor = 8  # res5 has 8x the channels of res2
         out_channels = r.RES2_OUT_CHANNELS * factor
         if in_channels != out_channels // 2:
             raise ValueError(f"res5 expects {out_channels // 2} input channels (RES2_OUT_CHANNELS * 4) "
                              f"but {self.in_feature} has {in_channels}")
-        blocks = make_stage(BottleneckBlock, 3, first_stride=2 if bh.RES5HALVE else 1, in_channels=in_channels,
-                            out_channels=out_channels, bottleneck_channels=r.NUM_GROUPS * r.WIDTH_PER_GROUP * factor,
+        blocks = make_stage(BottleneckBlock, 3, first_stride=2 if bh.RES5HALVE else 1,
+                            in_channels=in_channels, out_channels=out_channels,
+                            bottleneck_channels=r.NUM_GROUPS * r.WIDTH_PER_GROUP * factor,
                             num_groups=r.NUM_GROUPS, norm=r.NORM, stride_in_1x1=r.STRIDE_IN_1X1,
                             dilation=r.RES5_DILATION)
         self.res5 = nn.Sequential(*blocks)
@@ -123,7 +126,8 @@ class Res5ROIHeads(nn.Module):
         return results
 
     def _inference_single_image(self, proposals: torch.Tensor, features: torch.Tensor,
-                                preds: dict[str, torch.Tensor], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+                                preds: dict[str, torch.Tensor],
+                                image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
         boxes = self.box2box_transform.apply_deltas(preds["box_deltas"], proposals)
         class_probs = F.softmax(preds["class_logits"].float(), dim=-1)
         valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(class_probs).all(dim=1)

@@ -32,7 +32,8 @@ def generate_cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]
 class DefaultAnchorGenerator(nn.Module):
     """Cell anchors replicated at every position of one feature map (row-major positions, then anchors)."""
 
-    def __init__(self, sizes: Sequence[float], aspect_ratios: Sequence[float], stride: int, offset: float = 0.0):
+    def __init__(self, sizes: Sequence[float], aspect_ratios: Sequence[float], stride: int,
+                 offset: float = 0.0):
         super().__init__()
         if not 0.0 <= offset < 1.0:
             raise ValueError(f"MODEL.ANCHOR_GENERATOR.OFFSET must be in [0, 1), got {offset}")
@@ -87,12 +88,13 @@ class RPN(nn.Module):
         if len(rpn.IN_FEATURES) != 1:
             raise ValueError(f"MODEL.RPN.IN_FEATURES: the C4 RPN uses one feature map, got {rpn.IN_FEATURES}")
         if len(ag.SIZES) != 1 or len(ag.ASPECT_RATIOS) != 1:
-            raise ValueError("MODEL.ANCHOR_GENERATOR.SIZES/ASPECT_RATIOS need exactly one list (one feature map), "
-                             f"got {ag.SIZES} / {ag.ASPECT_RATIOS}")
+            raise ValueError("MODEL.ANCHOR_GENERATOR.SIZES/ASPECT_RATIOS need exactly one list (one feature "
+                             f"map), got {ag.SIZES} / {ag.ASPECT_RATIOS}")
         if len(rpn.CONV_DIMS) != 1:
             raise ValueError(f"MODEL.RPN.CONV_DIMS: one hidden conv is supported, got {rpn.CONV_DIMS}")
         self.in_feature = rpn.IN_FEATURES[0]
-        self.anchor_generator = DefaultAnchorGenerator(ag.SIZES[0], ag.ASPECT_RATIOS[0], feature_stride, ag.OFFSET)
+        self.anchor_generator = DefaultAnchorGenerator(ag.SIZES[0], ag.ASPECT_RATIOS[0], feature_stride,
+                                                       ag.OFFSET)
         conv_dim = in_channels if rpn.CONV_DIMS[0] == -1 else rpn.CONV_DIMS[0]
         self.rpn_head = StandardRPNHead(in_channels, self.anchor_generator.num_anchors, conv_dim)
         self.box2box_transform = Box2BoxTransform(rpn.BBOX_REG_WEIGHTS)
@@ -101,13 +103,15 @@ class RPN(nn.Module):
         self.nms_thresh = rpn.NMS_THRESH
         self.min_box_size = float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE)
 
-    def forward(self, feature: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+    def forward(self, feature: torch.Tensor,
+                image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
         """feature (N, C, H, W) -> per image dict(proposal_boxes (P, 4), objectness_logits (P,))."""
         anchors = self.anchor_generator(feature)
         logits, deltas = self.rpn_head(feature)
         n = feature.shape[0]
         logits = logits.permute(0, 2, 3, 1).reshape(n, -1)  # (N, H*W*A), positions then anchors
-        deltas = deltas.view(n, -1, 4, deltas.shape[-2], deltas.shape[-1]).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
+        deltas = (deltas.view(n, -1, 4, deltas.shape[-2], deltas.shape[-1])
+                  .permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
         with torch.no_grad():
             proposals = self.box2box_transform.apply_deltas(
                 deltas.reshape(-1, 4), anchors.unsqueeze(0).expand(n, -1, -1).reshape(-1, 4)).view(n, -1, 4)

@@ -33,7 +33,8 @@ class DatasetCatalog:
 
     def check(self, key: str, name: str) -> None:
         if name not in self._builders:
-            raise ConfigError(f"'{key}' {name!r} is not a {self.kind} data set; expected one of {self.names()}")
+            raise ConfigError(f"'{key}' {name!r} is not a {self.kind} data set; expected one of "
+                              f"{self.names()}")
 
     def build(self, key: str, name: str, *args: Any) -> Any:
         """The data set `name` (the value of config key `key`, named in the error if unknown)."""

@@ -20,7 +20,8 @@ A *sample* is one text (caption, question, expression) with its image. Keys (ten
     vqa_targets      Float [A]       optional: soft answer scores
     answer_pos       int             optional: index of the answer [MASK] token in input_ids
     ref_labels       Float [K]       optional: per-region targets (RefCOCO+), -1 = ignore
-    object_labels    Long [K]        optional: per-region class (VCR's COCO classes, 0 = background), -1 = ignore
+    object_labels    Long [K]        optional: per-region class (VCR's COCO classes, 0 = background),
+                                     -1 = ignore
     choice_label     int             optional: on the first sample of each group of choices (VCR);
                                      -1 = unknown (a split without labels)
     itm_labels       int             optional: caption pre-training, 1 = the caption's own image, 0 = another
@@ -90,7 +91,8 @@ def collate_samples(
         sample_image_index.append(slot)
     batch["sample_image_index"] = torch.tensor(sample_image_index, dtype=torch.long)
     if image_slots:
-        batch["images"], batch["image_sizes"] = _pad_images([s["image"] for s in image_slots], size_divisibility)
+        batch["images"], batch["image_sizes"] = _pad_images([s["image"] for s in image_slots],
+                                                            size_divisibility)
         batch["boxes"] = [s["boxes"].float() for s in image_slots]
         if any("region_masked" in s for s in image_slots):
             batch["region_masked"] = [
@@ -130,7 +132,8 @@ def collate_samples(
     if any("object_labels" in s for s in samples):
         for i, s in enumerate(samples):
             if "object_labels" in s and len(s["object_labels"]) != len(s["boxes"]):
-                raise ValueError(f"sample {i}: {len(s['object_labels'])} object_labels for {len(s['boxes'])} boxes")
+                raise ValueError(f"sample {i}: {len(s['object_labels'])} object_labels for {len(s['boxes'])} "
+                                 "boxes")
         batch["object_labels"] = _pad_1d([s.get("object_labels", torch.zeros(0, dtype=torch.long)).long()
                                           for s in samples], -1)
     if any("ref_labels" in s for s in samples):
@@ -144,7 +147,8 @@ def collate_samples(
         is_question = ["vqa_targets" in s or "answer_pos" in s for s in samples]
         for i, sample in enumerate(samples):
             if is_question[i] and not {"vqa_targets", "answer_pos"} <= set(sample):
-                raise KeyError(f"sample {i} lacks {'answer_pos' if 'vqa_targets' in sample else 'vqa_targets'}; "
+                raise KeyError(f"sample {i} lacks "
+                               f"{'answer_pos' if 'vqa_targets' in sample else 'vqa_targets'}; "
                                "a question carries both")
         if not all(is_question):  # questions mixed into pre-training: only they get the vqa loss
             batch["vqa_labelled"] = torch.tensor(is_question)
@@ -187,13 +191,15 @@ def collate_region_samples(samples: Sequence[Sample]) -> dict[str, Any]:
     _require_all(samples, ("image", "boxes", "region_labels"))
     for i, s in enumerate(samples):
         if len(s["region_labels"]) != len(s["boxes"]):
-            raise ValueError(f"sample {i}: {len(s['region_labels'])} region_labels for {len(s['boxes'])} boxes")
+            raise ValueError(f"sample {i}: {len(s['region_labels'])} region_labels for {len(s['boxes'])} "
+                             "boxes")
     images, sizes = _pad_images([s["image"] for s in samples])
     return {"images": images, "image_sizes": sizes, "boxes": [s["boxes"].float() for s in samples],
             "region_labels": torch.cat([torch.as_tensor(s["region_labels"]).long() for s in samples])}
 
 
-def _pad_images(images: Sequence[torch.Tensor], size_divisibility: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_images(images: Sequence[torch.Tensor],
+                size_divisibility: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The detector's padding, with the sizes as the Long [N, 2] (h, w) tensor the batch carries."""
     padded, sizes = pad_images(images, size_divisibility)
     return padded, torch.tensor(sizes, dtype=torch.long)
@@ -209,9 +215,11 @@ def _pad_1d(rows: Sequence[Any], value: Any, min_len: int = 0) -> torch.Tensor:
 
 def _text_regions(i: int, sample: Sample) -> torch.Tensor:
     """The sample's token -> region index, checked against its tokens and boxes (all 0 when absent)."""
-    index = torch.as_tensor(sample.get("text_region_index", torch.zeros(len(sample["input_ids"]))), dtype=torch.long)
+    index = torch.as_tensor(sample.get("text_region_index", torch.zeros(len(sample["input_ids"]))),
+                            dtype=torch.long)
     if len(index) != len(sample["input_ids"]):
-        raise ValueError(f"sample {i}: {len(index)} text_region_index entries for {len(sample['input_ids'])} tokens")
+        raise ValueError(f"sample {i}: {len(index)} text_region_index entries for {len(sample['input_ids'])} "
+                         "tokens")
     num_boxes = len(sample["boxes"]) if sample.get("image") is not None else 1
     bad = index[(index < 0) | (index >= num_boxes)]
     if len(bad):

@@ -91,7 +91,8 @@ def load_questions(split: str, limit: int = 0) -> list[Question]:
 
     if split not in SPLITS:
         raise ValueError(f"easy-VQA split must be one of {SPLITS}, got {split!r}")
-    texts, answers, image_ids = easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
+    texts, answers, image_ids = (easy_vqa.get_train_questions() if split == "train"
+                                 else easy_vqa.get_test_questions())
     index = {a: i for i, a in enumerate(answer_vocab())}
     questions = [Question(i, image_id, text, {index[a]: 1.0}, answer_type(a))
                  for i, (text, a, image_id) in enumerate(zip(texts, answers, image_ids))]
@@ -138,7 +139,8 @@ def balance_colour_existence(questions: list[Question]) -> list[Question]:
     drop: set[int] = set()
     for form in ("asks", "asks not"):
         answered_yes, answered_no = groups.get((form, True), []), groups.get((form, False), [])
-        major, minor = (answered_yes, answered_no) if len(answered_yes) > len(answered_no) else (answered_no, answered_yes)
+        major, minor = ((answered_yes, answered_no) if len(answered_yes) > len(answered_no)
+                        else (answered_no, answered_yes))
         major = sorted(major, key=lambda q: q.question_id)  # the shuffle's input order is fixed too
         random.Random(0).shuffle(major)
         drop.update(q.question_id for q in major[len(minor):])
@@ -146,7 +148,8 @@ def balance_colour_existence(questions: list[Question]) -> list[Question]:
 
 
 def build_easy_vqa(split: str, tokenizer, min_size: int, max_size: int, max_question_tokens: int = 16,
-                   questions_per_item: int = 0, limit: int = 0, balanced: bool = False) -> ImageQuestionsDataset:
+                   questions_per_item: int = 0, limit: int = 0,
+                   balanced: bool = False) -> ImageQuestionsDataset:
     """`balanced`: see `balance_colour_existence` (for training; the test split is always evaluated whole)."""
     questions = load_questions(split, limit)
     if balanced:
@@ -164,7 +167,8 @@ def region_class_labels(split: str) -> dict[int, int]:
 
     if split not in SPLITS:
         raise ValueError(f"easy-VQA split must be one of {SPLITS}, got {split!r}")
-    _, answers, image_ids = easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
+    _, answers, image_ids = (easy_vqa.get_train_questions() if split == "train"
+                             else easy_vqa.get_test_questions())
     colour: dict[int, str] = {}
     shape: dict[int, str] = {}
     for answer, image_id in zip(answers, image_ids):
@@ -215,5 +219,6 @@ def easy_vqa_captions(split: str, limit: int = 0) -> tuple[list[Caption], dict[s
         image, boxes = images(image_id)
         records[key] = RoIRecord(key, paths[image_id], image.shape[0], image.shape[1], boxes=boxes[1:],
                                  object_conf=np.ones(len(boxes) - 1, np.float32))
-        captions.append(Caption(key, f"a {REGION_CLASSES[labels[image_id]]}", paths[image_id], f"easy-vqa {split}"))
+        captions.append(Caption(key, f"a {REGION_CLASSES[labels[image_id]]}", paths[image_id],
+                                f"easy-vqa {split}"))
     return captions, records

@@ -98,7 +98,8 @@ def _read_json(path: Path) -> Any:
         raise RefCOCODataError(f"{path}: not readable JSON ({exc})") from None
 
 
-def _missing_message(what: str, where: str | os.PathLike, missing: Sequence[Any], total: int, fix: str) -> str:
+def _missing_message(what: str, where: str | os.PathLike, missing: Sequence[Any], total: int,
+                     fix: str) -> str:
     examples = ", ".join(str(m) for m in sorted(missing, key=str)[:_EXAMPLES])
     return f"{len(missing)} of {total} images have no {what} in {where} (e.g. image_id {examples}); {fix}"
 
@@ -158,7 +159,8 @@ def read_refs(path: str | os.PathLike) -> list[dict]:
         where = f"{path}: ref #{i} (ref_id {ref.get('ref_id', '?') if isinstance(ref, dict) else '?'})"
         _require(ref, REF_KEYS, where)
         if not isinstance(ref["sentences"], list):
-            raise RefCOCODataError(f"{where}: 'sentences' must be a list, got {type(ref['sentences']).__name__}")
+            raise RefCOCODataError(f"{where}: 'sentences' must be a list, got "
+                                   f"{type(ref['sentences']).__name__}")
         for j, sent in enumerate(ref["sentences"]):
             _require(sent, SENTENCE_KEYS, f"{where}: sentences[{j}]")
     return refs
@@ -179,18 +181,19 @@ def refer_sentences(refs: Iterable[dict], refs_path: str | os.PathLike, instance
         if ann_id not in instances.ann_boxes:
             raise RefCOCODataError(f"{where}: ann_id {ann_id} is not an annotation of {instances.path}")
         if instances.ann_image[ann_id] != image_id:
-            raise RefCOCODataError(f"{where}: image_id {image_id}, but its ann_id {ann_id} belongs to image_id "
-                            f"{instances.ann_image[ann_id]} in {instances.path}")
+            raise RefCOCODataError(f"{where}: image_id {image_id}, but its ann_id {ann_id} belongs to "
+                                   f"image_id {instances.ann_image[ann_id]} in {instances.path}")
         for sent in ref["sentences"]:
             tokens = sent["tokens"]
             if not isinstance(tokens, (list, tuple)):
-                raise RefCOCODataError(f"{where}: sent_id {sent['sent_id']}: 'tokens' must be a list of words, "
-                                       f"got {tokens!r}")
+                raise RefCOCODataError(f"{where}: sent_id {sent['sent_id']}: 'tokens' must be a list of "
+                                       f"words, got {tokens!r}")
             out.append(RefSentence(int(sent["sent_id"]), ref_id, ann_id, image_id, split,
                                    " ".join(str(t) for t in tokens), instances.ann_boxes[ann_id]))
     empty = [s for s in splits if not any(x.split == s for x in out)]
     if empty:
-        raise RefCOCODataError(f"{refs_path}: no sentences in split(s) {empty}; the file has splits {sorted(seen)}")
+        raise RefCOCODataError(f"{refs_path}: no sentences in split(s) {empty}; the file has splits "
+                               f"{sorted(seen)}")
     return out
 
 
@@ -211,7 +214,8 @@ REGION_SOURCES: dict[str, Callable[[RegionInputs, Collection[int]], BoxSource]] 
 
 
 def register_region_source(name: str) -> Callable[[type], type]:
-    """Register a source class built as `cls.build(inputs, image_ids)`, which checks every image is covered."""
+    """Register a source class built as `cls.build(inputs, image_ids)`, which checks every image is
+    covered."""
     def add(cls: type) -> type:
         if name in REGION_SOURCES:
             raise ValueError(f"region source {name!r} is registered twice")
@@ -247,7 +251,8 @@ class DetectionBoxes:
     @classmethod
     def build(cls, inputs: RegionInputs, image_ids: Collection[int]) -> "DetectionBoxes":
         if not inputs.detections:
-            raise RefCOCODataError("region source 'detections' needs DATASETS.REFCOCO.DETECTIONS (a detections json)")
+            raise RefCOCODataError("region source 'detections' needs DATASETS.REFCOCO.DETECTIONS (a "
+                                   "detections json)")
         path = Path(inputs.detections)
         if not path.is_file():
             raise RefCOCODataError(f"detections file not found: {path} "
@@ -257,7 +262,8 @@ class DetectionBoxes:
             raise RefCOCODataError(f"{path}: expected a list of detections, got {type(dets).__name__}")
         grouped: dict[int, list] = {}
         for i, det in enumerate(dets):
-            where = f"{path}: detection #{i} (det_id {det.get('det_id', '?') if isinstance(det, dict) else '?'})"
+            where = (f"{path}: detection #{i} "
+                     f"(det_id {det.get('det_id', '?') if isinstance(det, dict) else '?'})")
             _require(det, DETECTION_KEYS, where)
             grouped.setdefault(int(det["image_id"]), []).append(_box4(det["box"], f"{where}: 'box'"))
         missing = [i for i in image_ids if i not in grouped]
@@ -283,15 +289,18 @@ class StoreBoxes:
         from e2e_vl.data.roi_records import open_roi_store, require_roi_records
 
         if not inputs.roi_store:
-            raise RefCOCODataError("region source 'roi_store' needs DATASETS.ROI_STORE (tools/extract_rois.py output)")
+            raise RefCOCODataError("region source 'roi_store' needs DATASETS.ROI_STORE "
+                                   "(tools/extract_rois.py output)")
         store = open_roi_store(inputs.roi_store)
-        return cls(store, require_roi_records(store, image_ids, f"{inputs.instances.path.parent} (refer images)"))
+        return cls(store, require_roi_records(store, image_ids,
+                                              f"{inputs.instances.path.parent} (refer images)"))
 
     def __call__(self, image_id: int) -> np.ndarray:
         return np.asarray(self.store[self.keys[str(image_id)]].boxes, np.float32).reshape(-1, 4)
 
 
-def build_region_sources(names: Sequence[str], inputs: RegionInputs, image_ids: Collection[int]) -> list[BoxSource]:
+def build_region_sources(names: Sequence[str], inputs: RegionInputs,
+                         image_ids: Collection[int]) -> list[BoxSource]:
     unknown = [n for n in names if n not in REGION_SOURCES]
     if unknown or not names:
         raise RefCOCODataError(f"region sources must be some of {sorted(REGION_SOURCES)}, got {list(names)}")
@@ -327,7 +336,8 @@ class RefCOCODataset(Dataset):
 
     def __init__(self, sentences: Sequence[RefSentence], instances: Instances, image_dir: str | os.PathLike,
                  sources: Sequence[BoxSource], tokenizer, transform: ResizeFlip, max_text_tokens: int = 40,
-                 sentences_per_item: int = 1, seed: int = 0, image_loader: Callable[[str], np.ndarray] | None = None):
+                 sentences_per_item: int = 1, seed: int = 0,
+                 image_loader: Callable[[str], np.ndarray] | None = None):
         if not sentences:
             raise RefCOCODataError("no referring sentences to build a data set from")
         self.sentences = list(sentences)
@@ -365,7 +375,8 @@ class RefCOCODataset(Dataset):
     def candidates(self, image_id: int) -> np.ndarray:
         """Float32 [K, 4] XYXY in original pixels: the whole image, then every source's boxes, clipped."""
         h, w = self.instances.image_size(image_id)
-        boxes = np.concatenate([np.array([[0, 0, w, h]], np.float32), *(src(image_id) for src in self.sources)])
+        boxes = np.concatenate([np.array([[0, 0, w, h]], np.float32),
+                                *(src(image_id) for src in self.sources)])
         return np.clip(boxes, 0, np.array([w, h, w, h], np.float32))
 
     def __getitem__(self, index: int) -> list[dict[str, Any]]:
@@ -374,11 +385,12 @@ class RefCOCODataset(Dataset):
         image = self.image_loader(str(path))
         if tuple(image.shape[:2]) != self.instances.image_size(image_id):
             h, w = self.instances.image_size(image_id)
-            raise RefCOCODataError(f"{path} is {image.shape[1]}x{image.shape[0]} but {self.instances.path} says "
-                                   f"{w}x{h} for image_id {image_id}")
+            raise RefCOCODataError(f"{path} is {image.shape[1]}x{image.shape[0]} but {self.instances.path} "
+                                   f"says {w}x{h} for image_id {image_id}")
         original = torch.from_numpy(self.candidates(image_id))
         out = self.transform(image, original, None, random.Random(f"{self.seed}/{self.epoch}/{index}"))
-        key = (image_id, out.flipped, *out.image.shape[1:])  # items of an image flipped and resized alike share a slot
+        # items of an image flipped and resized alike share a slot
+        key = (image_id, out.flipped, *out.image.shape[1:])
         sentences = [self.sentences[i] for i in sentence_ids]
         encoded = (encode_expressions(self.tokenizer, [swap_left_right(s.text) for s in sentences],
                                       self.max_text_tokens)
@@ -389,8 +401,8 @@ class RefCOCODataset(Dataset):
 
 
 def build_refer_dataset(root: str | os.PathLike, dataset: str, split_by: str, splits: Sequence[str],
-                        image_dir: str | os.PathLike, boxes: Sequence[str], tokenizer, transform: ResizeFlip, *,
-                        detections: str = "", roi_store: str = "", max_text_tokens: int = 40,
+                        image_dir: str | os.PathLike, boxes: Sequence[str], tokenizer, transform: ResizeFlip,
+                        *, detections: str = "", roi_store: str = "", max_text_tokens: int = 40,
                         sentences_per_item: int = 1, seed: int = 0, limit: int = 0) -> RefCOCODataset:
     """The sentences of `splits` of `<root>/<dataset>/refs(<split_by>).p` (the first `limit`, if > 0) with
     the candidate regions of the sources `boxes`, every record checked against every file before anything

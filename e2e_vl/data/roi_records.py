@@ -79,7 +79,7 @@ def require_roi_records(store: Any, image_ids: Iterable[Any], dataset: str) -> d
             f"{sample}). Extract their regions first: {EXTRACT_COMMAND}")
     aliased = sum(found[i] != i for i in found)
     if aliased:
-        logger.info("%s: %d images found under file-stem keys of a store written before COCO images were keyed "
-                    "by numeric id", dataset, aliased)
+        logger.info("%s: %d images found under file-stem keys of a store written before COCO images were "
+                    "keyed by numeric id", dataset, aliased)
     return found
 

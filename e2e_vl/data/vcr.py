@@ -47,14 +47,14 @@ PERSON_NAMES = ("Casey", "Riley", "Jordan", "Avery", "Quinn", "Morgan", "Taylor"
 # the target of the region-classification regulariser (head "vcr_objects").
 COCO_CLASSES = (
     "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "trafficlight", "firehydrant", "stopsign", "parkingmeter", "bench", "bird", "cat", "dog", "horse", "sheep",
-    "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase",
-    "frisbee", "skis", "snowboard", "sportsball", "kite", "baseballbat", "baseballglove", "skateboard",
-    "surfboard", "tennisracket", "bottle", "wineglass", "cup", "fork", "knife", "spoon", "bowl", "banana",
-    "apple", "sandwich", "orange", "broccoli", "carrot", "hotdog", "pizza", "donut", "cake", "chair", "couch",
-    "pottedplant", "bed", "diningtable", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cellphone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddybear",
-    "hairdrier", "toothbrush")
+    "trafficlight", "firehydrant", "stopsign", "parkingmeter", "bench", "bird", "cat", "dog", "horse",
+    "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie",
+    "suitcase", "frisbee", "skis", "snowboard", "sportsball", "kite", "baseballbat", "baseballglove",
+    "skateboard", "surfboard", "tennisracket", "bottle", "wineglass", "cup", "fork", "knife", "spoon", "bowl",
+    "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hotdog", "pizza", "donut", "cake",
+    "chair", "couch", "pottedplant", "bed", "diningtable", "toilet", "tv", "laptop", "mouse", "remote",
+    "keyboard", "cellphone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase",
+    "scissors", "teddybear", "hairdrier", "toothbrush")
 CLASS_INDEX = {name: i for i, name in enumerate(COCO_CLASSES)}
 SUBTASKS = ("q2a", "qa2r")
 REQUIRED_KEYS = ("annot_id", "objects", "img_fn", "metadata_fn", "question", "answer_choices",
@@ -138,7 +138,8 @@ def _parse_record(raw: dict, where: str, labelled: bool) -> VCRRecord:
         if labelled:
             value = raw[key]
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < len(raw[choices]):
-                raise VCRDataError(f"{name}: '{key}' {value!r} is not a choice index 0..{len(raw[choices]) - 1}")
+                raise VCRDataError(f"{name}: '{key}' {value!r} is not a choice index "
+                                   f"0..{len(raw[choices]) - 1}")
             labels[key] = value
     return VCRRecord(str(raw["annot_id"]), tuple(objects), str(raw["img_fn"]), str(raw["metadata_fn"]),
                      raw["question"], raw["answer_choices"], raw["rationale_choices"], **labels)
@@ -146,7 +147,8 @@ def _parse_record(raw: dict, where: str, labelled: bool) -> VCRRecord:
 
 def _check_tokens(tokens: Any, num_objects: int, name: str) -> None:
     if not isinstance(tokens, list) or not tokens:
-        raise VCRDataError(f"{name}: expected a non-empty list of words and object references, got {tokens!r}")
+        raise VCRDataError(f"{name}: expected a non-empty list of words and object references, got "
+                           f"{tokens!r}")
     for token in tokens:
         if isinstance(token, str):
             continue
@@ -175,7 +177,8 @@ def object_names(objects: Sequence[str]) -> list[str]:
     return names
 
 
-def render_tokens(tokens: MixedTokens, names: Sequence[str], flipped: bool = False) -> tuple[list[str], list[int]]:
+def render_tokens(tokens: MixedTokens, names: Sequence[str],
+                  flipped: bool = False) -> tuple[list[str], list[int]]:
     """Words of a mixed token list with the region each word is grounded in: a reference `[i, j]` becomes
     `names[i] and names[j]` with regions `i + 1, 0, j + 1`; plain words get the whole image (0). With
     `flipped` (a mirrored image), "left" and "right" swap in the words."""
@@ -212,8 +215,8 @@ def truncate_parts(parts: list[list[Any]], budget: int) -> None:
         regions.pop()
 
 
-def choice_sequence(tokenizer, context: list[tuple[list[int], list[int]]], response: tuple[list[int], list[int]],
-                    max_text_len: int) -> dict[str, torch.Tensor]:
+def choice_sequence(tokenizer, context: list[tuple[list[int], list[int]]],
+                    response: tuple[list[int], list[int]], max_text_len: int) -> dict[str, torch.Tensor]:
     """`[CLS] context... [SEP] response [SEP]` with segments (0 through the first [SEP], then 1) and the
     region of each token (`text_region_index`; special tokens: the whole image). At most `max_text_len`
     word pieces of context and response together (the special tokens not counted, as in VL-BERT)."""
@@ -314,7 +317,8 @@ class VCRDataset(Dataset):
             with open(meta_path, encoding="utf-8") as f:
                 meta = json.load(f)
         except (OSError, json.JSONDecodeError) as exc:
-            raise VCRDataError(f"{meta_path} (annot_id {record.annot_id!r}): unreadable metadata: {exc}") from None
+            raise VCRDataError(f"{meta_path} (annot_id {record.annot_id!r}): unreadable metadata: "
+                               f"{exc}") from None
         boxes = meta.get("boxes") if isinstance(meta, dict) else None
         if not isinstance(boxes, list):
             raise VCRDataError(f"{meta_path} (annot_id {record.annot_id!r}): missing key 'boxes'")

@@ -53,7 +53,8 @@ def encode_vqa_text(tokenizer, text: str, max_question_tokens: int) -> dict:
     All of it is segment 0, as in VL-BERT's VQA: the answer slot is not a second text, and this is the
     one layout both training and the model tests use."""
     pieces = tokenizer(text, add_special_tokens=False)["input_ids"][:max_question_tokens]
-    ids = [tokenizer.cls_token_id, *pieces, tokenizer.sep_token_id, tokenizer.mask_token_id, tokenizer.sep_token_id]
+    ids = [tokenizer.cls_token_id, *pieces, tokenizer.sep_token_id, tokenizer.mask_token_id,
+           tokenizer.sep_token_id]
     return {"input_ids": torch.tensor(ids, dtype=torch.long),
             "token_type_ids": torch.zeros(len(ids), dtype=torch.long), "answer_pos": len(ids) - 2}
 
@@ -214,7 +215,8 @@ class CocoImageLoader:
         missing = [i for i in wanted if i not in self._names]
         if missing:
             raise DatasetError(f"{dataset}: {len(missing)} of {len(wanted)} images have no file in "
-                               f"{self.image_dir} (e.g. image ids {', '.join(repr(m) for m in missing[:5])}); "
+                               f"{self.image_dir} (e.g. image ids "
+                               f"{', '.join(repr(m) for m in missing[:5])}); "
                                "COCO images are named COCO_<split>_<12-digit id>.jpg or <12-digit id>.jpg")
         self._keys = require_roi_records(roi_store, wanted, dataset)
 

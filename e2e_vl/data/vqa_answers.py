@@ -26,7 +26,8 @@ _DIGIT_COMMA = re.compile(r"\d,\d")
 # the count argument, so at most the first 32 periods go.
 _PERIOD = re.compile(r"\.(?!\d)")
 _MAX_PERIODS = 32
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBER_WORDS = {w: str(i)
+                 for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _NUMBER_WORDS["none"] = "0"
 _ARTICLES = frozenset({"a", "an", "the"})
 # Contractions the evaluation restores when written without (one of) their apostrophes: "dont" ->

@@ -115,7 +115,8 @@ class ProgressMeter:
     def add_images(self, n: float) -> None:
         self._images += n
 
-    def report(self, step: int, losses: dict[str, float], lr: float, device: torch.device) -> dict[str, float]:
+    def report(self, step: int, losses: dict[str, float], lr: float,
+               device: torch.device) -> dict[str, float]:
         now = time.perf_counter()
         dt = max(1e-9, now - self._t)
         ips = self._images / dt

@@ -75,7 +75,8 @@ OPTIMIZERS: dict[str, Callable[[list[dict], CfgNode, bool], torch.optim.Optimize
 def build_optimizer(model: VLModel, cfg: CfgNode) -> torch.optim.Optimizer:
     """SOLVER.OPTIMIZER over `param_groups`; the fused kernel (one pass over all tensors) on CPU and CUDA."""
     groups = param_groups(model, cfg)
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for g in groups for p in g["params"])
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for g in groups
+                for p in g["params"])
     return OPTIMIZERS[cfg.SOLVER.OPTIMIZER](groups, cfg.SOLVER, fused)
 
 

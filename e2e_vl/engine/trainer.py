@@ -74,8 +74,8 @@ class _StopRequest:
     def _note(self, signum: int, _frame: Any) -> None:
         if self.signum is None:
             self.signum = signum
-            os.write(2, f"\n{signal.Signals(signum).name}: finishing the current step and saving a checkpoint "
-                        f"(send it again to stop at once, without saving)\n".encode())
+            os.write(2, f"\n{signal.Signals(signum).name}: finishing the current step and saving a "
+                        "checkpoint (send it again to stop at once, without saving)\n".encode())
         for sig, previous in self._previous.items():  # the next one acts as if we were not here
             signal.signal(sig, previous)
 
@@ -150,7 +150,8 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
     # --- resume: every rank restores everything (optimizer included) from the same file --------------
     if resume:
         found = checkpointer.load_latest(map_location=device) if rank == 0 else None
-        unreadable = [str(p) for _, p in checkpointer.step_checkpoints()] if rank == 0 and found is None else []
+        unreadable = ([str(p) for _, p in checkpointer.step_checkpoints()] if rank == 0 and found is None
+                      else [])
         path, unreadable = du.broadcast_object((str(found[1]) if found else None, unreadable))
         if unreadable:
             raise ResumeError(
@@ -169,7 +170,8 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
             skipped = int(state.get("skipped_steps", 0))
             rng = state["rng"]
             if len(rng) != world:
-                logger.warning("checkpoint was written by %d processes, now %d: RNG streams differ", len(rng), world)
+                logger.warning("checkpoint was written by %d processes, now %d: RNG streams differ", len(rng),
+                               world)
             restore_rng_state(rng[min(rank, len(rng) - 1)])
             logger.info("resumed from %s at step %d", path, step)
 
@@ -217,8 +219,8 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
     metrics: dict[str, float] = {}
     train_model.train()
     logger.info("training %d steps: %d images/step (%d per micro-batch x %d accumulation x %d processes), "
-                "%d micro-batches per epoch", max_iter, s.IMS_PER_BATCH, micro_batch, s.GRAD_ACCUM_STEPS, world,
-                len(data))
+                "%d micro-batches per epoch", max_iter, s.IMS_PER_BATCH, micro_batch, s.GRAD_ACCUM_STEPS,
+                world, len(data))
 
     # --- the loop --------------------------------------------------------------------------------------
     stop = _StopRequest()  # SIGINT/SIGTERM: finish the step, save, stop
@@ -237,7 +239,8 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
                         out = train_model(batch)
                     loss = out["loss"].float()
                     scaler.scale(loss / s.GRAD_ACCUM_STEPS).backward()
-                parts = {"loss": loss.detach(), **{k: v.detach().float() for k, v in sorted(out["losses"].items())}}
+                parts = {"loss": loss.detach(),
+                         **{k: v.detach().float() for k, v in sorted(out["losses"].items())}}
                 if bad is None and not all(torch.isfinite(v) for v in parts.values()):
                     bad = {k: v.item() for k, v in parts.items()}
                 for k, v in parts.items():
@@ -246,7 +249,8 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
             # One collective per step: loss sums, image count, the "something went non-finite" flag and the
             # "a stop signal arrived" flag (so that every process stops after the same step).
             names = list(loss_sums)
-            stats = torch.stack([*(torch.nan_to_num(loss_sums[k], nan=0.0, posinf=0.0, neginf=0.0) for k in names),
+            stats = torch.stack([*(torch.nan_to_num(loss_sums[k], nan=0.0, posinf=0.0, neginf=0.0)
+                                   for k in names),
                                  torch.tensor(float(n_images), device=device),
                                  torch.tensor(float(bad is not None), device=device),
                                  torch.tensor(float(stop.signum is not None), device=device)])
@@ -258,7 +262,8 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
             if stats[-2].item() > 0:
                 where = ", ".join(f"{k}={v}" for k, v in bad.items()) if bad else "on another process"
                 problem = f"non-finite loss at step {step + 1}: {where}"
-            elif not scaler.is_enabled() and not torch.isfinite(grad_norm):  # fp16: the scaler skips by itself
+            elif not scaler.is_enabled() and not torch.isfinite(grad_norm):
+                # fp16: the scaler skips by itself
                 problem = (f"non-finite gradient at step {step + 1} (the losses are finite: "
                            f"{', '.join(f'{k}={loss_sums[k].item():.6g}' for k in names)}): grad norm "
                            f"{grad_norm.item()}, first in '{_first_nonfinite_grad(model)}'")

@@ -26,8 +26,8 @@ class PretrainEvaluator:
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         sums = dict.fromkeys(_SUMS, 0.0)
-        for _, batch, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn, self.device,
-                                                self.amp_dtype, self.num_workers):
+        for _, batch, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn,
+                                                self.device, self.amp_dtype, self.num_workers):
             sums["num_captions"] += len(batch["input_ids"])
             if "mlm_logits" in out and len(out["mlm_labels"]):
                 logits, labels = out["mlm_logits"].float(), out["mlm_labels"]

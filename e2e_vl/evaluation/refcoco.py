@@ -20,9 +20,11 @@ CORRECT_IOU = 0.5
 
 def grounding_accuracy(pred_boxes: torch.Tensor, target_boxes: torch.Tensor, splits: Sequence[str]
                        ) -> tuple[dict[str, float], torch.Tensor]:
-    """Metrics and per-sentence IoU for predicted and referred XYXY boxes `[N, 4]` of sentences in `splits`."""
+    """Metrics and per-sentence IoU for predicted and referred XYXY boxes `[N, 4]` of sentences in
+    `splits`."""
     if len(pred_boxes) != len(target_boxes) or len(pred_boxes) != len(splits):
-        raise ValueError(f"{len(pred_boxes)} predictions, {len(target_boxes)} targets and {len(splits)} splits")
+        raise ValueError(f"{len(pred_boxes)} predictions, {len(target_boxes)} targets and {len(splits)} "
+                         "splits")
     iou = paired_box_iou(pred_boxes.double(), target_boxes.double())
     correct = (iou >= CORRECT_IOU).tolist()
     out = {"num_sentences": float(len(correct))}
@@ -49,8 +51,8 @@ class RefCOCOEvaluator:
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         picks: dict[int, int] = {}  # sentence index -> chosen region
-        for indices, _, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn, self.device,
-                                                  self.amp_dtype, self.num_workers):
+        for indices, _, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn,
+                                                  self.device, self.amp_dtype, self.num_workers):
             sentence_ids = [s for i in indices for s in self.dataset.item_sentences(i)]
             logits = out["ref_logits"].float().masked_fill(~out["region_valid"], float("-inf"))
             picks.update(zip(sentence_ids, logits.argmax(dim=1).tolist()))
@@ -59,7 +61,8 @@ class RefCOCOEvaluator:
             merged.update(part)
         order = sorted(merged)
         sentences = [self.dataset.sentences[i] for i in order]
-        pred = torch.tensor([self.dataset.candidates(s.image_id)[merged[i]].tolist() for i, s in zip(order, sentences)],
+        pred = torch.tensor([self.dataset.candidates(s.image_id)[merged[i]].tolist()
+                             for i, s in zip(order, sentences)],
                             dtype=torch.float64).reshape(-1, 4)
         target = torch.tensor([s.box for s in sentences], dtype=torch.float64).reshape(-1, 4)
         metrics, iou = grounding_accuracy(pred, target, [s.split for s in sentences])
@@ -70,7 +73,8 @@ class RefCOCOEvaluator:
     def _write(self, sentences, pred: torch.Tensor, iou: torch.Tensor, metrics: dict[str, float]) -> None:
         if self.predictions_path is not None:
             rows = [{"sent_id": s.sent_id, "ref_id": s.ref_id, "split": s.split,
-                     "box": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "iou": float(v), "correct": bool(v >= CORRECT_IOU)}
+                     "box": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "iou": float(v),
+                     "correct": bool(v >= CORRECT_IOU)}
                     for s, b, v in zip(sentences, pred.tolist(), iou.tolist())]
             _dump(self.predictions_path, rows)
         if self.metrics_path is not None:

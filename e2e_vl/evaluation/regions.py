@@ -21,8 +21,8 @@ class RegionEvaluator:
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         correct = count = 0.0
-        for _, _, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn, self.device,
-                                            num_workers=self.num_workers):
+        for _, _, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn,
+                                            self.device, num_workers=self.num_workers):
             used = out["region_labels"] >= 0
             correct += float((out["class_logits"][used].argmax(1) == out["region_labels"][used]).sum())
             count += float(used.sum())

@@ -54,12 +54,13 @@ class VCREvaluator:
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         results: GroupResults = {}
-        for indices, _, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn, self.device,
-                                                  self.amp_dtype, self.num_workers):
+        for indices, _, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn,
+                                                  self.device, self.amp_dtype, self.num_workers):
             groups = [g for i in indices for g in self.dataset.item_groups(i)]
             logits = out["vcr_logits"].float()
             if logits.shape[0] != len(groups):
-                raise ValueError(f"the model scored {logits.shape[0]} questions, the batch holds {len(groups)}")
+                raise ValueError(f"the model scored {logits.shape[0]} questions, the batch holds "
+                                 f"{len(groups)}")
             for group, probs in zip(groups, logits.softmax(dim=1).tolist()):
                 results.setdefault(group.annot_id, {})[group.name] = (probs, group.label)
         merged: GroupResults = {}
@@ -73,7 +74,8 @@ class VCREvaluator:
     def _write(self, results: GroupResults, metrics: dict[str, float]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         stem = self.output_dir / f"vcr_{self.split}"
-        predictions = {a: {name: probs for name, (probs, _) in groups.items()} for a, groups in sorted(results.items())}
+        predictions = {a: {name: probs for name, (probs, _) in groups.items()}
+                       for a, groups in sorted(results.items())}
         Path(f"{stem}_predictions.json").write_text(json.dumps(predictions))
         Path(f"{stem}_metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
         rows = leaderboard_rows(predictions)

@@ -50,10 +50,12 @@ def check_results(results: Any, question_ids: Sequence[int]) -> None:
     seen: set[int] = set()
     for i, entry in enumerate(results):
         if not isinstance(entry, dict) or set(entry) != {"question_id", "answer"}:
-            raise ResultsFormatError(f"results[{i}] must be {{'question_id': int, 'answer': str}}, got {entry!r}")
+            raise ResultsFormatError(f"results[{i}] must be {{'question_id': int, 'answer': str}}, got "
+                                     f"{entry!r}")
         qid, answer = entry["question_id"], entry["answer"]
         if not isinstance(qid, int) or isinstance(qid, bool) or not isinstance(answer, str):
-            raise ResultsFormatError(f"results[{i}]: question_id must be an int and answer a str, got {entry!r}")
+            raise ResultsFormatError(f"results[{i}]: question_id must be an int and answer a str, got "
+                                     f"{entry!r}")
         if qid in seen:
             raise ResultsFormatError(f"results[{i}]: question_id {qid} is answered twice")
         seen.add(qid)
@@ -61,7 +63,8 @@ def check_results(results: Any, question_ids: Sequence[int]) -> None:
     if seen != wanted:
         missing, extra = sorted(wanted - seen), sorted(seen - wanted)
         raise ResultsFormatError(f"results must answer every question once: {len(missing)} missing "
-                                 f"(e.g. {missing[:5]}), {len(extra)} not in the questions (e.g. {extra[:5]})")
+                                 f"(e.g. {missing[:5]}), {len(extra)} not in the questions (e.g. "
+                                 f"{extra[:5]})")
 
 
 def write_results(path: str | Path, results: list[dict], question_ids: Sequence[int]) -> None:
@@ -76,8 +79,8 @@ class VQAEvaluator:
     the vocabulary) and writes the results file to `results_path` (if given)."""
 
     def __init__(self, dataset, collate_fn: Callable, batch_size: int, device: torch.device,
-                 amp_dtype: torch.dtype | None, answers: Sequence[str], results_path: str | Path | None = None,
-                 num_workers: int = 0):
+                 amp_dtype: torch.dtype | None, answers: Sequence[str],
+                 results_path: str | Path | None = None, num_workers: int = 0):
         self.dataset, self.collate_fn, self.batch_size = dataset, collate_fn, batch_size
         self.device, self.amp_dtype = device, amp_dtype
         self.answers, self.results_path = list(answers), results_path
@@ -85,8 +88,8 @@ class VQAEvaluator:
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         predicted: dict[int, int] = {}  # question id -> answer index
-        for indices, _, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn, self.device,
-                                                  self.amp_dtype, self.num_workers):
+        for indices, _, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn,
+                                                  self.device, self.amp_dtype, self.num_workers):
             qids = [q for i in indices for q in self.dataset.item_question_ids(i)]
             predicted.update(zip(qids, out["vqa_logits"].float().argmax(dim=1).tolist()))
         merged: dict[int, int] = {}
@@ -101,7 +104,8 @@ class VQAEvaluator:
         return vqa_metrics(questions, merged, self.answers)
 
 
-def vqa_metrics(questions: Sequence, predicted: Mapping[int, int], answers: Sequence[str]) -> dict[str, float]:
+def vqa_metrics(questions: Sequence, predicted: Mapping[int, int],
+                answers: Sequence[str]) -> dict[str, float]:
     """`num_questions` answered, and `accuracy` (and `accuracy/<answer type>`) over those that can be
     scored (`question_accuracy`), for the answers `predicted` (question id -> index into `answers`)."""
     by_type: dict[str, list[float]] = {"": []}

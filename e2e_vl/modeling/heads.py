@@ -104,7 +104,8 @@ def build_heads(names: Sequence[str], spec: HeadSpec) -> nn.ModuleDict:
 def check_heads(names: Sequence[str], num_answers: int) -> None:
     unknown = set(names) - set(HEADS)
     if unknown:
-        raise ValueError(f"MODEL.VLBERT.HEADS: unknown heads {sorted(unknown)}; expected some of {tuple(HEADS)}")
+        raise ValueError(f"MODEL.VLBERT.HEADS: unknown heads {sorted(unknown)}; expected some of "
+                         f"{tuple(HEADS)}")
     if "vqa" in names and num_answers < 1:
         raise ValueError(f"MODEL.VLBERT.NUM_ANSWERS must be >= 1 for the vqa head, got {num_answers}")
 
@@ -120,8 +121,10 @@ def run_heads(heads: Mapping[str, "Head"], encoded: Encoded, batch: dict[str, An
             out["losses"].update(result.pop("losses"))
             out.update(result)
     if not any(k.endswith("_logits") for k in out):
-        raise ValueError(f"batch has inputs for none of the model's heads {list(heads)}; batch keys: {sorted(batch)}")
-    out["loss"] = sum((loss_weights.get(k, 1.0) * v for k, v in out["losses"].items()), encoded.text.sum() * 0.0)
+        raise ValueError(f"batch has inputs for none of the model's heads {list(heads)}; batch keys: "
+                         f"{sorted(batch)}")
+    out["loss"] = sum((loss_weights.get(k, 1.0) * v for k, v in out["losses"].items()),
+                      encoded.text.sum() * 0.0)
     return out
 
 
@@ -243,7 +246,8 @@ class AnswerHead(Head):
         pos = batch["answer_pos"].to(encoded.text.device)
         logits = self(encoded.text[torch.arange(len(pos), device=pos.device), pos])
         losses = {}
-        if "vqa_targets" in batch:  # `vqa_labelled`: a batch mixing questions into other samples (pre-training)
+        # `vqa_labelled`: a batch mixing questions into other samples (pre-training)
+        if "vqa_targets" in batch:
             use = batch.get("vqa_labelled", torch.ones(len(pos), dtype=torch.bool)).to(logits.device)
             losses["vqa"] = soft_bce_loss(logits[use], batch["vqa_targets"].to(logits.device)[use])
         return {"vqa_logits": logits, "losses": losses}
@@ -283,9 +287,11 @@ class RegionScoreHead(Head):
         if "ref_labels" in batch:
             labels = batch["ref_labels"].to(logits.device)
             if labels.shape != logits.shape:
-                raise ValueError(f"ref_labels {tuple(labels.shape)} and region logits {tuple(logits.shape)} must match")
+                raise ValueError(f"ref_labels {tuple(labels.shape)} and region logits {tuple(logits.shape)} "
+                                 "must match")
             use = (labels >= 0) & encoded.region_valid
-            out["losses"]["ref"] = (F.binary_cross_entropy_with_logits(logits[use].float(), labels[use].float())
+            out["losses"]["ref"] = (F.binary_cross_entropy_with_logits(logits[use].float(),
+                                                                       labels[use].float())
                                     if bool(use.any()) else logits.sum() * 0.0)
         return out
 
@@ -325,7 +331,8 @@ class ChoiceScoreHead(Head):
         labels = batch["choice_labels"].to(encoded.text.device)
         scores = self(encoded.text)
         if not len(labels) or scores.shape[0] % len(labels):
-            raise ValueError(f"VCR batch of {scores.shape[0]} samples does not split into {len(labels)} questions")
+            raise ValueError(f"VCR batch of {scores.shape[0]} samples does not split into {len(labels)} "
+                             "questions")
         logits = scores.view(len(labels), -1)
         known = labels >= 0
         losses = {"vcr": choice_bce_loss(logits[known], labels[known])} if bool(known.any()) else {}

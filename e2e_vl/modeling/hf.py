@@ -72,7 +72,8 @@ def load_bert(path: str = "", random_init: bool = False) -> BertModel:
                          f"({'; '.join(problems)})")
     extra = sorted(k for k in info["unexpected_keys"] if not k.startswith(("pooler.", "cls.")))
     if extra:
-        logger.warning("MODEL.VLBERT.BERT_PATH %s: %d tensors not used (e.g. %s)", path, len(extra), extra[:3])
+        logger.warning("MODEL.VLBERT.BERT_PATH %s: %d tensors not used (e.g. %s)", path, len(extra),
+                       extra[:3])
     return bert
 
 
@@ -135,7 +136,8 @@ def read_hf_weights(folder: str, key: str, prefix: str | tuple[str, ...] = "") -
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"{key}: {path} cannot be read as plain tensors ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{key}: {path} cannot be read as plain tensors ({type(exc).__name__}: "
+                              f"{exc})") from None
     return {k: v for k, v in state.items() if k.startswith(prefix)}
 
 
@@ -177,10 +179,11 @@ def copy_bert_text_side(model: nn.Module, path: str, num_layers: int) -> list[st
     filled. Everything else of `model` keeps its initial values."""
     bert = load_bert(path)
     if num_layers > bert.config.num_hidden_layers:
-        raise ValueError(f"MODEL.VLBERT.BERT_PATH {resolve_bert_path(path)}: {num_layers} text layers asked for, "
-                         f"the checkpoint has {bert.config.num_hidden_layers}")
+        raise ValueError(f"MODEL.VLBERT.BERT_PATH {resolve_bert_path(path)}: {num_layers} text layers asked "
+                         f"for, the checkpoint has {bert.config.num_hidden_layers}")
     layers = tuple(f"encoder.layer.{i}." for i in range(num_layers))
-    state = {k: v for k, v in bert.state_dict().items() if k.startswith("embeddings.") or k.startswith(layers)}
+    state = {k: v for k, v in bert.state_dict().items()
+             if k.startswith("embeddings.") or k.startswith(layers)}
     state = {k: v for k, v in state.items() if k in model.state_dict()}  # not BERT's position_ids buffer
     model.load_state_dict(state, strict=False)  # same names and sizes: the model was built from BERT's config
     return sorted(state)
@@ -203,7 +206,8 @@ def check_vocabulary(tokenizer: Any, vocab_size: int) -> None:
     """The tokenizer (MODEL.VLBERT.BERT_PATH) must not produce ids beyond the transformer's word table."""
     if len(tokenizer) > vocab_size:
         raise ConfigError(f"the tokenizer of 'MODEL.VLBERT.BERT_PATH' has {len(tokenizer)} tokens but the "
-                          f"transformer's vocabulary has {vocab_size}: use the tokenizer its checkpoint was trained with")
+                          f"transformer's vocabulary has {vocab_size}: use the tokenizer its checkpoint was "
+                          "trained with")
 
 
 def load_pretrained_heads(heads: Mapping[str, nn.Module], checkpoint: str, v: CfgNode) -> None:

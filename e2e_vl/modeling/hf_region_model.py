@@ -33,8 +33,9 @@ class ModelOptions:
     @classmethod
     def from_cfg(cls, cfg: CfgNode) -> "ModelOptions":
         v = cfg.MODEL.VLBERT
-        return cls(tuple(v.HEADS), v.NUM_ANSWERS, v.NUM_MRC_CLASSES, v.MASKING, v.FREEZE_DETECTOR, v.OBJECT_DROPOUT,
-                   v.APPEARANCE_NORM, {k.lower(): float(w) for k, w in v.LOSS_WEIGHTS.items()})
+        return cls(tuple(v.HEADS), v.NUM_ANSWERS, v.NUM_MRC_CLASSES, v.MASKING, v.FREEZE_DETECTOR,
+                   v.OBJECT_DROPOUT, v.APPEARANCE_NORM,
+                   {k.lower(): float(w) for k, w in v.LOSS_WEIGHTS.items()})
 
 
 class HFRegionModel(RegionEncoder):

@@ -39,20 +39,21 @@ class Lxmert(HFRegionModel):
 
     body_name = "lxmert"
 
-    def __init__(self, detector: GeneralizedRCNN, lxmert: LxmertModel, options: ModelOptions = ModelOptions(), *,
-                 tokenizer: Any = None, new_parameters: Sequence[str] = ()):
+    def __init__(self, detector: GeneralizedRCNN, lxmert: LxmertModel, options: ModelOptions = ModelOptions(),
+                 *, tokenizer: Any = None, new_parameters: Sequence[str] = ()):
         super().__init__(detector, options, tokenizer=tokenizer, new_parameters=new_parameters)
         config = lxmert.config
         if config.visual_feat_dim != self.appearance_dim or config.visual_pos_dim != 4:
-            raise ValueError(f"LXMERT reads {config.visual_feat_dim}-d features and {config.visual_pos_dim}-d "
-                             f"positions; the detector gives {self.appearance_dim}-d features and 4-d boxes")
+            raise ValueError(f"LXMERT reads {config.visual_feat_dim}-d features and "
+                             f"{config.visual_pos_dim}-d positions; the detector gives "
+                             f"{self.appearance_dim}-d features and 4-d boxes")
         self.lxmert = lxmert
         self.init_appearance_norm(options.appearance_norm)
         self.init_masked_region_feature(self.appearance_dim)
         head_config = BertConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                                  hidden_act=config.hidden_act, layer_norm_eps=LXMERT_LAYER_NORM_EPS)
-        spec = HeadSpec(head_config, lxmert.embeddings.word_embeddings, options.num_answers, options.num_mrc_classes,
-                        appearance_dim=self.appearance_dim)
+        spec = HeadSpec(head_config, lxmert.embeddings.word_embeddings, options.num_answers,
+                        options.num_mrc_classes, appearance_dim=self.appearance_dim)
         self.heads = build_heads(options.heads, spec)
 
     def enable_gradient_checkpointing(self) -> None:
@@ -104,10 +105,11 @@ def build_lxmert_transformer(cfg: CfgNode, appearance_dim: int) -> tuple[LxmertM
         have = dict(zip(LAYER_KEYS, (config.l_layers, config.r_layers, config.x_layers)))
         for key, value in have.items():
             if lx[key] and lx[key] != value:
-                raise ConfigError(f"'MODEL.LXMERT.{key}' {lx[key]} differs from {lx.CHECKPOINT}'s {value}; set 0")
+                raise ConfigError(f"'MODEL.LXMERT.{key}' {lx[key]} differs from {lx.CHECKPOINT}'s {value}; "
+                                  "set 0")
         if config.visual_feat_dim != appearance_dim:
-            raise ConfigError(f"MODEL.LXMERT.CHECKPOINT {lx.CHECKPOINT} reads {config.visual_feat_dim}-d region "
-                              f"features; the detector's res5 gives {appearance_dim}")
+            raise ConfigError(f"MODEL.LXMERT.CHECKPOINT {lx.CHECKPOINT} reads {config.visual_feat_dim}-d "
+                              f"region features; the detector's res5 gives {appearance_dim}")
         model = LxmertModel(config)
         load_hf_checkpoint(model, lx.CHECKPOINT, "lxmert.", "MODEL.LXMERT.CHECKPOINT")
         return model, []

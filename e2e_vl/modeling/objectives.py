@@ -59,7 +59,8 @@ class MatchHead(Head):
 
 class RegionTargetHead(Head):
     """BERT's prediction transform (dense -> GELU -> LayerNorm) then Linear(h, out) on each chosen region's
-    output (ViLBERT's image prediction head, LXMERT's visual heads). A subclass gives the width and the loss."""
+    output (ViLBERT's image prediction head, LXMERT's visual heads). A subclass gives the width and the
+    loss."""
 
     reads_image = True
 
@@ -76,7 +77,8 @@ class RegionTargetHead(Head):
     def build(cls, spec: HeadSpec) -> "RegionTargetHead":
         width = cls.out_features(spec)
         if width < 1:
-            raise ValueError(f"the {cls.name} head needs an output width >= 1, got {width} (HeadSpec of {spec.config.model_type})")
+            raise ValueError(f"the {cls.name} head needs an output width >= 1, got {width} (HeadSpec of "
+                             f"{spec.config.model_type})")
         config = copy.copy(spec.config)  # the transform runs at the width of the region outputs
         config.hidden_size = spec.region_size
         return cls(config, width)
@@ -84,22 +86,26 @@ class RegionTargetHead(Head):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.transform(hidden))
 
-    def loss(self, logits: torch.Tensor, encoded: Encoded, chosen: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, encoded: Encoded, chosen: torch.Tensor,
+             batch: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
     def outputs(self, encoded: Encoded, batch: dict[str, Any]) -> dict[str, Any] | None:
-        if "region_labelled" not in batch or (self.needs_appearance_target and encoded.appearance_target is None):
+        if ("region_labelled" not in batch
+            or (self.needs_appearance_target and encoded.appearance_target is None)):
             return None
         chosen = labelled_regions(encoded, batch)
         logits = self(encoded.regions[chosen])
-        return {f"{self.name}_logits": logits, "losses": {self.name: self.loss(logits, encoded, chosen, batch)}}
+        return {f"{self.name}_logits": logits,
+                "losses": {self.name: self.loss(logits, encoded, chosen, batch)}}
 
 
 @register_head("mrc_kl")
 class RegionKLHead(RegionTargetHead):
     """ViLBERT's masked multimodal modelling on regions: KL(stored || predicted) per chosen region."""
 
-    def loss(self, logits: torch.Tensor, encoded: Encoded, chosen: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, encoded: Encoded, chosen: torch.Tensor,
+             batch: dict[str, Any]) -> torch.Tensor:
         return kl_to_distribution(logits, batch["mrc_targets"].to(logits.device))
 
 
@@ -107,8 +113,10 @@ class RegionKLHead(RegionTargetHead):
 class DetectedLabelHead(RegionTargetHead):
     """LXMERT's detected-label classification: cross-entropy to the top class of the stored distribution."""
 
-    def loss(self, logits: torch.Tensor, encoded: Encoded, chosen: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        return _mean_or_zero(F.cross_entropy, logits.float(), batch["mrc_targets"].to(logits.device).argmax(-1))
+    def loss(self, logits: torch.Tensor, encoded: Encoded, chosen: torch.Tensor,
+             batch: dict[str, Any]) -> torch.Tensor:
+        return _mean_or_zero(F.cross_entropy, logits.float(),
+                             batch["mrc_targets"].to(logits.device).argmax(-1))
 
 
 @register_head("feat_regression")
@@ -123,7 +131,8 @@ class FeatureRegressionHead(RegionTargetHead):
     def out_features(cls, spec: HeadSpec) -> int:
         return spec.appearance_dim
 
-    def loss(self, logits: torch.Tensor, encoded: Encoded, chosen: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, encoded: Encoded, chosen: torch.Tensor,
+             batch: dict[str, Any]) -> torch.Tensor:
         return feature_regression_loss(logits, encoded.appearance_target[chosen])
 
 
@@ -144,7 +153,8 @@ class ContrastiveHead(Head):
 
     @classmethod
     def build(cls, spec: HeadSpec) -> "ContrastiveHead":
-        # The summaries' widths: a model's own per-stream poolers (`pooled_size`), else [CLS] and the regions'.
+        # The summaries' widths: a model's own per-stream poolers (`pooled_size`), else [CLS] and the
+        # regions'.
         if spec.pooled_hidden_size:
             return cls(spec.pooled_size, spec.pooled_size, spec.config.hidden_size)
         return cls(spec.config.hidden_size, spec.region_size, spec.config.hidden_size)
@@ -152,14 +162,16 @@ class ContrastiveHead(Head):
     def outputs(self, encoded: Encoded, batch: dict[str, Any]) -> dict[str, Any] | None:
         if "itm_labels" not in batch:
             return None
-        pairs = (batch["itm_labels"].to(encoded.text.device) == 1) & encoded.has_image & encoded.region_valid.any(1)
+        pairs = ((batch["itm_labels"].to(encoded.text.device) == 1) & encoded.has_image
+                 & encoded.region_valid.any(1))
         text = F.normalize(self.text_projection(encoded.text_summary()[pairs]).float(), dim=-1)
         image = F.normalize(self.image_projection(encoded.image_summary()[pairs]).float(), dim=-1)
         logits, loss = contrastive_loss(text, image, self.logit_scale)
         return {"contrastive_logits": logits, "losses": {"contrastive": loss}}
 
 
-def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def contrastive_loss(text: torch.Tensor, image: torch.Tensor,
+                     logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE over every process's pairs: rows of `text` and `image` `[n, d]` (normalised) are
     this process's pairs; both are gathered (`all_gather_with_grad`) so each process computes the loss of
     the whole global batch, (CE(s T I^T, diag) + CE(s I T^T, diag)) / 2 with s = exp(logit_scale) capped.
@@ -185,7 +197,8 @@ def kl_to_distribution(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     """sum_c p_c (log p_c - log q_c) per row (0 log 0 = 0), averaged over rows; q = softmax(logits);
     0 (keeping the graph) without rows."""
     if logits.shape != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and target distributions {tuple(targets.shape)} must match")
+        raise ValueError(f"logits {tuple(logits.shape)} and target distributions {tuple(targets.shape)} must "
+                         "match")
     if not len(logits):
         return logits.sum() * 0.0
     return F.kl_div(F.log_softmax(logits.float(), -1), targets.float(), reduction="batchmean")
@@ -194,7 +207,8 @@ def kl_to_distribution(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 def feature_regression_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Smooth-L1 (beta 1) averaged over channels and regions, against the detached target."""
     if predicted.shape != target.shape:
-        raise ValueError(f"predicted features {tuple(predicted.shape)} and targets {tuple(target.shape)} must match")
+        raise ValueError(f"predicted features {tuple(predicted.shape)} and targets {tuple(target.shape)} "
+                         "must match")
     return _mean_or_zero(F.smooth_l1_loss, predicted.float(), target.detach().float())
 
 

@@ -40,8 +40,8 @@ def build_trained_detector(cfg: CfgNode) -> GeneralizedRCNN:
     report = load_checkpoint(detector, cfg.MODEL.WEIGHTS, strict=False)
     if any(k.startswith(DETECTOR_KEY_PREFIX + TRAINED_PREFIXES[0]) for k in report["unexpected"]):
         raise CheckpointError(
-            f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} is a whole-model training checkpoint (keys detector.*, bert.*, "
-            "heads.*), while MODEL.WEIGHTS holds the detector's weights: start from it with "
+            f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} is a whole-model training checkpoint (keys detector.*, "
+            "bert.*, heads.*), while MODEL.WEIGHTS holds the detector's weights: start from it with "
             "MODEL.VLBERT.INIT_FROM (or --eval-only MODEL.WEIGHTS to evaluate it as is)")
     used = [k for k in report["missing"] if k.startswith(TRAINED_PREFIXES)]
     if used:
@@ -105,7 +105,8 @@ class RegionEncoder(nn.Module):
         return self.detector.roi_heads.out_channels
 
     def init_object_embedding(self, hidden: int, *, object_dropout: float, appearance_norm: str) -> None:
-        self.object_embedding = ObjectFeatureEmbedding(hidden, appearance_dim=self.appearance_dim, dropout=object_dropout)
+        self.object_embedding = ObjectFeatureEmbedding(hidden, appearance_dim=self.appearance_dim,
+                                                       dropout=object_dropout)
         self.init_appearance_norm(appearance_norm)
 
     def init_appearance_norm(self, appearance_norm: str) -> None:
@@ -113,7 +114,8 @@ class RegionEncoder(nn.Module):
             raise ValueError(
                 f"MODEL.VLBERT.APPEARANCE_NORM: expected one of {APPEARANCE_NORMS}, got {appearance_norm!r}"
             )
-        self.appearance_norm = RunningStandardize(self.appearance_dim) if appearance_norm == "running" else None
+        self.appearance_norm = (RunningStandardize(self.appearance_dim) if appearance_norm == "running"
+                                else None)
 
     def init_masked_region_feature(self, width: int) -> None:
         """The learned feature of masked regions (feature masking only), `width` wide: it replaces the
@@ -150,7 +152,8 @@ class RegionEncoder(nn.Module):
         if norm is not None:
             norm.eval()
         try:
-            appearance, _, _, counts = self.region_appearance({k: v for k, v in batch.items() if k != "region_masked"})
+            appearance, _, _, counts = self.region_appearance({k: v for k, v in batch.items()
+                                                               if k != "region_masked"})
         finally:
             if was_training:
                 norm.train()
@@ -166,7 +169,9 @@ class RegionEncoder(nn.Module):
             boxes[flags.to(boxes.device).bool()] for boxes, flags in zip(batch["boxes"], masked)]
         return self.detector.prepare_batch(batch["images"], batch["image_sizes"], masked_boxes)
 
-    def region_appearance(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def region_appearance(
+        self, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The detector's pooled feature of every region of every image, flat over images: appearance
         `[R, C]` (standardised when APPEARANCE_NORM is running), boxes `[R, 4]` (resized-image pixels),
         the (w, h) of each region's image `[R, 2]`, and the number of regions per image `[N]`."""

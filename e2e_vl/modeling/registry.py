@@ -63,8 +63,10 @@ def build_model(cfg: CfgNode, arch: str) -> nn.Module:
     """The registered architecture `arch` built from `cfg`, on MODEL.DEVICE, in train mode."""
     _import_architectures()
     if arch not in MODELS:
-        raise ConfigError(f"'MODEL.ARCH' {arch!r} is not a registered architecture; expected one of {sorted(MODELS)}")
+        raise ConfigError(f"'MODEL.ARCH' {arch!r} is not a registered architecture; expected one of "
+                          f"{sorted(MODELS)}")
     model = MODELS[arch](cfg)
     if not isinstance(model, VLModel):
-        raise TypeError(f"architecture {arch!r} built a {type(model).__name__}, which lacks VLModel's members")
+        raise TypeError(f"architecture {arch!r} built a {type(model).__name__}, which lacks VLModel's "
+                        "members")
     return model.to(torch.device(cfg.MODEL.DEVICE)).train()

@@ -39,18 +39,20 @@ class VisualBert(HFRegionModel):
 
     body_name = "visual_bert"
 
-    def __init__(self, detector: GeneralizedRCNN, visual_bert: VisualBertModel, options: ModelOptions = ModelOptions(),
-                 *, tokenizer: Any = None, new_parameters: Sequence[str] = (), grounded: bool = True):
+    def __init__(self, detector: GeneralizedRCNN, visual_bert: VisualBertModel,
+                 options: ModelOptions = ModelOptions(), *, tokenizer: Any = None,
+                 new_parameters: Sequence[str] = (), grounded: bool = True):
         region_heads = sorted(name for name in options.heads if name in HEADS and HEADS[name].reads_image)
         if not grounded and region_heads:
-            raise ConfigError(f"MODEL.VISUALBERT.GROUNDED false reads no image, so the region heads {region_heads} "
-                              "cannot be trained; drop them from MODEL.VLBERT.HEADS")
+            raise ConfigError("MODEL.VISUALBERT.GROUNDED false reads no image, so the region heads "
+                              f"{region_heads} cannot be trained; drop them from MODEL.VLBERT.HEADS")
         super().__init__(detector, options, tokenizer=tokenizer, new_parameters=new_parameters)
         self.visual_bert = visual_bert
         self.grounded = grounded
         self.early_fusion = not visual_bert.config.bypass_transformer
         width = visual_bert.config.visual_embedding_dim
-        self.init_object_embedding(width, object_dropout=options.object_dropout, appearance_norm=options.appearance_norm)
+        self.init_object_embedding(width, object_dropout=options.object_dropout,
+                                   appearance_norm=options.appearance_norm)
         self.init_masked_region_feature(width)
         spec = HeadSpec(visual_bert.config, visual_bert.embeddings.word_embeddings, options.num_answers,
                         options.num_mrc_classes, appearance_dim=self.appearance_dim)
@@ -87,14 +89,16 @@ class VisualBert(HFRegionModel):
         vb = self.visual_bert
         embedded = vb.embeddings(input_ids=ids, token_type_ids=token_types, visual_embeds=visual)
         t_len = ids.shape[1]
-        text = vb.encoder(embedded[:, :t_len], attention_mask=_additive_mask(text_mask, embedded.dtype)).last_hidden_state
+        text = vb.encoder(embedded[:, :t_len],
+                          attention_mask=_additive_mask(text_mask, embedded.dtype)).last_hidden_state
         joint = torch.cat([text, embedded[:, t_len:]], dim=1)
         mask = _additive_mask(torch.cat([text_mask, region_valid], dim=1), embedded.dtype)
         return vb.additional_layer(joint, mask)[0]
 
 
 def _additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`[B, L]` validity -> the `[B, 1, 1, L]` score offsets BERT-style layers add (0 or the dtype's minimum)."""
+    """`[B, L]` validity -> the `[B, 1, 1, L]` score offsets BERT-style layers add (0 or the dtype's
+    minimum)."""
     return (~valid.bool())[:, None, None, :].to(dtype) * torch.finfo(dtype).min
 
 
@@ -108,8 +112,9 @@ def build_visualbert_transformer(cfg: CfgNode, appearance_dim: int) -> tuple[Vis
     if vb.CHECKPOINT:
         config = VisualBertConfig.from_pretrained(vb.CHECKPOINT)
         if vb.VISUAL_EMBEDDING_DIM and vb.VISUAL_EMBEDDING_DIM != config.visual_embedding_dim:
-            raise ConfigError(f"'MODEL.VISUALBERT.VISUAL_EMBEDDING_DIM' {vb.VISUAL_EMBEDDING_DIM} differs from "
-                              f"{vb.CHECKPOINT}'s visual_embedding_dim {config.visual_embedding_dim}; set 0")
+            raise ConfigError(f"'MODEL.VISUALBERT.VISUAL_EMBEDDING_DIM' {vb.VISUAL_EMBEDDING_DIM} differs "
+                              f"from {vb.CHECKPOINT}'s visual_embedding_dim {config.visual_embedding_dim}; "
+                              "set 0")
         config.bypass_transformer = not vb.EARLY_FUSION
         model = VisualBertModel(config)
         load_hf_checkpoint(model, vb.CHECKPOINT, "visual_bert.", "MODEL.VISUALBERT.CHECKPOINT")
@@ -118,8 +123,8 @@ def build_visualbert_transformer(cfg: CfgNode, appearance_dim: int) -> tuple[Vis
     config = VisualBertConfig(
         **{k: getattr(bert, k) for k in BERT_SHAPE_KEYS}, pad_token_id=bert.pad_token_id,
         layer_norm_eps=bert.layer_norm_eps, num_hidden_layers=bert.num_hidden_layers,
-        visual_embedding_dim=vb.VISUAL_EMBEDDING_DIM or appearance_dim, bypass_transformer=not vb.EARLY_FUSION,
-        special_visual_initialize=True,
+        visual_embedding_dim=vb.VISUAL_EMBEDDING_DIM or appearance_dim,
+        bypass_transformer=not vb.EARLY_FUSION, special_visual_initialize=True,
     )
     model = VisualBertModel(config)
     if v.BERT_RANDOM_INIT:
@@ -129,7 +134,8 @@ def build_visualbert_transformer(cfg: CfgNode, appearance_dim: int) -> tuple[Vis
     with torch.no_grad():
         emb.visual_token_type_embeddings.weight.copy_(emb.token_type_embeddings.weight)
         emb.visual_position_embeddings.weight.copy_(emb.position_embeddings.weight)
-    copied = {"embeddings.visual_token_type_embeddings.weight", "embeddings.visual_position_embeddings.weight"}
+    copied = {"embeddings.visual_token_type_embeddings.weight",
+              "embeddings.visual_position_embeddings.weight"}
     return model, sorted(set(model.state_dict()) - set(loaded) - copied)
 
 

@@ -18,8 +18,8 @@ from detector.config import CfgNode
 from detector.modeling import GeneralizedRCNN
 from e2e_vl.modeling.embeddings import VisualLayerNorms
 from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads, check_heads
-from e2e_vl.modeling.hf import (extend_token_types, load_bert, load_mlm_head_weights, load_pretrained_head_weights,
-                                load_tokenizer)
+from e2e_vl.modeling.hf import (extend_token_types, load_bert, load_mlm_head_weights,
+                                load_pretrained_head_weights, load_tokenizer)
 from e2e_vl.modeling.region_encoder import RegionEncoder, build_trained_detector, token_region_features
 from e2e_vl.modeling.registry import register_model
 from e2e_vl.modeling.vlbert_weights import init_vlbert_weights
@@ -103,7 +103,8 @@ class VLBert(RegionEncoder):
         self.loss_weights = dict(loss_weights or {})
         extend_token_types(bert, 3)
         self.init_object_embedding(hidden, object_dropout=object_dropout, appearance_norm=appearance_norm)
-        self.visual_norms = VisualLayerNorms(hidden, eps=config.layer_norm_eps, text_scale_init=visual_scale_text_init,
+        self.visual_norms = VisualLayerNorms(hidden, eps=config.layer_norm_eps,
+                                             text_scale_init=visual_scale_text_init,
                                              object_scale_init=visual_scale_object_init)
         words = bert.embeddings.word_embeddings.weight.detach()
         std = config.initializer_range
@@ -114,11 +115,12 @@ class VLBert(RegionEncoder):
         self.init_masked_region_feature(hidden)
         # [END] starts at BERT's [SEP], the masked region at [MASK]; [IMG] keeps its random start.
         with torch.no_grad():
-            for param, token_id in ((self.end_token, sep_token_id), (self.masked_region_token, mask_token_id)):
+            for param, token_id in ((self.end_token, sep_token_id),
+                                    (self.masked_region_token, mask_token_id)):
                 if token_id is not None:
                     param.copy_(words[token_id])
-        self.heads = build_heads(heads, HeadSpec(config, bert.embeddings.word_embeddings, num_answers, num_mrc_classes,
-                                                 appearance_dim=self.appearance_dim))
+        self.heads = build_heads(heads, HeadSpec(config, bert.embeddings.word_embeddings, num_answers,
+                                                 num_mrc_classes, appearance_dim=self.appearance_dim))
 
     # -- parameter groups for the engine ------------------------------------------------------------------
     @staticmethod

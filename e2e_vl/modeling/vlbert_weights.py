@@ -70,10 +70,12 @@ class TheirHead:
 # (THEIR_UNUSED) and ours starts fresh; a new entry is all a new mapping needs.
 THEIR_HEADS: tuple[TheirHead, ...] = (
     TheirHead("mlm", "pre-training masked-LM head",
-              {"vlbert.mlm_head.predictions.transform.": "transform.", "vlbert.mlm_head.predictions.bias": "bias"},
+              {"vlbert.mlm_head.predictions.transform.": "transform.",
+               "vlbert.mlm_head.predictions.bias": "bias"},
               signature=("vlbert.mlm_head.predictions.bias",)),
     TheirHead("mrc", "pre-training masked-RoI classification head",
-              {"vlbert.mvrc_head.transform.dense.": "dense.", "vlbert.mvrc_head.region_cls_pred.": "classifier."},
+              {"vlbert.mvrc_head.transform.dense.": "dense.",
+               "vlbert.mvrc_head.region_cls_pred.": "classifier."},
               signature=("vlbert.mvrc_head.region_cls_pred.weight",),
               background_first=("vlbert.mvrc_head.region_cls_pred.",)),
     TheirHead("vqa", "VQA answer classifier (CLASSIFIER_TYPE mlm: BERT transform -> Dropout -> Linear)",
@@ -81,7 +83,8 @@ THEIR_HEADS: tuple[TheirHead, ...] = (
               signature=("final_mlp.0.LayerNorm.weight", "final_mlp.2.weight")),
     TheirHead("ref", "RefCOCO+ region scorer (Linear -> GELU -> Dropout -> Linear(h, 1))",
               {"final_mlp.0.dense.": "dense.", "final_mlp.2.": "classifier."},
-              signature=("final_mlp.0.dense.weight", "final_mlp.2.weight"), absent=("final_mlp.0.LayerNorm.weight",)),
+              signature=("final_mlp.0.dense.weight", "final_mlp.2.weight"),
+              absent=("final_mlp.0.LayerNorm.weight",)),
     TheirHead("vcr", "VCR choice scorer (CLASSIFIER_TYPE 1fc on the pooled [CLS])",
               {"vlbert.pooler.": "pooler.", "final_mlp.1.": "classifier."},
               signature=("vlbert.pooler.dense.weight", "final_mlp.1.weight")),
@@ -109,12 +112,14 @@ SEGMENT_KEY = "bert.embeddings.token_type_embeddings.weight"
 # Tensors of VL-BERT files that we recognise and do not use, by key prefix (after `module.` is dropped).
 THEIR_UNUSED: tuple[tuple[str, str], ...] = (
     ("vlbert.pooler.", "BERT pooler of a file without VCR's classifier (only the VCR head reads it)"),
-    ("vlbert.relationsip_head.", "sentence-image relationship head (VL-BERT's released runs train without it)"),
+    ("vlbert.relationsip_head.",
+     "sentence-image relationship head (VL-BERT's released runs train without it)"),
     ("object_mask_visual_embedding.", "2048-d masked-region appearance of VL-BERT's feature-level masking "
                                       "(precomputed variants); here masked regions have their pixels zeroed"),
     ("image_feature_extractor.regularizing_predictor.", "VCR's region-classification regulariser on the raw "
                                                         "CNN features (CNN_LOSS_TOP false)"),
-    ("final_mlp.", "task head of a fine-tuned VL-BERT of a classifier type with no counterpart (see THEIR_HEADS)"),
+    ("final_mlp.",
+     "task head of a fine-tuned VL-BERT of a classifier type with no counterpart (see THEIR_HEADS)"),
 )
 
 # Architectures of VL-BERT that ours does not have: refused, naming the key.
@@ -147,9 +152,11 @@ class InitReport:
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def log(self) -> None:
-        logger.info("MODEL.VLBERT.INIT_FROM %s (%s): %d tensors loaded", self.source, self.layout, len(self.loaded))
+        logger.info("MODEL.VLBERT.INIT_FROM %s (%s): %d tensors loaded", self.source, self.layout,
+                    len(self.loaded))
         for reason, keys in self.fresh.items():
-            logger.info("  kept as built (not in the file), %s: %d tensors: %s", reason, len(keys), ", ".join(keys))
+            logger.info("  kept as built (not in the file), %s: %d tensors: %s", reason, len(keys),
+                        ", ".join(keys))
         for reason, keys in self.unused.items():
             logger.info("  not used, %s: %d tensors: %s", reason, len(keys), ", ".join(keys))
         for note in self.notes:
@@ -163,7 +170,8 @@ def _add(groups: dict[str, list[str]], reason: str, key: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # VL-BERT's names -> ours
 # ---------------------------------------------------------------------------------------------------------
-_RESNET_BLOCK = re.compile(r"^(\d+)\.(conv(\d)\.weight|bn(\d)\.(.+)|downsample\.0\.weight|downsample\.1\.(.+))$")
+_RESNET_BLOCK = re.compile(
+    r"^(\d+)\.(conv(\d)\.weight|bn(\d)\.(.+)|downsample\.0\.weight|downsample\.1\.(.+))$")
 
 
 def _resnet_block_key(rest: str) -> str | None:
@@ -236,7 +244,8 @@ def normalise_vlbert_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     out = {}
     for key, value in sd.items():
         key = key[len("module."):] if key.startswith("module.") else key
-        out[key.replace("vlbert._module.", "vlbert.", 1) if key.startswith("vlbert._module.") else key] = value
+        out[key.replace("vlbert._module.", "vlbert.", 1) if key.startswith("vlbert._module.")
+            else key] = value
     return out
 
 
@@ -255,8 +264,8 @@ def convert_vlbert_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<st
     refused = [f"{k} ({why})" for k in sd for prefix, why in THEIR_UNSUPPORTED if k.startswith(prefix)]
     rows = sd.get("object_linguistic_embeddings.weight")
     if rows is not None and rows.shape[0] != 1:
-        refused.append(f"object_linguistic_embeddings.weight {tuple(rows.shape)} (object_word_embed_mode 1: a "
-                       "word per object class; ours has one [IMG] token)")
+        refused.append(f"object_linguistic_embeddings.weight {tuple(rows.shape)} (object_word_embed_mode 1: "
+                       "a word per object class; ours has one [IMG] token)")
     if refused:
         raise CheckpointError(f"{source}: a VL-BERT variant this model cannot reproduce:\n    "
                               + "\n    ".join(refused))
@@ -302,8 +311,8 @@ def convert_vlbert_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<st
         else:
             _add(unused, reason, key)
     if unknown:
-        raise CheckpointError(f"{source}: {len(unknown)} tensors fit no name of VL-BERT's layout known here:\n    "
-                              + "\n    ".join(unknown[:20]))
+        raise CheckpointError(f"{source}: {len(unknown)} tensors fit no name of VL-BERT's layout known "
+                              "here:\n    " + "\n    ".join(unknown[:20]))
     return ours, origin, unused
 
 
@@ -357,7 +366,8 @@ def _optional_missing(missing: list[str], own: Mapping[str, torch.Tensor], sourc
             _add(report.fresh, "detector trunk and res5 from MODEL.WEIGHTS (the file has none)", key)
             continue
         if key.startswith(DETECTOR_KEY_PREFIX) and not key.startswith(DETECTOR_TRUNK):
-            _add(report.fresh, "detector parts VL training does not use (RPN, box predictor, attributes)", key)
+            _add(report.fresh, "detector parts VL training does not use (RPN, box predictor, attributes)",
+                 key)
             continue
         reason = next((why for prefix, why in OPTIONAL_PREFIXES if key.startswith(prefix)), None)
         if reason is None:
@@ -388,7 +398,8 @@ def init_from_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *,
         head = _head_name(key)
         optional = next((why for prefix, why in OPTIONAL_PREFIXES if key.startswith(prefix)), None)
         if head is not None and head not in model_heads:
-            _add(report.unused, f"head '{head}' is not in this model (MODEL.VLBERT.HEADS)", origin.get(key, key))
+            _add(report.unused, f"head '{head}' is not in this model (MODEL.VLBERT.HEADS)",
+                 origin.get(key, key))
         elif optional is not None and head is None:
             _add(report.unused, f"{optional}, not in this model", origin.get(key, key))
         else:
@@ -437,16 +448,18 @@ def _architecture_checks(model: nn.Module, state: Mapping[str, torch.Tensor], so
         got = (max(layers) + 1 if layers else have[0], words.shape[1] if words is not None else have[1])
         if got != have:
             raise CheckpointError(
-                f"{source}: a BERT of {got[0]} layers x {got[1]} hidden, the model's is {have[0]} x {have[1]}; set "
-                "MODEL.VLBERT.BERT_PATH to the matching BERT folder (bert-base-uncased: 12 x 768, "
-                "bert-large-uncased: 24 x 1024)")
+                f"{source}: a BERT of {got[0]} layers x {got[1]} hidden, the model's is {have[0]} x "
+                f"{have[1]}; set MODEL.VLBERT.BERT_PATH to the matching BERT folder (bert-base-uncased: 12 x "
+                "768, bert-large-uncased: 24 x 1024)")
     if origin and getattr(model, "appearance_norm", None) is not None:
-        raise CheckpointError(f"{source}: MODEL.VLBERT.APPEARANCE_NORM 'running' has no counterpart in VL-BERT's "
-                              "weights (its object projection reads the raw pooled features); set it to none")
+        raise CheckpointError(f"{source}: MODEL.VLBERT.APPEARANCE_NORM 'running' has no counterpart in "
+                              "VL-BERT's weights (its object projection reads the raw pooled features); set "
+                              "it to none")
     stem = getattr(getattr(getattr(model, "detector", None), "backbone", None), "stem", None)
-    if origin and any(k.startswith(DETECTOR_TRUNK) for k in state) and getattr(stem, "stem_type", "basic") != "basic":
-        notes.append(f"VL-BERT ran its ResNet with a padded max-pool stem (MODEL.RESNETS.STEM_TYPE basic); this "
-                     f"model's is {stem.stem_type!r}, which shifts res4 by a pixel")
+    if (origin and any(k.startswith(DETECTOR_TRUNK) for k in state)
+        and getattr(stem, "stem_type", "basic") != "basic"):
+        notes.append("VL-BERT ran its ResNet with a padded max-pool stem (MODEL.RESNETS.STEM_TYPE basic); "
+                     f"this model's is {stem.stem_type!r}, which shifts res4 by a pixel")
     return notes
 
 
@@ -456,18 +469,21 @@ def read_init_state(path: str | os.PathLike) -> tuple[
     release (`{"state_dict": ...}`) or one of our training checkpoints (`{"model": ...}`)."""
     path = os.fspath(path)
     obj = load_data_file(path)
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping) and is_vlbert_layout(obj["state_dict"]):
+    if (isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping)
+        and is_vlbert_layout(obj["state_dict"])):
         tensors = {k: v for k, v in obj["state_dict"].items() if isinstance(v, torch.Tensor)}
         ours, origin, unused = convert_vlbert_state_dict(tensors, source=path)
         return ours, "VL-BERT checkpoint", origin, unused
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        return {k: v for k, v in obj["model"].items() if isinstance(v, torch.Tensor)}, "e2e-vl checkpoint", {}, {}
+        return ({k: v for k, v in obj["model"].items() if isinstance(v, torch.Tensor)},
+                "e2e-vl checkpoint", {}, {})
     keys = sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__
-    raise CheckpointError(f"{path}: neither a VL-BERT checkpoint (a dict whose 'state_dict' has vlbert.* keys) "
-                          f"nor an e2e-vl training checkpoint (a dict with 'model'); found {keys}")
+    raise CheckpointError(f"{path}: neither a VL-BERT checkpoint (a dict whose 'state_dict' has vlbert.* "
+                          f"keys) nor an e2e-vl training checkpoint (a dict with 'model'); found {keys}")
 
 
-def init_vlbert_weights(model: nn.Module, path: str | os.PathLike, *, detector_loaded: bool = False) -> InitReport:
+def init_vlbert_weights(model: nn.Module, path: str | os.PathLike, *,
+                        detector_loaded: bool = False) -> InitReport:
     """Start `model` from the checkpoint at `path` (MODEL.VLBERT.INIT_FROM); log and return the report."""
     source = os.fspath(path)
     state, layout, origin, unused = read_init_state(source)

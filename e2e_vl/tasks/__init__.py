@@ -34,13 +34,15 @@ class Task:
     def check_eval_target(self, cfg: CfgNode) -> None:
         """--eval-only needs something to evaluate; say which key is empty before any work starts."""
         if not lookup(cfg, self.eval_key):
-            raise ConfigError(f"--eval-only: nothing to evaluate: '{self.eval_key}' is empty (TASK {self.name}); set it")
+            raise ConfigError(f"--eval-only: nothing to evaluate: '{self.eval_key}' is empty (TASK "
+                              f"{self.name}); set it")
 
 
 TASKS: dict[str, Task] = {}
 
 
-def register_task(name: str, default_arch: str, eval_key: str = "DATASETS.TEST") -> Callable[[TaskBuilder], TaskBuilder]:
+def register_task(name: str, default_arch: str,
+                  eval_key: str = "DATASETS.TEST") -> Callable[[TaskBuilder], TaskBuilder]:
     def add(build: TaskBuilder) -> TaskBuilder:
         if name in TASKS:
             raise ValueError(f"task {name!r} is registered twice")

@@ -37,15 +37,16 @@ def _refer(name: str, cfg: CfgNode, tokenizer, train: bool):
     dataset, _, split_part = name.partition("_")
     d, r = cfg.DATASETS, cfg.DATASETS.REFCOCO
     root = Path(d.ROOT)
-    transform = (ResizeFlip(list(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN, r.FLIP_PROB, swap_text_sides=True)
+    transform = (ResizeFlip(list(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN, r.FLIP_PROB,
+                            swap_text_sides=True)
                  if train else ResizeFlip(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST))
     return build_refer_dataset(
         root, dataset, REFER_DATASETS[dataset][0], split_part.split("_"), root / r.IMAGE_DIR,
         r.TRAIN_BOXES if train else r.TEST_BOXES, tokenizer, transform,
         detections=str(root / r.DETECTIONS) if r.DETECTIONS else "",
         roi_store=str(root / d.ROI_STORE) if d.ROI_STORE else "",
-        max_text_tokens=r.MAX_TEXT_TOKENS, sentences_per_item=cfg.DATALOADER.QUESTIONS_PER_IMAGE, seed=cfg.SEED,
-        limit=d.TRAIN_LIMIT if train else d.TEST_LIMIT)
+        max_text_tokens=r.MAX_TEXT_TOKENS, sentences_per_item=cfg.DATALOADER.QUESTIONS_PER_IMAGE,
+        seed=cfg.SEED, limit=d.TRAIN_LIMIT if train else d.TEST_LIMIT)
 
 
 def _check_config(cfg: CfgNode, eval_only: bool) -> None:
@@ -59,7 +60,8 @@ def _check_config(cfg: CfgNode, eval_only: bool) -> None:
     for key in ("TRAIN_BOXES", "TEST_BOXES"):
         boxes = list(d.REFCOCO[key])
         if not boxes or set(boxes) - set(REGION_SOURCES):
-            raise ConfigError(f"'DATASETS.REFCOCO.{key}' must list some of {sorted(REGION_SOURCES)}, got {boxes}")
+            raise ConfigError(f"'DATASETS.REFCOCO.{key}' must list some of {sorted(REGION_SOURCES)}, got "
+                              f"{boxes}")
 
 
 @register_task("refcoco", default_arch="vlbert")
@@ -69,7 +71,8 @@ def build_refcoco_task(cfg: CfgNode, model, device: torch.device, eval_only: boo
     from e2e_vl.evaluation.refcoco import RefCOCOEvaluator
 
     if "ref" not in model.heads:
-        raise ConfigError(f"TASK refcoco needs a model with the ref head (MODEL.VLBERT.HEADS), got {list(model.heads)}")
+        raise ConfigError("TASK refcoco needs a model with the ref head (MODEL.VLBERT.HEADS), got "
+                          f"{list(model.heads)}")
     _check_config(cfg, eval_only)
     tokenizer, d = model.tokenizer, cfg.DATASETS
     collate = VLCollator(pad_token_id=tokenizer.pad_token_id)
@@ -78,7 +81,7 @@ def build_refcoco_task(cfg: CfgNode, model, device: torch.device, eval_only: boo
     if d.TEST:
         test_set = REFCOCO_DATASETS.build("DATASETS.TEST", d.TEST, cfg, tokenizer, False)
         out = Path(cfg.OUTPUT_DIR)
-        evaluate = RefCOCOEvaluator(test_set, collate, cfg.TEST.IMS_PER_BATCH, device, AMP_DTYPES[cfg.SOLVER.AMP.DTYPE],
-                                    out / f"{d.TEST}_predictions.json", out / f"{d.TEST}_metrics.json",
-                                    cfg.DATALOADER.NUM_WORKERS)
+        evaluate = RefCOCOEvaluator(test_set, collate, cfg.TEST.IMS_PER_BATCH, device,
+                                    AMP_DTYPES[cfg.SOLVER.AMP.DTYPE], out / f"{d.TEST}_predictions.json",
+                                    out / f"{d.TEST}_metrics.json", cfg.DATALOADER.NUM_WORKERS)
     return TrainTask(train_set, collate, evaluate, metric="accuracy")

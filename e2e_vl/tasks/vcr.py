@@ -53,15 +53,17 @@ def build_vcr_task(cfg: CfgNode, model, device: torch.device, eval_only: bool):
     from e2e_vl.evaluation.vcr import VCREvaluator
 
     if "vcr" not in model.heads:
-        raise ConfigError(f"TASK vcr needs a model with the vcr head (MODEL.VLBERT.HEADS), got {list(model.heads)}")
+        raise ConfigError("TASK vcr needs a model with the vcr head (MODEL.VLBERT.HEADS), got "
+                          f"{list(model.heads)}")
     collate = VLCollator(pad_token_id=model.tokenizer.pad_token_id)
     train_set = None if eval_only else VCR_DATASETS.build("DATASETS.TRAIN", cfg.DATASETS.TRAIN, cfg,
                                                           model.tokenizer, True)
     evaluate = None
     if cfg.DATASETS.TEST:
         test_set = VCR_DATASETS.build("DATASETS.TEST", cfg.DATASETS.TEST, cfg, model.tokenizer, False)
-        evaluate = VCREvaluator(test_set, collate, cfg.TEST.IMS_PER_BATCH, device, AMP_DTYPES[cfg.SOLVER.AMP.DTYPE],
-                                cfg.OUTPUT_DIR, cfg.DATASETS.TEST.removeprefix("vcr_"), cfg.DATALOADER.NUM_WORKERS)
+        evaluate = VCREvaluator(test_set, collate, cfg.TEST.IMS_PER_BATCH, device,
+                                AMP_DTYPES[cfg.SOLVER.AMP.DTYPE], cfg.OUTPUT_DIR,
+                                cfg.DATASETS.TEST.removeprefix("vcr_"), cfg.DATALOADER.NUM_WORKERS)
     subtasks = list(cfg.DATASETS.VCR.SUBTASKS)
     metric = "q2ar_accuracy" if set(subtasks) == set(SUBTASKS) else f"{subtasks[0]}_accuracy"
     return TrainTask(train_set, collate, evaluate, metric=metric)

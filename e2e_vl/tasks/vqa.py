@@ -1,6 +1,7 @@
 """TASK vqa: images with their questions, VL-BERT collation, the answer head's BCE loss, VQA accuracy
-(`e2e_vl.evaluation.vqa`) and the evaluation server's results file (`OUTPUT_DIR/<DATASETS.TEST>_results.json`).
-Data sets: easy-VQA (embedded) and VQA v2 (files under DATASETS.ROOT)."""
+(`e2e_vl.evaluation.vqa`) and the evaluation server's results file
+(`OUTPUT_DIR/<DATASETS.TEST>_results.json`). Data sets: easy-VQA (embedded) and VQA v2 (files under
+DATASETS.ROOT)."""
 from __future__ import annotations
 
 import logging
@@ -52,7 +53,8 @@ def _vqa_v2(name: str, cfg: CfgNode, tokenizer, train: bool, sizes: tuple[int, i
                            name, limit, len(questions))
         questions = questions[:limit]
     store = open_roi_store(root / d.ROI_STORE)
-    loader = CocoImageLoader(root / d[dir_key], store, [q.image_id for q in questions], str(root / d[questions_key]))
+    loader = CocoImageLoader(root / d[dir_key], store, [q.image_id for q in questions],
+                             str(root / d[questions_key]))
     ds = ImageQuestionsDataset(questions, loader, tokenizer, len(vocab), *sizes, d.MAX_QUESTION_TOKENS,
                                cfg.DATALOADER.QUESTIONS_PER_IMAGE)
     return ds, vocab
@@ -81,9 +83,10 @@ def build_vqa_task(cfg: CfgNode, model, device: torch.device, eval_only: bool):
     if cfg.DATASETS.TEST:
         test_set, answers = _dataset(cfg, tokenizer, train=False)
         if len(answers) != num_answers:
-            raise ConfigError(f"the model's vqa head has {num_answers} answers (MODEL.VLBERT.NUM_ANSWERS) but "
-                              f"{cfg.DATASETS.TEST} has {len(answers)}")
-        evaluate = VQAEvaluator(test_set, collate, cfg.TEST.IMS_PER_BATCH, device, AMP_DTYPES[cfg.SOLVER.AMP.DTYPE],
-                                answers, Path(cfg.OUTPUT_DIR) / f"{cfg.DATASETS.TEST}_results.json",
+            raise ConfigError(f"the model's vqa head has {num_answers} answers (MODEL.VLBERT.NUM_ANSWERS) "
+                              f"but {cfg.DATASETS.TEST} has {len(answers)}")
+        evaluate = VQAEvaluator(test_set, collate, cfg.TEST.IMS_PER_BATCH, device,
+                                AMP_DTYPES[cfg.SOLVER.AMP.DTYPE], answers,
+                                Path(cfg.OUTPUT_DIR) / f"{cfg.DATASETS.TEST}_results.json",
                                 cfg.DATALOADER.NUM_WORKERS)
     return TrainTask(train_set, collate, evaluate, metric="accuracy")
