@@ -250,15 +250,8 @@ class CaptionPretrainDataset(Dataset):
         out = self.transform(image, boxes, caption.text, rng)
         if out.text != caption.text:  # flipped: the text changed ("left" <-> "right"), re-encode it
             encoded = self.tokenizer(out.text, truncation=True, max_length=self.max_text_len)
-        ids, labels = mask_whole_words(
-            encoded["input_ids"],
-            encoded.word_ids(),
-            mask_token_id=self.tokenizer.mask_token_id,
-            vocab_size=len(self.tokenizer),
-            special_ids=self.special_ids,
-            rng=rng,
-            prob=self.mlm_prob if matched else 0.0,
-        )
+        ids, labels = _mask_words(self.tokenizer, self.special_ids, encoded, rng,
+                                  self.mlm_prob if matched else 0.0)
         labelled, masked = select_masked_regions(
             len(boxes), rng=rng, prob=self.mrc_prob if matched else 0.0, mask_frac=self.mrc_mask_frac
         )
@@ -309,15 +302,7 @@ class TextOnlyDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = random.Random(f"text/{self.seed}/{self.epoch}/{index}")
         encoded = self.tokenizer(self.lines[index], truncation=True, max_length=self.max_len)
-        ids, labels = mask_whole_words(
-            encoded["input_ids"],
-            encoded.word_ids(),
-            mask_token_id=self.tokenizer.mask_token_id,
-            vocab_size=len(self.tokenizer),
-            special_ids=self.special_ids,
-            rng=rng,
-            prob=self.mlm_prob,
-        )
+        ids, labels = _mask_words(self.tokenizer, self.special_ids, encoded, rng, self.mlm_prob)
         return {
             "input_ids": torch.tensor(ids),
             "token_type_ids": torch.zeros(len(ids), dtype=torch.long),
@@ -376,3 +361,10 @@ def _missing_message(caption: Caption) -> str:
         f"caption at {caption.source or '?'}: image id {caption.image_id!r} has no RoI record in the store "
         f"(extract its regions with tools/extract_rois.py, or drop the caption)"
     )
+
+
+def _mask_words(tokenizer, special_ids: list[int], encoded, rng: random.Random,
+                prob: float) -> tuple[list[int], list[int]]:
+    """Whole-word masking of one tokenizer output: the text MLM of captions and text-only passages alike."""
+    return mask_whole_words(encoded["input_ids"], encoded.word_ids(), mask_token_id=tokenizer.mask_token_id,
+                            vocab_size=len(tokenizer), special_ids=special_ids, rng=rng, prob=prob)
