@@ -247,7 +247,7 @@ def _training_defaults() -> dict:
             # per caption; empty = none. PRETRAIN_VQA_LIMIT caps its questions (0 = all).
             "PRETRAIN_VQA": "",
             "PRETRAIN_VQA_LIMIT": 0,
-            # Cap the number of training/test questions (0 = all): for smoke runs.
+            # Cap the number of training/test questions (TASK pretrain: captions; 0 = all): for smoke runs.
             "TRAIN_LIMIT": 0,
             "TEST_LIMIT": 0,
             # TASK refcoco (e2e_vl.data.refcoco): the refer layout under DATASETS.ROOT

@@ -293,7 +293,8 @@ def test_pretrain_config_builds_datasets_from_an_roi_store(tmp_path, tokenizer):
     (tmp_path / "images").mkdir()
     (tmp_path / "17.png").rename(tmp_path / "images" / "17.png")
     (tmp_path / "caps.tsv").write_text("17.png\ta red circle\n")
-    (tmp_path / "held_out.tsv").write_text("images/17.png\ta red circle on the left\n")
+    (tmp_path / "held_out.tsv").write_text("images/17.png\ta red circle on the left\n"
+                                           "images/17.png\ta circle\n")
     (tmp_path / "text.txt").write_text("a passage of text\n")
     overrides = [
         "DATASETS.ROOT", str(tmp_path), "DATASETS.ROI_STORE", "rois",
@@ -313,7 +314,10 @@ def test_pretrain_config_builds_datasets_from_an_roi_store(tmp_path, tokenizer):
     # captions_test: its own file and image folder, at the test size
     held_out = CAPTION_DATASETS.build("DATASETS.TEST", cfg.DATASETS.TEST, cfg, tokenizer, False)
     assert held_out.captions[0].text == "a red circle on the left"
-    assert held_out[0]["image"].shape[-2:] == (30, 60)
+    assert held_out[0]["image"].shape[-2:] == (30, 60) and len(held_out) == 2
+    # DATASETS.TEST_LIMIT / TRAIN_LIMIT keep the first captions, as every task's limits do
+    limited = load_train_cfg(PRETRAIN_CONFIG, [*overrides, "DATASETS.TEST_LIMIT", "1"])
+    assert len(CAPTION_DATASETS.build("DATASETS.TEST", limited.DATASETS.TEST, limited, tokenizer, False)) == 1
     no_captions = load_train_cfg(PRETRAIN_CONFIG, ["DATASETS.CAPTIONS_TRAIN", ""])
     with pytest.raises(ConfigError, match="'DATASETS.CAPTIONS_TRAIN' is empty: captions_train needs"):
         CAPTION_DATASETS.build("DATASETS.TRAIN", "captions_train", no_captions, tokenizer, True)

@@ -43,6 +43,8 @@ def _captions(name: str, cfg: CfgNode, tokenizer, train: bool, mismatch_prob: fl
         raise ConfigError(f"'DATASETS.ROI_STORE' is empty: {name} needs the regions of tools/extract_rois.py")
     image_dir = _under_root(cfg, d[dir_key]) if d[dir_key] else None  # None: the reader's own default
     captions = read_captions(_under_root(cfg, d[file_key]), image_dir)
+    limit = d.TRAIN_LIMIT if train else d.TEST_LIMIT
+    captions = captions[:limit] if limit else captions
     if train:
         transform = ResizeFlip(list(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN,
                                flip_prob=p.FLIP_PROB, swap_text_sides=True)
