@@ -215,6 +215,11 @@ def _training_defaults() -> dict:
             "ANNOTATIONS_TRAIN": "",
             "QUESTIONS_TEST": "",
             "ANNOTATIONS_TEST": "",
+            # The second split of vqa_v2_trainval (val2014: VL-BERT trains its test-dev / test-std runs on
+            # train2014 + val2014), beside the *_TRAIN keys' split; no other data set reads them.
+            "QUESTIONS_VAL": "",
+            "ANNOTATIONS_VAL": "",
+            "IMAGE_DIR_VAL": "",
             "ANSWER_VOCAB": "",
             # RoI store (tools/extract_rois.py output) for VQA v2 boxes.
             "ROI_STORE": "",

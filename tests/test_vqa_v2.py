@@ -220,6 +220,10 @@ TRAIN = [(8560, 856, "what color is it?", ["red"] * 8 + ["blue"] * 2, "other"),
 VAL = [(10, 1, "is it blue?", ["no"] * 9 + ["yes"], "yes/no"),
        (770, 77, "what color?", ["red"] * 10, "other")]
 TEST_DEV = [(50, 5, "what color?", None, ""), (51, 5, "is it red?", None, ""), (60, 6, "how many?", None, "")]
+# The overrides that make val2014 the second training split of vqa_v2_trainval.
+VAL_SPLIT = ["DATASETS.QUESTIONS_VAL", "v2_OpenEnded_mscoco_val2014_questions.json",
+             "DATASETS.ANNOTATIONS_VAL", "v2_mscoco_val2014_annotations.json",
+             "DATASETS.IMAGE_DIR_VAL", "val2014"]
 
 
 def _vqa_root(root: Path) -> None:
@@ -309,3 +313,102 @@ def test_paper_configs_are_vlbert_settings():
         assert (s.IMS_PER_BATCH, s.BASE_LR, s.GRAD_ACCUM_STEPS) == (batch, lr, accum)
         assert (s.CLIP_GRAD_NORM, s.WARMUP_ITERS, s.WARMUP_FACTOR, s.MAX_EPOCHS) == (1.0, 500, 0.0, 5.0)
         assert cfg.DATALOADER.QUESTIONS_PER_IMAGE == 1 and cfg.MODEL.VLBERT.NUM_ANSWERS == 3129
+
+
+# -- vqa_v2_trainval: train2014 + val2014 as one training set ---------------------------------------------
+
+
+def _store(root: Path, image_ids: list[int]) -> None:
+    """An RoI store with one record per image (64 x 80, as `_image` writes them): box i of image n is
+    [n, i, n + 10, i + 10], so a record read for another image shows."""
+    records = [RoIRecord(str(n), "", 64, 80, boxes=np.array([[n, i, n + 10, i + 10] for i in range(2)],
+                                                              np.float32))
+               for n in image_ids]
+    with RoIStoreWriter(root / "rois", {"fingerprint": "test"}) as writer:
+        writer.write_batch(records)
+
+
+def _vqa_set(root: Path, name: str = "vqa_v2_trainval", *overrides: str, train: bool = True, limit: int = 0):
+    from e2e_vl.config import load_train_cfg
+    from e2e_vl.modeling.hf import load_tokenizer
+    from e2e_vl.tasks.vqa import VQA_DATASETS
+
+    cfg = load_train_cfg(REPO / "configs" / "vqa" / "tiny.yaml",
+                         ["DATASETS.ROOT", str(root), "MODEL.VLBERT.NUM_ANSWERS", "5", *overrides])
+    return VQA_DATASETS.build("DATASETS.TRAIN", name, cfg, load_tokenizer(), train, (64, 80), limit)
+
+
+def test_trainval_reads_both_splits_each_from_its_own_folder(tmp_path):
+    root = tmp_path / "vqa"
+    _vqa_root(root)
+    _store(root, [856, 9, 1, 77])
+    ds, vocab = _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT)
+    assert vocab == ["yes", "no", "red", "blue", "2"]
+    assert [q.question_id for q in ds.questions] == [8560, 8561, 90, 10, 770]  # train2014, then val2014
+    assert [q.image_id for q in ds.questions] == ["856", "856", "9", "1", "77"]
+    assert ds.questions[4].scores == {2: 1.0}  # val2014's "red" x 10, from its own annotations file
+    folder = {"856": "train2014", "9": "train2014", "1": "val2014", "77": "val2014"}
+    for image_id, split in folder.items():
+        image, boxes = ds.load_image(image_id)
+        expected = cv2.imread(str(root / split / f"COCO_{split}_{int(image_id):012d}.jpg"), cv2.IMREAD_COLOR)
+        np.testing.assert_array_equal(image, expected)
+        n = int(image_id)
+        np.testing.assert_array_equal(boxes, [[0, 0, 80, 64], [n, 0, n + 10, 10], [n, 1, n + 10, 11]])
+    assert sorted(len(ds[i]) for i in range(len(ds))) == [1, 1, 1, 2]  # one item per image
+    # A limit that ends inside train2014 needs no val2014 record.
+    (root / "rois").rename(root / "rois_all")
+    _store(root, [856])
+    assert [q.question_id for q in _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT, limit=2)[0].questions] == [
+        8560, 8561]
+
+
+def test_trainval_stops_on_ids_in_both_splits_and_on_missing_val_files(tmp_path):
+    from e2e_vl.data.catalog import DatasetError
+
+    root = tmp_path / "vqa"
+    _vqa_root(root)
+    _store(root, [856, 9, 1, 77])
+    val_q = "v2_OpenEnded_mscoco_val2014_questions.json"
+    # question id 90 is train2014's too
+    _official_files(root, "val2014", [*VAL, (90, 1, "what?", ["no"] * 10, "yes/no")])
+    with pytest.raises(DatasetError, match=rf"{val_q}: 1 question ids are also in .*train2014_questions.json "
+                                           r"\(e.g. 90\)"):
+        _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT)
+    # image 856 in both splits: its questions would share one image slot and one folder
+    _official_files(root, "val2014", [*VAL, (11, 856, "what?", ["no"] * 10, "yes/no")])
+    with pytest.raises(DatasetError, match=rf"{val_q}: 1 image ids are also in .*train2014_questions.json "
+                                           r"\(e.g. '856'\)"):
+        _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT)
+    # the same file given as both splits
+    with pytest.raises(DatasetError, match="3 question ids are also in"):
+        _vqa_set(root, "vqa_v2_trainval", "DATASETS.QUESTIONS_VAL",
+                 "v2_OpenEnded_mscoco_train2014_questions.json", "DATASETS.ANNOTATIONS_VAL",
+                 "v2_mscoco_train2014_annotations.json", "DATASETS.IMAGE_DIR_VAL", "train2014")
+    _official_files(root, "val2014", VAL)
+    # val2014's records missing: named by its questions file, before any training
+    (root / "rois").rename(root / "rois_all")
+    _store(root, [856, 9])
+    with pytest.raises(MissingRoIRecordsError, match=rf"{val_q}: 2 of 2 images have no record"):
+        _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT)
+    # with every record: a val2014 image file missing, then its annotations file
+    all_records = ["DATASETS.ROI_STORE", "rois_all"]
+    (root / "val2014" / "COCO_val2014_000000000077.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"1 of 2 images have no file in .*val2014 \(e.g. image ids '77'"):
+        _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT, *all_records)
+    (root / "v2_mscoco_val2014_annotations.json").unlink()
+    with pytest.raises(DatasetError, match=r"VQA file not found: .*v2_mscoco_val2014_annotations.json"):
+        _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT, *all_records)
+
+
+def test_val_keys_belong_to_trainval_only():
+    from detector.config import ConfigError
+
+    root = Path("unused")  # every error below comes before a file is opened
+    with pytest.raises(ConfigError, match="'DATASETS.QUESTIONS_VAL' must be set for vqa_v2_trainval"):
+        _vqa_set(root, "vqa_v2_trainval")
+    with pytest.raises(ConfigError, match="'DATASETS.ANNOTATIONS_VAL' must be set for vqa_v2_trainval"):
+        _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT[:2], *VAL_SPLIT[4:])
+    with pytest.raises(ConfigError, match="'DATASETS.QUESTIONS_VAL' is set but vqa_v2_train does not read"):
+        _vqa_set(root, "vqa_v2_train", *VAL_SPLIT)
+    with pytest.raises(ConfigError, match="vqa_v2_trainval is a training set"):
+        _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT, train=False)
