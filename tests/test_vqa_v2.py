@@ -275,6 +275,11 @@ def test_vqa_v2_from_extraction_with_coco_names_to_training_and_test_dev_results
     assert [r["question_id"] for r in submitted] == [50, 51, 60]
     assert all(r["answer"] in ("yes", "no", "red", "blue", "2") for r in submitted)
 
+    # VL-BERT's test-dev run: trained on train2014 + val2014; the final evaluation writes the results file.
+    run = tmp_path / "test_dev_run"
+    assert train_net.cli(_train_args(root, run, "DATASETS.TRAIN", "vqa_v2_trainval", *VAL_SPLIT, *dev)) == 0
+    check_results(json.loads((run / "vqa_v2_test_results.json").read_text()), [50, 51, 60])
+
 
 def test_missing_records_stop_the_run_before_training(tmp_path, train_net):
     root = tmp_path / "vqa"
@@ -292,13 +297,21 @@ def test_missing_records_stop_the_run_before_training(tmp_path, train_net):
     assert not (out / "metrics.jsonl").exists() and not list(out.glob("model_*.pth"))
 
 
-def test_test_dev_config_names_the_official_files():
+def test_test_dev_config_trains_on_train_and_val_as_vlbert():
+    """VL-BERT's test-dev runs train on train2014 + val2014 (cfgs/vqa/base_4x16G_fp32.yaml)."""
     from e2e_vl.config import load_train_cfg
 
     cfg = load_train_cfg(REPO / "configs" / "vqa" / "vlbert_base_e2e_test_dev.yaml")
-    assert cfg.DATASETS.TEST == "vqa_v2_test" and cfg.DATASETS.ANNOTATIONS_TEST == ""
-    assert cfg.DATASETS.QUESTIONS_TEST == "v2_OpenEnded_mscoco_test-dev2015_questions.json"
-    assert cfg.DATASETS.IMAGE_DIR_TEST == "test2015" and cfg.DATASETS.TRAIN == "vqa_v2_train"
+    d = cfg.DATASETS
+    assert d.TEST == "vqa_v2_test" and d.ANNOTATIONS_TEST == ""
+    assert d.QUESTIONS_TEST == "v2_OpenEnded_mscoco_test-dev2015_questions.json"
+    assert d.IMAGE_DIR_TEST == "test2015"
+    assert d.TRAIN == "vqa_v2_trainval"
+    assert (d.QUESTIONS_TRAIN, d.ANNOTATIONS_TRAIN, d.IMAGE_DIR_TRAIN) == (
+        "v2_OpenEnded_mscoco_train2014_questions.json", "v2_mscoco_train2014_annotations.json", "train2014")
+    assert (d.QUESTIONS_VAL, d.ANNOTATIONS_VAL, d.IMAGE_DIR_VAL) == (
+        "v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json", "val2014")
+    assert cfg.TEST.EVAL_PERIOD == 0  # nothing to select by on test-dev: one evaluation, at the end
 
 
 def test_paper_configs_are_vlbert_settings():
