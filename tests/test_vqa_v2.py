@@ -14,7 +14,7 @@ import torch
 
 from detector import image_sources as sources
 from detector.checkpoint import save_checkpoint
-from detector.config import load_cfg
+from detector.config import ConfigError, load_cfg
 from detector.modeling import build_detector
 from detector.roi_store import RoIRecord, RoIStore, RoIStoreWriter
 from e2e_vl.data.roi_records import MissingRoIRecordsError, require_roi_records
@@ -414,8 +414,6 @@ def test_trainval_stops_on_ids_in_both_splits_and_on_missing_val_files(tmp_path)
 
 
 def test_val_keys_belong_to_trainval_only():
-    from detector.config import ConfigError
-
     root = Path("unused")  # every error below comes before a file is opened
     with pytest.raises(ConfigError, match="'DATASETS.QUESTIONS_VAL' must be set for vqa_v2_trainval"):
         _vqa_set(root, "vqa_v2_trainval")
@@ -425,3 +423,38 @@ def test_val_keys_belong_to_trainval_only():
         _vqa_set(root, "vqa_v2_train", *VAL_SPLIT)
     with pytest.raises(ConfigError, match="vqa_v2_trainval is a training set"):
         _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT, train=False)
+
+
+# -- the answer classifier from the answers' word embeddings (VL-BERT's CLASSIFIER_PRETRAINED) -------------
+def test_classifier_rows_are_the_mean_word_piece_embedding_of_each_answer():
+    from transformers import BertConfig
+
+    from e2e_vl.modeling.hf import load_tokenizer
+    from e2e_vl.modeling.heads import HEADS, HeadSpec
+
+    tokenizer = load_tokenizer()  # BERT's uncased word pieces
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(len(tokenizer), 8)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=8, num_attention_heads=2, intermediate_size=16)
+    head = HEADS["vqa"].build(HeadSpec(config, table, num_answers=3))
+    answers = ["yes", "2", "fire hydrant"]
+    assert tokenizer.tokenize("fire hydrant") == ["fire", "hydra", "##nt"]  # one answer, three pieces
+    row = {piece: table.weight[tokenizer.vocab[piece]] for piece in ("yes", "2", "fire", "hydra", "##nt")}
+    expected = torch.stack([row["yes"], row["2"], (row["fire"] + row["hydra"] + row["##nt"]) / 3])
+    assert not torch.allclose(head.classifier.weight, expected)
+    head.init_from_answer_words(answers, tokenizer)
+    torch.testing.assert_close(head.classifier.weight, expected)
+    assert torch.equal(head.classifier.bias, torch.zeros(3)) and head.classifier.weight.grad_fn is None
+    with torch.no_grad():
+        table.weight[tokenizer.vocab["yes"]] += 1.0  # read when called: the table as loaded by then
+    head.init_from_answer_words(answers, tokenizer)
+    torch.testing.assert_close(head.classifier.weight[0], row["yes"])
+
+    with pytest.raises(ValueError, match="2 answers for a vqa head of 3"):
+        head.init_from_answer_words(answers[:2], tokenizer)
+    with pytest.raises(ValueError, match="answer ' ' has no word pieces"):
+        head.init_from_answer_words(["yes", "2", " "], tokenizer)
+    narrow = HEADS["vqa"].build(HeadSpec(config, torch.nn.Embedding(len(tokenizer), 6), num_answers=3))
+    with pytest.raises(ValueError, match="word embeddings are 6 wide but the vqa classifier reads 8-d"):
+        narrow.init_from_answer_words(answers, tokenizer)
+
