@@ -458,3 +458,38 @@ def test_classifier_rows_are_the_mean_word_piece_embedding_of_each_answer():
     with pytest.raises(ValueError, match="word embeddings are 6 wide but the vqa classifier reads 8-d"):
         narrow.init_from_answer_words(answers, tokenizer)
 
+
+def test_vqa_task_starts_the_classifier_from_the_training_answers(tmp_path):
+    """configs/vqa (tiny.yaml as vlbert_base_e2e.yaml) turn it on: the rows come from the model's word
+    table once the training set's answers are read; not for --eval-only (the checkpoint's are used) or
+    with the key off; an answer list of another size than the head's stops the run first."""
+    from e2e_vl.config import load_train_cfg
+    from e2e_vl.modeling.registry import build_model
+    from e2e_vl.tasks import get_task
+
+    root = tmp_path / "vqa"
+    _vqa_root(root)
+    _store(root, [856, 9, 1, 77])
+    task = get_task("vqa")
+
+    def model_and_task(*overrides: str, eval_only: bool = False):
+        cfg = load_train_cfg(REPO / "configs" / "vqa" / "tiny.yaml",
+                             ["DATASETS.ROOT", str(root), "MODEL.VLBERT.NUM_ANSWERS", "5", *overrides])
+        torch.manual_seed(0)
+        model = build_model(cfg, "vlbert")
+        start = model.heads["vqa"].classifier.weight.detach().clone()
+        task.build(cfg, model, torch.device("cpu"), eval_only)
+        return cfg, model, start
+
+    cfg, model, start = model_and_task()
+    assert cfg.MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS
+    words = model.bert.embeddings.word_embeddings.weight
+    ids = model.tokenizer.convert_tokens_to_ids(["yes", "no", "red", "blue", "2"])  # answers_vqa.txt
+    classifier = model.heads["vqa"].classifier
+    assert torch.equal(classifier.weight, words[ids]) and not classifier.bias.any()
+    for overrides, eval_only in (((), True), (("MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS", "False"), False)):
+        _, model, start = model_and_task(*overrides, eval_only=eval_only)
+        assert torch.equal(model.heads["vqa"].classifier.weight, start)
+    (root / "answers_vqa.txt").write_text("yes\nno\nred\nblue\n")
+    with pytest.raises(ConfigError, match=r"5 answers \(MODEL.VLBERT.NUM_ANSWERS\) but vqa_v2_train has 4"):
+        model_and_task()

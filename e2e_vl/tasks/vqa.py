@@ -102,6 +102,12 @@ def _dataset(cfg: CfgNode, tokenizer, train: bool):
     return VQA_DATASETS.build(key, name, cfg, tokenizer, train, sizes, limit)
 
 
+def _check_answer_count(num_answers: int, dataset: str, answers: list[str]) -> None:
+    if len(answers) != num_answers:
+        raise ConfigError(f"the model's vqa head has {num_answers} answers (MODEL.VLBERT.NUM_ANSWERS) "
+                          f"but {dataset} has {len(answers)}")
+
+
 @register_task("vqa", default_arch="vlbert")
 def build_vqa_task(cfg: CfgNode, model, device: torch.device, eval_only: bool):
     from e2e_vl.data.collate import VLCollator
@@ -110,15 +116,22 @@ def build_vqa_task(cfg: CfgNode, model, device: torch.device, eval_only: bool):
 
     if "vqa" not in model.heads:
         raise ConfigError(f"TASK vqa needs a model with the vqa head, got {list(model.heads)}")
-    tokenizer, num_answers = model.tokenizer, model.heads["vqa"].num_answers
+    tokenizer, head = model.tokenizer, model.heads["vqa"]
     collate = VLCollator(pad_token_id=tokenizer.pad_token_id)
-    train_set = None if eval_only else _dataset(cfg, tokenizer, train=True)[0]
+    train_set = None
+    if not eval_only:
+        train_set, answers = _dataset(cfg, tokenizer, train=True)
+        _check_answer_count(head.num_answers, cfg.DATASETS.TRAIN, answers)
+        if cfg.MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS:
+            try:
+                head.init_from_answer_words(answers, tokenizer)
+            except ValueError as exc:
+                raise ConfigError(f"'MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS': {exc}") from None
+            logger.info("vqa classifier: %d rows from the answers' word embeddings", len(answers))
     evaluate = None
     if cfg.DATASETS.TEST:
         test_set, answers = _dataset(cfg, tokenizer, train=False)
-        if len(answers) != num_answers:
-            raise ConfigError(f"the model's vqa head has {num_answers} answers (MODEL.VLBERT.NUM_ANSWERS) "
-                              f"but {cfg.DATASETS.TEST} has {len(answers)}")
+        _check_answer_count(head.num_answers, cfg.DATASETS.TEST, answers)
         evaluate = VQAEvaluator(test_set, collate, cfg.TEST.IMS_PER_BATCH, device,
                                 AMP_DTYPES[cfg.SOLVER.AMP.DTYPE], answers,
                                 Path(cfg.OUTPUT_DIR) / f"{cfg.DATASETS.TEST}_results.json",
