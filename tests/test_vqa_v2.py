@@ -316,7 +316,8 @@ def test_test_dev_config_trains_on_train_and_val_as_vlbert():
 
 def test_paper_configs_are_vlbert_settings():
     """configs/vqa at VL-BERT's cfgs/vqa (base: 128 questions per step at 8e-5; large: 256 at 1.6e-4, 4
-    accumulation steps; both clip 1.0, 500 warm-up steps from 0, 5 epochs, one question per sample)."""
+    accumulation steps; both clip 1.0, 500 warm-up steps from 0, 5 epochs, one question per sample, the
+    classifier from the answers' words)."""
     from e2e_vl.config import load_train_cfg
 
     base = load_train_cfg(REPO / "configs" / "vqa" / "vlbert_base_e2e.yaml")
@@ -326,6 +327,13 @@ def test_paper_configs_are_vlbert_settings():
         assert (s.IMS_PER_BATCH, s.BASE_LR, s.GRAD_ACCUM_STEPS) == (batch, lr, accum)
         assert (s.CLIP_GRAD_NORM, s.WARMUP_ITERS, s.WARMUP_FACTOR, s.MAX_EPOCHS) == (1.0, 500, 0.0, 5.0)
         assert cfg.DATALOADER.QUESTIONS_PER_IMAGE == 1 and cfg.MODEL.VLBERT.NUM_ANSWERS == 3129
+    # CLASSIFIER_PRETRAINED: true in both of VL-BERT's VQA configs, and in every one of ours; not for
+    # the easy-VQA demo
+    for path in sorted((REPO / "configs" / "vqa").glob("*.yaml")):
+        assert load_train_cfg(path).MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS, path.name
+    for path in sorted((REPO / "configs" / "easy_vqa").glob("*.yaml")):
+        demo = load_train_cfg(path, ["MODEL.WEIGHTS", ""])  # stage 1's detector need not exist
+        assert not demo.MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS, path.name
 
 
 # -- vqa_v2_trainval: train2014 + val2014 as one training set ---------------------------------------------
