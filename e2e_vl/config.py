@@ -35,6 +35,11 @@ def _vlbert_defaults() -> dict:
         "HEADS": ["vqa"],
         # Size of the answer vocabulary of the vqa head (easy-VQA 13, VQA v2 3129); required with "vqa".
         "NUM_ANSWERS": 0,
+        # TASK vqa, when training starts: each row of the vqa head's classifier = the mean word-piece
+        # embedding of its answer (from the word table after BERT_PATH / INIT_FROM), bias 0; VL-BERT's
+        # CLASSIFIER_PRETRAINED, on in its VQA configs. It replaces a classifier INIT_FROM brought, as
+        # VL-BERT's did; --resume loads the checkpoint's over it. False: the Linear's random start.
+        "VQA_CLASSIFIER_FROM_WORDS": False,
         # Classes of the masked-RoI-classification target: the detector's stored distribution (VG: 1601).
         "NUM_MRC_CLASSES": 1601,
         # "pixel": zero the masked boxes' pixels before the backbone (VL-BERT); "feature": replace the
@@ -215,6 +220,11 @@ def _training_defaults() -> dict:
             "ANNOTATIONS_TRAIN": "",
             "QUESTIONS_TEST": "",
             "ANNOTATIONS_TEST": "",
+            # The second split of vqa_v2_trainval (val2014: VL-BERT trains its test-dev / test-std runs on
+            # train2014 + val2014), beside the *_TRAIN keys' split; no other data set reads them.
+            "QUESTIONS_VAL": "",
+            "ANNOTATIONS_VAL": "",
+            "IMAGE_DIR_VAL": "",
             "ANSWER_VOCAB": "",
             # RoI store (tools/extract_rois.py output) for VQA v2 boxes.
             "ROI_STORE": "",

@@ -23,7 +23,7 @@ from detector.config import ConfigError
 from e2e_vl.config import get_train_cfg
 from e2e_vl.data.collate import collate_samples
 from e2e_vl.modeling.hf import load_tokenizer
-from e2e_vl.modeling.registry import build_model
+from e2e_vl.modeling.registry import architectures, build_model
 from test_vlbert import NUM_CLASSES, VOCAB, capture_backbone_input, image_sample, tiny_detector_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -359,3 +359,31 @@ def test_easy_vqa_fine_tuning_learns(arch, bert_folder, tmp_path):
     assert len(losses) == 60 and 0.0 <= metrics["accuracy"] <= 1.0
     start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert end < 0.5 * start, losses
+
+
+
+# Every registered architecture, tiny (ViLBERT at the size of this file's BERT: one co-attention point).
+TINY = {"vlbert": [], "visualbert": [], "lxmert": [],
+        "vilbert": ["MODEL.VILBERT.V_HIDDEN_SIZE", "32", "MODEL.VILBERT.V_NUM_HIDDEN_LAYERS", "1",
+                    "MODEL.VILBERT.V_NUM_ATTENTION_HEADS", "2", "MODEL.VILBERT.V_INTERMEDIATE_SIZE", "64",
+                    "MODEL.VILBERT.BI_HIDDEN_SIZE", "32", "MODEL.VILBERT.BI_NUM_ATTENTION_HEADS", "2",
+                    "MODEL.VILBERT.V_BIATTENTION_ID", "[0]", "MODEL.VILBERT.T_BIATTENTION_ID", "[1]"]}
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_vqa_classifier_starts_from_the_model_s_own_word_embeddings(arch, bert_folder):
+    """MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS works on every architecture: each vqa head reads its text
+    stream, as wide as the word table (the model's only one) that its rows start from."""
+    # a new architecture joins this test; "region_classifier" is the detector alone (no text, no vqa head)
+    assert sorted(TINY) == sorted(set(architectures()) - {"region_classifier"})
+    model = build(arch, bert_folder, *TINY[arch])
+    (words,) = [p for name, p in model.named_parameters() if name.endswith("word_embeddings.weight")]
+    tokenizer = model.tokenizer
+    model.heads["vqa"].init_from_answer_words(["yes", "no", "red", "blue", "fire hydrant"], tokenizer)
+    pieces = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(a)) for a in ("yes", "no", "red", "blue")]
+    assert all(len(p) == 1 for p in pieces)
+    weight = model.heads["vqa"].classifier.weight
+    assert torch.equal(weight[:4], words[[p[0] for p in pieces]])
+    hydrant = tokenizer.convert_tokens_to_ids(["fire", "hydra", "##nt"])
+    torch.testing.assert_close(weight[4], words[hydrant].mean(0))
+    assert model(mixed_batch())["vqa_logits"].shape == (3, NUM_ANSWERS)

@@ -14,7 +14,7 @@ import torch
 
 from detector import image_sources as sources
 from detector.checkpoint import save_checkpoint
-from detector.config import load_cfg
+from detector.config import ConfigError, load_cfg
 from detector.modeling import build_detector
 from detector.roi_store import RoIRecord, RoIStore, RoIStoreWriter
 from e2e_vl.data.roi_records import MissingRoIRecordsError, require_roi_records
@@ -220,6 +220,10 @@ TRAIN = [(8560, 856, "what color is it?", ["red"] * 8 + ["blue"] * 2, "other"),
 VAL = [(10, 1, "is it blue?", ["no"] * 9 + ["yes"], "yes/no"),
        (770, 77, "what color?", ["red"] * 10, "other")]
 TEST_DEV = [(50, 5, "what color?", None, ""), (51, 5, "is it red?", None, ""), (60, 6, "how many?", None, "")]
+# The overrides that make val2014 the second training split of vqa_v2_trainval.
+VAL_SPLIT = ["DATASETS.QUESTIONS_VAL", "v2_OpenEnded_mscoco_val2014_questions.json",
+             "DATASETS.ANNOTATIONS_VAL", "v2_mscoco_val2014_annotations.json",
+             "DATASETS.IMAGE_DIR_VAL", "val2014"]
 
 
 def _vqa_root(root: Path) -> None:
@@ -271,6 +275,11 @@ def test_vqa_v2_from_extraction_with_coco_names_to_training_and_test_dev_results
     assert [r["question_id"] for r in submitted] == [50, 51, 60]
     assert all(r["answer"] in ("yes", "no", "red", "blue", "2") for r in submitted)
 
+    # VL-BERT's test-dev run: trained on train2014 + val2014; the final evaluation writes the results file.
+    run = tmp_path / "test_dev_run"
+    assert train_net.cli(_train_args(root, run, "DATASETS.TRAIN", "vqa_v2_trainval", *VAL_SPLIT, *dev)) == 0
+    check_results(json.loads((run / "vqa_v2_test_results.json").read_text()), [50, 51, 60])
+
 
 def test_missing_records_stop_the_run_before_training(tmp_path, train_net):
     root = tmp_path / "vqa"
@@ -288,18 +297,27 @@ def test_missing_records_stop_the_run_before_training(tmp_path, train_net):
     assert not (out / "metrics.jsonl").exists() and not list(out.glob("model_*.pth"))
 
 
-def test_test_dev_config_names_the_official_files():
+def test_test_dev_config_trains_on_train_and_val_as_vlbert():
+    """VL-BERT's test-dev runs train on train2014 + val2014 (cfgs/vqa/base_4x16G_fp32.yaml)."""
     from e2e_vl.config import load_train_cfg
 
     cfg = load_train_cfg(REPO / "configs" / "vqa" / "vlbert_base_e2e_test_dev.yaml")
-    assert cfg.DATASETS.TEST == "vqa_v2_test" and cfg.DATASETS.ANNOTATIONS_TEST == ""
-    assert cfg.DATASETS.QUESTIONS_TEST == "v2_OpenEnded_mscoco_test-dev2015_questions.json"
-    assert cfg.DATASETS.IMAGE_DIR_TEST == "test2015" and cfg.DATASETS.TRAIN == "vqa_v2_train"
+    d = cfg.DATASETS
+    assert d.TEST == "vqa_v2_test" and d.ANNOTATIONS_TEST == ""
+    assert d.QUESTIONS_TEST == "v2_OpenEnded_mscoco_test-dev2015_questions.json"
+    assert d.IMAGE_DIR_TEST == "test2015"
+    assert d.TRAIN == "vqa_v2_trainval"
+    assert (d.QUESTIONS_TRAIN, d.ANNOTATIONS_TRAIN, d.IMAGE_DIR_TRAIN) == (
+        "v2_OpenEnded_mscoco_train2014_questions.json", "v2_mscoco_train2014_annotations.json", "train2014")
+    assert (d.QUESTIONS_VAL, d.ANNOTATIONS_VAL, d.IMAGE_DIR_VAL) == (
+        "v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json", "val2014")
+    assert cfg.TEST.EVAL_PERIOD == 0  # nothing to select by on test-dev: one evaluation, at the end
 
 
 def test_paper_configs_are_vlbert_settings():
     """configs/vqa at VL-BERT's cfgs/vqa (base: 128 questions per step at 8e-5; large: 256 at 1.6e-4, 4
-    accumulation steps; both clip 1.0, 500 warm-up steps from 0, 5 epochs, one question per sample)."""
+    accumulation steps; both clip 1.0, 500 warm-up steps from 0, 5 epochs, one question per sample, the
+    classifier from the answers' words)."""
     from e2e_vl.config import load_train_cfg
 
     base = load_train_cfg(REPO / "configs" / "vqa" / "vlbert_base_e2e.yaml")
@@ -309,3 +327,177 @@ def test_paper_configs_are_vlbert_settings():
         assert (s.IMS_PER_BATCH, s.BASE_LR, s.GRAD_ACCUM_STEPS) == (batch, lr, accum)
         assert (s.CLIP_GRAD_NORM, s.WARMUP_ITERS, s.WARMUP_FACTOR, s.MAX_EPOCHS) == (1.0, 500, 0.0, 5.0)
         assert cfg.DATALOADER.QUESTIONS_PER_IMAGE == 1 and cfg.MODEL.VLBERT.NUM_ANSWERS == 3129
+    # CLASSIFIER_PRETRAINED: true in both of VL-BERT's VQA configs, and in every one of ours; not for
+    # the easy-VQA demo
+    for path in sorted((REPO / "configs" / "vqa").glob("*.yaml")):
+        assert load_train_cfg(path).MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS, path.name
+    for path in sorted((REPO / "configs" / "easy_vqa").glob("*.yaml")):
+        demo = load_train_cfg(path, ["MODEL.WEIGHTS", ""])  # stage 1's detector need not exist
+        assert not demo.MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS, path.name
+
+
+# -- vqa_v2_trainval: train2014 + val2014 as one training set ---------------------------------------------
+
+
+def _store(root: Path, image_ids: list[int]) -> None:
+    """An RoI store with one record per image (64 x 80, as `_image` writes them): box i of image n is
+    [n, i, n + 10, i + 10], so a record read for another image shows."""
+    records = [RoIRecord(str(n), "", 64, 80, boxes=np.array([[n, i, n + 10, i + 10] for i in range(2)],
+                                                              np.float32))
+               for n in image_ids]
+    with RoIStoreWriter(root / "rois", {"fingerprint": "test"}) as writer:
+        writer.write_batch(records)
+
+
+def _vqa_set(root: Path, name: str = "vqa_v2_trainval", *overrides: str, train: bool = True, limit: int = 0):
+    from e2e_vl.config import load_train_cfg
+    from e2e_vl.modeling.hf import load_tokenizer
+    from e2e_vl.tasks.vqa import VQA_DATASETS
+
+    cfg = load_train_cfg(REPO / "configs" / "vqa" / "tiny.yaml",
+                         ["DATASETS.ROOT", str(root), "MODEL.VLBERT.NUM_ANSWERS", "5", *overrides])
+    return VQA_DATASETS.build("DATASETS.TRAIN", name, cfg, load_tokenizer(), train, (64, 80), limit)
+
+
+def test_trainval_reads_both_splits_each_from_its_own_folder(tmp_path):
+    root = tmp_path / "vqa"
+    _vqa_root(root)
+    _store(root, [856, 9, 1, 77])
+    ds, vocab = _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT)
+    assert vocab == ["yes", "no", "red", "blue", "2"]
+    assert [q.question_id for q in ds.questions] == [8560, 8561, 90, 10, 770]  # train2014, then val2014
+    assert [q.image_id for q in ds.questions] == ["856", "856", "9", "1", "77"]
+    assert ds.questions[4].scores == {2: 1.0}  # val2014's "red" x 10, from its own annotations file
+    folder = {"856": "train2014", "9": "train2014", "1": "val2014", "77": "val2014"}
+    for image_id, split in folder.items():
+        image, boxes = ds.load_image(image_id)
+        expected = cv2.imread(str(root / split / f"COCO_{split}_{int(image_id):012d}.jpg"), cv2.IMREAD_COLOR)
+        np.testing.assert_array_equal(image, expected)
+        n = int(image_id)
+        np.testing.assert_array_equal(boxes, [[0, 0, 80, 64], [n, 0, n + 10, 10], [n, 1, n + 10, 11]])
+    assert sorted(len(ds[i]) for i in range(len(ds))) == [1, 1, 1, 2]  # one item per image
+    # A limit that ends inside train2014 needs no val2014 record.
+    (root / "rois").rename(root / "rois_all")
+    _store(root, [856])
+    assert [q.question_id for q in _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT, limit=2)[0].questions] == [
+        8560, 8561]
+
+
+def test_trainval_stops_on_ids_in_both_splits_and_on_missing_val_files(tmp_path):
+    from e2e_vl.data.catalog import DatasetError
+
+    root = tmp_path / "vqa"
+    _vqa_root(root)
+    _store(root, [856, 9, 1, 77])
+    val_q = "v2_OpenEnded_mscoco_val2014_questions.json"
+    # question id 90 is train2014's too
+    _official_files(root, "val2014", [*VAL, (90, 1, "what?", ["no"] * 10, "yes/no")])
+    with pytest.raises(DatasetError, match=rf"{val_q}: 1 question ids are also in .*train2014_questions.json "
+                                           r"\(e.g. 90\)"):
+        _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT)
+    # image 856 in both splits: its questions would share one image slot and one folder
+    _official_files(root, "val2014", [*VAL, (11, 856, "what?", ["no"] * 10, "yes/no")])
+    with pytest.raises(DatasetError, match=rf"{val_q}: 1 image ids are also in .*train2014_questions.json "
+                                           r"\(e.g. '856'\)"):
+        _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT)
+    # the same file given as both splits
+    with pytest.raises(DatasetError, match="3 question ids are also in"):
+        _vqa_set(root, "vqa_v2_trainval", "DATASETS.QUESTIONS_VAL",
+                 "v2_OpenEnded_mscoco_train2014_questions.json", "DATASETS.ANNOTATIONS_VAL",
+                 "v2_mscoco_train2014_annotations.json", "DATASETS.IMAGE_DIR_VAL", "train2014")
+    _official_files(root, "val2014", VAL)
+    # val2014's records missing: named by its questions file, before any training
+    (root / "rois").rename(root / "rois_all")
+    _store(root, [856, 9])
+    with pytest.raises(MissingRoIRecordsError, match=rf"{val_q}: 2 of 2 images have no record"):
+        _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT)
+    # with every record: a val2014 image file missing, then its annotations file
+    all_records = ["DATASETS.ROI_STORE", "rois_all"]
+    (root / "val2014" / "COCO_val2014_000000000077.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"1 of 2 images have no file in .*val2014 \(e.g. image ids '77'"):
+        _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT, *all_records)
+    (root / "v2_mscoco_val2014_annotations.json").unlink()
+    with pytest.raises(DatasetError, match=r"VQA file not found: .*v2_mscoco_val2014_annotations.json"):
+        _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT, *all_records)
+
+
+def test_val_keys_belong_to_trainval_only():
+    root = Path("unused")  # every error below comes before a file is opened
+    with pytest.raises(ConfigError, match="'DATASETS.QUESTIONS_VAL' must be set for vqa_v2_trainval"):
+        _vqa_set(root, "vqa_v2_trainval")
+    with pytest.raises(ConfigError, match="'DATASETS.ANNOTATIONS_VAL' must be set for vqa_v2_trainval"):
+        _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT[:2], *VAL_SPLIT[4:])
+    with pytest.raises(ConfigError, match="'DATASETS.QUESTIONS_VAL' is set but vqa_v2_train does not read"):
+        _vqa_set(root, "vqa_v2_train", *VAL_SPLIT)
+    with pytest.raises(ConfigError, match="vqa_v2_trainval is a training set"):
+        _vqa_set(root, "vqa_v2_trainval", *VAL_SPLIT, train=False)
+
+
+# -- the answer classifier from the answers' word embeddings (VL-BERT's CLASSIFIER_PRETRAINED) -------------
+def test_classifier_rows_are_the_mean_word_piece_embedding_of_each_answer():
+    from transformers import BertConfig
+
+    from e2e_vl.modeling.hf import load_tokenizer
+    from e2e_vl.modeling.heads import HEADS, HeadSpec
+
+    tokenizer = load_tokenizer()  # BERT's uncased word pieces
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(len(tokenizer), 8)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=8, num_attention_heads=2, intermediate_size=16)
+    head = HEADS["vqa"].build(HeadSpec(config, table, num_answers=3))
+    answers = ["yes", "2", "fire hydrant"]
+    assert tokenizer.tokenize("fire hydrant") == ["fire", "hydra", "##nt"]  # one answer, three pieces
+    row = {piece: table.weight[tokenizer.vocab[piece]] for piece in ("yes", "2", "fire", "hydra", "##nt")}
+    expected = torch.stack([row["yes"], row["2"], (row["fire"] + row["hydra"] + row["##nt"]) / 3])
+    assert not torch.allclose(head.classifier.weight, expected)
+    head.init_from_answer_words(answers, tokenizer)
+    torch.testing.assert_close(head.classifier.weight, expected)
+    assert torch.equal(head.classifier.bias, torch.zeros(3)) and head.classifier.weight.grad_fn is None
+    with torch.no_grad():
+        table.weight[tokenizer.vocab["yes"]] += 1.0  # read when called: the table as loaded by then
+    head.init_from_answer_words(answers, tokenizer)
+    torch.testing.assert_close(head.classifier.weight[0], row["yes"])
+
+    with pytest.raises(ValueError, match="2 answers for a vqa head of 3"):
+        head.init_from_answer_words(answers[:2], tokenizer)
+    with pytest.raises(ValueError, match="answer ' ' has no word pieces"):
+        head.init_from_answer_words(["yes", "2", " "], tokenizer)
+    narrow = HEADS["vqa"].build(HeadSpec(config, torch.nn.Embedding(len(tokenizer), 6), num_answers=3))
+    with pytest.raises(ValueError, match="word embeddings are 6 wide but the vqa classifier reads 8-d"):
+        narrow.init_from_answer_words(answers, tokenizer)
+
+
+def test_vqa_task_starts_the_classifier_from_the_training_answers(tmp_path):
+    """configs/vqa (tiny.yaml as vlbert_base_e2e.yaml) turn it on: the rows come from the model's word
+    table once the training set's answers are read; not for --eval-only (the checkpoint's are used) or
+    with the key off; an answer list of another size than the head's stops the run first."""
+    from e2e_vl.config import load_train_cfg
+    from e2e_vl.modeling.registry import build_model
+    from e2e_vl.tasks import get_task
+
+    root = tmp_path / "vqa"
+    _vqa_root(root)
+    _store(root, [856, 9, 1, 77])
+    task = get_task("vqa")
+
+    def model_and_task(*overrides: str, eval_only: bool = False):
+        cfg = load_train_cfg(REPO / "configs" / "vqa" / "tiny.yaml",
+                             ["DATASETS.ROOT", str(root), "MODEL.VLBERT.NUM_ANSWERS", "5", *overrides])
+        torch.manual_seed(0)
+        model = build_model(cfg, "vlbert")
+        start = model.heads["vqa"].classifier.weight.detach().clone()
+        task.build(cfg, model, torch.device("cpu"), eval_only)
+        return cfg, model, start
+
+    cfg, model, start = model_and_task()
+    assert cfg.MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS
+    words = model.bert.embeddings.word_embeddings.weight
+    ids = model.tokenizer.convert_tokens_to_ids(["yes", "no", "red", "blue", "2"])  # answers_vqa.txt
+    classifier = model.heads["vqa"].classifier
+    assert torch.equal(classifier.weight, words[ids]) and not classifier.bias.any()
+    for overrides, eval_only in (((), True), (("MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS", "False"), False)):
+        _, model, start = model_and_task(*overrides, eval_only=eval_only)
+        assert torch.equal(model.heads["vqa"].classifier.weight, start)
+    (root / "answers_vqa.txt").write_text("yes\nno\nred\nblue\n")
+    with pytest.raises(ConfigError, match=r"5 answers \(MODEL.VLBERT.NUM_ANSWERS\) but vqa_v2_train has 4"):
+        model_and_task()

@@ -9,6 +9,9 @@ VQA v2 targets follow the official accuracy (`e2e_vl.data.vqa_answers`): an answ
 10 annotators scores min(1, m/3), averaged over the 10 leave-one-annotator-out subsets, so the loss
 (binary cross-entropy on these soft scores) and the metric (the official accuracy of the predicted
 answer) agree. Image ids are decimal text, as the RoI store keys them (`detector.image_sources`).
+Several official splits can form one data set (VL-BERT trains for test-dev on train2014 + val2014):
+`join_splits` refuses ids that two splits share, and `SplitImageLoader` reads each image from its own
+split's folder.
 """
 from __future__ import annotations
 
@@ -232,3 +235,53 @@ class CocoImageLoader:
                                f"{record.width}x{record.height}: the store was extracted from other images")
         boxes = np.concatenate([np.array([[0, 0, w, h]], np.float32), record.boxes.astype(np.float32)])
         return image, boxes
+
+
+@dataclass
+class VQASplit:
+    """One official split as a data set reads it: its questions (from `questions_json`, which messages
+    name) and the folder of its images."""
+
+    questions_json: Path
+    image_dir: Path
+    questions: list[Question]
+
+
+def join_splits(splits: Sequence[VQASplit]) -> list[Question]:
+    """The questions of `splits`, in order, as one data set.
+
+    Why ids must not repeat across splits: questions are told apart by question id (results file,
+    evaluation) and images by image id (one image slot and one RoI record per id, one folder per split),
+    so a shared id would silently mix two questions or two images. A DatasetError names both files."""
+    seen: dict[str, dict[object, int]] = {"question ids": {}, "image ids": {}}
+    for i, split in enumerate(splits):
+        ids = {"question ids": list(dict.fromkeys(q.question_id for q in split.questions)),
+               "image ids": list(dict.fromkeys(str(q.image_id) for q in split.questions))}
+        for kind, owner in seen.items():
+            shared = [x for x in ids[kind] if x in owner]
+            if shared:
+                other = splits[owner[shared[0]]].questions_json
+                raise DatasetError(
+                    f"{split.questions_json}: {len(shared)} {kind} are also in {other} (e.g. "
+                    f"{', '.join(repr(x) for x in shared[:5])}); the splits of one data set must not share "
+                    "ids (the official train2014 and val2014 do not: is one file given twice?)")
+            owner.update(dict.fromkeys(ids[kind], i))
+    return [q for split in splits for q in split.questions]
+
+
+class SplitImageLoader:
+    """The images of several splits (`VQASplit`, ids unique across them: `join_splits`), each read from
+    its own split's folder by a `CocoImageLoader` built for the images `questions` ask about; a missing
+    file or RoI record is a DatasetError naming that split's questions file."""
+
+    def __init__(self, splits: Sequence[VQASplit], questions: Iterable[Question], roi_store):
+        owner = {str(q.image_id): i for i, split in enumerate(splits) for q in split.questions}
+        wanted: list[list[str]] = [[] for _ in splits]
+        for q in questions:
+            wanted[owner[str(q.image_id)]].append(str(q.image_id))
+        self._loaders = [CocoImageLoader(split.image_dir, roi_store, ids, str(split.questions_json))
+                         for split, ids in zip(splits, wanted)]
+        self._split_of = {image_id: i for i, ids in enumerate(wanted) for image_id in ids}
+
+    def __call__(self, image_id) -> tuple[np.ndarray, np.ndarray]:
+        return self._loaders[self._split_of[str(image_id)]](image_id)

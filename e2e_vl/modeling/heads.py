@@ -222,20 +222,50 @@ def labelled_regions(encoded: Encoded, batch: dict[str, Any]) -> torch.Tensor:
 
 @register_head("vqa")
 class AnswerHead(Head):
-    """VQA answer classifier on the [MASK] output: BERT transform -> Dropout -> Linear(h, num_answers)."""
+    """VQA answer classifier on the [MASK] output: BERT transform -> Dropout -> Linear(h, num_answers).
 
-    def __init__(self, config, num_answers: int, dropout: float = 0.1):
+    The head keeps a reference to the text encoder's word embeddings for `init_from_answer_words`, which
+    the VQA task calls once the answer vocabulary is known."""
+
+    def __init__(self, config, num_answers: int, word_embeddings: nn.Embedding, dropout: float = 0.1):
         super().__init__()
         self.num_answers = num_answers
         self.transform = BertPredictionHeadTransform(config)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, num_answers)
+        self.word_embeddings = [word_embeddings]  # a list: not registered twice in the state dict
 
     @classmethod
     def build(cls, spec: HeadSpec) -> "AnswerHead":
         if spec.num_answers < 1:
             raise ValueError(f"the vqa head needs the number of answers (>= 1), got {spec.num_answers}")
-        return cls(spec.config, spec.num_answers)
+        return cls(spec.config, spec.num_answers, spec.word_embeddings)
+
+    def init_from_answer_words(self, answers: Sequence[str], tokenizer: Any) -> None:
+        """Start the classifier as VL-BERT's CLASSIFIER_PRETRAINED does: row i of its weight = the mean of
+        the word-piece embeddings (`tokenizer.tokenize`) of `answers[i]`, from the word table as it is now
+        (after any checkpoint was loaded); bias 0, as VL-BERT initialises it.
+
+        Why: the transform is the MLM head's and the MLM output layer is this word table, so each
+        answer starts scored about as the masked-LM scores its words at the [MASK]. A ValueError when the
+        word table is not as wide as the hidden state the classifier reads (no architecture here has
+        that: every one reads its text stream, as wide as its word embeddings), when the number of
+        answers is not the head's, or when an answer has no word pieces."""
+        table = self.word_embeddings[0].weight.detach()
+        if table.shape[1] != self.classifier.in_features:
+            raise ValueError(f"the word embeddings are {table.shape[1]} wide but the vqa classifier reads "
+                             f"{self.classifier.in_features}-d states")
+        if len(answers) != self.num_answers:
+            raise ValueError(f"{len(answers)} answers for a vqa head of {self.num_answers}")
+        rows = []
+        for answer in answers:
+            ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(answer))
+            if not ids:
+                raise ValueError(f"answer {answer!r} has no word pieces")
+            rows.append(table[torch.tensor(ids, device=table.device)].mean(0))
+        with torch.no_grad():
+            self.classifier.weight.copy_(torch.stack(rows))
+            self.classifier.bias.zero_()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.transform(hidden)))

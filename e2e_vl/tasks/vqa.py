@@ -30,31 +30,65 @@ def _easy_vqa(name: str, cfg: CfgNode, tokenizer, train: bool, sizes: tuple[int,
     return ds, answer_vocab()
 
 
+# The keys naming one official split's files under DATASETS.ROOT: questions, annotations, image folder.
+TRAIN_KEYS = ("QUESTIONS_TRAIN", "ANNOTATIONS_TRAIN", "IMAGE_DIR_TRAIN")
+VAL_KEYS = ("QUESTIONS_VAL", "ANNOTATIONS_VAL", "IMAGE_DIR_VAL")
+TEST_KEYS = ("QUESTIONS_TEST", "ANNOTATIONS_TEST", "IMAGE_DIR_TEST")
+
+
 @VQA_DATASETS.register("vqa_v2_train", "vqa_v2_val", "vqa_v2_test")
 def _vqa_v2(name: str, cfg: CfgNode, tokenizer, train: bool, sizes: tuple[int, int], limit: int):
-    """The official VQA v2 files under DATASETS.ROOT. Every question's image must have a file in the
-    image folder and a record in DATASETS.ROI_STORE, checked here, before training. Without an
-    annotations file (test-dev / test-std) the evaluation only writes the results file."""
+    """The official VQA v2 files under DATASETS.ROOT: the *_TRAIN keys' split for training, the *_TEST
+    keys' for evaluation. Without an annotations file (test-dev / test-std) the evaluation only writes
+    the results file."""
+    if train:
+        stray = [k for k in VAL_KEYS if cfg.DATASETS[k]]
+        if stray:
+            raise ConfigError(f"'DATASETS.{stray[0]}' is set but {name} does not read it: the *_VAL keys are "
+                              "the second split of vqa_v2_trainval (set DATASETS.TRAIN vqa_v2_trainval, or "
+                              "clear them)")
+    return _vqa_v2_splits(name, cfg, tokenizer, train, sizes, limit, [TRAIN_KEYS if train else TEST_KEYS])
+
+
+@VQA_DATASETS.register("vqa_v2_trainval")
+def _vqa_v2_trainval(name: str, cfg: CfgNode, tokenizer, train: bool, sizes: tuple[int, int], limit: int):
+    """VL-BERT's training set for test-dev / test-std submissions (its TRAIN_IMAGE_SET
+    'train2014+val2014'): the *_TRAIN keys' split and the *_VAL keys' split together, each with its own
+    image folder, no question or image id in both. A training set only."""
+    if not train:
+        raise ConfigError(f"{name} is a training set (train2014 + val2014): evaluate on vqa_v2_val or "
+                          "vqa_v2_test (the *_TEST keys)")
+    return _vqa_v2_splits(name, cfg, tokenizer, train, sizes, limit, [TRAIN_KEYS, VAL_KEYS])
+
+
+def _vqa_v2_splits(name: str, cfg: CfgNode, tokenizer, train: bool, sizes: tuple[int, int], limit: int,
+                   split_keys: list[tuple[str, str, str]]):
+    """The data set of the splits `split_keys` names (questions, annotations, image folder keys). Every
+    question's image must have a file in its split's folder and a record in DATASETS.ROI_STORE, checked
+    here, before training."""
     from e2e_vl.data.roi_records import open_roi_store
-    from e2e_vl.data.vqa import CocoImageLoader, ImageQuestionsDataset, load_vqa_v2, read_answer_vocab
+    from e2e_vl.data.vqa import (ImageQuestionsDataset, SplitImageLoader, VQASplit, join_splits, load_vqa_v2,
+                                 read_answer_vocab)
 
     d = cfg.DATASETS
-    questions_key, ann_key, dir_key = (("QUESTIONS_TRAIN", "ANNOTATIONS_TRAIN", "IMAGE_DIR_TRAIN") if train
-                                       else ("QUESTIONS_TEST", "ANNOTATIONS_TEST", "IMAGE_DIR_TEST"))
-    for key in ("ANSWER_VOCAB", "ROI_STORE", questions_key, dir_key) + ((ann_key,) if train else ()):
+    required = ["ANSWER_VOCAB", "ROI_STORE"]
+    for questions_key, ann_key, dir_key in split_keys:
+        required += [questions_key, dir_key] + ([ann_key] if train else [])
+    for key in required:
         if not d[key]:
             raise ConfigError(f"'DATASETS.{key}' must be set for {name}")
     root = Path(d.ROOT)
     vocab = read_answer_vocab(root / d.ANSWER_VOCAB)
-    questions = load_vqa_v2(root / d[questions_key], (root / d[ann_key]) if d[ann_key] else None, vocab)
+    splits = [VQASplit(root / d[q], root / d[i],
+                       load_vqa_v2(root / d[q], (root / d[a]) if d[a] else None, vocab))
+              for q, a, i in split_keys]
+    questions = join_splits(splits)
     if limit > 0:
-        if not train and not d[ann_key] and limit < len(questions):
+        if not train and not d[split_keys[0][1]] and limit < len(questions):
             logger.warning("%s: TEST_LIMIT %d of %d questions: the results file is not a complete submission",
                            name, limit, len(questions))
         questions = questions[:limit]
-    store = open_roi_store(root / d.ROI_STORE)
-    loader = CocoImageLoader(root / d[dir_key], store, [q.image_id for q in questions],
-                             str(root / d[questions_key]))
+    loader = SplitImageLoader(splits, questions, open_roi_store(root / d.ROI_STORE))
     ds = ImageQuestionsDataset(questions, loader, tokenizer, len(vocab), *sizes, d.MAX_QUESTION_TOKENS,
                                cfg.DATALOADER.QUESTIONS_PER_IMAGE)
     return ds, vocab
@@ -68,6 +102,12 @@ def _dataset(cfg: CfgNode, tokenizer, train: bool):
     return VQA_DATASETS.build(key, name, cfg, tokenizer, train, sizes, limit)
 
 
+def _check_answer_count(num_answers: int, dataset: str, answers: list[str]) -> None:
+    if len(answers) != num_answers:
+        raise ConfigError(f"the model's vqa head has {num_answers} answers (MODEL.VLBERT.NUM_ANSWERS) "
+                          f"but {dataset} has {len(answers)}")
+
+
 @register_task("vqa", default_arch="vlbert")
 def build_vqa_task(cfg: CfgNode, model, device: torch.device, eval_only: bool):
     from e2e_vl.data.collate import VLCollator
@@ -76,15 +116,22 @@ def build_vqa_task(cfg: CfgNode, model, device: torch.device, eval_only: bool):
 
     if "vqa" not in model.heads:
         raise ConfigError(f"TASK vqa needs a model with the vqa head, got {list(model.heads)}")
-    tokenizer, num_answers = model.tokenizer, model.heads["vqa"].num_answers
+    tokenizer, head = model.tokenizer, model.heads["vqa"]
     collate = VLCollator(pad_token_id=tokenizer.pad_token_id)
-    train_set = None if eval_only else _dataset(cfg, tokenizer, train=True)[0]
+    train_set = None
+    if not eval_only:
+        train_set, answers = _dataset(cfg, tokenizer, train=True)
+        _check_answer_count(head.num_answers, cfg.DATASETS.TRAIN, answers)
+        if cfg.MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS:
+            try:
+                head.init_from_answer_words(answers, tokenizer)
+            except ValueError as exc:
+                raise ConfigError(f"'MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS': {exc}") from None
+            logger.info("vqa classifier: %d rows from the answers' word embeddings", len(answers))
     evaluate = None
     if cfg.DATASETS.TEST:
         test_set, answers = _dataset(cfg, tokenizer, train=False)
-        if len(answers) != num_answers:
-            raise ConfigError(f"the model's vqa head has {num_answers} answers (MODEL.VLBERT.NUM_ANSWERS) "
-                              f"but {cfg.DATASETS.TEST} has {len(answers)}")
+        _check_answer_count(head.num_answers, cfg.DATASETS.TEST, answers)
         evaluate = VQAEvaluator(test_set, collate, cfg.TEST.IMS_PER_BATCH, device,
                                 AMP_DTYPES[cfg.SOLVER.AMP.DTYPE], answers,
                                 Path(cfg.OUTPUT_DIR) / f"{cfg.DATASETS.TEST}_results.json",
