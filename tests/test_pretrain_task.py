@@ -131,16 +131,22 @@ def test_epoch_loader_sets_the_data_set_epoch_so_masks_change():
     assert loader.next() == [1, 1]
 
 
-def test_mrc_class_count_differing_from_the_roi_store_fails_before_training(tmp_path, train_net):
+def _refused_before_training(tmp_path: Path, train_net, *extra: str) -> tuple[Path, str]:
+    """Run 2 steps on the caption fixture with `extra` overrides; the run must stop with exit 2 before
+    training. Returns the data root and the run's log."""
     root, out = tmp_path / "data", tmp_path / "run"
     root.mkdir()
     _write_caption_data(root)
-    args = [*_overrides(root, out, max_iter=2), "MODEL.VLBERT.NUM_MRC_CLASSES", "7"]
-    assert train_net.cli(args) == 2
+    assert train_net.cli([*_overrides(root, out, max_iter=2), *extra]) == 2
     log = (out / "log.txt").read_text()
+    assert not list(out.glob("model_*.pth")) and "training 2 steps" not in log
+    return root, log
+
+
+def test_mrc_class_count_differing_from_the_roi_store_fails_before_training(tmp_path, train_net):
+    root, log = _refused_before_training(tmp_path, train_net, "MODEL.VLBERT.NUM_MRC_CLASSES", "7")
     assert (f"MODEL.VLBERT.NUM_MRC_CLASSES is 7 but the RoI store {root / 'rois'} holds class distributions "
             f"over {NUM_CLASSES} classes" in log)
-    assert not list(out.glob("model_*.pth")) and "training 2 steps" not in log
 
 
 @pytest.mark.parametrize("key,name", [("DATASETS.TRAIN", "captions_val"), ("DATASETS.TEST", "easy_vqa_test")])
@@ -159,11 +165,6 @@ def test_an_unknown_data_set_name_fails_naming_the_key_and_the_known_names(key, 
 
 
 def test_a_missing_caption_file_fails_before_training_naming_the_file(tmp_path, train_net):
-    root, out = tmp_path / "data", tmp_path / "run"
-    root.mkdir()
-    _write_caption_data(root)
-    args = [*_overrides(root, out, max_iter=2), "DATASETS.CAPTIONS_TRAIN", "captions_train2017.json"]
-    assert train_net.cli(args) == 2
-    log = (out / "log.txt").read_text()
+    root, log = _refused_before_training(tmp_path, train_net, "DATASETS.CAPTIONS_TRAIN",
+                                         "captions_train2017.json")
     assert f"caption file not found: {root / 'captions_train2017.json'}" in log
-    assert not list(out.glob("model_*.pth")) and "training 2 steps" not in log
