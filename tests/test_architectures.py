@@ -14,6 +14,7 @@ from typing import Callable
 
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import load_file, save_file
 from transformers import (BertConfig, BertModel, LxmertConfig, LxmertForPreTraining, VisualBertConfig,
                           VisualBertForPreTraining)
@@ -387,3 +388,34 @@ def test_vqa_classifier_starts_from_the_model_s_own_word_embeddings(arch, bert_f
     hydrant = tokenizer.convert_tokens_to_ids(["fire", "hydra", "##nt"])
     torch.testing.assert_close(weight[4], words[hydrant].mean(0))
     assert model(mixed_batch())["vqa_logits"].shape == (3, NUM_ANSWERS)
+
+
+def test_build_model_checks_the_model_interface_by_attribute(monkeypatch):
+    """`heads` is a submodule (kept in nn.Module's `_modules`): it must count as present on every Python
+    (3.12's static protocol look-up missed it and refused VL-BERT on the GPU machine), and a model without
+    a member is refused by the member's name."""
+    from e2e_vl.modeling import registry
+
+    class Complete(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokenizer = None
+            self.heads = nn.ModuleDict({"vqa": nn.Linear(2, 2)})
+
+        def parameter_kind(self, name: str) -> str:
+            return "head"
+
+        def enable_gradient_checkpointing(self) -> None:
+            pass
+
+    class NoHeads(Complete):
+        def __init__(self):
+            super().__init__()
+            del self.heads
+
+    monkeypatch.setitem(registry.MODELS, "complete", lambda cfg: Complete())
+    monkeypatch.setitem(registry.MODELS, "no_heads", lambda cfg: NoHeads())
+    cfg = get_train_cfg()
+    assert isinstance(build_model(cfg, "complete"), Complete)
+    with pytest.raises(TypeError, match=r"NoHeads, which lacks VLModel's members \['heads'\]"):
+        build_model(cfg, "no_heads")

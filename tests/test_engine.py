@@ -24,7 +24,8 @@ sys.path.insert(0, str(REPO))
 
 from e2e_vl.config import get_train_cfg  # noqa: E402
 from e2e_vl import distributed as du  # noqa: E402
-from e2e_vl.engine.checkpoint import Checkpointer, load_checkpoint_file  # noqa: E402
+from e2e_vl.engine.checkpoint import (  # noqa: E402
+    Checkpointer, capture_rng_state, load_checkpoint_file, restore_rng_state)
 from e2e_vl.engine.logger import setup_logging  # noqa: E402
 from e2e_vl.engine.optim import build_optimizer, lr_factor  # noqa: E402
 from e2e_vl.engine.sampler import EpochLoader, ResumableBatchSampler  # noqa: E402
@@ -161,6 +162,24 @@ def _final_weights(out: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_rng_state_restores_after_loading_onto_the_training_device(tmp_path, device):
+    """--resume loads a checkpoint onto MODEL.DEVICE, so the stored RNG tensors arrive there; every
+    generator (python, numpy, torch, cuda) must still restore and replay the same draws."""
+    import random
+
+    import numpy as np
+
+    if device == "cuda":
+        torch.zeros(1, device="cuda")  # initialise CUDA so its generator is captured too
+    torch.save({"rng": capture_rng_state()}, tmp_path / "rng.pth")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item(),
+                torch.rand(1, device=device).item())
+    restore_rng_state(torch.load(tmp_path / "rng.pth", map_location=device, weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item(),
+            torch.rand(1, device=device).item()) == expected
+
+
 def test_sigkill_then_resume_is_bit_exact(tmp_path):
     ref = _run(["--out", str(tmp_path / "ref"), "DATALOADER.NUM_WORKERS", "1"])
     assert ref.returncode == 0, ref.stderr

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -16,7 +16,6 @@ from torch import nn
 from detector.config import CfgNode, ConfigError
 
 
-@runtime_checkable
 class VLModel(Protocol):
     # The text side's tokenizer (None for a model without text); tasks encode their text with it.
     tokenizer: Any
@@ -32,6 +31,10 @@ class VLModel(Protocol):
     def enable_gradient_checkpointing(self) -> None:
         """Trade compute for memory (SOLVER.GRADIENT_CHECKPOINTING); raise ConfigError if unsupported."""
 
+
+# Checked with hasattr, not a runtime_checkable isinstance: from Python 3.12 that looks members up
+# statically, which misses the submodules nn.Module keeps in `_modules` (a ModuleDict `heads`).
+_VLMODEL_MEMBERS = (*VLModel.__annotations__, *(n for n in vars(VLModel) if not n.startswith("_")))
 
 ModelBuilder = Callable[[CfgNode], nn.Module]
 MODELS: dict[str, ModelBuilder] = {}
@@ -66,7 +69,8 @@ def build_model(cfg: CfgNode, arch: str) -> nn.Module:
         raise ConfigError(f"'MODEL.ARCH' {arch!r} is not a registered architecture; expected one of "
                           f"{sorted(MODELS)}")
     model = MODELS[arch](cfg)
-    if not isinstance(model, VLModel):
+    missing = [name for name in _VLMODEL_MEMBERS if not hasattr(model, name)]
+    if missing:
         raise TypeError(f"architecture {arch!r} built a {type(model).__name__}, which lacks VLModel's "
-                        "members")
+                        f"members {missing}")
     return model.to(torch.device(cfg.MODEL.DEVICE)).train()
