@@ -13,8 +13,12 @@ held-out captions; prior colour 0.250, shape 0.735): with the image colour 1.000
 Before the 128 px / box-code changes, a new machine gave shape 0.71 with the image, under the 0.735 prior.
 Probe seed 1 on the same export (a perturbation of the kind another machine's float order would make):
 with the image 1.000 / 1.000, pixels zeroed 0.250 / 0.735 (the prior exactly), text only 0.140 / 0.735:
-the smallest margin is 0.08 (zeroed and text-only shape, zeroed colour). Probe seeds 2-4 and stage-1
-exports of other thread counts were not measured; the test runs only the pinned configuration above.
+the smallest margin is 0.08 (zeroed and text-only shape, zeroed colour). Probe seeds 2, 3, 4 (1 thread)
+and seed 0 at 2 threads on the same export, image / pixels zeroed / text only, colour then shape:
+seed 2 1.000 / 0.150 / 0.150, 1.000 / 0.740 / 0.345; seed 3 1.000 / 0.250 / 0.110, 1.000 / 0.700 / 0.655;
+seed 4 1.000 / 0.245 / 0.150, 1.000 / 0.670 / 0.735; seed 0 at 2 threads 1.000 / 0.245 / 0.130,
+1.000 / 0.650 / 0.705. Smallest margin over all six probe runs: 0.075 (seed 2, pixels zeroed, shape).
+Stage-1 exports of other thread counts were not measured; the test runs only the pinned configuration.
 """
 from __future__ import annotations
 
