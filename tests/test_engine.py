@@ -161,7 +161,6 @@ def _final_weights(out: Path) -> dict:
     return load_checkpoint_file(steps[-1][1])["model"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_rng_state_restores_after_loading_onto_the_training_device(tmp_path, device):
     """--resume loads a checkpoint onto MODEL.DEVICE, so the stored RNG tensors arrive there; every
@@ -180,6 +179,7 @@ def test_rng_state_restores_after_loading_onto_the_training_device(tmp_path, dev
             torch.rand(1, device=device).item()) == expected
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_exact(tmp_path):
     ref = _run(["--out", str(tmp_path / "ref"), "DATALOADER.NUM_WORKERS", "1"])
     assert ref.returncode == 0, ref.stderr
