@@ -53,6 +53,10 @@ def _vlbert_defaults() -> dict:
         # visual_scale_text_init / visual_scale_object_init; 0 = that visual term starts switched off).
         "VISUAL_SCALE_TEXT_INIT": 0.0,
         "VISUAL_SCALE_OBJECT_INIT": 0.0,
+        # The region whose object feature is added to every text token when the data grounds no word in a
+        # region (VCR's text_region_index does, and wins): 0 = the whole image (VL-BERT). Every sample with
+        # an image must have this region, or the step stops naming it.
+        "TEXT_REGION": 0,
         # "running": standardise the detector's appearance features per channel with running statistics
         # before the object projection (for detectors not trained on the data; see RunningStandardize).
         "APPEARANCE_NORM": "none",

@@ -168,6 +168,24 @@ def test_embeddings_of_text_and_region_tokens():
     torch.testing.assert_close(emb["inputs_embeds"][1, :4], expect_text_only)
 
 
+def test_text_region_option_gives_text_tokens_that_regions_feature_and_checks_it_exists():
+    model = tiny_model(text_region=1).eval()
+    switch_on_visual_norms(model)
+    batch = collate_samples([image_sample(num_boxes=3, text_len=5), image_sample(num_boxes=2, text_len=4)])
+    emb = model.embed(batch)
+    objects, _ = model.encode_regions(batch)
+    words = model.bert.embeddings.word_embeddings(batch["input_ids"])
+    for b, length in ((0, 5), (1, 4)):
+        torch.testing.assert_close(emb["inputs_embeds"][b, :length],
+                                   words[b, :length] + model.visual_norms.text(objects[b, 1]))
+    with pytest.raises(ValueError, match="TEXT_REGION 1: a sample of this batch has no region 1"):
+        model.embed(collate_samples([image_sample(num_boxes=3), image_sample(num_boxes=1)]))
+    with pytest.raises(ValueError, match="TEXT_REGION 3"):
+        tiny_model(text_region=3).embed(batch)
+    with pytest.raises(ValueError, match="expected a region index >= 0, got -1"):
+        tiny_model(text_region=-1)
+
+
 def capture_backbone_input(model: VLBert) -> list:
     seen = []
     model.detector.backbone.register_forward_pre_hook(

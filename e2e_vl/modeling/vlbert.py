@@ -93,8 +93,12 @@ class VLBert(RegionEncoder):
         visual_scale_text_init: float = 0.0,
         visual_scale_object_init: float = 0.0,
         appearance_norm: str = "none",
+        text_region: int = 0,
     ):
         check_heads(heads, num_answers)
+        if text_region < 0:
+            raise ValueError(f"MODEL.VLBERT.TEXT_REGION: expected a region index >= 0, got {text_region}")
+        self.text_region = text_region
         super().__init__(detector, masking=masking, freeze_detector=freeze_detector)
         self.bert = bert
         self.tokenizer = tokenizer
@@ -151,7 +155,8 @@ class VLBert(RegionEncoder):
             sample_objects = objects[slot]  # [B, K, h]
             region_valid = valid[slot] & has_image[:, None]
             text_visual = torch.where(
-                has_image[:, None, None], token_region_features(sample_objects, batch, t_len),
+                has_image[:, None, None],
+                token_region_features(sample_objects, batch, t_len, region_valid, self.text_region),
                 self.text_only_visual.to(words.dtype),
             )
             region_word = self.img_token.to(words.dtype).expand(bsz, objects.shape[1], hidden)
@@ -252,6 +257,7 @@ def build_vlbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> VLBer
         visual_scale_text_init=v.VISUAL_SCALE_TEXT_INIT,
         visual_scale_object_init=v.VISUAL_SCALE_OBJECT_INIT,
         appearance_norm=v.APPEARANCE_NORM,
+        text_region=v.TEXT_REGION,
     )
     if not v.BERT_RANDOM_INIT:
         load_mlm_head_weights(model.heads, v.BERT_PATH)
