@@ -127,6 +127,9 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
         "MODEL.VLBERT.HEADS", "['mlm', 'mrc']",
         "MODEL.VLBERT.NUM_MRC_CLASSES", str(24 + 1),
         "SOLVER.FREEZE_PARAMS", "[]",  # the MLM decoder is tied to the word embeddings: they must train
+        # VL-BERT's pre-training: text tokens see the whole image (the demo's fine-tuning gives them the
+        # shape box); the margins in tests/test_pretrain_learning.py were measured so.
+        "MODEL.VLBERT.TEXT_REGION", "0",
         "SOLVER.MAX_ITER", str(args.steps),
         "SOLVER.IMS_PER_BATCH", str(args.batch_size),
         "SEED", str(args.seed),
