@@ -98,8 +98,8 @@ class VLBert(RegionEncoder):
         check_heads(heads, num_answers)
         if text_region < 0:
             raise ValueError(f"MODEL.VLBERT.TEXT_REGION: expected a region index >= 0, got {text_region}")
-        self.text_region = text_region
         super().__init__(detector, masking=masking, freeze_detector=freeze_detector)
+        self.text_region = text_region
         self.bert = bert
         self.tokenizer = tokenizer
         config = bert.config
