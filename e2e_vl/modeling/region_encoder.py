@@ -59,23 +59,28 @@ def build_trained_detector(cfg: CfgNode) -> GeneralizedRCNN:
 
 
 def token_region_features(sample_objects: torch.Tensor, batch: dict[str, Any], text_len: int,
-                          region_valid: torch.Tensor, default_region: int = 0) -> torch.Tensor:
+                          default_region: int = 0) -> torch.Tensor:
     """The object feature of the region each text token is grounded in, `[B, T, h]`, from the per-sample
     object features `[B, K, h]`: region `text_region_index[b, t]` (VCR's object references), or region
-    `default_region` for every token when the batch has no such index (VL-BERT: 0, the whole image).
-
-    A sample that has an image but no region `default_region` is an error, not a padding feature."""
+    `default_region` for every token when the batch has no such index (VL-BERT: 0, the whole image)."""
     index = batch.get("text_region_index")
     if index is None:
-        has_image = region_valid.any(1)
-        present = default_region < sample_objects.shape[1]
-        if not present or not bool(region_valid[has_image, default_region].all()):
-            raise ValueError(
-                f"MODEL.VLBERT.TEXT_REGION {default_region}: a sample of this batch has no region "
-                f"{default_region} (regions per sample: {region_valid.sum(1).tolist()})")
         return sample_objects[:, default_region:default_region + 1].expand(-1, text_len, -1)
     index = index.to(sample_objects.device)[..., None].expand(-1, -1, sample_objects.shape[-1])
     return sample_objects.gather(1, index)
+
+
+def check_text_region(batch: dict[str, Any], default_region: int) -> None:
+    """A sample that has an image but no region `default_region` (when the batch grounds no word itself)
+    is an error, not a padding feature. Checked on the collated CPU box lists, so a GPU step does not
+    wait on the device for it."""
+    if batch.get("text_region_index") is not None:
+        return
+    counts = [len(b) for b in batch["boxes"]]
+    per_sample = [counts[i] if i >= 0 else None for i in batch["sample_image_index"].tolist()]
+    if any(n is not None and n <= default_region for n in per_sample):
+        raise ValueError(f"MODEL.VLBERT.TEXT_REGION {default_region}: a sample of this batch has no region "
+                         f"{default_region} (regions per sample: {per_sample})")
 
 
 class RegionEncoder(nn.Module):

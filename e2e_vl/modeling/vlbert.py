@@ -20,7 +20,8 @@ from e2e_vl.modeling.embeddings import VisualLayerNorms
 from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads, check_heads
 from e2e_vl.modeling.hf import (extend_token_types, load_bert, load_mlm_head_weights,
                                 load_pretrained_head_weights, load_tokenizer)
-from e2e_vl.modeling.region_encoder import RegionEncoder, build_trained_detector, token_region_features
+from e2e_vl.modeling.region_encoder import (RegionEncoder, build_trained_detector, check_text_region,
+                                            token_region_features)
 from e2e_vl.modeling.registry import register_model
 from e2e_vl.modeling.vlbert_weights import init_vlbert_weights
 
@@ -150,13 +151,14 @@ class VLBert(RegionEncoder):
         words = self.bert.embeddings.word_embeddings(ids)
 
         if bool(has_image.any()):
+            check_text_region(batch, self.text_region)
             objects, valid = self.encode_regions(batch)  # [N, K, h], [N, K]
             slot = image_index.clamp(min=0)
             sample_objects = objects[slot]  # [B, K, h]
             region_valid = valid[slot] & has_image[:, None]
             text_visual = torch.where(
                 has_image[:, None, None],
-                token_region_features(sample_objects, batch, t_len, region_valid, self.text_region),
+                token_region_features(sample_objects, batch, t_len, self.text_region),
                 self.text_only_visual.to(words.dtype),
             )
             region_word = self.img_token.to(words.dtype).expand(bsz, objects.shape[1], hidden)
