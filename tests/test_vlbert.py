@@ -544,3 +544,47 @@ def test_region_classifier_trains_trunk_and_class_scores_and_checks_labels():
     samples[0]["region_labels"] = torch.tensor([0, NUM_CLASSES - 1, 1])  # index C is background: not a label
     with pytest.raises(ValueError, match=r"region_labels must lie in \[-1, 9\]"):
         model(collate_region_samples(samples))
+
+
+def test_mlm_head_loads_old_gamma_beta_names_and_refuses_a_partial_head(tmp_path):
+    """bert-base-uncased's own files name LayerNorm tensors gamma/beta (TF conversion); transformers renames
+    them for the encoder, and the MLM head, read tensor by tensor, must too rather than keep its init."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertForMaskedLM
+
+    from detector.checkpoint import CheckpointError
+    from e2e_vl.modeling.heads import MLMHead
+    from e2e_vl.modeling.hf import load_bert, load_mlm_head_weights
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    source = BertForMaskedLM(config)
+    with torch.no_grad():
+        for p in source.cls.predictions.transform.LayerNorm.parameters():
+            p.uniform_(-1, 1)
+
+    def folder(name: str, edit) -> str:
+        path = tmp_path / name
+        source.save_pretrained(path)
+        tensors = load_file(path / "model.safetensors")
+        old_names = {"LayerNorm.weight": "LayerNorm.gamma", "LayerNorm.bias": "LayerNorm.beta"}
+        for new_name, old_name in old_names.items():
+            tensors = {k.replace(new_name, old_name): v for k, v in tensors.items()}
+        edit(tensors)
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        return str(path)
+
+    old = folder("old_names", lambda t: None)
+    assert torch.equal(load_bert(old).embeddings.LayerNorm.weight, source.bert.embeddings.LayerNorm.weight)
+    heads = {"mlm": MLMHead(config, torch.nn.Embedding(50, 16))}
+    used = load_mlm_head_weights(heads, old)
+    assert "transform.LayerNorm.weight" in used and "transform.LayerNorm.bias" in used
+    expected = source.cls.predictions.transform.LayerNorm
+    assert torch.equal(heads["mlm"].transform.LayerNorm.weight, expected.weight)
+    assert torch.equal(heads["mlm"].transform.LayerNorm.bias, expected.bias)
+    assert torch.equal(heads["mlm"].bias, source.cls.predictions.bias)
+
+    partial = folder("partial", lambda t: t.pop("cls.predictions.transform.dense.weight"))
+    with pytest.raises(CheckpointError, match="transform.dense.weight"):
+        load_mlm_head_weights({"mlm": MLMHead(config, torch.nn.Embedding(50, 16))}, partial)

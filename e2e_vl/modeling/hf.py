@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 from typing import Any, Mapping
 
 import torch
@@ -77,16 +78,29 @@ def load_bert(path: str = "", random_init: bool = False) -> BertModel:
     return bert
 
 
+_OLD_LAYER_NORM = re.compile(r"LayerNorm\.(gamma|beta)$")
+
+
+def modern_bert_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with LayerNorm `gamma`/`beta` renamed `weight`/`bias`. Files converted from BERT's TensorFlow
+    release (bert-base-uncased's own among them) use the old names; transformers renames them when it
+    loads a model, so code that reads the tensors itself must too, or those LayerNorms keep their init."""
+    new = {"gamma": "weight", "beta": "bias"}
+    return {_OLD_LAYER_NORM.sub(lambda m: f"LayerNorm.{new[m[1]]}", k): v for k, v in state.items()}
+
+
 def load_mlm_head_weights(heads: Mapping[str, nn.Module], path: str) -> list[str]:
     """Fill the "mlm" head (if any) from BERT's `cls.predictions.*` when the checkpoint has them; returns
-    the keys used."""
+    the keys used. The head is filled whole or not at all: a checkpoint with only part of it, or with a
+    tensor the head has no place for, is a CheckpointError naming the tensors."""
     if "mlm" not in heads:
         return []
-    state = _read_checkpoint_tensors(resolve_bert_path(path), prefix="cls.predictions.")
+    folder = resolve_bert_path(path)
+    state = modern_bert_names(_read_checkpoint_tensors(folder, prefix="cls.predictions."))
     mapped = {k[len("cls.predictions.") :]: v for k, v in state.items()}
     mapped = {k: v for k, v in mapped.items() if k == "bias" or k.startswith("transform.")}
     if mapped:
-        heads["mlm"].load_state_dict(mapped, strict=False)
+        load_state_dict_checked(heads["mlm"], mapped, strict=True, source=f"cls.predictions.* of {folder}")
     return sorted(mapped)
 
 

@@ -28,7 +28,8 @@ from detector.checkpoint import CheckpointError, read_checkpoint
 from detector.config import CfgNode, ConfigError
 from detector.modeling import GeneralizedRCNN
 from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads, check_heads
-from e2e_vl.modeling.hf import check_vocabulary, load_bert, load_pretrained_heads, load_tokenizer
+from e2e_vl.modeling.hf import (check_vocabulary, load_bert, load_pretrained_heads, load_tokenizer,
+                               modern_bert_names)
 from e2e_vl.modeling.hf_region_model import ModelOptions
 from e2e_vl.modeling.region_encoder import RegionEncoder, build_trained_detector, pad_per_image
 from e2e_vl.modeling.registry import register_model
@@ -400,10 +401,7 @@ def load_vilbert_weights(model: ViLBert, path: str | os.PathLike) -> dict[str, l
     pickle. Tensors with no place here (pre-training and task heads: cls.bi_seq_relationship,
     cls.imagePredictions.*, vil_prediction.* ...) are logged and returned as "unmapped"."""
     path = os.fspath(path)
-    # Old BERT names of the LayerNorm tensors (gamma, beta), as ViLBERT's own loader accepts them.
-    old_names = {"gamma": "weight", "beta": "bias"}
-    state = {re.sub(r"LayerNorm\.(gamma|beta)$", lambda m: f"LayerNorm.{old_names[m[1]]}", key): tensor
-             for key, tensor in read_checkpoint(path)[0].items()}
+    state = modern_bert_names(read_checkpoint(path)[0])  # ViLBERT's own loader accepts gamma/beta too
     modules: dict[str, nn.Module] = {part: getattr(model, part) for part in STREAM_PARTS}
     if "mlm" in model.heads and any(k.startswith("cls.predictions.") for k in state):
         modules["heads.mlm"] = model.heads["mlm"]
