@@ -53,8 +53,10 @@ def encode_vqa_text(tokenizer, text: str, max_question_tokens: int) -> dict:
     `max_question_tokens` word pieces): input_ids, token_type_ids and answer_pos, the index of the
     [MASK] whose output the answer head reads.
 
-    All of it is segment 0, as in VL-BERT's VQA: the answer slot is not a second text, and this is the
-    one layout both training and the model tests use."""
+    All of it is segment 0. VL-BERT's VQA (`prepare_text_from_qa`) puts `[MASK] [SEP]` in segment 1, so a
+    released VL-BERT VQA model sees other segment ids here than it was fine-tuned with: a known divergence,
+    kept until the demo's seed table is re-measured with segment 1 (the README's easy-VQA numbers are
+    for segment 0)."""
     pieces = tokenizer(text, add_special_tokens=False)["input_ids"][:max_question_tokens]
     ids = [tokenizer.cls_token_id, *pieces, tokenizer.sep_token_id, tokenizer.mask_token_id,
            tokenizer.sep_token_id]
