@@ -233,6 +233,9 @@ def _training_defaults() -> dict:
             # RoI store (tools/extract_rois.py output) for VQA v2 boxes.
             "ROI_STORE": "",
             "MAX_QUESTION_TOKENS": 16,
+            # Segment of the VQA text's `[MASK] [SEP]` (the question's is 0): VL-BERT's 1, which its released
+            # VQA models were fine-tuned with. The easy-VQA demo keeps the 0 its seed table was measured with.
+            "ANSWER_SEGMENT": 1,
             # VCR (TASK vcr): train.jsonl / val.jsonl / test.jsonl under ROOT, images and metadata json under
             # IMAGE_DIR_TRAIN / IMAGE_DIR_TEST (vcr1images).
             "VCR": {
@@ -326,6 +329,8 @@ def validate_train_cfg(cfg: CfgNode) -> None:
                           "MODEL.WEIGHTS \"\")")
     if cfg.MODEL.VLBERT.INIT_FROM and not os.path.isfile(cfg.MODEL.VLBERT.INIT_FROM):
         raise ConfigError(f"'MODEL.VLBERT.INIT_FROM' {cfg.MODEL.VLBERT.INIT_FROM} does not exist")
+    if cfg.DATASETS.ANSWER_SEGMENT not in (0, 1):  # 2 is the regions' segment
+        raise ConfigError(f"'DATASETS.ANSWER_SEGMENT' must be 0 or 1, got {cfg.DATASETS.ANSWER_SEGMENT}")
     s = cfg.SOLVER
     positive = {"SOLVER.IMS_PER_BATCH": s.IMS_PER_BATCH, "SOLVER.GRAD_ACCUM_STEPS": s.GRAD_ACCUM_STEPS,
                 "SOLVER.CHECKPOINT_KEEP_LAST": s.CHECKPOINT_KEEP_LAST,

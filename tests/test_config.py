@@ -146,3 +146,15 @@ def test_config_library_knows_no_keys():
     assert config.CfgNode is cfgnode.CfgNode and config.ConfigError is cfgnode.ConfigError
     assert ({"get_cfg", "load_cfg", "load_yaml_with_base", "check_choices", "validate_detector_cfg"}
             <= set(dir(config)))
+
+
+def test_answer_segment_is_vlbert_s_for_vqa_v2_and_the_measured_one_for_the_demo():
+    from e2e_vl.config import load_train_cfg
+
+    def segment(config: str) -> int:  # no weights: a fresh clone has not written the demo's detector yet
+        return load_train_cfg(REPO / "configs" / config, ["MODEL.WEIGHTS", ""]).DATASETS.ANSWER_SEGMENT
+
+    assert segment("vqa/vlbert_base_e2e.yaml") == 1 and segment("vqa/tiny.yaml") == 1
+    assert segment("easy_vqa/e2e.yaml") == 0 and segment("easy_vqa/visualbert.yaml") == 0
+    with pytest.raises(ConfigError, match="DATASETS.ANSWER_SEGMENT' must be 0 or 1, got 2"):
+        load_train_cfg(overrides=["DATASETS.ANSWER_SEGMENT", "2"])

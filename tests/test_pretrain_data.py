@@ -140,11 +140,15 @@ def test_collate_shares_images_by_key_and_rejects_mixed_answers():
 
 
 def test_vqa_text_layout(tokenizer):
+    """VL-BERT's VQA (prepare_text_from_qa): [CLS] question [SEP] segment 0, [MASK] [SEP] segment 1, which its
+    released VQA models were fine-tuned with; the easy-VQA demo keeps 0 (DATASETS.ANSWER_SEGMENT)."""
     text = encode_vqa_text(tokenizer, "What colour is the shape?", 16)
     tokens = tokenizer.convert_ids_to_tokens(text["input_ids"].tolist())
     assert tokens == ["[CLS]", "what", "colour", "is", "the", "shape", "?", "[SEP]", "[MASK]", "[SEP]"]
-    assert text["token_type_ids"].tolist() == [0] * 10
+    assert text["token_type_ids"].tolist() == [0] * 8 + [1, 1]
     assert text["answer_pos"] == 8
+    demo = encode_vqa_text(tokenizer, "What colour is the shape?", 16, answer_segment=0)
+    assert demo["token_type_ids"].tolist() == [0] * 10 and torch.equal(demo["input_ids"], text["input_ids"])
 
 
 # ---- transforms and samplers ---------------------------------------------------------------------------

@@ -148,15 +148,15 @@ def balance_colour_existence(questions: list[Question]) -> list[Question]:
 
 
 def build_easy_vqa(split: str, tokenizer, min_size: int, max_size: int, max_question_tokens: int = 16,
-                   questions_per_item: int = 0, limit: int = 0,
-                   balanced: bool = False) -> ImageQuestionsDataset:
+                   questions_per_item: int = 0, limit: int = 0, balanced: bool = False,
+                   answer_segment: int = 1) -> ImageQuestionsDataset:
     """`balanced`: see `balance_colour_existence` (for training; the test split is always evaluated whole)."""
     questions = load_questions(split, limit)
     if balanced:
         questions = balance_colour_existence(questions)
     images = EasyVQAImages(split, {q.image_id for q in questions})
     return ImageQuestionsDataset(questions, images, tokenizer, len(answer_vocab()), min_size, max_size,
-                                 max_question_tokens, questions_per_item)
+                                 max_question_tokens, questions_per_item, answer_segment)
 
 
 def region_class_labels(split: str) -> dict[int, int]:

@@ -48,20 +48,20 @@ class Question:
     answers: tuple[str, ...] = ()
 
 
-def encode_vqa_text(tokenizer, text: str, max_question_tokens: int) -> dict:
+def encode_vqa_text(tokenizer, text: str, max_question_tokens: int, answer_segment: int = 1) -> dict:
     """VL-BERT's VQA text `[CLS] question [SEP] [MASK] [SEP]` (question truncated to
     `max_question_tokens` word pieces): input_ids, token_type_ids and answer_pos, the index of the
     [MASK] whose output the answer head reads.
 
-    All of it is segment 0. VL-BERT's VQA (`prepare_text_from_qa`) puts `[MASK] [SEP]` in segment 1, so a
-    released VL-BERT VQA model sees other segment ids here than it was fine-tuned with: a known divergence,
-    kept until the demo's seed table is re-measured with segment 1 (the README's easy-VQA numbers are
-    for segment 0)."""
+    `[CLS] question [SEP]` is segment 0 and `[MASK] [SEP]` segment `answer_segment`: 1 in VL-BERT's VQA
+    (`prepare_text_from_qa`), which its released VQA models were fine-tuned with (DATASETS.ANSWER_SEGMENT)."""
     pieces = tokenizer(text, add_special_tokens=False)["input_ids"][:max_question_tokens]
     ids = [tokenizer.cls_token_id, *pieces, tokenizer.sep_token_id, tokenizer.mask_token_id,
            tokenizer.sep_token_id]
-    return {"input_ids": torch.tensor(ids, dtype=torch.long),
-            "token_type_ids": torch.zeros(len(ids), dtype=torch.long), "answer_pos": len(ids) - 2}
+    segments = torch.zeros(len(ids), dtype=torch.long)
+    segments[-2:] = answer_segment
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "token_type_ids": segments,
+            "answer_pos": len(ids) - 2}
 
 
 ImageLoader = Callable[[object], tuple[np.ndarray, np.ndarray]]
@@ -84,7 +84,8 @@ class ImageQuestionsDataset(Dataset):
     """
 
     def __init__(self, questions: Sequence[Question], load_image: ImageLoader, tokenizer, num_answers: int,
-                 min_size: int, max_size: int, max_question_tokens: int = 16, questions_per_item: int = 0):
+                 min_size: int, max_size: int, max_question_tokens: int = 16, questions_per_item: int = 0,
+                 answer_segment: int = 1):
         if not questions:
             raise ValueError("no questions to build a data set from")
         self.questions = list(questions)
@@ -92,7 +93,7 @@ class ImageQuestionsDataset(Dataset):
         self.num_answers = num_answers
         self.min_size, self.max_size = min_size, max_size
         texts = sorted({q.text for q in self.questions})
-        self._encoded = {t: encode_vqa_text(tokenizer, t, max_question_tokens) for t in texts}
+        self._encoded = {t: encode_vqa_text(tokenizer, t, max_question_tokens, answer_segment) for t in texts}
         self.items = items_by_image([q.image_id for q in self.questions], questions_per_item)
 
     def __len__(self) -> int:

@@ -26,7 +26,7 @@ def _easy_vqa(name: str, cfg: CfgNode, tokenizer, train: bool, sizes: tuple[int,
     d = cfg.DATASETS
     split = "train" if name.startswith("easy_vqa_train") else "test"
     ds = build_easy_vqa(split, tokenizer, *sizes, d.MAX_QUESTION_TOKENS, cfg.DATALOADER.QUESTIONS_PER_IMAGE,
-                        limit, balanced=name.endswith("_balanced"))
+                        limit, balanced=name.endswith("_balanced"), answer_segment=d.ANSWER_SEGMENT)
     return ds, answer_vocab()
 
 
@@ -90,7 +90,7 @@ def _vqa_v2_splits(name: str, cfg: CfgNode, tokenizer, train: bool, sizes: tuple
         questions = questions[:limit]
     loader = SplitImageLoader(splits, questions, open_roi_store(root / d.ROI_STORE))
     ds = ImageQuestionsDataset(questions, loader, tokenizer, len(vocab), *sizes, d.MAX_QUESTION_TOKENS,
-                               cfg.DATALOADER.QUESTIONS_PER_IMAGE)
+                               cfg.DATALOADER.QUESTIONS_PER_IMAGE, d.ANSWER_SEGMENT)
     return ds, vocab
 
 
