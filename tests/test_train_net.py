@@ -139,6 +139,7 @@ def test_demo_config_smoke_run_learns_resumes_exactly_and_evaluates(tmp_path):
     r2 = _run("--output-dir", str(out), "--resume", *smoke)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "resumed from" in r2.stderr and "model_0000006.pth" in r2.stderr
+    assert "config keys changed" not in r2.stderr  # the same config: nothing to warn about
     again = torch.load(out / "model_0000012.pth", weights_only=True)["model"]
     assert final.keys() == again.keys()
     assert all(torch.equal(final[k], again[k]) for k in final)
@@ -269,3 +270,24 @@ def test_an_image_error_from_a_dataloader_worker_is_one_line_without_its_traceba
     assert train_net.cli([]) == 2
     assert "error: cannot read file imgs/gone.jpg: No such file or directory" in caplog.text
     assert "Traceback" not in caplog.text and "Traceback" not in capsys.readouterr().err
+
+
+def test_resume_lists_the_config_keys_changed_since_the_run_began():
+    """A resumed run with another config is another run: --resume names every key that changed."""
+    import yaml
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import train_net
+
+    from e2e_vl.config import load_train_cfg
+
+    began = load_train_cfg(REPO / "configs" / "easy_vqa" / "e2e.yaml", ["MODEL.WEIGHTS", ""])
+    saved = yaml.safe_load(began.dump())
+    assert train_net.config_changes(saved, yaml.safe_load(began.dump())) == []
+    now = load_train_cfg(REPO / "configs" / "easy_vqa" / "e2e.yaml",
+                         ["MODEL.WEIGHTS", "", "DATASETS.ANSWER_SEGMENT", "1", "SOLVER.MAX_ITER", "2000"])
+    assert train_net.config_changes(saved, yaml.safe_load(now.dump())) == [
+        "DATASETS.ANSWER_SEGMENT: 0 -> 1", "SOLVER.MAX_ITER: 1500 -> 2000"]
+    del saved["SEED"]
+    missing = train_net.config_changes(saved, yaml.safe_load(began.dump()))
+    assert missing == [f"SEED: '<absent>' -> {began.SEED}"]

@@ -88,6 +88,19 @@ def _is_training_checkpoint(path: str) -> bool:
         return False
 
 
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """`KEY: saved -> current` for every leaf that differs between a run's saved config.yaml and the config
+    it is resumed with, both as YAML loads them (a key only one of them has counts as changed)."""
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        a, b, name = saved.get(key, "<absent>"), current.get(key, "<absent>"), prefix + key
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, name + ".")
+        elif a != b:
+            changes.append(f"{name}: {a!r} -> {b!r}")
+    return changes
+
+
 def _write_eval_metrics(cfg, task_spec, weights: str, metrics: dict) -> None:
     """OUTPUT_DIR/eval_metrics.json: what --eval-only measured, on which data and weights (atomic; the last
     evaluation's; runs that train log theirs to metrics.jsonl)."""
@@ -125,6 +138,14 @@ def main(args: argparse.Namespace) -> dict:
         # config.yaml says how the run's weights were trained; an evaluation records its own settings apart.
         name = "eval_config.yaml" if args.eval_only else "config.yaml"
         Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+        saved = Path(cfg.OUTPUT_DIR) / name
+        if args.resume and saved.is_file():  # a resumed run is only the same run if its config is
+            import yaml
+
+            changes = config_changes(yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(cfg.dump()))
+            if changes:
+                logger.warning("--resume with %d config keys changed since %s was written: %s", len(changes),
+                               saved, "; ".join(changes))
         (Path(cfg.OUTPUT_DIR) / name).write_text(cfg.dump())
         logger.info("config %s -> %s/%s", args.config_file or DEFAULT_CONFIG.relative_to(REPO),
                     cfg.OUTPUT_DIR, name)
