@@ -422,9 +422,18 @@ def test_build_from_config_with_the_embedded_minilm():
     assert out["vqa_logits"].shape == (1, 13)
 
 
-def test_bert_folder_with_missing_or_misshapen_tensors_is_an_error(tmp_path, caplog):
+def edited_bert_folder(path, model, edit) -> str:
+    """`model` saved as a Hugging Face folder at `path`, its tensors then changed in place by `edit`."""
     from safetensors.torch import load_file, save_file
 
+    model.save_pretrained(path)
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return str(path)
+
+
+def test_bert_folder_with_missing_or_misshapen_tensors_is_an_error(tmp_path, caplog):
     from e2e_vl.modeling.hf import load_bert
 
     config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -432,12 +441,7 @@ def test_bert_folder_with_missing_or_misshapen_tensors_is_an_error(tmp_path, cap
     key = "encoder.layer.0.output.dense.weight"
 
     def folder(name: str, edit) -> str:
-        path = tmp_path / name
-        BertModel(config).save_pretrained(path)
-        tensors = load_file(path / "model.safetensors")
-        edit(tensors)
-        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-        return str(path)
+        return edited_bert_folder(tmp_path / name, BertModel(config), edit)
 
     good = folder("good", lambda t: t.update({"pooler.dense.bias": torch.zeros(16)}))
     with caplog.at_level("WARNING"):
@@ -549,7 +553,6 @@ def test_region_classifier_trains_trunk_and_class_scores_and_checks_labels():
 def test_mlm_head_loads_old_gamma_beta_names_and_refuses_a_partial_head(tmp_path):
     """bert-base-uncased's own files name LayerNorm tensors gamma/beta (TF conversion); transformers renames
     them for the encoder, and the MLM head, read tensor by tensor, must too rather than keep its init."""
-    from safetensors.torch import load_file, save_file
     from transformers import BertForMaskedLM
 
     from detector.checkpoint import CheckpointError
@@ -565,15 +568,12 @@ def test_mlm_head_loads_old_gamma_beta_names_and_refuses_a_partial_head(tmp_path
             p.uniform_(-1, 1)
 
     def folder(name: str, edit) -> str:
-        path = tmp_path / name
-        source.save_pretrained(path)
-        tensors = load_file(path / "model.safetensors")
-        old_names = {"LayerNorm.weight": "LayerNorm.gamma", "LayerNorm.bias": "LayerNorm.beta"}
-        for new_name, old_name in old_names.items():
-            tensors = {k.replace(new_name, old_name): v for k, v in tensors.items()}
-        edit(tensors)
-        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-        return str(path)
+        def old_names(tensors: dict) -> None:
+            for key in [k for k in tensors if k.endswith(("LayerNorm.weight", "LayerNorm.bias"))]:
+                tensors[key.replace(".weight", ".gamma").replace(".bias", ".beta")] = tensors.pop(key)
+            edit(tensors)
+
+        return edited_bert_folder(tmp_path / name, source, old_names)
 
     old = folder("old_names", lambda t: None)
     assert torch.equal(load_bert(old).embeddings.LayerNorm.weight, source.bert.embeddings.LayerNorm.weight)

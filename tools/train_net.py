@@ -138,15 +138,15 @@ def main(args: argparse.Namespace) -> dict:
         # config.yaml says how the run's weights were trained; an evaluation records its own settings apart.
         name = "eval_config.yaml" if args.eval_only else "config.yaml"
         Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
-        saved = Path(cfg.OUTPUT_DIR) / name
+        saved, text = Path(cfg.OUTPUT_DIR) / name, cfg.dump()
         if args.resume and saved.is_file():  # a resumed run is only the same run if its config is
             import yaml
 
-            changes = config_changes(yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(cfg.dump()))
+            changes = config_changes(yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(text))
             if changes:
                 logger.warning("--resume with %d config keys changed since %s was written: %s", len(changes),
                                saved, "; ".join(changes))
-        (Path(cfg.OUTPUT_DIR) / name).write_text(cfg.dump())
+        saved.write_text(text)
         logger.info("config %s -> %s/%s", args.config_file or DEFAULT_CONFIG.relative_to(REPO),
                     cfg.OUTPUT_DIR, name)
 
