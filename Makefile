@@ -8,22 +8,36 @@ STAMP      := $(VENV)/.e2e-vl-installed
 TORCH_SPEC ?= torch torchvision
 PYTEST_ARGS ?= -n 2 --timeout 900
 
-.PHONY: setup build test demo bench clean gpu-check gpu-wheels
+.PHONY: setup build test demo bench clean gpu-check gpu-wheels FORCE
 
 $(PYTHON):
 	$(SYS_PYTHON) -m venv $(VENV)
 
+# The dependencies and the editable install. E2E_VL_SKIP_NATIVE_OP=1: setup.py leaves the native op to
+# `build` below, so that a fresh clone compiles it once (pip would compile it in a throw-away folder, and
+# `build` a second time).
 $(STAMP): setup.py pyproject.toml | $(PYTHON)
 	$(PYTHON) -m pip install --upgrade pip setuptools wheel ninja
 	$(PYTHON) -m pip install $(TORCH_SPEC)
-	$(PYTHON) -m pip install -e '.[test,demo]' --no-build-isolation
+	E2E_VL_SKIP_NATIVE_OP=1 $(PYTHON) -m pip install -e '.[test,demo]' --no-build-isolation
 	touch $@
 
 setup: $(STAMP)
 
-# Recompiles only what changed (ninja); --force so header edits are noticed too.
-build: setup
+# The native op (detector/_C*.so), compiled again only when its sources or headers, setup.py or the
+# installed torch changed, or the library is missing. build/ keeps the objects, so ninja recompiles only
+# the files a change touches (it tracks header dependencies itself; --force makes setup.py ask it even
+# when no .cpp is newer than the library).
+NATIVE_OP       := build/native-op.stamp
+NATIVE_OP_DEPS  := setup.py $(shell find detector/csrc -type f 2>/dev/null) \
+                   $(wildcard $(VENV)/lib/python*/site-packages/torch/version.py)
+$(NATIVE_OP): $(NATIVE_OP_DEPS) $(if $(wildcard detector/_C*.so),,FORCE) | $(STAMP)
 	$(PYTHON) setup.py -q build_ext --inplace --force
+	mkdir -p $(@D) && touch $@
+
+build: $(NATIVE_OP)
+
+FORCE:
 
 test: build
 	$(PYTHON) -m ruff check .
