@@ -1,5 +1,6 @@
-"""tools/gpu_check.py (the one command for a lent GPU machine) and tools/gpu_wheels.py (the wheels that
-travel there): the CPU dry run end to end, the time budget, the parsers, the targets, the wheel repacking."""
+"""tools/gpu_check.py (the one command for a lent GPU machine; its steps in tools/gpu_steps/) and
+tools/gpu_wheels.py (the wheels that travel there): the CPU dry run end to end, the time budget, the parsers,
+the targets, the wheel repacking."""
 from __future__ import annotations
 
 import base64
@@ -18,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 import gpu_check  # noqa: E402
 import gpu_wheels  # noqa: E402
+from gpu_steps import bench, prepare, pytest_cuda, sanitizer  # noqa: E402
+from gpu_steps.runner import Check  # noqa: E402
 
 STEP_TITLES = {  # every step of the dry run and the statuses it may end in
     "wheels from .whl/": {"pass"},
@@ -108,22 +111,23 @@ def test_unknown_step_is_an_error(tmp_path):
 
 def test_judge_sanitizer():
     ok = "roi_align smoke on cuda: 13 of 13 cases agree\n========= ERROR SUMMARY: 0 errors\n"
-    assert gpu_check.judge_sanitizer(0, ok) == ("pass", "0 errors")
+    assert sanitizer.judge_sanitizer(0, ok) == ("pass", "0 errors")
     race = "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 2 warnings)\n"
-    assert gpu_check.judge_sanitizer(0, race) == ("pass", "0 errors, 2 warnings")
+    assert sanitizer.judge_sanitizer(0, race) == ("pass", "0 errors, 2 warnings")
     bad = "========= Invalid __global__ read of size 4 bytes\n========= ERROR SUMMARY: 3 errors\n"
-    assert gpu_check.judge_sanitizer(9, bad) == ("fail", "3 errors reported")
+    assert sanitizer.judge_sanitizer(9, bad) == ("fail", "3 errors reported")
     refused = "========= Error: Device not supported\n========= Error: 999\n"
-    assert gpu_check.judge_sanitizer(1, refused)[0] == "skipped"
-    assert gpu_check.judge_sanitizer(1, "Segmentation fault\n") == ("fail", "exit 1 without an error summary")
-    assert gpu_check.judge_sanitizer(None, "")[0] == "timeout"
+    assert sanitizer.judge_sanitizer(1, refused)[0] == "skipped"
+    assert sanitizer.judge_sanitizer(1, "Segmentation fault\n") == ("fail", "exit 1 without an error summary")
+    assert sanitizer.judge_sanitizer(None, "")[0] == "timeout"
 
 
 def test_parse_junit(tmp_path):
     xml = tmp_path / "r.xml"
     xml.write_text('<?xml version="1.0"?><testsuites><testsuite name="pytest" errors="1" failures="2" '
                    'skipped="3" tests="10"></testsuite></testsuites>')
-    assert gpu_check.parse_junit(xml) == {"tests": 10, "failures": 2, "errors": 1, "skipped": 3, "passed": 4}
+    assert pytest_cuda.parse_junit(xml) == {"tests": 10, "failures": 2, "errors": 1, "skipped": 3,
+                                            "passed": 4}
 
 
 def _roi_row(dtype, fwd, bwd, tv_fwd, tv_bwd, det=None):
@@ -145,31 +149,31 @@ def test_targets_side_by_side_with_measurements():
         "train_step": {"rows": [{"regions": 36, "mfu_meas": 0.5, "mfu_spec": 0.40},
                                 {"regions": 100, "mfu_meas": 0.4, "mfu_spec": 0.30}]},
     }
-    t = {row["target"]: row for row in gpu_check.targets_from(results, dry=False)}
-    roi = t[gpu_check.TARGETS["roi_bf16"]]
+    t = {row["target"]: row for row in bench.targets_from(results, dry=False)}
+    roi = t[bench.TARGETS["roi_bf16"]]
     assert (roi["verdict"] == "partly (1 of 2 cases)" and "min 1.50" in roi["measured"]
             and "max 3.00" in roi["measured"])
-    det = t[gpu_check.TARGETS["det_bwd"]]
+    det = t[bench.TARGETS["det_bwd"]]
     assert det["verdict"] == "partly (2 of 3 cases)"
-    ext = t[gpu_check.TARGETS["extract"]]
+    ext = t[bench.TARGETS["extract"]]
     assert (ext["verdict"] == "met"
             and ext["measured"].startswith("50.0 img/s pipelined, 33.3 serial (bfloat16"))
-    mfu = t[gpu_check.TARGETS["mfu"]]
+    mfu = t[bench.TARGETS["mfu"]]
     assert mfu["verdict"] == "partly (1 of 2 cases)" and "36 regions 40.0%" in mfu["measured"]
     assert "spec" in mfu["measured"]
     # nothing measured: said so, not guessed
-    assert {row["verdict"] for row in gpu_check.targets_from({}, dry=False)} == {"not measured"}
+    assert {row["verdict"] for row in bench.targets_from({}, dry=False)} == {"not measured"}
 
 
 def test_build_targets_the_local_gpu_architecture(tmp_path):
     ns = type("A", (), {"out": str(tmp_path / "o"), "work": str(tmp_path / "w"), "device": "cuda",
                         "budget": 60.0, "steps": "", "skip": "", "wheels": str(tmp_path / "none")})()
-    check = gpu_check.Check(ns)
+    check = Check(ns)
     check.env_info = {"gpus": [{"name": "NVIDIA H200", "capability": "9.0", "memory_gib": 139.8}] * 2}
-    env = check.build_env()
+    env = prepare.build_env(check)
     assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and int(env["MAX_JOBS"]) >= 1
     check.env_info = {}
-    assert "TORCH_CUDA_ARCH_LIST" not in check.build_env()  # no GPU seen: setup.py's default list
+    assert "TORCH_CUDA_ARCH_LIST" not in prepare.build_env(check)  # no GPU seen: setup.py's default list
 
 
 # ------------------------------------------------------------------------------------------------------
