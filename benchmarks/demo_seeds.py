@@ -1,4 +1,4 @@
-"""The demo's result over seeds and thread counts: the table behind the README's claim.
+"""The demo's result over seeds and thread counts: the table behind the README's claim (docs/results.md).
 
 For each thread count, stage 1 (`configs/easy_vqa/detector.yaml`, then `tools/export_detector.py`) runs
 once with the config's seed, as `make demo` runs it; then stage 2 runs once per seed and setting, started

@@ -124,7 +124,7 @@ def balance_colour_existence(questions: list[Question]) -> list[Question]:
     is "no" 88% of the time (its negation "yes" 87%) and the question alone gives that answer. Trained on
     it, the model settled on the language prior and never compared the colour word with the region: on
     two seeds these questions stayed at the prior through 1,500 steps while colour questions were right.
-    With the prior gone, the comparison is learned (on some seeds: see the README). Balancing the shape
+    With the prior gone, the comparison is learned (on some seeds: see docs/results.md). Balancing the shape
     existence questions ("is there a circle?", "no" 67%) as well was worse: every yes/no answer became
     "no" on two seeds. (VQA v2 was rebuilt with complementary pairs against the same kind of prior.)
     Which questions go is fixed (a seeded shuffle), so the data set is the same on every run."""
