@@ -39,10 +39,13 @@ from detector.image_sources import ImageError, load_image
 from e2e_vl.data.catalog import DatasetError
 from e2e_vl.data.transforms import ResizeFlip, swap_left_right
 
-# Rendered in turn for the people of an annotation (first person -> first name, ...). Gender-free, so a
-# name says nothing about the person; single words, so a name is never read as two people.
-PERSON_NAMES = ("Casey", "Riley", "Jordan", "Avery", "Quinn", "Morgan", "Taylor", "Jamie", "Alex", "Rowan",
-                "Skyler", "Dakota", "Emerson", "Reese", "Parker", "Hayden")
+# Rendered in turn for the people of an annotation (first person -> first name, ...): VL-BERT's
+# GENDER_NEUTRAL_NAMES (vcr/data/datasets/vcr.py), in its order, because its released VCR models were
+# trained with exactly these words. (r2c's list has 15 entries, Peyton twice and Skyler; VL-BERT dropped
+# those two.) The one deliberate difference is which person gets which name: VL-BERT cycled a counter kept
+# across annotations, we start every annotation at the first name.
+PERSON_NAMES = ("Casey", "Riley", "Jessie", "Jackie", "Avery", "Jaime", "Peyton", "Kerry", "Jody", "Kendall",
+                "Frankie", "Pat", "Quinn")
 # The classes of `objects`: COCO's, spelt as VCR spells them; index 0 is the background (the whole image),
 # the target of the region-classification regulariser (head "vcr_objects").
 COCO_CLASSES = (
