@@ -291,3 +291,32 @@ def test_resume_lists_the_config_keys_changed_since_the_run_began():
     del saved["SEED"]
     missing = train_net.config_changes(saved, yaml.safe_load(began.dump()))
     assert missing == [f"SEED: '<absent>' -> {began.SEED}"]
+
+
+def test_cuda_asked_on_a_machine_without_it_is_one_line_with_the_fix(tmp_path, train_net, monkeypatch, capsys):
+    """The paper configs set MODEL.DEVICE cuda: on a CPU-only machine, one line and exit 2, nothing written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    assert train_net.cli(["--config-file", str(REPO / "configs" / "vcr" / "vlbert_base_e2e.yaml"),
+                          "--output-dir", str(out), "MODEL.WEIGHTS", ""]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("config error: 'MODEL.DEVICE' is 'cuda' but this machine has no CUDA device")
+    assert err.rstrip().endswith("add MODEL.DEVICE cpu to the command")
+    assert not out.exists()
+
+
+def test_autocast_on_a_cpu_warns_once_at_start_with_the_measured_slowdown(tmp_path, train_net, monkeypatch):
+    import e2e_vl.engine.amp as amp
+    import e2e_vl.engine.trainer as trainer
+
+    assert amp.measure_autocast_slowdown(torch.bfloat16, repeats=1) > 0
+    assert amp.cpu_autocast_warning("bf16", 1.1) is None  # too little to mention
+    monkeypatch.setattr(amp, "measure_autocast_slowdown", lambda dtype: 15.0)
+    monkeypatch.setattr(trainer, "train", lambda *args, **kwargs: {})  # the warning comes before training
+    assert train_net.cli(["--config-file", str(REPO / "configs" / "easy_vqa" / "smoke.yaml"), "--output-dir",
+                          str(tmp_path / "run"), "SOLVER.AMP.DTYPE", "bf16"]) == 0
+    log = (tmp_path / "run" / "log.txt").read_text().splitlines()
+    warned = [line.split("] ", 1)[-1] for line in log if "SOLVER.AMP.DTYPE" in line]
+    assert warned == ["SOLVER.AMP.DTYPE bf16 on the CPU: a matrix product ran 15.0x slower under bf16 autocast "
+                      "than in fp32 on this machine (no native bf16); SOLVER.AMP.DTYPE none trains faster here"]

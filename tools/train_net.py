@@ -117,6 +117,16 @@ def _write_eval_metrics(cfg, task_spec, weights: str, metrics: dict) -> None:
     logger.info("metrics -> %s", path)
 
 
+def _warn_cpu_autocast(dtype_name: str) -> None:
+    """One warning at the start of a CPU run under autocast, with the slowdown measured on this machine."""
+    from e2e_vl.engine.amp import cpu_autocast_warning, measure_autocast_slowdown
+    from e2e_vl.engine.trainer import AMP_DTYPES
+
+    warning = cpu_autocast_warning(dtype_name, measure_autocast_slowdown(AMP_DTYPES[dtype_name]))
+    if warning:
+        logger.warning("%s", warning)
+
+
 def main(args: argparse.Namespace) -> dict:
     from e2e_vl.tasks import get_task
 
@@ -150,6 +160,8 @@ def main(args: argparse.Namespace) -> dict:
         logger.info("config %s -> %s/%s", args.config_file or DEFAULT_CONFIG.relative_to(REPO),
                     cfg.OUTPUT_DIR, name)
 
+    if rank == 0 and device.type == "cpu" and cfg.SOLVER.AMP.DTYPE != "none" and not args.eval_only:
+        _warn_cpu_autocast(cfg.SOLVER.AMP.DTYPE)
     seed_everything(cfg.SEED)  # the same initial weights on every rank
     build_cfg = cfg
     if args.eval_only and cfg.MODEL.WEIGHTS and _is_training_checkpoint(cfg.MODEL.WEIGHTS):
