@@ -366,10 +366,11 @@ def check_run_length(cfg: CfgNode) -> None:
                           f"{s.MAX_EPOCHS}")
     if s.MAX_ITER > 0 and s.MAX_EPOCHS > 0:
         raise ConfigError(
-            f"'SOLVER.MAX_ITER' {s.MAX_ITER} and 'SOLVER.MAX_EPOCHS' {s.MAX_EPOCHS} both set the length of the "
-            f"run; set the other one to 0 (e.g. SOLVER.MAX_EPOCHS 0 SOLVER.MAX_ITER {s.MAX_ITER})")
+            f"'SOLVER.MAX_ITER' {s.MAX_ITER} and 'SOLVER.MAX_EPOCHS' {s.MAX_EPOCHS} both set the length of "
+            f"the run; set the other one to 0 (e.g. SOLVER.MAX_EPOCHS 0 SOLVER.MAX_ITER {s.MAX_ITER})")
     if s.MAX_ITER == 0 and s.MAX_EPOCHS == 0:
-        raise ConfigError("set the length of the run: 'SOLVER.MAX_ITER' >= 1 (steps) or 'SOLVER.MAX_EPOCHS' > 0")
+        raise ConfigError("set the length of the run: 'SOLVER.MAX_ITER' >= 1 (steps) or "
+                          "'SOLVER.MAX_EPOCHS' > 0")
 
 
 def check_schedule_keys(cfg: CfgNode) -> None:
@@ -385,7 +386,8 @@ def check_schedule_keys(cfg: CfgNode) -> None:
         raise ConfigError(f"'SOLVER.MIN_LR_FACTOR' {s.MIN_LR_FACTOR} is read only by 'SOLVER.LR_SCHEDULER' "
                           f"linear or cosine, got {s.LR_SCHEDULER!r}")
     if s.WARMUP_FACTOR != 0 and s.WARMUP_ITERS == 0:
-        raise ConfigError(f"'SOLVER.WARMUP_FACTOR' {s.WARMUP_FACTOR} has no effect with 'SOLVER.WARMUP_ITERS' 0")
+        raise ConfigError(f"'SOLVER.WARMUP_FACTOR' {s.WARMUP_FACTOR} has no effect with "
+                          "'SOLVER.WARMUP_ITERS' 0")
 
 
 def run_length_notes(cfg: CfgNode, max_iter: int) -> tuple[str, list[str]]:
@@ -395,8 +397,8 @@ def run_length_notes(cfg: CfgNode, max_iter: int) -> tuple[str, list[str]]:
     source = f"SOLVER.MAX_EPOCHS {s.MAX_EPOCHS}" if s.MAX_EPOCHS > 0 else f"SOLVER.MAX_ITER {s.MAX_ITER}"
     warnings = []
     if s.WARMUP_ITERS >= max_iter:
-        warnings.append(f"'SOLVER.WARMUP_ITERS' {s.WARMUP_ITERS} >= the run's {max_iter} steps ({source}): the "
-                        "learning rate never leaves the warm-up (lower WARMUP_ITERS for a short run)")
+        warnings.append(f"'SOLVER.WARMUP_ITERS' {s.WARMUP_ITERS} >= the run's {max_iter} steps ({source}): "
+                        "the learning rate never leaves the warm-up (lower WARMUP_ITERS for a short run)")
     return source, warnings
 
 

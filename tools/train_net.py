@@ -101,20 +101,23 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return changes
 
 
-def _write_eval_metrics(cfg, task_spec, weights: str, metrics: dict) -> None:
-    """OUTPUT_DIR/eval_metrics.json: what --eval-only measured, on which data and weights (atomic; the last
-    evaluation's; runs that train log theirs to metrics.jsonl)."""
+def _write_eval_record(cfg, task_spec, weights: str, metrics: dict) -> None:
+    """OUTPUT_DIR/eval_metrics.json (what --eval-only measured, on which data and weights) and
+    eval_config.yaml (its settings), written only after the evaluation succeeded and each atomically, so a
+    failed evaluation leaves the last good pair as it was (runs that train log theirs to metrics.jsonl)."""
     import json
 
-    from e2e_vl.engine.checkpoint import atomic_write
+    from detector.atomic import atomic_write_text
 
     node = cfg
     for part in task_spec.eval_key.split("."):
         node = node[part]
     record = {"task": cfg.TASK, "data": node, "weights": weights, "metrics": metrics}
-    path = Path(cfg.OUTPUT_DIR) / "eval_metrics.json"
-    atomic_write(path, lambda f: f.write(json.dumps(record, indent=1, sort_keys=True).encode("utf-8")))
-    logger.info("metrics -> %s", path)
+    out = Path(cfg.OUTPUT_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "eval_config.yaml", cfg.dump())
+    atomic_write_text(out / "eval_metrics.json", json.dumps(record, indent=1, sort_keys=True))
+    logger.info("config -> %s, metrics -> %s", out / "eval_config.yaml", out / "eval_metrics.json")
 
 
 def _warn_cpu_autocast(dtype_name: str) -> None:
@@ -135,6 +138,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.eval_only:
         task_spec.check_eval_target(cfg)
 
+    from detector.atomic import atomic_write_text
     from e2e_vl.config import ConfigError
     from e2e_vl import distributed as du
     from e2e_vl.engine.logger import setup_logging
@@ -144,11 +148,11 @@ def main(args: argparse.Namespace) -> dict:
     device = du.init_distributed(cfg.MODEL.DEVICE)
     rank = du.get_rank()
     setup_logging(cfg.OUTPUT_DIR, rank)
-    if rank == 0:
-        # config.yaml says how the run's weights were trained; an evaluation records its own settings apart.
-        name = "eval_config.yaml" if args.eval_only else "config.yaml"
+    if rank == 0 and not args.eval_only:
+        # config.yaml says how the run's weights were trained (at once: a killed run is resumed against it);
+        # an evaluation records its own settings apart, and only once it has succeeded (_write_eval_record).
         Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
-        saved, text = Path(cfg.OUTPUT_DIR) / name, cfg.dump()
+        saved, text = Path(cfg.OUTPUT_DIR) / "config.yaml", cfg.dump()
         if args.resume and saved.is_file():  # a resumed run is only the same run if its config is
             import yaml
 
@@ -156,9 +160,8 @@ def main(args: argparse.Namespace) -> dict:
             if changes:
                 logger.warning("--resume with %d config keys changed since %s was written: %s", len(changes),
                                saved, "; ".join(changes))
-        saved.write_text(text)
-        logger.info("config %s -> %s/%s", args.config_file or DEFAULT_CONFIG.relative_to(REPO),
-                    cfg.OUTPUT_DIR, name)
+        atomic_write_text(saved, text)
+        logger.info("config %s -> %s", args.config_file or DEFAULT_CONFIG.relative_to(REPO), saved)
 
     if rank == 0 and device.type == "cpu" and cfg.SOLVER.AMP.DTYPE != "none" and not args.eval_only:
         _warn_cpu_autocast(cfg.SOLVER.AMP.DTYPE)
@@ -178,7 +181,7 @@ def main(args: argparse.Namespace) -> dict:
         metrics = task.evaluate(model) if task.evaluate else {}
         logger.info("evaluated %s", path)
         if rank == 0:
-            _write_eval_metrics(cfg, task_spec, path, metrics)
+            _write_eval_record(cfg, task_spec, path, metrics)
     else:
         metrics = train(cfg, model, task, device, resume=args.resume)
     if rank == 0 and "accuracy" in metrics:

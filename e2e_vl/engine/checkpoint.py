@@ -17,11 +17,12 @@ import pickle
 import random
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from detector.atomic import atomic_write
 from detector.checkpoint import CheckpointError
 from detector.checkpoint.formats import weights_only_refusal
 
@@ -47,31 +48,6 @@ def check_finite_weights(model_state: dict[str, Any], where: str) -> None:
             bad = int((~torch.isfinite(value)).sum())
             raise NonFiniteWeightsError(
                 f"{where}: model tensor '{name}' holds {bad} non-finite value(s) (NaN or inf); refusing it")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
-    """Call `write(file)` on a temporary file, fsync it and rename it to `path`, so that `path` is never
-    seen half-written (a kill leaves the old file or none)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -221,9 +221,9 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
     metrics: dict[str, float] = {}
     train_model.train()
     length_source, length_warnings = run_length_notes(cfg, max_iter)
-    logger.info("training %d steps (%s): %d images/step (%d per micro-batch x %d accumulation x %d processes), "
-                "%d micro-batches per epoch", max_iter, length_source, s.IMS_PER_BATCH, micro_batch,
-                s.GRAD_ACCUM_STEPS, world, len(data))
+    logger.info("training %d steps (%s): %d images/step (%d per micro-batch x %d accumulation x %d "
+                "processes), %d micro-batches per epoch", max_iter, length_source, s.IMS_PER_BATCH,
+                micro_batch, s.GRAD_ACCUM_STEPS, world, len(data))
     for warning in length_warnings:
         logger.warning("%s", warning)
 
