@@ -63,10 +63,10 @@ def _load_eval_weights(cfg, model, device) -> str:
     """Weights for --eval-only: MODEL.WEIGHTS if it is a training checkpoint, else MODEL.VLBERT.INIT_FROM (the
     model was built from it, e.g. a fine-tuned VL-BERT release), else the newest checkpoint of OUTPUT_DIR."""
     from e2e_vl.config import ConfigError
-    from e2e_vl.engine.checkpoint import Checkpointer, load_checkpoint_file
+    from e2e_vl.engine.checkpoint import Checkpointer, load_weights_file
 
     if cfg.MODEL.WEIGHTS and _is_training_checkpoint(cfg.MODEL.WEIGHTS):
-        state, path = load_checkpoint_file(cfg.MODEL.WEIGHTS, device), cfg.MODEL.WEIGHTS
+        state, path = load_weights_file(cfg.MODEL.WEIGHTS, device), cfg.MODEL.WEIGHTS
     elif cfg.MODEL.VLBERT.INIT_FROM:
         return cfg.MODEL.VLBERT.INIT_FROM
     else:
@@ -79,10 +79,11 @@ def _load_eval_weights(cfg, model, device) -> str:
 
 
 def _is_training_checkpoint(path: str) -> bool:
-    from e2e_vl.engine.checkpoint import load_checkpoint_file
+    """A file the trainer wrote (a step checkpoint or the weights-only model_best.pth)."""
+    from e2e_vl.engine.checkpoint import load_weights_file
 
     try:
-        load_checkpoint_file(path)
+        load_weights_file(path)
         return True
     except Exception:  # a detector-only weight file: build_vlbert loads it into the detector
         return False
