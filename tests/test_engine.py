@@ -470,6 +470,7 @@ def test_non_finite_weights_are_refused_on_save_and_on_load(tmp_path, caplog):
 def test_failed_checkpoint_write_keeps_the_previous_one_and_names_the_file(tmp_path, monkeypatch, fault):
     import errno
 
+    from detector import atomic
     from e2e_vl.engine import checkpoint as ckpt_module
     from e2e_vl.engine.checkpoint import CheckpointWriteError
 
@@ -490,7 +491,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_names_the_file(tmp_p
     if fault == "disk_full":
         monkeypatch.setattr(ckpt_module.torch, "save", full_disk_save)
     else:
-        monkeypatch.setattr(ckpt_module, "open", read_only_open, raising=False)
+        monkeypatch.setattr(atomic, "open", read_only_open, raising=False)  # the one atomic write
     reason = "No space left on device" if fault == "disk_full" else "Read-only file system"
     with pytest.raises(CheckpointWriteError,
                        match=f"cannot write checkpoint {tmp_path / 'model_0000004.pth'}: {reason}"):
