@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""Train or evaluate VL-BERT with the detector in the loop.
+r"""Train or evaluate VL-BERT with the detector in the loop.
 
     python tools/train_net.py                                   # the embedded default: easy-VQA, CPU
-    python tools/train_net.py --config-file configs/vqa/base.yaml SOLVER.BASE_LR 5e-5
-    torchrun --nproc_per_node 8 tools/train_net.py --config-file ... MODEL.DEVICE cuda
-    python tools/train_net.py --config-file ... --resume          # continue from the newest checkpoint
-    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_best.pth
-    python tools/train_net.py --config-file ... MODEL.VLBERT.INIT_FROM vl-bert-base-e2e.model   # fine-tune it
+    python tools/train_net.py --config-file configs/easy_vqa/smoke.yaml MODEL.ARCH visualbert
+    python tools/train_net.py --config-file configs/easy_vqa/smoke.yaml SOLVER.BASE_LR 1e-3 --resume
+    python tools/train_net.py --config-file configs/easy_vqa/smoke.yaml --eval-only   # its newest checkpoint
+    torchrun --nproc_per_node 8 tools/train_net.py --config-file configs/vqa/vlbert_base_e2e.yaml \
+        DATASETS.ROOT path/to/vqa MODEL.VLBERT.INIT_FROM path/to/vl-bert-base-e2e.model   # fine-tune it
 
-Trailing `KEY VALUE` pairs override the config. The loop itself is `e2e_vl.engine.trainer.train`.
+`KEY VALUE` pairs override the config; the flags (--config-file, --output-dir, --resume, --eval-only) may
+stand before, between or after them. The loop itself is `e2e_vl.engine.trainer.train`.
 """
 from __future__ import annotations
 
@@ -37,8 +38,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-only", action="store_true",
                    help="only evaluate (MODEL.WEIGHTS, MODEL.VLBERT.INIT_FROM or the newest checkpoint)")
     p.add_argument("--output-dir", default=None, help="shorthand for OUTPUT_DIR")
-    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE",
+                   help="config overrides (the flags may stand among them)")
     return p
+
+
+VALUE_FLAGS = ("--config-file", "--output-dir")  # the flags that take the next word as their value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags wherever they stand among the `KEY VALUE` overrides: a word that starts with "--" (or is -h)
+    is a flag, --config-file and --output-dir take the next word; the rest are the overrides, in order
+    (a value such as -1 stays an override)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flags, opts, i = [], [], 0
+    while i < len(argv):
+        word = argv[i]
+        if word.startswith("--") or word == "-h":
+            takes_value = word in VALUE_FLAGS
+            flags += argv[i:i + 2] if takes_value else [word]
+            i += 2 if takes_value else 1
+        else:
+            opts.append(word)
+            i += 1
+    return build_parser().parse_args([*flags, "--", *opts])
 
 
 def setup_cfg(args: argparse.Namespace):
@@ -213,7 +236,7 @@ def _without_worker_traceback(exc: BaseException) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from e2e_vl.config import ConfigError
     from detector.checkpoint import CheckpointError
     from detector.image_sources import ImageError
