@@ -2,9 +2,11 @@
 r"""Train or evaluate VL-BERT with the detector in the loop.
 
     python tools/train_net.py                                   # the embedded default: easy-VQA, CPU
-    python tools/train_net.py --config-file configs/easy_vqa/smoke.yaml MODEL.ARCH visualbert
-    python tools/train_net.py --config-file configs/easy_vqa/smoke.yaml SOLVER.BASE_LR 1e-3 --resume
+    python tools/train_net.py --config-file configs/easy_vqa/smoke.yaml       # ~40 s on 2 CPU cores
+    python tools/train_net.py --config-file configs/easy_vqa/smoke.yaml SOLVER.MAX_ITER 80 --resume
     python tools/train_net.py --config-file configs/easy_vqa/smoke.yaml --eval-only   # its newest checkpoint
+    python tools/train_net.py --config-file configs/easy_vqa/smoke.yaml MODEL.ARCH visualbert \
+        --output-dir output/easy_vqa/smoke_visualbert
     torchrun --nproc_per_node 8 tools/train_net.py --config-file configs/vqa/vlbert_base_e2e.yaml \
         DATASETS.ROOT path/to/vqa MODEL.VLBERT.INIT_FROM path/to/vl-bert-base-e2e.model   # fine-tune it
 
