@@ -418,7 +418,7 @@ def test_disk_full_during_extraction_keeps_what_was_stored_and_says_where(tmp_pa
 
     import lmdb
 
-    from detector import roi_store
+    from detector import atomic
 
     files = make_images(tmp_path / "imgs", [(64, 80), (80, 64)])
     out, flags = tmp_path / "out", ["--batch-size", 1, "--format", fmt]
@@ -430,7 +430,7 @@ def test_disk_full_during_extraction_keeps_what_was_stored_and_says_where(tmp_pa
 
     def full_disk_open(path, mode="r", *args, **kw):  # the second npz runs out of space half-way
         f = real_open(path, mode, *args, **kw)
-        if "w" in mode and str(path).endswith(f".npz.tmp-{os.getpid()}"):
+        if "w" in mode and str(path).endswith(f".npz.tmp.{os.getpid()}"):
             npz_writes.append(path)
             if len(npz_writes) == 2:
                 f.write(b"partial")
@@ -442,7 +442,7 @@ def test_disk_full_during_extraction_keeps_what_was_stored_and_says_where(tmp_pa
         if fmt == "lmdb":
             patch.setattr(lmdb, "open", writer_env)
         else:
-            patch.setattr(roi_store, "open", full_disk_open, raising=False)
+            patch.setattr(atomic, "open", full_disk_open, raising=False)  # the one atomic write
         assert run_tool(weights, [tmp_path / "imgs"], out, *flags) == 2
     where = (f"{out}: cannot store a batch of 1 record(s)" if fmt == "lmdb"
              else f"cannot write {out / 'im001.npz'}")

@@ -20,6 +20,8 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args,expected", [
+    (["OUTPUT_DIR", "runs/a", "--output-dir", "runs/b"],
+     "--output-dir runs/b and the override OUTPUT_DIR runs/a disagree; give one of them"),
     (["SOLVER.BASE_LRR", "1e-4"], "unknown config key 'SOLVER.BASE_LRR'; did you mean 'SOLVER.BASE_LR'?"),
     (["SOLVER.MAX_ITER", "many"], "'SOLVER.MAX_ITER' expects int"),
     (["--config-file", "no/such/config.yaml"], "config file not found: no/such/config.yaml"),

@@ -67,10 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def setup_cfg(args: argparse.Namespace):
-    from e2e_vl.config import load_train_cfg
+    from e2e_vl.config import ConfigError, load_train_cfg
 
     overrides = list(args.opts)
     if args.output_dir:
+        given = [v for k, v in zip(overrides[0::2], overrides[1::2]) if k == "OUTPUT_DIR"]
+        if given and given[-1] != args.output_dir:  # two answers to one question: no silent winner
+            raise ConfigError(f"--output-dir {args.output_dir} and the override OUTPUT_DIR {given[-1]} "
+                              "disagree; give one of them")
         overrides += ["OUTPUT_DIR", args.output_dir]
     return load_train_cfg(args.config_file or DEFAULT_CONFIG, overrides)
 
