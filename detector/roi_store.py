@@ -26,6 +26,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import lmdb
 import numpy as np
 
+from detector.atomic import atomic_write
+
 SCHEMA_VERSION = 1
 HEADER_KEY = b"__header__"
 _RESERVED_PREFIX = "__"
@@ -480,15 +482,9 @@ def write_npz(directory: str | os.PathLike, record: RoIRecord) -> Path:
     buf = io.BytesIO()
     np.savez_compressed(buf, **fields)
     final = directory / f"{image_id}.npz"
-    tmp = directory / f".{image_id}.npz.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        atomic_write(final, lambda f: f.write(buf.getbuffer()))
     except OSError as exc:  # disk full, read-only folder: no half-written file is left behind
-        tmp.unlink(missing_ok=True)
         raise RoIStoreError(f"cannot write {final}: {_reason(exc)}") from None
     return final
 

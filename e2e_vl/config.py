@@ -187,8 +187,10 @@ def _training_defaults() -> dict:
             "DECAY_AT": [],
             "DECAY_FACTOR": 0.1,
             "MIN_LR_FACTOR": 0.0,
-            # Length of the run in optimiser steps; MAX_EPOCHS > 0 takes precedence (converted to steps).
-            "MAX_ITER": 1000,
+            # Length of the run: exactly one of them > 0, in optimiser steps or in epochs (converted to steps
+            # with the epoch length). A config that sets one and an override that sets the other is an error
+            # naming both (check_run_length), never a silent winner.
+            "MAX_ITER": 0,
             "MAX_EPOCHS": 0.0,
             # Images per optimiser step over all processes (each image carries its questions).
             "IMS_PER_BATCH": 16,
@@ -340,9 +342,8 @@ def validate_train_cfg(cfg: CfgNode) -> None:
             raise ConfigError(f"'{name}' must be >= 1, got {value}")
     if s.SKIP_NONFINITE_STEPS < 0:
         raise ConfigError(f"'SOLVER.SKIP_NONFINITE_STEPS' must be >= 0, got {s.SKIP_NONFINITE_STEPS}")
-    if s.MAX_ITER < 1 and s.MAX_EPOCHS <= 0:
-        raise ConfigError(f"set 'SOLVER.MAX_ITER' >= 1 or 'SOLVER.MAX_EPOCHS' > 0 (got {s.MAX_ITER}, "
-                          f"{s.MAX_EPOCHS})")
+    check_run_length(cfg)
+    check_schedule_keys(cfg)
     if s.BASE_LR <= 0:
         raise ConfigError(f"'SOLVER.BASE_LR' must be > 0, got {s.BASE_LR}")
     if any(not 0.0 < f < 1.0 for f in s.DECAY_AT):
@@ -354,6 +355,51 @@ def validate_train_cfg(cfg: CfgNode) -> None:
             f"'SOLVER.IMS_PER_BATCH' ({s.IMS_PER_BATCH}) must be divisible by 'SOLVER.GRAD_ACCUM_STEPS' "
             f"({s.GRAD_ACCUM_STEPS})"
         )
+
+
+def check_run_length(cfg: CfgNode) -> None:
+    """SOLVER.MAX_ITER and SOLVER.MAX_EPOCHS both say how long to train: exactly one may be > 0. A config
+    file that sets MAX_EPOCHS plus an override of MAX_ITER used to train the epochs silently."""
+    s = cfg.SOLVER
+    if s.MAX_ITER < 0 or s.MAX_EPOCHS < 0:
+        raise ConfigError(f"'SOLVER.MAX_ITER' and 'SOLVER.MAX_EPOCHS' must be >= 0, got {s.MAX_ITER}, "
+                          f"{s.MAX_EPOCHS}")
+    if s.MAX_ITER > 0 and s.MAX_EPOCHS > 0:
+        raise ConfigError(
+            f"'SOLVER.MAX_ITER' {s.MAX_ITER} and 'SOLVER.MAX_EPOCHS' {s.MAX_EPOCHS} both set the length of "
+            f"the run; set the other one to 0 (e.g. SOLVER.MAX_EPOCHS 0 SOLVER.MAX_ITER {s.MAX_ITER})")
+    if s.MAX_ITER == 0 and s.MAX_EPOCHS == 0:
+        raise ConfigError("set the length of the run: 'SOLVER.MAX_ITER' >= 1 (steps) or "
+                          "'SOLVER.MAX_EPOCHS' > 0")
+
+
+def check_schedule_keys(cfg: CfgNode) -> None:
+    """Schedule keys that only one LR_SCHEDULER (or only a warm-up) reads: setting one where it is not read
+    is an error naming both keys, not a setting that silently does nothing."""
+    s = cfg.SOLVER
+    if s.DECAY_AT and s.LR_SCHEDULER != "step":
+        raise ConfigError(f"'SOLVER.DECAY_AT' {s.DECAY_AT} is read only by 'SOLVER.LR_SCHEDULER' step, got "
+                          f"{s.LR_SCHEDULER!r}")
+    if s.LR_SCHEDULER == "step" and not s.DECAY_AT:
+        raise ConfigError("'SOLVER.LR_SCHEDULER' step needs 'SOLVER.DECAY_AT' (fractions of the run), got []")
+    if s.MIN_LR_FACTOR != 0 and s.LR_SCHEDULER not in ("linear", "cosine"):
+        raise ConfigError(f"'SOLVER.MIN_LR_FACTOR' {s.MIN_LR_FACTOR} is read only by 'SOLVER.LR_SCHEDULER' "
+                          f"linear or cosine, got {s.LR_SCHEDULER!r}")
+    if s.WARMUP_FACTOR != 0 and s.WARMUP_ITERS == 0:
+        raise ConfigError(f"'SOLVER.WARMUP_FACTOR' {s.WARMUP_FACTOR} has no effect with "
+                          "'SOLVER.WARMUP_ITERS' 0")
+
+
+def run_length_notes(cfg: CfgNode, max_iter: int) -> tuple[str, list[str]]:
+    """(which key set the run's `max_iter` steps, warnings about keys the run length makes moot), for the
+    first lines of a run's log."""
+    s = cfg.SOLVER
+    source = f"SOLVER.MAX_EPOCHS {s.MAX_EPOCHS}" if s.MAX_EPOCHS > 0 else f"SOLVER.MAX_ITER {s.MAX_ITER}"
+    warnings = []
+    if s.WARMUP_ITERS >= max_iter:
+        warnings.append(f"'SOLVER.WARMUP_ITERS' {s.WARMUP_ITERS} >= the run's {max_iter} steps ({source}): "
+                        "the learning rate never leaves the warm-up (lower WARMUP_ITERS for a short run)")
+    return source, warnings
 
 
 def load_train_cfg(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> CfgNode:

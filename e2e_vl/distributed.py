@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from detector.config import ConfigError
+
 
 def init_distributed(device: str) -> torch.device:
     """Join the process group described by torchrun's environment variables; return this rank's device.
@@ -21,7 +23,10 @@ def init_distributed(device: str) -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("MODEL.DEVICE is 'cuda' but no CUDA device is available; use MODEL.DEVICE cpu")
+            built = torch.version.cuda or "not built in"
+            raise ConfigError(f"'MODEL.DEVICE' is {device!r} but this machine has no CUDA device (torch "
+                              f"{torch.__version__}, CUDA {built}); to run on the CPU add MODEL.DEVICE cpu "
+                              "to the command")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:

@@ -158,3 +158,40 @@ def test_answer_segment_is_vlbert_s_for_vqa_v2_and_the_measured_one_for_the_demo
     assert segment("easy_vqa/e2e.yaml") == 0 and segment("easy_vqa/visualbert.yaml") == 0
     with pytest.raises(ConfigError, match="DATASETS.ANSWER_SEGMENT' must be 0 or 1, got 2"):
         load_train_cfg(overrides=["DATASETS.ANSWER_SEGMENT", "2"])
+
+
+@pytest.mark.parametrize("config,overrides,named", [
+    # The issue's case: the config trains 20 epochs, the command line asks for 3 steps.
+    ("refcoco/vlbert_base_e2e.yaml", ["SOLVER.MAX_ITER", "3"],
+     ["'SOLVER.MAX_ITER' 3", "'SOLVER.MAX_EPOCHS' 20.0", "SOLVER.MAX_EPOCHS 0 SOLVER.MAX_ITER 3"]),
+    ("easy_vqa/e2e.yaml", ["SOLVER.MAX_EPOCHS", "2"], ["'SOLVER.MAX_ITER' 1500", "'SOLVER.MAX_EPOCHS' 2.0"]),
+    ("easy_vqa/e2e.yaml", ["SOLVER.DECAY_AT", "[0.5]"], ["'SOLVER.DECAY_AT'", "'SOLVER.LR_SCHEDULER' step"]),
+    ("vcr/vlbert_base_e2e.yaml", ["SOLVER.LR_SCHEDULER", "linear"], ["'SOLVER.DECAY_AT'", "'linear'"]),
+    ("easy_vqa/e2e.yaml", ["SOLVER.LR_SCHEDULER", "step"],
+     ["'SOLVER.LR_SCHEDULER' step", "'SOLVER.DECAY_AT'"]),
+    ("easy_vqa/e2e.yaml", ["SOLVER.LR_SCHEDULER", "constant", "SOLVER.MIN_LR_FACTOR", "0.1"],
+     ["'SOLVER.MIN_LR_FACTOR' 0.1", "'constant'"]),
+    ("easy_vqa/e2e.yaml", ["SOLVER.WARMUP_ITERS", "0", "SOLVER.WARMUP_FACTOR", "0.1"],
+     ["'SOLVER.WARMUP_FACTOR' 0.1", "'SOLVER.WARMUP_ITERS' 0"]),
+])
+def test_two_keys_that_disagree_are_one_error_naming_both(config, overrides, named):
+    """No silent precedence (issue 27): a key that another key would make moot is refused, naming both."""
+    from e2e_vl.config import load_train_cfg
+
+    with pytest.raises(ConfigError) as e:
+        load_train_cfg(REPO / "configs" / config, ["MODEL.WEIGHTS", "", *overrides])
+    assert all(name in str(e.value) for name in named), str(e.value)
+
+
+def test_the_run_length_is_set_by_one_key_and_the_log_says_which():
+    from e2e_vl.config import load_train_cfg, run_length_notes
+
+    cfg = load_train_cfg(REPO / "configs" / "refcoco" / "vlbert_base_e2e.yaml",
+                         ["MODEL.WEIGHTS", "", "SOLVER.MAX_EPOCHS", "0", "SOLVER.MAX_ITER", "3"])
+    assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.MAX_EPOCHS) == (3, 0.0)
+    source, warnings = run_length_notes(cfg, 3)
+    assert source == "SOLVER.MAX_ITER 3"
+    assert warnings == ["'SOLVER.WARMUP_ITERS' 3750 >= the run's 3 steps (SOLVER.MAX_ITER 3): the learning "
+                        "rate never leaves the warm-up (lower WARMUP_ITERS for a short run)"]
+    epochs = load_train_cfg(REPO / "configs" / "refcoco" / "vlbert_base_e2e.yaml", ["MODEL.WEIGHTS", ""])
+    assert run_length_notes(epochs, 75400) == ("SOLVER.MAX_EPOCHS 20.0", [])

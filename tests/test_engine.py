@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from e2e_vl.config import get_train_cfg  # noqa: E402
 from e2e_vl import distributed as du  # noqa: E402
 from e2e_vl.engine.checkpoint import (  # noqa: E402
-    Checkpointer, capture_rng_state, load_checkpoint_file, restore_rng_state)
+    Checkpointer, capture_rng_state, load_checkpoint_file, load_weights_file, restore_rng_state)
 from e2e_vl.engine.logger import setup_logging  # noqa: E402
 from e2e_vl.engine.optim import build_optimizer, lr_factor  # noqa: E402
 from e2e_vl.engine.sampler import EpochLoader, ResumableBatchSampler  # noqa: E402
@@ -227,7 +227,7 @@ def test_sigkill_during_evaluation_then_resume_is_bit_exact(tmp_path):
     assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
     a, b = _final_weights(tmp_path / "ref"), _final_weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    best_a, best_b = (load_checkpoint_file(d / "model_best.pth") for d in (tmp_path / "ref", killed))
+    best_a, best_b = (load_weights_file(d / "model_best.pth") for d in (tmp_path / "ref", killed))
     assert best_a["step"] == best_b["step"]
     assert all(torch.equal(best_a["model"][k], best_b["model"][k]) for k in a)
 
@@ -470,6 +470,7 @@ def test_non_finite_weights_are_refused_on_save_and_on_load(tmp_path, caplog):
 def test_failed_checkpoint_write_keeps_the_previous_one_and_names_the_file(tmp_path, monkeypatch, fault):
     import errno
 
+    from detector import atomic
     from e2e_vl.engine import checkpoint as ckpt_module
     from e2e_vl.engine.checkpoint import CheckpointWriteError
 
@@ -490,7 +491,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_names_the_file(tmp_p
     if fault == "disk_full":
         monkeypatch.setattr(ckpt_module.torch, "save", full_disk_save)
     else:
-        monkeypatch.setattr(ckpt_module, "open", read_only_open, raising=False)
+        monkeypatch.setattr(atomic, "open", read_only_open, raising=False)  # the one atomic write
     reason = "No space left on device" if fault == "disk_full" else "Read-only file system"
     with pytest.raises(CheckpointWriteError,
                        match=f"cannot write checkpoint {tmp_path / 'model_0000004.pth'}: {reason}"):
@@ -590,3 +591,25 @@ def test_sampler_shards_are_disjoint_and_resume_continues_the_same_order():
 
 if __name__ == "__main__":
     worker(sys.argv[1:])
+
+
+def test_model_best_holds_the_weights_only_not_a_second_full_copy(tmp_path, train_net):
+    """model_best.pth is for evaluating and fine-tuning: weights, step, metric and config, without the
+    optimiser state that only the resumable step checkpoints need (AdamW's two moments: 2x the weights)."""
+    from e2e_vl.engine.checkpoint import BEST_KEYS
+
+    cfg = standin_cfg(tmp_path, 4, ["SOLVER.CHECKPOINT_PERIOD", "4"])
+    torch.manual_seed(0)
+    model, data = StandInModel(), StandInData()
+    train(cfg, model, TrainTask(data, collate, lambda m: accuracy(m, data)), torch.device("cpu"))
+    best_path, last_path = tmp_path / "model_best.pth", tmp_path / "model_0000004.pth"
+    best, last = torch.load(best_path, weights_only=True), load_checkpoint_file(last_path)
+    assert sorted(best) == sorted(BEST_KEYS) and best["step"] == last["step"] == 4
+    assert all(torch.equal(v, last["model"][k]) for k, v in best["model"].items())
+    moments = sum(t.numel() * t.element_size() for s in last["optimizer"]["state"].values()
+                  for t in s.values() if torch.is_tensor(t) and t.numel() > 1)
+    assert moments > 0 and last_path.stat().st_size - best_path.stat().st_size >= moments
+    with pytest.raises(ValueError, match="missing"):  # never resumed from
+        load_checkpoint_file(best_path)
+    assert load_weights_file(best_path)["step"] == 4  # what --eval-only MODEL.WEIGHTS model_best.pth reads
+    assert train_net._is_training_checkpoint(str(best_path))

@@ -418,7 +418,7 @@ def test_disk_full_during_extraction_keeps_what_was_stored_and_says_where(tmp_pa
 
     import lmdb
 
-    from detector import roi_store
+    from detector import atomic
 
     files = make_images(tmp_path / "imgs", [(64, 80), (80, 64)])
     out, flags = tmp_path / "out", ["--batch-size", 1, "--format", fmt]
@@ -430,7 +430,7 @@ def test_disk_full_during_extraction_keeps_what_was_stored_and_says_where(tmp_pa
 
     def full_disk_open(path, mode="r", *args, **kw):  # the second npz runs out of space half-way
         f = real_open(path, mode, *args, **kw)
-        if "w" in mode and str(path).endswith(f".npz.tmp-{os.getpid()}"):
+        if "w" in mode and str(path).endswith(f".npz.tmp.{os.getpid()}"):
             npz_writes.append(path)
             if len(npz_writes) == 2:
                 f.write(b"partial")
@@ -442,7 +442,7 @@ def test_disk_full_during_extraction_keeps_what_was_stored_and_says_where(tmp_pa
         if fmt == "lmdb":
             patch.setattr(lmdb, "open", writer_env)
         else:
-            patch.setattr(roi_store, "open", full_disk_open, raising=False)
+            patch.setattr(atomic, "open", full_disk_open, raising=False)  # the one atomic write
         assert run_tool(weights, [tmp_path / "imgs"], out, *flags) == 2
     where = (f"{out}: cannot store a batch of 1 record(s)" if fmt == "lmdb"
              else f"cannot write {out / 'im001.npz'}")
@@ -509,3 +509,36 @@ def test_bf16_autocast_run_stores_valid_fp32_boxes(tmp_path, weights):
         for rec in store:
             check_valid(rec)
             assert rec.features.dtype == np.float16 and 10 <= rec.num_boxes <= 100
+
+
+def test_min_boxes_tops_up_low_scores_and_an_image_with_fewer_regions_is_listed_and_counted(tmp_path, capsys):
+    """Every class score far under every floor: the top-up still fills to --min-boxes (generate_tsv's
+    argsort of max_conf). Fewer proposals than --min-boxes: all are stored, the image is listed in
+    failures.tsv with the reason and the summary counts it."""
+    torch.manual_seed(0)
+    model = build_detector(load_cfg(CONFIG))
+    cls = model.roi_heads.box_predictor.cls_score
+    with torch.no_grad():  # the background takes all: class scores ~e-26
+        cls.weight.zero_()
+        cls.bias.zero_()
+        cls.bias[-1] = 60.0
+    weights = tmp_path / "hopeless.pth"
+    save_checkpoint(model, weights)
+    files = make_images(tmp_path / "imgs", [(90, 120), (96, 96)])
+    assert run_tool(weights, [tmp_path / "imgs"], tmp_path / "topped", "--min-boxes", 5) == 0
+    assert capsys.readouterr().out.strip() == "done 2, skipped 0 (already stored), failed 0"
+    with RoIStore(tmp_path / "topped") as store:
+        assert [store[f.stem].num_boxes for f in files] == [5, 5]
+        assert all((store[f.stem].object_conf < 1e-6).all() for f in files)
+
+    short = tmp_path / "short"
+    assert run_tool(weights, [tmp_path / "imgs"], short, "--min-boxes", 5,
+                    "--opts", "MODEL.RPN.POST_NMS_TOPK_TEST", 3) == 0
+    assert capsys.readouterr().out.strip() == ("done 2, skipped 0 (already stored), failed 0, fewer boxes "
+                                               "than --min-boxes 2 (see failures.tsv)")
+    with RoIStore(short) as store:
+        counts = {f.stem: store[f.stem].num_boxes for f in files}
+    assert all(0 < k < 5 for k in counts.values())
+    lines = (short / "failures.tsv").read_text().splitlines()
+    assert lines[1:] == [f"{f.stem}\t{f}\tstored {counts[f.stem]} boxes, fewer than --min-boxes 5: the "
+                         f"detector proposed only {counts[f.stem]} regions" for f in files]

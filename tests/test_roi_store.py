@@ -232,7 +232,7 @@ def test_an_unwritable_output_is_one_error_naming_it(tmp_path, monkeypatch):
 
     import lmdb
 
-    from detector import roi_store
+    from detector import atomic
 
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(RoIStoreError,
@@ -252,7 +252,7 @@ def test_an_unwritable_output_is_one_error_naming_it(tmp_path, monkeypatch):
     def no_space(path, mode="r", *args, **kw):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(roi_store, "open", no_space, raising=False)
+    monkeypatch.setattr(atomic, "open", no_space, raising=False)  # the one atomic write
     with pytest.raises(RoIStoreError, match=f"cannot write {tmp_path / 'a.npz'}: No space left on device"):
         write_npz(tmp_path, make_record("a"))
     assert not list(tmp_path.glob("*a.npz*"))

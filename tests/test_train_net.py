@@ -20,6 +20,8 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args,expected", [
+    (["OUTPUT_DIR", "runs/a", "--output-dir", "runs/b"],
+     "--output-dir runs/b and the override OUTPUT_DIR runs/a disagree; give one of them"),
     (["SOLVER.BASE_LRR", "1e-4"], "unknown config key 'SOLVER.BASE_LRR'; did you mean 'SOLVER.BASE_LR'?"),
     (["SOLVER.MAX_ITER", "many"], "'SOLVER.MAX_ITER' expects int"),
     (["--config-file", "no/such/config.yaml"], "config file not found: no/such/config.yaml"),
@@ -291,3 +293,63 @@ def test_resume_lists_the_config_keys_changed_since_the_run_began():
     del saved["SEED"]
     missing = train_net.config_changes(saved, yaml.safe_load(began.dump()))
     assert missing == [f"SEED: '<absent>' -> {began.SEED}"]
+
+
+def test_cuda_asked_on_a_machine_without_it_is_one_line_with_the_fix(tmp_path, train_net, monkeypatch,
+                                                                      capsys):
+    """The paper configs set MODEL.DEVICE cuda: on a CPU-only machine one line, exit 2, nothing written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    assert train_net.cli(["--config-file", str(REPO / "configs" / "vcr" / "vlbert_base_e2e.yaml"),
+                          "--output-dir", str(out), "MODEL.WEIGHTS", ""]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("config error: 'MODEL.DEVICE' is 'cuda' but this machine has no CUDA device")
+    assert err.rstrip().endswith("add MODEL.DEVICE cpu to the command")
+    assert not out.exists()
+
+
+def test_autocast_on_a_cpu_warns_once_at_start_with_the_measured_slowdown(tmp_path, train_net, monkeypatch):
+    import e2e_vl.engine.amp as amp
+    import e2e_vl.engine.trainer as trainer
+
+    assert amp.measure_autocast_slowdown(torch.bfloat16, repeats=1) > 0
+    assert amp.cpu_autocast_warning("bf16", 1.1) is None  # too little to mention
+    monkeypatch.setattr(amp, "measure_autocast_slowdown", lambda dtype: 15.0)
+    monkeypatch.setattr(trainer, "train", lambda *args, **kwargs: {})  # the warning comes before training
+    assert train_net.cli(["--config-file", str(REPO / "configs" / "easy_vqa" / "smoke.yaml"), "--output-dir",
+                          str(tmp_path / "run"), "SOLVER.AMP.DTYPE", "bf16"]) == 0
+    log = (tmp_path / "run" / "log.txt").read_text().splitlines()
+    warned = [line.split("] ", 1)[-1] for line in log if "SOLVER.AMP.DTYPE" in line]
+    assert warned == ["SOLVER.AMP.DTYPE bf16 on the CPU: a matrix product ran 15.0x slower under bf16 "
+                      "autocast than in fp32 on this machine (no native bf16); SOLVER.AMP.DTYPE none trains "
+                      "faster here"]
+
+
+def test_a_failed_eval_only_leaves_the_last_good_evaluation_files(tmp_path):
+    """An --eval-only that fails (here on damaged weights) must not leave eval_config.yaml pointing at what
+    failed beside the last good eval_metrics.json: both are written only after a successful evaluation."""
+    from detector.atomic import atomic_write
+
+    out = tmp_path / "run"
+    out.mkdir()
+    good = {"eval_config.yaml": "MODEL:\n  WEIGHTS: good.pth\n", "eval_metrics.json": '{"metrics": {"a": 1}}'}
+    for name, text in good.items():
+        (out / name).write_text(text)
+    torch.save({"model": {"w": torch.zeros(5000)}}, tmp_path / "ok.pth")
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes((tmp_path / "ok.pth").read_bytes()[:3000])
+    r = _run("--eval-only", "--config-file", str(REPO / "configs" / "easy_vqa" / "detector.yaml"),
+             "--output-dir", str(out), "MODEL.WEIGHTS", str(cut), "DATASETS.TEST_LIMIT", "2")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert {name: (out / name).read_text() for name in good} == good
+    assert sorted(p.name for p in out.iterdir()) == ["eval_config.yaml", "eval_metrics.json", "log.txt"]
+
+    def fails_half_way(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):  # the shared atomic write: the old file stays, no temporary file is left
+        atomic_write(out / "eval_metrics.json", fails_half_way)
+    assert sorted(p.name for p in out.iterdir()) == ["eval_config.yaml", "eval_metrics.json", "log.txt"]
+    assert (out / "eval_metrics.json").read_text() == good["eval_metrics.json"]

@@ -113,6 +113,15 @@ def test_reader_parses_the_released_layout(vcr_root):
     assert [(r.answer_label, r.rationale_label) for r in test] == [(None, None)] * 2
 
 
+def test_people_are_named_from_vl_berts_list_in_its_order():
+    """VL-BERT's GENDER_NEUTRAL_NAMES (vcr/data/datasets/vcr.py), which its VCR models were trained with:
+    13 names, the third Jessie; the 14th person of an annotation gets the first name again."""
+    vl_bert = ("Casey", "Riley", "Jessie", "Jackie", "Avery", "Jaime", "Peyton", "Kerry", "Jody", "Kendall",
+               "Frankie", "Pat", "Quinn")
+    assert PERSON_NAMES == vl_bert
+    assert object_names(["person"] * 14 + ["dog"]) == [*vl_bert, "Casey", "dog"]
+
+
 def test_references_render_as_names_and_each_word_piece_is_grounded_in_its_region(tokenizer):
     names = object_names(["person", "dog", "person", "diningtable"])
     assert (names == [PERSON_NAMES[0], "dog", PERSON_NAMES[1], "diningtable"]

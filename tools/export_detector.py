@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_training_checkpoint(path: str) -> tuple[dict, str]:
     """(checkpoint dict, file path) for a file or the newest valid checkpoint of a run folder."""
-    from e2e_vl.engine.checkpoint import Checkpointer, load_checkpoint_file
+    from e2e_vl.engine.checkpoint import Checkpointer, load_weights_file
 
     if os.path.isdir(path):
         found = Checkpointer(path, keep_last=1).load_latest()
@@ -60,7 +60,7 @@ def read_training_checkpoint(path: str) -> tuple[dict, str]:
     if not os.path.isfile(path):
         raise CheckpointError(f"training checkpoint not found: {path}")
     try:
-        return load_checkpoint_file(path), path
+        return load_weights_file(path), path
     except (ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: not a readable training checkpoint ({exc})") from None
 

@@ -6,6 +6,9 @@ r"""Run the detector over an image collection into a resumable RoI store (bottom
 
 Re-running the same command skips the images already stored; a killed run loses at most the batch in
 flight. Unreadable images are listed in `failures.tsv` next to the store and never stop the run.
+Boxes below --conf-thresh top an image up to --min-boxes, as bottom-up attention's generate_tsv does, however
+low their scores; an image whose detector proposed fewer regions than --min-boxes is stored with all of
+them, listed in `failures.tsv` ("stored K boxes, fewer than --min-boxes") and counted in the summary.
 `--shard i/N` (or torchrun's RANK / WORLD_SIZE) writes part i of N; `RoIStore(output)` reads all parts.
 Records are keyed by image id (`detector.image_sources`): COCO file names (`COCO_train2014_000000000856.jpg`,
 `000000000856.jpg`) and COCO json inputs give the numeric COCO id (`856`), which the task readers look
@@ -148,21 +151,33 @@ def vars_of(selection: Selection) -> dict[str, Any]:
 
 
 class FailureLog:
-    """`image_id<TAB>path<TAB>reason` lines; rewritten per run (failed images are retried on re-runs)."""
+    """`image_id<TAB>path<TAB>reason` lines; rewritten per run (failed images are retried on re-runs).
+    Images stored with fewer boxes than asked are listed too (`short`), but not counted as failed."""
 
     def __init__(self, path: Path):
         self.path = path
         self.count = 0
+        self.short = 0
         path.parent.mkdir(parents=True, exist_ok=True)
         self._f: TextIO = open(path, "w", encoding="utf-8")
         self._f.write("image_id\tpath\treason\n")
         self._f.flush()
 
     def add(self, item: sources.ImageItem, reason: str) -> None:
-        clean = " ".join(reason.split())
-        log.warning("skipping %s: %s", item.path, clean)
-        self._f.write(f"{item.image_id}\t{item.path}\t{clean}\n")
+        self._line(item, reason, "skipping")
         self.count += 1
+
+    def add_short(self, record: RoIRecord, min_boxes: int) -> None:
+        """`record` was stored with fewer than `min_boxes` boxes: every region its detector proposed."""
+        k = record.num_boxes
+        self._line(record, f"stored {k} boxes, fewer than --min-boxes {min_boxes}: the detector proposed "
+                   f"only {k} regions", "short")
+        self.short += 1
+
+    def _line(self, item: sources.ImageItem | RoIRecord, reason: str, what: str) -> None:
+        clean = " ".join(reason.split())
+        log.warning("%s %s: %s", what, item.path, clean)
+        self._f.write(f"{item.image_id}\t{item.path}\t{clean}\n")
 
     def flush(self) -> None:
         self._f.flush()
@@ -285,7 +300,7 @@ def run(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict[str
     model = load_model(cfg, args.weights)  # bad weights fail here, before any output exists
     sink = Sink(args, shard, header)
     todo = [it for it in items if it.image_id not in sink.done]
-    stats = {"done": 0, "skipped": len(items) - len(todo), "failed": 0}
+    stats = {"done": 0, "skipped": len(items) - len(todo), "failed": 0, "short": 0}
     failures = FailureLog(sink.failures_path)
     log.info("shard %d/%d: %d images, %d already done, %d to process", index, count, len(items),
              stats["skipped"], len(todo))
@@ -297,7 +312,7 @@ def run(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict[str
     except KeyboardInterrupt:
         raise ExtractionInterrupted(stats["done"], args.output) from None
     finally:
-        stats["failed"] = failures.count
+        stats["failed"], stats["short"] = failures.count, failures.short
         failures.close()
         sink.close()
     return stats
@@ -328,6 +343,10 @@ def process(todo: list[sources.ImageItem], extractor: RegionExtractor, cfg, args
                 ready.append((item, prepared, None))
         records = extract_batch(ready, extractor, boxes_store is not None, failures)
         sink.write(records)  # one transaction: the batch is stored entirely or not at all
+        if boxes_store is None:  # given boxes are stored as given, however few
+            for record in records:
+                if record.num_boxes < extractor.selection.min_boxes:
+                    failures.add_short(record, extractor.selection.min_boxes)
         failures.flush()
         stats["done"] += len(records)
         bar.update(len(batch))
@@ -373,8 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         log.error("cannot write or read %s: %s", exc.filename, exc.strerror or exc)
         return 2
+    short = f", fewer boxes than --min-boxes {stats['short']}" if stats["short"] else ""
+    listed = " (see failures.tsv)" if stats["failed"] or stats["short"] else ""
     print(f"done {stats['done']}, skipped {stats['skipped']} (already stored), failed {stats['failed']}"
-          f"{' (see failures.tsv)' if stats['failed'] else ''}", flush=True)
+          f"{short}{listed}", flush=True)
     return 0 if stats["done"] + stats["skipped"] > 0 else 1
 
 

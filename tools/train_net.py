@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Train or evaluate VL-BERT with the detector in the loop.
+r"""Train or evaluate VL-BERT with the detector in the loop.
 
     python tools/train_net.py                                   # the embedded default: easy-VQA, CPU
-    python tools/train_net.py --config-file configs/vqa/base.yaml SOLVER.BASE_LR 5e-5
-    torchrun --nproc_per_node 8 tools/train_net.py --config-file ... MODEL.DEVICE cuda
-    python tools/train_net.py --config-file ... --resume          # continue from the newest checkpoint
-    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_best.pth
-    python tools/train_net.py --config-file ... MODEL.VLBERT.INIT_FROM vl-bert-base-e2e.model   # fine-tune it
+    python tools/train_net.py --config-file configs/easy_vqa/smoke.yaml       # ~40 s on 2 CPU cores
+    python tools/train_net.py --config-file configs/easy_vqa/smoke.yaml SOLVER.MAX_ITER 80 --resume
+    python tools/train_net.py --config-file configs/easy_vqa/smoke.yaml --eval-only   # its newest checkpoint
+    python tools/train_net.py --config-file configs/easy_vqa/smoke.yaml MODEL.ARCH visualbert \
+        --output-dir output/easy_vqa/smoke_visualbert
+    torchrun --nproc_per_node 8 tools/train_net.py --config-file configs/vqa/vlbert_base_e2e.yaml \
+        DATASETS.ROOT path/to/vqa MODEL.VLBERT.INIT_FROM path/to/vl-bert-base-e2e.model   # fine-tune it
 
-Trailing `KEY VALUE` pairs override the config. The loop itself is `e2e_vl.engine.trainer.train`.
+`KEY VALUE` pairs override the config; the flags (--config-file, --output-dir, --resume, --eval-only) may
+stand before, between or after them. The loop itself is `e2e_vl.engine.trainer.train`.
 """
 from __future__ import annotations
 
@@ -37,15 +40,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-only", action="store_true",
                    help="only evaluate (MODEL.WEIGHTS, MODEL.VLBERT.INIT_FROM or the newest checkpoint)")
     p.add_argument("--output-dir", default=None, help="shorthand for OUTPUT_DIR")
-    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE",
+                   help="config overrides (the flags may stand among them)")
     return p
 
 
+VALUE_FLAGS = ("--config-file", "--output-dir")  # the flags that take the next word as their value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags wherever they stand among the `KEY VALUE` overrides: a word that starts with "--" (or is -h)
+    is a flag, --config-file and --output-dir take the next word; the rest are the overrides, in order
+    (a value such as -1 stays an override)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flags, opts, i = [], [], 0
+    while i < len(argv):
+        word = argv[i]
+        if word.startswith("--") or word == "-h":
+            takes_value = word in VALUE_FLAGS
+            flags += argv[i:i + 2] if takes_value else [word]
+            i += 2 if takes_value else 1
+        else:
+            opts.append(word)
+            i += 1
+    return build_parser().parse_args([*flags, "--", *opts])
+
+
 def setup_cfg(args: argparse.Namespace):
-    from e2e_vl.config import load_train_cfg
+    from e2e_vl.config import ConfigError, load_train_cfg
 
     overrides = list(args.opts)
     if args.output_dir:
+        given = [v for k, v in zip(overrides[0::2], overrides[1::2]) if k == "OUTPUT_DIR"]
+        if given and given[-1] != args.output_dir:  # two answers to one question: no silent winner
+            raise ConfigError(f"--output-dir {args.output_dir} and the override OUTPUT_DIR {given[-1]} "
+                              "disagree; give one of them")
         overrides += ["OUTPUT_DIR", args.output_dir]
     return load_train_cfg(args.config_file or DEFAULT_CONFIG, overrides)
 
@@ -63,10 +92,10 @@ def _load_eval_weights(cfg, model, device) -> str:
     """Weights for --eval-only: MODEL.WEIGHTS if it is a training checkpoint, else MODEL.VLBERT.INIT_FROM (the
     model was built from it, e.g. a fine-tuned VL-BERT release), else the newest checkpoint of OUTPUT_DIR."""
     from e2e_vl.config import ConfigError
-    from e2e_vl.engine.checkpoint import Checkpointer, load_checkpoint_file
+    from e2e_vl.engine.checkpoint import Checkpointer, load_weights_file
 
     if cfg.MODEL.WEIGHTS and _is_training_checkpoint(cfg.MODEL.WEIGHTS):
-        state, path = load_checkpoint_file(cfg.MODEL.WEIGHTS, device), cfg.MODEL.WEIGHTS
+        state, path = load_weights_file(cfg.MODEL.WEIGHTS, device), cfg.MODEL.WEIGHTS
     elif cfg.MODEL.VLBERT.INIT_FROM:
         return cfg.MODEL.VLBERT.INIT_FROM
     else:
@@ -79,10 +108,11 @@ def _load_eval_weights(cfg, model, device) -> str:
 
 
 def _is_training_checkpoint(path: str) -> bool:
-    from e2e_vl.engine.checkpoint import load_checkpoint_file
+    """A file the trainer wrote (a step checkpoint or the weights-only model_best.pth)."""
+    from e2e_vl.engine.checkpoint import load_weights_file
 
     try:
-        load_checkpoint_file(path)
+        load_weights_file(path)
         return True
     except Exception:  # a detector-only weight file: build_vlbert loads it into the detector
         return False
@@ -101,20 +131,33 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return changes
 
 
-def _write_eval_metrics(cfg, task_spec, weights: str, metrics: dict) -> None:
-    """OUTPUT_DIR/eval_metrics.json: what --eval-only measured, on which data and weights (atomic; the last
-    evaluation's; runs that train log theirs to metrics.jsonl)."""
+def _write_eval_record(cfg, task_spec, weights: str, metrics: dict) -> None:
+    """OUTPUT_DIR/eval_metrics.json (what --eval-only measured, on which data and weights) and
+    eval_config.yaml (its settings), written only after the evaluation succeeded and each atomically, so a
+    failed evaluation leaves the last good pair as it was (runs that train log theirs to metrics.jsonl)."""
     import json
 
-    from e2e_vl.engine.checkpoint import atomic_write
+    from detector.atomic import atomic_write_text
 
     node = cfg
     for part in task_spec.eval_key.split("."):
         node = node[part]
     record = {"task": cfg.TASK, "data": node, "weights": weights, "metrics": metrics}
-    path = Path(cfg.OUTPUT_DIR) / "eval_metrics.json"
-    atomic_write(path, lambda f: f.write(json.dumps(record, indent=1, sort_keys=True).encode("utf-8")))
-    logger.info("metrics -> %s", path)
+    out = Path(cfg.OUTPUT_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "eval_config.yaml", cfg.dump())
+    atomic_write_text(out / "eval_metrics.json", json.dumps(record, indent=1, sort_keys=True))
+    logger.info("config -> %s, metrics -> %s", out / "eval_config.yaml", out / "eval_metrics.json")
+
+
+def _warn_cpu_autocast(dtype_name: str) -> None:
+    """One warning at the start of a CPU run under autocast, with the slowdown measured on this machine."""
+    from e2e_vl.engine.amp import cpu_autocast_warning, measure_autocast_slowdown
+    from e2e_vl.engine.trainer import AMP_DTYPES
+
+    warning = cpu_autocast_warning(dtype_name, measure_autocast_slowdown(AMP_DTYPES[dtype_name]))
+    if warning:
+        logger.warning("%s", warning)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -125,6 +168,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.eval_only:
         task_spec.check_eval_target(cfg)
 
+    from detector.atomic import atomic_write_text
     from e2e_vl.config import ConfigError
     from e2e_vl import distributed as du
     from e2e_vl.engine.logger import setup_logging
@@ -134,11 +178,11 @@ def main(args: argparse.Namespace) -> dict:
     device = du.init_distributed(cfg.MODEL.DEVICE)
     rank = du.get_rank()
     setup_logging(cfg.OUTPUT_DIR, rank)
-    if rank == 0:
-        # config.yaml says how the run's weights were trained; an evaluation records its own settings apart.
-        name = "eval_config.yaml" if args.eval_only else "config.yaml"
+    if rank == 0 and not args.eval_only:
+        # config.yaml says how the run's weights were trained (at once: a killed run is resumed against it);
+        # an evaluation records its own settings apart, and only once it has succeeded (_write_eval_record).
         Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
-        saved, text = Path(cfg.OUTPUT_DIR) / name, cfg.dump()
+        saved, text = Path(cfg.OUTPUT_DIR) / "config.yaml", cfg.dump()
         if args.resume and saved.is_file():  # a resumed run is only the same run if its config is
             import yaml
 
@@ -146,10 +190,11 @@ def main(args: argparse.Namespace) -> dict:
             if changes:
                 logger.warning("--resume with %d config keys changed since %s was written: %s", len(changes),
                                saved, "; ".join(changes))
-        saved.write_text(text)
-        logger.info("config %s -> %s/%s", args.config_file or DEFAULT_CONFIG.relative_to(REPO),
-                    cfg.OUTPUT_DIR, name)
+        atomic_write_text(saved, text)
+        logger.info("config %s -> %s", args.config_file or DEFAULT_CONFIG.relative_to(REPO), saved)
 
+    if rank == 0 and device.type == "cpu" and cfg.SOLVER.AMP.DTYPE != "none" and not args.eval_only:
+        _warn_cpu_autocast(cfg.SOLVER.AMP.DTYPE)
     seed_everything(cfg.SEED)  # the same initial weights on every rank
     build_cfg = cfg
     if args.eval_only and cfg.MODEL.WEIGHTS and _is_training_checkpoint(cfg.MODEL.WEIGHTS):
@@ -166,7 +211,7 @@ def main(args: argparse.Namespace) -> dict:
         metrics = task.evaluate(model) if task.evaluate else {}
         logger.info("evaluated %s", path)
         if rank == 0:
-            _write_eval_metrics(cfg, task_spec, path, metrics)
+            _write_eval_record(cfg, task_spec, path, metrics)
     else:
         metrics = train(cfg, model, task, device, resume=args.resume)
     if rank == 0 and "accuracy" in metrics:
@@ -197,7 +242,7 @@ def _without_worker_traceback(exc: BaseException) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from e2e_vl.config import ConfigError
     from detector.checkpoint import CheckpointError
     from detector.image_sources import ImageError

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from detector.atomic import atomic_write
 from detector.checkpoint.unpickler import CheckpointError, safe_unpickle
 
 FORMATS = ("detectron2", "pkl", "safetensors")
@@ -230,17 +231,16 @@ def write_checkpoint(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, fm
     tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
     if fmt == "safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file({k: v.clone() for k, v in tensors.items()}, tmp,
-                  metadata={"format": "detectron2", **metadata})
+        data = save({k: v.clone() for k, v in tensors.items()}, metadata={"format": "detectron2", **metadata})
+        atomic_write(path, lambda f: f.write(data))
     elif fmt == "detectron2":
-        torch.save({"model": tensors, "__author__": AUTHOR, "metadata": metadata}, tmp)
+        state = {"model": tensors, "__author__": AUTHOR, "metadata": metadata}
+        atomic_write(path, lambda f: torch.save(state, f))
     else:
         arrays = {k: v.numpy() if v.dtype != torch.bfloat16 else v.float().numpy()
                   for k, v in tensors.items()}
-        with open(tmp, "wb") as f:
-            pickle.dump({"model": arrays, "__author__": AUTHOR, "metadata": metadata}, f, protocol=4)
-    os.replace(tmp, path)
+        state = {"model": arrays, "__author__": AUTHOR, "metadata": metadata}
+        atomic_write(path, lambda f: pickle.dump(state, f, protocol=4))

@@ -39,10 +39,13 @@ from detector.image_sources import ImageError, load_image
 from e2e_vl.data.catalog import DatasetError
 from e2e_vl.data.transforms import ResizeFlip, swap_left_right
 
-# Rendered in turn for the people of an annotation (first person -> first name, ...). Gender-free, so a
-# name says nothing about the person; single words, so a name is never read as two people.
-PERSON_NAMES = ("Casey", "Riley", "Jordan", "Avery", "Quinn", "Morgan", "Taylor", "Jamie", "Alex", "Rowan",
-                "Skyler", "Dakota", "Emerson", "Reese", "Parker", "Hayden")
+# Rendered in turn for the people of an annotation (first person -> first name, ...): VL-BERT's
+# GENDER_NEUTRAL_NAMES (vcr/data/datasets/vcr.py), in its order, because its released VCR models were
+# trained with exactly these words. (r2c's list has 15 entries, Peyton twice and Skyler; VL-BERT dropped
+# those two.) The one deliberate difference is which person gets which name: VL-BERT cycled a counter kept
+# across annotations, we start every annotation at the first name.
+PERSON_NAMES = ("Casey", "Riley", "Jessie", "Jackie", "Avery", "Jaime", "Peyton", "Kerry", "Jody", "Kendall",
+                "Frankie", "Pat", "Quinn")
 # The classes of `objects`: COCO's, spelt as VCR spells them; index 0 is the background (the whole image),
 # the target of the region-classification regulariser (head "vcr_objects").
 COCO_CLASSES = (
@@ -313,23 +316,7 @@ class VCRDataset(Dataset):
             image = load_image(str(image_path))
         except ImageError as exc:
             raise ImageError(f"{image_path} (annot_id {record.annot_id!r}): {exc}") from None
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise VCRDataError(f"{meta_path} (annot_id {record.annot_id!r}): unreadable metadata: "
-                               f"{exc}") from None
-        boxes = meta.get("boxes") if isinstance(meta, dict) else None
-        if not isinstance(boxes, list):
-            raise VCRDataError(f"{meta_path} (annot_id {record.annot_id!r}): missing key 'boxes'")
-        if len(boxes) != len(record.objects):
-            raise VCRDataError(f"{meta_path} (annot_id {record.annot_id!r}): {len(boxes)} boxes for "
-                               f"{len(record.objects)} objects")
-        try:
-            xyxy = np.array([b[:4] for b in boxes], np.float32).reshape(-1, 4)
-        except (TypeError, ValueError):
-            raise VCRDataError(f"{meta_path} (annot_id {record.annot_id!r}): 'boxes' must be "
-                               f"[x1, y1, x2, y2, score] lists") from None
+        xyxy, _ = read_metadata(meta_path, record)
         h, w = image.shape[:2]
         xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w)
         xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h)
@@ -361,6 +348,26 @@ class VCRDataset(Dataset):
                     sample["choice_label"] = group.label
                 samples.append(sample)
         return samples
+
+
+def read_metadata(meta_path: Path, record: VCRRecord) -> tuple[np.ndarray, dict]:
+    """The metadata file's boxes ([K, 4] XYXY in image pixels, score dropped; one per object of `record`)
+    and the whole parsed file (`width`, `height`, `names`, ...)."""
+    where = f"{meta_path} (annot_id {record.annot_id!r})"
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise VCRDataError(f"{where}: unreadable metadata: {exc}") from None
+    boxes = meta.get("boxes") if isinstance(meta, dict) else None
+    if not isinstance(boxes, list):
+        raise VCRDataError(f"{where}: missing key 'boxes'")
+    if len(boxes) != len(record.objects):
+        raise VCRDataError(f"{where}: {len(boxes)} boxes for {len(record.objects)} objects")
+    try:
+        return np.array([b[:4] for b in boxes], np.float32).reshape(-1, 4), meta
+    except (TypeError, ValueError):
+        raise VCRDataError(f"{where}: 'boxes' must be [x1, y1, x2, y2, score] lists") from None
 
 
 def _label(value: int | None) -> int:

@@ -8,6 +8,10 @@ one (truncated by a full disk, copied half-way) is skipped with a warning. Weigh
 infinite are refused both when saving and when loading (a checkpoint that cannot continue training is
 worse than none: it would replace the last good one). A write that fails (disk full, read-only folder)
 leaves the existing checkpoints as they were and raises one error naming the file.
+
+`model_best.pth` holds the weights only (model, step, best_metric, config): it is for evaluating and
+fine-tuning, never resumed from, so it carries no optimiser state (AdamW's two moments would make it 3x
+the weights' size, a second full copy beside the step checkpoints).
 """
 from __future__ import annotations
 
@@ -17,11 +21,12 @@ import pickle
 import random
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from detector.atomic import atomic_write
 from detector.checkpoint import CheckpointError
 from detector.checkpoint.formats import weights_only_refusal
 
@@ -30,6 +35,8 @@ logger = logging.getLogger(__name__)
 _STEP_FILE = re.compile(r"^model_(\d{7,})\.pth$")
 BEST_NAME = "model_best.pth"
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "step", "data", "rng")
+WEIGHTS_KEYS = ("model", "step")  # of every file the trainer writes, model_best.pth included
+BEST_KEYS = ("model", "step", "best_metric", "config")
 
 
 class NonFiniteWeightsError(CheckpointError):
@@ -49,45 +56,30 @@ def check_finite_weights(model_state: dict[str, Any], where: str) -> None:
                 f"{where}: model tensor '{name}' holds {bad} non-finite value(s) (NaN or inf); refusing it")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
-    """Call `write(file)` on a temporary file, fsync it and rename it to `path`, so that `path` is never
-    seen half-written (a kill leaves the old file or none)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to `path` so that `path` is never seen half-written."""
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def load_weights_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a file the trainer wrote (a step checkpoint or model_best.pth) safely (tensors and plain
+    containers only; no pickled code) for its weights: "model" and "step" must be there."""
+    return _load(path, map_location, WEIGHTS_KEYS)
+
+
 def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a training checkpoint safely (tensors and plain containers only; no pickled code)."""
+    """Load a resumable training checkpoint safely: everything `REQUIRED_KEYS` names must be there."""
+    return _load(path, map_location, REQUIRED_KEYS)
+
+
+def _load(path: str | os.PathLike, map_location: str | torch.device, required: tuple[str, ...]) -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise weights_only_refusal(path, exc) from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a training checkpoint (top level is {type(state).__name__})")
-    missing = [k for k in REQUIRED_KEYS if k not in state]
+    missing = [k for k in required if k not in state]
     if missing:
         raise ValueError(f"{path}: not a training checkpoint, missing {missing}")
     check_finite_weights(state["model"], str(path))
@@ -149,8 +141,9 @@ class Checkpointer:
         return path
 
     def save_best(self, state: dict) -> Path:
+        """Write `model_best.pth`: the weights-only part of `state` (BEST_KEYS), no optimiser state."""
         path = self.directory / BEST_NAME
-        self._write(state, path)
+        self._write({k: state[k] for k in BEST_KEYS if k in state}, path)
         return path
 
     def _write(self, state: dict, path: Path) -> None:

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from detector.atomic import atomic_write_text
 
 logger = logging.getLogger("e2e_vl.train")
 
@@ -58,9 +59,7 @@ def drop_after(path: Path, step: int) -> int:
         if logged <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
     if kept != lines:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(kept))
         logger.info("%s: dropped %d lines logged after step %d (they are logged again)", path,
                     len(lines) - len(kept), step)
     return len(lines) - len(kept)

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from detector.config import CfgNode, ConfigError
 from e2e_vl import distributed as du
+from e2e_vl.config import run_length_notes
 from e2e_vl.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from e2e_vl.engine.logger import MetricWriter, ProgressMeter
 from e2e_vl.engine.optim import build_lr_scheduler, build_optimizer, freeze_params, lr_factor
@@ -111,7 +112,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def steps_for(cfg: CfgNode, batches_per_epoch: int) -> int:
-    """Total optimiser steps: MAX_EPOCHS (if > 0) converted with the epoch length, else MAX_ITER."""
+    """Total optimiser steps: MAX_EPOCHS converted with the epoch length, or MAX_ITER (the config allows only
+    one of them > 0: e2e_vl.config.check_run_length)."""
     s = cfg.SOLVER
     if s.MAX_EPOCHS > 0:
         return max(1, math.ceil(s.MAX_EPOCHS * batches_per_epoch / s.GRAD_ACCUM_STEPS))
@@ -218,9 +220,12 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     metrics: dict[str, float] = {}
     train_model.train()
-    logger.info("training %d steps: %d images/step (%d per micro-batch x %d accumulation x %d processes), "
-                "%d micro-batches per epoch", max_iter, s.IMS_PER_BATCH, micro_batch, s.GRAD_ACCUM_STEPS,
-                world, len(data))
+    length_source, length_warnings = run_length_notes(cfg, max_iter)
+    logger.info("training %d steps (%s): %d images/step (%d per micro-batch x %d accumulation x %d "
+                "processes), %d micro-batches per epoch", max_iter, length_source, s.IMS_PER_BATCH,
+                micro_batch, s.GRAD_ACCUM_STEPS, world, len(data))
+    for warning in length_warnings:
+        logger.warning("%s", warning)
 
     # --- the loop --------------------------------------------------------------------------------------
     stop = _StopRequest()  # SIGINT/SIGTERM: finish the step, save, stop

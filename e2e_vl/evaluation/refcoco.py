@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from detector.atomic import atomic_write_text
 from detector.structures import paired_box_iou
 from e2e_vl import distributed as du
 from e2e_vl.evaluation.runner import evaluation_batches
@@ -83,5 +84,4 @@ class RefCOCOEvaluator:
 
 def _dump(path: str | Path, data: object) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f)
+    atomic_write_text(path, json.dumps(data))

@@ -9,6 +9,7 @@ leaderboard's `vcr_<split>_leaderboard.csv` (`annot_id, answer_0..3, rationale_c
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from detector.atomic import atomic_write_text
 from e2e_vl import distributed as du
 from e2e_vl.evaluation.runner import evaluation_batches
 
@@ -76,12 +78,13 @@ class VCREvaluator:
         stem = self.output_dir / f"vcr_{self.split}"
         predictions = {a: {name: probs for name, (probs, _) in groups.items()}
                        for a, groups in sorted(results.items())}
-        Path(f"{stem}_predictions.json").write_text(json.dumps(predictions))
-        Path(f"{stem}_metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        atomic_write_text(f"{stem}_predictions.json", json.dumps(predictions))
+        atomic_write_text(f"{stem}_metrics.json", json.dumps(metrics, indent=1, sort_keys=True))
         rows = leaderboard_rows(predictions)
         if rows:
-            with open(f"{stem}_leaderboard.csv", "w", newline="", encoding="utf-8") as f:
-                csv.writer(f).writerows(rows)
+            table = io.StringIO(newline="")
+            csv.writer(table).writerows(rows)
+            atomic_write_text(f"{stem}_leaderboard.csv", table.getvalue())
 
 
 def leaderboard_rows(predictions: dict[str, dict[str, list[float]]]) -> list[list]:
