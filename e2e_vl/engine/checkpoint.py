@@ -17,13 +17,15 @@ import pickle
 import random
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from detector.checkpoint import CheckpointError
-from detector.checkpoint.formats import weights_only_refusal
+from detector.checkpoint.formats import NonFiniteWeightsError  # noqa: F401 (callers catch it from here)
+from detector.checkpoint.formats import (atomic_write, check_finite_weights, verify_checkpoint_file,
+                                         weights_only_refusal)
 
 logger = logging.getLogger(__name__)
 
@@ -32,46 +34,8 @@ BEST_NAME = "model_best.pth"
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "step", "data", "rng")
 
 
-class NonFiniteWeightsError(CheckpointError):
-    """A model tensor holds NaN or inf: such a checkpoint is neither written nor loaded."""
-
-
 class CheckpointWriteError(CheckpointError):
     """Writing a checkpoint failed (disk full, read-only folder); the older checkpoints are untouched."""
-
-
-def check_finite_weights(model_state: dict[str, Any], where: str) -> None:
-    """Raise NonFiniteWeightsError naming the first floating tensor of `model_state` with a NaN or inf."""
-    for name, value in model_state.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            bad = int((~torch.isfinite(value)).sum())
-            raise NonFiniteWeightsError(
-                f"{where}: model tensor '{name}' holds {bad} non-finite value(s) (NaN or inf); refusing it")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
-    """Call `write(file)` on a temporary file, fsync it and rename it to `path`, so that `path` is never
-    seen half-written (a kill leaves the old file or none)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -80,11 +44,18 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a training checkpoint safely (tensors and plain containers only; no pickled code)."""
+    """Load a training checkpoint safely (tensors and plain containers only; no pickled code), after
+    checking that the file is whole (`verify_checkpoint_file`: not empty, not cut short, zip CRCs)."""
+    kind = verify_checkpoint_file(path)
+    if kind not in ("zip", "torch-legacy"):
+        raise CheckpointError(f"{path}: not a training checkpoint (a {kind} file, not a torch.save file)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise weights_only_refusal(path, exc) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot read this torch checkpoint ({type(exc).__name__}: "
+                              f"{exc})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a training checkpoint (top level is {type(state).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in state]
