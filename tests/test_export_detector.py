@@ -1,4 +1,5 @@
 """tools/export_detector.py: a jointly trained detector handed back as a stand-alone checkpoint."""
+import contextlib
 import errno
 import importlib.util
 import os
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch import nn
 
 from detector.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from detector.config import CfgNode, get_cfg, load_cfg
@@ -44,6 +46,13 @@ def _run_state(run_dir: Path) -> dict:
     ckpts = sorted(run_dir.glob("model_*.pth"))
     ckpts = [p for p in ckpts if p.name != "model_best.pth"]
     return torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+
+
+def _run_detector(run_dir: Path, seed: int) -> nn.Module:
+    """A randomly initialised detector of the run's architecture (read from its checkpoint's config)."""
+    cfg = _tool("export_detector").detector_cfg_from_run(_run_state(run_dir), str(run_dir))
+    torch.manual_seed(seed)
+    return build_detector(cfg)
 
 
 def _config_of(weights: Path) -> Path:
@@ -87,19 +96,14 @@ def test_export_without_base_reproduces_the_run_detector(run_dir, tmp_path, suff
 
 
 def test_untouched_parts_come_from_base_bit_for_bit(run_dir, tmp_path):
-    assert _export(run_dir, tmp_path / "plain.pth") == 0
-    cfg = _detector_cfg(_config_of(tmp_path / "plain.pth"))
-    torch.manual_seed(1234)
-    base_model = build_detector(cfg)
+    base_model = _run_detector(run_dir, 1234)
     base_file = tmp_path / "base.pkl"
     save_checkpoint(base_model, base_file, fmt="pkl")
     base = base_model.state_dict()
 
     out = tmp_path / "with_base.safetensors"
     assert _export(run_dir, out, "--base-weights", str(base_file)) == 0
-    exported = build_detector(cfg)
-    load_checkpoint(exported, out, strict=True)
-    sd = exported.state_dict()
+    sd, _ = read_checkpoint(out)
     trained = {k[len("detector."):]: v
                for k, v in _run_state(run_dir)["model"].items() if k.startswith("detector.")}
     for key, value in sd.items():
@@ -281,11 +285,8 @@ CLS = "roi_heads.box_predictor.cls_score.weight"
 
 def test_base_weights_never_replace_what_the_run_trained(regions_run_dir, tmp_path, capsys):
     state = _run_state(regions_run_dir)
-    assert "detector." + CLS in state["trained_parameters"]
     run_cls = state["model"]["detector." + CLS]
-    assert _export(regions_run_dir, tmp_path / "plain.pth") == 0
-    torch.manual_seed(99)
-    base_model = build_detector(_detector_cfg(_config_of(tmp_path / "plain.pth")))
+    base_model = _run_detector(regions_run_dir, 99)
     base_file = tmp_path / "random_base.pth"
     save_checkpoint(base_model, base_file)
     base_rpn = base_model.state_dict()["proposal_generator.rpn_head.conv.weight"]
@@ -296,6 +297,7 @@ def test_base_weights_never_replace_what_the_run_trained(regions_run_dir, tmp_pa
     assert torch.equal(sd[CLS], run_cls)  # trained: kept
     assert torch.equal(sd["proposal_generator.rpn_head.conv.weight"], base_rpn)  # untrained: from the base
     assert "kept over the base" in capsys.readouterr().out
+    assert "detector." + CLS in state["trained_parameters"]  # what the run recorded
 
     # The user asks for the base's head anyway.
     taken = tmp_path / "base_head.pth"
@@ -350,8 +352,7 @@ def test_damaged_training_checkpoint_is_refused_in_one_line(run_dir, tmp_path, c
 
 @pytest.mark.parametrize("damage", ["crc", "nonfinite"])
 def test_damaged_base_weights_are_refused(run_dir, tmp_path, capsys, damage):
-    assert _export(run_dir, tmp_path / "plain.pth") == 0
-    good = build_detector(_detector_cfg(_config_of(tmp_path / "plain.pth")))
+    good = _run_detector(run_dir, 0)
     base = tmp_path / "base.pth"
     if damage == "nonfinite":
         with torch.no_grad():
@@ -385,7 +386,8 @@ def test_config_never_replaces_weights_and_formats_do_not_collide(run_dir, tmp_p
 
 def test_failed_write_leaves_nothing_behind(run_dir, tmp_path, capsys, monkeypatch):
     def disk_full(obj, f, *args, **kwargs):
-        f.write(b"x" * 1000)  # part of the file made it to disk
+        with open(f, "wb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as file:
+            file.write(b"x" * 1000)  # part of the file made it to disk
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
@@ -399,7 +401,7 @@ def test_exports_get_the_same_file_mode(run_dir, tmp_path):
     old = os.umask(0o022)
     try:
         for suffix in (".pth", ".pkl", ".safetensors"):
-            assert _export(run_dir, tmp_path / f"d{suffix}") == 0
+            assert _export(run_dir, tmp_path / f"d_{suffix[1:]}{suffix}") == 0
     finally:
         os.umask(old)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
