@@ -22,6 +22,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from detector.checkpoint import CheckpointError  # noqa: E402
 from e2e_vl.config import get_train_cfg  # noqa: E402
 from e2e_vl import distributed as du  # noqa: E402
 from e2e_vl.engine.checkpoint import (  # noqa: E402
@@ -466,10 +467,24 @@ def test_non_finite_weights_are_refused_on_save_and_on_load(tmp_path, caplog):
     assert path.name == "model_0000002.pth" and "'head.bias' holds 1 non-finite" in caplog.text
 
 
+def test_a_checkpoint_failing_its_crc_check_is_not_resumed_from(tmp_path, caplog, damage_zip):
+    ck = Checkpointer(tmp_path, keep_last=3)
+    base = {"optimizer": {}, "scheduler": {}, "data": {}, "rng": []}
+    ck.save({**base, "model": {"w": torch.ones(4096)}, "step": 2}, 2)
+    ck.save({**base, "model": {"w": torch.full((4096,), 2.0)}, "step": 4}, 4)
+    damage_zip(tmp_path / "model_0000004.pth", tmp_path / "model_0000004.pth")
+    with pytest.raises(CheckpointError, match=r"model_0000004.pth: damaged torch checkpoint .*fails its CRC"):
+        load_checkpoint_file(tmp_path / "model_0000004.pth")
+    with caplog.at_level(logging.WARNING):
+        state, path = ck.load_latest()
+    assert path.name == "model_0000002.pth" and "fails its CRC check" in caplog.text
+
+
 @pytest.mark.parametrize("fault", ["disk_full", "read_only"])
 def test_failed_checkpoint_write_keeps_the_previous_one_and_names_the_file(tmp_path, monkeypatch, fault):
     import errno
 
+    from detector.checkpoint import formats as checkpoint_formats
     from e2e_vl.engine import checkpoint as ckpt_module
     from e2e_vl.engine.checkpoint import CheckpointWriteError
 
@@ -490,7 +505,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_names_the_file(tmp_p
     if fault == "disk_full":
         monkeypatch.setattr(ckpt_module.torch, "save", full_disk_save)
     else:
-        monkeypatch.setattr(ckpt_module, "open", read_only_open, raising=False)
+        monkeypatch.setattr(checkpoint_formats, "open", read_only_open, raising=False)  # atomic_write's
     reason = "No space left on device" if fault == "disk_full" else "Read-only file system"
     with pytest.raises(CheckpointWriteError,
                        match=f"cannot write checkpoint {tmp_path / 'model_0000004.pth'}: {reason}"):

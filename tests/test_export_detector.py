@@ -320,26 +320,13 @@ def _one_line_error(capsys) -> str:
     return err
 
 
-def _damage_zip_data(src: Path, dst: Path) -> None:
-    """A copy of the torch zip `src` with bytes inside its largest tensor flipped (CRC no longer matches)."""
-    import zipfile
-
-    with zipfile.ZipFile(src) as z:
-        big = max(z.infolist(), key=lambda i: i.file_size)
-        offset = big.header_offset + 30 + len(big.filename.encode()) + len(big.extra)
-    data = bytearray(src.read_bytes())
-    mid = offset + big.file_size // 2
-    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
-    dst.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize("damage", ["crc", "empty", "text"])
-def test_damaged_training_checkpoint_is_refused_in_one_line(run_dir, tmp_path, capsys, damage):
+def test_damaged_training_checkpoint_is_refused_in_one_line(run_dir, tmp_path, capsys, damage_zip, damage):
     bad = tmp_path / "run" / "model_0000002.pth"
     bad.parent.mkdir()
     src = sorted(p for p in run_dir.glob("model_*.pth") if p.name != "model_best.pth")[-1]
     if damage == "crc":
-        _damage_zip_data(src, bad)
+        damage_zip(src, bad)
     else:
         bad.write_bytes(b"" if damage == "empty" else b"step: 2\nmodel: weights.pth\n")
     assert _export(bad, tmp_path / "out.pth") == 2
@@ -351,7 +338,7 @@ def test_damaged_training_checkpoint_is_refused_in_one_line(run_dir, tmp_path, c
 
 
 @pytest.mark.parametrize("damage", ["crc", "nonfinite"])
-def test_damaged_base_weights_are_refused(run_dir, tmp_path, capsys, damage):
+def test_damaged_base_weights_are_refused(run_dir, tmp_path, capsys, damage_zip, damage):
     good = _run_detector(run_dir, 0)
     base = tmp_path / "base.pth"
     if damage == "nonfinite":
@@ -360,7 +347,7 @@ def test_damaged_base_weights_are_refused(run_dir, tmp_path, capsys, damage):
         save_checkpoint(good, base)
     else:
         save_checkpoint(good, tmp_path / "whole.pth")
-        _damage_zip_data(tmp_path / "whole.pth", base)
+        damage_zip(tmp_path / "whole.pth", base)
     assert _export(run_dir, tmp_path / "out.pth", "--base-weights", str(base)) == 2
     err = _one_line_error(capsys)
     assert str(base) in err and ("fails its CRC check" if damage == "crc" else "non-finite") in err

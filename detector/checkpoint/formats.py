@@ -109,7 +109,7 @@ def weights_only_refusal(path: str | os.PathLike, exc: pickle.UnpicklingError) -
                            f"objects other than tensors and plain data ({what}); nothing in it was run")
 
 
-def load_data_file(path: str | os.PathLike) -> Any:
+def load_data_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """The object stored in a torch.save (zip or legacy) or pickle file, admitting only tensors and plain
     data (torch.load(weights_only=True), or the restricted unpickler): a file that names code is refused
     with a CheckpointError before anything runs. Shared by every reader of weights that are not
@@ -121,7 +121,7 @@ def load_data_file(path: str | os.PathLike) -> Any:
     if kind == "pickle":
         return safe_unpickle(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise weights_only_refusal(path, exc) from None
     except (RuntimeError, EOFError, OSError) as exc:

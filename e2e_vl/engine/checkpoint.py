@@ -2,9 +2,11 @@
 
 A checkpoint is one file `model_<step>.pth` holding everything needed to continue exactly: model,
 optimizer, scheduler, grad scaler, the RNG states of python/numpy/torch/cuda of every rank, the data
-position and the step. It is written to a temporary file, fsync'ed and renamed, so a reader sees
-either the old set of files or the new one. Resuming picks the newest file that loads; a damaged
-one (truncated by a full disk, copied half-way) is skipped with a warning. Weights that are NaN or
+position and the step (and the names of the parameters an update reached, `trained_parameters`, which
+tools/export_detector.py keeps over --base-weights). It is written to a temporary file, fsync'ed and
+renamed, so a reader sees either the old set of files or the new one. Resuming picks the newest file that
+loads; a damaged one (truncated by a full disk, copied half-way, failing its zip CRC check) is skipped
+with a warning. Weights that are NaN or
 infinite are refused both when saving and when loading (a checkpoint that cannot continue training is
 worse than none: it would replace the last good one). A write that fails (disk full, read-only folder)
 leaves the existing checkpoints as they were and raises one error naming the file.
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import random
 import re
 from pathlib import Path
@@ -24,8 +25,7 @@ import torch
 
 from detector.checkpoint import CheckpointError
 from detector.checkpoint.formats import NonFiniteWeightsError  # noqa: F401 (callers catch it from here)
-from detector.checkpoint.formats import (atomic_write, check_finite_weights, verify_checkpoint_file,
-                                         weights_only_refusal)
+from detector.checkpoint.formats import atomic_write, check_finite_weights, load_data_file
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +45,8 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a training checkpoint safely (tensors and plain containers only; no pickled code), after
-    checking that the file is whole (`verify_checkpoint_file`: not empty, not cut short, zip CRCs)."""
-    kind = verify_checkpoint_file(path)
-    if kind not in ("zip", "torch-legacy"):
-        raise CheckpointError(f"{path}: not a training checkpoint (a {kind} file, not a torch.save file)")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise weights_only_refusal(path, exc) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: cannot read this torch checkpoint ({type(exc).__name__}: "
-                              f"{exc})") from None
+    checking that the file is whole (`load_data_file`: not empty, not cut short, zip CRCs)."""
+    state = load_data_file(path, map_location)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a training checkpoint (top level is {type(state).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in state]
