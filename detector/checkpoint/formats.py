@@ -7,7 +7,9 @@ Readers return a flat {Detectron2 key: tensor} dict whatever the file:
 - bottom-up-attention.pytorch `.pth` (background-first classes, two-way RPN scores, Caffe anchor order,
   box weights (1,1,1,1), attribute layers cls_embed/attr_linear1/attr_linear2): converted;
 - `.safetensors`.
-The format is recognised from the file's first bytes, not its name.
+The format is recognised from the file's first bytes, not its name. Every reader first checks that the
+file is whole (not empty or cut short, a torch zip's CRCs) and refuses NaN/inf weights; writers write
+atomically (`atomic_write`), so a failure leaves neither a partial file nor a temporary behind.
 """
 from __future__ import annotations
 
