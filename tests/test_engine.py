@@ -467,6 +467,16 @@ def test_non_finite_weights_are_refused_on_save_and_on_load(tmp_path, caplog):
     assert path.name == "model_0000002.pth" and "'head.bias' holds 1 non-finite" in caplog.text
 
 
+def test_checkpoints_record_the_parameters_an_update_reached(tmp_path):
+    """What tools/export_detector.py keeps over --base-weights: parameters with a gradient, across resumes."""
+    frozen = ["SOLVER.FREEZE_PARAMS", "['^norm\\.']"]
+    _train_in_process(tmp_path, 2, frozen)
+    reached = ["detector.0.bias", "detector.0.weight", "head.1.bias", "head.1.weight", "question.weight"]
+    assert load_checkpoint_file(tmp_path / "model_0000002.pth")["trained_parameters"] == reached
+    _train_in_process(tmp_path, 4, frozen, resume=True)
+    assert load_checkpoint_file(tmp_path / "model_0000004.pth")["trained_parameters"] == reached
+
+
 def test_a_checkpoint_failing_its_crc_check_is_not_resumed_from(tmp_path, caplog, damage_zip):
     ck = Checkpointer(tmp_path, keep_last=3)
     base = {"optimizer": {}, "scheduler": {}, "data": {}, "rng": []}
