@@ -97,7 +97,7 @@ def bench_train(cfg_path: Path, device: torch.device, dtype: torch.dtype, h: int
     boxes = [_random_boxes(num_boxes, h, w, gen).to(device)]
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     labels = torch.randint(0, num_classes + 1, (num_boxes,), generator=gen).to(device)
-    attr_labels = torch.randint(0, cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES + 1, (num_boxes,),
+    attr_labels = torch.randint(0, cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_CLASSES + 1, (num_boxes,),
                                 generator=gen)
 
     def step():

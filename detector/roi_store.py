@@ -448,8 +448,10 @@ class RoIStore:
 def write_npz(directory: str | os.PathLike, record: RoIRecord) -> Path:
     """Write `<image_id>.npz` atomically (temporary file, fsync, rename).
 
-    `x` (float32 features, only when extracted), `bbox`, `num_bbox`, `image_h`, `image_w` and the `info`
-    dict are bottom-up-attention.pytorch's; `info` is an object array, so reading *it* needs
+    `x` (features, only when extracted), `bbox`, `num_bbox`, `image_h`, `image_w` and the `info` dict are
+    bottom-up-attention.pytorch's; `x` is float16, the precision the extractor computes them in (theirs
+    is float32: a float32 array of fp16-rounded values would claim a precision it does not have; cast it
+    with `.astype(np.float32)` where code needs float32); `info` is an object array, so reading *it* needs
     `allow_pickle=True` as in their code. The same values are also stored as plain arrays (`image_id`,
     `objects_id`, ..., plus `cls_prob`/`attr_prob`) so `read_npz` never unpickles. A detector without an
     attribute head writes no `attrs_id`/`attrs_conf`/`attr_prob` at all (in `info` neither), so nothing
@@ -474,7 +476,7 @@ def write_npz(directory: str | os.PathLike, record: RoIRecord) -> Path:
         "image_id": np.str_(image_id), "path": np.str_(record.path), **labels,
     }
     if record.features is not None:
-        fields["x"] = record.features.astype(np.float32)
+        fields["x"] = record.features.astype(np.float16)
     if record.class_probs is not None:
         fields["cls_prob"] = record.class_probs.astype(np.float16)
     if record.attr_probs is not None:

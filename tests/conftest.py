@@ -2,6 +2,7 @@
 import logging
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,19 @@ def train_net():
             handler.close()
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture
+def damage_zip():
+    """copy(src, dst): a copy of the torch.save zip `src` with bytes inside its largest entry flipped, so
+    that entry's CRC no longer matches (what torch.load alone does not notice)."""
+    def copy(src: Path, dst: Path) -> None:
+        with zipfile.ZipFile(src) as z:
+            big = max(z.infolist(), key=lambda i: i.file_size)
+            offset = big.header_offset + 30 + len(big.filename.encode()) + len(big.extra)
+        data = bytearray(src.read_bytes())
+        mid = offset + big.file_size // 2
+        data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+        dst.write_bytes(bytes(data))
+
+    return copy

@@ -101,7 +101,7 @@ def test_vg_res5_keeps_14x14_and_dilates():
 
 
 def test_stem_variants_differ_on_odd_sizes():
-    caffe, basic = BasicStem(stem_type="caffe"), BasicStem(stem_type="basic")
+    caffe, basic = BasicStem(caffe_maxpool=True), BasicStem(caffe_maxpool=False)
     basic.load_state_dict(caffe.state_dict())
     # 301 -> conv7/2 -> 151 -> pool: caffe ceil((151-3)/2)+1 = 75, stock floor((151+2-3)/2)+1 = 76
     x = torch.randn(1, 3, 301, 301)

@@ -22,6 +22,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from detector.checkpoint import CheckpointError  # noqa: E402
 from e2e_vl.config import get_train_cfg  # noqa: E402
 from e2e_vl import distributed as du  # noqa: E402
 from e2e_vl.engine.checkpoint import (  # noqa: E402
@@ -464,6 +465,29 @@ def test_non_finite_weights_are_refused_on_save_and_on_load(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         state, path = ck.load_latest()  # resume takes the last good one and says why
     assert path.name == "model_0000002.pth" and "'head.bias' holds 1 non-finite" in caplog.text
+
+
+def test_checkpoints_record_the_parameters_an_update_reached(tmp_path):
+    """What tools/export_detector.py keeps over --base-weights: parameters with a gradient, across resumes."""
+    frozen = ["SOLVER.FREEZE_PARAMS", "['^norm\\.']"]
+    _train_in_process(tmp_path, 2, frozen)
+    reached = ["detector.0.bias", "detector.0.weight", "head.1.bias", "head.1.weight", "question.weight"]
+    assert load_checkpoint_file(tmp_path / "model_0000002.pth")["trained_parameters"] == reached
+    _train_in_process(tmp_path, 4, frozen, resume=True)
+    assert load_checkpoint_file(tmp_path / "model_0000004.pth")["trained_parameters"] == reached
+
+
+def test_a_checkpoint_failing_its_crc_check_is_not_resumed_from(tmp_path, caplog, damage_zip):
+    ck = Checkpointer(tmp_path, keep_last=3)
+    base = {"optimizer": {}, "scheduler": {}, "data": {}, "rng": []}
+    ck.save({**base, "model": {"w": torch.ones(4096)}, "step": 2}, 2)
+    ck.save({**base, "model": {"w": torch.full((4096,), 2.0)}, "step": 4}, 4)
+    damage_zip(tmp_path / "model_0000004.pth", tmp_path / "model_0000004.pth")
+    with pytest.raises(CheckpointError, match=r"model_0000004.pth: damaged torch checkpoint .*fails its CRC"):
+        load_checkpoint_file(tmp_path / "model_0000004.pth")
+    with caplog.at_level(logging.WARNING):
+        state, path = ck.load_latest()
+    assert path.name == "model_0000002.pth" and "fails its CRC check" in caplog.text
 
 
 @pytest.mark.parametrize("fault", ["disk_full", "read_only"])

@@ -157,7 +157,7 @@ def test_min_max_counts_and_npz_format(tmp_path, weights):
             info = data["info"].item()
             # Topped up to min; more only for boxes whose (saturated, fp32) softmax is exactly 1.0.
             assert k == 4 or (4 < k <= 6 and (info["objects_conf"] == 1.0).all()), (k, info["objects_conf"])
-            assert data["x"].dtype == np.float32 and data["x"].shape == (k, 512)
+            assert data["x"].dtype == np.float16 and data["x"].shape == (k, 512)
             assert data["bbox"].dtype == np.float32 and data["bbox"].shape == (k, 4)
             assert info["objects_id"].dtype == np.int64 and info["objects_conf"].dtype == np.float32
             assert info["attrs_id"].shape == (k,) and info["image_h"] == int(data["image_h"])

@@ -367,9 +367,9 @@ def test_other_tasks_heads_are_dropped_with_a_report_and_the_vqa_head_starts_fro
     # VCR's file (its transformer in a TimeDistributed wrapper): its heads are not this model's, so reported.
     vcr = known_weights(dataclasses.replace(TINY, task="vcr"))
     model = tiny_model(heads=("vqa",))
-    model.detector.backbone.stem.stem_type = "caffe"
+    model.detector.backbone.stem.caffe_maxpool = True
     report = init_vlbert_weights(model, save_vlbert_file(tmp_path / "vcr.model", vcr))
-    assert any("MODEL.RESNETS.STEM_TYPE basic" in note for note in report.notes)
+    assert any("MODEL.CAFFE_MAXPOOL false" in note for note in report.notes)
     assert sorted(report.unused["head 'vcr' is not in this model (MODEL.VLBERT.HEADS)"]) == [
         "final_mlp.1.bias", "final_mlp.1.weight", "vlbert.pooler.dense.bias", "vlbert.pooler.dense.weight"]
     assert len(report.unused["head 'vcr_objects' is not in this model (MODEL.VLBERT.HEADS)"]) == 4

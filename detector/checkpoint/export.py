@@ -1,12 +1,14 @@
 """Assembling a complete detector checkpoint from an end-to-end training run.
 
-End-to-end training moves only the parts a loss reaches: the trunk (`backbone.*`) and the res5 head
-(`roi_heads.res5.*`). Everything else (RPN, box predictor, attribute head) is taken from the original
-detector weights when they are given, so those parts stay bit-for-bit what the user started from.
+The trunk (`backbone.*`) and the res5 head (`roi_heads.res5.*`) always come from the run. The other
+parts (RPN, box predictor, attribute head) come from the original detector weights when they are given,
+so they stay bit-for-bit what the user started from, except those the run trained: a run records the
+parameters an update reached (`trained_parameters` in its checkpoint, e.g. a region-classification run's
+`cls_score`), and those are kept unless the caller asks for the base's head anyway.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -21,23 +23,35 @@ DETECTOR_KEY_PREFIX = "detector."
 
 def assemble_detector_state(
     model: nn.Module, trained: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor] | None = None,
-    source: str = "training checkpoint"
+    source: str = "training checkpoint", updated: Iterable[str] | None = None, take_base_head: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """The full state dict of `model`'s architecture: trained parts from `trained`, the rest from `base`.
+    """The full state dict of `model`'s architecture: the run's tensors from `trained`, the rest from `base`.
 
     Without `base`, every tensor comes from `trained` (the run kept the untouched parts as it loaded them).
-    Raises CheckpointError when the run holds no detector, when tensors are missing, or when the run and
-    the base weights disagree on shapes (different architectures). Returns (state dict, counts by origin).
+    With it, `base` fills the tensors outside the trunk and res5 that are not in `updated` (the detector
+    keys the run trained); `take_base_head` takes all of them from `base`. `updated` None (a checkpoint
+    that does not record it) with `base` is refused unless `take_base_head`: the run may have trained any
+    of them. Raises CheckpointError when the run holds no detector, when tensors are missing, or when the
+    run and the base weights disagree on shapes (different architectures). Returns (state dict, counts by
+    origin: "trained", "base", "kept": head tensors the run trained, kept over `base`).
     """
     wanted = {k: v for k, v in model.state_dict().items() if not _ignored(k)}
     if not any(k.startswith(TRAINED_PREFIXES) for k in trained):
         raise CheckpointError(f"{source} holds no detector weights (no 'backbone.*' or 'roi_heads.res5.*' "
                               "tensors)")
+    if base is not None and updated is None and not take_base_head:
+        raise CheckpointError(f"{source} does not record which parameters the run trained (written by an "
+                              "older version), so the base weights could replace trained ones; pass "
+                              "--take-base-head to take every RPN/box-predictor/attribute tensor from the "
+                              "base weights anyway, or export without --base-weights")
+    updated = set(updated or ())
     out: dict[str, torch.Tensor] = {}
-    counts = {"trained": 0, "base": 0}
+    counts = {"trained": 0, "base": 0, "kept": 0}
     missing, mismatched = [], []
     for key, ref in wanted.items():
-        from_base = base is not None and not key.startswith(TRAINED_PREFIXES)
+        head = base is not None and not key.startswith(TRAINED_PREFIXES)
+        from_base = head and (take_base_head or key not in updated)
+        counts["kept"] += head and not from_base
         src, name = (base, "base weights") if from_base else (trained, source)
         if key not in src:
             missing.append(f"{key} (expected from the {name})")

@@ -7,7 +7,9 @@ Readers return a flat {Detectron2 key: tensor} dict whatever the file:
 - bottom-up-attention.pytorch `.pth` (background-first classes, two-way RPN scores, Caffe anchor order,
   box weights (1,1,1,1), attribute layers cls_embed/attr_linear1/attr_linear2): converted;
 - `.safetensors`.
-The format is recognised from the file's first bytes, not its name.
+The format is recognised from the file's first bytes, not its name. Every reader first checks that the
+file is whole (not empty or cut short, a torch zip's CRCs) and refuses NaN/inf weights; writers write
+atomically (`atomic_write`), so a failure leaves neither a partial file nor a temporary behind.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import pickle
 import re
 import struct
 import zipfile
-from typing import Any, Mapping
+import zlib
+from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
 import torch
@@ -68,6 +71,37 @@ def sniff_format(path: str) -> str:
                           "file)")
 
 
+def verify_checkpoint_file(path: str | os.PathLike) -> str:
+    """`sniff_format(path)`, after checking a torch zip's CRCs: torch.load does not, and reads a damaged
+    file as weights with silently wrong values."""
+    path = os.fspath(path)
+    kind = sniff_format(path)
+    if kind == "zip":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            raise CheckpointError(f"{path}: damaged torch checkpoint ({exc}); copy or save it "
+                                  "again") from None
+        if bad is not None:
+            raise CheckpointError(f"{path}: damaged torch checkpoint (the zip entry {bad} fails its CRC "
+                                  "check); copy or save it again")
+    return kind
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """A weight tensor holds NaN or inf: such a checkpoint is neither written nor used."""
+
+
+def check_finite_weights(state: Mapping[str, Any], where: str) -> None:
+    """Raise NonFiniteWeightsError naming the first floating tensor of `state` with a NaN or inf."""
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise NonFiniteWeightsError(
+                f"{where}: model tensor '{name}' holds {bad} non-finite value(s) (NaN or inf); refusing it")
+
+
 def weights_only_refusal(path: str | os.PathLike, exc: pickle.UnpicklingError) -> CheckpointError:
     """The error for a torch file that `weights_only=True` refused, in one line: torch's own message spans
     several and suggests `weights_only=False`, which is exactly what a file from a stranger must not get."""
@@ -77,19 +111,19 @@ def weights_only_refusal(path: str | os.PathLike, exc: pickle.UnpicklingError) -
                            f"objects other than tensors and plain data ({what}); nothing in it was run")
 
 
-def load_data_file(path: str | os.PathLike) -> Any:
+def load_data_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """The object stored in a torch.save (zip or legacy) or pickle file, admitting only tensors and plain
     data (torch.load(weights_only=True), or the restricted unpickler): a file that names code is refused
     with a CheckpointError before anything runs. Shared by every reader of weights that are not
     safetensors (Detectron2 files, VL-BERT releases, training checkpoints)."""
     path = os.fspath(path)
-    kind = sniff_format(path)
+    kind = verify_checkpoint_file(path)
     if kind == "safetensors":
         raise CheckpointError(f"{path}: a safetensors file holds tensors only; read it with read_checkpoint")
     if kind == "pickle":
         return safe_unpickle(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise weights_only_refusal(path, exc) from None
     except (RuntimeError, EOFError, OSError) as exc:
@@ -103,17 +137,22 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     path = os.fspath(path)
     metadata: dict[str, str] = {}
     if sniff_format(path) == "safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(path, framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            return {k: f.get_tensor(k) for k in f.keys()}, metadata
-    obj = load_data_file(path)
-    sd = _unwrap(obj, path)
-    if isinstance(obj, Mapping):
-        metadata = {k: v for k, v in obj.items() if isinstance(v, str)}
-        if isinstance(obj.get("metadata"), Mapping):
-            metadata.update({k: v for k, v in obj["metadata"].items() if isinstance(v, str)})
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: damaged or truncated safetensors file ({exc})") from None
+    else:
+        obj = load_data_file(path)
+        sd = _unwrap(obj, path)
+        if isinstance(obj, Mapping):
+            metadata = {k: v for k, v in obj.items() if isinstance(v, str)}
+            if isinstance(obj.get("metadata"), Mapping):
+                metadata.update({k: v for k, v in obj["metadata"].items() if isinstance(v, str)})
+    check_finite_weights(sd, path)
     return sd, metadata
 
 
@@ -224,23 +263,29 @@ def convert_bua(sd: Mapping[str, torch.Tensor], num_sizes: int, num_ratios: int,
 # ---------------------------------------------------------------------------------------------------
 def write_checkpoint(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, fmt: str,
                      metadata: Mapping[str, str] | None = None) -> None:
-    """Write a Detectron2-layout state dict as 'detectron2' (.pth), 'pkl' (model-zoo) or 'safetensors'."""
+    """Write a Detectron2-layout state dict as 'detectron2' (.pth), 'pkl' (model-zoo) or 'safetensors',
+    atomically; an OS error (disk full, read-only folder) becomes one CheckpointError naming the file."""
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
     metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
     tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if fmt == "safetensors":
-        from safetensors.torch import save
+    writers: dict[str, Callable[[BinaryIO], Any]] = {
+        "safetensors": lambda f: f.write(_safetensors_bytes(tensors, {"format": "detectron2", **metadata})),
+        "detectron2": lambda f: torch.save({"model": tensors, "__author__": AUTHOR, "metadata": metadata}, f),
+        "pkl": lambda f: pickle.dump({"model": {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+                                                for k, v in tensors.items()},
+                                      "__author__": AUTHOR, "metadata": metadata}, f, protocol=4),
+    }
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write(path, writers[fmt])
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise CheckpointError(f"cannot write {path}: {reason}; nothing was written") from None
 
-        data = save({k: v.clone() for k, v in tensors.items()}, metadata={"format": "detectron2", **metadata})
-        atomic_write(path, lambda f: f.write(data))
-    elif fmt == "detectron2":
-        state = {"model": tensors, "__author__": AUTHOR, "metadata": metadata}
-        atomic_write(path, lambda f: torch.save(state, f))
-    else:
-        arrays = {k: v.numpy() if v.dtype != torch.bfloat16 else v.float().numpy()
-                  for k, v in tensors.items()}
-        state = {"model": arrays, "__author__": AUTHOR, "metadata": metadata}
-        atomic_write(path, lambda f: pickle.dump(state, f, protocol=4))
+
+def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.clone() for k, v in tensors.items()}, metadata=dict(metadata))

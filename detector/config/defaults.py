@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable
 
-from detector.config.cfgnode import CfgNode, check_choices, load_config, lookup
+from detector.config.cfgnode import CfgNode, _deep_update, check_choices, load_config, lookup
+from detector.config.detectron2_keys import VG_MODEL_KEYS
 
 
 def _detector_defaults() -> dict:
-    return {
+    defaults = {
         "MODEL": {
             "META_ARCHITECTURE": "GeneralizedRCNN",
             "DEVICE": "cpu",
@@ -31,8 +32,6 @@ def _detector_defaults() -> dict:
                 "RES5_DILATION": 1,
                 "RES2_OUT_CHANNELS": 256,
                 "STEM_OUT_CHANNELS": 64,
-                # "basic": Detectron2's stem (max-pool k3 s2 p1); "caffe": k3 s2 p0 ceil_mode (VG weights).
-                "STEM_TYPE": "basic",
             },
             "ANCHOR_GENERATOR": {
                 "NAME": "DefaultAnchorGenerator",
@@ -84,16 +83,6 @@ def _detector_defaults() -> dict:
                 # ROIAlignV2 (aligned=True), ROIAlign (legacy, aligned=False) or ROIPool.
                 "POOLER_TYPE": "ROIAlignV2",
                 "CLS_AGNOSTIC_BBOX_REG": False,
-                # Res5ROIHeads: False keeps res5's first block at stride 1 (py-bottom-up-attention's VG
-                # model).
-                "RES5HALVE": True,
-            },
-            # Visual Genome attribute head (py-bottom-up-attention's Detectron2 extension).
-            "ATTRIBUTE_ON": False,
-            "ROI_ATTRIBUTE_HEAD": {
-                "NUM_ATTRIBUTES": 400,
-                "EMBED_DIM": 256,
-                "HIDDEN_DIM": 512,
             },
         },
         "INPUT": {
@@ -105,6 +94,10 @@ def _detector_defaults() -> dict:
         },
         "TEST": {"DETECTIONS_PER_IMAGE": 100},
     }
+    # The Visual Genome keys stock Detectron2 lacks (py-bottom-up-attention's and grid-feats-vqa's names):
+    # MODEL.CAFFE_MAXPOOL, MODEL.ROI_BOX_HEAD.RES5HALVE, MODEL.ATTRIBUTE_ON, MODEL.ROI_ATTRIBUTE_HEAD.*.
+    _deep_update(defaults["MODEL"], VG_MODEL_KEYS)
+    return defaults
 
 
 def get_cfg() -> CfgNode:

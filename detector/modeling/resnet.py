@@ -1,9 +1,9 @@
 """ResNet backbones (depths 18-152) with Detectron2's module names.
 
 Module and parameter names follow Detectron2 (`stem.conv1`, `res2.0.conv1.norm.running_var`, ...) so
-its checkpoints load without renaming. The "caffe" stem variant reproduces the max-pool of the Caffe
-models the Visual Genome weights come from (k3 s2, no padding, ceil mode), which changes the feature
-map size on odd inputs and therefore every box position downstream.
+its checkpoints load without renaming. The Caffe stem (MODEL.CAFFE_MAXPOOL) reproduces the max-pool of
+the Caffe models the Visual Genome weights come from (k3 s2, no padding, ceil mode), which changes the
+feature map size on odd inputs and therefore every box position downstream.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from detector.layers.wrappers import Conv2d, c2_msra_fill
 
 DEPTH_TO_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3],
                    152: [3, 8, 36, 3]}
-STEM_TYPES = ("basic", "caffe")
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -30,15 +29,13 @@ def _freeze(module: nn.Module) -> nn.Module:
 
 
 class BasicStem(nn.Module):
-    """7x7/2 conv + norm + ReLU, then a 3x3/2 max-pool ("basic": pad 1; "caffe": pad 0, ceil mode)."""
+    """7x7/2 conv + norm + ReLU, then a 3x3/2 max-pool (Detectron2's: pad 1; `caffe_maxpool`: pad 0,
+    ceil mode)."""
 
     def __init__(self, in_channels: int = 3, out_channels: int = 64, norm: str = "FrozenBN",
-                 stem_type: str = "basic"):
+                 caffe_maxpool: bool = False):
         super().__init__()
-        if stem_type not in STEM_TYPES:
-            raise ValueError(f"MODEL.RESNETS.STEM_TYPE: unknown stem {stem_type!r}; expected one of "
-                             f"{STEM_TYPES}")
-        self.stem_type = stem_type
+        self.caffe_maxpool = caffe_maxpool
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, 4
         self.conv1 = Conv2d(in_channels, out_channels, kernel_size=7, stride=2, padding=3, bias=False,
                             norm=get_norm(norm, out_channels))
@@ -46,7 +43,7 @@ class BasicStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu_(self.conv1(x))
-        if self.stem_type == "caffe":
+        if self.caffe_maxpool:
             return F.max_pool2d(x, kernel_size=3, stride=2, padding=0, ceil_mode=True)
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
 
@@ -186,7 +183,7 @@ def build_resnet_backbone(cfg: CfgNode) -> ResNet:
     if depth not in DEPTH_TO_BLOCKS:
         raise ValueError(f"MODEL.RESNETS.DEPTH: unsupported depth {depth}; expected one of "
                          f"{sorted(DEPTH_TO_BLOCKS)}")
-    stem = BasicStem(len(cfg.MODEL.PIXEL_MEAN), r.STEM_OUT_CHANNELS, r.NORM, r.STEM_TYPE)
+    stem = BasicStem(len(cfg.MODEL.PIXEL_MEAN), r.STEM_OUT_CHANNELS, r.NORM, cfg.MODEL.CAFFE_MAXPOOL)
     valid = ["stem", "res2", "res3", "res4", "res5"]
     for name in r.OUT_FEATURES:
         if name not in valid:

@@ -93,8 +93,8 @@ class Res5ROIHeads(nn.Module):
         attr = cfg.MODEL.ROI_ATTRIBUTE_HEAD
         self.box_predictor = FastRCNNOutputLayers(
             out_channels, rh.NUM_CLASSES, bh.CLS_AGNOSTIC_BBOX_REG,
-            num_attributes=attr.NUM_ATTRIBUTES if cfg.MODEL.ATTRIBUTE_ON else 0,
-            embed_dim=attr.EMBED_DIM, hidden_dim=attr.HIDDEN_DIM)
+            num_attributes=attr.NUM_CLASSES if cfg.MODEL.ATTRIBUTE_ON else 0,
+            embed_dim=attr.OBJ_EMBED_DIM, hidden_dim=attr.FC_DIM)
         self.box2box_transform = Box2BoxTransform(bh.BBOX_REG_WEIGHTS)
 
     # -- building blocks (the Fast R-CNN path) ------------------------------------------------------

@@ -2,9 +2,11 @@
 
 A checkpoint is one file `model_<step>.pth` holding everything needed to continue exactly: model,
 optimizer, scheduler, grad scaler, the RNG states of python/numpy/torch/cuda of every rank, the data
-position and the step. It is written to a temporary file, fsync'ed and renamed, so a reader sees
-either the old set of files or the new one. Resuming picks the newest file that loads; a damaged
-one (truncated by a full disk, copied half-way) is skipped with a warning. Weights that are NaN or
+position and the step (and the names of the parameters an update reached, `trained_parameters`, which
+tools/export_detector.py keeps over --base-weights). It is written to a temporary file, fsync'ed and
+renamed, so a reader sees either the old set of files or the new one. Resuming picks the newest file that
+loads; a damaged one (truncated by a full disk, copied half-way, failing its zip CRC check) is skipped
+with a warning. Weights that are NaN or
 infinite are refused both when saving and when loading (a checkpoint that cannot continue training is
 worse than none: it would replace the last good one). A write that fails (disk full, read-only folder)
 leaves the existing checkpoints as they were and raises one error naming the file.
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import random
 import re
 from pathlib import Path
@@ -28,7 +29,8 @@ import torch
 
 from detector.atomic import atomic_write
 from detector.checkpoint import CheckpointError
-from detector.checkpoint.formats import weights_only_refusal
+from detector.checkpoint.formats import NonFiniteWeightsError  # noqa: F401 (callers catch it from here)
+from detector.checkpoint.formats import check_finite_weights, load_data_file
 
 logger = logging.getLogger(__name__)
 
@@ -39,21 +41,8 @@ WEIGHTS_KEYS = ("model", "step")  # of every file the trainer writes, model_best
 BEST_KEYS = ("model", "step", "best_metric", "config")
 
 
-class NonFiniteWeightsError(CheckpointError):
-    """A model tensor holds NaN or inf: such a checkpoint is neither written nor loaded."""
-
-
 class CheckpointWriteError(CheckpointError):
     """Writing a checkpoint failed (disk full, read-only folder); the older checkpoints are untouched."""
-
-
-def check_finite_weights(model_state: dict[str, Any], where: str) -> None:
-    """Raise NonFiniteWeightsError naming the first floating tensor of `model_state` with a NaN or inf."""
-    for name, value in model_state.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            bad = int((~torch.isfinite(value)).sum())
-            raise NonFiniteWeightsError(
-                f"{where}: model tensor '{name}' holds {bad} non-finite value(s) (NaN or inf); refusing it")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -73,10 +62,9 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
 
 
 def _load(path: str | os.PathLike, map_location: str | torch.device, required: tuple[str, ...]) -> dict:
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise weights_only_refusal(path, exc) from None
+    """Load a file the trainer wrote safely (tensors and plain containers only; no pickled code), after
+    checking that the file is whole (`load_data_file`: not empty, not cut short, zip CRCs)."""
+    state = load_data_file(path, map_location)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a training checkpoint (top level is {type(state).__name__})")
     missing = [k for k in required if k not in state]

@@ -148,6 +148,9 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     checkpointer = Checkpointer(out_dir, s.CHECKPOINT_KEEP_LAST)
     step, best, skipped = 0, -math.inf, 0  # skipped: steps dropped for non-finite losses or gradients
+    # Names of the parameters an update reached (had a gradient): tools/export_detector.py never replaces
+    # them with --base-weights.
+    trained: set[str] = set()
 
     # --- resume: every rank restores everything (optimizer included) from the same file --------------
     if resume:
@@ -170,6 +173,9 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
             data.load_state_dict(_convert_position(state["data"], micro_batch * world))
             step, best = int(state["step"]), float(state["best_metric"])
             skipped = int(state.get("skipped_steps", 0))
+            # A checkpoint without the record (older versions): every trainable parameter may have moved.
+            trained = set(state.get("trained_parameters",
+                                    [n for n, p in model.named_parameters() if p.requires_grad]))
             rng = state["rng"]
             if len(rng) != world:
                 logger.warning("checkpoint was written by %d processes, now %d: RNG streams differ", len(rng),
@@ -191,6 +197,7 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
             "data": {**data.state_dict(), "items_per_step": micro_batch * world},
             "step": step, "best_metric": best, "skipped_steps": skipped, "config": cfg.dump(),
+            "trained_parameters": sorted(trained),
         }
 
     def save(path_kind: str) -> Path | None:
@@ -284,6 +291,7 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
             else:
                 scaler.step(optimizer)
                 scaler.update()
+                trained.update(n for n, p in model.named_parameters() if p.grad is not None)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1

@@ -23,7 +23,7 @@ from torch import nn
 
 from e2e_vl.data.vqa_answers import answer_accuracy
 from e2e_vl import distributed as du
-from e2e_vl.engine.checkpoint import atomic_write
+from detector.atomic import atomic_write
 from e2e_vl.evaluation.runner import evaluation_batches
 
 logger = logging.getLogger(__name__)

@@ -457,9 +457,9 @@ def _architecture_checks(model: nn.Module, state: Mapping[str, torch.Tensor], so
                               "it to none")
     stem = getattr(getattr(getattr(model, "detector", None), "backbone", None), "stem", None)
     if (origin and any(k.startswith(DETECTOR_TRUNK) for k in state)
-        and getattr(stem, "stem_type", "basic") != "basic"):
-        notes.append("VL-BERT ran its ResNet with a padded max-pool stem (MODEL.RESNETS.STEM_TYPE basic); "
-                     f"this model's is {stem.stem_type!r}, which shifts res4 by a pixel")
+        and getattr(stem, "caffe_maxpool", False)):
+        notes.append("VL-BERT ran its ResNet with a padded max-pool stem (MODEL.CAFFE_MAXPOOL false); "
+                     "this model's is Caffe's (true), which shifts res4 by a pixel")
     return notes
 
 
