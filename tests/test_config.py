@@ -60,7 +60,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG_MODULES = {*(REPO / "detector" / "config").glob("*.py"), REPO / "e2e_vl" / "config.py"}
 # Sections whose keys are read by iterating over the section, not by name.
 WHOLE_SECTIONS = {
-    "MODEL.VLBERT.LOSS_WEIGHTS": "LOSS_WEIGHTS.items()",  # key = loss name
+    "MODEL.VL.LOSS_WEIGHTS": "LOSS_WEIGHTS.items()",  # key = loss name
     "MODEL.VILBERT": "f.name.upper()",  # ViLBertSizes.from_cfg: one field per key
 }
 # Restated on purpose: the task a config is for, and two choices the comment next to them justifies.

@@ -47,12 +47,12 @@ def _write_caption_data(root: Path) -> None:
 def _overrides(root: Path, out: Path, max_iter: int) -> list[str]:
     return [
         "--config-file", str(REPO / "configs" / "easy_vqa" / "base.yaml"), "--output-dir", str(out),
-        "TASK", "pretrain", "MODEL.WEIGHTS", "", "MODEL.VLBERT.HEADS", "['mlm', 'mrc']",
-        "MODEL.VLBERT.NUM_MRC_CLASSES", str(NUM_CLASSES), "MODEL.VLBERT.BERT_RANDOM_INIT", "True",
+        "TASK", "pretrain", "MODEL.WEIGHTS", "", "MODEL.VL.HEADS", "['mlm', 'mrc']",
+        "MODEL.VL.NUM_MRC_CLASSES", str(NUM_CLASSES), "MODEL.VL.BERT_RANDOM_INIT", "True",
         "DATASETS.ROOT", str(root), "DATASETS.ROI_STORE", "rois",
         "DATASETS.TRAIN", "captions_train", "DATASETS.TEST", "captions_test", "DATASETS.CAPTIONS_TRAIN",
         "train.json", "DATASETS.CAPTIONS_TEST", "val.json", "DATASETS.TEXT_CORPUS", "text.txt",
-        "MODEL.VLBERT.PRETRAIN.MLM_PROB", "0.4", "MODEL.VLBERT.PRETRAIN.MRC_PROB", "0.6",
+        "MODEL.VL.PRETRAIN.MLM_PROB", "0.4", "MODEL.VL.PRETRAIN.MRC_PROB", "0.6",
         "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", str(max_iter), "SOLVER.WARMUP_ITERS", "0",
         "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.CHECKPOINT_KEEP_LAST", "3", "SOLVER.LOG_PERIOD", "1",
         "DATALOADER.NUM_WORKERS", "0", "TEST.IMS_PER_BATCH", "2",
@@ -100,7 +100,7 @@ def test_pretrain_runs_checkpoints_resumes_exactly_and_evaluates(tmp_path, train
 def test_pretrain_config_validates_and_needs_pretraining_heads(tmp_path):
     config = REPO / "configs" / "pretrain" / "vlbert_base_cc.yaml"
     cfg = load_train_cfg(config)
-    assert cfg.TASK == "pretrain" and list(cfg.MODEL.VLBERT.HEADS) == ["mlm", "mrc"]
+    assert cfg.TASK == "pretrain" and list(cfg.MODEL.VL.HEADS) == ["mlm", "mrc"]
     from e2e_vl.tasks import get_task
 
     vqa_model = SimpleNamespace(tokenizer=None, heads={"vqa": None})  # the task asks the model for its heads
@@ -144,8 +144,8 @@ def _refused_before_training(tmp_path: Path, train_net, *extra: str) -> tuple[Pa
 
 
 def test_mrc_class_count_differing_from_the_roi_store_fails_before_training(tmp_path, train_net):
-    root, log = _refused_before_training(tmp_path, train_net, "MODEL.VLBERT.NUM_MRC_CLASSES", "7")
-    assert (f"MODEL.VLBERT.NUM_MRC_CLASSES is 7 but the RoI store {root / 'rois'} holds class distributions "
+    root, log = _refused_before_training(tmp_path, train_net, "MODEL.VL.NUM_MRC_CLASSES", "7")
+    assert (f"MODEL.VL.NUM_MRC_CLASSES is 7 but the RoI store {root / 'rois'} holds class distributions "
             f"over {NUM_CLASSES} classes" in log)
 
 

@@ -247,8 +247,8 @@ def tiny_cfg(bert_folder: str, *overrides: str):
     cfg = tiny_detector_cfg(get_train_cfg())
     sizes = [(f"MODEL.VILBERT.{key.upper()}", str(list(value) if isinstance(value, tuple) else value))
              for key, value in dataclasses.asdict(SIZES).items()]
-    cfg.merge_from_list(["MODEL.VLBERT.BERT_PATH", bert_folder, "MODEL.VLBERT.HEADS", "['mlm', 'vqa']",
-                         "MODEL.VLBERT.NUM_ANSWERS", "5", *[item for pair in sizes for item in pair],
+    cfg.merge_from_list(["MODEL.VL.BERT_PATH", bert_folder, "MODEL.VL.HEADS", "['mlm', 'vqa']",
+                         "MODEL.VL.NUM_ANSWERS", "5", *[item for pair in sizes for item in pair],
                          *overrides])
     return cfg
 
@@ -316,7 +316,7 @@ def test_short_easy_vqa_finetuning_learns(tmp_path, tiny_bert_folder):
     """configs/easy_vqa/smoke.yaml with MODEL.ARCH vilbert and a toy BERT, through the shared VQA task,
     training loop and evaluator: the answer loss ends well below its start within 60 steps."""
     cfg = load_train_cfg(REPO / "configs" / "easy_vqa" / "smoke.yaml",
-                         ["MODEL.ARCH", "vilbert", "MODEL.VLBERT.BERT_PATH", tiny_bert_folder,
+                         ["MODEL.ARCH", "vilbert", "MODEL.VL.BERT_PATH", tiny_bert_folder,
                           "OUTPUT_DIR", str(tmp_path)])
     torch.manual_seed(0)
     model = build_model(cfg, get_task(cfg.TASK).arch(cfg))

@@ -405,7 +405,7 @@ def test_batch_without_targets_is_a_clear_error():
 
 def test_build_from_config_with_the_embedded_minilm():
     cfg = tiny_detector_cfg(get_train_cfg())
-    cfg.MODEL.VLBERT.NUM_ANSWERS = 13
+    cfg.MODEL.VL.NUM_ANSWERS = 13
     model = build_vlbert(cfg)
     assert model.bert.config.hidden_size == 384
     rows = model.bert.embeddings.token_type_embeddings.weight
@@ -460,7 +460,7 @@ def test_detector_weights_load_and_missing_trunk_tensors_are_an_error(tmp_path, 
     from detector.checkpoint import CheckpointError, save_checkpoint
 
     cfg = tiny_detector_cfg(get_train_cfg())
-    cfg.MODEL.VLBERT.NUM_ANSWERS = 13
+    cfg.MODEL.VL.NUM_ANSWERS = 13
     torch.manual_seed(1)
     source = build_detector(tiny_detector_cfg())
     full = {k: v for k, v in source.state_dict().items()}

@@ -1,4 +1,4 @@
-"""Starting from VL-BERT's released weights and from our own checkpoints (MODEL.VLBERT.INIT_FROM).
+"""Starting from VL-BERT's released weights and from our own checkpoints (MODEL.INIT_FROM).
 
 `vlbert_keys` writes VL-BERT's checkpoint layout (key -> shape) for any size, following its module tree
 (torchvision ResNet names in `image_feature_extractor`, res5 stored twice, 1 x hidden embedding tables, the
@@ -353,9 +353,9 @@ def test_other_tasks_heads_are_dropped_with_a_report_and_the_vqa_head_starts_fro
     sd = known_weights(TINY)
     report = init_vlbert_weights(model := tiny_model(heads=("vqa",)),
                                  save_vlbert_file(tmp_path / "pre.model", sd))
-    assert sorted(report.unused["head 'mlm' is not in this model (MODEL.VLBERT.HEADS)"]) == sorted(
+    assert sorted(report.unused["head 'mlm' is not in this model (MODEL.VL.HEADS)"]) == sorted(
         k[len("module."):] for k in sd if ".mlm_head.predictions." in k and "decoder" not in k)
-    assert len(report.unused["head 'mrc' is not in this model (MODEL.VLBERT.HEADS)"]) == 4
+    assert len(report.unused["head 'mrc' is not in this model (MODEL.VL.HEADS)"]) == 4
     t = _strip(sd)
     assert torch.equal(model.heads["vqa"].transform.dense.weight,
                        t["vlbert.mlm_head.predictions.transform.dense.weight"])
@@ -370,9 +370,9 @@ def test_other_tasks_heads_are_dropped_with_a_report_and_the_vqa_head_starts_fro
     model.detector.backbone.stem.stem_type = "caffe"
     report = init_vlbert_weights(model, save_vlbert_file(tmp_path / "vcr.model", vcr))
     assert any("MODEL.RESNETS.STEM_TYPE basic" in note for note in report.notes)
-    assert sorted(report.unused["head 'vcr' is not in this model (MODEL.VLBERT.HEADS)"]) == [
+    assert sorted(report.unused["head 'vcr' is not in this model (MODEL.VL.HEADS)"]) == [
         "final_mlp.1.bias", "final_mlp.1.weight", "vlbert.pooler.dense.bias", "vlbert.pooler.dense.weight"]
-    assert len(report.unused["head 'vcr_objects' is not in this model (MODEL.VLBERT.HEADS)"]) == 4
+    assert len(report.unused["head 'vcr_objects' is not in this model (MODEL.VL.HEADS)"]) == 4
 
 
 @pytest.mark.parametrize("task, expected", [
@@ -434,7 +434,7 @@ def test_a_bert_of_another_size_is_named_with_the_fix(tmp_path):
     path = save_vlbert_file(tmp_path / "deep.model", known_weights(dataclasses.replace(TINY, layers=3)))
     with pytest.raises(CheckpointError,
                        match=r"a BERT of 3 layers x 32 hidden, the model's is 2 x 32; set "
-                             r"MODEL.VLBERT.BERT_PATH"):
+                             r"MODEL.VL.BERT_PATH"):
         init_vlbert_weights(tiny_model(heads=("mlm", "mrc")), path)
 
 
@@ -474,9 +474,9 @@ def _tiny_bert_folder(path: Path) -> str:
 
 def _cfg(tmp_path: Path, heads: list[str], init_from: Path, out: str):
     cfg = tiny_detector_cfg(get_train_cfg())
-    v = cfg.MODEL.VLBERT
-    v.BERT_PATH, v.BERT_RANDOM_INIT, v.HEADS, v.INIT_FROM = (str(tmp_path / "bert"), True, heads,
-                                                             str(init_from))
+    v = cfg.MODEL.VL
+    v.BERT_PATH, v.BERT_RANDOM_INIT, v.HEADS, cfg.MODEL.INIT_FROM = (str(tmp_path / "bert"), True, heads,
+                                                                     str(init_from))
     v.NUM_ANSWERS, v.NUM_MRC_CLASSES = 5, NUM_CLASSES
     cfg.MODEL.DEVICE, cfg.OUTPUT_DIR = "cpu", str(tmp_path / out)
     s = cfg.SOLVER
@@ -533,8 +533,8 @@ def test_a_whole_model_checkpoint_given_as_detector_weights_says_to_use_init_fro
     path = tmp_path / "model_best.pth"
     torch.save({"model": model.state_dict()}, path)
     cfg = tiny_detector_cfg(get_train_cfg())
-    cfg.MODEL.WEIGHTS, cfg.MODEL.VLBERT.NUM_ANSWERS = str(path), 5
-    with pytest.raises(CheckpointError, match="whole-model training checkpoint .* MODEL.VLBERT.INIT_FROM"):
+    cfg.MODEL.WEIGHTS, cfg.MODEL.VL.NUM_ANSWERS = str(path), 5
+    with pytest.raises(CheckpointError, match="whole-model training checkpoint .* MODEL.INIT_FROM"):
         build_vlbert(cfg)
 
 
@@ -549,9 +549,9 @@ def test_eval_only_evaluates_the_model_built_from_init_from(tmp_path, monkeypatc
     model = tiny_model(heads=("vqa",))
     with pytest.raises(ConfigError, match="no training checkpoint"):
         train_net._load_eval_weights(cfg, model, "cpu")
-    cfg.MODEL.VLBERT.INIT_FROM = str(save_vlbert_file(tmp_path / "vqa.model", known_weights(TINY)))
+    cfg.MODEL.INIT_FROM = str(save_vlbert_file(tmp_path / "vqa.model", known_weights(TINY)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert train_net._load_eval_weights(cfg, model, "cpu") == cfg.MODEL.VLBERT.INIT_FROM
+    assert train_net._load_eval_weights(cfg, model, "cpu") == cfg.MODEL.INIT_FROM
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # as build_vlbert left it
 
 
@@ -575,8 +575,8 @@ def test_init_from_that_does_not_exist_is_a_config_error_before_any_work():
     from e2e_vl.config import ConfigError, load_train_cfg
 
     with pytest.raises(ConfigError,
-                       match="'MODEL.VLBERT.INIT_FROM' nowhere/vl-bert-base-e2e.model does not exist"):
-        load_train_cfg(None, ["MODEL.VLBERT.INIT_FROM", "nowhere/vl-bert-base-e2e.model",
+                       match="'MODEL.INIT_FROM' nowhere/vl-bert-base-e2e.model does not exist"):
+        load_train_cfg(None, ["MODEL.INIT_FROM", "nowhere/vl-bert-base-e2e.model",
                               "MODEL.WEIGHTS", ""])
 
 

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 8 tools/train_net.py --config-file ... MODEL.DEVICE cuda
     python tools/train_net.py --config-file ... --resume          # continue from the newest checkpoint
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_best.pth
-    python tools/train_net.py --config-file ... MODEL.VLBERT.INIT_FROM vl-bert-base-e2e.model   # fine-tune it
+    python tools/train_net.py --config-file ... MODEL.INIT_FROM vl-bert-base-e2e.model   # fine-tune it
 
 Trailing `KEY VALUE` pairs override the config. The loop itself is `e2e_vl.engine.trainer.train`.
 """
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest valid checkpoint in OUTPUT_DIR")
     p.add_argument("--eval-only", action="store_true",
-                   help="only evaluate (MODEL.WEIGHTS, MODEL.VLBERT.INIT_FROM or the newest checkpoint)")
+                   help="only evaluate (MODEL.WEIGHTS, MODEL.INIT_FROM or the newest checkpoint)")
     p.add_argument("--output-dir", default=None, help="shorthand for OUTPUT_DIR")
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
     return p
@@ -60,15 +60,15 @@ def seed_everything(seed: int) -> None:
 
 
 def _load_eval_weights(cfg, model, device) -> str:
-    """Weights for --eval-only: MODEL.WEIGHTS if it is a training checkpoint, else MODEL.VLBERT.INIT_FROM (the
+    """Weights for --eval-only: MODEL.WEIGHTS if it is a training checkpoint, else MODEL.INIT_FROM (the
     model was built from it, e.g. a fine-tuned VL-BERT release), else the newest checkpoint of OUTPUT_DIR."""
     from e2e_vl.config import ConfigError
     from e2e_vl.engine.checkpoint import Checkpointer, load_checkpoint_file
 
     if cfg.MODEL.WEIGHTS and _is_training_checkpoint(cfg.MODEL.WEIGHTS):
         state, path = load_checkpoint_file(cfg.MODEL.WEIGHTS, device), cfg.MODEL.WEIGHTS
-    elif cfg.MODEL.VLBERT.INIT_FROM:
-        return cfg.MODEL.VLBERT.INIT_FROM
+    elif cfg.MODEL.INIT_FROM:
+        return cfg.MODEL.INIT_FROM
     else:
         found = Checkpointer(cfg.OUTPUT_DIR, 1).load_latest(device)
         if found is None:

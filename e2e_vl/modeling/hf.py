@@ -32,13 +32,13 @@ def resolve_bert_path(path: str) -> str:
     path = path or default_bert_path()
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(
-            f"MODEL.VLBERT.BERT_PATH: {path!r} is not a Hugging Face model folder (no config.json)"
+            f"MODEL.VL.BERT_PATH: {path!r} is not a Hugging Face model folder (no config.json)"
         )
     return path
 
 
 def load_tokenizer(path: str = "") -> BertTokenizerFast:
-    """BERT's tokenizer from the same folder as the weights (MODEL.VLBERT.BERT_PATH; empty = default)."""
+    """BERT's tokenizer from the same folder as the weights (MODEL.VL.BERT_PATH; empty = default)."""
     return BertTokenizerFast.from_pretrained(resolve_bert_path(path))
 
 
@@ -69,11 +69,11 @@ def load_bert(path: str = "", random_init: bool = False) -> BertModel:
         shapes = [f"{k} {tuple(got)} vs {tuple(want)}" for k, got, want in sorted(info["mismatched_keys"])]
         problems.append(f"wrong shape (checkpoint vs config): {', '.join(shapes)}")
     if problems:
-        raise ValueError(f"MODEL.VLBERT.BERT_PATH {path}: the checkpoint does not fit its config.json's BERT "
+        raise ValueError(f"MODEL.VL.BERT_PATH {path}: the checkpoint does not fit its config.json's BERT "
                          f"({'; '.join(problems)})")
     extra = sorted(k for k in info["unexpected_keys"] if not k.startswith(("pooler.", "cls.")))
     if extra:
-        logger.warning("MODEL.VLBERT.BERT_PATH %s: %d tensors not used (e.g. %s)", path, len(extra),
+        logger.warning("MODEL.VL.BERT_PATH %s: %d tensors not used (e.g. %s)", path, len(extra),
                        extra[:3])
     return bert
 
@@ -120,7 +120,7 @@ def load_pretrained_head_weights(heads: Mapping[str, nn.Module], path: str) -> l
         wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                  if k in own and v.shape != own[k].shape]
         if wrong:
-            raise ValueError(f"MODEL.VLBERT.BERT_PATH {folder}: head {name!r}: wrong shapes (checkpoint vs "
+            raise ValueError(f"MODEL.VL.BERT_PATH {folder}: head {name!r}: wrong shapes (checkpoint vs "
                              f"head): {', '.join(wrong)}")
         state = {k: v for k, v in state.items() if k in own}
         head.load_state_dict(state, strict=False)
@@ -182,7 +182,7 @@ BERT_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_attention_heads", "intermed
 
 
 def bert_text_config(path: str) -> BertConfig:
-    """The BERT folder's config (MODEL.VLBERT.BERT_PATH; empty = the embedded MiniLM): the text side's
+    """The BERT folder's config (MODEL.VL.BERT_PATH; empty = the embedded MiniLM): the text side's
     sizes of a model started from it."""
     return BertConfig.from_pretrained(resolve_bert_path(path))
 
@@ -193,7 +193,7 @@ def copy_bert_text_side(model: nn.Module, path: str, num_layers: int) -> list[st
     filled. Everything else of `model` keeps its initial values."""
     bert = load_bert(path)
     if num_layers > bert.config.num_hidden_layers:
-        raise ValueError(f"MODEL.VLBERT.BERT_PATH {resolve_bert_path(path)}: {num_layers} text layers asked "
+        raise ValueError(f"MODEL.VL.BERT_PATH {resolve_bert_path(path)}: {num_layers} text layers asked "
                          f"for, the checkpoint has {bert.config.num_hidden_layers}")
     layers = tuple(f"encoder.layer.{i}." for i in range(num_layers))
     state = {k: v for k, v in bert.state_dict().items()
@@ -217,16 +217,16 @@ def extend_token_types(bert: BertModel, num_types: int) -> None:
 
 
 def check_vocabulary(tokenizer: Any, vocab_size: int) -> None:
-    """The tokenizer (MODEL.VLBERT.BERT_PATH) must not produce ids beyond the transformer's word table."""
+    """The tokenizer (MODEL.VL.BERT_PATH) must not produce ids beyond the transformer's word table."""
     if len(tokenizer) > vocab_size:
-        raise ConfigError(f"the tokenizer of 'MODEL.VLBERT.BERT_PATH' has {len(tokenizer)} tokens but the "
+        raise ConfigError(f"the tokenizer of 'MODEL.VL.BERT_PATH' has {len(tokenizer)} tokens but the "
                           f"transformer's vocabulary has {vocab_size}: use the tokenizer its checkpoint was "
                           "trained with")
 
 
 def load_pretrained_heads(heads: Mapping[str, nn.Module], checkpoint: str, v: CfgNode) -> None:
     """Heads that start from pre-trained tensors: the MLM head's transform and bias from a released
-    checkpoint's `cls.predictions.*`; or, when the text side came from MODEL.VLBERT.BERT_PATH, from BERT's,
+    checkpoint's `cls.predictions.*`; or, when the text side came from MODEL.VL.BERT_PATH, from BERT's,
     with every head's `pretrained_prefix` tensors (the VCR head's pooler). Nothing with random init."""
     if checkpoint:
         load_mlm_head_weights(heads, checkpoint)

@@ -1,5 +1,5 @@
 """What the architectures built around one Hugging Face transformer share (VisualBERT, LXMERT): the
-options every architecture reads from MODEL.VLBERT's shared keys, parameter kinds that tell the layers a
+options every architecture reads from MODEL.VL, parameter kinds that tell the layers a
 checkpoint filled from the new ones, and the builder steps (detector, tokenizer, transformer, heads, the
 MLM head's pre-trained weights)."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ from e2e_vl.modeling.region_encoder import RegionEncoder, build_trained_detector
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
-    """MODEL.VLBERT's keys that are not VL-BERT's own: heads and their sizes, region masking, the detector
+    """MODEL.VL's keys: heads and their sizes, region masking, the detector
     freeze, the object feature's dropout and appearance standardisation, loss weights."""
 
     heads: Sequence[str] = ("vqa",)
@@ -32,7 +32,7 @@ class ModelOptions:
 
     @classmethod
     def from_cfg(cls, cfg: CfgNode) -> "ModelOptions":
-        v = cfg.MODEL.VLBERT
+        v = cfg.MODEL.VL
         return cls(tuple(v.HEADS), v.NUM_ANSWERS, v.NUM_MRC_CLASSES, v.MASKING, v.FREEZE_DETECTOR,
                    v.OBJECT_DROPOUT, v.APPEARANCE_NORM,
                    {k.lower(): float(w) for k, w in v.LOSS_WEIGHTS.items()})
@@ -68,15 +68,15 @@ BodyBuilder = Callable[[CfgNode, int], tuple[nn.Module, list[str]]]
 def build_hf_region_model(cfg: CfgNode, detector: GeneralizedRCNN | None, cls: type[HFRegionModel],
                           build_body: BodyBuilder, checkpoint: str, **extra: Any) -> HFRegionModel:
     """`cls` per `cfg`: heads checked first, the detector (MODEL.WEIGHTS), the tokenizer of
-    MODEL.VLBERT.BERT_PATH (released VisualBERT and LXMERT folders are used with BERT's uncased one),
+    MODEL.VL.BERT_PATH (released VisualBERT and LXMERT folders are used with BERT's uncased one),
     `build_body(cfg, appearance_dim)` -> (transformer, new parameter names), then the heads' pre-trained
     weights from `checkpoint` or BERT (`hf.load_pretrained_heads`)."""
     options = ModelOptions.from_cfg(cfg)
     check_heads(options.heads, options.num_answers)
     detector = detector if detector is not None else build_trained_detector(cfg)
-    tokenizer = load_tokenizer(cfg.MODEL.VLBERT.BERT_PATH)
+    tokenizer = load_tokenizer(cfg.MODEL.VL.BERT_PATH)
     body, new = build_body(cfg, detector.roi_heads.out_channels)
     check_vocabulary(tokenizer, body.config.vocab_size)
     model = cls(detector, body, options, tokenizer=tokenizer, new_parameters=new, **extra)
-    load_pretrained_heads(model.heads, checkpoint, cfg.MODEL.VLBERT)
+    load_pretrained_heads(model.heads, checkpoint, cfg.MODEL.VL)
     return model

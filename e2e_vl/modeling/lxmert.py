@@ -96,10 +96,10 @@ class Lxmert(HFRegionModel):
 def build_lxmert_transformer(cfg: CfgNode, appearance_dim: int) -> tuple[LxmertModel, list[str]]:
     """LxmertModel per MODEL.LXMERT, and the names of its tensors left new although others came from a
     file. From CHECKPOINT: everything, strictly (its depths; set ones must match). Else from
-    MODEL.VLBERT.BERT_PATH's BERT: embeddings and the first L_LAYERS layers as the language encoder (L = all
+    MODEL.VL.BERT_PATH's BERT: embeddings and the first L_LAYERS layers as the language encoder (L = all
     of BERT's by default), the object-relationship and cross-modality encoders and the pooler new; with
     BERT_RANDOM_INIT nothing is loaded."""
-    v, lx = cfg.MODEL.VLBERT, cfg.MODEL.LXMERT
+    v, lx = cfg.MODEL.VL, cfg.MODEL.LXMERT
     if lx.CHECKPOINT:
         config = LxmertConfig.from_pretrained(lx.CHECKPOINT)
         have = dict(zip(LAYER_KEYS, (config.l_layers, config.r_layers, config.x_layers)))
@@ -128,5 +128,5 @@ def build_lxmert_transformer(cfg: CfgNode, appearance_dim: int) -> tuple[LxmertM
 
 @register_model("lxmert")
 def build_lxmert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> Lxmert:
-    """LXMERT per `cfg` (detector keys, MODEL.VLBERT's shared keys, MODEL.LXMERT)."""
+    """LXMERT per `cfg` (detector keys, MODEL.VL, MODEL.LXMERT)."""
     return build_hf_region_model(cfg, detector, Lxmert, build_lxmert_transformer, cfg.MODEL.LXMERT.CHECKPOINT)

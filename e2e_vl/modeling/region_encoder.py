@@ -42,7 +42,7 @@ def build_trained_detector(cfg: CfgNode) -> GeneralizedRCNN:
         raise CheckpointError(
             f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} is a whole-model training checkpoint (keys detector.*, "
             "bert.*, heads.*), while MODEL.WEIGHTS holds the detector's weights: start from it with "
-            "MODEL.VLBERT.INIT_FROM (or --eval-only MODEL.WEIGHTS to evaluate it as is)")
+            "MODEL.INIT_FROM (or --eval-only MODEL.WEIGHTS to evaluate it as is)")
     used = [k for k in report["missing"] if k.startswith(TRAINED_PREFIXES)]
     if used:
         raise CheckpointError(
@@ -100,7 +100,7 @@ class RegionEncoder(nn.Module):
     def __init__(self, detector: GeneralizedRCNN, *, masking: str = "pixel", freeze_detector: bool = False):
         super().__init__()
         if masking not in MASKING_MODES:
-            raise ValueError(f"MODEL.VLBERT.MASKING: expected one of {MASKING_MODES}, got {masking!r}")
+            raise ValueError(f"MODEL.VL.MASKING: expected one of {MASKING_MODES}, got {masking!r}")
         self.detector = detector
         self.masking = masking
         self.freeze_detector = freeze_detector
@@ -126,7 +126,7 @@ class RegionEncoder(nn.Module):
     def init_appearance_norm(self, appearance_norm: str) -> None:
         if appearance_norm not in APPEARANCE_NORMS:
             raise ValueError(
-                f"MODEL.VLBERT.APPEARANCE_NORM: expected one of {APPEARANCE_NORMS}, got {appearance_norm!r}"
+                f"MODEL.VL.APPEARANCE_NORM: expected one of {APPEARANCE_NORMS}, got {appearance_norm!r}"
             )
         self.appearance_norm = (RunningStandardize(self.appearance_dim) if appearance_norm == "running"
                                 else None)

@@ -419,7 +419,7 @@ def load_vilbert_weights(model: ViLBert, path: str | os.PathLike) -> dict[str, l
               + (" ..." if len(keys) > _MAX_LISTED else "") for title, keys in problems.items() if keys]
     if listed:
         raise CheckpointError(f"{path} does not fit this ViLBERT (MODEL.VILBERT sizes, the BERT of "
-                              "MODEL.VLBERT.BERT_PATH, the detector's feature width):\n" + "\n".join(listed))
+                              "MODEL.VL.BERT_PATH, the detector's feature width):\n" + "\n".join(listed))
     with torch.no_grad():
         for released, ours in expected.items():
             own[ours].copy_(state[released].to(own[ours].dtype))
@@ -433,12 +433,12 @@ def load_vilbert_weights(model: ViLBert, path: str | os.PathLike) -> dict[str, l
 
 @register_model("vilbert")
 def build_vilbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> ViLBert:
-    """The model of `cfg`: detector keys, MODEL.VILBERT, and MODEL.VLBERT's shared keys (`ModelOptions`).
+    """The model of `cfg`: detector keys, MODEL.VILBERT, and MODEL.VL (`ModelOptions`).
 
     The text stream, its tokenizer and the text-side heads' pre-trained layers (the MLM head if BERT has
-    one, the VCR head's pooler) come from MODEL.VLBERT.BERT_PATH (empty: the embedded MiniLM); then, when
+    one, the VCR head's pooler) come from MODEL.VL.BERT_PATH (empty: the embedded MiniLM); then, when
     MODEL.VILBERT.WEIGHTS is set, the whole two-stream encoder (and the MLM head) from that checkpoint."""
-    options, v = ModelOptions.from_cfg(cfg), cfg.MODEL.VLBERT
+    options, v = ModelOptions.from_cfg(cfg), cfg.MODEL.VL
     check_heads(options.heads, options.num_answers)
     sizes = ViLBertSizes.from_cfg(cfg.MODEL.VILBERT)
     detector = detector if detector is not None else build_trained_detector(cfg)

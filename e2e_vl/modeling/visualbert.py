@@ -45,7 +45,7 @@ class VisualBert(HFRegionModel):
         region_heads = sorted(name for name in options.heads if name in HEADS and HEADS[name].reads_image)
         if not grounded and region_heads:
             raise ConfigError("MODEL.VISUALBERT.GROUNDED false reads no image, so the region heads "
-                              f"{region_heads} cannot be trained; drop them from MODEL.VLBERT.HEADS")
+                              f"{region_heads} cannot be trained; drop them from MODEL.VL.HEADS")
         super().__init__(detector, options, tokenizer=tokenizer, new_parameters=new_parameters)
         self.visual_bert = visual_bert
         self.grounded = grounded
@@ -104,11 +104,11 @@ def _additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def build_visualbert_transformer(cfg: CfgNode, appearance_dim: int) -> tuple[VisualBertModel, list[str]]:
     """VisualBertModel per MODEL.VISUALBERT, and the names of its tensors that were left new although the
-    rest came from a file. From CHECKPOINT: everything, strictly. Else from MODEL.VLBERT.BERT_PATH's BERT:
+    rest came from a file. From CHECKPOINT: everything, strictly. Else from MODEL.VL.BERT_PATH's BERT:
     embeddings and encoder layers (visual segment and position tables copied from the text ones, as
     VisualBERT's special_visual_initialize), the pooler, visual projection and extra layer new; with
     BERT_RANDOM_INIT nothing is loaded."""
-    v, vb = cfg.MODEL.VLBERT, cfg.MODEL.VISUALBERT
+    v, vb = cfg.MODEL.VL, cfg.MODEL.VISUALBERT
     if vb.CHECKPOINT:
         config = VisualBertConfig.from_pretrained(vb.CHECKPOINT)
         if vb.VISUAL_EMBEDDING_DIM and vb.VISUAL_EMBEDDING_DIM != config.visual_embedding_dim:
@@ -141,7 +141,7 @@ def build_visualbert_transformer(cfg: CfgNode, appearance_dim: int) -> tuple[Vis
 
 @register_model("visualbert")
 def build_visualbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> VisualBert:
-    """VisualBERT per `cfg` (detector keys, MODEL.VLBERT's shared keys, MODEL.VISUALBERT)."""
+    """VisualBERT per `cfg` (detector keys, MODEL.VL, MODEL.VISUALBERT)."""
     vb = cfg.MODEL.VISUALBERT
     return build_hf_region_model(cfg, detector, VisualBert, build_visualbert_transformer, vb.CHECKPOINT,
                                  grounded=vb.GROUNDED)

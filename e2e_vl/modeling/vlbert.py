@@ -236,9 +236,9 @@ def build_vlbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> VLBer
     """The model described by `cfg` (detector keys + MODEL.VLBERT), on MODEL.DEVICE, in train mode.
 
     The detector is built from the detector keys and, when MODEL.WEIGHTS is set, loaded from it; BERT and
-    its tokenizer come from MODEL.VLBERT.BERT_PATH (empty: the embedded MiniLM); then MODEL.VLBERT.INIT_FROM,
+    its tokenizer come from MODEL.VL.BERT_PATH (empty: the embedded MiniLM); then MODEL.INIT_FROM,
     when set, fills the whole model (e2e_vl.modeling.vlbert_weights)."""
-    v = cfg.MODEL.VLBERT
+    v, own = cfg.MODEL.VL, cfg.MODEL.VLBERT
     detector_loaded = detector is not None or bool(cfg.MODEL.WEIGHTS)
     detector = detector if detector is not None else build_trained_detector(cfg)
     bert = load_bert(v.BERT_PATH, random_init=v.BERT_RANDOM_INIT)
@@ -256,14 +256,14 @@ def build_vlbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> VLBer
         sep_token_id=tokenizer.sep_token_id,
         mask_token_id=tokenizer.mask_token_id,
         tokenizer=tokenizer,
-        visual_scale_text_init=v.VISUAL_SCALE_TEXT_INIT,
-        visual_scale_object_init=v.VISUAL_SCALE_OBJECT_INIT,
+        visual_scale_text_init=own.VISUAL_SCALE_TEXT_INIT,
+        visual_scale_object_init=own.VISUAL_SCALE_OBJECT_INIT,
         appearance_norm=v.APPEARANCE_NORM,
-        text_region=v.TEXT_REGION,
+        text_region=own.TEXT_REGION,
     )
     if not v.BERT_RANDOM_INIT:
         load_mlm_head_weights(model.heads, v.BERT_PATH)
         load_pretrained_head_weights(model.heads, v.BERT_PATH)
-    if v.INIT_FROM:
-        init_vlbert_weights(model, v.INIT_FROM, detector_loaded=detector_loaded)
+    if cfg.MODEL.INIT_FROM:
+        init_vlbert_weights(model, cfg.MODEL.INIT_FROM, detector_loaded=detector_loaded)
     return model.to(torch.device(cfg.MODEL.DEVICE)).train()

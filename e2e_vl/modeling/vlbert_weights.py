@@ -1,4 +1,4 @@
-"""Starting a VL-BERT model from earlier weights (`MODEL.VLBERT.INIT_FROM`): VL-BERT's published checkpoints
+"""Starting a VL-BERT model from earlier weights (`MODEL.INIT_FROM`): VL-BERT's published checkpoints
 (jackroos/VL-BERT `.model` files: pre-trained base/large, end-to-end or precomputed-feature, and its VQA /
 RefCOCO+ / VCR fine-tuning runs) and our own training checkpoints (`e2e_vl.engine.checkpoint`).
 
@@ -152,7 +152,7 @@ class InitReport:
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def log(self) -> None:
-        logger.info("MODEL.VLBERT.INIT_FROM %s (%s): %d tensors loaded", self.source, self.layout,
+        logger.info("MODEL.INIT_FROM %s (%s): %d tensors loaded", self.source, self.layout,
                     len(self.loaded))
         for reason, keys in self.fresh.items():
             logger.info("  kept as built (not in the file), %s: %d tensors: %s", reason, len(keys),
@@ -160,7 +160,7 @@ class InitReport:
         for reason, keys in self.unused.items():
             logger.info("  not used, %s: %d tensors: %s", reason, len(keys), ", ".join(keys))
         for note in self.notes:
-            logger.warning("MODEL.VLBERT.INIT_FROM %s: %s", self.source, note)
+            logger.warning("MODEL.INIT_FROM %s: %s", self.source, note)
 
 
 def _add(groups: dict[str, list[str]], reason: str, key: str) -> None:
@@ -398,7 +398,7 @@ def init_from_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *,
         head = _head_name(key)
         optional = next((why for prefix, why in OPTIONAL_PREFIXES if key.startswith(prefix)), None)
         if head is not None and head not in model_heads:
-            _add(report.unused, f"head '{head}' is not in this model (MODEL.VLBERT.HEADS)",
+            _add(report.unused, f"head '{head}' is not in this model (MODEL.VL.HEADS)",
                  origin.get(key, key))
         elif optional is not None and head is None:
             _add(report.unused, f"{optional}, not in this model", origin.get(key, key))
@@ -449,10 +449,10 @@ def _architecture_checks(model: nn.Module, state: Mapping[str, torch.Tensor], so
         if got != have:
             raise CheckpointError(
                 f"{source}: a BERT of {got[0]} layers x {got[1]} hidden, the model's is {have[0]} x "
-                f"{have[1]}; set MODEL.VLBERT.BERT_PATH to the matching BERT folder (bert-base-uncased: 12 x "
+                f"{have[1]}; set MODEL.VL.BERT_PATH to the matching BERT folder (bert-base-uncased: 12 x "
                 "768, bert-large-uncased: 24 x 1024)")
     if origin and getattr(model, "appearance_norm", None) is not None:
-        raise CheckpointError(f"{source}: MODEL.VLBERT.APPEARANCE_NORM 'running' has no counterpart in "
+        raise CheckpointError(f"{source}: MODEL.VL.APPEARANCE_NORM 'running' has no counterpart in "
                               "VL-BERT's weights (its object projection reads the raw pooled features); set "
                               "it to none")
     stem = getattr(getattr(getattr(model, "detector", None), "backbone", None), "stem", None)
@@ -484,7 +484,7 @@ def read_init_state(path: str | os.PathLike) -> tuple[
 
 def init_vlbert_weights(model: nn.Module, path: str | os.PathLike, *,
                         detector_loaded: bool = False) -> InitReport:
-    """Start `model` from the checkpoint at `path` (MODEL.VLBERT.INIT_FROM); log and return the report."""
+    """Start `model` from the checkpoint at `path` (MODEL.INIT_FROM); log and return the report."""
     source = os.fspath(path)
     state, layout, origin, unused = read_init_state(source)
     notes = _architecture_checks(model, state, source, origin)

@@ -1,11 +1,11 @@
 """TASK pretrain: captions with masked words and regions (mixed 1:1 with text-only passages when
 DATASETS.TEXT_CORPUS is set, and with image questions when DATASETS.PRETRAIN_VQA is set); with the itm
-head, MODEL.VLBERT.PRETRAIN.MISMATCH_PROB of the captions are shown with another image. Masked-word
+head, MODEL.VL.PRETRAIN.MISMATCH_PROB of the captions are shown with another image. Masked-word
 accuracy on DATASETS.TEST, if any.
 
 Data sets `captions_train` and `captions_test` are the caption files DATASETS.CAPTIONS_TRAIN and
 CAPTIONS_TEST under DATASETS.ROOT (`e2e_vl.data.captions`), joined with DATASETS.ROI_STORE. The objective
-(masking rates, lengths, flips) is MODEL.VLBERT.PRETRAIN's."""
+(masking rates, lengths, flips) is MODEL.VL.PRETRAIN's."""
 from __future__ import annotations
 
 import os
@@ -34,7 +34,7 @@ def _captions(name: str, cfg: CfgNode, tokenizer, train: bool, mismatch_prob: fl
     from e2e_vl.data.roi_records import open_roi_store
     from e2e_vl.data.transforms import ResizeFlip
 
-    d, p = cfg.DATASETS, cfg.MODEL.VLBERT.PRETRAIN
+    d, p = cfg.DATASETS, cfg.MODEL.VL.PRETRAIN
     file_key, dir_key = CAPTION_FILES[name]
     if not d[file_key]:
         raise ConfigError(f"'DATASETS.{file_key}' is empty: {name} needs a COCO captions json or an "
@@ -81,7 +81,7 @@ def build_pretrain_task(cfg: CfgNode, model, device: torch.device, eval_only: bo
     from e2e_vl.engine.trainer import AMP_DTYPES, TrainTask
     from e2e_vl.evaluation.pretrain import PretrainEvaluator
 
-    tokenizer, d, p = model.tokenizer, cfg.DATASETS, cfg.MODEL.VLBERT.PRETRAIN
+    tokenizer, d, p = model.tokenizer, cfg.DATASETS, cfg.MODEL.VL.PRETRAIN
     if not set(CAPTION_HEADS) & set(model.heads):
         raise ConfigError(f"TASK pretrain needs a model with one of the heads {list(CAPTION_HEADS)}, "
                           f"got {list(model.heads)}")
@@ -103,7 +103,7 @@ def build_pretrain_task(cfg: CfgNode, model, device: torch.device, eval_only: bo
     if "mrc" in model.heads:  # a mismatch would otherwise surface as a shape error at the first step
         for dataset in (captions, val_set):
             if dataset is not None:
-                dataset.check_region_classes(cfg.MODEL.VLBERT.NUM_MRC_CLASSES)
+                dataset.check_region_classes(cfg.MODEL.VL.NUM_MRC_CLASSES)
     evaluate = None if val_set is None else PretrainEvaluator(
         val_set, collate, cfg.TEST.IMS_PER_BATCH, device, AMP_DTYPES[cfg.SOLVER.AMP.DTYPE],
         cfg.DATALOADER.NUM_WORKERS)
@@ -124,6 +124,6 @@ def _questions(cfg: CfgNode, model):
                                             True, sizes, d.PRETRAIN_VQA_LIMIT)
     if len(answers) != model.heads["vqa"].num_answers:
         raise ConfigError(f"the vqa head has {model.heads['vqa'].num_answers} answers "
-                          f"(MODEL.VLBERT.NUM_ANSWERS) but DATASETS.PRETRAIN_VQA {d.PRETRAIN_VQA} has "
+                          f"(MODEL.VL.NUM_ANSWERS) but DATASETS.PRETRAIN_VQA {d.PRETRAIN_VQA} has "
                           f"{len(answers)}")
     return questions

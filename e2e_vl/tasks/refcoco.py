@@ -71,7 +71,7 @@ def build_refcoco_task(cfg: CfgNode, model, device: torch.device, eval_only: boo
     from e2e_vl.evaluation.refcoco import RefCOCOEvaluator
 
     if "ref" not in model.heads:
-        raise ConfigError("TASK refcoco needs a model with the ref head (MODEL.VLBERT.HEADS), got "
+        raise ConfigError("TASK refcoco needs a model with the ref head (MODEL.VL.HEADS), got "
                           f"{list(model.heads)}")
     _check_config(cfg, eval_only)
     tokenizer, d = model.tokenizer, cfg.DATASETS

@@ -53,7 +53,7 @@ def build_vcr_task(cfg: CfgNode, model, device: torch.device, eval_only: bool):
     from e2e_vl.evaluation.vcr import VCREvaluator
 
     if "vcr" not in model.heads:
-        raise ConfigError("TASK vcr needs a model with the vcr head (MODEL.VLBERT.HEADS), got "
+        raise ConfigError("TASK vcr needs a model with the vcr head (MODEL.VL.HEADS), got "
                           f"{list(model.heads)}")
     collate = VLCollator(pad_token_id=model.tokenizer.pad_token_id)
     train_set = None if eval_only else VCR_DATASETS.build("DATASETS.TRAIN", cfg.DATASETS.TRAIN, cfg,

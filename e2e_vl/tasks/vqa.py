@@ -104,7 +104,7 @@ def _dataset(cfg: CfgNode, tokenizer, train: bool):
 
 def _check_answer_count(num_answers: int, dataset: str, answers: list[str]) -> None:
     if len(answers) != num_answers:
-        raise ConfigError(f"the model's vqa head has {num_answers} answers (MODEL.VLBERT.NUM_ANSWERS) "
+        raise ConfigError(f"the model's vqa head has {num_answers} answers (MODEL.VL.NUM_ANSWERS) "
                           f"but {dataset} has {len(answers)}")
 
 
@@ -122,11 +122,11 @@ def build_vqa_task(cfg: CfgNode, model, device: torch.device, eval_only: bool):
     if not eval_only:
         train_set, answers = _dataset(cfg, tokenizer, train=True)
         _check_answer_count(head.num_answers, cfg.DATASETS.TRAIN, answers)
-        if cfg.MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS:
+        if cfg.MODEL.VL.VQA_CLASSIFIER_FROM_WORDS:
             try:
                 head.init_from_answer_words(answers, tokenizer)
             except ValueError as exc:
-                raise ConfigError(f"'MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS': {exc}") from None
+                raise ConfigError(f"'MODEL.VL.VQA_CLASSIFIER_FROM_WORDS': {exc}") from None
             logger.info("vqa classifier: %d rows from the answers' word embeddings", len(answers))
     evaluate = None
     if cfg.DATASETS.TEST:
