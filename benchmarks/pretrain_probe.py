@@ -45,7 +45,7 @@ from e2e_vl.data.easy_vqa import easy_vqa_captions
 from e2e_vl.data.transforms import ResizeFlip
 from e2e_vl.engine.optim import build_optimizer, lr_factor
 from e2e_vl.modeling.hf import load_tokenizer
-from e2e_vl.modeling.vlbert import VLBert, build_vlbert
+from e2e_vl.modeling.vlbert import VLBert
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 CONDITIONS = ("image", "region masked", "text only")
@@ -136,7 +136,7 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
         *args.opts,
     ])
     torch.manual_seed(cfg.SEED)
-    model = build_vlbert(cfg)
+    model = VLBert.build(cfg)
     tokenizer = load_tokenizer(cfg.MODEL.VL.BERT_PATH)
     size, max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
     lengths = dict(max_seq_len=16, max_text_len=12)

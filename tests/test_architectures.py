@@ -204,7 +204,7 @@ def test_gradient_checkpointing_runs_or_is_refused_by_name(arch, bert_folder):
 def _visualbert_release(folder, appearance_dim: int) -> None:
     config = VisualBertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
                               num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                              visual_embedding_dim=24)
+                              visual_embedding_dim=appearance_dim)
     VisualBertForPreTraining(config).save_pretrained(folder)
 
 

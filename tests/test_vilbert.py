@@ -22,7 +22,7 @@ from e2e_vl.data.collate import collate_samples
 from e2e_vl.engine.trainer import train
 from e2e_vl.modeling import build_model
 from e2e_vl.modeling.hf import load_tokenizer
-from e2e_vl.modeling.hf_region_model import ModelOptions
+from e2e_vl.modeling.region_encoder import ModelOptions
 from e2e_vl.modeling.vilbert import STREAM_PARTS, ViLBert, ViLBertSizes, box_locations, load_vilbert_weights
 from e2e_vl.tasks import get_task
 from test_vlbert import NUM_CLASSES, VOCAB, capture_backbone_input, image_sample, tiny_detector_cfg
@@ -298,8 +298,9 @@ def test_released_checkpoint_layout_loads_into_the_right_places(tmp_path, tiny_b
 
 @pytest.mark.parametrize("edit, named", [
     (lambda s: s.pop(C1 + "biattention.key1.weight"), C1 + "biattention.key1.weight"),
-    (lambda s: s.update({"bert.v_embeddings.image_embeddings.weight": torch.zeros(24, 2048)}),
-     "bert.v_embeddings.image_embeddings.weight: checkpoint (24, 2048)"),
+    (lambda s: s.update({"bert.v_embeddings.image_embeddings.weight":
+                         torch.zeros(25, s["bert.v_embeddings.image_embeddings.weight"].shape[1])}),
+     "bert.v_embeddings.image_embeddings.weight: checkpoint (25, "),
     (lambda s: s.update({"bert.encoder.v_layer.2.output.dense.bias": torch.zeros(24)}),
      "bert.encoder.v_layer.2.output.dense.bias"),
 ])

@@ -65,17 +65,38 @@ def _load_eval_weights(cfg, model, device) -> str:
     from e2e_vl.config import ConfigError
     from e2e_vl.engine.checkpoint import Checkpointer, load_checkpoint_file
 
+    from e2e_vl.modeling.init_from import load_trained_model
+
     if cfg.MODEL.WEIGHTS and _is_training_checkpoint(cfg.MODEL.WEIGHTS):
         state, path = load_checkpoint_file(cfg.MODEL.WEIGHTS, device), cfg.MODEL.WEIGHTS
     elif cfg.MODEL.INIT_FROM:
+        report = getattr(model, "init_report", None)
+        fresh = [reason for reason in (report.fresh if report else {}) if reason.startswith("new '")]
+        if fresh:  # it would evaluate untrained weights under the file's name
+            raise ConfigError(f"--eval-only: MODEL.INIT_FROM {cfg.MODEL.INIT_FROM} has no trained weights "
+                              f"for this task's heads ({'; '.join(fresh)}); evaluate a fine-tuned checkpoint")
         return cfg.MODEL.INIT_FROM
     else:
         found = Checkpointer(cfg.OUTPUT_DIR, 1).load_latest(device)
         if found is None:
             raise ConfigError(f"--eval-only: no training checkpoint in MODEL.WEIGHTS or in {cfg.OUTPUT_DIR}")
         state, path = found
-    model.load_state_dict(state["model"])
+    load_trained_model(model, state["model"], str(path))
     return str(path)
+
+
+def _eval_run_config(cfg):
+    """--eval-only of a run's checkpoint (MODEL.WEIGHTS, or the newest of OUTPUT_DIR): the config with the
+    MODEL keys of that run (its config.yaml beside the file), so the model it trained is rebuilt."""
+    from e2e_vl.config import adopt_run_model
+
+    if cfg.MODEL.WEIGHTS and _is_training_checkpoint(cfg.MODEL.WEIGHTS):
+        weights, run_config = cfg.MODEL.WEIGHTS, Path(cfg.MODEL.WEIGHTS).parent / "config.yaml"
+    elif cfg.MODEL.INIT_FROM:  # a start the config describes, evaluated as built
+        return cfg
+    else:
+        weights, run_config = cfg.OUTPUT_DIR, Path(cfg.OUTPUT_DIR) / "config.yaml"
+    return adopt_run_model(cfg, run_config, weights) if run_config.is_file() else cfg
 
 
 def _is_training_checkpoint(path: str) -> bool:
@@ -84,7 +105,7 @@ def _is_training_checkpoint(path: str) -> bool:
     try:
         load_checkpoint_file(path)
         return True
-    except Exception:  # a detector-only weight file: build_vlbert loads it into the detector
+    except Exception:  # a detector-only weight file: the build loads it into the detector
         return False
 
 
@@ -121,6 +142,8 @@ def main(args: argparse.Namespace) -> dict:
     from e2e_vl.tasks import get_task
 
     cfg = setup_cfg(args)  # first, so that a config error is reported before the slow imports
+    if args.eval_only:
+        cfg = _eval_run_config(cfg)
     task_spec = get_task(cfg.TASK)
     if args.eval_only:
         task_spec.check_eval_target(cfg)

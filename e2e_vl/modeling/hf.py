@@ -4,6 +4,7 @@ of BERT's text side into them. Nothing here knows about regions or tasks."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -31,15 +32,57 @@ def default_bert_path() -> str:
 def resolve_bert_path(path: str) -> str:
     path = path or default_bert_path()
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(
-            f"MODEL.VL.BERT_PATH: {path!r} is not a Hugging Face model folder (no config.json)"
-        )
+        raise ConfigError(f"'MODEL.VL.BERT_PATH' {path}: not a local Hugging Face model folder (no "
+                          "config.json); folders are never downloaded")
     return path
+
+
+# Files of a Hugging Face tokenizer: any of them makes a folder's own tokenizer loadable.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+
+
+def has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)
+
+
+def check_hf_folder(folder: str, key: str, model_type: str) -> dict[str, Any]:
+    """The config.json of the local Hugging Face folder `folder` (named by config key `key`), which must hold
+    a `model_type` model and its weights; otherwise one ConfigError naming the folder and what is wrong.
+    Checked before transformers sees the path, which would otherwise look a missing one up on the hub."""
+    if not os.path.isdir(folder):
+        raise ConfigError(f"'{key}' {folder}: no such folder (a local Hugging Face folder; nothing is "
+                          "downloaded)")
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"'{key}' {folder}: no config.json, so not a Hugging Face model folder")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"'{key}' {config_file}: not readable JSON ({exc})") from None
+    found = config.get("model_type") if isinstance(config, dict) else None
+    if found != model_type:
+        raise ConfigError(f"'{key}' {folder} holds a {found!r} model (config.json's model_type), not the "
+                          f"{model_type!r} this key reads")
+    if _weights_file(folder) is None:
+        raise ConfigError(f"'{key}' {folder}: no weights (model.safetensors or pytorch_model.bin)")
+    return config
+
+
+def hf_tensor_names(folder: str, key: str) -> list[str]:
+    """The tensor names of a Hugging Face folder's weights file."""
+    path = _weights_file(folder)
+    if path is not None and path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    return list(read_hf_weights(folder, key))
 
 
 def load_tokenizer(path: str = "") -> BertTokenizerFast:
     """BERT's tokenizer from the same folder as the weights (MODEL.VL.BERT_PATH; empty = default)."""
-    return BertTokenizerFast.from_pretrained(resolve_bert_path(path))
+    return BertTokenizerFast.from_pretrained(resolve_bert_path(path), local_files_only=True)
 
 
 def load_bert(path: str = "", random_init: bool = False) -> BertModel:
@@ -51,7 +94,7 @@ def load_bert(path: str = "", random_init: bool = False) -> BertModel:
     load report is not printed; other extra tensors are logged."""
     path = resolve_bert_path(path)
     if random_init:
-        return BertModel(BertConfig.from_pretrained(path), add_pooling_layer=False)
+        return BertModel(BertConfig.from_pretrained(path, local_files_only=True), add_pooling_layer=False)
     from transformers.utils import logging as hf_logging
 
     verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -59,6 +102,7 @@ def load_bert(path: str = "", random_init: bool = False) -> BertModel:
     hf_logging.disable_progress_bar()
     try:
         bert, info = BertModel.from_pretrained(path, add_pooling_layer=False, output_loading_info=True,
+                                               local_files_only=True,
                                                ignore_mismatched_sizes=True)  # reported below, as an error
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -184,7 +228,7 @@ BERT_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_attention_heads", "intermed
 def bert_text_config(path: str) -> BertConfig:
     """The BERT folder's config (MODEL.VL.BERT_PATH; empty = the embedded MiniLM): the text side's
     sizes of a model started from it."""
-    return BertConfig.from_pretrained(resolve_bert_path(path))
+    return BertConfig.from_pretrained(resolve_bert_path(path), local_files_only=True)
 
 
 def copy_bert_text_side(model: nn.Module, path: str, num_layers: int) -> list[str]:

@@ -13,6 +13,7 @@ import os
 import torch
 
 from detector.config import CfgNode, ConfigError
+from e2e_vl.config import register_config
 from e2e_vl.data.catalog import DatasetCatalog
 from e2e_vl.tasks import register_task
 
@@ -22,6 +23,40 @@ CAPTION_DATASETS = DatasetCatalog("caption")
 # data set -> the DATASETS keys of its caption file and of the folder its image paths are relative to
 CAPTION_FILES = {"captions_train": ("CAPTIONS_TRAIN", "CAPTIONS_IMAGE_DIR_TRAIN"),
                  "captions_test": ("CAPTIONS_TEST", "CAPTIONS_IMAGE_DIR_TEST")}
+
+register_config("MODEL.VL", {
+    # The pre-training objective (TASK pretrain); its data sets are named in DATASETS (TRAIN, TEST,
+    # CAPTIONS_*, TEXT_CORPUS, PRETRAIN_VQA).
+    "PRETRAIN": {
+        "MLM_PROB": 0.15,  # per word, whole-word masking, 80% [MASK] / 10% random / 10% kept
+        "MRC_PROB": 0.15,  # per region other than the whole image
+        "MRC_MASK_FRAC": 0.9,  # of the chosen regions, masked (the rest are labelled but visible)
+        "MAX_SEQ_LEN": 64,  # text + regions + [END]; regions with the lowest scores go first
+        "MAX_TEXT_LEN": 40,
+        "FLIP_PROB": 0.5,
+        # With the itm head: the share of captions shown with another image (never their own).
+        "MISMATCH_PROB": 0.5,
+    },
+}, owner=__name__)
+register_config("DATASETS", {
+    # Data set captions_train reads CAPTIONS_TRAIN, captions_test CAPTIONS_TEST, each a COCO captions .json
+    # or an "image_path<TAB>caption" .tsv under ROOT whose image paths are relative to
+    # CAPTIONS_IMAGE_DIR_TRAIN / _TEST (under ROOT; empty: a COCO json's own folder, a TSV's paths as
+    # written); regions from ROI_STORE. Their own image folders, not IMAGE_DIR_*: a pre-training run may mix
+    # in VQA v2 questions (PRETRAIN_VQA) whose COCO images lie there.
+    "CAPTIONS_TRAIN": "",
+    "CAPTIONS_TEST": "",
+    "CAPTIONS_IMAGE_DIR_TRAIN": "",
+    "CAPTIONS_IMAGE_DIR_TEST": "",
+    # Optional text-only corpus (one passage per line, under ROOT): text-only MLM mixed 1:1 into the
+    # caption batches (VL-BERT's).
+    "TEXT_CORPUS": "",
+    # Image questions mixed into the caption batches for the vqa head (LXMERT's image-QA task): a VQA
+    # data set name (as DATASETS.TRAIN of TASK vqa: easy_vqa_train, vqa_v2_train, ...), one item of it
+    # per caption; empty = none. PRETRAIN_VQA_LIMIT caps its questions (0 = all).
+    "PRETRAIN_VQA": "",
+    "PRETRAIN_VQA_LIMIT": 0,
+}, owner=__name__)
 
 
 @CAPTION_DATASETS.register(*CAPTION_FILES)
