@@ -27,7 +27,7 @@ EXTENSION_PACKAGES = ("e2e_vl.modeling", "e2e_vl.tasks")
 
 @dataclasses.dataclass(frozen=True)
 class ConfigDeclaration:
-    node: str  # dotted path of the node the keys go under ("MODEL.LXMERT"; "DATASETS" adds flat keys)
+    node: str  # dotted path of the node the keys go under ("MODEL.<ARCH>"; "DATASETS" adds flat keys)
     defaults: dict
     validate: Callable[[CfgNode], None] | None
     owner: str  # the declaring module, named in collisions
@@ -101,15 +101,15 @@ def _training_defaults() -> dict:
     return {
         # A registered task (a module of e2e_vl/tasks/, `register_task`).
         "TASK": "vqa",
-        # The registered architecture (e2e_vl.modeling.registry) to train: vlbert, visualbert, lxmert; empty =
-        # the task's default.
+        # A registered architecture (a module of e2e_vl/modeling/, `register_model`); empty = the task's
+        # default.
         "MODEL": {
             "ARCH": "",
             # Start the whole model from this checkpoint (after the detector's MODEL.WEIGHTS and the
             # transformer's folder are loaded): one of our training checkpoints of the same architecture
-            # (model_best.pth: body and shared heads loaded, the new task's head fresh) or, for vlbert, a
-            # VL-BERT release (jackroos/VL-BERT .model). Every unused tensor is reported with its reason
-            # (e2e_vl.modeling.init_from). "" = the folders' weights only.
+            # (model_best.pth: body and shared heads loaded, the new task's head fresh) or a release the
+            # architecture reads itself (`RegionEncoder.read_release`). Every unused tensor is reported with
+            # its reason (e2e_vl.modeling.init_from). "" = the folders' weights only.
             "INIT_FROM": "",
         },
         "OUTPUT_DIR": "output/easy_vqa",
@@ -184,8 +184,8 @@ def _training_defaults() -> dict:
 
 
 def get_train_cfg() -> CfgNode:
-    """Fresh training defaults: detector keys + MODEL.VL, MODEL.VLBERT (+ VISUALBERT, LXMERT, VILBERT) +
-    engine."""
+    """Fresh training defaults: detector keys + MODEL.VL + engine + every key an architecture or a task
+    declares (`register_config`)."""
     cfg = get_cfg()
     cfg.MODEL["VL"] = CfgNode(_vl_defaults())
     _merge_new(cfg, _training_defaults(), "e2e_vl.config")

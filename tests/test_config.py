@@ -84,6 +84,8 @@ def test_every_default_key_is_read_or_refused():
     sources = [p for d in ("detector", "e2e_vl", "tools") for p in (REPO / d).rglob("*.py")
                if p not in CONFIG_MODULES]
     text = "\n".join(p.read_text(encoding="utf-8") for p in sources)
+    # Keys declared by their own module (`register_config`'s dict literals) are not read by being declared.
+    text = re.sub(r"register_config\(.*?owner=__name__\)", "", text, flags=re.DOTALL)
     for section, reader in WHOLE_SECTIONS.items():
         assert reader in text, f"{section} is no longer read as a whole ({reader!r} not found)"
     words = set(re.findall(r"\b[A-Z][A-Z0-9_]*\b", text))

@@ -116,3 +116,20 @@ def test_a_folder_s_own_tokenizer_is_used_and_its_unused_tensors_are_a_warning(t
               and "tensors not used by this model" in r.getMessage()]
     assert len(warned) == 1 and folder in warned[0] and "answer_head." in warned[0], warned
     assert "cls.predictions.transform" not in warned[0]  # the mlm head took them
+
+
+@pytest.mark.parametrize("name, arch, says", [
+    ("lxmert_e2e", "lxmert", "'MODEL.LXMERT.CHECKPOINT' lxmert-base-uncased: no such folder"),
+    ("visualbert_e2e", "visualbert", "'MODEL.VISUALBERT.CHECKPOINT' visualbert-vqa-coco-pre: no such folder"),
+    ("vilbert_e2e", "vilbert", "'MODEL.VILBERT.WEIGHTS' pretrained_model.bin does not exist"),
+])
+def test_vqa_v2_configs_of_the_released_models_refuse_to_start_without_them(name, arch, says, tmp_path,
+                                                                          train_net, capsys):
+    """configs/vqa/<arch>_e2e.yaml name their architecture and its release; until the release is given, the
+    run stops with one line instead of training the architecture from BERT alone."""
+    config = REPO / "configs" / "vqa" / f"{name}.yaml"
+    assert load_train_cfg(config, ["MODEL.VILBERT.WEIGHTS", ""]).MODEL.ARCH == arch
+    code = train_net.cli(["--config-file", str(config), "--output-dir", str(tmp_path / "run"),
+                          "MODEL.DEVICE", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "Traceback" not in err, err

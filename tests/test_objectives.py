@@ -23,7 +23,7 @@ from e2e_vl.modeling.objectives import contrastive_loss, feature_regression_loss
 # Fixtures: pytest finds them among this module's names. A test taking one as an argument rebinds the
 # name, which pyflakes reports as a redefinition (F811).
 from test_architectures import bert_folder, one_thread  # noqa: F401  (fixtures)
-from test_pretrain_task import NUM_CLASSES, _write_caption_data
+from caption_data import NUM_CLASSES, write_caption_data
 from test_vlbert import tiny_detector_cfg
 
 ALL_OBJECTIVES = ["mlm", "mrc", "itm", "mrc_kl", "obj_label", "feat_regression", "contrastive", "vqa"]
@@ -273,7 +273,7 @@ def test_two_pretraining_steps_with_every_objective(arch, bert_folder, tmp_path)
 
     root = tmp_path / "data"
     root.mkdir()
-    _write_caption_data(root)
+    write_caption_data(root)
     cfg = tiny_detector_cfg(get_train_cfg())
     cfg.merge_from_list([
         "TASK", "pretrain", "MODEL.ARCH", arch, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "run"),
@@ -315,7 +315,7 @@ def test_a_mismatched_caption_carries_no_word_or_region_targets(tmp_path):
     from e2e_vl.data.transforms import ResizeFlip
     from e2e_vl.modeling.hf import load_tokenizer
 
-    _write_caption_data(tmp_path)
+    write_caption_data(tmp_path)
     data = CaptionPretrainDataset(read_coco_captions(tmp_path / "train.json"),
                                   open_roi_store(tmp_path / "rois"), load_tokenizer(""), ResizeFlip([64], 64),
                                   mlm_prob=0.9, mrc_prob=0.9, mismatch_prob=0.5)

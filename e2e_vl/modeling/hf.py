@@ -261,11 +261,12 @@ def extend_token_types(bert: BertModel, num_types: int) -> None:
 
 
 def check_vocabulary(tokenizer: Any, vocab_size: int) -> None:
-    """The tokenizer (MODEL.VL.BERT_PATH) must not produce ids beyond the transformer's word table."""
+    """The tokenizer (a released folder's own, else MODEL.VL.BERT_PATH's) must not produce ids beyond the
+    transformer's word table."""
     if len(tokenizer) > vocab_size:
-        raise ConfigError(f"the tokenizer of 'MODEL.VL.BERT_PATH' has {len(tokenizer)} tokens but the "
+        raise ConfigError(f"the tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens but the "
                           f"transformer's vocabulary has {vocab_size}: use the tokenizer its checkpoint was "
-                          "trained with")
+                          "trained with (MODEL.VL.BERT_PATH)")
 
 
 def load_pretrained_heads(heads: Mapping[str, nn.Module], checkpoint: str, v: CfgNode) -> None:

@@ -42,6 +42,13 @@ GLOBAL_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)
 # MODEL.VILBERT: what only ViLBERT reads (its visual stream, co-attention and released weights; the rest:
 # MODEL.VL). Defaults: ViLBERT's reference configuration,
 # vilbert-multi-task's bert_base_6layer_6conect.json.
+def _check_vilbert_keys(cfg: CfgNode) -> None:
+    weights = cfg.MODEL.VILBERT.WEIGHTS
+    if weights and not os.path.isfile(weights):
+        raise ConfigError(f"'MODEL.VILBERT.WEIGHTS' {weights} does not exist (a released ViLBERT file, "
+                          "pretrained_model.bin or multi_task_model.bin)")
+
+
 register_config("MODEL.VILBERT", {
     # A ViLBERT checkpoint in the released layout (vilbert-multi-task pretrained_model.bin /
     # multi_task_model.bin: bert.*, cls.*, ...): loaded strictly over the whole two-stream encoder
@@ -61,7 +68,7 @@ register_config("MODEL.VILBERT", {
     "T_BIATTENTION_ID": [6, 7, 8, 9, 10, 11],
     "V_HIDDEN_DROPOUT_PROB": 0.1,
     "V_ATTENTION_PROBS_DROPOUT_PROB": 0.1,
-}, owner=__name__)
+}, _check_vilbert_keys, owner=__name__)
 
 
 @dataclasses.dataclass(frozen=True)
