@@ -327,9 +327,10 @@ def test_paper_configs_are_vlbert_settings():
         assert (s.IMS_PER_BATCH, s.BASE_LR, s.GRAD_ACCUM_STEPS) == (batch, lr, accum)
         assert (s.CLIP_GRAD_NORM, s.WARMUP_ITERS, s.WARMUP_FACTOR, s.MAX_EPOCHS) == (1.0, 500, 0.0, 5.0)
         assert cfg.DATALOADER.QUESTIONS_PER_IMAGE == 1 and cfg.MODEL.VL.NUM_ANSWERS == 3129
-    # CLASSIFIER_PRETRAINED: true in both of VL-BERT's VQA configs, and in every one of ours; not for
-    # the easy-VQA demo
-    for path in sorted((REPO / "configs" / "vqa").glob("*.yaml")):
+    # CLASSIFIER_PRETRAINED: true in both of VL-BERT's VQA configs, and in every one of ours for VL-BERT; not
+    # for the easy-VQA demo, nor for the released LXMERT, VisualBERT and ViLBERT (their classifiers start at
+    # random in their papers)
+    for path in sorted((REPO / "configs" / "vqa").glob("vlbert_*.yaml")):
         assert load_train_cfg(path).MODEL.VL.VQA_CLASSIFIER_FROM_WORDS, path.name
     for path in sorted((REPO / "configs" / "easy_vqa").glob("*.yaml")):
         demo = load_train_cfg(path, ["MODEL.WEIGHTS", ""])  # stage 1's detector need not exist

@@ -18,16 +18,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from detector.checkpoint import CheckpointError, load_data_file
 from detector.checkpoint.export import DETECTOR_KEY_PREFIX, TRAINED_PREFIXES
-
-if TYPE_CHECKING:
-    from e2e_vl.modeling.region_encoder import RegionEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +225,7 @@ def _architecture_of(state: Mapping[str, Any]) -> str | None:
     return max(found)[1] if found else None
 
 
-def check_same_body(model: RegionEncoder, state: Mapping[str, torch.Tensor], source: str) -> None:
+def check_same_body(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """One error naming both when `state` (one of our checkpoints) is of another architecture than `model`,
     or of the same one with a body of another size (a different BERT folder, layer count or width)."""
     arch, prefixes = model.arch, type(model).body_prefixes
@@ -253,7 +250,7 @@ def check_same_body(model: RegionEncoder, state: Mapping[str, torch.Tensor], sou
             "wrote it did (its config.yaml)")
 
 
-def read_init_state(model: RegionEncoder, path: str | os.PathLike) -> ReleaseState:
+def read_init_state(model: nn.Module, path: str | os.PathLike) -> ReleaseState:
     """The tensors of `path` in our key space, checked against `model`'s architecture: one of our training
     checkpoints (`{"model": ...}`) or a release `model`'s architecture reads."""
     from e2e_vl.modeling.registry import architecture_classes
@@ -277,7 +274,7 @@ def read_init_state(model: RegionEncoder, path: str | os.PathLike) -> ReleaseSta
                           f"'model') nor a release any architecture reads; found {keys}")
 
 
-def init_model_weights(model: RegionEncoder, path: str | os.PathLike, *,
+def init_model_weights(model: nn.Module, path: str | os.PathLike, *,
                        detector_loaded: bool = False) -> InitReport:
     """Start `model` from the file at `path` (MODEL.INIT_FROM); log and return the report."""
     source = os.fspath(path)
