@@ -114,7 +114,7 @@ def test_eval_only_key_that_disagrees_with_the_run_is_one_line_and_another_body_
     assert code == 2 and "has no trained weights for this task's heads (new 'vqa' head" in err
 
 
-def test_old_init_from_key_is_the_usual_did_you_mean_error():
+def test_old_init_from_key_is_the_usual_did_you_mean_error():  # rename-script: keep old keys
     with pytest.raises(ConfigError, match=r"unknown config key 'MODEL.VLBERT.INIT_FROM'; did you mean "
                                           r"'MODEL.INIT_FROM'\?"):
         load_train_cfg(None, ["MODEL.VLBERT.INIT_FROM", "x.pth"])
