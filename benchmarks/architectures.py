@@ -3,7 +3,7 @@ answer type, training images/s, parameter counts, with the detector trained join
 
 Every run is `configs/easy_vqa/<arch>.yaml` (`base.yaml` with MODEL.ARCH <arch> where an architecture has
 none), i.e. the demo's detector (stage 1's `output/easy_vqa/detector.pth`, which `make demo` writes), data and
-schedule, for --steps optimiser steps; `frozen` adds MODEL.VLBERT.FREEZE_DETECTOR True. Runs are in this
+schedule, for --steps optimiser steps; `frozen` adds MODEL.VL.FREEZE_DETECTOR True. Runs are in this
 process, one after another, with --threads torch threads. Parameters are counted by the model's own
 `parameter_kind`: the detector, the transformer's pre-trained part ("bert") and the layers that start new
 (heads, object embedding, and the transformer layers no checkpoint filled). images/s counts training steps
@@ -36,7 +36,7 @@ from e2e_vl.config import load_train_cfg  # noqa: E402
 from e2e_vl.modeling.registry import architectures, build_model  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "easy_vqa"
-SETTINGS = {"joint": [], "frozen": ["MODEL.VLBERT.FREEZE_DETECTOR", "True"]}
+SETTINGS = {"joint": [], "frozen": ["MODEL.VL.FREEZE_DETECTOR", "True"]}
 PARAMETER_KINDS = ("detector", "bert", "head")
 ANSWER_TYPES = ("yes/no", "colour", "shape")
 

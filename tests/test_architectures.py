@@ -56,7 +56,7 @@ def bert_folder(tmp_path_factory) -> str:
 def arch_cfg(arch: str, bert_folder: str, *overrides: str):
     cfg = tiny_detector_cfg(get_train_cfg())
     cfg.MODEL.ARCH = arch
-    v = cfg.MODEL.VLBERT
+    v = cfg.MODEL.VL
     v.BERT_PATH, v.HEADS, v.NUM_ANSWERS, v.NUM_MRC_CLASSES = (bert_folder, ["mlm", "mrc", "vqa", "ref"],
                                                               NUM_ANSWERS, NUM_CLASSES)
     cfg.MODEL.LXMERT.R_LAYERS = cfg.MODEL.LXMERT.X_LAYERS = 1
@@ -118,7 +118,7 @@ VISUAL_INPUT: dict[str, Callable] = {
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_feature_masking_replaces_the_masked_region_s_input_and_leaves_pixels(arch, bert_folder):
-    model = build(arch, bert_folder, "MODEL.VLBERT.MASKING", "feature").eval()
+    model = build(arch, bert_folder, "MODEL.VL.MASKING", "feature").eval()
     with torch.no_grad():
         model.masked_region_feature.normal_()
     seen, fed = capture_backbone_input(model), []
@@ -166,14 +166,14 @@ def test_text_side_from_the_bert_folder_the_rest_new(arch, bert_folder):
     kinds = {model.parameter_kind(k) for k in body}
     assert kinds == {"detector", "bert", "head"}
     assert model.parameter_kind(prefix + "pooler.dense.weight") == "head"  # not in BERT's file: new
-    random = build(arch, bert_folder, "MODEL.VLBERT.BERT_RANDOM_INIT", "True")
+    random = build(arch, bert_folder, "MODEL.VL.BERT_RANDOM_INIT", "True")
     assert not torch.equal(dict(random.named_parameters())[prefix + "embeddings.word_embeddings.weight"],
                            bert["embeddings.word_embeddings.weight"])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_vcr_head_scores_choices_and_starts_from_bert_s_pooler(arch, bert_folder):
-    model = build(arch, bert_folder, "MODEL.VLBERT.HEADS", "['vcr']")
+    model = build(arch, bert_folder, "MODEL.VL.HEADS", "['vcr']")
     pooler = load_file(f"{bert_folder}/model.safetensors")["pooler.dense.weight"]
     assert torch.equal(model.heads["vcr"].pooler.dense.weight, pooler)
     choices = [image_sample(seed=i, image_key="img", **({"choice_label": 2} if i == 0 else {}))
@@ -204,7 +204,7 @@ def test_gradient_checkpointing_runs_or_is_refused_by_name(arch, bert_folder):
 def _visualbert_release(folder, appearance_dim: int) -> None:
     config = VisualBertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
                               num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                              visual_embedding_dim=24)
+                              visual_embedding_dim=appearance_dim)
     VisualBertForPreTraining(config).save_pretrained(folder)
 
 
@@ -302,12 +302,12 @@ def test_visualbert_without_grounded_pre_training_reads_text_only(bert_folder):
     with pytest.raises(ConfigError, match="GROUNDED.*region heads"):
         build("visualbert", bert_folder, "MODEL.VISUALBERT.GROUNDED", "False")
     model = build("visualbert", bert_folder, "MODEL.VISUALBERT.GROUNDED", "False",
-                  "MODEL.VLBERT.HEADS", "['mlm', 'vqa']")
+                  "MODEL.VL.HEADS", "['mlm', 'vqa']")
     seen = capture_backbone_input(model)
     out = model(mixed_batch())
     assert (not seen and set(out["losses"]) == {"mlm_text", "vqa"}
             and out["vqa_logits"].shape == (3, NUM_ANSWERS))
-    grounded = build("visualbert", bert_folder, "MODEL.VLBERT.HEADS", "['mlm', 'vqa']")
+    grounded = build("visualbert", bert_folder, "MODEL.VL.HEADS", "['mlm', 'vqa']")
     assert model.state_dict().keys() == grounded.state_dict().keys()  # its checkpoint fine-tunes grounded
 
 
@@ -331,7 +331,7 @@ def test_easy_vqa_config_selects_the_architecture_and_freezes_its_word_table(arc
     cfg = get_train_cfg()
     cfg.merge_from_file(REPO / "configs" / "easy_vqa" / f"{arch}.yaml")
     assert cfg.MODEL.ARCH == arch and cfg.TASK == "vqa"
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.VLBERT.BERT_PATH", bert_folder,
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.VL.BERT_PATH", bert_folder,
                          "MODEL.LXMERT.R_LAYERS", "1", "MODEL.LXMERT.X_LAYERS", "1"])
     model = build_model(cfg, arch)
     assert freeze_params(model, list(cfg.SOLVER.FREEZE_PARAMS)) == 1
@@ -348,7 +348,7 @@ def test_easy_vqa_fine_tuning_learns(arch, bert_folder, tmp_path):
 
     cfg = get_train_cfg()
     cfg.merge_from_file(REPO / "configs" / "easy_vqa" / "smoke.yaml")
-    cfg.merge_from_list(["MODEL.ARCH", arch, "MODEL.VLBERT.BERT_PATH", bert_folder,
+    cfg.merge_from_list(["MODEL.ARCH", arch, "MODEL.VL.BERT_PATH", bert_folder,
                          "OUTPUT_DIR", str(tmp_path)])
     cfg.freeze()
     torch.manual_seed(0)
@@ -373,7 +373,7 @@ TINY = {"vlbert": [], "visualbert": [], "lxmert": [],
 
 @pytest.mark.parametrize("arch", sorted(TINY))
 def test_vqa_classifier_starts_from_the_model_s_own_word_embeddings(arch, bert_folder):
-    """MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS works on every architecture: each vqa head reads its text
+    """MODEL.VL.VQA_CLASSIFIER_FROM_WORDS works on every architecture: each vqa head reads its text
     stream, as wide as the word table (the model's only one) that its rows start from."""
     # a new architecture joins this test; "region_classifier" is the detector alone (no text, no vqa head)
     assert sorted(TINY) == sorted(set(architectures()) - {"region_classifier"})

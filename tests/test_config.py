@@ -60,7 +60,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG_MODULES = {*(REPO / "detector" / "config").glob("*.py"), REPO / "e2e_vl" / "config.py"}
 # Sections whose keys are read by iterating over the section, not by name.
 WHOLE_SECTIONS = {
-    "MODEL.VLBERT.LOSS_WEIGHTS": "LOSS_WEIGHTS.items()",  # key = loss name
+    "MODEL.VL.LOSS_WEIGHTS": "LOSS_WEIGHTS.items()",  # key = loss name
     "MODEL.VILBERT": "f.name.upper()",  # ViLBertSizes.from_cfg: one field per key
 }
 # Restated on purpose: the task a config is for, and two choices the comment next to them justifies.
@@ -84,6 +84,8 @@ def test_every_default_key_is_read_or_refused():
     sources = [p for d in ("detector", "e2e_vl", "tools") for p in (REPO / d).rglob("*.py")
                if p not in CONFIG_MODULES]
     text = "\n".join(p.read_text(encoding="utf-8") for p in sources)
+    # Keys declared by their own module (`register_config`'s dict literals) are not read by being declared.
+    text = re.sub(r"register_config\(.*?owner=__name__\)", "", text, flags=re.DOTALL)
     for section, reader in WHOLE_SECTIONS.items():
         assert reader in text, f"{section} is no longer read as a whole ({reader!r} not found)"
     words = set(re.findall(r"\b[A-Z][A-Z0-9_]*\b", text))

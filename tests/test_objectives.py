@@ -23,7 +23,7 @@ from e2e_vl.modeling.objectives import contrastive_loss, feature_regression_loss
 # Fixtures: pytest finds them among this module's names. A test taking one as an argument rebinds the
 # name, which pyflakes reports as a redefinition (F811).
 from test_architectures import bert_folder, one_thread  # noqa: F401  (fixtures)
-from test_pretrain_task import NUM_CLASSES, _write_caption_data
+from caption_data import NUM_CLASSES, write_caption_data
 from test_vlbert import tiny_detector_cfg
 
 ALL_OBJECTIVES = ["mlm", "mrc", "itm", "mrc_kl", "obj_label", "feat_regression", "contrastive", "vqa"]
@@ -273,12 +273,12 @@ def test_two_pretraining_steps_with_every_objective(arch, bert_folder, tmp_path)
 
     root = tmp_path / "data"
     root.mkdir()
-    _write_caption_data(root)
+    write_caption_data(root)
     cfg = tiny_detector_cfg(get_train_cfg())
     cfg.merge_from_list([
         "TASK", "pretrain", "MODEL.ARCH", arch, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "run"),
-        "MODEL.VLBERT.BERT_PATH", bert_folder, "MODEL.VLBERT.HEADS", str(ALL_OBJECTIVES),
-        "MODEL.VLBERT.NUM_MRC_CLASSES", str(NUM_CLASSES), "MODEL.VLBERT.NUM_ANSWERS", "13",
+        "MODEL.VL.BERT_PATH", bert_folder, "MODEL.VL.HEADS", str(ALL_OBJECTIVES),
+        "MODEL.VL.NUM_MRC_CLASSES", str(NUM_CLASSES), "MODEL.VL.NUM_ANSWERS", "13",
         "MODEL.LXMERT.R_LAYERS", "1", "MODEL.LXMERT.X_LAYERS", "1",
         # ViLBERT at widths unlike the text's (32 vs the BERT's), so every head meets its own widths.
         "MODEL.VILBERT.V_HIDDEN_SIZE", "32", "MODEL.VILBERT.V_NUM_HIDDEN_LAYERS", "1",
@@ -287,7 +287,7 @@ def test_two_pretraining_steps_with_every_objective(arch, bert_folder, tmp_path)
         "MODEL.VILBERT.V_BIATTENTION_ID", "[0]", "MODEL.VILBERT.T_BIATTENTION_ID", "[1]",
         "DATASETS.ROOT", str(root), "DATASETS.ROI_STORE", "rois", "DATASETS.TRAIN", "captions_train",
         "DATASETS.TEST", "", "DATASETS.CAPTIONS_TRAIN", "train.json", "DATASETS.TEXT_CORPUS", "text.txt",
-        "MODEL.VLBERT.PRETRAIN.MRC_PROB", "0.9", "MODEL.VLBERT.PRETRAIN.MLM_PROB", "0.5",
+        "MODEL.VL.PRETRAIN.MRC_PROB", "0.9", "MODEL.VL.PRETRAIN.MLM_PROB", "0.5",
         "DATASETS.PRETRAIN_VQA", "easy_vqa_train", "DATASETS.PRETRAIN_VQA_LIMIT", "2",
         "DATALOADER.QUESTIONS_PER_IMAGE", "1", "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "[64]",
         "INPUT.MAX_SIZE_TRAIN", "64", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "2",
@@ -315,7 +315,7 @@ def test_a_mismatched_caption_carries_no_word_or_region_targets(tmp_path):
     from e2e_vl.data.transforms import ResizeFlip
     from e2e_vl.modeling.hf import load_tokenizer
 
-    _write_caption_data(tmp_path)
+    write_caption_data(tmp_path)
     data = CaptionPretrainDataset(read_coco_captions(tmp_path / "train.json"),
                                   open_roi_store(tmp_path / "rois"), load_tokenizer(""), ResizeFlip([64], 64),
                                   mlm_prob=0.9, mrc_prob=0.9, mismatch_prob=0.5)
@@ -365,8 +365,8 @@ def test_pretraining_configs_of_the_other_architectures_load(name):
     from e2e_vl.modeling.heads import check_heads
 
     cfg = load_train_cfg(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / f"{name}.yaml")
-    assert cfg.TASK == "pretrain" and cfg.MODEL.ARCH == name.split("_")[0] and "itm" in cfg.MODEL.VLBERT.HEADS
-    check_heads(cfg.MODEL.VLBERT.HEADS, cfg.MODEL.VLBERT.NUM_ANSWERS)
+    assert cfg.TASK == "pretrain" and cfg.MODEL.ARCH == name.split("_")[0] and "itm" in cfg.MODEL.VL.HEADS
+    check_heads(cfg.MODEL.VL.HEADS, cfg.MODEL.VL.NUM_ANSWERS)
 
 
 def test_pretraining_pairs_the_vqa_head_with_its_questions():
@@ -388,4 +388,4 @@ def test_visualbert_without_grounding_refuses_the_image_objectives(head, bert_fo
 
     with pytest.raises(ConfigError, match=f"region heads \\['{head}'\\]"):
         build("visualbert", bert_folder, "MODEL.VISUALBERT.GROUNDED", "False",
-              "MODEL.VLBERT.HEADS", f"['mlm', '{head}']")
+              "MODEL.VL.HEADS", f"['mlm', '{head}']")

@@ -305,7 +305,7 @@ def test_pretrain_config_builds_datasets_from_an_roi_store(tmp_path, tokenizer):
         "DATASETS.CAPTIONS_TRAIN", "caps.tsv", "DATASETS.CAPTIONS_IMAGE_DIR_TRAIN", "images",
         "DATASETS.CAPTIONS_TEST", "held_out.tsv", "DATASETS.CAPTIONS_IMAGE_DIR_TEST", ".",
         "DATASETS.TEXT_CORPUS", "text.txt", "INPUT.MIN_SIZE_TRAIN", "[60]", "INPUT.MIN_SIZE_TEST", "30",
-        "MODEL.VLBERT.NUM_MRC_CLASSES", "5",
+        "MODEL.VL.NUM_MRC_CLASSES", "5",
     ]
     cfg = load_train_cfg(PRETRAIN_CONFIG, overrides)
     model = SimpleNamespace(tokenizer=tokenizer, heads={"mlm": None, "mrc": None})

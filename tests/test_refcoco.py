@@ -430,7 +430,7 @@ def test_paper_configs_load_and_task_config_errors_are_named(tmp_path):
     large = load_train_cfg(REPO / "configs/refcoco/vlbert_large_e2e.yaml")
     # VL-BERT: 32 sentences per step, 8e-7 x 32, 20 epochs, detections (+ gt in training)
     for cfg in (base, large):
-        assert cfg.TASK == "refcoco" and list(cfg.MODEL.VLBERT.HEADS) == ["ref"]
+        assert cfg.TASK == "refcoco" and list(cfg.MODEL.VL.HEADS) == ["ref"]
         assert cfg.SOLVER.IMS_PER_BATCH == 32 and cfg.SOLVER.BASE_LR == pytest.approx(8e-7 * 32)
         assert cfg.SOLVER.MAX_EPOCHS == 20 and cfg.DATALOADER.QUESTIONS_PER_IMAGE == 1
         assert list(cfg.DATASETS.REFCOCO.TRAIN_BOXES) == ["detections", "gt"]

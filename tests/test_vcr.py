@@ -367,7 +367,7 @@ def test_paper_configs_use_vl_berts_solver_sgd_with_step_decay():
 
     for size in ("base", "large"):
         cfg = load_train_cfg(REPO / "configs" / "vcr" / f"vlbert_{size}_e2e.yaml")
-        assert cfg.TASK == "vcr" and cfg.MODEL.VLBERT.HEADS == ["vcr", "vcr_objects"]
+        assert cfg.TASK == "vcr" and cfg.MODEL.VL.HEADS == ["vcr", "vcr_objects"]
         assert cfg.DATASETS.VCR.MAX_TEXT_LEN == 64
         assert (cfg.SOLVER.OPTIMIZER, cfg.SOLVER.BASE_LR, cfg.SOLVER.IMS_PER_BATCH) == ("SGD", 4.48e-3, 64)
     # 1,000 warm-up steps from 0, then x0.1 at 70% and again at 90% of the run.

@@ -22,7 +22,7 @@ from e2e_vl.data.collate import collate_samples
 from e2e_vl.engine.trainer import train
 from e2e_vl.modeling import build_model
 from e2e_vl.modeling.hf import load_tokenizer
-from e2e_vl.modeling.hf_region_model import ModelOptions
+from e2e_vl.modeling.region_encoder import ModelOptions
 from e2e_vl.modeling.vilbert import STREAM_PARTS, ViLBert, ViLBertSizes, box_locations, load_vilbert_weights
 from e2e_vl.tasks import get_task
 from test_vlbert import NUM_CLASSES, VOCAB, capture_backbone_input, image_sample, tiny_detector_cfg
@@ -247,8 +247,8 @@ def tiny_cfg(bert_folder: str, *overrides: str):
     cfg = tiny_detector_cfg(get_train_cfg())
     sizes = [(f"MODEL.VILBERT.{key.upper()}", str(list(value) if isinstance(value, tuple) else value))
              for key, value in dataclasses.asdict(SIZES).items()]
-    cfg.merge_from_list(["MODEL.VLBERT.BERT_PATH", bert_folder, "MODEL.VLBERT.HEADS", "['mlm', 'vqa']",
-                         "MODEL.VLBERT.NUM_ANSWERS", "5", *[item for pair in sizes for item in pair],
+    cfg.merge_from_list(["MODEL.VL.BERT_PATH", bert_folder, "MODEL.VL.HEADS", "['mlm', 'vqa']",
+                         "MODEL.VL.NUM_ANSWERS", "5", *[item for pair in sizes for item in pair],
                          *overrides])
     return cfg
 
@@ -298,8 +298,9 @@ def test_released_checkpoint_layout_loads_into_the_right_places(tmp_path, tiny_b
 
 @pytest.mark.parametrize("edit, named", [
     (lambda s: s.pop(C1 + "biattention.key1.weight"), C1 + "biattention.key1.weight"),
-    (lambda s: s.update({"bert.v_embeddings.image_embeddings.weight": torch.zeros(24, 2048)}),
-     "bert.v_embeddings.image_embeddings.weight: checkpoint (24, 2048)"),
+    (lambda s: s.update({"bert.v_embeddings.image_embeddings.weight":
+                         torch.zeros(25, s["bert.v_embeddings.image_embeddings.weight"].shape[1])}),
+     "bert.v_embeddings.image_embeddings.weight: checkpoint (25, "),
     (lambda s: s.update({"bert.encoder.v_layer.2.output.dense.bias": torch.zeros(24)}),
      "bert.encoder.v_layer.2.output.dense.bias"),
 ])
@@ -316,7 +317,7 @@ def test_short_easy_vqa_finetuning_learns(tmp_path, tiny_bert_folder):
     """configs/easy_vqa/smoke.yaml with MODEL.ARCH vilbert and a toy BERT, through the shared VQA task,
     training loop and evaluator: the answer loss ends well below its start within 60 steps."""
     cfg = load_train_cfg(REPO / "configs" / "easy_vqa" / "smoke.yaml",
-                         ["MODEL.ARCH", "vilbert", "MODEL.VLBERT.BERT_PATH", tiny_bert_folder,
+                         ["MODEL.ARCH", "vilbert", "MODEL.VL.BERT_PATH", tiny_bert_folder,
                           "OUTPUT_DIR", str(tmp_path)])
     torch.manual_seed(0)
     model = build_model(cfg, get_task(cfg.TASK).arch(cfg))

@@ -24,7 +24,7 @@ from e2e_vl.data.vqa import encode_vqa_text
 from e2e_vl.modeling.embeddings import ObjectFeatureEmbedding, box_geometry_embedding
 from e2e_vl.modeling.heads import soft_cross_entropy
 from e2e_vl.modeling.hf import load_tokenizer
-from e2e_vl.modeling.vlbert import VLBert, build_vlbert
+from e2e_vl.modeling.vlbert import VLBert
 
 VOCAB = 30522  # the uncased BERT vocabulary, so real tokenizer output fits the tiny model
 NUM_CLASSES = 11
@@ -405,8 +405,8 @@ def test_batch_without_targets_is_a_clear_error():
 
 def test_build_from_config_with_the_embedded_minilm():
     cfg = tiny_detector_cfg(get_train_cfg())
-    cfg.MODEL.VLBERT.NUM_ANSWERS = 13
-    model = build_vlbert(cfg)
+    cfg.MODEL.VL.NUM_ANSWERS = 13
+    model = VLBert.build(cfg)
     assert model.bert.config.hidden_size == 384
     rows = model.bert.embeddings.token_type_embeddings.weight
     assert torch.equal(rows[2], rows[0]) and not torch.equal(rows[1], rows[0])
@@ -460,13 +460,13 @@ def test_detector_weights_load_and_missing_trunk_tensors_are_an_error(tmp_path, 
     from detector.checkpoint import CheckpointError, save_checkpoint
 
     cfg = tiny_detector_cfg(get_train_cfg())
-    cfg.MODEL.VLBERT.NUM_ANSWERS = 13
+    cfg.MODEL.VL.NUM_ANSWERS = 13
     torch.manual_seed(1)
     source = build_detector(tiny_detector_cfg())
     full = {k: v for k, v in source.state_dict().items()}
     save_checkpoint(full, tmp_path / "full.pth")
     cfg.MODEL.WEIGHTS = str(tmp_path / "full.pth")
-    model = build_vlbert(cfg)
+    model = VLBert.build(cfg)
     for key in ("backbone.stem.conv1.weight", "roi_heads.res5.0.conv1.weight"):
         assert torch.equal(model.detector.state_dict()[key], full[key])
 
@@ -474,7 +474,7 @@ def test_detector_weights_load_and_missing_trunk_tensors_are_an_error(tmp_path, 
     save_checkpoint({k: v for k, v in full.items() if "box_predictor" not in k}, tmp_path / "no_head.pth")
     cfg.MODEL.WEIGHTS = str(tmp_path / "no_head.pth")
     with caplog.at_level("WARNING"):
-        build_vlbert(cfg)
+        VLBert.build(cfg)
     assert "missing" in caplog.text
 
     # A res5 tensor absent: every region feature would use random weights, so it is an error.
@@ -482,7 +482,7 @@ def test_detector_weights_load_and_missing_trunk_tensors_are_an_error(tmp_path, 
                     tmp_path / "no_res5.pth")
     cfg.MODEL.WEIGHTS = str(tmp_path / "no_res5.pth")
     with pytest.raises(CheckpointError, match=r"roi_heads\.res5\.0\.conv1\.weight"):
-        build_vlbert(cfg)
+        VLBert.build(cfg)
 
 
 def test_running_standardize_first_batch_sets_stats_then_moving_average():

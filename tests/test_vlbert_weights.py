@@ -1,4 +1,4 @@
-"""Starting from VL-BERT's released weights and from our own checkpoints (MODEL.VLBERT.INIT_FROM).
+"""Starting from VL-BERT's released weights and from our own checkpoints (MODEL.INIT_FROM).
 
 `vlbert_keys` writes VL-BERT's checkpoint layout (key -> shape) for any size, following its module tree
 (torchvision ResNet names in `image_feature_extractor`, res5 stored twice, 1 x hidden embedding tables, the
@@ -26,8 +26,8 @@ from e2e_vl.config import get_train_cfg
 from e2e_vl.data.collate import collate_samples
 from e2e_vl.engine.trainer import TrainTask, train
 from e2e_vl.modeling.hf import default_bert_path
-from e2e_vl.modeling.vlbert import build_vlbert
-from e2e_vl.modeling.vlbert_weights import init_vlbert_weights
+from e2e_vl.modeling.vlbert import VLBert
+from e2e_vl.modeling.init_from import init_model_weights
 from test_vlbert import NUM_CLASSES, VOCAB, image_sample, tiny_detector_cfg, tiny_model
 
 DATA = Path(__file__).parent / "data" / "vlbert"
@@ -260,7 +260,7 @@ def test_pretrained_file_loads_everything_and_gives_the_outputs_of_its_weights(t
     sd = known_weights(TINY)
     path = save_vlbert_file(tmp_path / "vl-bert-tiny-e2e.model", sd)
     model = tiny_model(heads=("mlm", "mrc")).eval()
-    report = init_vlbert_weights(model, path)
+    report = init_model_weights(model, path)
 
     # Nothing of theirs is left over but step counters and the second names of tied tensors.
     assert set(report.unused) == {"BatchNorm step counters (FrozenBN keeps none)",
@@ -328,10 +328,10 @@ def test_fine_tuned_vqa_file_of_the_precomputed_variant_needs_the_detector_and_g
     sd = known_weights(lay, seed=1)
     path = save_vlbert_file(tmp_path / "vl-bert-tiny-vqa.model", sd)
     with pytest.raises(CheckpointError, match="no detector weights .* set MODEL.WEIGHTS"):
-        init_vlbert_weights(tiny_model(heads=("vqa",)), path)
+        init_model_weights(tiny_model(heads=("vqa",)), path)
     model = tiny_model(heads=("vqa",)).eval()
     detector_before = {k: v.clone() for k, v in model.detector.state_dict().items()}
-    report = init_vlbert_weights(model, path, detector_loaded=True)
+    report = init_model_weights(model, path, detector_loaded=True)
     assert all(torch.equal(v, model.detector.state_dict()[k]) for k, v in detector_before.items())
     assert set(report.fresh) == {"detector trunk and res5 from MODEL.WEIGHTS (the file has none)",
                                  "detector parts VL training does not use (RPN, box predictor, attributes)",
@@ -351,11 +351,11 @@ def test_fine_tuned_vqa_file_of_the_precomputed_variant_needs_the_detector_and_g
 
 def test_other_tasks_heads_are_dropped_with_a_report_and_the_vqa_head_starts_from_the_mlm_transform(tmp_path):
     sd = known_weights(TINY)
-    report = init_vlbert_weights(model := tiny_model(heads=("vqa",)),
+    report = init_model_weights(model := tiny_model(heads=("vqa",)),
                                  save_vlbert_file(tmp_path / "pre.model", sd))
-    assert sorted(report.unused["head 'mlm' is not in this model (MODEL.VLBERT.HEADS)"]) == sorted(
+    assert sorted(report.unused["head 'mlm' is not in this model (MODEL.VL.HEADS)"]) == sorted(
         k[len("module."):] for k in sd if ".mlm_head.predictions." in k and "decoder" not in k)
-    assert len(report.unused["head 'mrc' is not in this model (MODEL.VLBERT.HEADS)"]) == 4
+    assert len(report.unused["head 'mrc' is not in this model (MODEL.VL.HEADS)"]) == 4
     t = _strip(sd)
     assert torch.equal(model.heads["vqa"].transform.dense.weight,
                        t["vlbert.mlm_head.predictions.transform.dense.weight"])
@@ -368,11 +368,11 @@ def test_other_tasks_heads_are_dropped_with_a_report_and_the_vqa_head_starts_fro
     vcr = known_weights(dataclasses.replace(TINY, task="vcr"))
     model = tiny_model(heads=("vqa",))
     model.detector.backbone.stem.caffe_maxpool = True
-    report = init_vlbert_weights(model, save_vlbert_file(tmp_path / "vcr.model", vcr))
+    report = init_model_weights(model, save_vlbert_file(tmp_path / "vcr.model", vcr))
     assert any("MODEL.CAFFE_MAXPOOL false" in note for note in report.notes)
-    assert sorted(report.unused["head 'vcr' is not in this model (MODEL.VLBERT.HEADS)"]) == [
+    assert sorted(report.unused["head 'vcr' is not in this model (MODEL.VL.HEADS)"]) == [
         "final_mlp.1.bias", "final_mlp.1.weight", "vlbert.pooler.dense.bias", "vlbert.pooler.dense.weight"]
-    assert len(report.unused["head 'vcr_objects' is not in this model (MODEL.VLBERT.HEADS)"]) == 4
+    assert len(report.unused["head 'vcr_objects' is not in this model (MODEL.VL.HEADS)"]) == 4
 
 
 @pytest.mark.parametrize("task, expected", [
@@ -427,15 +427,15 @@ def _edited(tmp_path: Path, edit, lay: Layout = TINY) -> Path:
 ])
 def test_a_file_that_does_not_fit_is_an_error_naming_the_tensor(tmp_path, edit, message):
     with pytest.raises(CheckpointError, match=message):
-        init_vlbert_weights(tiny_model(heads=("mlm", "mrc")), _edited(tmp_path, edit))
+        init_model_weights(tiny_model(heads=("mlm", "mrc")), _edited(tmp_path, edit))
 
 
 def test_a_bert_of_another_size_is_named_with_the_fix(tmp_path):
     path = save_vlbert_file(tmp_path / "deep.model", known_weights(dataclasses.replace(TINY, layers=3)))
     with pytest.raises(CheckpointError,
                        match=r"a BERT of 3 layers x 32 hidden, the model's is 2 x 32; set "
-                             r"MODEL.VLBERT.BERT_PATH"):
-        init_vlbert_weights(tiny_model(heads=("mlm", "mrc")), path)
+                             r"MODEL.VL.BERT_PATH"):
+        init_model_weights(tiny_model(heads=("mlm", "mrc")), path)
 
 
 class _RunsCode:
@@ -455,7 +455,7 @@ def test_a_file_that_would_run_code_is_refused_before_anything_runs(tmp_path, wr
     else:
         path.write_bytes(pickle.dumps(payload, protocol=2))
     with pytest.raises(CheckpointError, match=str(path)):
-        init_vlbert_weights(tiny_model(heads=("vqa",)), path)
+        init_model_weights(tiny_model(heads=("vqa",)), path)
     assert not marker.exists()
 
 
@@ -474,9 +474,9 @@ def _tiny_bert_folder(path: Path) -> str:
 
 def _cfg(tmp_path: Path, heads: list[str], init_from: Path, out: str):
     cfg = tiny_detector_cfg(get_train_cfg())
-    v = cfg.MODEL.VLBERT
-    v.BERT_PATH, v.BERT_RANDOM_INIT, v.HEADS, v.INIT_FROM = (str(tmp_path / "bert"), True, heads,
-                                                             str(init_from))
+    v = cfg.MODEL.VL
+    v.BERT_PATH, v.BERT_RANDOM_INIT, v.HEADS, cfg.MODEL.INIT_FROM = (str(tmp_path / "bert"), True, heads,
+                                                                     str(init_from))
     v.NUM_ANSWERS, v.NUM_MRC_CLASSES = 5, NUM_CLASSES
     cfg.MODEL.DEVICE, cfg.OUTPUT_DIR = "cpu", str(tmp_path / out)
     s = cfg.SOLVER
@@ -501,7 +501,7 @@ def test_fine_tuning_starts_from_a_vlbert_file_and_from_our_own_pretraining_chec
 
     # 1. Pre-training (MLM + masked RoI classification) continued from VL-BERT's file.
     cfg = _cfg(tmp_path, ["mlm", "mrc"], release, "pretrain")
-    model = build_vlbert(cfg)
+    model = VLBert.build(cfg)
     t = _strip(sd)
     assert torch.equal(model.state_dict()["bert.embeddings.word_embeddings.weight"],
                        t["vlbert.word_embeddings.weight"])
@@ -518,7 +518,7 @@ def test_fine_tuning_starts_from_a_vlbert_file_and_from_our_own_pretraining_chec
     # 2. VQA fine-tuning from our own checkpoint: everything but the heads carried over, the VQA head new
     # (its transform from the MLM head's), the pre-training heads dropped with a report.
     cfg = _cfg(tmp_path, ["vqa"], own, "vqa")
-    model = build_vlbert(cfg)
+    model = VLBert.build(cfg)
     saved = torch.load(own, weights_only=True)["model"]
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.items() if not k.startswith("heads."))
@@ -533,9 +533,9 @@ def test_a_whole_model_checkpoint_given_as_detector_weights_says_to_use_init_fro
     path = tmp_path / "model_best.pth"
     torch.save({"model": model.state_dict()}, path)
     cfg = tiny_detector_cfg(get_train_cfg())
-    cfg.MODEL.WEIGHTS, cfg.MODEL.VLBERT.NUM_ANSWERS = str(path), 5
-    with pytest.raises(CheckpointError, match="whole-model training checkpoint .* MODEL.VLBERT.INIT_FROM"):
-        build_vlbert(cfg)
+    cfg.MODEL.WEIGHTS, cfg.MODEL.VL.NUM_ANSWERS = str(path), 5
+    with pytest.raises(CheckpointError, match="whole-model training checkpoint .* MODEL.INIT_FROM"):
+        VLBert.build(cfg)
 
 
 def test_eval_only_evaluates_the_model_built_from_init_from(tmp_path, monkeypatch):
@@ -549,10 +549,10 @@ def test_eval_only_evaluates_the_model_built_from_init_from(tmp_path, monkeypatc
     model = tiny_model(heads=("vqa",))
     with pytest.raises(ConfigError, match="no training checkpoint"):
         train_net._load_eval_weights(cfg, model, "cpu")
-    cfg.MODEL.VLBERT.INIT_FROM = str(save_vlbert_file(tmp_path / "vqa.model", known_weights(TINY)))
+    cfg.MODEL.INIT_FROM = str(save_vlbert_file(tmp_path / "vqa.model", known_weights(TINY)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert train_net._load_eval_weights(cfg, model, "cpu") == cfg.MODEL.VLBERT.INIT_FROM
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # as build_vlbert left it
+    assert train_net._load_eval_weights(cfg, model, "cpu") == cfg.MODEL.INIT_FROM
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # as VLBert.build left it
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -568,22 +568,22 @@ def test_our_own_checkpoint_is_held_to_the_same_rules(tmp_path, edit, message):
     edit(sd)
     torch.save({"model": sd, "step": 3}, tmp_path / "model_best.pth")
     with pytest.raises(CheckpointError, match=message):
-        init_vlbert_weights(tiny_model(heads=("vqa",)), tmp_path / "model_best.pth")
+        init_model_weights(tiny_model(heads=("vqa",)), tmp_path / "model_best.pth")
 
 
 def test_init_from_that_does_not_exist_is_a_config_error_before_any_work():
     from e2e_vl.config import ConfigError, load_train_cfg
 
     with pytest.raises(ConfigError,
-                       match="'MODEL.VLBERT.INIT_FROM' nowhere/vl-bert-base-e2e.model does not exist"):
-        load_train_cfg(None, ["MODEL.VLBERT.INIT_FROM", "nowhere/vl-bert-base-e2e.model",
+                       match="'MODEL.INIT_FROM' nowhere/vl-bert-base-e2e.model does not exist"):
+        load_train_cfg(None, ["MODEL.INIT_FROM", "nowhere/vl-bert-base-e2e.model",
                               "MODEL.WEIGHTS", ""])
 
 
 def test_a_pretraining_run_with_feature_masking_starts_a_model_without_it(tmp_path):
     source = tiny_model(heads=("mlm", "mrc"), masking="feature")
     torch.save({"model": source.state_dict()}, tmp_path / "pretrain.pth")
-    report = init_vlbert_weights(tiny_model(heads=("vqa",)), tmp_path / "pretrain.pth")
+    report = init_model_weights(tiny_model(heads=("vqa",)), tmp_path / "pretrain.pth")
     assert report.unused["learned feature of masked regions (MASKING feature, pre-training only), "
                          "not in this model"] == ["masked_region_feature"]
 
@@ -592,7 +592,7 @@ def test_a_pretraining_run_with_feature_masking_starts_a_model_without_it(tmp_pa
 def test_fine_tuned_vcr_file_gives_its_choice_scores_and_region_classes(tmp_path):
     sd = known_weights(dataclasses.replace(TINY, task="vcr"))
     model = tiny_model(heads=("vcr", "vcr_objects")).eval()
-    report = init_vlbert_weights(model, save_vlbert_file(tmp_path / "vcr.model", sd))
+    report = init_model_weights(model, save_vlbert_file(tmp_path / "vcr.model", sd))
     assert not [reason for reason in report.fresh if "head" in reason]
     batch = _sample_batch(choice_label=0)
     with torch.no_grad():
@@ -612,7 +612,7 @@ def test_fine_tuned_vcr_file_gives_its_choice_scores_and_region_classes(tmp_path
     # and segment B (the answer) starts as segment A.
     pre = _strip(known_weights(TINY))
     model = tiny_model(heads=("vcr", "vcr_objects"))
-    init_vlbert_weights(model, save_vlbert_file(tmp_path / "pre.model", known_weights(TINY)))
+    init_model_weights(model, save_vlbert_file(tmp_path / "pre.model", known_weights(TINY)))
     assert torch.equal(model.heads["vcr_objects"].dense.bias, pre["vlbert.mvrc_head.transform.dense.bias"])
     rows, file_rows = (model.bert.embeddings.token_type_embeddings.weight,
                        pre["vlbert.token_type_embeddings.weight"])
@@ -622,7 +622,7 @@ def test_fine_tuned_vcr_file_gives_its_choice_scores_and_region_classes(tmp_path
 def test_fine_tuned_refcoco_file_gives_its_region_scores(tmp_path):
     sd = known_weights(dataclasses.replace(TINY, task="refcoco"), seed=2)
     model = tiny_model(heads=("ref",)).eval()
-    report = init_vlbert_weights(model, save_vlbert_file(tmp_path / "refcoco.model", sd))
+    report = init_model_weights(model, save_vlbert_file(tmp_path / "refcoco.model", sd))
     assert not [reason for reason in report.fresh if "head" in reason] and not report.notes
     batch = _sample_batch()
     with torch.no_grad():
@@ -635,7 +635,7 @@ def test_fine_tuned_refcoco_file_gives_its_region_scores(tmp_path):
     # From the pre-trained file, as VL-BERT's RefCOCO+ recipe: the scorer's first Linear is the MVRC head's.
     pre = known_weights(TINY)
     model = tiny_model(heads=("ref",))
-    report = init_vlbert_weights(model, save_vlbert_file(tmp_path / "pre.model", pre))
+    report = init_model_weights(model, save_vlbert_file(tmp_path / "pre.model", pre))
     assert torch.equal(model.heads["ref"].dense.weight,
                        _strip(pre)["vlbert.mvrc_head.transform.dense.weight"])
     assert report.fresh["new 'ref' head (its dense.* from the 'mrc' head, VL-BERT's recipe)"] == [

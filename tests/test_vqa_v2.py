@@ -238,7 +238,7 @@ def _vqa_root(root: Path) -> None:
 
 def _train_args(root: Path, out: Path, *extra: str) -> list[str]:
     return ["--config-file", str(REPO / "configs" / "vqa" / "tiny.yaml"), "--output-dir", str(out),
-            "MODEL.VLBERT.NUM_ANSWERS", "5", "DATASETS.ROOT", str(root), *extra]
+            "MODEL.VL.NUM_ANSWERS", "5", "DATASETS.ROOT", str(root), *extra]
 
 
 def test_vqa_v2_from_extraction_with_coco_names_to_training_and_test_dev_results(tmp_path, tiny_weights,
@@ -326,14 +326,15 @@ def test_paper_configs_are_vlbert_settings():
         s = cfg.SOLVER
         assert (s.IMS_PER_BATCH, s.BASE_LR, s.GRAD_ACCUM_STEPS) == (batch, lr, accum)
         assert (s.CLIP_GRAD_NORM, s.WARMUP_ITERS, s.WARMUP_FACTOR, s.MAX_EPOCHS) == (1.0, 500, 0.0, 5.0)
-        assert cfg.DATALOADER.QUESTIONS_PER_IMAGE == 1 and cfg.MODEL.VLBERT.NUM_ANSWERS == 3129
-    # CLASSIFIER_PRETRAINED: true in both of VL-BERT's VQA configs, and in every one of ours; not for
-    # the easy-VQA demo
-    for path in sorted((REPO / "configs" / "vqa").glob("*.yaml")):
-        assert load_train_cfg(path).MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS, path.name
+        assert cfg.DATALOADER.QUESTIONS_PER_IMAGE == 1 and cfg.MODEL.VL.NUM_ANSWERS == 3129
+    # CLASSIFIER_PRETRAINED: true in both of VL-BERT's VQA configs, and in every one of ours for VL-BERT; not
+    # for the easy-VQA demo, nor for the released LXMERT, VisualBERT and ViLBERT (their classifiers start at
+    # random in their papers)
+    for path in sorted((REPO / "configs" / "vqa").glob("vlbert_*.yaml")):
+        assert load_train_cfg(path).MODEL.VL.VQA_CLASSIFIER_FROM_WORDS, path.name
     for path in sorted((REPO / "configs" / "easy_vqa").glob("*.yaml")):
         demo = load_train_cfg(path, ["MODEL.WEIGHTS", ""])  # stage 1's detector need not exist
-        assert not demo.MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS, path.name
+        assert not demo.MODEL.VL.VQA_CLASSIFIER_FROM_WORDS, path.name
 
 
 # -- vqa_v2_trainval: train2014 + val2014 as one training set ---------------------------------------------
@@ -355,7 +356,7 @@ def _vqa_set(root: Path, name: str = "vqa_v2_trainval", *overrides: str, train: 
     from e2e_vl.tasks.vqa import VQA_DATASETS
 
     cfg = load_train_cfg(REPO / "configs" / "vqa" / "tiny.yaml",
-                         ["DATASETS.ROOT", str(root), "MODEL.VLBERT.NUM_ANSWERS", "5", *overrides])
+                         ["DATASETS.ROOT", str(root), "MODEL.VL.NUM_ANSWERS", "5", *overrides])
     return VQA_DATASETS.build("DATASETS.TRAIN", name, cfg, load_tokenizer(), train, (64, 80), limit)
 
 
@@ -482,7 +483,7 @@ def test_vqa_task_starts_the_classifier_from_the_training_answers(tmp_path):
 
     def model_and_task(*overrides: str, eval_only: bool = False):
         cfg = load_train_cfg(REPO / "configs" / "vqa" / "tiny.yaml",
-                             ["DATASETS.ROOT", str(root), "MODEL.VLBERT.NUM_ANSWERS", "5", *overrides])
+                             ["DATASETS.ROOT", str(root), "MODEL.VL.NUM_ANSWERS", "5", *overrides])
         torch.manual_seed(0)
         model = build_model(cfg, "vlbert")
         start = model.heads["vqa"].classifier.weight.detach().clone()
@@ -490,14 +491,14 @@ def test_vqa_task_starts_the_classifier_from_the_training_answers(tmp_path):
         return cfg, model, start
 
     cfg, model, start = model_and_task()
-    assert cfg.MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS
+    assert cfg.MODEL.VL.VQA_CLASSIFIER_FROM_WORDS
     words = model.bert.embeddings.word_embeddings.weight
     ids = model.tokenizer.convert_tokens_to_ids(["yes", "no", "red", "blue", "2"])  # answers_vqa.txt
     classifier = model.heads["vqa"].classifier
     assert torch.equal(classifier.weight, words[ids]) and not classifier.bias.any()
-    for overrides, eval_only in (((), True), (("MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS", "False"), False)):
+    for overrides, eval_only in (((), True), (("MODEL.VL.VQA_CLASSIFIER_FROM_WORDS", "False"), False)):
         _, model, start = model_and_task(*overrides, eval_only=eval_only)
         assert torch.equal(model.heads["vqa"].classifier.weight, start)
     (root / "answers_vqa.txt").write_text("yes\nno\nred\nblue\n")
-    with pytest.raises(ConfigError, match=r"5 answers \(MODEL.VLBERT.NUM_ANSWERS\) but vqa_v2_train has 4"):
+    with pytest.raises(ConfigError, match=r"5 answers \(MODEL.VL.NUM_ANSWERS\) but vqa_v2_train has 4"):
         model_and_task()

@@ -8,7 +8,7 @@ r"""Train or evaluate VL-BERT with the detector in the loop.
     python tools/train_net.py --config-file configs/easy_vqa/smoke.yaml MODEL.ARCH visualbert \
         --output-dir output/easy_vqa/smoke_visualbert
     torchrun --nproc_per_node 8 tools/train_net.py --config-file configs/vqa/vlbert_base_e2e.yaml \
-        DATASETS.ROOT path/to/vqa MODEL.VLBERT.INIT_FROM path/to/vl-bert-base-e2e.model   # fine-tune it
+        DATASETS.ROOT path/to/vqa MODEL.INIT_FROM path/to/vl-bert-base-e2e.model   # fine-tune it
 
 `KEY VALUE` pairs override the config; the flags (--config-file, --output-dir, --resume, --eval-only) may
 stand before, between or after them. The loop itself is `e2e_vl.engine.trainer.train`.
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest valid checkpoint in OUTPUT_DIR")
     p.add_argument("--eval-only", action="store_true",
-                   help="only evaluate (MODEL.WEIGHTS, MODEL.VLBERT.INIT_FROM or the newest checkpoint)")
+                   help="only evaluate (MODEL.WEIGHTS, MODEL.INIT_FROM or the newest checkpoint)")
     p.add_argument("--output-dir", default=None, help="shorthand for OUTPUT_DIR")
     p.add_argument("opts", nargs="*", metavar="KEY VALUE",
                    help="config overrides (the flags may stand among them)")
@@ -89,22 +89,43 @@ def seed_everything(seed: int) -> None:
 
 
 def _load_eval_weights(cfg, model, device) -> str:
-    """Weights for --eval-only: MODEL.WEIGHTS if it is a training checkpoint, else MODEL.VLBERT.INIT_FROM (the
+    """Weights for --eval-only: MODEL.WEIGHTS if it is a training checkpoint, else MODEL.INIT_FROM (the
     model was built from it, e.g. a fine-tuned VL-BERT release), else the newest checkpoint of OUTPUT_DIR."""
     from e2e_vl.config import ConfigError
     from e2e_vl.engine.checkpoint import Checkpointer, load_weights_file
 
+    from e2e_vl.modeling.init_from import load_trained_model
+
     if cfg.MODEL.WEIGHTS and _is_training_checkpoint(cfg.MODEL.WEIGHTS):
         state, path = load_weights_file(cfg.MODEL.WEIGHTS, device), cfg.MODEL.WEIGHTS
-    elif cfg.MODEL.VLBERT.INIT_FROM:
-        return cfg.MODEL.VLBERT.INIT_FROM
+    elif cfg.MODEL.INIT_FROM:
+        report = getattr(model, "init_report", None)
+        fresh = [reason for reason in (report.fresh if report else {}) if reason.startswith("new '")]
+        if fresh:  # it would evaluate untrained weights under the file's name
+            raise ConfigError(f"--eval-only: MODEL.INIT_FROM {cfg.MODEL.INIT_FROM} has no trained weights "
+                              f"for this task's heads ({'; '.join(fresh)}); evaluate a fine-tuned checkpoint")
+        return cfg.MODEL.INIT_FROM
     else:
         found = Checkpointer(cfg.OUTPUT_DIR, 1).load_latest(device)
         if found is None:
             raise ConfigError(f"--eval-only: no training checkpoint in MODEL.WEIGHTS or in {cfg.OUTPUT_DIR}")
         state, path = found
-    model.load_state_dict(state["model"])
+    load_trained_model(model, state["model"], str(path))
     return str(path)
+
+
+def _eval_run_config(cfg):
+    """--eval-only of a run's checkpoint (MODEL.WEIGHTS, or the newest of OUTPUT_DIR): the config with the
+    MODEL keys of that run (its config.yaml beside the file), so the model it trained is rebuilt."""
+    from e2e_vl.config import adopt_run_model
+
+    if cfg.MODEL.WEIGHTS and _is_training_checkpoint(cfg.MODEL.WEIGHTS):
+        weights, run_config = cfg.MODEL.WEIGHTS, Path(cfg.MODEL.WEIGHTS).parent / "config.yaml"
+    elif cfg.MODEL.INIT_FROM:  # a start the config describes, evaluated as built
+        return cfg
+    else:
+        weights, run_config = cfg.OUTPUT_DIR, Path(cfg.OUTPUT_DIR) / "config.yaml"
+    return adopt_run_model(cfg, run_config, weights) if run_config.is_file() else cfg
 
 
 def _is_training_checkpoint(path: str) -> bool:
@@ -114,7 +135,7 @@ def _is_training_checkpoint(path: str) -> bool:
     try:
         load_weights_file(path)
         return True
-    except Exception:  # a detector-only weight file: build_vlbert loads it into the detector
+    except Exception:  # a detector-only weight file: the build loads it into the detector
         return False
 
 
@@ -164,6 +185,8 @@ def main(args: argparse.Namespace) -> dict:
     from e2e_vl.tasks import get_task
 
     cfg = setup_cfg(args)  # first, so that a config error is reported before the slow imports
+    if args.eval_only:
+        cfg = _eval_run_config(cfg)
     task_spec = get_task(cfg.TASK)
     if args.eval_only:
         task_spec.check_eval_target(cfg)

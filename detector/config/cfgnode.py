@@ -88,7 +88,11 @@ class CfgNode(dict):
         self.merge_from_dict(load_yaml_with_base(path), source=str(path))
         return self
 
-    def merge_from_dict(self, other: dict, source: str = "<dict>", prefix: str = "") -> "CfgNode":
+    def merge_from_dict(self, other: dict, source: str = "<dict>", prefix: str = "",
+                        root: "CfgNode | None" = None) -> "CfgNode":
+        """Merge `other` into this node (`prefix`: this node's dotted path; `root`: the whole config, where
+        an unknown key's name is looked up when nothing close is in this node: a key that moved)."""
+        root = self if root is None else root
         if self._frozen:
             raise ConfigError("config is frozen; clone() it before merging")
         if not isinstance(other, dict):
@@ -102,13 +106,13 @@ class CfgNode(dict):
                 if self._new_allowed:
                     self[key] = CfgNode(value) if isinstance(value, dict) else value
                     continue
-                raise ConfigError(f"{source}: unknown config key "
-                                  f"'{full}'{_did_you_mean(key, self.keys(), prefix)}")
+                hint = _did_you_mean(key, self.keys(), prefix) or _moved_to(key, root)
+                raise ConfigError(f"{source}: unknown config key '{full}'{hint}")
             current = self[key]
             if isinstance(current, CfgNode):
                 if not isinstance(value, dict):
                     raise ConfigError(f"{source}: '{full}' is a section; expected a mapping, got {value!r}")
-                current.merge_from_dict(value, source, prefix=full + ".")
+                current.merge_from_dict(value, source, prefix=full + ".", root=root)
             else:
                 self[key] = _check_type(full, current, value, source)
         return self
@@ -142,6 +146,17 @@ def load_config(defaults: CfgNode, path: str | os.PathLike | None, overrides: It
 
 def _rebuild(d: dict, new_allowed: bool) -> CfgNode:
     return CfgNode(d, new_allowed=new_allowed)
+
+
+def _moved_to(key: str, root: CfgNode) -> str:
+    """"; did you mean 'A.B.KEY'?" for the first key of the same name anywhere in `root`, else ""."""
+    stack: list[tuple[str, CfgNode]] = [("", root)]
+    while stack:
+        prefix, node = stack.pop(0)
+        if key in node:
+            return f"; did you mean '{prefix}{key}'?"
+        stack += [(f"{prefix}{k}.", v) for k, v in node.items() if isinstance(v, CfgNode)]
+    return ""
 
 
 def _did_you_mean(key: str, candidates: Iterable[str], prefix: str = "") -> str:

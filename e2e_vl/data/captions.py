@@ -188,7 +188,7 @@ class CaptionPretrainDataset(Dataset):
             out.append(record.width / record.height)
         return out
 
-    def check_region_classes(self, num_classes: int, key: str = "MODEL.VLBERT.NUM_MRC_CLASSES") -> None:
+    def check_region_classes(self, num_classes: int, key: str = "MODEL.VL.NUM_MRC_CLASSES") -> None:
         """Fail before training if the stored class distributions (the masked-RoI targets) are not
         `num_classes` wide; one store comes from one detector, so the first caption's record speaks for
         all."""

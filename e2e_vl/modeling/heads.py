@@ -104,10 +104,10 @@ def build_heads(names: Sequence[str], spec: HeadSpec) -> nn.ModuleDict:
 def check_heads(names: Sequence[str], num_answers: int) -> None:
     unknown = set(names) - set(HEADS)
     if unknown:
-        raise ValueError(f"MODEL.VLBERT.HEADS: unknown heads {sorted(unknown)}; expected some of "
+        raise ValueError(f"MODEL.VL.HEADS: unknown heads {sorted(unknown)}; expected some of "
                          f"{tuple(HEADS)}")
     if "vqa" in names and num_answers < 1:
-        raise ValueError(f"MODEL.VLBERT.NUM_ANSWERS must be >= 1 for the vqa head, got {num_answers}")
+        raise ValueError(f"MODEL.VL.NUM_ANSWERS must be >= 1 for the vqa head, got {num_answers}")
 
 
 def run_heads(heads: Mapping[str, "Head"], encoded: Encoded, batch: dict[str, Any],

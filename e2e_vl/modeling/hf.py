@@ -4,6 +4,7 @@ of BERT's text side into them. Nothing here knows about regions or tasks."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -31,15 +32,57 @@ def default_bert_path() -> str:
 def resolve_bert_path(path: str) -> str:
     path = path or default_bert_path()
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(
-            f"MODEL.VLBERT.BERT_PATH: {path!r} is not a Hugging Face model folder (no config.json)"
-        )
+        raise ConfigError(f"'MODEL.VL.BERT_PATH' {path}: not a local Hugging Face model folder (no "
+                          "config.json); folders are never downloaded")
     return path
 
 
+# Files of a Hugging Face tokenizer: any of them makes a folder's own tokenizer loadable.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+
+
+def has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)
+
+
+def check_hf_folder(folder: str, key: str, model_type: str) -> dict[str, Any]:
+    """The config.json of the local Hugging Face folder `folder` (named by config key `key`), which must hold
+    a `model_type` model and its weights; otherwise one ConfigError naming the folder and what is wrong.
+    Checked before transformers sees the path, which would otherwise look a missing one up on the hub."""
+    if not os.path.isdir(folder):
+        raise ConfigError(f"'{key}' {folder}: no such folder (a local Hugging Face folder; nothing is "
+                          "downloaded)")
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"'{key}' {folder}: no config.json, so not a Hugging Face model folder")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"'{key}' {config_file}: not readable JSON ({exc})") from None
+    found = config.get("model_type") if isinstance(config, dict) else None
+    if found != model_type:
+        raise ConfigError(f"'{key}' {folder} holds a {found!r} model (config.json's model_type), not the "
+                          f"{model_type!r} this key reads")
+    if _weights_file(folder) is None:
+        raise ConfigError(f"'{key}' {folder}: no weights (model.safetensors or pytorch_model.bin)")
+    return config
+
+
+def hf_tensor_names(folder: str, key: str) -> list[str]:
+    """The tensor names of a Hugging Face folder's weights file."""
+    path = _weights_file(folder)
+    if path is not None and path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    return list(read_hf_weights(folder, key))
+
+
 def load_tokenizer(path: str = "") -> BertTokenizerFast:
-    """BERT's tokenizer from the same folder as the weights (MODEL.VLBERT.BERT_PATH; empty = default)."""
-    return BertTokenizerFast.from_pretrained(resolve_bert_path(path))
+    """BERT's tokenizer from the same folder as the weights (MODEL.VL.BERT_PATH; empty = default)."""
+    return BertTokenizerFast.from_pretrained(resolve_bert_path(path), local_files_only=True)
 
 
 def load_bert(path: str = "", random_init: bool = False) -> BertModel:
@@ -51,7 +94,7 @@ def load_bert(path: str = "", random_init: bool = False) -> BertModel:
     load report is not printed; other extra tensors are logged."""
     path = resolve_bert_path(path)
     if random_init:
-        return BertModel(BertConfig.from_pretrained(path), add_pooling_layer=False)
+        return BertModel(BertConfig.from_pretrained(path, local_files_only=True), add_pooling_layer=False)
     from transformers.utils import logging as hf_logging
 
     verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -59,6 +102,7 @@ def load_bert(path: str = "", random_init: bool = False) -> BertModel:
     hf_logging.disable_progress_bar()
     try:
         bert, info = BertModel.from_pretrained(path, add_pooling_layer=False, output_loading_info=True,
+                                               local_files_only=True,
                                                ignore_mismatched_sizes=True)  # reported below, as an error
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -69,11 +113,11 @@ def load_bert(path: str = "", random_init: bool = False) -> BertModel:
         shapes = [f"{k} {tuple(got)} vs {tuple(want)}" for k, got, want in sorted(info["mismatched_keys"])]
         problems.append(f"wrong shape (checkpoint vs config): {', '.join(shapes)}")
     if problems:
-        raise ValueError(f"MODEL.VLBERT.BERT_PATH {path}: the checkpoint does not fit its config.json's BERT "
+        raise ValueError(f"MODEL.VL.BERT_PATH {path}: the checkpoint does not fit its config.json's BERT "
                          f"({'; '.join(problems)})")
     extra = sorted(k for k in info["unexpected_keys"] if not k.startswith(("pooler.", "cls.")))
     if extra:
-        logger.warning("MODEL.VLBERT.BERT_PATH %s: %d tensors not used (e.g. %s)", path, len(extra),
+        logger.warning("MODEL.VL.BERT_PATH %s: %d tensors not used (e.g. %s)", path, len(extra),
                        extra[:3])
     return bert
 
@@ -120,7 +164,7 @@ def load_pretrained_head_weights(heads: Mapping[str, nn.Module], path: str) -> l
         wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                  if k in own and v.shape != own[k].shape]
         if wrong:
-            raise ValueError(f"MODEL.VLBERT.BERT_PATH {folder}: head {name!r}: wrong shapes (checkpoint vs "
+            raise ValueError(f"MODEL.VL.BERT_PATH {folder}: head {name!r}: wrong shapes (checkpoint vs "
                              f"head): {', '.join(wrong)}")
         state = {k: v for k, v in state.items() if k in own}
         head.load_state_dict(state, strict=False)
@@ -182,9 +226,9 @@ BERT_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_attention_heads", "intermed
 
 
 def bert_text_config(path: str) -> BertConfig:
-    """The BERT folder's config (MODEL.VLBERT.BERT_PATH; empty = the embedded MiniLM): the text side's
+    """The BERT folder's config (MODEL.VL.BERT_PATH; empty = the embedded MiniLM): the text side's
     sizes of a model started from it."""
-    return BertConfig.from_pretrained(resolve_bert_path(path))
+    return BertConfig.from_pretrained(resolve_bert_path(path), local_files_only=True)
 
 
 def copy_bert_text_side(model: nn.Module, path: str, num_layers: int) -> list[str]:
@@ -193,7 +237,7 @@ def copy_bert_text_side(model: nn.Module, path: str, num_layers: int) -> list[st
     filled. Everything else of `model` keeps its initial values."""
     bert = load_bert(path)
     if num_layers > bert.config.num_hidden_layers:
-        raise ValueError(f"MODEL.VLBERT.BERT_PATH {resolve_bert_path(path)}: {num_layers} text layers asked "
+        raise ValueError(f"MODEL.VL.BERT_PATH {resolve_bert_path(path)}: {num_layers} text layers asked "
                          f"for, the checkpoint has {bert.config.num_hidden_layers}")
     layers = tuple(f"encoder.layer.{i}." for i in range(num_layers))
     state = {k: v for k, v in bert.state_dict().items()
@@ -217,16 +261,17 @@ def extend_token_types(bert: BertModel, num_types: int) -> None:
 
 
 def check_vocabulary(tokenizer: Any, vocab_size: int) -> None:
-    """The tokenizer (MODEL.VLBERT.BERT_PATH) must not produce ids beyond the transformer's word table."""
+    """The tokenizer (a released folder's own, else MODEL.VL.BERT_PATH's) must not produce ids beyond the
+    transformer's word table."""
     if len(tokenizer) > vocab_size:
-        raise ConfigError(f"the tokenizer of 'MODEL.VLBERT.BERT_PATH' has {len(tokenizer)} tokens but the "
+        raise ConfigError(f"the tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens but the "
                           f"transformer's vocabulary has {vocab_size}: use the tokenizer its checkpoint was "
-                          "trained with")
+                          "trained with (MODEL.VL.BERT_PATH)")
 
 
 def load_pretrained_heads(heads: Mapping[str, nn.Module], checkpoint: str, v: CfgNode) -> None:
     """Heads that start from pre-trained tensors: the MLM head's transform and bias from a released
-    checkpoint's `cls.predictions.*`; or, when the text side came from MODEL.VLBERT.BERT_PATH, from BERT's,
+    checkpoint's `cls.predictions.*`; or, when the text side came from MODEL.VL.BERT_PATH, from BERT's,
     with every head's `pretrained_prefix` tensors (the VCR head's pooler). Nothing with random init."""
     if checkpoint:
         load_mlm_head_weights(heads, checkpoint)

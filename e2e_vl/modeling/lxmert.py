@@ -17,11 +17,12 @@ import torch
 from transformers import BertConfig, LxmertConfig, LxmertModel
 
 from detector.config import CfgNode, ConfigError
+from e2e_vl.config import register_config
 from detector.modeling import GeneralizedRCNN
 from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads
 from e2e_vl.modeling.hf import BERT_SHAPE_KEYS, bert_text_config, copy_bert_text_side, load_hf_checkpoint
-from e2e_vl.modeling.hf_region_model import HFRegionModel, ModelOptions, build_hf_region_model
-from e2e_vl.modeling.region_encoder import pad_per_image
+from e2e_vl.modeling.hf_region_model import HFRegionModel
+from e2e_vl.modeling.region_encoder import ModelOptions, check_region_width, pad_per_image
 from e2e_vl.modeling.registry import register_model
 
 # LXMERT's object-relationship and cross-modality depths, used when no checkpoint says otherwise.
@@ -31,13 +32,30 @@ LAYER_KEYS = ("L_LAYERS", "R_LAYERS", "X_LAYERS")
 # LxmertConfig has no layer_norm_eps: its LayerNorms use 1e-12 throughout, and so do the heads here.
 LXMERT_LAYER_NORM_EPS = 1e-12
 
+# MODEL.LXMERT: what only LXMERT reads (the rest: MODEL.VL).
+register_config("MODEL.LXMERT", {
+    # Local Hugging Face folder of an LXMERT (unc-nlp/lxmert-base-uncased layout; a LxmertModel or a model
+    # with an lxmert.* body). Empty: language layers from MODEL.VL.BERT_PATH, the rest new.
+    "CHECKPOINT": "",
+    # Layers of the language, object-relationship and cross-modality encoders. 0 = the checkpoint's;
+    # without one, L = the BERT folder's layer count and R = X = 5 (LXMERT's). Set with a checkpoint, they
+    # must match it.
+    "L_LAYERS": 0,
+    "R_LAYERS": 0,
+    "X_LAYERS": 0,
+}, owner=__name__)
 
+
+@register_model("lxmert")
 class Lxmert(HFRegionModel):
     """LXMERT trained end to end. The batch is `VLBert`'s (`e2e_vl.modeling.vlbert`). Text-only samples get
     all-zero regions that their attention mask hides; a batch without images gets one such region, since
     the cross-modality layers need a visual sequence."""
 
     body_name = "lxmert"
+    body_prefixes = ("lxmert.",)
+    folder_key = "MODEL.LXMERT.CHECKPOINT"
+    model_type = "lxmert"
 
     def __init__(self, detector: GeneralizedRCNN, lxmert: LxmertModel, options: ModelOptions = ModelOptions(),
                  *, tokenizer: Any = None, new_parameters: Sequence[str] = ()):
@@ -55,6 +73,37 @@ class Lxmert(HFRegionModel):
         spec = HeadSpec(head_config, lxmert.embeddings.word_embeddings, options.num_answers,
                         options.num_mrc_classes, appearance_dim=self.appearance_dim)
         self.heads = build_heads(options.heads, spec)
+
+    @classmethod
+    def build_transformer(cls, cfg: CfgNode, appearance_dim: int) -> tuple[LxmertModel, list[str]]:
+        """LxmertModel per MODEL.LXMERT, and the names of its tensors left new although others came from a
+        file. From CHECKPOINT: everything, strictly (its depths; set ones must match). Else from
+        MODEL.VL.BERT_PATH's BERT: embeddings and the first L_LAYERS layers as the language encoder (L = all
+        of BERT's by default), the object-relationship and cross-modality encoders and the pooler new; with
+        BERT_RANDOM_INIT nothing is loaded."""
+        v, lx = cfg.MODEL.VL, cfg.MODEL.LXMERT
+        if lx.CHECKPOINT:
+            config = LxmertConfig.from_pretrained(lx.CHECKPOINT, local_files_only=True)
+            have = dict(zip(LAYER_KEYS, (config.l_layers, config.r_layers, config.x_layers)))
+            for key, value in have.items():
+                if lx[key] and lx[key] != value:
+                    raise ConfigError(f"'MODEL.LXMERT.{key}' {lx[key]} differs from {lx.CHECKPOINT}'s "
+                                      f"{value} (its config.json); set 0")
+            check_region_width(cls.folder_key, lx.CHECKPOINT, config.visual_feat_dim, appearance_dim)
+            model = LxmertModel(config)
+            load_hf_checkpoint(model, lx.CHECKPOINT, "lxmert.", "MODEL.LXMERT.CHECKPOINT")
+            return model, []
+        bert = bert_text_config(v.BERT_PATH)
+        config = LxmertConfig(
+            **{k: getattr(bert, k) for k in BERT_SHAPE_KEYS}, l_layers=lx.L_LAYERS or bert.num_hidden_layers,
+            r_layers=lx.R_LAYERS or DEFAULT_R_LAYERS, x_layers=lx.X_LAYERS or DEFAULT_X_LAYERS,
+            visual_feat_dim=appearance_dim, visual_pos_dim=4, pad_token_id=bert.pad_token_id,
+        )
+        model = LxmertModel(config)
+        if v.BERT_RANDOM_INIT:
+            return model, []
+        loaded = copy_bert_text_side(model, v.BERT_PATH, config.l_layers)
+        return model, sorted(set(model.state_dict()) - set(loaded))
 
     def enable_gradient_checkpointing(self) -> None:
         raise ConfigError("SOLVER.GRADIENT_CHECKPOINTING: transformers' LxmertModel does not support it")
@@ -91,42 +140,3 @@ class Lxmert(HFRegionModel):
         k_len = region_valid.shape[1] if bool(has_image.any()) else 0
         return Encoded(out.language_output, out.vision_output[:, :k_len], region_valid[:, :k_len], has_image,
                        out.pooled_output)
-
-
-def build_lxmert_transformer(cfg: CfgNode, appearance_dim: int) -> tuple[LxmertModel, list[str]]:
-    """LxmertModel per MODEL.LXMERT, and the names of its tensors left new although others came from a
-    file. From CHECKPOINT: everything, strictly (its depths; set ones must match). Else from
-    MODEL.VLBERT.BERT_PATH's BERT: embeddings and the first L_LAYERS layers as the language encoder (L = all
-    of BERT's by default), the object-relationship and cross-modality encoders and the pooler new; with
-    BERT_RANDOM_INIT nothing is loaded."""
-    v, lx = cfg.MODEL.VLBERT, cfg.MODEL.LXMERT
-    if lx.CHECKPOINT:
-        config = LxmertConfig.from_pretrained(lx.CHECKPOINT)
-        have = dict(zip(LAYER_KEYS, (config.l_layers, config.r_layers, config.x_layers)))
-        for key, value in have.items():
-            if lx[key] and lx[key] != value:
-                raise ConfigError(f"'MODEL.LXMERT.{key}' {lx[key]} differs from {lx.CHECKPOINT}'s {value}; "
-                                  "set 0")
-        if config.visual_feat_dim != appearance_dim:
-            raise ConfigError(f"MODEL.LXMERT.CHECKPOINT {lx.CHECKPOINT} reads {config.visual_feat_dim}-d "
-                              f"region features; the detector's res5 gives {appearance_dim}")
-        model = LxmertModel(config)
-        load_hf_checkpoint(model, lx.CHECKPOINT, "lxmert.", "MODEL.LXMERT.CHECKPOINT")
-        return model, []
-    bert = bert_text_config(v.BERT_PATH)
-    config = LxmertConfig(
-        **{k: getattr(bert, k) for k in BERT_SHAPE_KEYS}, l_layers=lx.L_LAYERS or bert.num_hidden_layers,
-        r_layers=lx.R_LAYERS or DEFAULT_R_LAYERS, x_layers=lx.X_LAYERS or DEFAULT_X_LAYERS,
-        visual_feat_dim=appearance_dim, visual_pos_dim=4, pad_token_id=bert.pad_token_id,
-    )
-    model = LxmertModel(config)
-    if v.BERT_RANDOM_INIT:
-        return model, []
-    loaded = copy_bert_text_side(model, v.BERT_PATH, config.l_layers)
-    return model, sorted(set(model.state_dict()) - set(loaded))
-
-
-@register_model("lxmert")
-def build_lxmert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> Lxmert:
-    """LXMERT per `cfg` (detector keys, MODEL.VLBERT's shared keys, MODEL.LXMERT)."""
-    return build_hf_region_model(cfg, detector, Lxmert, build_lxmert_transformer, cfg.MODEL.LXMERT.CHECKPOINT)

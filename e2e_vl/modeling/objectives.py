@@ -1,5 +1,5 @@
 """Pre-training objectives of the other region transformers, as heads that any architecture feeds through
-`Encoded` (registered in `heads.HEADS`, selected by MODEL.VLBERT.HEADS, weighted by LOSS_WEIGHTS):
+`Encoded` (registered in `heads.HEADS`, selected by MODEL.VL.HEADS, weighted by LOSS_WEIGHTS):
 
 - `itm`: sentence-image prediction / image-text matching (VisualBERT, ViLBERT, LXMERT): matched or not,
   from the pooled output; the batch's `itm_labels` (1 = the caption's own image, 0 = another image's).

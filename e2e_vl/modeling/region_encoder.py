@@ -6,21 +6,31 @@ zeroed) -> res4 -> `GeneralizedRCNN.region_outputs` (our RoIAlign -> res5 -> mea
 standardisation -> object embedding (geometry + appearance) -> optional learned feature for masked
 regions. An architecture subclasses `RegionEncoder`, so the detector's keys stay `detector.<Detectron2
 key>` in every model's state dict.
+
+`RegionEncoder.build` is the one build sequence of every architecture: detector (MODEL.WEIGHTS) ->
+transformer body (`build_body`: its pre-trained folder) -> the model and its heads (`from_body`) -> the
+heads' pre-trained tensors -> released weights the architecture reads itself (`load_released_weights`) ->
+whole-model start (MODEL.INIT_FROM, `e2e_vl.modeling.init_from`) -> device. An architecture overrides only
+what differs (its body, its constructor's arguments); nothing about starting weights is written per
+architecture.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from detector.checkpoint import CheckpointError, load_checkpoint
 from detector.checkpoint.export import DETECTOR_KEY_PREFIX, TRAINED_PREFIXES
-from detector.config import CfgNode
+from detector.config import CfgNode, ConfigError
 from detector.modeling import GeneralizedRCNN, build_detector
 from e2e_vl.modeling.embeddings import ObjectFeatureEmbedding, RunningStandardize
-from e2e_vl.modeling.heads import Encoded, run_heads
+from e2e_vl.modeling.heads import Encoded, check_heads, run_heads
+from e2e_vl.modeling.hf import check_vocabulary, load_bert, load_pretrained_heads, load_tokenizer
+from e2e_vl.modeling.init_from import InitReport, ReleaseState, init_model_weights
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +52,7 @@ def build_trained_detector(cfg: CfgNode) -> GeneralizedRCNN:
         raise CheckpointError(
             f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} is a whole-model training checkpoint (keys detector.*, "
             "bert.*, heads.*), while MODEL.WEIGHTS holds the detector's weights: start from it with "
-            "MODEL.VLBERT.INIT_FROM (or --eval-only MODEL.WEIGHTS to evaluate it as is)")
+            "MODEL.INIT_FROM (or --eval-only MODEL.WEIGHTS to evaluate it as is)")
     used = [k for k in report["missing"] if k.startswith(TRAINED_PREFIXES)]
     if used:
         raise CheckpointError(
@@ -56,6 +66,49 @@ def build_trained_detector(cfg: CfgNode) -> GeneralizedRCNN:
             len(report["unexpected"]), report["unexpected"][:3],
         )
     return detector
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """MODEL.VL's keys a model reads: heads and their sizes, region masking, the detector freeze, the object
+    feature's dropout and appearance standardisation, loss weights."""
+
+    heads: Sequence[str] = ("vqa",)
+    num_answers: int = 0
+    num_mrc_classes: int = 1601
+    masking: str = "pixel"
+    freeze_detector: bool = False
+    object_dropout: float = 0.1
+    appearance_norm: str = "none"
+    loss_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_cfg(cls, cfg: CfgNode) -> "ModelOptions":
+        v = cfg.MODEL.VL
+        return cls(tuple(v.HEADS), v.NUM_ANSWERS, v.NUM_MRC_CLASSES, v.MASKING, v.FREEZE_DETECTOR,
+                   v.OBJECT_DROPOUT, v.APPEARANCE_NORM,
+                   {k.lower(): float(w) for k, w in v.LOSS_WEIGHTS.items()})
+
+
+@dataclasses.dataclass
+class Body:
+    """An architecture's transformer as `build_body` made it: the module, its tokenizer, the names inside
+    it left new although the rest came from a file (the optimiser treats them as new layers), and the
+    folder whose pre-trained head tensors fill the heads ("" = MODEL.VL.BERT_PATH's BERT)."""
+
+    module: nn.Module
+    tokenizer: Any
+    new_parameters: Sequence[str] = ()
+    heads_folder: str = ""
+
+
+def check_region_width(key: str, source: str, reads: int, appearance_dim: int, fix: str = "") -> None:
+    """The one width check of every architecture: released weights that read `reads`-wide region features
+    need a detector whose pooled res5 feature is that wide (`fix`: the switch that adapts it, if any)."""
+    if reads != appearance_dim:
+        raise ConfigError(f"'{key}' {source} reads {reads}-d region features; the detector's res5 gives "
+                          f"{appearance_dim}-d: use the detector it was trained with (MODEL.RESNETS)"
+                          + (f", or {fix}" if fix else ""))
 
 
 def token_region_features(sample_objects: torch.Tensor, batch: dict[str, Any], text_len: int,
@@ -96,11 +149,61 @@ class RegionEncoder(nn.Module):
 
     heads: nn.ModuleDict
     loss_weights: dict[str, float]
+    # The registered name (set by `register_model`), named in errors about starting weights.
+    arch: ClassVar[str] = ""
+    # Key prefixes of the transformer body's tensors: what a start from another checkpoint must match in
+    # shape, and how a checkpoint's architecture is recognised (all of them present).
+    body_prefixes: ClassVar[tuple[str, ...]] = ()
+    # The report of MODEL.INIT_FROM when the model was started from it (None otherwise).
+    init_report: InitReport | None = None
+
+    # -- the one build sequence --------------------------------------------------------------------------
+    @classmethod
+    def build(cls, cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> "RegionEncoder":
+        """The model of `cfg` on MODEL.DEVICE, in train mode (see the module docstring for the order)."""
+        options = ModelOptions.from_cfg(cfg)
+        check_heads(options.heads, options.num_answers)
+        detector_loaded = detector is not None or bool(cfg.MODEL.WEIGHTS)
+        detector = detector if detector is not None else build_trained_detector(cfg)
+        body = cls.build_body(cfg, detector.roi_heads.out_channels)
+        check_vocabulary(body.tokenizer, body.module.config.vocab_size)
+        model = cls.from_body(cfg, detector, body, options)
+        load_pretrained_heads(model.heads, body.heads_folder, cfg.MODEL.VL)
+        model.load_released_weights(cfg)
+        if cfg.MODEL.INIT_FROM:
+            model.init_report = init_model_weights(model, cfg.MODEL.INIT_FROM,
+                                                   detector_loaded=detector_loaded)
+        return model.to(torch.device(cfg.MODEL.DEVICE)).train()
+
+    @classmethod
+    def build_body(cls, cfg: CfgNode, appearance_dim: int) -> Body:
+        """The transformer; default: BERT and its tokenizer from MODEL.VL.BERT_PATH (empty: the embedded
+        MiniLM), random weights with MODEL.VL.BERT_RANDOM_INIT."""
+        v = cfg.MODEL.VL
+        return Body(load_bert(v.BERT_PATH, random_init=v.BERT_RANDOM_INIT), load_tokenizer(v.BERT_PATH))
+
+    @classmethod
+    def from_body(cls, cfg: CfgNode, detector: GeneralizedRCNN, body: Body,
+                  options: ModelOptions) -> "RegionEncoder":
+        """The model around `detector` and `body`, its heads built (the architecture's constructor call)."""
+        raise NotImplementedError
+
+    def load_released_weights(self, cfg: CfgNode) -> None:
+        """Weights the architecture reads itself after its heads exist (ViLBERT's release); default none."""
+
+    @classmethod
+    def reads_release(cls, obj: Any) -> bool:
+        """Whether `obj` (a file's loaded contents) is a release this architecture reads (MODEL.INIT_FROM)."""
+        return False
+
+    def read_release(self, obj: Any, source: str) -> ReleaseState | None:
+        """A release of this architecture in our key space (MODEL.INIT_FROM); None if `obj` is none."""
+        return None
 
     def __init__(self, detector: GeneralizedRCNN, *, masking: str = "pixel", freeze_detector: bool = False):
         super().__init__()
         if masking not in MASKING_MODES:
-            raise ValueError(f"MODEL.VLBERT.MASKING: expected one of {MASKING_MODES}, got {masking!r}")
+            raise ValueError(f"MODEL.VL.MASKING: expected one of {MASKING_MODES}, got {masking!r}")
         self.detector = detector
         self.masking = masking
         self.freeze_detector = freeze_detector
@@ -126,7 +229,7 @@ class RegionEncoder(nn.Module):
     def init_appearance_norm(self, appearance_norm: str) -> None:
         if appearance_norm not in APPEARANCE_NORMS:
             raise ValueError(
-                f"MODEL.VLBERT.APPEARANCE_NORM: expected one of {APPEARANCE_NORMS}, got {appearance_norm!r}"
+                f"MODEL.VL.APPEARANCE_NORM: expected one of {APPEARANCE_NORMS}, got {appearance_norm!r}"
             )
         self.appearance_norm = (RunningStandardize(self.appearance_dim) if appearance_norm == "running"
                                 else None)

@@ -1,6 +1,8 @@
 """Architectures by name: `MODEL.ARCH` (or the task's default) -> a builder registered with
-`@register_model(name)`. A new architecture is one module in `e2e_vl/modeling/` plus a config: every
-module of this package is imported before a look-up, so registering is all a new file has to do.
+`@register_model(name)`: a `RegionEncoder` subclass (its `build` is the one build sequence; the class
+learns its name as `arch`) or a plain builder function. A new architecture is one module in
+`e2e_vl/modeling/` plus a config: every module of this package is imported before a look-up, so registering
+(and `e2e_vl.config.register_config` for keys of its own) is all a new file has to do.
 
 `VLModel` is what the engine and the tasks may rely on beyond `nn.Module`; they ask nothing else of a
 model (no hasattr probing)."""
@@ -38,16 +40,29 @@ _VLMODEL_MEMBERS = (*VLModel.__annotations__, *(n for n in vars(VLModel) if not 
 
 ModelBuilder = Callable[[CfgNode], nn.Module]
 MODELS: dict[str, ModelBuilder] = {}
+_CLASSES: dict[str, type] = {}
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    def add(builder: ModelBuilder) -> ModelBuilder:
+def register_model(name: str) -> Callable[[Any], Any]:
+    """Register a builder function, or a class with a `build(cfg)` classmethod (which then gets `arch`)."""
+    def add(builder: Any) -> Any:
         if name in MODELS:
             raise ValueError(f"architecture {name!r} is registered twice")
-        MODELS[name] = builder
+        if isinstance(builder, type):
+            builder.arch = name
+            _CLASSES[name] = builder
+            MODELS[name] = builder.build
+        else:
+            MODELS[name] = builder
         return builder
 
     return add
+
+
+def architecture_classes() -> dict[str, type]:
+    """The registered architectures that are classes (`RegionEncoder` subclasses), by name."""
+    _import_architectures()
+    return dict(_CLASSES)
 
 
 def _import_architectures() -> None:

@@ -26,18 +26,49 @@ from transformers.models.bert.modeling_bert import BertIntermediate, BertLayer, 
 
 from detector.checkpoint import CheckpointError, read_checkpoint
 from detector.config import CfgNode, ConfigError
+from e2e_vl.config import register_config
 from detector.modeling import GeneralizedRCNN
 from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads, check_heads
-from e2e_vl.modeling.hf import (check_vocabulary, load_bert, load_pretrained_heads, load_tokenizer,
-                               modern_bert_names)
-from e2e_vl.modeling.hf_region_model import ModelOptions
-from e2e_vl.modeling.region_encoder import RegionEncoder, build_trained_detector, pad_per_image
+from e2e_vl.modeling.hf import modern_bert_names
+from e2e_vl.modeling.region_encoder import (Body, ModelOptions, RegionEncoder, check_region_width,
+                                            pad_per_image)
 from e2e_vl.modeling.registry import register_model
 
 logger = logging.getLogger(__name__)
 
 # The [IMG] token's location: the whole image (x1, y1, x2, y2, area, all normalised).
 GLOBAL_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)
+
+# MODEL.VILBERT: what only ViLBERT reads (its visual stream, co-attention and released weights; the rest:
+# MODEL.VL). Defaults: ViLBERT's reference configuration,
+# vilbert-multi-task's bert_base_6layer_6conect.json.
+def _check_vilbert_keys(cfg: CfgNode) -> None:
+    weights = cfg.MODEL.VILBERT.WEIGHTS
+    if weights and not os.path.isfile(weights):
+        raise ConfigError(f"'MODEL.VILBERT.WEIGHTS' {weights} does not exist (a released ViLBERT file, "
+                          "pretrained_model.bin or multi_task_model.bin)")
+
+
+register_config("MODEL.VILBERT", {
+    # A ViLBERT checkpoint in the released layout (vilbert-multi-task pretrained_model.bin /
+    # multi_task_model.bin: bert.*, cls.*, ...): loaded strictly over the whole two-stream encoder
+    # (MODEL.VL.BERT_PATH must then hold the matching BERT's config and vocabulary). Empty = text
+    # stream from MODEL.VL.BERT_PATH, visual stream and co-attention at random.
+    "WEIGHTS": "",
+    "V_HIDDEN_SIZE": 1024,
+    "V_NUM_HIDDEN_LAYERS": 6,
+    "V_NUM_ATTENTION_HEADS": 8,
+    "V_INTERMEDIATE_SIZE": 1024,
+    # Width and heads of the co-attention (each stream's queries over the other's keys and values).
+    "BI_HIDDEN_SIZE": 1024,
+    "BI_NUM_ATTENTION_HEADS": 8,
+    # Connection points: co-attention layer i runs just before visual layer V_BIATTENTION_ID[i] and text
+    # layer T_BIATTENTION_ID[i] (text layers before the first point see no image).
+    "V_BIATTENTION_ID": [0, 1, 2, 3, 4, 5],
+    "T_BIATTENTION_ID": [6, 7, 8, 9, 10, 11],
+    "V_HIDDEN_DROPOUT_PROB": 0.1,
+    "V_ATTENTION_PROBS_DROPOUT_PROB": 0.1,
+}, _check_vilbert_keys, owner=__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +237,7 @@ def additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 STREAM_PARTS = ("bert", "image_embeddings", "image_layers", "co_layers", "text_pooler", "image_pooler")
 
 
+@register_model("vilbert")
 class ViLBert(RegionEncoder):
     """ViLBERT (two streams, co-attention) trained end to end with the detector in the loop.
 
@@ -267,6 +299,22 @@ class ViLBert(RegionEncoder):
         # BERT's rate.
         self.streams_pretrained = False
         self.gradient_checkpointing = False
+
+    body_prefixes = tuple(f"{part}." for part in STREAM_PARTS)
+
+    # -- building (the sequence: RegionEncoder.build) -------------------------------------------------------
+    @classmethod
+    def from_body(cls, cfg: CfgNode, detector: GeneralizedRCNN, body: Body,
+                  options: ModelOptions) -> "ViLBert":
+        """The text stream and its tokenizer from MODEL.VL.BERT_PATH (the default `build_body`); the visual
+        stream and co-attention per MODEL.VILBERT."""
+        return cls(detector, body.module, ViLBertSizes.from_cfg(cfg.MODEL.VILBERT), options,
+                   tokenizer=body.tokenizer)
+
+    def load_released_weights(self, cfg: CfgNode) -> None:
+        """MODEL.VILBERT.WEIGHTS, when set: the whole two-stream encoder (and the MLM head)."""
+        if cfg.MODEL.VILBERT.WEIGHTS:
+            load_vilbert_weights(self, cfg.MODEL.VILBERT.WEIGHTS)
 
     # -- parameter groups for the engine ------------------------------------------------------------------
     def parameter_kind(self, name: str) -> str:
@@ -402,6 +450,9 @@ def load_vilbert_weights(model: ViLBert, path: str | os.PathLike) -> dict[str, l
     cls.imagePredictions.*, vil_prediction.* ...) are logged and returned as "unmapped"."""
     path = os.fspath(path)
     state = modern_bert_names(read_checkpoint(path)[0])  # ViLBERT's own loader accepts gamma/beta too
+    features = state.get(released_name("image_embeddings.features.weight"))
+    if features is not None and features.dim() == 2:
+        check_region_width("MODEL.VILBERT.WEIGHTS", path, features.shape[1], model.appearance_dim)
     modules: dict[str, nn.Module] = {part: getattr(model, part) for part in STREAM_PARTS}
     if "mlm" in model.heads and any(k.startswith("cls.predictions.") for k in state):
         modules["heads.mlm"] = model.heads["mlm"]
@@ -419,7 +470,7 @@ def load_vilbert_weights(model: ViLBert, path: str | os.PathLike) -> dict[str, l
               + (" ..." if len(keys) > _MAX_LISTED else "") for title, keys in problems.items() if keys]
     if listed:
         raise CheckpointError(f"{path} does not fit this ViLBERT (MODEL.VILBERT sizes, the BERT of "
-                              "MODEL.VLBERT.BERT_PATH, the detector's feature width):\n" + "\n".join(listed))
+                              "MODEL.VL.BERT_PATH, the detector's feature width):\n" + "\n".join(listed))
     with torch.no_grad():
         for released, ours in expected.items():
             own[ours].copy_(state[released].to(own[ours].dtype))
@@ -429,24 +480,3 @@ def load_vilbert_weights(model: ViLBert, path: str | os.PathLike) -> dict[str, l
         logger.warning("%s: %d ViLBERT tensors have no place in this model and were skipped: %s",
                        path, len(unmapped), ", ".join(unmapped))
     return {"unmapped": unmapped}
-
-
-@register_model("vilbert")
-def build_vilbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> ViLBert:
-    """The model of `cfg`: detector keys, MODEL.VILBERT, and MODEL.VLBERT's shared keys (`ModelOptions`).
-
-    The text stream, its tokenizer and the text-side heads' pre-trained layers (the MLM head if BERT has
-    one, the VCR head's pooler) come from MODEL.VLBERT.BERT_PATH (empty: the embedded MiniLM); then, when
-    MODEL.VILBERT.WEIGHTS is set, the whole two-stream encoder (and the MLM head) from that checkpoint."""
-    options, v = ModelOptions.from_cfg(cfg), cfg.MODEL.VLBERT
-    check_heads(options.heads, options.num_answers)
-    sizes = ViLBertSizes.from_cfg(cfg.MODEL.VILBERT)
-    detector = detector if detector is not None else build_trained_detector(cfg)
-    bert = load_bert(v.BERT_PATH, random_init=v.BERT_RANDOM_INIT)
-    tokenizer = load_tokenizer(v.BERT_PATH)
-    check_vocabulary(tokenizer, bert.config.vocab_size)
-    model = ViLBert(detector, bert, sizes, options, tokenizer=tokenizer)
-    load_pretrained_heads(model.heads, "", v)
-    if cfg.MODEL.VILBERT.WEIGHTS:
-        load_vilbert_weights(model, cfg.MODEL.VILBERT.WEIGHTS)
-    return model.to(torch.device(cfg.MODEL.DEVICE)).train()

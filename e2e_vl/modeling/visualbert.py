@@ -24,20 +24,45 @@ import torch
 from transformers import VisualBertConfig, VisualBertModel
 
 from detector.config import CfgNode, ConfigError
+from e2e_vl.config import register_config
 from detector.modeling import GeneralizedRCNN
 from e2e_vl.modeling.heads import HEADS, Encoded, HeadSpec, build_heads
 from e2e_vl.modeling.hf import BERT_SHAPE_KEYS, bert_text_config, copy_bert_text_side, load_hf_checkpoint
-from e2e_vl.modeling.hf_region_model import HFRegionModel, ModelOptions, build_hf_region_model
+from e2e_vl.modeling.hf_region_model import HFRegionModel
+from e2e_vl.modeling.region_encoder import Body, ModelOptions, check_region_width
 from e2e_vl.modeling.registry import register_model
 
 
+# MODEL.VISUALBERT: what only VisualBERT reads (the rest: MODEL.VL).
+register_config("MODEL.VISUALBERT", {
+    # Local Hugging Face folder of a VisualBERT (uclanlp/visualbert-* layout: config.json +
+    # model.safetensors or pytorch_model.bin; a VisualBertModel or a model with a visual_bert.* body).
+    # Empty: text side from MODEL.VL.BERT_PATH, visual parts new (or all random, BERT_RANDOM_INIT).
+    "CHECKPOINT": "",
+    # Width of the region feature VisualBERT projects (its visual_embedding_dim); 0 = the detector's res5
+    # width, which a CHECKPOINT's must then equal. The object feature (box geometry + appearance, a new
+    # layer) is made this wide: set to a CHECKPOINT's width, it adapts a detector of another width.
+    "VISUAL_EMBEDDING_DIM": 0,
+    # False = the paper's "without early fusion" ablation: the text runs through every layer alone and
+    # the regions join in one extra layer on top (HF's bypass_transformer / additional_layer.* keys).
+    "EARLY_FUSION": True,
+    # False = the paper's "without grounded pre-training" ablation: the model reads the text only (the
+    # detector is not run, no region tokens); pre-train with it, then fine-tune with True.
+    "GROUNDED": True,
+}, owner=__name__)
 
+
+
+@register_model("visualbert")
 class VisualBert(HFRegionModel):
     """VisualBERT trained end to end. The batch is `VLBert`'s (`e2e_vl.modeling.vlbert`); each sample's
     sequence is its text `[B, T]` followed by its image's regions `[B, K_max]` (box 0 the whole image),
     padding masked out; text-only samples have no valid region. `grounded` False: see the module."""
 
     body_name = "visual_bert"
+    body_prefixes = ("visual_bert.",)
+    folder_key = "MODEL.VISUALBERT.CHECKPOINT"
+    model_type = "visual_bert"
 
     def __init__(self, detector: GeneralizedRCNN, visual_bert: VisualBertModel,
                  options: ModelOptions = ModelOptions(), *, tokenizer: Any = None,
@@ -45,7 +70,7 @@ class VisualBert(HFRegionModel):
         region_heads = sorted(name for name in options.heads if name in HEADS and HEADS[name].reads_image)
         if not grounded and region_heads:
             raise ConfigError("MODEL.VISUALBERT.GROUNDED false reads no image, so the region heads "
-                              f"{region_heads} cannot be trained; drop them from MODEL.VLBERT.HEADS")
+                              f"{region_heads} cannot be trained; drop them from MODEL.VL.HEADS")
         super().__init__(detector, options, tokenizer=tokenizer, new_parameters=new_parameters)
         self.visual_bert = visual_bert
         self.grounded = grounded
@@ -57,6 +82,53 @@ class VisualBert(HFRegionModel):
         spec = HeadSpec(visual_bert.config, visual_bert.embeddings.word_embeddings, options.num_answers,
                         options.num_mrc_classes, appearance_dim=self.appearance_dim)
         self.heads = build_heads(options.heads, spec)
+
+    @classmethod
+    def from_body(cls, cfg: CfgNode, detector: GeneralizedRCNN, body: Body,
+                  options: ModelOptions) -> "VisualBert":
+        return cls(detector, body.module, options, tokenizer=body.tokenizer,
+                   new_parameters=body.new_parameters, grounded=cfg.MODEL.VISUALBERT.GROUNDED)
+
+    @classmethod
+    def build_transformer(cls, cfg: CfgNode, appearance_dim: int) -> tuple[VisualBertModel, list[str]]:
+        """VisualBertModel per MODEL.VISUALBERT, and the names of its tensors that were left new although the
+        rest came from a file. From CHECKPOINT: everything, strictly. Else from MODEL.VL.BERT_PATH's BERT:
+        embeddings and encoder layers (visual segment and position tables copied from the text ones, as
+        VisualBERT's special_visual_initialize), the pooler, visual projection and extra layer new; with
+        BERT_RANDOM_INIT nothing is loaded."""
+        v, vb = cfg.MODEL.VL, cfg.MODEL.VISUALBERT
+        if vb.CHECKPOINT:
+            config = VisualBertConfig.from_pretrained(vb.CHECKPOINT, local_files_only=True)
+            width, asked = config.visual_embedding_dim, vb.VISUAL_EMBEDDING_DIM
+            if asked and asked != width:
+                raise ConfigError(f"'MODEL.VISUALBERT.VISUAL_EMBEDDING_DIM' {asked} differs from "
+                                  f"{vb.CHECKPOINT}'s visual_embedding_dim {width} (its config.json); set 0")
+            if not asked:  # set to the folder's width, the switch: the object embedding adapts the detector
+                check_region_width(cls.folder_key, vb.CHECKPOINT, width, appearance_dim,
+                                   fix=f"set MODEL.VISUALBERT.VISUAL_EMBEDDING_DIM {width} to let the (new) "
+                                       "object embedding project the detector's features to it")
+            config.bypass_transformer = not vb.EARLY_FUSION
+            model = VisualBertModel(config)
+            load_hf_checkpoint(model, vb.CHECKPOINT, "visual_bert.", "MODEL.VISUALBERT.CHECKPOINT")
+            return model, []
+        bert = bert_text_config(v.BERT_PATH)
+        config = VisualBertConfig(
+            **{k: getattr(bert, k) for k in BERT_SHAPE_KEYS}, pad_token_id=bert.pad_token_id,
+            layer_norm_eps=bert.layer_norm_eps, num_hidden_layers=bert.num_hidden_layers,
+            visual_embedding_dim=vb.VISUAL_EMBEDDING_DIM or appearance_dim,
+            bypass_transformer=not vb.EARLY_FUSION, special_visual_initialize=True,
+        )
+        model = VisualBertModel(config)
+        if v.BERT_RANDOM_INIT:
+            return model, []
+        loaded = copy_bert_text_side(model, v.BERT_PATH, config.num_hidden_layers)
+        emb = model.embeddings
+        with torch.no_grad():
+            emb.visual_token_type_embeddings.weight.copy_(emb.token_type_embeddings.weight)
+            emb.visual_position_embeddings.weight.copy_(emb.position_embeddings.weight)
+        copied = {"embeddings.visual_token_type_embeddings.weight",
+                  "embeddings.visual_position_embeddings.weight"}
+        return model, sorted(set(model.state_dict()) - set(loaded) - copied)
 
     def enable_gradient_checkpointing(self) -> None:
         self.visual_bert.activation_checkpointing_enable()
@@ -100,48 +172,3 @@ def _additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`[B, L]` validity -> the `[B, 1, 1, L]` score offsets BERT-style layers add (0 or the dtype's
     minimum)."""
     return (~valid.bool())[:, None, None, :].to(dtype) * torch.finfo(dtype).min
-
-
-def build_visualbert_transformer(cfg: CfgNode, appearance_dim: int) -> tuple[VisualBertModel, list[str]]:
-    """VisualBertModel per MODEL.VISUALBERT, and the names of its tensors that were left new although the
-    rest came from a file. From CHECKPOINT: everything, strictly. Else from MODEL.VLBERT.BERT_PATH's BERT:
-    embeddings and encoder layers (visual segment and position tables copied from the text ones, as
-    VisualBERT's special_visual_initialize), the pooler, visual projection and extra layer new; with
-    BERT_RANDOM_INIT nothing is loaded."""
-    v, vb = cfg.MODEL.VLBERT, cfg.MODEL.VISUALBERT
-    if vb.CHECKPOINT:
-        config = VisualBertConfig.from_pretrained(vb.CHECKPOINT)
-        if vb.VISUAL_EMBEDDING_DIM and vb.VISUAL_EMBEDDING_DIM != config.visual_embedding_dim:
-            raise ConfigError(f"'MODEL.VISUALBERT.VISUAL_EMBEDDING_DIM' {vb.VISUAL_EMBEDDING_DIM} differs "
-                              f"from {vb.CHECKPOINT}'s visual_embedding_dim {config.visual_embedding_dim}; "
-                              "set 0")
-        config.bypass_transformer = not vb.EARLY_FUSION
-        model = VisualBertModel(config)
-        load_hf_checkpoint(model, vb.CHECKPOINT, "visual_bert.", "MODEL.VISUALBERT.CHECKPOINT")
-        return model, []
-    bert = bert_text_config(v.BERT_PATH)
-    config = VisualBertConfig(
-        **{k: getattr(bert, k) for k in BERT_SHAPE_KEYS}, pad_token_id=bert.pad_token_id,
-        layer_norm_eps=bert.layer_norm_eps, num_hidden_layers=bert.num_hidden_layers,
-        visual_embedding_dim=vb.VISUAL_EMBEDDING_DIM or appearance_dim,
-        bypass_transformer=not vb.EARLY_FUSION, special_visual_initialize=True,
-    )
-    model = VisualBertModel(config)
-    if v.BERT_RANDOM_INIT:
-        return model, []
-    loaded = copy_bert_text_side(model, v.BERT_PATH, config.num_hidden_layers)
-    emb = model.embeddings
-    with torch.no_grad():
-        emb.visual_token_type_embeddings.weight.copy_(emb.token_type_embeddings.weight)
-        emb.visual_position_embeddings.weight.copy_(emb.position_embeddings.weight)
-    copied = {"embeddings.visual_token_type_embeddings.weight",
-              "embeddings.visual_position_embeddings.weight"}
-    return model, sorted(set(model.state_dict()) - set(loaded) - copied)
-
-
-@register_model("visualbert")
-def build_visualbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> VisualBert:
-    """VisualBERT per `cfg` (detector keys, MODEL.VLBERT's shared keys, MODEL.VISUALBERT)."""
-    vb = cfg.MODEL.VISUALBERT
-    return build_hf_region_model(cfg, detector, VisualBert, build_visualbert_transformer, vb.CHECKPOINT,
-                                 grounded=vb.GROUNDED)

@@ -3,7 +3,7 @@
 Data path (one call per arrow): images -> `RegionEncoder.encode_regions` (the detector in the loop, shared
 with every architecture) -> sequence embeddings -> transformers' BertModel -> `encode`'s outputs -> heads
 (each with its loss; `RegionEncoder.forward`, shared).
-Registered as the architecture "vlbert".
+Registered as the architecture "vlbert"; built by the shared sequence `RegionEncoder.build`.
 """
 
 from __future__ import annotations
@@ -15,19 +15,33 @@ from torch import nn
 from transformers import BertModel
 
 from detector.config import CfgNode
+from e2e_vl.config import register_config
 from detector.modeling import GeneralizedRCNN
 from e2e_vl.modeling.embeddings import VisualLayerNorms
 from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads, check_heads
-from e2e_vl.modeling.hf import (extend_token_types, load_bert, load_mlm_head_weights,
-                                load_pretrained_head_weights, load_tokenizer)
-from e2e_vl.modeling.region_encoder import (RegionEncoder, build_trained_detector, check_text_region,
+from e2e_vl.modeling.hf import extend_token_types
+from e2e_vl.modeling.init_from import ReleaseState
+from e2e_vl.modeling.region_encoder import (Body, ModelOptions, RegionEncoder, check_text_region,
                                             token_region_features)
 from e2e_vl.modeling.registry import register_model
-from e2e_vl.modeling.vlbert_weights import init_vlbert_weights
+from e2e_vl.modeling.vlbert_weights import is_vlbert_release, read_vlbert_release
 
 REGION_SEGMENT = 2
 
+# MODEL.VLBERT: what only VL-BERT reads (the options every architecture reads: MODEL.VL).
+register_config("MODEL.VLBERT", {
+    # Initial gammas of the visual LayerNorms of text tokens and of region tokens (VL-BERT's
+    # visual_scale_text_init / visual_scale_object_init; 0 = that visual term starts switched off).
+    "VISUAL_SCALE_TEXT_INIT": 0.0,
+    "VISUAL_SCALE_OBJECT_INIT": 0.0,
+    # The region whose object feature is added to every text token when the data grounds no word in a
+    # region (VCR's text_region_index does, and wins): 0 = the whole image (VL-BERT). Every sample with
+    # an image must have this region, or the step stops naming it.
+    "TEXT_REGION": 0,
+}, owner=__name__)
 
+
+@register_model("vlbert")
 class VLBert(RegionEncoder):
     """VL-BERT (Su et al., ICLR 2020) trained end to end with a Detectron2-architecture Fast R-CNN.
 
@@ -126,6 +140,31 @@ class VLBert(RegionEncoder):
                     param.copy_(words[token_id])
         self.heads = build_heads(heads, HeadSpec(config, bert.embeddings.word_embeddings, num_answers,
                                                  num_mrc_classes, appearance_dim=self.appearance_dim))
+
+    body_prefixes = ("bert.", "visual_norms.")
+
+    # -- building (the sequence: RegionEncoder.build) -------------------------------------------------------
+    @classmethod
+    def from_body(cls, cfg: CfgNode, detector: GeneralizedRCNN, body: Body,
+                  options: ModelOptions) -> "VLBert":
+        """BERT and its tokenizer from MODEL.VL.BERT_PATH (the default `build_body`); MODEL.VLBERT's keys."""
+        own, tokenizer = cfg.MODEL.VLBERT, body.tokenizer
+        return cls(detector, body.module, heads=options.heads, num_answers=options.num_answers,
+                   num_mrc_classes=options.num_mrc_classes, masking=options.masking,
+                   freeze_detector=options.freeze_detector, object_dropout=options.object_dropout,
+                   loss_weights=dict(options.loss_weights), sep_token_id=tokenizer.sep_token_id,
+                   mask_token_id=tokenizer.mask_token_id, tokenizer=tokenizer,
+                   visual_scale_text_init=own.VISUAL_SCALE_TEXT_INIT,
+                   visual_scale_object_init=own.VISUAL_SCALE_OBJECT_INIT,
+                   appearance_norm=options.appearance_norm, text_region=own.TEXT_REGION)
+
+    @classmethod
+    def reads_release(cls, obj: Any) -> bool:
+        return is_vlbert_release(obj)
+
+    def read_release(self, obj: Any, source: str) -> ReleaseState | None:
+        """VL-BERT's released `.model` files (e2e_vl.modeling.vlbert_weights)."""
+        return read_vlbert_release(self, obj, source)
 
     # -- parameter groups for the engine ------------------------------------------------------------------
     @staticmethod
@@ -229,41 +268,3 @@ def _pad_flags(flags: Sequence[torch.Tensor], length: int, device: torch.device)
     for i, f in enumerate(flags):
         out[i, : len(f)] = f.to(device).bool()
     return out
-
-
-@register_model("vlbert")
-def build_vlbert(cfg: CfgNode, detector: GeneralizedRCNN | None = None) -> VLBert:
-    """The model described by `cfg` (detector keys + MODEL.VLBERT), on MODEL.DEVICE, in train mode.
-
-    The detector is built from the detector keys and, when MODEL.WEIGHTS is set, loaded from it; BERT and
-    its tokenizer come from MODEL.VLBERT.BERT_PATH (empty: the embedded MiniLM); then MODEL.VLBERT.INIT_FROM,
-    when set, fills the whole model (e2e_vl.modeling.vlbert_weights)."""
-    v = cfg.MODEL.VLBERT
-    detector_loaded = detector is not None or bool(cfg.MODEL.WEIGHTS)
-    detector = detector if detector is not None else build_trained_detector(cfg)
-    bert = load_bert(v.BERT_PATH, random_init=v.BERT_RANDOM_INIT)
-    tokenizer = load_tokenizer(v.BERT_PATH)
-    model = VLBert(
-        detector,
-        bert,
-        heads=v.HEADS,
-        num_answers=v.NUM_ANSWERS,
-        num_mrc_classes=v.NUM_MRC_CLASSES,
-        masking=v.MASKING,
-        freeze_detector=v.FREEZE_DETECTOR,
-        object_dropout=v.OBJECT_DROPOUT,
-        loss_weights={k.lower(): float(w) for k, w in v.LOSS_WEIGHTS.items()},
-        sep_token_id=tokenizer.sep_token_id,
-        mask_token_id=tokenizer.mask_token_id,
-        tokenizer=tokenizer,
-        visual_scale_text_init=v.VISUAL_SCALE_TEXT_INIT,
-        visual_scale_object_init=v.VISUAL_SCALE_OBJECT_INIT,
-        appearance_norm=v.APPEARANCE_NORM,
-        text_region=v.TEXT_REGION,
-    )
-    if not v.BERT_RANDOM_INIT:
-        load_mlm_head_weights(model.heads, v.BERT_PATH)
-        load_pretrained_head_weights(model.heads, v.BERT_PATH)
-    if v.INIT_FROM:
-        init_vlbert_weights(model, v.INIT_FROM, detector_loaded=detector_loaded)
-    return model.to(torch.device(cfg.MODEL.DEVICE)).train()

@@ -1,16 +1,7 @@
-"""Starting a VL-BERT model from earlier weights (`MODEL.VLBERT.INIT_FROM`): VL-BERT's published checkpoints
-(jackroos/VL-BERT `.model` files: pre-trained base/large, end-to-end or precomputed-feature, and its VQA /
-RefCOCO+ / VCR fine-tuning runs) and our own training checkpoints (`e2e_vl.engine.checkpoint`).
-
-Why one path for both: fine-tuning starts from a pre-trained model whichever code pre-trained it. A VL-BERT
-file is first renamed into our key space (`convert_vlbert_state_dict`); from there both sources go through
-`init_from_state_dict`, which copies every tensor the model has, drops the heads of other tasks, starts the
-heads of the new task fresh (or from the pre-training head VL-BERT's recipe starts them from,
-`HEAD_INIT_FROM`) and reports every tensor it did not use, by reason. Anything else is an error naming the
-key: a tensor the model needs that the file lacks, one of another shape, one it does not recognise.
-
-Files are read with `detector.checkpoint.load_data_file` (torch.load(weights_only=True) or the restricted
-unpickler), so a file that names code is refused before anything runs.
+"""VL-BERT's released checkpoints (jackroos/VL-BERT `.model` files: pre-trained base/large, end-to-end or
+precomputed-feature, and its VQA / RefCOCO+ / VCR fine-tuning runs) as a start of the vlbert architecture
+(`MODEL.INIT_FROM`): renamed into our key space (`convert_vlbert_state_dict`), after which the one generic
+step of every architecture (`e2e_vl.modeling.init_from`) copies, drops, starts fresh and reports.
 
 VL-BERT's layout, read from its module tree (`ResNetVLBERT*` modules, `common/fast_rcnn.py`,
 `common/visual_linguistic_bert.py`; key lists of the base checkpoints in `tests/data/vlbert/`): a
@@ -30,22 +21,16 @@ VL-BERT's layout, read from its module tree (`ResNetVLBERT*` modules, `common/fa
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 import re
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from detector.checkpoint import CheckpointError, load_data_file
-from detector.checkpoint.export import DETECTOR_KEY_PREFIX, TRAINED_PREFIXES
+from detector.checkpoint import CheckpointError
+from detector.checkpoint.export import DETECTOR_KEY_PREFIX
 from detector.checkpoint.formats import move_first_row_last
-
-logger = logging.getLogger(__name__)
-
-HEAD_PREFIX = "heads."
-DETECTOR_TRUNK = tuple(DETECTOR_KEY_PREFIX + p for p in TRAINED_PREFIXES)
+from e2e_vl.modeling.init_from import DETECTOR_TRUNK, HEAD_PREFIX, ReleaseState, add_reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,22 +78,6 @@ THEIR_HEADS: tuple[TheirHead, ...] = (
               signature=("cnn_loss_reg.2.weight",)),
 )
 
-# Heads of ours that start, when the file has no such head, from another head's tensors (our names), as
-# VL-BERT's fine-tuning does (PARTIAL_PRETRAIN_PREFIX_CHANGES of its VQA, RefCOCO+ and VCR configs): the
-# VQA classifier's transform from the MLM head's, the first Linear of the RefCOCO+ scorer and of VCR's
-# regulariser from the masked-RoI head's. Entry: head -> (source head, source prefix, target prefix).
-HEAD_INIT_FROM: dict[str, tuple[str, str, str]] = {
-    "vqa": ("mlm", "transform.", "transform."),
-    "ref": ("mrc", "dense.", "dense."),
-    "vcr_objects": ("mrc", "dense.", "dense."),
-}
-
-# New heads whose fine-tuning starts one segment-embedding row as another (VL-BERT's VCR recipe,
-# PARTIAL_PRETRAIN_SEGMB_INIT: pre-training never used segment B, so VCR's answers start from segment A's
-# row). Entry: head -> (row, source row).
-SEGMENT_ROW_FROM: dict[str, tuple[int, int]] = {"vcr": (1, 0)}
-SEGMENT_KEY = "bert.embeddings.token_type_embeddings.weight"
-
 # Tensors of VL-BERT files that we recognise and do not use, by key prefix (after `module.` is dropped).
 THEIR_UNUSED: tuple[tuple[str, str], ...] = (
     ("vlbert.pooler.", "BERT pooler of a file without VCR's classifier (only the VCR head reads it)"),
@@ -129,43 +98,6 @@ THEIR_UNSUPPORTED: tuple[tuple[str, str], ...] = (
     ("image_feature_extractor.object_embed.", "IMAGE_SEMANTIC (a class embedding in the object feature)"),
     ("vlbert.special_word_embeddings.", "word_embedding_frozen (a second table for the first 1000 words)"),
 )
-
-# Tensors a checkpoint or the model may lack, by key prefix (pre-training-only parts): kept as built, or
-# not used, and reported.
-OPTIONAL_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("text_only_visual", "text-only visual vector (VL-BERT's aux_text_visual_embedding; text-only MLM only)"),
-    ("masked_region_token", "masked-region token (pre-training only)"),
-    ("masked_region_feature", "learned feature of masked regions (MASKING feature, pre-training only)"),
-)
-
-
-@dataclasses.dataclass
-class InitReport:
-    """What `init_from_state_dict` did: every model key filled, every one kept as built (`fresh`) and every
-    checkpoint key not used, each with its reason."""
-
-    source: str
-    layout: str
-    loaded: list[str] = dataclasses.field(default_factory=list)
-    fresh: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    unused: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    notes: list[str] = dataclasses.field(default_factory=list)
-
-    def log(self) -> None:
-        logger.info("MODEL.VLBERT.INIT_FROM %s (%s): %d tensors loaded", self.source, self.layout,
-                    len(self.loaded))
-        for reason, keys in self.fresh.items():
-            logger.info("  kept as built (not in the file), %s: %d tensors: %s", reason, len(keys),
-                        ", ".join(keys))
-        for reason, keys in self.unused.items():
-            logger.info("  not used, %s: %d tensors: %s", reason, len(keys), ", ".join(keys))
-        for note in self.notes:
-            logger.warning("MODEL.VLBERT.INIT_FROM %s: %s", self.source, note)
-
-
-def _add(groups: dict[str, list[str]], reason: str, key: str) -> None:
-    groups.setdefault(reason, []).append(key)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # VL-BERT's names -> ours
@@ -280,7 +212,7 @@ def convert_vlbert_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<st
     heads = [h for h in THEIR_HEADS if h.present(sd)]
     for key, value in sd.items():
         if key.endswith("num_batches_tracked"):
-            _add(unused, "BatchNorm step counters (FrozenBN keeps none)", key)
+            add_reason(unused, "BatchNorm step counters (FrozenBN keeps none)", key)
             continue
         alias = next(((a, b, why) for a, b, why in _ALIASES if key.startswith(a)), None)
         if alias is not None:
@@ -288,7 +220,7 @@ def convert_vlbert_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<st
             if original not in sd or not torch.equal(sd[original], value):
                 raise CheckpointError(f"{source}: {key} should repeat {original} ({alias[2]}) but "
                                       f"{'it is absent' if original not in sd else 'the two differ'}")
-            _add(unused, alias[2], key)
+            add_reason(unused, alias[2], key)
             continue
         detector_key = _detector_key(key)
         if detector_key is not None:
@@ -309,127 +241,11 @@ def convert_vlbert_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<st
         if reason is None:
             unknown.append(f"{key} {tuple(value.shape)}")
         else:
-            _add(unused, reason, key)
+            add_reason(unused, reason, key)
     if unknown:
         raise CheckpointError(f"{source}: {len(unknown)} tensors fit no name of VL-BERT's layout known "
                               "here:\n    " + "\n    ".join(unknown[:20]))
     return ours, origin, unused
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Our key space -> the model
-# ---------------------------------------------------------------------------------------------------------
-def _head_name(key: str) -> str | None:
-    return key[len(HEAD_PREFIX):].split(".", 1)[0] if key.startswith(HEAD_PREFIX) else None
-
-
-def _new_heads(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], heads: set[str],
-               report: InitReport) -> dict[str, torch.Tensor]:
-    """Tensors for the model's heads the file does not have at all: from HEAD_INIT_FROM's source head when the
-    file has it, else nothing (they start fresh; both reported). A head the file has in part is left to the
-    strict check."""
-    take = {}
-    for head in sorted(heads):
-        prefix = f"{HEAD_PREFIX}{head}."
-        keys = [k for k in own if k.startswith(prefix)]
-        if any(k in state for k in keys):
-            continue
-        rule = HEAD_INIT_FROM.get(head)
-        for key in keys:
-            if rule is not None and key[len(prefix):].startswith(rule[2]):
-                src = f"{HEAD_PREFIX}{rule[0]}.{rule[1]}{key[len(prefix) + len(rule[2]):]}"
-                if src in state:
-                    take[key] = state[src]
-        reason = f"new '{head}' head" + (f" (its {rule[2]}* from the '{rule[0]}' head, VL-BERT's recipe)"
-                                         if rule and take.keys() & set(keys) else "")
-        for key in keys:
-            if key not in take:
-                _add(report.fresh, reason, key)
-    return take
-
-
-def _optional_missing(missing: list[str], own: Mapping[str, torch.Tensor], source: str, detector_loaded: bool,
-                      report: InitReport) -> list[str]:
-    """Report the missing model tensors a file may lack (detector parts VL training does not use, the whole
-    detector when MODEL.WEIGHTS gave it, OPTIONAL_PREFIXES); return the others."""
-    trunk = {k for k in own if k.startswith(DETECTOR_TRUNK)}
-    from_weights = trunk if trunk and trunk <= set(missing) else set()
-    if from_weights and not detector_loaded:
-        raise CheckpointError(
-            f"{source} holds no detector weights (a VL-BERT precomputed-feature variant?): its region "
-            "features came from the Visual Genome detector, so set MODEL.WEIGHTS to that detector")
-    if from_weights:
-        report.notes.append("the file has no detector: the detector keeps MODEL.WEIGHTS")
-    errors = []
-    for key in missing:
-        if key in from_weights:
-            _add(report.fresh, "detector trunk and res5 from MODEL.WEIGHTS (the file has none)", key)
-            continue
-        if key.startswith(DETECTOR_KEY_PREFIX) and not key.startswith(DETECTOR_TRUNK):
-            _add(report.fresh, "detector parts VL training does not use (RPN, box predictor, attributes)",
-                 key)
-            continue
-        reason = next((why for prefix, why in OPTIONAL_PREFIXES if key.startswith(prefix)), None)
-        if reason is None:
-            errors.append(key)
-        else:
-            _add(report.fresh, reason, key)
-    return errors
-
-
-def init_from_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, layout: str,
-                         detector_loaded: bool = False, origin: Mapping[str, str] | None = None,
-                         unused: Mapping[str, list[str]] | None = None) -> InitReport:
-    """Copy `state` (our key names) into `model`, strictly; see the module docstring for the rules.
-
-    `detector_loaded`: the model's detector already holds trained weights (MODEL.WEIGHTS), so a file
-    without detector tensors (VL-BERT's precomputed-feature variants) is acceptable. `origin` names the
-    file's own key of each tensor, for messages."""
-    origin = origin or {}
-    report = InitReport(source=source, layout=layout, unused={k: list(v) for k, v in (unused or {}).items()})
-    own = model.state_dict()
-    model_heads = set(getattr(model, "heads", {}) or {})
-
-    def named(key: str) -> str:
-        return f"{key} (file: {origin[key]})" if origin.get(key, key) != key else key
-
-    unexpected = []
-    for key in (k for k in state if k not in own):
-        head = _head_name(key)
-        optional = next((why for prefix, why in OPTIONAL_PREFIXES if key.startswith(prefix)), None)
-        if head is not None and head not in model_heads:
-            _add(report.unused, f"head '{head}' is not in this model (MODEL.VLBERT.HEADS)",
-                 origin.get(key, key))
-        elif optional is not None and head is None:
-            _add(report.unused, f"{optional}, not in this model", origin.get(key, key))
-        else:
-            unexpected.append(named(key))
-    take = {k: v for k, v in state.items() if k in own}
-    take.update(_new_heads(own, state, model_heads, report))
-    for head, (row, src) in SEGMENT_ROW_FROM.items():
-        if head in model_heads and not any(_head_name(k) == head for k in take) and SEGMENT_KEY in take:
-            take[SEGMENT_KEY] = take[SEGMENT_KEY].clone()
-            take[SEGMENT_KEY][row] = take[SEGMENT_KEY][src]
-            report.notes.append(f"new '{head}' head: segment embedding row {row} starts as row {src} "
-                                "(VL-BERT's recipe)")
-    wrong_shape = [f"{named(k)}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                   for k, v in take.items() if tuple(v.shape) != tuple(own[k].shape)]
-    fresh = {k for keys in report.fresh.values() for k in keys}
-    missing = [k for k in own if k not in take and k not in fresh]
-    errors = _optional_missing(missing, own, source, detector_loaded, report)
-
-    problems = []
-    for title, items in (("wrong shape", wrong_shape), ("missing from the file", errors),
-                         ("not in the model", unexpected)):
-        if items:
-            problems.append(f"  {title} ({len(items)}):\n    " + "\n    ".join(items[:20]))
-    if problems:
-        raise CheckpointError(f"{source} does not fit the model:\n" + "\n".join(problems))
-    with torch.no_grad():
-        for key, value in take.items():
-            own[key].copy_(value.to(dtype=own[key].dtype))
-    report.loaded = sorted(take)
-    return report
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -449,10 +265,10 @@ def _architecture_checks(model: nn.Module, state: Mapping[str, torch.Tensor], so
         if got != have:
             raise CheckpointError(
                 f"{source}: a BERT of {got[0]} layers x {got[1]} hidden, the model's is {have[0]} x "
-                f"{have[1]}; set MODEL.VLBERT.BERT_PATH to the matching BERT folder (bert-base-uncased: 12 x "
+                f"{have[1]}; set MODEL.VL.BERT_PATH to the matching BERT folder (bert-base-uncased: 12 x "
                 "768, bert-large-uncased: 24 x 1024)")
     if origin and getattr(model, "appearance_norm", None) is not None:
-        raise CheckpointError(f"{source}: MODEL.VLBERT.APPEARANCE_NORM 'running' has no counterpart in "
+        raise CheckpointError(f"{source}: MODEL.VL.APPEARANCE_NORM 'running' has no counterpart in "
                               "VL-BERT's weights (its object projection reads the raw pooled features); set "
                               "it to none")
     stem = getattr(getattr(getattr(model, "detector", None), "backbone", None), "stem", None)
@@ -463,33 +279,18 @@ def _architecture_checks(model: nn.Module, state: Mapping[str, torch.Tensor], so
     return notes
 
 
-def read_init_state(path: str | os.PathLike) -> tuple[
-        dict[str, torch.Tensor], str, dict[str, str], dict[str, list[str]]]:
-    """(tensors under our keys, layout name, our key -> file key, unused file keys by reason) of a VL-BERT
-    release (`{"state_dict": ...}`) or one of our training checkpoints (`{"model": ...}`)."""
-    path = os.fspath(path)
-    obj = load_data_file(path)
-    if (isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping)
-        and is_vlbert_layout(obj["state_dict"])):
-        tensors = {k: v for k, v in obj["state_dict"].items() if isinstance(v, torch.Tensor)}
-        ours, origin, unused = convert_vlbert_state_dict(tensors, source=path)
-        return ours, "VL-BERT checkpoint", origin, unused
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        return ({k: v for k, v in obj["model"].items() if isinstance(v, torch.Tensor)},
-                "e2e-vl checkpoint", {}, {})
-    keys = sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__
-    raise CheckpointError(f"{path}: neither a VL-BERT checkpoint (a dict whose 'state_dict' has vlbert.* "
-                          f"keys) nor an e2e-vl training checkpoint (a dict with 'model'); found {keys}")
+def is_vlbert_release(obj: Any) -> bool:
+    """A VL-BERT release: a dict whose `state_dict` has vlbert.* keys."""
+    return (isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping)
+            and is_vlbert_layout(obj["state_dict"]))
 
 
-def init_vlbert_weights(model: nn.Module, path: str | os.PathLike, *,
-                        detector_loaded: bool = False) -> InitReport:
-    """Start `model` from the checkpoint at `path` (MODEL.VLBERT.INIT_FROM); log and return the report."""
-    source = os.fspath(path)
-    state, layout, origin, unused = read_init_state(source)
-    notes = _architecture_checks(model, state, source, origin)
-    report = init_from_state_dict(model, state, source=source, layout=layout, detector_loaded=detector_loaded,
-                                  origin=origin, unused=unused)
-    report.notes.extend(notes)
-    report.log()
-    return report
+def read_vlbert_release(model: nn.Module, obj: Any, source: str) -> ReleaseState | None:
+    """A VL-BERT release `obj` (read from `source`) in our key space, checked against `model` (BERT size,
+    options without a VL-BERT counterpart); None when `obj` is no VL-BERT release."""
+    if not is_vlbert_release(obj):
+        return None
+    tensors = {k: v for k, v in obj["state_dict"].items() if isinstance(v, torch.Tensor)}
+    ours, origin, unused = convert_vlbert_state_dict(tensors, source=source)
+    notes = _architecture_checks(model, ours, source, origin)
+    return ReleaseState(ours, "VL-BERT checkpoint", origin, unused, notes)

@@ -1,11 +1,11 @@
 """TASK pretrain: captions with masked words and regions (mixed 1:1 with text-only passages when
 DATASETS.TEXT_CORPUS is set, and with image questions when DATASETS.PRETRAIN_VQA is set); with the itm
-head, MODEL.VLBERT.PRETRAIN.MISMATCH_PROB of the captions are shown with another image. Masked-word
+head, MODEL.VL.PRETRAIN.MISMATCH_PROB of the captions are shown with another image. Masked-word
 accuracy on DATASETS.TEST, if any.
 
 Data sets `captions_train` and `captions_test` are the caption files DATASETS.CAPTIONS_TRAIN and
 CAPTIONS_TEST under DATASETS.ROOT (`e2e_vl.data.captions`), joined with DATASETS.ROI_STORE. The objective
-(masking rates, lengths, flips) is MODEL.VLBERT.PRETRAIN's."""
+(masking rates, lengths, flips) is MODEL.VL.PRETRAIN's."""
 from __future__ import annotations
 
 import os
@@ -13,6 +13,7 @@ import os
 import torch
 
 from detector.config import CfgNode, ConfigError
+from e2e_vl.config import register_config
 from e2e_vl.data.catalog import DatasetCatalog
 from e2e_vl.tasks import register_task
 
@@ -22,6 +23,40 @@ CAPTION_DATASETS = DatasetCatalog("caption")
 # data set -> the DATASETS keys of its caption file and of the folder its image paths are relative to
 CAPTION_FILES = {"captions_train": ("CAPTIONS_TRAIN", "CAPTIONS_IMAGE_DIR_TRAIN"),
                  "captions_test": ("CAPTIONS_TEST", "CAPTIONS_IMAGE_DIR_TEST")}
+
+register_config("MODEL.VL", {
+    # The pre-training objective (TASK pretrain); its data sets are named in DATASETS (TRAIN, TEST,
+    # CAPTIONS_*, TEXT_CORPUS, PRETRAIN_VQA).
+    "PRETRAIN": {
+        "MLM_PROB": 0.15,  # per word, whole-word masking, 80% [MASK] / 10% random / 10% kept
+        "MRC_PROB": 0.15,  # per region other than the whole image
+        "MRC_MASK_FRAC": 0.9,  # of the chosen regions, masked (the rest are labelled but visible)
+        "MAX_SEQ_LEN": 64,  # text + regions + [END]; regions with the lowest scores go first
+        "MAX_TEXT_LEN": 40,
+        "FLIP_PROB": 0.5,
+        # With the itm head: the share of captions shown with another image (never their own).
+        "MISMATCH_PROB": 0.5,
+    },
+}, owner=__name__)
+register_config("DATASETS", {
+    # Data set captions_train reads CAPTIONS_TRAIN, captions_test CAPTIONS_TEST, each a COCO captions .json
+    # or an "image_path<TAB>caption" .tsv under ROOT whose image paths are relative to
+    # CAPTIONS_IMAGE_DIR_TRAIN / _TEST (under ROOT; empty: a COCO json's own folder, a TSV's paths as
+    # written); regions from ROI_STORE. Their own image folders, not IMAGE_DIR_*: a pre-training run may mix
+    # in VQA v2 questions (PRETRAIN_VQA) whose COCO images lie there.
+    "CAPTIONS_TRAIN": "",
+    "CAPTIONS_TEST": "",
+    "CAPTIONS_IMAGE_DIR_TRAIN": "",
+    "CAPTIONS_IMAGE_DIR_TEST": "",
+    # Optional text-only corpus (one passage per line, under ROOT): text-only MLM mixed 1:1 into the
+    # caption batches (VL-BERT's).
+    "TEXT_CORPUS": "",
+    # Image questions mixed into the caption batches for the vqa head (LXMERT's image-QA task): a VQA
+    # data set name (as DATASETS.TRAIN of TASK vqa: easy_vqa_train, vqa_v2_train, ...), one item of it
+    # per caption; empty = none. PRETRAIN_VQA_LIMIT caps its questions (0 = all).
+    "PRETRAIN_VQA": "",
+    "PRETRAIN_VQA_LIMIT": 0,
+}, owner=__name__)
 
 
 @CAPTION_DATASETS.register(*CAPTION_FILES)
@@ -34,7 +69,7 @@ def _captions(name: str, cfg: CfgNode, tokenizer, train: bool, mismatch_prob: fl
     from e2e_vl.data.roi_records import open_roi_store
     from e2e_vl.data.transforms import ResizeFlip
 
-    d, p = cfg.DATASETS, cfg.MODEL.VLBERT.PRETRAIN
+    d, p = cfg.DATASETS, cfg.MODEL.VL.PRETRAIN
     file_key, dir_key = CAPTION_FILES[name]
     if not d[file_key]:
         raise ConfigError(f"'DATASETS.{file_key}' is empty: {name} needs a COCO captions json or an "
@@ -81,7 +116,7 @@ def build_pretrain_task(cfg: CfgNode, model, device: torch.device, eval_only: bo
     from e2e_vl.engine.trainer import AMP_DTYPES, TrainTask
     from e2e_vl.evaluation.pretrain import PretrainEvaluator
 
-    tokenizer, d, p = model.tokenizer, cfg.DATASETS, cfg.MODEL.VLBERT.PRETRAIN
+    tokenizer, d, p = model.tokenizer, cfg.DATASETS, cfg.MODEL.VL.PRETRAIN
     if not set(CAPTION_HEADS) & set(model.heads):
         raise ConfigError(f"TASK pretrain needs a model with one of the heads {list(CAPTION_HEADS)}, "
                           f"got {list(model.heads)}")
@@ -103,7 +138,7 @@ def build_pretrain_task(cfg: CfgNode, model, device: torch.device, eval_only: bo
     if "mrc" in model.heads:  # a mismatch would otherwise surface as a shape error at the first step
         for dataset in (captions, val_set):
             if dataset is not None:
-                dataset.check_region_classes(cfg.MODEL.VLBERT.NUM_MRC_CLASSES)
+                dataset.check_region_classes(cfg.MODEL.VL.NUM_MRC_CLASSES)
     evaluate = None if val_set is None else PretrainEvaluator(
         val_set, collate, cfg.TEST.IMS_PER_BATCH, device, AMP_DTYPES[cfg.SOLVER.AMP.DTYPE],
         cfg.DATALOADER.NUM_WORKERS)
@@ -124,6 +159,6 @@ def _questions(cfg: CfgNode, model):
                                             True, sizes, d.PRETRAIN_VQA_LIMIT)
     if len(answers) != model.heads["vqa"].num_answers:
         raise ConfigError(f"the vqa head has {model.heads['vqa'].num_answers} answers "
-                          f"(MODEL.VLBERT.NUM_ANSWERS) but DATASETS.PRETRAIN_VQA {d.PRETRAIN_VQA} has "
+                          f"(MODEL.VL.NUM_ANSWERS) but DATASETS.PRETRAIN_VQA {d.PRETRAIN_VQA} has "
                           f"{len(answers)}")
     return questions

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from detector.config import CfgNode, ConfigError
+from e2e_vl.config import register_config
 from e2e_vl.data.catalog import DatasetCatalog
 from e2e_vl.tasks import register_task
 
@@ -20,6 +21,20 @@ REFER_DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "refcoco+": ("unc", ("train", "val", "testA", "testB")),
 }
 REFCOCO_DATASETS = DatasetCatalog("refer")
+
+# RefCOCO+'s own keys (e2e_vl.data.refcoco): the refer layout under DATASETS.ROOT (refcoco+/refs(unc).p,
+# refcoco+/instances.json) and the COCO images.
+register_config("DATASETS.REFCOCO", {
+    "IMAGE_DIR": "train2014",  # relative to DATASETS.ROOT; file names from instances.json
+    # Candidate regions, concatenated in this order after the whole image: any of "gt" (the image's COCO
+    # boxes), "detections" (DETECTIONS below), "roi_store" (DATASETS.ROI_STORE).
+    "TRAIN_BOXES": ["gt"],
+    "TEST_BOXES": ["gt"],
+    # MAttNet's detections json (a list of {image_id, box: [x, y, w, h], ...}), under ROOT.
+    "DETECTIONS": "refcoco+/proposal/res101_coco_minus_refer_notime_dets.json",
+    "FLIP_PROB": 0.5,  # training: mirror image and boxes, swap "left"/"right" in the sentence
+    "MAX_TEXT_TOKENS": 40,  # word pieces of a referring sentence
+}, owner=__name__)
 
 
 def _names() -> list[str]:
@@ -71,7 +86,7 @@ def build_refcoco_task(cfg: CfgNode, model, device: torch.device, eval_only: boo
     from e2e_vl.evaluation.refcoco import RefCOCOEvaluator
 
     if "ref" not in model.heads:
-        raise ConfigError("TASK refcoco needs a model with the ref head (MODEL.VLBERT.HEADS), got "
+        raise ConfigError("TASK refcoco needs a model with the ref head (MODEL.VL.HEADS), got "
                           f"{list(model.heads)}")
     _check_config(cfg, eval_only)
     tokenizer, d = model.tokenizer, cfg.DATASETS

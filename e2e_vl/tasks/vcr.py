@@ -11,10 +11,22 @@ from pathlib import Path
 import torch
 
 from detector.config import CfgNode, ConfigError
+from e2e_vl.config import register_config
 from e2e_vl.data.catalog import DatasetCatalog
 from e2e_vl.tasks import register_task
 
 VCR_DATASETS = DatasetCatalog("VCR")
+
+# VCR's own keys: train.jsonl / val.jsonl / test.jsonl under DATASETS.ROOT, images and metadata json under
+# DATASETS.IMAGE_DIR_TRAIN / IMAGE_DIR_TEST (vcr1images).
+register_config("DATASETS.VCR", {
+    # q2a (question -> answer) and/or qa2r (question + right answer -> rationale); both: one model for both,
+    # and Q->AR accuracy from one evaluation.
+    "SUBTASKS": ["q2a", "qa2r"],
+    # Word pieces of question + answer (+ rationale) per sequence, special tokens not counted.
+    "MAX_TEXT_LEN": 64,
+    "FLIP_PROB": 0.0,  # training images mirrored (and "left"/"right" swapped in the text)
+}, owner=__name__)
 
 
 @VCR_DATASETS.register("vcr_train", "vcr_val", "vcr_test")
@@ -53,7 +65,7 @@ def build_vcr_task(cfg: CfgNode, model, device: torch.device, eval_only: bool):
     from e2e_vl.evaluation.vcr import VCREvaluator
 
     if "vcr" not in model.heads:
-        raise ConfigError("TASK vcr needs a model with the vcr head (MODEL.VLBERT.HEADS), got "
+        raise ConfigError("TASK vcr needs a model with the vcr head (MODEL.VL.HEADS), got "
                           f"{list(model.heads)}")
     collate = VLCollator(pad_token_id=model.tokenizer.pad_token_id)
     train_set = None if eval_only else VCR_DATASETS.build("DATASETS.TRAIN", cfg.DATASETS.TRAIN, cfg,

@@ -10,11 +10,43 @@ from pathlib import Path
 import torch
 
 from detector.config import CfgNode, ConfigError
+from e2e_vl.config import register_config
 from e2e_vl.data.catalog import DatasetCatalog
 from e2e_vl.tasks import register_task
 
 logger = logging.getLogger(__name__)
 VQA_DATASETS = DatasetCatalog("VQA")
+
+
+def _check_vqa_keys(cfg: CfgNode) -> None:
+    if cfg.DATASETS.ANSWER_SEGMENT not in (0, 1):  # 2 is the regions' segment
+        raise ConfigError(f"'DATASETS.ANSWER_SEGMENT' must be 0 or 1, got {cfg.DATASETS.ANSWER_SEGMENT}")
+
+
+register_config("MODEL.VL", {
+    # TASK vqa, when training starts: each row of the vqa head's classifier = the mean word-piece
+    # embedding of its answer (from the word table after BERT_PATH / INIT_FROM), bias 0; VL-BERT's
+    # CLASSIFIER_PRETRAINED, on in its VQA configs. It replaces a classifier INIT_FROM brought, as
+    # VL-BERT's did; --resume loads the checkpoint's over it. False: the Linear's random start.
+    "VQA_CLASSIFIER_FROM_WORDS": False,
+}, owner=__name__)
+register_config("DATASETS", {
+    # VQA v2: the question/annotation json files under DATASETS.ROOT (empty for easy-VQA).
+    "QUESTIONS_TRAIN": "",
+    "ANNOTATIONS_TRAIN": "",
+    "QUESTIONS_TEST": "",
+    "ANNOTATIONS_TEST": "",
+    # The second split of vqa_v2_trainval (val2014: VL-BERT trains its test-dev / test-std runs on
+    # train2014 + val2014), beside the *_TRAIN keys' split; no other data set reads them.
+    "QUESTIONS_VAL": "",
+    "ANNOTATIONS_VAL": "",
+    "IMAGE_DIR_VAL": "",
+    "ANSWER_VOCAB": "",
+    "MAX_QUESTION_TOKENS": 16,
+    # Segment of the VQA text's `[MASK] [SEP]` (the question's is 0): VL-BERT's 1, which its released
+    # VQA models were fine-tuned with. The easy-VQA demo keeps the 0 its seed table was measured with.
+    "ANSWER_SEGMENT": 1,
+}, _check_vqa_keys, owner=__name__)
 
 
 @VQA_DATASETS.register("easy_vqa_train", "easy_vqa_train_balanced", "easy_vqa_test")
@@ -104,7 +136,7 @@ def _dataset(cfg: CfgNode, tokenizer, train: bool):
 
 def _check_answer_count(num_answers: int, dataset: str, answers: list[str]) -> None:
     if len(answers) != num_answers:
-        raise ConfigError(f"the model's vqa head has {num_answers} answers (MODEL.VLBERT.NUM_ANSWERS) "
+        raise ConfigError(f"the model's vqa head has {num_answers} answers (MODEL.VL.NUM_ANSWERS) "
                           f"but {dataset} has {len(answers)}")
 
 
@@ -122,11 +154,11 @@ def build_vqa_task(cfg: CfgNode, model, device: torch.device, eval_only: bool):
     if not eval_only:
         train_set, answers = _dataset(cfg, tokenizer, train=True)
         _check_answer_count(head.num_answers, cfg.DATASETS.TRAIN, answers)
-        if cfg.MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS:
+        if cfg.MODEL.VL.VQA_CLASSIFIER_FROM_WORDS:
             try:
                 head.init_from_answer_words(answers, tokenizer)
             except ValueError as exc:
-                raise ConfigError(f"'MODEL.VLBERT.VQA_CLASSIFIER_FROM_WORDS': {exc}") from None
+                raise ConfigError(f"'MODEL.VL.VQA_CLASSIFIER_FROM_WORDS': {exc}") from None
             logger.info("vqa classifier: %d rows from the answers' word embeddings", len(answers))
     evaluate = None
     if cfg.DATASETS.TEST:
