@@ -25,14 +25,8 @@ from detector.roi_store import RoIRecord
 from e2e_vl.data.samplers import AspectRatioGroupedBatchSampler
 from e2e_vl.data.transforms import ResizeFlip, swap_left_right
 from e2e_vl.data.vqa import encode_vqa_text
-from e2e_vl.modeling import load_tokenizer
 
 PRETRAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "vlbert_base_cc.yaml"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("")
 
 
 # ---- masking -------------------------------------------------------------------------------------------

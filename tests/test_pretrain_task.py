@@ -6,49 +6,21 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import cv2
 import numpy as np
 import pytest
 import torch
 
 from e2e_vl.config import ConfigError, load_train_cfg
-from detector.roi_store import RoIRecord, RoIStoreWriter
+from tiny import CAPTION_CLASSES, write_caption_data
 
 REPO = Path(__file__).resolve().parents[1]
-COLOURS = {"red": (0, 0, 255), "green": (0, 255, 0), "blue": (255, 0, 0)}  # BGR
-NUM_CLASSES = 5
-
-
-def _write_caption_data(root: Path) -> None:
-    """Six 64x64 images (a coloured square each), their captions split 4 train / 2 held out, RoI records
-    with two boxes and stored class distributions, and a text-only corpus."""
-    rng = np.random.default_rng(0)
-    images, anns, records = [], [], []
-    for k in range(6):
-        colour = list(COLOURS)[k % 3]
-        image = np.full((64, 64, 3), 255, np.uint8)
-        x, y = 8 + 4 * k, 12
-        cv2.rectangle(image, (x, y), (x + 24, y + 24), COLOURS[colour], thickness=-1)
-        cv2.imwrite(str(root / f"{k}.png"), image)
-        images.append({"id": k, "file_name": f"{k}.png", "height": 64, "width": 64})
-        anns.append({"id": 100 + k, "image_id": k, "caption": f"a {colour} square on a white background"})
-        probs = rng.dirichlet(np.ones(NUM_CLASSES), size=2).astype(np.float16)
-        boxes = np.array([[x, y, x + 24, y + 24], [0, 0, 32, 64]], np.float32)
-        records.append(RoIRecord(str(k), str(root / f"{k}.png"), 64, 64, boxes=boxes, class_probs=probs,
-                                 object_conf=np.array([0.9, 0.5], np.float32)))
-    for name, ids in (("train.json", range(4)), ("val.json", range(4, 6))):
-        coco = {"images": [images[k] for k in ids], "annotations": [anns[k] for k in ids]}
-        (root / name).write_text(json.dumps(coco))
-    with RoIStoreWriter(root / "rois", {"fingerprint": "test"}) as writer:
-        writer.write_batch(records)
-    (root / "text.txt").write_text("squares and circles come in colours\nthe sky is blue today\n")
 
 
 def _overrides(root: Path, out: Path, max_iter: int) -> list[str]:
     return [
         "--config-file", str(REPO / "configs" / "easy_vqa" / "base.yaml"), "--output-dir", str(out),
         "TASK", "pretrain", "MODEL.WEIGHTS", "", "MODEL.VLBERT.HEADS", "['mlm', 'mrc']",
-        "MODEL.VLBERT.NUM_MRC_CLASSES", str(NUM_CLASSES), "MODEL.VLBERT.BERT_RANDOM_INIT", "True",
+        "MODEL.VLBERT.NUM_MRC_CLASSES", str(CAPTION_CLASSES), "MODEL.VLBERT.BERT_RANDOM_INIT", "True",
         "DATASETS.ROOT", str(root), "DATASETS.ROI_STORE", "rois",
         "DATASETS.TRAIN", "captions_train", "DATASETS.TEST", "captions_test", "DATASETS.CAPTIONS_TRAIN",
         "train.json", "DATASETS.CAPTIONS_TEST", "val.json", "DATASETS.TEXT_CORPUS", "text.txt",
@@ -63,7 +35,7 @@ def _overrides(root: Path, out: Path, max_iter: int) -> list[str]:
 def test_pretrain_runs_checkpoints_resumes_exactly_and_evaluates(tmp_path, train_net, capsys):
     root, out = tmp_path / "data", tmp_path / "run"
     root.mkdir()
-    _write_caption_data(root)
+    write_caption_data(root)
     args = _overrides(root, out, max_iter=4)
     assert train_net.cli(args) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -136,7 +108,7 @@ def _refused_before_training(tmp_path: Path, train_net, *extra: str) -> tuple[Pa
     training. Returns the data root and the run's log."""
     root, out = tmp_path / "data", tmp_path / "run"
     root.mkdir()
-    _write_caption_data(root)
+    write_caption_data(root)
     assert train_net.cli([*_overrides(root, out, max_iter=2), *extra]) == 2
     log = (out / "log.txt").read_text()
     assert not list(out.glob("model_*.pth")) and "training 2 steps" not in log
@@ -146,7 +118,7 @@ def _refused_before_training(tmp_path: Path, train_net, *extra: str) -> tuple[Pa
 def test_mrc_class_count_differing_from_the_roi_store_fails_before_training(tmp_path, train_net):
     root, log = _refused_before_training(tmp_path, train_net, "MODEL.VLBERT.NUM_MRC_CLASSES", "7")
     assert (f"MODEL.VLBERT.NUM_MRC_CLASSES is 7 but the RoI store {root / 'rois'} holds class distributions "
-            f"over {NUM_CLASSES} classes" in log)
+            f"over {CAPTION_CLASSES} classes" in log)
 
 
 @pytest.mark.parametrize("key,name", [("DATASETS.TRAIN", "captions_val"), ("DATASETS.TEST", "easy_vqa_test")])
