@@ -50,15 +50,21 @@ class BatchTarget(Protocol):
 
 
 @dataclass(frozen=True)
-class TokenTargets:
-    """One label per text token, Long [T] -> Long [B, T] padded with `fill` (e.g. masked-LM labels)."""
+class _KeyedTargets:
+    """A target under one sample key."""
 
     key: str
-    fill: int
 
     @property
     def sample_keys(self) -> tuple[str, ...]:
         return (self.key,)
+
+
+@dataclass(frozen=True)
+class TokenTargets(_KeyedTargets):
+    """One label per text token, Long [T] -> Long [B, T] padded with `fill` (e.g. masked-LM labels)."""
+
+    fill: int
 
     def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
         rows = [s.get(self.key, torch.full((len(s["input_ids"]),), self.fill)) for s in samples]
@@ -66,16 +72,11 @@ class TokenTargets:
 
 
 @dataclass(frozen=True)
-class RegionTargets:
+class RegionTargets(_KeyedTargets):
     """One label per region, [K] (as many as the sample's boxes) -> [B, K_max] padded with `fill`."""
 
-    key: str
     fill: int | float
     dtype: torch.dtype
-
-    @property
-    def sample_keys(self) -> tuple[str, ...]:
-        return (self.key,)
 
     def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
         for i, s in enumerate(samples):
@@ -87,31 +88,21 @@ class RegionTargets:
 
 
 @dataclass(frozen=True)
-class SampleTargets:
+class SampleTargets(_KeyedTargets):
     """One int label per sample -> Long [B]; `fill` for samples without one."""
 
-    key: str
     fill: int
-
-    @property
-    def sample_keys(self) -> tuple[str, ...]:
-        return (self.key,)
 
     def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
         return {self.key: torch.tensor([int(s.get(self.key, self.fill)) for s in samples], dtype=torch.long)}
 
 
 @dataclass(frozen=True)
-class GroupTargets:
+class GroupTargets(_KeyedTargets):
     """One int label per group of consecutive samples, carried by the group's first sample (VCR's
     choices of one question) -> `batch_key` Long [groups]."""
 
-    key: str
     batch_key: str
-
-    @property
-    def sample_keys(self) -> tuple[str, ...]:
-        return (self.key,)
 
     def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
         return {self.batch_key: torch.tensor([int(s[self.key]) for s in samples if self.key in s])}
