@@ -203,7 +203,7 @@ class LoopState:
     skipped: int = 0  # steps dropped for non-finite losses or gradients
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Restorable:
     """The objects whose state a checkpoint holds and --resume restores."""
 
@@ -214,9 +214,9 @@ class _Restorable:
     data: EpochLoader
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Run:
-    """The fixed parts of one run that the loop's helpers share; built once, never reassigned."""
+    """The fixed parts of one run that the loop's helpers share; built once before the loop."""
 
     cfg: CfgNode
     task: TrainTask
@@ -231,7 +231,7 @@ class _Run:
     max_iter: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class _StepResult:
     """One optimiser step's micro-batches, summed over the processes by a single all-reduce."""
 
