@@ -242,7 +242,7 @@ def _gloo_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_contrastive_loss_gathers_negatives_over_processes(tmp_path):
-    # fork: the workers inherit the imported modules (spawning re-imports them: ~10 s more here)
+    # fork: the workers inherit the imported modules (spawned workers would import torch and the models again)
     mp.start_processes(_gloo_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
                        start_method="fork")
     parts = [_features(r) for r in range(2)]
