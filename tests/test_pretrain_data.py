@@ -25,6 +25,7 @@ from detector.roi_store import RoIRecord
 from e2e_vl.data.samplers import AspectRatioGroupedBatchSampler
 from e2e_vl.data.transforms import ResizeFlip, swap_left_right
 from e2e_vl.data.vqa import encode_vqa_text
+import e2e_vl.modeling  # noqa: F401  (registers the heads, and so the batch targets they declare)
 
 PRETRAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "vlbert_base_cc.yaml"
 
@@ -174,7 +175,7 @@ def test_each_task_batch_holds_exactly_the_targets_its_heads_declare(task, sampl
 
 
 def test_a_new_heads_declared_target_is_batched_without_touching_collate():
-    from e2e_vl.data.collate import SampleTargets
+    from e2e_vl.data.collate import BATCH_TARGETS, SampleTargets
     from e2e_vl.modeling.heads import HEADS, Head, register_head
 
     @register_head("test_only_score")
@@ -184,9 +185,17 @@ def test_a_new_heads_declared_target_is_batched_without_touching_collate():
     try:
         batch = collate_samples([_sample(2, 1, score_label=3), _sample(2, 1)])
     finally:
-        del HEADS["test_only_score"]
+        del HEADS["test_only_score"], BATCH_TARGETS["test_only_score"]
     assert torch.equal(batch["score_label"], torch.tensor([3, -1]))
     assert "score_label" not in collate_samples([_sample(2, 1, score_label=3)])  # unregistered again
+
+
+def test_collating_before_any_head_registered_its_targets_is_refused(monkeypatch):
+    from e2e_vl.data import collate
+
+    monkeypatch.setattr(collate, "BATCH_TARGETS", {})  # as in a process that never imported the models
+    with pytest.raises(RuntimeError, match="import e2e_vl.modeling"):
+        collate_samples([_sample(2, 1, answer_pos=1)])
 
 
 def test_vqa_text_layout(tokenizer):

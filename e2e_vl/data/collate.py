@@ -17,8 +17,9 @@ A *sample* is one text (caption, question, expression) with its image. Keys (ten
 
 Every other key is a head's target: each head declares the sample keys it reads and how they are batched
 (`Head.targets`, built from the classes below: `TokenTargets`, `RegionTargets`, `SampleTargets`,
-`GroupTargets`, `LabelledRegionTargets`, `AnswerTargets`), and `collate_samples` builds them from those
-declarations, so a new head needs no change here. A declared target is batched when any sample of the
+`GroupTargets`, `LabelledRegionTargets`, `AnswerTargets`; registering the head registers them in
+`BATCH_TARGETS`), and `collate_samples` builds them from those declarations, so a new head needs no
+change here. A declared target is batched when any sample of the
 batch carries one of its keys; samples without it get its fill value (no loss).
 
 A data set item may also be a list of samples (e.g. an image with all its questions); lists are
@@ -169,14 +170,18 @@ class AnswerTargets:
         return batch
 
 
-def declared_targets() -> tuple[BatchTarget, ...]:
-    """Every registered head's targets, each once, in registration order. Importing the models first
-    registers every built-in head, so no batch lacks a target because its head's module was not imported
-    yet (not cached: a head registered later counts from then on)."""
-    import e2e_vl.modeling  # noqa: F401  (registers all heads)
-    from e2e_vl.modeling.heads import HEADS
+# Each head's declared targets under its name, in registration order: `e2e_vl.modeling.heads.register_head`
+# fills it (the data layer does not import the models), so every head of an imported model is here.
+BATCH_TARGETS: dict[str, tuple[BatchTarget, ...]] = {}
 
-    return tuple(dict.fromkeys(t for head in HEADS.values() for t in head.targets))
+
+def declared_targets() -> tuple[BatchTarget, ...]:
+    """Every registered head's targets, each once, in registration order. None registered means the
+    models were never imported, and batches would silently lack every target: that is refused."""
+    if not BATCH_TARGETS:
+        raise RuntimeError("no head has declared its batch targets: import e2e_vl.modeling (which registers "
+                           "the heads) before collating")
+    return tuple(dict.fromkeys(t for targets in BATCH_TARGETS.values() for t in targets))
 
 
 class VLCollator:

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from transformers.models.bert.modeling_bert import BertPooler, BertPredictionHeadTransform
 
 from e2e_vl.data.collate import (
+    BATCH_TARGETS,
     AnswerTargets,
     BatchTarget,
     GroupTargets,
@@ -102,6 +103,7 @@ def register_head(name: str) -> Callable[[type], type]:
             raise ValueError(f"head {name!r} is registered twice")
         cls.name = name
         HEADS[name] = cls
+        BATCH_TARGETS[name] = cls.targets  # what the collate builds for it
         return cls
 
     return add
