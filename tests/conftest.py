@@ -4,6 +4,7 @@ import os
 import sys
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Under pytest-xdist every worker already keeps a core busy: more threads per worker only oversubscribe
-# (a training step ran ~40x slower with 2 threads per worker on a 2-core machine).
+# and make the training steps many times slower.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -60,3 +61,54 @@ def damage_zip():
         dst.write_bytes(bytes(data))
 
     return copy
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: the tiny models' ops gain nothing from a second one, which on a
+    busy machine only spins and waits. Modules of tiny models use it for every test (`usefixtures`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded MiniLM folder's tokenizer (BERT's uncased vocabulary)."""
+    from e2e_vl.modeling.hf import load_tokenizer
+
+    return load_tokenizer("")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_folder(tmp_path_factory, tokenizer) -> Callable[..., str]:
+    """`tiny_bert_folder(num_hidden_layers=2, pooler=True)`: the path of a Hugging Face BERT folder of
+    `tiny.TINY_BERT`'s size with that many layers, with the MiniLM folder's tokenizer. Its weights are those
+    of seed 0 (drawn without touching the tests' random state); each size is written once per session."""
+    from transformers import BertConfig, BertModel
+
+    from tiny import TINY_BERT
+
+    folders: dict[tuple[int, bool], str] = {}
+
+    def folder(num_hidden_layers: int = 2, pooler: bool = True) -> str:
+        key = (num_hidden_layers, pooler)
+        if key not in folders:
+            path = tmp_path_factory.mktemp("tiny_bert")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                bert = BertModel(BertConfig(**{**TINY_BERT, "num_hidden_layers": num_hidden_layers}),
+                                 add_pooling_layer=pooler)
+            bert.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            folders[key] = str(path)
+        return folders[key]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bert_folder(tiny_bert_folder) -> str:
+    """The default tiny BERT folder (2 layers of 32, with a pooler)."""
+    return tiny_bert_folder()

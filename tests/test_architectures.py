@@ -3,8 +3,8 @@ over their registered names: pixel masking reaches the backbone and gradients re
 shapes, text-side initialisation from a BERT folder, strict loading of their released checkpoint layouts,
 and a short easy-VQA fine-tuning run through the shared VQA task and training loop.
 
-A tiny BERT folder (2 layers, 32 wide, BERT's uncased vocabulary and tokenizer) and the tiny detector of
-`test_vlbert` keep every model to CPU seconds.
+A tiny BERT folder (2 layers, 32 wide, BERT's uncased vocabulary and tokenizer; conftest's `bert_folder`)
+and the tiny detector of `tiny` keep every model to CPU seconds.
 """
 from __future__ import annotations
 
@@ -16,57 +16,22 @@ import pytest
 import torch
 from torch import nn
 from safetensors.torch import load_file, save_file
-from transformers import (BertConfig, BertModel, LxmertConfig, LxmertForPreTraining, VisualBertConfig,
+from transformers import (BertModel, LxmertConfig, LxmertForPreTraining, VisualBertConfig,
                           VisualBertForPreTraining)
 
 from detector.checkpoint import CheckpointError
 from detector.config import ConfigError
 from e2e_vl.config import get_train_cfg
 from e2e_vl.data.collate import collate_samples
-from e2e_vl.modeling.hf import load_tokenizer
 from e2e_vl.modeling.registry import architectures, build_model
-from test_vlbert import NUM_CLASSES, VOCAB, capture_backbone_input, image_sample, tiny_detector_cfg
+from tiny import NUM_ANSWERS, NUM_CLASSES, TINY_BERT, VOCAB, capture_backbone_input, image_sample
+from tiny import build_arch as build
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = ["visualbert", "lxmert"]
-HIDDEN = 32
-NUM_ANSWERS = 5
+HIDDEN = TINY_BERT["hidden_size"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds synchronisation, and on a shared 2-core
-    machine it made the 60-step fine-tuning run take 165 s instead of 4 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bert_folder(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(path)
-    load_tokenizer("").save_pretrained(path)
-    return str(path)
-
-
-def arch_cfg(arch: str, bert_folder: str, *overrides: str):
-    cfg = tiny_detector_cfg(get_train_cfg())
-    cfg.MODEL.ARCH = arch
-    v = cfg.MODEL.VL
-    v.BERT_PATH, v.HEADS, v.NUM_ANSWERS, v.NUM_MRC_CLASSES = (bert_folder, ["mlm", "mrc", "vqa", "ref"],
-                                                              NUM_ANSWERS, NUM_CLASSES)
-    cfg.MODEL.LXMERT.R_LAYERS = cfg.MODEL.LXMERT.X_LAYERS = 1
-    cfg.merge_from_list(list(overrides))
-    return cfg
-
-
-def build(arch: str, bert_folder: str, *overrides: str):
-    torch.manual_seed(0)
-    return build_model(arch_cfg(arch, bert_folder, *overrides), arch)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 def mixed_batch(**first) -> dict:

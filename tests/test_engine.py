@@ -524,23 +524,9 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_names_the_file(tmp_p
     assert load_checkpoint_file(tmp_path / "model_0000002.pth")["step"] == 2
 
 
-class _RunsCode:
-    """Unpickling this writes a marker file: what a hostile checkpoint would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (eval, (f"open({self.marker!r}, 'w').close()",))
-
-
-def write_hostile_checkpoint(path: Path, marker: Path) -> None:
-    """A file shaped like a training checkpoint whose unpickling runs code (shared with test_train_net)."""
-    torch.save({"model": {"head.1.bias": torch.zeros(3)}, "optimizer": {}, "scheduler": {}, "data": {},
-                "rng": [], "step": 4, "config": _RunsCode(marker)}, path)
-
-
 def test_hostile_checkpoint_for_resume_is_refused_and_runs_nothing(tmp_path, caplog):
+    from tiny import write_hostile_checkpoint  # here: this file's worker runs need none of tiny's imports
+
     marker = tmp_path / "pwned"
     write_hostile_checkpoint(tmp_path / "model_0000004.pth", marker)
     with caplog.at_level(logging.WARNING), pytest.raises(ResumeError,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from caption_data import NUM_CLASSES, write_caption_data
+from tiny import CAPTION_CLASSES, write_caption_data
 from detector.checkpoint import CheckpointError
 from e2e_vl.config import ConfigError, get_train_cfg, load_train_cfg
 from e2e_vl.modeling.registry import architectures, build_model
@@ -34,7 +34,7 @@ def _data_keys(root: Path) -> list[str]:
 
 def _pretrain_keys(arch: str) -> list[str]:
     return ["MODEL.ARCH", arch, *MODEL_KEYS, "MODEL.VL.HEADS", "['mlm', 'mrc']",
-            "MODEL.VL.NUM_MRC_CLASSES", str(NUM_CLASSES), "MODEL.VL.PRETRAIN.MLM_PROB", "0.4",
+            "MODEL.VL.NUM_MRC_CLASSES", str(CAPTION_CLASSES), "MODEL.VL.PRETRAIN.MLM_PROB", "0.4",
             "MODEL.VL.PRETRAIN.MRC_PROB", "0.6"]
 
 
@@ -108,8 +108,8 @@ def test_eval_only_key_that_disagrees_with_the_run_is_one_line_and_another_body_
         build_model(_finetune_cfg("lxmert", checkpoint, "MODEL.LXMERT.R_LAYERS", "2"), "lxmert")
     # --eval-only of a start whose task head would be untrained is refused, not scored under its name.
     code = train_net.cli(["--eval-only", "--config-file", SMOKE, "--output-dir", str(tmp_path / "eval2"),
-                          "MODEL.ARCH", "lxmert", *MODEL_KEYS, "MODEL.VL.NUM_MRC_CLASSES", str(NUM_CLASSES),
-                          "MODEL.INIT_FROM", checkpoint])
+                          "MODEL.ARCH", "lxmert", *MODEL_KEYS, "MODEL.VL.NUM_MRC_CLASSES",
+                          str(CAPTION_CLASSES), "MODEL.INIT_FROM", checkpoint])
     err = capsys.readouterr().err
     assert code == 2 and "has no trained weights for this task's heads (new 'vqa' head" in err
 

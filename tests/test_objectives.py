@@ -20,11 +20,10 @@ from e2e_vl.data.captions import Caption, CaptionDataError, CaptionPretrainDatas
 from e2e_vl.data.collate import collate_samples
 from e2e_vl.modeling.heads import HEADS, Encoded
 from e2e_vl.modeling.objectives import contrastive_loss, feature_regression_loss, kl_to_distribution
-# Fixtures: pytest finds them among this module's names. A test taking one as an argument rebinds the
-# name, which pyflakes reports as a redefinition (F811).
-from test_architectures import bert_folder, one_thread  # noqa: F401  (fixtures)
-from caption_data import NUM_CLASSES, write_caption_data
-from test_vlbert import tiny_detector_cfg
+from tiny import CAPTION_CLASSES, NUM_CLASSES, build_arch, image_sample, tiny_detector_cfg, tiny_model
+from tiny import write_caption_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 ALL_OBJECTIVES = ["mlm", "mrc", "itm", "mrc_kl", "obj_label", "feat_regression", "contrastive", "vqa"]
 
@@ -243,7 +242,7 @@ def _gloo_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_contrastive_loss_gathers_negatives_over_processes(tmp_path):
-    # fork: the workers inherit the imported modules (spawning re-imports them: ~10 s more here)
+    # fork: the workers inherit the imported modules (spawned workers would import torch and the models again)
     mp.start_processes(_gloo_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
                        start_method="fork")
     parts = [_features(r) for r in range(2)]
@@ -265,7 +264,7 @@ def test_contrastive_loss_gathers_negatives_over_processes(tmp_path):
 
 # ---- every objective at once, through the task and the training loop -------------------------------------
 @pytest.mark.parametrize("arch", ["vlbert", "visualbert", "lxmert", "vilbert"])
-def test_two_pretraining_steps_with_every_objective(arch, bert_folder, tmp_path):  # noqa: F811
+def test_two_pretraining_steps_with_every_objective(arch, bert_folder, tmp_path):
     from e2e_vl.config import get_train_cfg
     from e2e_vl.engine.trainer import train
     from e2e_vl.modeling.registry import build_model
@@ -278,7 +277,7 @@ def test_two_pretraining_steps_with_every_objective(arch, bert_folder, tmp_path)
     cfg.merge_from_list([
         "TASK", "pretrain", "MODEL.ARCH", arch, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "run"),
         "MODEL.VL.BERT_PATH", bert_folder, "MODEL.VL.HEADS", str(ALL_OBJECTIVES),
-        "MODEL.VL.NUM_MRC_CLASSES", str(NUM_CLASSES), "MODEL.VL.NUM_ANSWERS", "13",
+        "MODEL.VL.NUM_MRC_CLASSES", str(CAPTION_CLASSES), "MODEL.VL.NUM_ANSWERS", "13",
         "MODEL.LXMERT.R_LAYERS", "1", "MODEL.LXMERT.X_LAYERS", "1",
         # ViLBERT at widths unlike the text's (32 vs the BERT's), so every head meets its own widths.
         "MODEL.VILBERT.V_HIDDEN_SIZE", "32", "MODEL.VILBERT.V_NUM_HIDDEN_LAYERS", "1",
@@ -309,15 +308,14 @@ def test_two_pretraining_steps_with_every_objective(arch, bert_folder, tmp_path)
                                                                        "contrastive", "vqa"))
 
 
-def test_a_mismatched_caption_carries_no_word_or_region_targets(tmp_path):
+def test_a_mismatched_caption_carries_no_word_or_region_targets(tmp_path, tokenizer):
     from e2e_vl.data.captions import read_coco_captions
     from e2e_vl.data.roi_records import open_roi_store
     from e2e_vl.data.transforms import ResizeFlip
-    from e2e_vl.modeling.hf import load_tokenizer
 
     write_caption_data(tmp_path)
     data = CaptionPretrainDataset(read_coco_captions(tmp_path / "train.json"),
-                                  open_roi_store(tmp_path / "rois"), load_tokenizer(""), ResizeFlip([64], 64),
+                                  open_roi_store(tmp_path / "rois"), tokenizer, ResizeFlip([64], 64),
                                   mlm_prob=0.9, mrc_prob=0.9, mismatch_prob=0.5)
     seen = set()
     for epoch in range(3):
@@ -335,12 +333,10 @@ def test_a_mismatched_caption_carries_no_word_or_region_targets(tmp_path):
 
 
 def test_the_regression_target_is_the_unmasked_feature_and_leaves_running_statistics():
-    from test_vlbert import NUM_CLASSES as CLASSES, image_sample, tiny_model
-
     model = tiny_model(heads=("feat_regression",), appearance_norm="running").train()
     masked = torch.tensor([False, True, False])
     sample = image_sample(region_masked=masked, region_labelled=masked,
-                          mrc_targets=torch.full((3, CLASSES), 1 / CLASSES))
+                          mrc_targets=torch.full((3, NUM_CLASSES), 1 / NUM_CLASSES))
     batch = collate_samples([sample, {"input_ids": torch.arange(3)}])
     model.region_appearance(batch)  # the first batch sets the running statistics
     stats = model.appearance_norm.running_mean.clone()
@@ -382,10 +378,9 @@ def test_pretraining_pairs_the_vqa_head_with_its_questions():
 
 
 @pytest.mark.parametrize("head", ["itm", "mrc_kl", "obj_label", "feat_regression", "contrastive"])
-def test_visualbert_without_grounding_refuses_the_image_objectives(head, bert_folder):  # noqa: F811
+def test_visualbert_without_grounding_refuses_the_image_objectives(head, bert_folder):
     from detector.config import ConfigError
-    from test_architectures import build
 
     with pytest.raises(ConfigError, match=f"region heads \\['{head}'\\]"):
-        build("visualbert", bert_folder, "MODEL.VISUALBERT.GROUNDED", "False",
+        build_arch("visualbert", bert_folder, "MODEL.VISUALBERT.GROUNDED", "False",
               "MODEL.VL.HEADS", f"['mlm', '{head}']")

@@ -25,14 +25,9 @@ from detector.roi_store import RoIRecord
 from e2e_vl.data.samplers import AspectRatioGroupedBatchSampler
 from e2e_vl.data.transforms import ResizeFlip, swap_left_right
 from e2e_vl.data.vqa import encode_vqa_text
-from e2e_vl.modeling import load_tokenizer
+import e2e_vl.modeling  # noqa: F401  (registers the heads, and so the batch targets they declare)
 
 PRETRAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "vlbert_base_cc.yaml"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("")
 
 
 # ---- masking -------------------------------------------------------------------------------------------
@@ -137,6 +132,70 @@ def test_collate_shares_images_by_key_and_rejects_mixed_answers():
     assert mixed["vqa_labelled"].tolist() == [False, True] and mixed["vqa_targets"][0].tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match="different images"):
         collate_samples([q1, dict(q1, image=torch.zeros(3, 5, 4))])
+
+
+def _sample(n_tokens: int, n_boxes: int | None, **targets) -> dict:
+    """A sample of `n_tokens` tokens, with an image of `n_boxes` boxes (None: text only), and `targets`."""
+    sample = {"input_ids": torch.arange(1, n_tokens + 1), **targets}
+    if n_boxes is not None:
+        sample.update(image=torch.zeros(3, 4, 4), boxes=torch.tensor([[0, 0, 4, 4.0]] * n_boxes))
+    return sample
+
+
+CAPTION = _sample(3, 2, mlm_labels=torch.tensor([-100, 7, -100]), itm_labels=1,
+                  region_labelled=torch.tensor([False, True]), mrc_targets=torch.tensor([[0, 0], [.25, .75]]))
+GENERIC_KEYS = {"sample_image_index", "images", "image_sizes", "boxes", "input_ids", "text_mask",
+                "token_type_ids"}
+
+
+@pytest.mark.parametrize("task,samples,expected", [
+    ("captions", [CAPTION, _sample(2, None, mlm_labels=torch.tensor([8, -100]))],
+     {"mlm_labels": torch.tensor([[-100, 7, -100], [8, -100, -100]]), "itm_labels": torch.tensor([1, -1]),
+      "region_labelled": torch.tensor([[False, True], [False, False]]),
+      "mrc_targets": torch.tensor([[.25, .75]])}),
+    ("vqa", [_sample(3, 1, answer_pos=2, vqa_targets=torch.tensor([0.0, 1.0])), _sample(2, 1)],
+     {"answer_pos": torch.tensor([2, 0]), "vqa_targets": torch.tensor([[0.0, 1.0], [0.0, 0.0]]),
+      "vqa_labelled": torch.tensor([True, False])}),
+    ("vqa inference", [_sample(3, 1, answer_pos=2), _sample(2, 1, answer_pos=1)],
+     {"answer_pos": torch.tensor([2, 1])}),
+    ("refcoco", [_sample(2, 3, ref_labels=torch.tensor([-1.0, 1.0, 0.0])),
+                 _sample(2, 1, ref_labels=torch.tensor([-1.0]))],
+     {"ref_labels": torch.tensor([[-1.0, 1.0, 0.0], [-1.0, -1.0, -1.0]])}),
+    ("vcr", [_sample(2, 2, object_labels=torch.tensor([0, 5]), choice_label=1),
+             _sample(3, 2, object_labels=torch.tensor([0, -1]))],
+     {"object_labels": torch.tensor([[0, 5], [0, -1]]), "choice_labels": torch.tensor([1])}),
+])
+def test_each_task_batch_holds_exactly_the_targets_its_heads_declare(task, samples, expected):
+    """The heads' declarations (`Head.targets`) give these batches bit for bit, dtypes included, and no
+    target that no sample carries."""
+    batch = collate_samples(samples)
+    assert set(batch) - GENERIC_KEYS == set(expected), task
+    for key, value in expected.items():
+        assert batch[key].dtype == value.dtype and torch.equal(batch[key], value), (task, key, batch[key])
+
+
+def test_a_new_heads_declared_target_is_batched_without_touching_collate():
+    from e2e_vl.data.collate import BATCH_TARGETS, SampleTargets
+    from e2e_vl.modeling.heads import HEADS, Head, register_head
+
+    @register_head("test_only_score")
+    class ScoreHead(Head):
+        targets = (SampleTargets("score_label", fill=-1),)
+
+    try:
+        batch = collate_samples([_sample(2, 1, score_label=3), _sample(2, 1)])
+    finally:
+        del HEADS["test_only_score"], BATCH_TARGETS["test_only_score"]
+    assert torch.equal(batch["score_label"], torch.tensor([3, -1]))
+    assert "score_label" not in collate_samples([_sample(2, 1, score_label=3)])  # unregistered again
+
+
+def test_collating_before_any_head_registered_its_targets_is_refused(monkeypatch):
+    from e2e_vl.data import collate
+
+    monkeypatch.setattr(collate, "BATCH_TARGETS", {})  # as in a process that never imported the models
+    with pytest.raises(RuntimeError, match="import e2e_vl.modeling"):
+        collate_samples([_sample(2, 1, answer_pos=1)])
 
 
 def test_vqa_text_layout(tokenizer):

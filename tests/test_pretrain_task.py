@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from caption_data import NUM_CLASSES, write_caption_data
 from e2e_vl.config import ConfigError, load_train_cfg
+from tiny import CAPTION_CLASSES, write_caption_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ def _overrides(root: Path, out: Path, max_iter: int) -> list[str]:
     return [
         "--config-file", str(REPO / "configs" / "easy_vqa" / "base.yaml"), "--output-dir", str(out),
         "TASK", "pretrain", "MODEL.WEIGHTS", "", "MODEL.VL.HEADS", "['mlm', 'mrc']",
-        "MODEL.VL.NUM_MRC_CLASSES", str(NUM_CLASSES), "MODEL.VL.BERT_RANDOM_INIT", "True",
+        "MODEL.VL.NUM_MRC_CLASSES", str(CAPTION_CLASSES), "MODEL.VL.BERT_RANDOM_INIT", "True",
         "DATASETS.ROOT", str(root), "DATASETS.ROI_STORE", "rois",
         "DATASETS.TRAIN", "captions_train", "DATASETS.TEST", "captions_test", "DATASETS.CAPTIONS_TRAIN",
         "train.json", "DATASETS.CAPTIONS_TEST", "val.json", "DATASETS.TEXT_CORPUS", "text.txt",
@@ -118,7 +118,7 @@ def _refused_before_training(tmp_path: Path, train_net, *extra: str) -> tuple[Pa
 def test_mrc_class_count_differing_from_the_roi_store_fails_before_training(tmp_path, train_net):
     root, log = _refused_before_training(tmp_path, train_net, "MODEL.VL.NUM_MRC_CLASSES", "7")
     assert (f"MODEL.VL.NUM_MRC_CLASSES is 7 but the RoI store {root / 'rois'} holds class distributions "
-            f"over {NUM_CLASSES} classes" in log)
+            f"over {CAPTION_CLASSES} classes" in log)
 
 
 @pytest.mark.parametrize("key,name", [("DATASETS.TRAIN", "captions_val"), ("DATASETS.TEST", "easy_vqa_test")])

@@ -16,6 +16,7 @@ from torchvision.ops import roi_align as tv_roi_align
 from detector.layers import roi_align
 from detector.structures import box_iou, box_pixel_mask, check_boxes, clip_boxes, pad_images, scale_boxes
 from e2e_vl.data.collate import collate_samples
+import e2e_vl.modeling  # noqa: F401  (registers the heads, and so the batch targets they declare)
 from e2e_vl.data.masking import IGNORE_INDEX
 
 # The machine running the suite may be loaded: no per-example deadline, few examples, reproducible.

@@ -105,13 +105,6 @@ def write_refer(root: Path, refs_hook=None) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from e2e_vl.modeling.hf import load_tokenizer
-
-    return load_tokenizer("")
-
-
 @pytest.fixture
 def refer_root(tmp_path):
     return write_refer(tmp_path / "coco")

@@ -10,6 +10,7 @@ import torch
 from e2e_vl.data.easy_vqa import (EasyVQAImages, answer_vocab, balance_colour_existence,
                                   colour_existence_form, load_questions, shape_box)
 from e2e_vl.data.catalog import DatasetError
+import e2e_vl.modeling  # noqa: F401  (registers the heads, and so the batch targets they declare)
 from e2e_vl.data.vqa import CocoImageLoader, ImageQuestionsDataset, Question, build_answer_vocab, load_vqa_v2
 from e2e_vl.data.vqa_answers import normalize_answer, soft_scores
 

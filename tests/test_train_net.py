@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from demo_stages import REPO, run_script, stage1_detector
+from tiny import write_hostile_checkpoint
 
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -94,8 +95,6 @@ def test_truncated_weights_and_missing_images_are_one_line_naming_the_file(tmp_p
 
 
 def test_hostile_checkpoint_as_eval_only_weights_is_refused_and_runs_nothing(tmp_path, train_net):
-    from test_engine import write_hostile_checkpoint
-
     hostile, marker, out = tmp_path / "hostile.pth", tmp_path / "pwned", tmp_path / "run"
     write_hostile_checkpoint(hostile, marker)
     config = REPO / "configs" / "easy_vqa" / "detector.yaml"

@@ -19,7 +19,6 @@ from e2e_vl.data.vcr import (PERSON_NAMES, VCRDataError, VCRDataset, choice_sequ
                              object_names, read_vcr_jsonl, render_tokens)
 from e2e_vl.evaluation.vcr import VCREvaluator, leaderboard_rows, vcr_metrics
 from e2e_vl.modeling.heads import ChoiceScoreHead, Encoded, ObjectClassHead
-from e2e_vl.modeling.hf import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 MOVIE = "lsmdc_0001_American_Beauty"
@@ -82,24 +81,9 @@ def write_vcr(root: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("")
-
-
 @pytest.fixture
 def vcr_root(tmp_path) -> Path:
     return write_vcr(tmp_path / "vcr")
-
-
-@pytest.fixture
-def one_thread():
-    """Model runs here are tiny: on a shared, loaded 2-core machine two intra-op threads made a training
-    step of the tiny config ~10x slower (20 s against 2 s) than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_reader_parses_the_released_layout(vcr_root):

@@ -1,7 +1,7 @@
 """ViLBERT: two streams with co-attention on the shared detector path, its released checkpoint layout, and
 a short easy-VQA fine-tuning run.
 
-Tiny random detector and BERT (the ones of test_vlbert) keep every test to CPU seconds. The released
+Tiny random detector and BERT (the ones of `tiny`) keep every test to CPU seconds. The released
 checkpoints are imitated by `released_state`, which lists vilbert-multi-task's tensor names and shapes
 (read off its model code: BertModel with embeddings, v_embeddings, encoder.layer / v_layer / c_layer,
 t_pooler, v_pooler, and BertPreTrainingHeads as cls) for a tiny configuration.
@@ -21,29 +21,20 @@ from e2e_vl.config import ConfigError, get_train_cfg, load_train_cfg
 from e2e_vl.data.collate import collate_samples
 from e2e_vl.engine.trainer import train
 from e2e_vl.modeling import build_model
-from e2e_vl.modeling.hf import load_tokenizer
 from e2e_vl.modeling.region_encoder import ModelOptions
 from e2e_vl.modeling.vilbert import STREAM_PARTS, ViLBert, ViLBertSizes, box_locations, load_vilbert_weights
 from e2e_vl.tasks import get_task
-from test_vlbert import NUM_CLASSES, VOCAB, capture_backbone_input, image_sample, tiny_detector_cfg
+from tiny import NUM_CLASSES, TINY_BERT, capture_backbone_input, image_sample, tiny_detector_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 # Text: 3 layers of 32; visual: 2 layers of 24; co-attention 16 wide before text layers 1, 2 and visual 0, 1.
 SIZES = ViLBertSizes(v_hidden_size=24, v_num_hidden_layers=2, v_num_attention_heads=2, v_intermediate_size=48,
                      bi_hidden_size=16, bi_num_attention_heads=2, v_biattention_id=(0, 1),
                      t_biattention_id=(1, 2))
-TEXT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=64)
+TEXT = {**TINY_BERT, "num_hidden_layers": 3}
+BERT_FOLDER_LAYERS = 6  # the BERT folder of the config-built models (TEXT is the hand-built ones)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy-sized ops gain nothing from a second thread; on a busy 2-core machine the spinning threads made the
-    learning run take 60 s of CPU instead of 4."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 def tiny_vilbert(heads=("mlm", "mrc", "vqa"), **kwargs) -> ViLBert:
@@ -232,14 +223,11 @@ def released_state(text: dict, sizes: ViLBertSizes, feature_size: int, seed: int
     return state
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_folder(tmp_path_factory) -> str:
-    """A Hugging Face BERT folder at toy size (6 layers of 32) with the real uncased vocabulary."""
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    BertModel(BertConfig(**{**TEXT, "num_hidden_layers": 6}), add_pooling_layer=False).save_pretrained(folder)
-    load_tokenizer("").save_pretrained(folder)
-    return str(folder)
+@pytest.fixture
+def vilbert_bert_folder(tiny_bert_folder) -> str:
+    """A Hugging Face BERT folder at toy size (BERT_FOLDER_LAYERS layers of 32) with the real uncased
+    vocabulary."""
+    return tiny_bert_folder(BERT_FOLDER_LAYERS, pooler=False)
 
 
 def tiny_cfg(bert_folder: str, *overrides: str):
@@ -276,10 +264,11 @@ OURS_AND_RELEASED = [  # by hand from vilbert-multi-task's modules; "1" is its v
 ]
 
 
-def test_released_checkpoint_layout_loads_into_the_right_places(tmp_path, tiny_bert_folder, caplog):
-    state = released_state({**TEXT, "num_hidden_layers": 6}, SIZES, feature_size=detector_width())
+def test_released_checkpoint_layout_loads_into_the_right_places(tmp_path, vilbert_bert_folder, caplog):
+    state = released_state({**TEXT, "num_hidden_layers": BERT_FOLDER_LAYERS}, SIZES,
+                           feature_size=detector_width())
     torch.save(state, tmp_path / "pytorch_model.bin")
-    cfg = tiny_cfg(tiny_bert_folder, "MODEL.VILBERT.WEIGHTS", str(tmp_path / "pytorch_model.bin"))
+    cfg = tiny_cfg(vilbert_bert_folder, "MODEL.VILBERT.WEIGHTS", str(tmp_path / "pytorch_model.bin"))
     model = build_model(cfg, "vilbert")
     ours = model.state_dict()
     for our_key, released in OURS_AND_RELEASED:
@@ -313,11 +302,11 @@ def test_missing_misshapen_or_misplaced_released_tensors_are_errors_naming_them(
 
 
 # -- learning ----------------------------------------------------------------------------------------
-def test_short_easy_vqa_finetuning_learns(tmp_path, tiny_bert_folder):
+def test_short_easy_vqa_finetuning_learns(tmp_path, vilbert_bert_folder):
     """configs/easy_vqa/smoke.yaml with MODEL.ARCH vilbert and a toy BERT, through the shared VQA task,
     training loop and evaluator: the answer loss ends well below its start within 60 steps."""
     cfg = load_train_cfg(REPO / "configs" / "easy_vqa" / "smoke.yaml",
-                         ["MODEL.ARCH", "vilbert", "MODEL.VL.BERT_PATH", tiny_bert_folder,
+                         ["MODEL.ARCH", "vilbert", "MODEL.VL.BERT_PATH", vilbert_bert_folder,
                           "OUTPUT_DIR", str(tmp_path)])
     torch.manual_seed(0)
     model = build_model(cfg, get_task(cfg.TASK).arch(cfg))

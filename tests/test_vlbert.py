@@ -12,7 +12,6 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from detector.config import get_cfg
 from detector.layers import FrozenBatchNorm2d
 from detector.modeling import build_detector
 from e2e_vl.config import get_train_cfg
@@ -25,60 +24,7 @@ from e2e_vl.modeling.embeddings import ObjectFeatureEmbedding, box_geometry_embe
 from e2e_vl.modeling.heads import soft_cross_entropy
 from e2e_vl.modeling.hf import load_tokenizer
 from e2e_vl.modeling.vlbert import VLBert
-
-VOCAB = 30522  # the uncased BERT vocabulary, so real tokenizer output fits the tiny model
-NUM_CLASSES = 11
-
-
-def tiny_detector_cfg(cfg=None):
-    cfg = cfg or get_cfg()
-    r = cfg.MODEL.RESNETS
-    r.DEPTH, r.RES2_OUT_CHANNELS, r.STEM_OUT_CHANNELS, r.WIDTH_PER_GROUP = 50, 32, 16, 8
-    cfg.MODEL.PROPOSAL_GENERATOR.NAME = "PrecomputedProposals"
-    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 4
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = NUM_CLASSES - 1
-    return cfg
-
-
-def tiny_model(heads=("mlm", "mrc", "vqa"), masking="pixel", **kwargs) -> VLBert:
-    torch.manual_seed(0)
-    detector = build_detector(tiny_detector_cfg())
-    bert = BertModel(
-        BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        ),
-        add_pooling_layer=False,
-    )
-    return VLBert(
-        detector,
-        bert,
-        heads=heads,
-        num_answers=5,
-        num_mrc_classes=NUM_CLASSES,
-        masking=masking,
-        sep_token_id=102,
-        mask_token_id=103,
-        **kwargs,
-    )
-
-
-def image_sample(num_boxes=3, text_len=6, height=64, width=48, seed=0, **extra):
-    g = torch.Generator().manual_seed(seed)
-    boxes = torch.tensor([[0, 0, width, height], [4, 6, 20, 30], [20, 30, 44, 60], [10, 2, 40, 22.0]])[
-        :num_boxes
-    ]
-    sample = {
-        "input_ids": torch.randint(5, VOCAB, (text_len,), generator=g),
-        "image": torch.rand(3, height, width, generator=g) * 255,
-        "boxes": boxes,
-    }
-    sample.update(extra)
-    return sample
+from tiny import NUM_CLASSES, VOCAB, capture_backbone_input, image_sample, tiny_detector_cfg, tiny_model
 
 
 def switch_on_visual_norms(model: VLBert) -> None:
@@ -184,14 +130,6 @@ def test_text_region_option_gives_text_tokens_that_regions_feature_and_checks_it
         tiny_model(text_region=3).embed(batch)
     with pytest.raises(ValueError, match="expected a region index >= 0, got -1"):
         tiny_model(text_region=-1)
-
-
-def capture_backbone_input(model: VLBert) -> list:
-    seen = []
-    model.detector.backbone.register_forward_pre_hook(
-        lambda module, args: seen.append(args[0].detach().clone())
-    )
-    return seen
 
 
 def test_pixel_masking_zeroes_exactly_the_masked_box():

@@ -13,22 +13,19 @@ import dataclasses
 import math
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from torch.nn import functional as F
-from transformers import BertConfig, BertModel
 
 from detector.checkpoint import CheckpointError
 from e2e_vl.config import get_train_cfg
 from e2e_vl.data.collate import collate_samples
 from e2e_vl.engine.trainer import TrainTask, train
-from e2e_vl.modeling.hf import default_bert_path
 from e2e_vl.modeling.vlbert import VLBert
 from e2e_vl.modeling.init_from import init_model_weights
-from test_vlbert import NUM_CLASSES, VOCAB, image_sample, tiny_detector_cfg, tiny_model
+from tiny import NUM_CLASSES, image_sample, tiny_detector_cfg, tiny_model
 
 DATA = Path(__file__).parent / "data" / "vlbert"
 
@@ -462,21 +459,10 @@ def test_a_file_that_would_run_code_is_refused_before_anything_runs(tmp_path, wr
 # ---------------------------------------------------------------------------------------------------------
 # Through the config: fine-tuning from a VL-BERT file, then from our own checkpoint
 # ---------------------------------------------------------------------------------------------------------
-def _tiny_bert_folder(path: Path) -> str:
-    """A 2-layer BERT of 32 hidden with BERT's uncased vocabulary (the MiniLM folder's tokenizer)."""
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config, add_pooling_layer=False).save_pretrained(path)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(Path(default_bert_path()) / name, path / name)
-    return str(path)
-
-
-def _cfg(tmp_path: Path, heads: list[str], init_from: Path, out: str):
+def _cfg(tmp_path: Path, bert_folder: str, heads: list[str], init_from: Path, out: str):
     cfg = tiny_detector_cfg(get_train_cfg())
     v = cfg.MODEL.VL
-    v.BERT_PATH, v.BERT_RANDOM_INIT, v.HEADS, cfg.MODEL.INIT_FROM = (str(tmp_path / "bert"), True, heads,
-                                                                     str(init_from))
+    v.BERT_PATH, v.BERT_RANDOM_INIT, v.HEADS, cfg.MODEL.INIT_FROM = bert_folder, True, heads, str(init_from)
     v.NUM_ANSWERS, v.NUM_MRC_CLASSES = 5, NUM_CLASSES
     cfg.MODEL.DEVICE, cfg.OUTPUT_DIR = "cpu", str(tmp_path / out)
     s = cfg.SOLVER
@@ -494,13 +480,12 @@ def _train_two_steps(cfg, model, samples) -> dict[str, torch.Tensor]:
     return before
 
 
-def test_fine_tuning_starts_from_a_vlbert_file_and_from_our_own_pretraining_checkpoint(tmp_path):
-    _tiny_bert_folder(tmp_path / "bert")
+def test_fine_tuning_starts_from_a_vlbert_file_and_from_our_own_pretraining_checkpoint(tmp_path, bert_folder):
     sd = known_weights(TINY)
     release = save_vlbert_file(tmp_path / "vl-bert-tiny-e2e.model", sd)
 
     # 1. Pre-training (MLM + masked RoI classification) continued from VL-BERT's file.
-    cfg = _cfg(tmp_path, ["mlm", "mrc"], release, "pretrain")
+    cfg = _cfg(tmp_path, bert_folder, ["mlm", "mrc"], release, "pretrain")
     model = VLBert.build(cfg)
     t = _strip(sd)
     assert torch.equal(model.state_dict()["bert.embeddings.word_embeddings.weight"],
@@ -517,7 +502,7 @@ def test_fine_tuning_starts_from_a_vlbert_file_and_from_our_own_pretraining_chec
 
     # 2. VQA fine-tuning from our own checkpoint: everything but the heads carried over, the VQA head new
     # (its transform from the MLM head's), the pre-training heads dropped with a report.
-    cfg = _cfg(tmp_path, ["vqa"], own, "vqa")
+    cfg = _cfg(tmp_path, bert_folder, ["vqa"], own, "vqa")
     model = VLBert.build(cfg)
     saved = torch.load(own, weights_only=True)["model"]
     state = model.state_dict()

@@ -14,21 +14,13 @@ A *sample* is one text (caption, question, expression) with its image. Keys (ten
                                      which is then put in the batch (and run through the detector) once
     image_id         any             optional: passed through as the list `image_ids`
     region_masked    Bool [K]        optional: regions whose pixels (or features) are masked
-    region_labelled  Bool [K]        optional: regions with a masked-RoI-classification target
-    mrc_targets      Float [K, C]    optional: class distributions (rows of labelled regions are used)
-    mlm_labels       Long [T]        optional: target ids at masked words, -100 elsewhere
-    vqa_targets      Float [A]       optional: soft answer scores
-    answer_pos       int             optional: index of the answer [MASK] token in input_ids
-    ref_labels       Float [K]       optional: per-region targets (RefCOCO+), -1 = ignore
-    object_labels    Long [K]        optional: per-region class (VCR's COCO classes, 0 = background),
-                                     -1 = ignore
-    choice_label     int             optional: on the first sample of each group of choices (VCR);
-                                     -1 = unknown (a split without labels)
-    itm_labels       int             optional: caption pre-training, 1 = the caption's own image, 0 = another
-                                     image's (image-text matching); -1 (or absent) = not a caption pair
 
-Samples with vqa_targets and answer_pos may share a batch with samples that have neither (questions mixed
-into pre-training): the batch then says which carry an answer (`vqa_labelled`).
+Every other key is a head's target: each head declares the sample keys it reads and how they are batched
+(`Head.targets`, built from the classes below: `TokenTargets`, `RegionTargets`, `SampleTargets`,
+`GroupTargets`, `LabelledRegionTargets`, `AnswerTargets`; registering the head registers them in
+`BATCH_TARGETS`), and `collate_samples` builds them from those declarations, so a new head needs no
+change here. A declared target is batched when any sample of the
+batch carries one of its keys; samples without it get its fill value (no loss).
 
 A data set item may also be a list of samples (e.g. an image with all its questions); lists are
 flattened. The batch layout is documented in `e2e_vl.modeling.vlbert.VLBert`.
@@ -36,15 +28,160 @@ flattened. The batch layout is documented in `e2e_vl.modeling.vlbert.VLBert`.
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Hashable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from detector.structures import pad_images
-from e2e_vl.data.masking import IGNORE_INDEX
 
 Sample = dict[str, Any]
+
+
+class BatchTarget(Protocol):
+    """A head's declaration of the sample keys it reads and how they become batch entries."""
+
+    @property
+    def sample_keys(self) -> tuple[str, ...]:
+        """The keys that, on any sample of a batch, make the batch carry this target."""
+
+    def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        """The batch entries built from `samples` (a ValueError/KeyError naming the sample when malformed)."""
+
+
+@dataclass(frozen=True)
+class _KeyedTargets:
+    """A target under one sample key."""
+
+    key: str
+
+    @property
+    def sample_keys(self) -> tuple[str, ...]:
+        return (self.key,)
+
+
+@dataclass(frozen=True)
+class TokenTargets(_KeyedTargets):
+    """One label per text token, Long [T] -> Long [B, T] padded with `fill` (e.g. masked-LM labels)."""
+
+    fill: int
+
+    def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        rows = [s.get(self.key, torch.full((len(s["input_ids"]),), self.fill)) for s in samples]
+        return {self.key: _pad_1d(rows, self.fill)}
+
+
+@dataclass(frozen=True)
+class RegionTargets(_KeyedTargets):
+    """One label per region, [K] (as many as the sample's boxes) -> [B, K_max] padded with `fill`."""
+
+    fill: int | float
+    dtype: torch.dtype
+
+    def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        for i, s in enumerate(samples):
+            if self.key in s and len(s[self.key]) != len(s["boxes"]):
+                raise ValueError(f"sample {i}: {len(s[self.key])} {self.key} for {len(s['boxes'])} boxes")
+        rows = [torch.as_tensor(s.get(self.key, torch.zeros(0, dtype=self.dtype))).to(self.dtype)
+                for s in samples]
+        return {self.key: _pad_1d(rows, self.fill)}
+
+
+@dataclass(frozen=True)
+class SampleTargets(_KeyedTargets):
+    """One int label per sample -> Long [B]; `fill` for samples without one."""
+
+    fill: int
+
+    def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        return {self.key: torch.tensor([int(s.get(self.key, self.fill)) for s in samples], dtype=torch.long)}
+
+
+@dataclass(frozen=True)
+class GroupTargets(_KeyedTargets):
+    """One int label per group of consecutive samples, carried by the group's first sample (VCR's
+    choices of one question) -> `batch_key` Long [groups]."""
+
+    batch_key: str
+
+    def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        return {self.batch_key: torch.tensor([int(s[self.key]) for s in samples if self.key in s])}
+
+
+@dataclass(frozen=True)
+class LabelledRegionTargets:
+    """Chosen regions with a target row each: `flags` Bool [K] per sample -> Bool [B, K_max] (padded
+    False), and the rows of `rows` Float [K, C] at the chosen regions -> Float [chosen, C], in row-major
+    order of the flags."""
+
+    flags: str
+    rows: str
+
+    @property
+    def sample_keys(self) -> tuple[str, ...]:
+        return (self.flags,)
+
+    def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        num_boxes = [len(s["boxes"]) if s.get("image") is not None else 0 for s in samples]
+        flags = [s.get(self.flags, torch.zeros(n, dtype=torch.bool)).bool()
+                 for s, n in zip(samples, num_boxes)]
+        batch = {self.flags: _pad_1d(flags, False, min_len=max(num_boxes))}
+        rows = [s[self.rows][f] for s, f in zip(samples, flags) if f.any()]
+        if rows:
+            batch[self.rows] = torch.cat(rows).float()
+        else:
+            width = next((s[self.rows].shape[1] for s in samples if self.rows in s), 0)
+            batch[self.rows] = torch.zeros(0, width)
+        return batch
+
+
+@dataclass(frozen=True)
+class AnswerTargets:
+    """Questions: the answer token's index `position` (int) and the soft answer scores `targets` Float [A].
+    A question carries both (training) or only `position` (inference, then every sample has it). When
+    questions share a batch with other samples (pre-training), `labelled` Bool [B] says which are questions;
+    the others get zero scores and position 0."""
+
+    targets: str
+    position: str
+    labelled: str
+
+    @property
+    def sample_keys(self) -> tuple[str, ...]:
+        return (self.targets, self.position)
+
+    def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        if not any(self.targets in s for s in samples):
+            _require_all(samples, (self.position,))
+            return {self.position: torch.tensor([int(s[self.position]) for s in samples], dtype=torch.long)}
+        batch: dict[str, Any] = {}
+        is_question = [self.targets in s or self.position in s for s in samples]
+        for i, sample in enumerate(samples):
+            if is_question[i] and not {self.targets, self.position} <= set(sample):
+                missing = self.position if self.targets in sample else self.targets
+                raise KeyError(f"sample {i} lacks {missing}; a question carries both")
+        if not all(is_question):  # questions mixed into pre-training: only they get the answer loss
+            batch[self.labelled] = torch.tensor(is_question)
+        width = next(len(s[self.targets]) for s in samples if self.targets in s)
+        batch[self.targets] = torch.stack([torch.as_tensor(s.get(self.targets, torch.zeros(width))).float()
+                                           for s in samples])
+        batch[self.position] = torch.tensor([int(s.get(self.position, 0)) for s in samples], dtype=torch.long)
+        return batch
+
+
+# Each head's declared targets under its name, in registration order: `e2e_vl.modeling.heads.register_head`
+# fills it (the data layer does not import the models), so every head of an imported model is here.
+BATCH_TARGETS: dict[str, tuple[BatchTarget, ...]] = {}
+
+
+def declared_targets() -> tuple[BatchTarget, ...]:
+    """Every registered head's targets, each once, in registration order. None registered means the
+    models were never imported, and batches would silently lack every target: that is refused."""
+    if not BATCH_TARGETS:
+        raise RuntimeError("no head has declared its batch targets: import e2e_vl.modeling (which registers "
+                           "the heads) before collating")
+    return tuple(dict.fromkeys(t for targets in BATCH_TARGETS.values() for t in targets))
 
 
 class VLCollator:
@@ -109,62 +246,13 @@ def collate_samples(
     )
     if any("text_region_index" in s for s in samples):
         batch["text_region_index"] = _pad_1d([_text_regions(i, s) for i, s in enumerate(samples)], 0)
-    if any("mlm_labels" in s for s in samples):
-        batch["mlm_labels"] = _pad_1d(
-            [s.get("mlm_labels", torch.full((len(s["input_ids"]),), IGNORE_INDEX)) for s in samples],
-            IGNORE_INDEX,
-        )
-
-    # ---- per-sample region targets ---------------------------------------------------------------------
-    if any("region_labelled" in s for s in samples):
-        num_boxes = [len(s["boxes"]) if s.get("image") is not None else 0 for s in samples]
-        flags = [
-            s.get("region_labelled", torch.zeros(n, dtype=torch.bool)).bool()
-            for s, n in zip(samples, num_boxes)
-        ]
-        batch["region_labelled"] = _pad_1d(flags, False, min_len=max(num_boxes))
-        rows = [s["mrc_targets"][f] for s, f in zip(samples, flags) if f.any()]
-        if rows:
-            batch["mrc_targets"] = torch.cat(rows).float()
-        else:
-            width = next((s["mrc_targets"].shape[1] for s in samples if "mrc_targets" in s), 0)
-            batch["mrc_targets"] = torch.zeros(0, width)
-    if any("object_labels" in s for s in samples):
-        for i, s in enumerate(samples):
-            if "object_labels" in s and len(s["object_labels"]) != len(s["boxes"]):
-                raise ValueError(f"sample {i}: {len(s['object_labels'])} object_labels for {len(s['boxes'])} "
-                                 "boxes")
-        batch["object_labels"] = _pad_1d([s.get("object_labels", torch.zeros(0, dtype=torch.long)).long()
-                                          for s in samples], -1)
-    if any("ref_labels" in s for s in samples):
-        batch["ref_labels"] = _pad_1d([s.get("ref_labels", torch.zeros(0)).float() for s in samples], -1.0)
-
-    if any("itm_labels" in s for s in samples):
-        batch["itm_labels"] = torch.tensor([int(s.get("itm_labels", -1)) for s in samples], dtype=torch.long)
-
-    # ---- answers -----------------------------------------------------------------------------------------
-    if any("vqa_targets" in s for s in samples):
-        is_question = ["vqa_targets" in s or "answer_pos" in s for s in samples]
-        for i, sample in enumerate(samples):
-            if is_question[i] and not {"vqa_targets", "answer_pos"} <= set(sample):
-                raise KeyError(f"sample {i} lacks "
-                               f"{'answer_pos' if 'vqa_targets' in sample else 'vqa_targets'}; "
-                               "a question carries both")
-        if not all(is_question):  # questions mixed into pre-training: only they get the vqa loss
-            batch["vqa_labelled"] = torch.tensor(is_question)
-        width = next(len(s["vqa_targets"]) for s in samples if "vqa_targets" in s)
-        batch["vqa_targets"] = torch.stack([torch.as_tensor(s.get("vqa_targets", torch.zeros(width))).float()
-                                            for s in samples])
-        batch["answer_pos"] = torch.tensor([int(s.get("answer_pos", 0)) for s in samples], dtype=torch.long)
-    elif any("answer_pos" in s for s in samples):
-        _require_all(samples, ("answer_pos",))
-        batch["answer_pos"] = torch.tensor([int(s["answer_pos"]) for s in samples], dtype=torch.long)
     if any("image_id" in s for s in samples):  # passed through for evaluation and bookkeeping
         batch["image_ids"] = [s.get("image_id") for s in samples]
-    if any("choice_label" in s for s in samples):
-        batch["choice_labels"] = torch.tensor(
-            [int(s["choice_label"]) for s in samples if "choice_label" in s]
-        )
+
+    # ---- the heads' targets, as they declare them ---------------------------------------------------------
+    for target in declared_targets():
+        if any(k in s for s in samples for k in target.sample_keys):
+            batch.update(target.collate(samples))
     return batch
 
 

@@ -38,7 +38,7 @@ _STEP_FILE = re.compile(r"^model_(\d{7,})\.pth$")
 BEST_NAME = "model_best.pth"
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "step", "data", "rng")
 WEIGHTS_KEYS = ("model", "step")  # of every file the trainer writes, model_best.pth included
-BEST_KEYS = ("model", "step", "best_metric", "config")
+BEST_KEYS = ("model", "step", "best_metric", "config", "trained_parameters")
 
 
 class CheckpointWriteError(CheckpointError):

@@ -1,4 +1,6 @@
-"""The training loop, in one function you can read top to bottom.
+"""The training loop: `train` reads top to bottom; each part of a step (resume, forward/backward,
+non-finite checks, logging, evaluation, checkpoints) is a helper below it with one job. The helpers change
+only the `LoopState` they are handed; everything else of the run is fixed in `_Run` before the loop.
 
 One optimiser step = GRAD_ACCUM_STEPS micro-batches (DDP gradient sync only on the last one), under
 autocast when SOLVER.AMP.DTYPE asks for it (fp16 adds a gradient scaler), gradient clipping, an
@@ -13,7 +15,7 @@ import math
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -124,13 +126,7 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
     """Train `model` (already on `device`) per `cfg`; return the final evaluation metrics (may be empty)."""
     s = cfg.SOLVER
     rank, world = du.get_rank(), du.get_world_size()
-    out_dir = Path(cfg.OUTPUT_DIR)
-    micro_batch = s.IMS_PER_BATCH // (world * s.GRAD_ACCUM_STEPS)
-    if micro_batch < 1 or s.IMS_PER_BATCH % (world * s.GRAD_ACCUM_STEPS):
-        raise ConfigError(
-            f"'SOLVER.IMS_PER_BATCH' ({s.IMS_PER_BATCH}) must be a multiple of processes ({world}) x "
-            f"'SOLVER.GRAD_ACCUM_STEPS' ({s.GRAD_ACCUM_STEPS})"
-        )
+    micro_batch = _micro_batch_size(s, world)
     amp_dtype = AMP_DTYPES[s.AMP.DTYPE]
     if s.GRADIENT_CHECKPOINTING:
         model.enable_gradient_checkpointing()
@@ -146,87 +142,19 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
     optimizer = build_optimizer(model, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg, max_iter)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    parts = _Restorable(model, optimizer, scheduler, scaler, data)
+    out_dir = Path(cfg.OUTPUT_DIR)
     checkpointer = Checkpointer(out_dir, s.CHECKPOINT_KEEP_LAST)
-    step, best, skipped = 0, -math.inf, 0  # skipped: steps dropped for non-finite losses or gradients
-    # Names of the parameters an update reached (had a gradient): tools/export_detector.py never replaces
-    # them with --base-weights.
-    trained: set[str] = set()
+    state = _resume(checkpointer, parts, micro_batch * world, device) if resume else LoopState()
 
-    # --- resume: every rank restores everything (optimizer included) from the same file --------------
-    if resume:
-        found = checkpointer.load_latest(map_location=device) if rank == 0 else None
-        unreadable = ([str(p) for _, p in checkpointer.step_checkpoints()] if rank == 0 and found is None
-                      else [])
-        path, unreadable = du.broadcast_object((str(found[1]) if found else None, unreadable))
-        if unreadable:
-            raise ResumeError(
-                f"--resume: no checkpoint in {out_dir} can be read ({', '.join(unreadable)}); repair or move "
-                f"{'it' if len(unreadable) == 1 else 'them'} away, or run without --resume to start over")
-        if path is None:
-            logger.info("--resume: no checkpoint in %s yet, starting from step 0", out_dir)
-        else:
-            state = found[0] if rank == 0 else torch.load(path, map_location=device, weights_only=True)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            data.load_state_dict(_convert_position(state["data"], micro_batch * world))
-            step, best = int(state["step"]), float(state["best_metric"])
-            skipped = int(state.get("skipped_steps", 0))
-            # A checkpoint without the record (older versions): every trainable parameter may have moved.
-            trained = set(state.get("trained_parameters",
-                                    [n for n, p in model.named_parameters() if p.requires_grad]))
-            rng = state["rng"]
-            if len(rng) != world:
-                logger.warning("checkpoint was written by %d processes, now %d: RNG streams differ", len(rng),
-                               world)
-            restore_rng_state(rng[min(rank, len(rng) - 1)])
-            logger.info("resumed from %s at step %d", path, step)
-
-    ddp = world > 1
-    train_model = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                find_unused_parameters=True)
-        if ddp else model
-    )
-
-    def state_dict() -> dict:
-        rngs = du.all_gather_objects(capture_rng_state())  # collective: every rank calls it
-        return {
-            "model": unwrap(train_model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-            "data": {**data.state_dict(), "items_per_step": micro_batch * world},
-            "step": step, "best_metric": best, "skipped_steps": skipped, "config": cfg.dump(),
-            "trained_parameters": sorted(trained),
-        }
-
-    def save(path_kind: str) -> Path | None:
-        state = state_dict()
-        p = None
-        if rank == 0:
-            p = checkpointer.save(state, step) if path_kind == "step" else checkpointer.save_best(state)
-            logger.info("saved %s", p)
-        du.barrier()
-        return p
-
-    def evaluate() -> dict[str, float]:
-        nonlocal best
-        if task.evaluate is None:
-            return {}
-        metrics = task.evaluate(unwrap(train_model))
-        train_model.train()
-        writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
-        logger.info("eval at step %d: %s", step, "  ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
-        if metrics.get(task.metric, -math.inf) > best:
-            best = metrics[task.metric]
-            save("best")
-        return metrics
-
-    writer = MetricWriter(out_dir, enabled=rank == 0, resumed_at=step if resume else None)
-    meter = ProgressMeter(step, max_iter)
+    writer = MetricWriter(out_dir, enabled=rank == 0, resumed_at=state.step if resume else None)
+    run = _Run(cfg=cfg, task=task, parts=parts, train_model=_wrap_ddp(model, device, world),
+               checkpointer=checkpointer, writer=writer, device=device, rank=rank, world=world,
+               items_per_step=micro_batch * world, max_iter=max_iter)
+    meter = ProgressMeter(state.step, max_iter)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     metrics: dict[str, float] = {}
-    train_model.train()
+    run.train_model.train()
     length_source, length_warnings = run_length_notes(cfg, max_iter)
     logger.info("training %d steps (%s): %d images/step (%d per micro-batch x %d accumulation x %d "
                 "processes), %d micro-batches per epoch", max_iter, length_source, s.IMS_PER_BATCH,
@@ -237,89 +165,269 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
     # --- the loop --------------------------------------------------------------------------------------
     stop = _StopRequest()  # SIGINT/SIGTERM: finish the step, save, stop
     try:
-        while step < max_iter:
-            loss_sums: dict[str, torch.Tensor] = {}
-            bad: dict[str, float] | None = None
-            n_images = 0
-            for micro in range(s.GRAD_ACCUM_STEPS):
-                batch = move_to_device(data.next(), device)
-                n_images += int(batch["images"].shape[0])
-                last = micro == s.GRAD_ACCUM_STEPS - 1
-                sync = contextlib.nullcontext() if (last or not ddp) else train_model.no_sync()
-                with sync:
-                    with autocast:
-                        out = train_model(batch)
-                    loss = out["loss"].float()
-                    scaler.scale(loss / s.GRAD_ACCUM_STEPS).backward()
-                parts = {"loss": loss.detach(),
-                         **{k: v.detach().float() for k, v in sorted(out["losses"].items())}}
-                if bad is None and not all(torch.isfinite(v) for v in parts.values()):
-                    bad = {k: v.item() for k, v in parts.items()}
-                for k, v in parts.items():
-                    loss_sums[k] = loss_sums.get(k, 0.0) + v
-
-            # One collective per step: loss sums, image count, the "something went non-finite" flag and the
-            # "a stop signal arrived" flag (so that every process stops after the same step).
-            names = list(loss_sums)
-            stats = torch.stack([*(torch.nan_to_num(loss_sums[k], nan=0.0, posinf=0.0, neginf=0.0)
-                                   for k in names),
-                                 torch.tensor(float(n_images), device=device),
-                                 torch.tensor(float(bad is not None), device=device),
-                                 torch.tensor(float(stop.signum is not None), device=device)])
-            du.all_reduce_sum(stats)
-            stop_flag = stats[-1].item() > 0
+        while state.step < max_iter:
+            result = _forward_backward(run, autocast, stop)
             scaler.unscale_(optimizer)
             grad_norm = _grad_norm(model, s.CLIP_GRAD_NORM)
-            problem = None
-            if stats[-2].item() > 0:
-                where = ", ".join(f"{k}={v}" for k, v in bad.items()) if bad else "on another process"
-                problem = f"non-finite loss at step {step + 1}: {where}"
-            elif not scaler.is_enabled() and not torch.isfinite(grad_norm):
-                # fp16: the scaler skips by itself
-                problem = (f"non-finite gradient at step {step + 1} (the losses are finite: "
-                           f"{', '.join(f'{k}={loss_sums[k].item():.6g}' for k in names)}): grad norm "
-                           f"{grad_norm.item()}, first in '{_first_nonfinite_grad(model)}'")
+            problem = _nonfinite_problem(run, state, result, grad_norm)
             if problem is not None:
-                if skipped >= s.SKIP_NONFINITE_STEPS:
-                    allowed = (f" (SOLVER.SKIP_NONFINITE_STEPS {s.SKIP_NONFINITE_STEPS} already skipped)"
-                               if s.SKIP_NONFINITE_STEPS else "")
-                    raise NonFiniteLossError(problem + allowed)
-                skipped += 1  # the update is dropped; data and schedule move on as if the step had been taken
-                logger.warning("%s: step skipped (%d of SOLVER.SKIP_NONFINITE_STEPS %d)", problem, skipped,
-                               s.SKIP_NONFINITE_STEPS)
-                scaler.update()
+                _skip_step(s, state, problem)
             else:
                 scaler.step(optimizer)
-                scaler.update()
-                trained.update(n for n, p in model.named_parameters() if p.grad is not None)
+                state.trained.update(n for n, p in model.named_parameters() if p.grad is not None)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            step += 1
-            meter.add_images(stats[-3].item())
+            state.step += 1
+            meter.add_images(result.num_images)
 
-            if problem is None and (step % s.LOG_PERIOD == 0 or step == max_iter):
-                denom = s.GRAD_ACCUM_STEPS * world
-                losses = {k: stats[i].item() / denom for i, k in enumerate(names)}
-                scalars = meter.report(step, losses, s.BASE_LR * lr_factor(step, cfg, max_iter), device)
-                if s.CLIP_GRAD_NORM > 0:
-                    scalars["grad_norm"] = float(grad_norm)
-                if skipped:
-                    scalars["skipped_steps"] = skipped
-                writer.write(step, {**{f"train/{k}": v for k, v in losses.items()}, **scalars})
-            if cfg.TEST.EVAL_PERIOD > 0 and step % cfg.TEST.EVAL_PERIOD == 0 and step < max_iter:
-                evaluate()
-            if step % s.CHECKPOINT_PERIOD == 0 or step == max_iter:
-                save("step")
-            if stop_flag:  # every process saw the same flag (it went through the all-reduce)
-                saved = step % s.CHECKPOINT_PERIOD == 0 or step == max_iter
-                path = checkpointer.directory / f"model_{step:07d}.pth" if saved else save("step")
-                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, path if rank == 0 else None)
+            if problem is None and (state.step % s.LOG_PERIOD == 0 or state.step == max_iter):
+                _log_step(run, state, result, grad_norm, meter)
+            if cfg.TEST.EVAL_PERIOD > 0 and state.step % cfg.TEST.EVAL_PERIOD == 0 and state.step < max_iter:
+                _evaluate(run, state)
+            if _checkpoint_due(run, state):
+                _save(run, state)
+            if result.stop:  # every process saw the same flag (it went through the all-reduce)
+                saved = _checkpoint_due(run, state)  # then the step's checkpoint was just written
+                path = checkpointer.directory / f"model_{state.step:07d}.pth" if saved else _save(run, state)
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, state.step,
+                                          path if rank == 0 else None)
         if task.evaluate is not None:
-            metrics = evaluate()
+            metrics = _evaluate(run, state)
     finally:
         stop.restore()
         writer.close()
     return metrics
+
+
+@dataclass
+class LoopState:
+    """What the loop changes as it goes (and a checkpoint saves besides the objects' own states)."""
+
+    step: int = 0
+    best: float = -math.inf  # the best evaluation of TrainTask.metric so far (model_best.pth holds it)
+    skipped: int = 0  # steps dropped for non-finite losses or gradients
+    # Names of the parameters an update reached (had a gradient): tools/export_detector.py never replaces
+    # them with --base-weights.
+    trained: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class _Restorable:
+    """The objects whose state a checkpoint holds and --resume restores."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    data: EpochLoader
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The fixed parts of one run that the loop's helpers share; built once before the loop."""
+
+    cfg: CfgNode
+    task: TrainTask
+    parts: _Restorable
+    train_model: nn.Module  # parts.model, wrapped in DDP when there are several processes
+    checkpointer: Checkpointer
+    writer: MetricWriter
+    device: torch.device
+    rank: int
+    world: int
+    items_per_step: int  # micro-batch x processes: what one micro-batch step consumes of an epoch
+    max_iter: int
+
+
+@dataclass(frozen=True)
+class _StepResult:
+    """One optimiser step's micro-batches, summed over the processes by a single all-reduce."""
+
+    names: list[str]  # loss names, in the order of `stats`
+    stats: torch.Tensor  # [loss sums..., images, non-finite flag, stop flag]
+    local_sums: dict[str, torch.Tensor]  # this process's loss sums (for the non-finite-gradient message)
+    bad: dict[str, float] | None  # this process's first non-finite losses, if any
+
+    @property
+    def num_images(self) -> float:
+        return self.stats[-3].item()
+
+    @property
+    def nonfinite(self) -> bool:
+        return self.stats[-2].item() > 0
+
+    @property
+    def stop(self) -> bool:
+        return self.stats[-1].item() > 0
+
+
+def _micro_batch_size(s: CfgNode, world: int) -> int:
+    """Images per micro-batch and process; refuses an IMS_PER_BATCH that does not divide evenly."""
+    micro_batch = s.IMS_PER_BATCH // (world * s.GRAD_ACCUM_STEPS)
+    if micro_batch < 1 or s.IMS_PER_BATCH % (world * s.GRAD_ACCUM_STEPS):
+        raise ConfigError(
+            f"'SOLVER.IMS_PER_BATCH' ({s.IMS_PER_BATCH}) must be a multiple of processes ({world}) x "
+            f"'SOLVER.GRAD_ACCUM_STEPS' ({s.GRAD_ACCUM_STEPS})"
+        )
+    return micro_batch
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    if world == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def _resume(checkpointer: Checkpointer, parts: _Restorable, items_per_step: int,
+            device: torch.device) -> LoopState:
+    """Every rank restores everything (optimizer included) from the newest readable checkpoint (rank 0
+    picks it); a fresh LoopState when there is none yet; ResumeError when none of them can be read."""
+    rank, world = du.get_rank(), du.get_world_size()
+    found = checkpointer.load_latest(map_location=device) if rank == 0 else None
+    unreadable = ([str(p) for _, p in checkpointer.step_checkpoints()] if rank == 0 and found is None
+                  else [])
+    path, unreadable = du.broadcast_object((str(found[1]) if found else None, unreadable))
+    if unreadable:
+        raise ResumeError(
+            f"--resume: no checkpoint in {checkpointer.directory} can be read ({', '.join(unreadable)}); "
+            f"repair or move {'it' if len(unreadable) == 1 else 'them'} away, or run without --resume to "
+            "start over")
+    if path is None:
+        logger.info("--resume: no checkpoint in %s yet, starting from step 0", checkpointer.directory)
+        return LoopState()
+    saved = found[0] if rank == 0 else torch.load(path, map_location=device, weights_only=True)
+    parts.model.load_state_dict(saved["model"])
+    parts.optimizer.load_state_dict(saved["optimizer"])
+    parts.scheduler.load_state_dict(saved["scheduler"])
+    parts.scaler.load_state_dict(saved["scaler"])
+    parts.data.load_state_dict(_convert_position(saved["data"], items_per_step))
+    # A checkpoint without the trained-parameter record (older versions): every trainable parameter may
+    # have moved.
+    trained = saved.get("trained_parameters",
+                        [n for n, q in parts.model.named_parameters() if q.requires_grad])
+    state = LoopState(step=int(saved["step"]), best=float(saved["best_metric"]),
+                      skipped=int(saved.get("skipped_steps", 0)), trained=set(trained))
+    rng = saved["rng"]
+    if len(rng) != world:
+        logger.warning("checkpoint was written by %d processes, now %d: RNG streams differ", len(rng), world)
+    restore_rng_state(rng[min(rank, len(rng) - 1)])
+    logger.info("resumed from %s at step %d", path, state.step)
+    return state
+
+
+def _forward_backward(run: _Run, autocast: torch.autocast, stop: _StopRequest) -> _StepResult:
+    """GRAD_ACCUM_STEPS micro-batches forward and backward (DDP syncs gradients on the last one only),
+    then one collective for the loss sums, image count, "something went non-finite" and "a stop signal
+    arrived" (so that every process stops after the same step)."""
+    s, device = run.cfg.SOLVER, run.device
+    loss_sums: dict[str, torch.Tensor] = {}
+    bad: dict[str, float] | None = None
+    n_images = 0
+    for micro in range(s.GRAD_ACCUM_STEPS):
+        batch = move_to_device(run.parts.data.next(), device)
+        n_images += int(batch["images"].shape[0])
+        last = micro == s.GRAD_ACCUM_STEPS - 1
+        sync = contextlib.nullcontext() if (last or run.world == 1) else run.train_model.no_sync()
+        with sync:
+            with autocast:
+                out = run.train_model(batch)
+            loss = out["loss"].float()
+            run.parts.scaler.scale(loss / s.GRAD_ACCUM_STEPS).backward()
+        parts = {"loss": loss.detach(), **{k: v.detach().float() for k, v in sorted(out["losses"].items())}}
+        if bad is None and not all(torch.isfinite(v) for v in parts.values()):
+            bad = {k: v.item() for k, v in parts.items()}
+        for k, v in parts.items():
+            loss_sums[k] = loss_sums.get(k, 0.0) + v
+    names = list(loss_sums)
+    stats = torch.stack([*(torch.nan_to_num(loss_sums[k], nan=0.0, posinf=0.0, neginf=0.0) for k in names),
+                         torch.tensor(float(n_images), device=device),
+                         torch.tensor(float(bad is not None), device=device),
+                         torch.tensor(float(stop.signum is not None), device=device)])
+    du.all_reduce_sum(stats)
+    return _StepResult(names, stats, loss_sums, bad)
+
+
+def _nonfinite_problem(run: _Run, state: LoopState, result: _StepResult,
+                       grad_norm: torch.Tensor) -> str | None:
+    """What went non-finite in this step (on any process), or None. Under fp16 the scaler skips
+    non-finite gradients by itself, so only losses count there."""
+    if result.nonfinite:
+        where = ", ".join(f"{k}={v}" for k, v in result.bad.items()) if result.bad else "on another process"
+        return f"non-finite loss at step {state.step + 1}: {where}"
+    if not run.parts.scaler.is_enabled() and not torch.isfinite(grad_norm):
+        sums = ", ".join(f"{k}={result.local_sums[k].item():.6g}" for k in result.names)
+        return (f"non-finite gradient at step {state.step + 1} (the losses are finite: {sums}): grad norm "
+                f"{grad_norm.item()}, first in '{_first_nonfinite_grad(run.parts.model)}'")
+    return None
+
+
+def _skip_step(s: CfgNode, state: LoopState, problem: str) -> None:
+    """Count a dropped update (data and schedule move on as if it had been taken), or raise
+    NonFiniteLossError once SOLVER.SKIP_NONFINITE_STEPS are used up."""
+    if state.skipped >= s.SKIP_NONFINITE_STEPS:
+        allowed = (f" (SOLVER.SKIP_NONFINITE_STEPS {s.SKIP_NONFINITE_STEPS} already skipped)"
+                   if s.SKIP_NONFINITE_STEPS else "")
+        raise NonFiniteLossError(problem + allowed)
+    state.skipped += 1
+    logger.warning("%s: step skipped (%d of SOLVER.SKIP_NONFINITE_STEPS %d)", problem, state.skipped,
+                   s.SKIP_NONFINITE_STEPS)
+
+
+def _log_step(run: _Run, state: LoopState, result: _StepResult, grad_norm: torch.Tensor,
+              meter: ProgressMeter) -> None:
+    """The step's mean losses, learning rate, speed (and grad norm, skipped steps) to the log and metrics."""
+    s = run.cfg.SOLVER
+    denom = s.GRAD_ACCUM_STEPS * run.world
+    losses = {k: result.stats[i].item() / denom for i, k in enumerate(result.names)}
+    scalars = meter.report(state.step, losses, s.BASE_LR * lr_factor(state.step, run.cfg, run.max_iter),
+                           run.device)
+    if s.CLIP_GRAD_NORM > 0:
+        scalars["grad_norm"] = float(grad_norm)
+    if state.skipped:
+        scalars["skipped_steps"] = state.skipped
+    run.writer.write(state.step, {**{f"train/{k}": v for k, v in losses.items()}, **scalars})
+
+
+def _evaluate(run: _Run, state: LoopState) -> dict[str, float]:
+    """Score the model and record the metrics; a new best TrainTask.metric updates `state.best` and is
+    saved as model_best.pth. Empty without an evaluation."""
+    if run.task.evaluate is None:
+        return {}
+    metrics = run.task.evaluate(unwrap(run.train_model))
+    run.train_model.train()
+    run.writer.write(state.step, {f"eval/{k}": v for k, v in metrics.items()})
+    logger.info("eval at step %d: %s", state.step, "  ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+    if metrics.get(run.task.metric, -math.inf) > state.best:
+        state.best = metrics[run.task.metric]
+        _save(run, state, best=True)
+    return metrics
+
+
+def _checkpoint_due(run: _Run, state: LoopState) -> bool:
+    return state.step % run.cfg.SOLVER.CHECKPOINT_PERIOD == 0 or state.step == run.max_iter
+
+
+def _save(run: _Run, state: LoopState, best: bool = False) -> Path | None:
+    """Checkpoint everything (model_<step>.pth, or model_best.pth); collective: every rank calls it, rank 0
+    writes. Returns the path on rank 0."""
+    p = run.parts
+    rngs = du.all_gather_objects(capture_rng_state())
+    checkpoint = {
+        "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
+        "scheduler": p.scheduler.state_dict(), "scaler": p.scaler.state_dict(), "rng": rngs,
+        "data": {**p.data.state_dict(), "items_per_step": run.items_per_step},
+        "step": state.step, "best_metric": state.best, "skipped_steps": state.skipped,
+        "config": run.cfg.dump(), "trained_parameters": sorted(state.trained),
+    }
+    path = None
+    if run.rank == 0:
+        ckpt = run.checkpointer
+        path = ckpt.save_best(checkpoint) if best else ckpt.save(checkpoint, state.step)
+        logger.info("saved %s", path)
+    du.barrier()
+    return path
 
 
 def _grad_norm(model: nn.Module, clip: float) -> torch.Tensor:

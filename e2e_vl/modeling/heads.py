@@ -19,7 +19,21 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.models.bert.modeling_bert import BertPooler, BertPredictionHeadTransform
 
+from e2e_vl.data.collate import (
+    BATCH_TARGETS,
+    AnswerTargets,
+    BatchTarget,
+    GroupTargets,
+    LabelledRegionTargets,
+    RegionTargets,
+    SampleTargets,
+    TokenTargets,
+)
 from e2e_vl.data.masking import IGNORE_INDEX
+
+# Targets more than one head reads (declared once, batched once).
+MASKED_REGIONS = LabelledRegionTargets(flags="region_labelled", rows="mrc_targets")
+IMAGE_TEXT_MATCH = SampleTargets("itm_labels", fill=-1)  # 1 matched, 0 another image's; -1 not a pair
 
 
 @dataclasses.dataclass
@@ -89,6 +103,7 @@ def register_head(name: str) -> Callable[[type], type]:
             raise ValueError(f"head {name!r} is registered twice")
         cls.name = name
         HEADS[name] = cls
+        BATCH_TARGETS[name] = cls.targets  # what the collate builds for it
         return cls
 
     return add
@@ -137,6 +152,9 @@ class Head(nn.Module):
     # Keys of the text encoder's checkpoint (under this prefix, or "bert." + it) that fill this head's
     # parameters of the same names (`e2e_vl.modeling.hf.load_pretrained_head_weights`); None = none.
     pretrained_prefix: str | None = None
+    # The sample keys this head reads and how they are batched; `e2e_vl.data.collate` builds the batch
+    # from these declarations, so a new head brings its targets with it.
+    targets: tuple[BatchTarget, ...] = ()
 
     @classmethod
     def build(cls, spec: HeadSpec) -> "Head":
@@ -155,6 +173,8 @@ class MLMHead(Head):
     Names `transform.*` and `bias` match BERT's `cls.predictions.*`, so a checkpoint that has the
     pre-trained head (bert-base-uncased does, sentence-transformer exports don't) fills it.
     """
+
+    targets = (TokenTargets("mlm_labels", fill=IGNORE_INDEX),)
 
     def __init__(self, config, word_embeddings: nn.Embedding):
         super().__init__()
@@ -191,6 +211,8 @@ class MLMHead(Head):
 class MRCHead(Head):
     """Masked RoI classification: Linear(h, h) -> GELU -> Linear(h, num_classes) (VL-BERT's MVRC head)."""
 
+    targets = (MASKED_REGIONS,)
+
     reads_image = True
 
     def __init__(self, hidden_size: int, num_classes: int):
@@ -226,6 +248,8 @@ class AnswerHead(Head):
 
     The head keeps a reference to the text encoder's word embeddings for `init_from_answer_words`, which
     the VQA task calls once the answer vocabulary is known."""
+
+    targets = (AnswerTargets(targets="vqa_targets", position="answer_pos", labelled="vqa_labelled"),)
 
     def __init__(self, config, num_answers: int, word_embeddings: nn.Embedding, dropout: float = 0.1):
         super().__init__()
@@ -290,6 +314,8 @@ class RegionScoreHead(Head):
     them). Loss: binary cross-entropy against `ref_labels`, averaged over the batch's valid regions
     (padding and -1 labels left out)."""
 
+    targets = (RegionTargets("ref_labels", fill=-1.0, dtype=torch.float32),)  # -1 = ignore
+
     reads_image = True
 
     def __init__(self, hidden_size: int, dropout: float = 0.0):
@@ -337,6 +363,8 @@ class ChoiceScoreHead(Head):
     questions. The pooler starts from the text encoder's pre-trained one (`pretrained_prefix`), as
     VL-BERT's did; the classifier from Xavier-uniform weights and a zero bias, as VL-BERT's."""
 
+    targets = (GroupTargets("choice_label", batch_key="choice_labels"),)
+
     pretrained_prefix = "pooler."
 
     def __init__(self, config, dropout: float = 0.1):
@@ -375,6 +403,8 @@ class ObjectClassHead(MRCHead):
     MVRC head's shape, Linear(h, h) -> GELU -> Linear(h, 81), on every region output of every choice
     sequence, cross-entropy against the region's COCO class (`object_labels`; the whole image is class 0,
     background; -1 = ignore), so the grounded regions keep saying what they are."""
+
+    targets = (RegionTargets("object_labels", fill=-1, dtype=torch.long),)  # -1 = ignore
 
     @classmethod
     def build(cls, spec: HeadSpec) -> "ObjectClassHead":

@@ -26,7 +26,15 @@ from torch.nn import functional as F
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from e2e_vl.distributed import all_gather_with_grad, get_world_size
-from e2e_vl.modeling.heads import Encoded, Head, HeadSpec, labelled_regions, register_head
+from e2e_vl.modeling.heads import (
+    IMAGE_TEXT_MATCH,
+    MASKED_REGIONS,
+    Encoded,
+    Head,
+    HeadSpec,
+    labelled_regions,
+    register_head,
+)
 
 # CLIP's initial temperature (0.07) and its cap on the logit scale (100).
 CONTRASTIVE_INIT_TEMPERATURE = 0.07
@@ -36,6 +44,8 @@ CONTRASTIVE_MAX_SCALE = 100.0
 @register_head("itm")
 class MatchHead(Head):
     """Linear(h, 2) on the pooled output (VisualBERT's `seq_relationship`); class 1 = matched."""
+
+    targets = (IMAGE_TEXT_MATCH,)
 
     reads_image = True
 
@@ -61,6 +71,8 @@ class RegionTargetHead(Head):
     """BERT's prediction transform (dense -> GELU -> LayerNorm) then Linear(h, out) on each chosen region's
     output (ViLBERT's image prediction head, LXMERT's visual heads). A subclass gives the width and the
     loss."""
+
+    targets = (MASKED_REGIONS,)
 
     reads_image = True
 
@@ -142,6 +154,8 @@ class ContrastiveHead(Head):
     L2-normalised, scaled by a learned exp(logit scale) (CLIP's start: 1 / 0.07, capped at 100).
     Pairs: caption samples with their own image (`itm_labels` 1); the other pairs of the batch, and of
     every process under DDP, are the negatives."""
+
+    targets = (IMAGE_TEXT_MATCH,)
 
     reads_image = True
 
