@@ -302,3 +302,25 @@ def test_paper_configs_load_with_the_papers_settings():
         "nlvr2", "lxmert", ["nlvr2_pair"], "")
     assert (lx.SOLVER.BASE_LR, lx.SOLVER.IMS_PER_BATCH, lx.SOLVER.MAX_EPOCHS, lx.SOLVER.CLIP_GRAD_NORM,
             lx.DATASETS.NLVR2.MAX_TEXT_LEN) == (5e-5, 32, 4.0, 5.0, 18)
+
+
+@pytest.mark.parametrize("arch, extra", [
+    ("vlbert", []),
+    ("vilbert", ["MODEL.VILBERT.V_HIDDEN_SIZE", "32", "MODEL.VILBERT.V_NUM_HIDDEN_LAYERS", "1",
+                 "MODEL.VILBERT.V_NUM_ATTENTION_HEADS", "2", "MODEL.VILBERT.V_INTERMEDIATE_SIZE", "64",
+                 "MODEL.VILBERT.BI_HIDDEN_SIZE", "32", "MODEL.VILBERT.BI_NUM_ATTENTION_HEADS", "2",
+                 "MODEL.VILBERT.V_BIATTENTION_ID", "[0]", "MODEL.VILBERT.T_BIATTENTION_ID", "[1]"])])
+def test_the_separate_pair_format_serves_the_other_architectures(nlvr2_root, tokenizer, arch, extra):
+    """VL-BERT and ViLBERT read NLVR2 as LXMERT does: each image with the sentence, pooled outputs paired
+    (ViLBERT's pooled vector is its bi-attention width, not its text width)."""
+    from e2e_vl.config import load_train_cfg
+    from e2e_vl.modeling import build_model
+
+    cfg = load_train_cfg(REPO / "configs/nlvr2/tiny.yaml",
+                         ["MODEL.DEVICE", "cpu", "MODEL.VL.HEADS", "['nlvr2_pair']", *extra])
+    model = build_model(cfg, arch)
+    ds = _dataset(nlvr2_root, "dev", tokenizer, "separate")
+    out = model(NLVR2Collator("separate", tokenizer.pad_token_id)([ds[0], ds[1]]))
+    assert out["nlvr2_logits"].shape == (2, 2) and torch.isfinite(out["losses"]["nlvr2"])
+    out["loss"].backward()
+    assert model.heads["nlvr2_pair"].logit_fc[0].weight.grad is not None
