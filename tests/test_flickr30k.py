@@ -275,3 +275,11 @@ def test_box_source_errors_are_named_before_any_file_is_read(tmp_path):
     with pytest.raises(ConfigError, match=r"'DATASETS.FLICKR30K.TEST_BOXES' must be one of \['roi_store', "
                                           r"'gt'\], got 'proposals'"):
         _check_config(cfg, eval_only=False)
+
+
+def test_an_image_of_another_size_than_its_annotation_is_named(flickr_root, tokenizer):
+    ds = _dataset(flickr_root, "val", tokenizer)
+    cv2.imwrite(str(flickr_root / "flickr30k-images/1002.jpg"), np.zeros((H + 8, W, 3), np.uint8))
+    with pytest.raises(Flickr30KDataError,
+                       match=rf"1002\.jpg is {W}x{H + 8} but its annotation says {W}x{H}"):
+        ds[0]

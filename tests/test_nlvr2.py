@@ -270,13 +270,15 @@ def test_the_joint_head_is_refused_for_an_architecture_without_image_pairs(nlvr2
     assert "the nlvr2 head puts both images in one sequence, which MODEL.ARCH lxmert" in err
 
 
-def test_visualbert_reads_both_images_of_a_pair_told_apart_by_segment(nlvr2_root, tokenizer):
+@pytest.mark.parametrize("early_fusion", ["True", "False"])
+def test_visualbert_reads_both_images_of_a_pair_told_apart_by_segment(nlvr2_root, tokenizer, early_fusion):
     """Without the segments, swapping the two images would change nothing: VisualBERT's region tokens have
-    no order of their own."""
+    no order of their own. Also without early fusion (the regions join in the extra layer on top)."""
     from e2e_vl.config import load_train_cfg
     from e2e_vl.modeling import build_model
 
-    cfg = load_train_cfg(REPO / "configs/nlvr2/tiny.yaml", ["MODEL.DEVICE", "cpu"])
+    cfg = load_train_cfg(REPO / "configs/nlvr2/tiny.yaml",
+                         ["MODEL.DEVICE", "cpu", "MODEL.VISUALBERT.EARLY_FUSION", early_fusion])
     torch.manual_seed(0)
     model = build_model(cfg, "visualbert").eval()
     ds = _dataset(nlvr2_root, "dev", tokenizer, "joint")

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from detector.image_sources import load_image
 from detector.structures import box_iou
 from e2e_vl.data.catalog import DatasetError
 from e2e_vl.data.collate import collate_samples
@@ -274,9 +275,11 @@ class Flickr30KDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         caption_index, phrase_ids = self.items[index]
         caption = self.captions[caption_index]
-        from detector.image_sources import load_image
-
         image = load_image(str(self.image_path(caption.image_id)))
+        ann = self.annotations[caption.image_id]
+        if tuple(image.shape[:2]) != (ann.height, ann.width):
+            raise Flickr30KDataError(f"{self.image_path(caption.image_id)} is {image.shape[1]}x"
+                                     f"{image.shape[0]} but its annotation says {ann.width}x{ann.height}")
         original = torch.from_numpy(self.candidates(caption.image_id))
         out = self.transform(image, original, None, random.Random(f"{self.seed}/{self.epoch}/{index}"))
         phrases = [self.grounded[k] for k in phrase_ids]

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from detector.image_sources import load_image
 from e2e_vl.data.catalog import DatasetError
 from e2e_vl.data.collate import collate_samples
 from e2e_vl.data.transforms import ResizeFlip
@@ -158,8 +159,6 @@ class NLVR2Dataset(Dataset):
         self.epoch = epoch
 
     def _image(self, stem: str, rng: random.Random) -> dict[str, Any]:
-        from detector.image_sources import load_image
-
         image = load_image(str(self.images[stem]))
         h, w = image.shape[:2]
         boxes = np.concatenate([np.array([[0, 0, w, h]], np.float32), self.boxes[stem]])
