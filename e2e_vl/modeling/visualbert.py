@@ -63,6 +63,9 @@ class VisualBert(HFRegionModel):
     body_prefixes = ("visual_bert.",)
     folder_key = "MODEL.VISUALBERT.CHECKPOINT"
     model_type = "visual_bert"
+    # A batch may give each sample a second image (`second_image_index`, NLVR2's pair format): its regions
+    # follow the first image's in the one sequence, visual segment 0 for the first image, 1 for the second.
+    reads_image_pairs = True
 
     def __init__(self, detector: GeneralizedRCNN, visual_bert: VisualBertModel,
                  options: ModelOptions = ModelOptions(), *, tokenizer: Any = None,
@@ -140,26 +143,36 @@ class VisualBert(HFRegionModel):
         token_types = batch["token_type_ids"].to(device)
         has_image = (batch["sample_image_index"].to(device) >= 0) & self.grounded
         visual, region_valid = None, torch.zeros(len(ids), 0, dtype=torch.bool, device=device)
+        visual_types = None  # VisualBertModel's default: visual segment 1 for every region
         if bool(has_image.any()):
             objects, valid = self.encode_regions(batch)
             slot = batch["sample_image_index"].to(device).clamp(min=0)
             visual, region_valid = objects[slot], valid[slot] & has_image[:, None]
+            if "second_image_index" in batch:
+                second = batch["second_image_index"].to(device)
+                visual = torch.cat([visual, objects[second]], dim=1)
+                region_valid = torch.cat([region_valid, valid[second] & has_image[:, None]], dim=1)
+                visual_types = torch.cat([torch.zeros_like(valid[slot]), torch.ones_like(valid[second])],
+                                         dim=1).long()
         if self.early_fusion:
             out = self.visual_bert(input_ids=ids, attention_mask=text_mask.long(), token_type_ids=token_types,
-                                   visual_embeds=visual, visual_attention_mask=region_valid.long())
+                                   visual_embeds=visual, visual_attention_mask=region_valid.long(),
+                                   visual_token_type_ids=visual_types)
             sequence, pooled = out.last_hidden_state, out.pooler_output
         else:
-            sequence = self._late_fusion(ids, text_mask, token_types, visual, region_valid)
+            sequence = self._late_fusion(ids, text_mask, token_types, visual, region_valid, visual_types)
             pooled = self.visual_bert.pooler(sequence)
         t_len = ids.shape[1]
         return Encoded(sequence[:, :t_len], sequence[:, t_len:], region_valid, has_image, pooled)
 
     def _late_fusion(self, ids: torch.Tensor, text_mask: torch.Tensor, token_types: torch.Tensor,
-                     visual: torch.Tensor | None, region_valid: torch.Tensor) -> torch.Tensor:
+                     visual: torch.Tensor | None, region_valid: torch.Tensor,
+                     visual_types: torch.Tensor | None = None) -> torch.Tensor:
         """"Without early fusion": every layer on the text alone, then one layer on text outputs + region
         embeddings. The embeddings are VisualBERT's own (text and regions share their LayerNorm)."""
         vb = self.visual_bert
-        embedded = vb.embeddings(input_ids=ids, token_type_ids=token_types, visual_embeds=visual)
+        embedded = vb.embeddings(input_ids=ids, token_type_ids=token_types, visual_embeds=visual,
+                                 visual_token_type_ids=visual_types)
         t_len = ids.shape[1]
         text = vb.encoder(embedded[:, :t_len],
                           attention_mask=_additive_mask(text_mask, embedded.dtype)).last_hidden_state
