@@ -47,8 +47,8 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
     if arch == "visualbert":
         heads = model.visual_bert.config.num_attention_heads
         if not model.early_fusion:
-            return [AttentionSite("additional_layer", model.visual_bert.additional_layer.attention.self, heads,
-                                  True)]
+            extra = model.visual_bert.additional_layer
+            return [AttentionSite("additional_layer", extra.attention.self, heads, True)]
         return [AttentionSite(f"layer{i}", layer.attention.self, heads, True)
                 for i, layer in enumerate(model.visual_bert.encoder.layer)]
     if arch == "lxmert":
