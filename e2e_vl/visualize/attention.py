@@ -93,7 +93,7 @@ def word_region_attention(site: AttentionSite, probs: torch.Tensor, text_len: in
     start = text_len if site.joint else site.region_offset
     words = probs[:, :text_len]
     regions = words[..., start:start + num_regions]
-    rest = 1.0 - regions.sum(-1, keepdim=True)
+    rest = (1.0 - regions.sum(-1, keepdim=True)).clamp(min=0.0)  # cross-attention: 0 up to rounding
     return torch.cat([regions, rest], dim=-1).numpy()
 
 

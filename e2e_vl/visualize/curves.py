@@ -50,7 +50,8 @@ def write_training_curve(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     rows = read_metrics(run / "metrics.jsonl")
     names = sorted({k for r in rows for k in r})
-    losses = ["train/loss"] + [k for k in names if k.startswith("train/") and k != "train/loss"]
+    parts = [k for k in names if k.startswith("train/") and k != "train/loss"]
+    losses = ["train/loss"] + (parts if len(parts) > 1 else [])  # one part is the total itself
     accuracies = [k for k in names if k.startswith("eval/") and "accuracy" in k]
     steps = (min(r["step"] for r in rows), max(r["step"] for r in rows)) if rows else None
     panels = [line_chart(curve_series(rows, keys), title, x_range=steps) for keys, title in

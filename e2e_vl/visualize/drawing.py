@@ -141,11 +141,12 @@ def contact_sheet(pictures: Sequence[Image.Image], columns: int = 4, cell: int =
 
 def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], title: str,
                size: tuple[int, int] = (560, 300), x_label: str = "step",
-               y_range: tuple[float, float] | None = None, x_range: tuple[float, float] | None = None
-               ) -> Image.Image:
-    """A small line chart: one polyline per named (xs, ys) series, axes with min/max ticks, a legend."""
+               y_range: tuple[float, float] | None = None, x_range: tuple[float, float] | None = None,
+               x_ticks: Sequence[tuple[float, str]] = ()) -> Image.Image:
+    """A small line chart: one polyline per named (xs, ys) series, axes with min/max ticks (or the given
+    `x_ticks`: (x, label) pairs), a legend below."""
     width, height = size
-    left, right, top, bottom = 60, 12, 26, 40
+    left, right, top, bottom = 60, 12, 26, 58  # the legend goes below the x axis, outside the plot
     pic = Image.new("RGB", size, "white")
     canvas = ImageDraw.Draw(pic)
     fnt = font(12)
@@ -165,11 +166,12 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], ti
     canvas.rectangle((left, top, left + pw, top + ph), outline=(0, 0, 0))
     for value, (px, py) in ((y0, at(x0, y0)), (y1, at(x0, y1))):
         canvas.text((4, py - 7), f"{value:.3g}", fill=(0, 0, 0), font=fnt)
-    for value in (x0, x1):
+    for value, label in x_ticks or [(x0, f"{x0:.4g}"), (x1, f"{x1:.4g}")]:
         px, _ = at(value, y0)
-        canvas.text((px - 10, top + ph + 4), f"{value:.4g}", fill=(0, 0, 0), font=fnt)
-    canvas.text((left + pw // 2 - 10, top + ph + 20), x_label, fill=(0, 0, 0), font=fnt)
-    lx = left + 8
+        half = _text_size(canvas, label, fnt)[0] / 2
+        canvas.text((px - half, top + ph + 4), label, fill=(0, 0, 0), font=fnt)
+    canvas.text((left + pw // 2 - 10, top + ph + 18), x_label, fill=(0, 0, 0), font=fnt)
+    lx, ly = left, top + ph + 38
     for i, (name, (xs, ys)) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
         pts = [at(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
@@ -177,8 +179,8 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], ti
             canvas.line(pts, fill=color, width=2)
         for px, py in pts if len(pts) < 40 else ():
             canvas.ellipse((px - 2, py - 2, px + 2, py + 2), fill=color)
-        canvas.line((lx, top + 10, lx + 16, top + 10), fill=color, width=3)
-        canvas.text((lx + 20, top + 3), name, fill=(0, 0, 0), font=fnt)
+        canvas.line((lx, ly + 7, lx + 16, ly + 7), fill=color, width=3)
+        canvas.text((lx + 20, ly), name, fill=(0, 0, 0), font=fnt)
         lx += 20 + _text_size(canvas, name, fnt)[0] + 14
     return pic
 

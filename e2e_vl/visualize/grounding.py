@@ -97,9 +97,9 @@ def grounding_plot(table: GroundingTable) -> Image.Image:
     mean = [float(table.accuracy[k].mean()) for k in layers]
     chart = line_chart({"best head": (xs, best), "mean of heads": (xs, mean),
                         "baseline": (xs, [table.baseline] * len(xs))},
-                       "entity grounding accuracy per layer (" + ", ".join(f"{i}={n}" for i, n in
-                                                                   enumerate(layers)) + ")",
-                       size=(640, 320), x_label="layer", y_range=(0.0, 1.0))
+                       f"entity grounding accuracy per layer ({table.num_entities} entities)",
+                       size=(640, 320), x_label="layer", y_range=(0.0, 1.0), x_range=(-0.3, len(xs) - 0.7),
+                       x_ticks=list(zip(xs, layers)))
     return chart
 
 
