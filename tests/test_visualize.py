@@ -38,7 +38,8 @@ def trained_run(tmp_path_factory) -> Path:
     """A VL-BERT run folder written by train_net.py: config.yaml, model_best.pth, metrics.jsonl."""
     out = tmp_path_factory.mktemp("run") / "vlbert"
     r = run_tool("train_net.py", "--config-file", str(SMOKE), "--output-dir", str(out),
-                 "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2", "DATASETS.TRAIN_LIMIT", "24", "DATASETS.TEST_LIMIT", "4")
+                 "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2", "DATASETS.TRAIN_LIMIT", "24",
+                 "DATASETS.TEST_LIMIT", "4")
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
