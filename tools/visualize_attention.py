@@ -60,13 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from e2e_vl.config import ConfigError
     from e2e_vl.data.easy_vqa import REGION_CLASSES, EasyVQAImages
     from e2e_vl.visualize import pictures
+    from e2e_vl.visualize.attention import TextLayout
     from e2e_vl.visualize.run_model import answer_names, load_run
 
     try:
         cfg, model, weights = load_run(args.run, device=args.device)
         sizes = (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
         if args.grounding is not None:
-            return run_grounding(model, sizes, args.grounding, Path(args.output))
+            return run_grounding(model, sizes, args.grounding, TextLayout.from_cfg(cfg), Path(args.output))
         if args.image:
             image = load_image(args.image)
             boxes = np.array(args.box, np.float32).reshape(-1, 4)
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             boxes = stored[1:]
         boxes = pictures.whole_image_first(boxes, image.shape[1], image.shape[0])
         result = pictures.look(model, image, boxes, args.text, *sizes, answer_names(cfg, model),
-                               REGION_CLASSES, args.top_k)
+                               REGION_CLASSES, args.top_k, TextLayout.from_cfg(cfg))
         attention = result.explanation.attention
         sites = args.sites if args.sites is not None else list(attention)
         heads = args.heads if args.heads is not None else list(range(next(iter(attention.values())).shape[0]))
@@ -89,13 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run_grounding(model, sizes: tuple[int, int], limit: int, out: Path) -> int:
+def run_grounding(model, sizes: tuple[int, int], limit: int, layout, out: Path) -> int:
     """The grounding table, plot and numbers of easy-VQA's test questions that name a shape."""
     from detector.atomic import atomic_write_text
     from e2e_vl.visualize.drawing import save_png
     from e2e_vl.visualize.grounding import easy_vqa_cases, grounding_plot, grounding_table
 
-    table = grounding_table(easy_vqa_cases(model, sizes, limit))
+    table = grounding_table(easy_vqa_cases(model, sizes, limit, layout))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "grounding.md", table.markdown() + "\n")
     atomic_write_text(out / "grounding.json", json.dumps(table.to_json(), indent=1))

@@ -111,21 +111,36 @@ class Explanation:
                 "attention": {name: a.tolist() for name, a in self.attention.items()}}
 
 
-def text_sample(model: nn.Module, text: str, max_tokens: int = 32) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class TextLayout:
+    """How a run encodes its questions (DATASETS.MAX_QUESTION_TOKENS, DATASETS.ANSWER_SEGMENT): the
+    text must reach the model as it was trained."""
+
+    max_tokens: int = 16
+    answer_segment: int = 1
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> "TextLayout":
+        return cls(cfg.DATASETS.MAX_QUESTION_TOKENS, cfg.DATASETS.ANSWER_SEGMENT)
+
+
+def text_sample(model: nn.Module, text: str, layout: TextLayout = TextLayout()) -> dict[str, Any]:
     """The text part of a sample: VQA's `[CLS] question [SEP] [MASK] [SEP]` layout when the model has a
     vqa head (the answer is read at the [MASK]), else `[CLS] caption [SEP]`."""
     from e2e_vl.data.vqa import encode_vqa_text
 
     tokenizer = model.tokenizer
     if "vqa" in model.heads:
-        return encode_vqa_text(tokenizer, text, max_tokens)
-    ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_tokens + 2)["input_ids"]
+        return encode_vqa_text(tokenizer, text, layout.max_tokens, layout.answer_segment)
+    ids = tokenizer(text, add_special_tokens=True, truncation=True,
+                    max_length=layout.max_tokens + 2)["input_ids"]
     return {"input_ids": torch.tensor(ids), "token_type_ids": torch.zeros(len(ids), dtype=torch.long)}
 
 
 @torch.no_grad()
 def explain(model: nn.Module, image: torch.Tensor, boxes: torch.Tensor, text: str,
-            answer_names: Sequence[str] = (), top_k: int = 5) -> Explanation:
+            answer_names: Sequence[str] = (), top_k: int = 5, layout: TextLayout = TextLayout()
+            ) -> Explanation:
     """Run `model` (eval mode) on one resized image `[3, h, w]` with its boxes `[K, 4]` (resized-image
     pixels, box 0 the whole image) and one question or caption; the top-k answers (with `answer_names`
     for the vqa head's classes) and every site's word->region attention. The function a page calls."""
@@ -133,7 +148,7 @@ def explain(model: nn.Module, image: torch.Tensor, boxes: torch.Tensor, text: st
         raise ValueError(f"boxes: expected a non-empty [K, 4] tensor, got shape {tuple(boxes.shape)}")
     was_training = model.training
     model.eval()
-    sample = {"image": image, "boxes": boxes.float(), **text_sample(model, text)}
+    sample = {"image": image, "boxes": boxes.float(), **text_sample(model, text, layout)}
     batch = collate_samples([sample], model.tokenizer.pad_token_id)
     sites = attention_sites(model)
     try:

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from e2e_vl.visualize.attention import TextLayout, explain
 from e2e_vl.visualize.drawing import line_chart
 
 IOU_THRESHOLD = 0.5
@@ -118,7 +119,8 @@ def entity_positions(tokens: Sequence[str], words: Sequence[str]) -> dict[str, l
     return found
 
 
-def easy_vqa_cases(model, sizes: tuple[int, int], limit: int) -> list[GroundingCase]:
+def easy_vqa_cases(model, sizes: tuple[int, int], limit: int, layout: TextLayout = TextLayout()
+                   ) -> list[GroundingCase]:
     """easy-VQA's first `limit` test questions that name a shape ("is there a circle?"): the shape word's
     word pieces -> the image's shape box. Regions: the whole image and the shape box, as the model is
     trained; confidences: the model's detector's best class score of each."""
@@ -126,7 +128,6 @@ def easy_vqa_cases(model, sizes: tuple[int, int], limit: int) -> list[GroundingC
 
     from detector.transforms import resize_with_boxes
     from e2e_vl.data.easy_vqa import SHAPES, EasyVQAImages, load_questions
-    from e2e_vl.visualize.attention import explain
     from e2e_vl.visualize.regions import label_boxes
 
     questions = [q for q in load_questions("test") if set(q.text.lower().rstrip("?").split()) & set(SHAPES)]
@@ -139,7 +140,7 @@ def easy_vqa_cases(model, sizes: tuple[int, int], limit: int) -> list[GroundingC
             continue
         resized, resized_boxes, _ = resize_with_boxes(image, boxes, *sizes)
         image_t = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        explanation = explain(model, image_t, resized_boxes, q.text)
+        explanation = explain(model, image_t, resized_boxes, q.text, layout=layout)
         confidences = label_boxes(model.detector, image_t, resized_boxes).scores
         words = entity_positions(explanation.tokens, SHAPES)
         entities = [(positions, boxes[1:2]) for positions in words.values()]

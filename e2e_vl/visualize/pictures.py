@@ -14,7 +14,7 @@ from PIL import Image
 
 from detector.atomic import atomic_write_text
 from detector.transforms import resize_with_boxes
-from e2e_vl.visualize.attention import Explanation, explain
+from e2e_vl.visualize.attention import Explanation, TextLayout, explain
 from e2e_vl.visualize.drawing import DrawnBox, attention_overlay, contact_sheet, draw_boxes, save_png
 from e2e_vl.visualize.regions import attribute_names, class_names, label_boxes, label_text
 
@@ -46,7 +46,7 @@ def whole_image_first(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def look(model: torch.nn.Module, image_bgr: np.ndarray, boxes: np.ndarray, text: str, min_size: int,
          max_size: int, answer_names: Sequence[str] = (), task_classes: Sequence[str] = (),
-         top_k: int = 5) -> Look:
+         top_k: int = 5, layout: TextLayout = TextLayout()) -> Look:
     """Resize the image as the run's test input (`min_size`/`max_size`), label `boxes` (original pixels,
     box 0 the whole image) with the model's detector, run the model with attention recorded."""
     boxes = np.asarray(boxes, np.float32)
@@ -57,7 +57,7 @@ def look(model: torch.nn.Module, image_bgr: np.ndarray, boxes: np.ndarray, text:
     names = class_names(region.num_classes, task_classes)
     attrs = attribute_names(region.num_attributes) if region.attributes is not None else None
     labels = ["whole image"] + [label_text(region, i, names, attrs) for i in range(1, len(boxes))]
-    explanation = explain(model, image_t, boxes_t, text, answer_names, top_k)
+    explanation = explain(model, image_t, boxes_t, text, answer_names, top_k, layout)
     rgb = np.ascontiguousarray(image_bgr[..., ::-1])
     picture, drawn = draw_boxes(rgb, boxes, labels)
     return Look(np.asarray(boxes, np.float32), labels, region.scores, explanation, picture, drawn)
