@@ -6,6 +6,7 @@ steps by tools/train_net.py (so its folder is a real run's), the other architect
 run folder holds them."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -25,6 +26,17 @@ from e2e_vl.visualize.grounding import GroundingCase, grounding_table
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "easy_vqa" / "smoke.yaml"
 TOOLS = REPO / "tools"
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+visualize_attention = load_tool("visualize_attention")
+plot_run = load_tool("plot_run")
 
 
 def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -156,23 +168,27 @@ def test_look_draws_the_regions_and_attention_of_every_architecture(run_of_each_
         pictures.attention_pictures(look, image, [site], [99])
 
 
-def test_visualize_attention_tool_writes_pictures_and_refuses_bad_input(trained_run, tmp_path):
+def test_visualize_attention_tool_writes_pictures_and_refuses_bad_input(trained_run, tmp_path, capsys):
     image = tmp_path / "shape.png"
     Image.fromarray(np.ascontiguousarray(easy_image()[0][..., ::-1])).save(image)
-    r = run_tool("visualize_attention.py", str(trained_run), "--image", str(image), "--box", "10,10,40,40",
-                 "--text", "what shape is it?", "--sites", "layer5", "--heads", "0", "1",
-                 "--output", str(tmp_path / "vis"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert visualize_attention.main([str(trained_run), "--image", str(image), "--box", "10,10,40,40",
+                                     "--text", "what shape is it?", "--sites", "layer5", "--heads", "0", "1",
+                                     "--output", str(tmp_path / "vis")]) == 0
     assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == [
         "attention_layer5_head0.png", "attention_layer5_head1.png", "look.json", "regions.png"]
-    assert "2 regions" in r.stdout
-    bad = run_tool("visualize_attention.py", str(trained_run), "--image", str(image), "--box", "40,10,10,40",
-                   "--output", str(tmp_path / "bad"))
-    assert bad.returncode == 2 and "--box '40,10,10,40'" in bad.stderr
-    missing = run_tool("visualize_attention.py", str(tmp_path / "nowhere"), "--easy-vqa", "3", "--output",
-                       str(tmp_path / "bad"))
-    assert missing.returncode == 2 and "config.yaml" in missing.stderr
-    assert missing.stderr.strip().count("\n") == 0
+    assert "2 regions" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        visualize_attention.main([str(trained_run), "--image", str(image), "--box", "40,10,10,40",
+                                  "--output", str(tmp_path / "bad")])
+    assert exit_info.value.code == 2 and "--box '40,10,10,40'" in capsys.readouterr().err
+    assert visualize_attention.main([str(tmp_path / "nowhere"), "--easy-vqa", "3", "--output",
+                                     str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml" in err and err.strip().count("\n") == 0
+    assert visualize_attention.main([str(trained_run), "--easy-vqa", "3", "--sites", "x_layer0",
+                                     "--output", str(tmp_path / "bad")]) == 2
+    assert "unknown attention sites ['x_layer0']" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 # -- item 2: grounding -----------------------------------------------------------------------------------
@@ -197,8 +213,7 @@ def test_grounding_table_scores_the_grounding_head_one_and_computes_the_baseline
 
 
 def test_easy_vqa_grounding_tool_writes_table_plot_and_numbers(trained_run, tmp_path):
-    r = run_tool("visualize_attention.py", str(trained_run), "--grounding", "6", "--output", str(tmp_path))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert visualize_attention.main([str(trained_run), "--grounding", "6", "--output", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "grounding.json").read_text())
     assert record["num_entities"] == 6 and 0 <= record["baseline"] <= 1
     assert list(record["accuracy"]) == [f"layer{i}" for i in range(6)]
@@ -209,7 +224,7 @@ def test_easy_vqa_grounding_tool_writes_table_plot_and_numbers(trained_run, tmp_
 
 
 # -- item 5: training curve ------------------------------------------------------------------------------
-def test_a_run_ends_with_its_training_curve_and_plot_run_redraws_it(trained_run, tmp_path):
+def test_a_run_ends_with_its_training_curve_and_plot_run_redraws_it(trained_run, tmp_path, capsys):
     curve = trained_run / "training_curve.png"
     assert curve.is_file()  # written when the run ended
     first = Image.open(curve).convert("RGB")
@@ -218,11 +233,11 @@ def test_a_run_ends_with_its_training_curve_and_plot_run_redraws_it(trained_run,
         plot_area = first.crop((57, panel * 300 + 23, first.width - 9, (panel + 1) * 300 - 55))
         assert sum(colour_pixels(plot_area, c) for c in PALETTE[:4]) > 10, panel
     curve.unlink()
-    r = run_tool("plot_run.py", str(trained_run))
-    assert r.returncode == 0 and curve.is_file() and r.stdout.strip() == str(curve)
+    assert plot_run.main([str(trained_run)]) == 0
+    assert curve.is_file() and capsys.readouterr().out.strip() == str(curve)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\nnot json\n')
-    r = run_tool("plot_run.py", str(bad))
-    assert r.returncode == 2 and "metrics.jsonl line 2: not JSON" in r.stderr
+    assert plot_run.main([str(bad)]) == 2
+    assert "metrics.jsonl line 2: not JSON" in capsys.readouterr().err
     assert not (bad / "training_curve.png").exists()
