@@ -21,7 +21,11 @@ FONT_SIZE = 14
 
 
 def font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+    """PIL's built-in scalable font (Pillow >= 10.1); older Pillow has only its small bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
 
 
 def to_pil(image: np.ndarray | Image.Image) -> Image.Image:
