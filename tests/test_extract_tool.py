@@ -17,7 +17,7 @@ from detector.checkpoint import load_checkpoint, save_checkpoint
 from detector.config import load_cfg
 from detector.modeling import build_detector
 from detector.transforms import resize_shortest_edge
-from detector.roi_store import RoIRecord, RoIStore, RoIStoreWriter, read_npz
+from detector.roi_store import RoIRecord, RoIStore, RoIStoreWriter, read_npz, write_npz
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "vg" / "tiny_R_18_C4_attr.yaml"
@@ -481,10 +481,47 @@ def test_webdataset_input_and_visualization(tmp_path, weights):
     assert visualize_tool.main(["--store", str(tmp_path / "out"), "--image-id", "000000001",
                                 "--output", str(tmp_path / "vis"), "--max-boxes", "5"]) == 0
     png = cv2.imread(str(tmp_path / "vis" / "000000001.png"))
-    assert png.shape == (100, 140, 3)
+    assert png.shape[0] > 480 and png.shape[1] == round(140 * 480 / 100)  # scaled up, a legend below
     from detector.image_sources import load_image
 
-    assert (png != load_image(f"{shard}::000000001.jpg")).any(axis=2).mean() > 0.01  # boxes were drawn
+    original = cv2.resize(load_image(f"{shard}::000000001.jpg"), (png.shape[1], 480),
+                          interpolation=cv2.INTER_NEAREST)
+    assert (png[:480] != original).any(axis=2).mean() > 0.01  # boxes were drawn
+
+
+def test_visualize_is_readable_on_a_small_image_names_task_classes_and_makes_a_contact_sheet(tmp_path):
+    from e2e_vl.data.easy_vqa import REGION_CLASSES
+    from e2e_vl.visualize.drawing import PALETTE
+
+    image = tmp_path / "small.png"
+    cv2.imwrite(str(image), np.full((32, 48, 3), 200, np.uint8))
+    boxes = np.array([[0, 0, 48, 32], [4, 4, 20, 20], [24, 8, 44, 30]], np.float32)
+    cp = np.zeros((3, len(REGION_CLASSES) + 1), np.float16)
+    for i in range(3):
+        rec = RoIRecord(str(i), str(image), 32, 48, boxes=boxes, class_probs=cp,
+                        object_ids=np.array([0, 5, 23], np.int32),
+                        object_conf=np.array([0.9, 0.8, 0.7], np.float32))
+        write_npz(tmp_path, rec)
+    pictures = []
+    for i in range(3):
+        assert visualize_tool.main(["--store", str(tmp_path / f"{i}.npz"), "--output", str(tmp_path / "vis"),
+                                    "--classes", "easy_vqa", "--max-boxes", "2"]) == 0
+        pictures.append(cv2.imread(str(tmp_path / "vis" / f"{i}.png")))
+    rec = read_npz(tmp_path / "0.npz")
+    assert visualize_tool.box_labels(rec, 0.1, REGION_CLASSES)[1] == f"{REGION_CLASSES[5]} 0.80"
+    picture, drawn = visualize_tool.draw(cv2.imread(str(image)), rec, 2, 0.1, REGION_CLASSES)
+    assert len(drawn) == 2 and min(picture.size) >= 480  # 32 px scaled up to 480
+    rgb = np.asarray(picture)
+    for box in drawn:  # each drawn box's outline is there in its own colour; the third box is not drawn
+        assert (rgb == np.array(box.color, np.uint8)).all(axis=2).sum() > 100
+    assert not (rgb == np.array(PALETTE[2], np.uint8)).all(axis=2).any()
+    sheet = tmp_path / "sheet.png"
+    store = tmp_path / "store"
+    with RoIStoreWriter(store, {"test": True}) as out:
+        out.write_batch(read_npz(tmp_path / f"{i}.npz") for i in range(3))
+    assert visualize_tool.main(["--store", str(store), "--num", "3", "--output", str(tmp_path / "vis2"),
+                                "--contact-sheet", str(sheet), "--columns", "2"]) == 0
+    assert cv2.imread(str(sheet)).shape == (2 * 320, 2 * 320, 3)  # 3 pictures, 2 a row
 
 
 def test_visualize_labels_use_vg_names():

@@ -237,6 +237,10 @@ def main(args: argparse.Namespace) -> dict:
             _write_eval_record(cfg, task_spec, path, metrics)
     else:
         metrics = train(cfg, model, task, device, resume=args.resume)
+        if rank == 0:
+            from e2e_vl.visualize.curves import write_training_curve
+
+            logger.info("training curve -> %s", write_training_curve(cfg.OUTPUT_DIR))
     if rank == 0 and "accuracy" in metrics:
         kinds = [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in metrics.items() if k.startswith("accuracy/")]
         # what was counted: "num_questions" (VQA), "num_sentences" (RefCOCO+), ...

@@ -1,12 +1,17 @@
 #!/usr/bin/env python
-"""Draw stored regions on their images: one PNG per image with "attribute object score" labels.
+"""Draw stored regions on their images: one PNG per image with "attribute object score" labels, numbered
+boxes and a legend, small images scaled up so the labels stay readable; optionally all of them on one
+contact sheet.
 
     python tools/visualize_rois.py --store rois/ --image-id 139 --output vis/
     python tools/visualize_rois.py --store rois/139.npz --output vis/      # an npz file works too
+    python tools/visualize_rois.py --store rois/ --num 24 --output vis/ --contact-sheet vis/sheet.png
+    python tools/visualize_rois.py --store rois/ --num 8 --output vis/ --classes easy_vqa  # the demo detector
 
 What users look at first to decide whether to trust a detector: boxes in the right places, sensible
-names. Names come from the VG vocabulary when the store has 1600 classes / 400 attributes, otherwise
-(e.g. a test model) they are shown as `class<i>` / `attr<i>`.
+names. Names come from the VG vocabulary when the store has 1600 classes / 400 attributes, from --classes
+(easy_vqa: the demo detector's colour-shape classes, or a file with one name per line) when their number
+matches, otherwise they are shown as `class<i>` / `attr<i>`.
 """
 from __future__ import annotations
 
@@ -15,32 +20,31 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import cv2
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from detector import vocab  # noqa: E402
 from detector.image_sources import ImageError, load_image  # noqa: E402
 from detector.roi_store import RoIRecord, RoIStore, RoIStoreError, read_npz  # noqa: E402
+from e2e_vl.visualize.drawing import DrawnBox, contact_sheet, draw_boxes, save_png  # noqa: E402
+from e2e_vl.visualize.regions import class_names  # noqa: E402
+from PIL import Image  # noqa: E402
 
-# Distinct, readable colours (BGR), cycled over boxes.
-PALETTE = [(75, 25, 230), (75, 180, 60), (25, 225, 255), (200, 130, 0), (48, 130, 245), (180, 30, 145),
-           (240, 240, 70), (230, 50, 240), (60, 245, 210), (212, 190, 250), (128, 128, 0), (40, 110, 170)]
 
-
-def label_names(record: RoIRecord) -> tuple[list[str] | None, list[str] | None]:
-    """VG names if the record's score widths match the VG vocabulary, else None (numbered labels)."""
+def label_names(record: RoIRecord, task_classes: Sequence[str] = ()
+                ) -> tuple[list[str] | None, list[str] | None]:
+    """Class names for the record's score width (VG's, else `task_classes` when their number matches;
+    None = numbered labels) and VG attribute names when the width is VG's."""
     objects = attrs = None
-    if record.class_probs is not None and record.class_probs.shape[1] == vocab.NUM_OBJECTS + 1:
-        objects = vocab.object_names()
+    if record.class_probs is not None:
+        names = class_names(record.class_probs.shape[1] - 1, task_classes)
+        objects = None if names[0] == "class0" else names
     if record.attr_probs is not None and record.attr_probs.shape[1] == vocab.NUM_ATTRIBUTES + 1:
         attrs = vocab.attribute_names()
     return objects, attrs
 
 
-def box_labels(record: RoIRecord, attr_thresh: float) -> list[str]:
-    objects, attrs = label_names(record)
+def box_labels(record: RoIRecord, attr_thresh: float, task_classes: Sequence[str] = ()) -> list[str]:
+    objects, attrs = label_names(record, task_classes)
     labels = []
     for i in range(record.num_boxes):
         parts = []
@@ -57,23 +61,23 @@ def box_labels(record: RoIRecord, attr_thresh: float) -> list[str]:
     return labels
 
 
-def draw(image: np.ndarray, record: RoIRecord, max_boxes: int, attr_thresh: float) -> np.ndarray:
-    """Boxes (best first, as stored) with a filled label tag above each; line and font scale with size."""
-    out = image.copy()
-    scale = max(out.shape[:2]) / 800.0
-    thickness = max(1, int(round(2 * scale)))
-    font_scale = max(0.35, 0.5 * scale)
-    labels = box_labels(record, attr_thresh)
-    for i in range(min(record.num_boxes, max_boxes)):
-        x1, y1, x2, y2 = (int(round(float(v))) for v in record.boxes[i])
-        color = PALETTE[i % len(PALETTE)]
-        cv2.rectangle(out, (x1, y1), (x2, y2), color, thickness)
-        (tw, th), base = cv2.getTextSize(labels[i], cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
-        ty = y1 - 2 if y1 - th - base - 2 >= 0 else y1 + th + base + 2
-        cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 2, ty + 1), color, -1)
-        cv2.putText(out, labels[i], (x1 + 1, ty - base + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0),
-                    1, cv2.LINE_AA)
-    return out
+def draw(image_bgr, record: RoIRecord, max_boxes: int, attr_thresh: float, task_classes: Sequence[str] = ()
+         ) -> tuple[Image.Image, list[DrawnBox]]:
+    """The best `max_boxes` boxes (as stored, best first), numbered, with a legend of their labels."""
+    n = min(record.num_boxes, max_boxes)
+    labels = box_labels(record, attr_thresh, task_classes)[:n]
+    return draw_boxes(image_bgr[..., ::-1], record.boxes[:n], labels)
+
+
+def read_classes(spec: str | None) -> list[str]:
+    """--classes: "easy_vqa" (the demo detector's classes) or a file with one class name per line."""
+    if not spec:
+        return []
+    if spec == "easy_vqa":
+        from e2e_vl.data.easy_vqa import REGION_CLASSES
+
+        return list(REGION_CLASSES)
+    return [line.strip() for line in Path(spec).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def resolve_image_path(path: str, image_root: str | None) -> str:
@@ -91,7 +95,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-boxes", type=int, default=36, help="draw at most this many boxes (best first)")
     p.add_argument("--attr-thresh", type=float, default=0.1,
                    help="show an attribute only above this confidence")
+    p.add_argument("--classes", default=None,
+                   help="class names of a detector without VG's vocabulary: easy_vqa, or a file, one a line")
+    p.add_argument("--contact-sheet", default=None, help="also put every picture into this one PNG")
+    p.add_argument("--columns", type=int, default=4, help="pictures per row of the contact sheet")
     args = p.parse_args(argv)
+    try:
+        task_classes = read_classes(args.classes)
+    except OSError as exc:
+        print(f"error: --classes {args.classes}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
 
     try:
         if args.store.endswith(".npz"):
@@ -106,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     status = 0
+    pictures = []
     for record in records:
         path = resolve_image_path(record.path, args.image_root)
         try:
@@ -117,9 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if image.shape[:2] != (record.height, record.width):
             print(f"warning: {path} is {image.shape[1]}x{image.shape[0]} but the record says "
                   f"{record.width}x{record.height}; boxes may not line up", file=sys.stderr)
-        target = out_dir / f"{record.image_id}.png"
-        cv2.imwrite(str(target), draw(image, record, args.max_boxes, args.attr_thresh))
-        print(f"{target}: {min(record.num_boxes, args.max_boxes)} of {record.num_boxes} boxes")
+        picture, drawn = draw(image, record, args.max_boxes, args.attr_thresh, task_classes)
+        target = save_png(picture, out_dir / f"{record.image_id}.png")
+        pictures.append(picture)
+        print(f"{target}: {len(drawn)} of {record.num_boxes} boxes")
+    if args.contact_sheet and pictures:
+        sheet = save_png(contact_sheet(pictures, args.columns), args.contact_sheet)
+        print(f"{sheet}: {len(pictures)} images")
     return status
 
 

@@ -1,0 +1,1 @@
+"""Pictures and analyses of what a trained model sees: regions, answers, attention, grounding, curves."""
