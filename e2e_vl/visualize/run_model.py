@@ -12,8 +12,7 @@ from torch import nn
 
 from detector.config import CfgNode
 from e2e_vl.config import ConfigError, load_train_cfg
-
-BEST_NAME = "model_best.pth"
+from e2e_vl.engine.checkpoint import BEST_NAME
 
 
 def load_run(run_dir: str | Path, overrides: Sequence[str] = (), device: str = "cpu"
