@@ -80,13 +80,6 @@ def write_flickr30k(root: Path, sentences=None, objects=None) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from e2e_vl.modeling.hf import load_tokenizer
-
-    return load_tokenizer("")
-
-
 @pytest.fixture
 def flickr_root(tmp_path):
     return write_flickr30k(tmp_path / "flickr30k")

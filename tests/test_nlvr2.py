@@ -66,13 +66,6 @@ def write_nlvr2(root: Path, examples=None, drop_from_store: tuple[str, ...] = ()
     return root
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from e2e_vl.modeling.hf import load_tokenizer
-
-    return load_tokenizer("")
-
-
 @pytest.fixture
 def nlvr2_root(tmp_path):
     return write_nlvr2(tmp_path / "nlvr2")

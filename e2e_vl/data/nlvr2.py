@@ -18,7 +18,6 @@ it with the file, the line and the problem.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch.utils.data import Dataset
 from detector.image_sources import load_image
 from e2e_vl.data.catalog import DatasetError
 from e2e_vl.data.collate import collate_samples
+from e2e_vl.data.jsonl import json_objects
 from e2e_vl.data.transforms import ResizeFlip
 
 LABELS = {"True": 1, "False": 0}
@@ -67,37 +67,24 @@ def sentence_key(identifier: str) -> str:
 def read_nlvr2_jsonl(path: str | os.PathLike) -> list[NLVR2Example]:
     """Every example of one official file, validated (JSON object, identifier of four parts, a sentence,
     label "True" or "False", no identifier twice)."""
-    path = Path(path)
-    if not path.is_file():
-        raise NLVR2DataError(f"NLVR2 file not found: {path}")
     examples: list[NLVR2Example] = []
     seen: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise NLVR2DataError(f"{where}: not a JSON object ({exc})") from None
-            if not isinstance(raw, dict):
-                raise NLVR2DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-            missing = [k for k in ("identifier", "sentence", "label") if k not in raw]
-            if missing:
-                raise NLVR2DataError(f"{where}: missing key(s) {missing}")
-            identifier, sentence, label = raw["identifier"], raw["sentence"], raw["label"]
-            if not isinstance(identifier, str) or len(identifier.split("-")) != 4:
-                raise NLVR2DataError(f"{where}: identifier {identifier!r} is not "
-                                     "<split>-<set_id>-<pair_id>-<sentence_id>")
-            if not isinstance(sentence, str) or not sentence.strip():
-                raise NLVR2DataError(f"{where} ({identifier}): empty sentence")
-            if label not in LABELS:
-                raise NLVR2DataError(f"{where} ({identifier}): label {label!r} is not \"True\" or \"False\"")
-            if identifier in seen:
-                raise NLVR2DataError(f"{where}: identifier {identifier!r} already on {seen[identifier]}")
-            seen[identifier] = where
-            examples.append(NLVR2Example(identifier, sentence, LABELS[label], where))
+    for where, raw in json_objects(path, NLVR2DataError, "NLVR2 file"):
+        missing = [k for k in ("identifier", "sentence", "label") if k not in raw]
+        if missing:
+            raise NLVR2DataError(f"{where}: missing key(s) {missing}")
+        identifier, sentence, label = raw["identifier"], raw["sentence"], raw["label"]
+        if not isinstance(identifier, str) or len(identifier.split("-")) != 4:
+            raise NLVR2DataError(f"{where}: identifier {identifier!r} is not "
+                                 "<split>-<set_id>-<pair_id>-<sentence_id>")
+        if not isinstance(sentence, str) or not sentence.strip():
+            raise NLVR2DataError(f"{where} ({identifier}): empty sentence")
+        if label not in LABELS:
+            raise NLVR2DataError(f"{where} ({identifier}): label {label!r} is not \"True\" or \"False\"")
+        if identifier in seen:
+            raise NLVR2DataError(f"{where}: identifier {identifier!r} already on {seen[identifier]}")
+        seen[identifier] = where
+        examples.append(NLVR2Example(identifier, sentence, LABELS[label], where))
     if not examples:
         raise NLVR2DataError(f"{path}: no examples")
     return examples

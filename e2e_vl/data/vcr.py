@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 
 from detector.image_sources import ImageError, load_image
 from e2e_vl.data.catalog import DatasetError
+from e2e_vl.data.jsonl import json_objects
 from e2e_vl.data.transforms import ResizeFlip, swap_left_right
 
 # Rendered in turn for the people of an annotation (first person -> first name, ...): VL-BERT's
@@ -91,22 +92,8 @@ class VCRRecord:
 def read_vcr_jsonl(path: str | os.PathLike, labelled: bool) -> list[VCRRecord]:
     """Every annotation of one jsonl file, validated: keys present, texts well formed, every object
     reference within `objects`, the same number of choices per question, labels in range (`labelled`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise VCRDataError(f"VCR annotation file not found: {path}")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise VCRDataError(f"{where}: not a JSON object ({exc})") from None
-            if not isinstance(raw, dict):
-                raise VCRDataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-            records.append(_parse_record(raw, where, labelled))
+    records = [_parse_record(raw, where, labelled)
+               for where, raw in json_objects(path, VCRDataError, "VCR annotation file")]
     if not records:
         raise VCRDataError(f"{path}: no annotations")
     return records

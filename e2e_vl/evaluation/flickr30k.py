@@ -10,8 +10,7 @@ words, its 10 best boxes in original pixels and the IoU of each) and `flickr30k_
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ from detector.atomic import atomic_write_text
 from detector.structures import box_iou
 from e2e_vl import distributed as du
 from e2e_vl.data.flickr30k import POSITIVE_IOU
-from e2e_vl.evaluation.runner import evaluation_batches
+from e2e_vl.evaluation.runner import Evaluator
 
 RECALL_AT = (1, 5, 10)
 
@@ -39,20 +38,12 @@ def recall_metrics(ranked_ious: Sequence[Sequence[float]]) -> dict[str, float]:
     return out
 
 
-class Flickr30KEvaluator:
+class Flickr30KEvaluator(Evaluator):
     """Ranks every phrase's candidates by the model's `phrase_logits`; see the module docstring."""
-
-    def __init__(self, dataset, collate_fn: Callable, batch_size: int, device: torch.device,
-                 amp_dtype: torch.dtype | None = None, output_dir: str | Path | None = None,
-                 split: str = "val", num_workers: int = 0):
-        self.dataset, self.collate_fn, self.batch_size = dataset, collate_fn, batch_size
-        self.device, self.amp_dtype, self.num_workers = device, amp_dtype, num_workers
-        self.output_dir, self.split = (Path(output_dir) if output_dir is not None else None), split
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         ranked: dict[int, list[int]] = {}  # grounded phrase index -> candidate indices, best first
-        for indices, _, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn,
-                                                  self.device, self.amp_dtype, self.num_workers):
+        for indices, _, out in self.batches(model):
             phrase_ids = [p for i in indices for p in self.dataset.item_phrases(i)]
             logits = out["phrase_logits"].float().cpu()
             if logits.shape[0] != len(phrase_ids):

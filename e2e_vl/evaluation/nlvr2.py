@@ -9,16 +9,14 @@ official script and the leaderboard, test-P and test-U, take) and `nlvr2_<split>
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
-import torch
 from torch import nn
 
 from detector.atomic import atomic_write_text
 from e2e_vl import distributed as du
 from e2e_vl.data.nlvr2 import sentence_key
-from e2e_vl.evaluation.runner import evaluation_batches
+from e2e_vl.evaluation.runner import Evaluator
 
 
 def nlvr2_metrics(predictions: Mapping[str, bool], labels: Mapping[str, bool]) -> dict[str, float]:
@@ -38,21 +36,15 @@ def nlvr2_metrics(predictions: Mapping[str, bool], labels: Mapping[str, bool]) -
             "num_examples": float(len(labels)), "num_sentences": float(len(consistent))}
 
 
-class NLVR2Evaluator:
+class NLVR2Evaluator(Evaluator):
     """Scores the model's `nlvr2_logits` (arg-max; column 1 = True) on an NLVR2 data set; see the module
     docstring for what it writes."""
 
-    def __init__(self, dataset, collate_fn: Callable, batch_size: int, device: torch.device,
-                 amp_dtype: torch.dtype | None = None, output_dir: str | Path | None = None,
-                 split: str = "dev", num_workers: int = 0):
-        self.dataset, self.collate_fn, self.batch_size = dataset, collate_fn, batch_size
-        self.device, self.amp_dtype, self.num_workers = device, amp_dtype, num_workers
-        self.output_dir, self.split = (Path(output_dir) if output_dir is not None else None), split
+    default_split = "dev"
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         predicted: dict[str, bool] = {}
-        for indices, _, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn,
-                                                  self.device, self.amp_dtype, self.num_workers):
+        for indices, _, out in self.batches(model):
             picks = out["nlvr2_logits"].float().argmax(dim=1).tolist()
             if len(picks) != len(indices):
                 raise ValueError(f"the model scored {len(picks)} examples, the batch holds {len(indices)}")

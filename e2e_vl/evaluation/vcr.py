@@ -11,15 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path
-from typing import Callable
 
-import torch
 from torch import nn
 
 from detector.atomic import atomic_write_text
 from e2e_vl import distributed as du
-from e2e_vl.evaluation.runner import evaluation_batches
+from e2e_vl.evaluation.runner import Evaluator
 
 # annot_id -> group name -> (softmax over the choices, label or -1)
 GroupResults = dict[str, dict[str, tuple[list[float], int]]]
@@ -44,20 +41,12 @@ def vcr_metrics(results: GroupResults) -> dict[str, float]:
     return out
 
 
-class VCREvaluator:
+class VCREvaluator(Evaluator):
     """Scores the model's `vcr_logits` on a VCR data set; see the module docstring for what it writes."""
-
-    def __init__(self, dataset, collate_fn: Callable, batch_size: int, device: torch.device,
-                 amp_dtype: torch.dtype | None = None, output_dir: str | Path | None = None,
-                 split: str = "val", num_workers: int = 0):
-        self.dataset, self.collate_fn, self.batch_size = dataset, collate_fn, batch_size
-        self.device, self.amp_dtype, self.num_workers = device, amp_dtype, num_workers
-        self.output_dir, self.split = (Path(output_dir) if output_dir is not None else None), split
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         results: GroupResults = {}
-        for indices, _, out in evaluation_batches(model, self.dataset, self.batch_size, self.collate_fn,
-                                                  self.device, self.amp_dtype, self.num_workers):
+        for indices, _, out in self.batches(model):
             groups = [g for i in indices for g in self.dataset.item_groups(i)]
             logits = out["vcr_logits"].float()
             if logits.shape[0] != len(groups):
