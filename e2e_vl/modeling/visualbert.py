@@ -28,6 +28,7 @@ from detector.modeling import GeneralizedRCNN
 from e2e_vl.modeling.heads import HEADS, Encoded, HeadSpec, build_heads
 from e2e_vl.modeling.hf import BERT_SHAPE_KEYS, bert_text_config, copy_bert_text_side, load_hf_checkpoint
 from e2e_vl.modeling.hf_region_model import HFRegionModel, ModelOptions, build_hf_region_model
+from e2e_vl.modeling.region_encoder import batch_has_images
 from e2e_vl.modeling.registry import register_model
 
 
@@ -68,7 +69,7 @@ class VisualBert(HFRegionModel):
         token_types = batch["token_type_ids"].to(device)
         has_image = (batch["sample_image_index"].to(device) >= 0) & self.grounded
         visual, region_valid = None, torch.zeros(len(ids), 0, dtype=torch.bool, device=device)
-        if bool(has_image.any()):
+        if self.grounded and batch_has_images(batch):
             objects, valid = self.encode_regions(batch)
             slot = batch["sample_image_index"].to(device).clamp(min=0)
             visual, region_valid = objects[slot], valid[slot] & has_image[:, None]
