@@ -590,3 +590,19 @@ def test_sampler_shards_are_disjoint_and_resume_continues_the_same_order():
 
 if __name__ == "__main__":
     worker(sys.argv[1:])
+
+
+def test_solver_compile_compiles_the_model_before_its_first_step(tmp_path, monkeypatch):
+    import e2e_vl.engine.trainer as trainer
+
+    seen = []
+
+    def record(model):
+        seen.append((type(model).__name__, model.calls))  # calls: forward passes so far
+        return ["detector.backbone"]
+
+    monkeypatch.setattr(trainer, "compile_trunk_and_layers", record)
+    _train_in_process(tmp_path / "off", 1)
+    assert seen == []
+    _train_in_process(tmp_path / "on", 1, ["SOLVER.COMPILE", "True"])
+    assert seen == [("StandInModel", 0)]
