@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from transformers import BertConfig, BertModel
 
 from detector.config import get_cfg
@@ -58,15 +59,20 @@ def test_compiled_trunk_and_layers_give_the_eager_loss_and_gradients():
     if reason:
         pytest.skip(f"torch.compile cannot run here: {reason}")
     eager = tiny_vlbert().train()
+    for m in eager.modules():  # compiled dropout draws other random numbers than eager dropout
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
     compiled = copy.deepcopy(eager)
     names = compile_trunk_and_layers(compiled)
     assert names == ["detector.backbone", "bert.encoder.layer.0", "bert.encoder.layer.1"]
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints are unchanged
     b = batch()
+    losses = []
     for model in (eager, compiled):
-        model(b)["loss"].backward()
-    torch.testing.assert_close(compiled(b)["loss"], eager(b)["loss"], rtol=1e-4, atol=1e-5)
+        loss = model(b)["loss"]
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
-

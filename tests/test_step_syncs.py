@@ -54,3 +54,30 @@ def test_text_region_check_reads_the_sample_index_only_for_a_failing_batch():
     batch["sample_image_index"] = index
     with pytest.raises(ValueError, match=r"no region 1 \(regions per sample: \[2, None, 1\]\)"):
         check_text_region(batch, 1)
+
+
+def test_vqa_loss_of_an_all_question_batch_equals_the_masked_one_and_reads_no_device_value():
+    from transformers import BertConfig
+
+    from e2e_vl.modeling.heads import AnswerHead, Encoded, soft_bce_loss
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=8, num_attention_heads=2, intermediate_size=16)
+    head = AnswerHead(config, 5, torch.nn.Embedding(10, 8), dropout=0.0)
+    text = torch.randn(3, 4, 8)
+    batch = {"answer_pos": torch.tensor([1, 2, 3]), "vqa_targets": torch.rand(3, 5)}
+    encoded = Encoded(text, text[:, :0], torch.zeros(3, 0, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
+    out = head.outputs(encoded, batch)
+    everyone = torch.ones(3, dtype=torch.bool)  # what the loss selected before: every row
+    assert torch.equal(out["losses"]["vqa"],
+                       soft_bce_loss(out["vqa_logits"][everyone], batch["vqa_targets"][everyone]))
+    mixed = head.outputs(encoded, {**batch, "vqa_labelled": torch.tensor([True, False, True])})
+    two = [0, 2]
+    assert torch.equal(mixed["losses"]["vqa"],
+                       soft_bce_loss(out["vqa_logits"][two], batch["vqa_targets"][two]))
+
+    head.to("meta")
+    meta = Encoded(text.to("meta"), text[:, :0].to("meta"), encoded.region_valid.to("meta"),
+                   encoded.has_image.to("meta"))
+    loss = head.outputs(meta, {k: v.to("meta") for k, v in batch.items()})["losses"]["vqa"]
+    assert loss.device.type == "meta" and loss.shape == ()
