@@ -26,14 +26,14 @@ BOX_MATCH = 0.9  # share of the CPU's boxes that the device's record has (IoU >=
 
 # key, title, seconds on CUDA (their sum, 470 s, leaves the set-up steps time in an 8-minute call), step
 STEPS: list[tuple[str, str, int, StepFn]] = [
-    ("perf_train", "train_step.py: MFU and memory per batch size, syncs per step", 270,
+    ("perf_train", "train_step.py: MFU and memory per batch size, syncs per step", 250,
      bench("train_step",
            ["--device", "cuda", "--regions", "100", "36", "--batch-sizes", "8", "16", "24", "32", "48", "64",
             "--memory-cap-gib", str(MEMORY_CAP_GIB), "--no-stages", "--sync-debug", "--repeats", "5",
-            "--time-box", "230"],
+            "--time-box", "210"],
            ["--quick", "--device", "cpu", "--regions", "100", "36", "--batch-sizes", "1", "2",
             "--repeats", "1", "--no-stages", "--sync-debug", "--time-box", "60"], key="perf_train")),
-    ("perf_extract", "extract.py --tool: extract_rois.py on JPEG files, records vs CPU", 110,
+    ("perf_extract", "extract.py --tool: extract_rois.py on JPEG files, records vs CPU", 130,
      bench("extract",
            ["--device", "cuda", "--tool", "64", "--precision", "bf16", "--batch-size", "8", "--compare", "3"],
            ["--quick", "--device", "cpu", "--tool", "2", "--precision", "fp32", "--batch-size", "2",
