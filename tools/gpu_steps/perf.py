@@ -6,7 +6,7 @@ at most 8 minutes on a warm machine, by the benchmarks with the options for it.
   syncs of one training step (`torch.cuda.set_sync_debug_mode("warn")`).
 - perf_extract: benchmarks/extract.py --tool: tools/extract_rois.py on JPEG files (bf16, --features),
   steady images/s, and its records against the per-image CPU fp32 policy and a one-image call.
-- perf_roi: benchmarks/roi_align.py, every case (bf16 against torchvision's autocast path, and the
+- perf_roi: benchmarks/roi_align.py --quick, the 24 cases of docs/gpu_runs.md (bf16 against torchvision's
   deterministic backward against the fast one).
 
 `perf_targets` puts the measured values beside the targets (the report's "Perf targets (issue 30)")."""
@@ -38,8 +38,8 @@ STEPS: list[tuple[str, str, int, StepFn]] = [
            ["--device", "cuda", "--tool", "64", "--precision", "bf16", "--batch-size", "8", "--compare", "3"],
            ["--quick", "--device", "cpu", "--tool", "2", "--precision", "fp32", "--batch-size", "2",
             "--workers", "1", "--compare", "1"], key="perf_extract")),
-    ("perf_roi", "roi_align.py: every case, bf16 and deterministic backward", 90,
-     bench("roi_align", ["--device", "cuda"],
+    ("perf_roi", "roi_align.py: the 24 cases of docs/gpu_runs.md, bf16 and deterministic backward", 90,
+     bench("roi_align", ["--device", "cuda", "--quick"],
            ["--device", "cpu", "--quick", "--boxes", "10", "--repeats", "1"], key="perf_roi")),
 ]
 
