@@ -7,7 +7,7 @@ at most 8 minutes on a warm machine, by the benchmarks with the options for it.
 - perf_extract: benchmarks/extract.py --tool: tools/extract_rois.py on JPEG files (bf16, --features),
   steady images/s, and its records against the per-image CPU fp32 policy and a one-image call.
 - perf_roi: benchmarks/roi_align.py --quick, the 24 cases of docs/gpu_runs.md (bf16 against torchvision's
-  deterministic backward against the fast one).
+  autocast path, and the deterministic backward against the fast one).
 
 `perf_targets` puts the measured values beside the targets (the report's "Perf targets (issue 30)")."""
 from __future__ import annotations
