@@ -6,7 +6,8 @@
     python benchmarks/extract.py --device cuda --tool 64 --precision bf16 --json t.json   # the perf step
 
 Table 1: images/s with and without --features (ratio to the fp32 no-features row of the same device;
-with CUDA also bf16 autocast rows, batch 4), and the
+with CUDA also bf16 autocast rows, batch 4; with --fold also the CPU model with FrozenBN folded into the
+convolutions and channels-last weights, "fp32+fold"), and the
 share of time in decoding (+ resize), backbone, RPN, RoI heads and box selection (per-class NMS).
 "serial" counts decoding in the same process; "pipelined" is the model alone, which is what the tool
 reaches when its DataLoader workers decode ahead. Table 2: the box selection alone against a Python
@@ -27,6 +28,7 @@ device and precision (batch independence: equal bit for bit).
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import os
@@ -96,7 +98,9 @@ def sane_random_weights(model: torch.nn.Module, image: np.ndarray, min_size: int
 
 
 def bench_device(cfg_path: Path, device: torch.device, jpegs: list[bytes], batch: int, warmup: int,
-                 dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> list[dict]:
+                 dtypes: tuple[torch.dtype, ...] = (torch.float32,), fold: bool = False) -> list[dict]:
+    """Rows per dtype, with and without features; `fold`: also the float32 model with its FrozenBNs
+    folded into the convolutions and channels-last weights (`optimize_for_inference(float32)`)."""
     cfg = load_cfg(cfg_path, ["MODEL.DEVICE", str(device)])
     lo, hi = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
     torch.manual_seed(0)
@@ -107,10 +111,13 @@ def bench_device(cfg_path: Path, device: torch.device, jpegs: list[bytes], batch
     prepared = [prepare_image(decode_image(j), lo, hi) for j in jpegs]
     decode_s = (time.perf_counter() - t) / len(jpegs)
 
+    variants = [(str(d).replace("torch.", ""), model, d) for d in dtypes]
+    if fold:
+        folded = copy.deepcopy(model).optimize_for_inference(torch.float32)
+        variants.append(("fp32+fold", folded, torch.float32))
     rows = []
-    for dtype, features in [(d, f) for d in dtypes for f in (False, True)]:
-        ex = RegionExtractor(model, cfg.INPUT.FORMAT, Selection(), with_features=features,
-                             autocast_dtype=dtype)
+    for (label, net, dtype), features in [(v, f) for v in variants for f in (False, True)]:
+        ex = RegionExtractor(net, cfg.INPUT.FORMAT, Selection(), with_features=features, autocast_dtype=dtype)
         for i in range(warmup):
             ex(prepared[i * batch:(i + 1) * batch] or prepared[:batch])
         ex.timings.clear()
@@ -119,7 +126,7 @@ def bench_device(cfg_path: Path, device: torch.device, jpegs: list[bytes], batch
             boxes += sum(len(r["boxes"]) for r in ex(prepared[i:i + batch]))
         per_image = {k: ex.timings[k] / len(prepared) for k in STAGES}
         model_s = sum(per_image.values())
-        rows.append({"device": str(device), "dtype": str(dtype).replace("torch.", ""), "features": features,
+        rows.append({"device": str(device), "dtype": label, "features": features,
                      "decode": decode_s, **per_image,
                      "model": model_s, "boxes": boxes / len(prepared)})
     return rows
@@ -240,6 +247,8 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                     help="all: the CPU, then CUDA when available")
     ap.add_argument("--json", default="", help="also write the rows (seconds per image) to this file")
+    ap.add_argument("--fold", action="store_true",
+                    help="CPU: also rows of the model with FrozenBN folded and channels-last weights")
     ap.add_argument("--tool", type=int, default=0, metavar="N",
                     help="measure tools/extract_rois.py on N and 2N JPEG files instead (see above)")
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16", help="with --tool")
@@ -260,7 +269,8 @@ def main() -> None:
     jpegs = make_jpegs(n, h, w)
     rows = []
     if args.device in ("cpu", "all"):
-        rows += bench_device(cfg_path, torch.device("cpu"), jpegs, batch=1, warmup=1 if args.quick else 0)
+        rows += bench_device(cfg_path, torch.device("cpu"), jpegs, batch=1, warmup=1 if args.quick else 0,
+                             fold=args.fold)
     if args.device in ("cuda", "all") and torch.cuda.is_available():
         rows += bench_device(cfg_path, torch.device("cuda"), make_jpegs(max(n, 32), h, w), batch=4, warmup=2,
                              dtypes=(torch.float32, torch.bfloat16))
@@ -268,7 +278,7 @@ def main() -> None:
     name = "tiny R18-C4" if args.quick else "VG R101-C4"
     print(f"\nExtraction, {name}, {n} {w}x{h} JPEGs (resized per config), torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
-    head = (f"{'device':<8} {'dtype':<8} {'features':<8} {'s/img':>8} {'serial img/s':>12} "
+    head = (f"{'device':<8} {'dtype':<9} {'features':<8} {'s/img':>8} {'serial img/s':>12} "
             f"{'pipelined img/s':>15} {'ratio':>6} {'boxes':>6} "
             + " ".join(f"{s:>9}" for s in ("decode", *STAGES)))
     print(head)
@@ -278,7 +288,7 @@ def main() -> None:
         total = r["decode"] + r["model"]
         base.setdefault(r["device"], r["model"])
         shares = [r["decode"] / total] + [r[s] / total for s in STAGES]
-        print(f"{r['device']:<8} {r['dtype']:<8} {'yes' if r['features'] else 'no':<8} {total:>8.3g} "
+        print(f"{r['device']:<8} {r['dtype']:<9} {'yes' if r['features'] else 'no':<8} {total:>8.3g} "
               f"{1 / total:>12.3g} {1 / r['model']:>15.3g} "
               f"{base[r['device']] / r['model']:>6.2f} {r['boxes']:>6.1f} "
               + " ".join(f"{100 * s:>8.1f}%" for s in shares))
