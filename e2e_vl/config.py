@@ -150,6 +150,9 @@ def _training_defaults() -> dict:
             "SKIP_NONFINITE_STEPS": 0,
             "AMP": {"DTYPE": "none"},  # none | bf16 | fp16 (fp16 uses a gradient scaler)
             "GRADIENT_CHECKPOINTING": False,
+            # torch.compile of the detector's trunk and of every transformer layer (e2e_vl/engine/compile.py):
+            # the same losses within float noise, faster steps after the first few (which compile).
+            "COMPILE": False,
             # Parameters left untouched: regular expressions matched (re.search) against parameter names,
             # e.g. "bert\\.embeddings\\.word_embeddings" (a 30k x h table that a small task barely uses).
             "FREEZE_PARAMS": [],

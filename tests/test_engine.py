@@ -623,3 +623,19 @@ def test_model_best_holds_the_weights_only_not_a_second_full_copy(tmp_path, trai
         load_checkpoint_file(best_path)
     assert load_weights_file(best_path)["step"] == 4  # what --eval-only MODEL.WEIGHTS model_best.pth reads
     assert train_net._is_training_checkpoint(str(best_path))
+
+
+def test_solver_compile_compiles_the_model_before_its_first_step(tmp_path, monkeypatch):
+    import e2e_vl.engine.trainer as trainer
+
+    seen = []
+
+    def record(model):
+        seen.append((type(model).__name__, model.calls))  # calls: forward passes so far
+        return ["detector.backbone"]
+
+    monkeypatch.setattr(trainer, "compile_trunk_and_layers", record)
+    _train_in_process(tmp_path / "off", 1)
+    assert seen == []
+    _train_in_process(tmp_path / "on", 1, ["SOLVER.COMPILE", "True"])
+    assert seen == [("StandInModel", 0)]

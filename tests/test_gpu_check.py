@@ -4,6 +4,7 @@ the targets, the wheel repacking."""
 from __future__ import annotations
 
 import base64
+import importlib.util
 import hashlib
 import json
 import os
@@ -251,3 +252,126 @@ def test_requirements_pin_what_is_installed_here():
     cmd = gpu_wheels.pip_download_command(Path("d"), ["lmdb==1.4"])
     assert cmd[-1] == "lmdb==1.4" and "--no-deps" in cmd and cmd[cmd.index("--python-version") + 1] == "3.12"
     assert "torch" not in " ".join(cmd)
+
+
+# ------------------------------------------------------------------------------------------------------
+# STEPS=perf (issue 30)
+
+
+def _load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_perf_dry_run_measures_every_target_row(tmp_path):
+    from gpu_steps import perf
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--device", "cpu",
+                        "--steps", "perf", "--out", str(out), "--work", str(tmp_path / "work")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    report = (out / "gpu_report.md").read_text()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + report[-3000:]
+    rows = steps_table(report)
+    assert "pytest -m cuda tests" not in rows  # perf alone
+    assert [rows[title][0] for _, title, _, _ in perf.STEPS] == ["pass"] * 3, rows
+    assert "## Perf targets (issue 30)" in report
+    data = json.loads((out / "gpu_report.json").read_text())
+    targets = data["perf_targets"]
+    assert len(targets) == 7
+    # both region counts measured, batch sizes in order; each judged at the largest batch that ran
+    train_rows = data["results"]["perf_train"]["rows"]
+    assert {r["regions"] for r in train_rows if "step_ms" in r} == {100, 36}
+    for t in targets[:2]:
+        assert "at batch " in t["measured"] and t["verdict"] == "n/a (dry run: CPU, tiny sizes)", t
+    assert "boxes matched 100%" in targets[2]["measured"]
+    assert "equal to a one-image call: yes" in targets[2]["measured"]
+    assert "median" in targets[3]["measured"] and targets[3]["verdict"] == "n/a (dry run: CPU, tiny sizes)"
+    # no CUDA: no deterministic backward, no GPU memory, no sync count; said so, not guessed
+    assert [t["verdict"] for t in targets[4:]] == ["not measured"] * 3
+
+
+def test_perf_targets_beside_measurements():
+    from gpu_steps import perf
+
+    def row(regions, batch, mfu, mem, syncs):
+        return {"regions": regions, "batch": batch, "step_ms": 100.0, "mfu_meas": 0.5, "mfu_spec": mfu,
+                "memory_gib": mem, "syncs": syncs}
+
+    train = [row(100, 8, 0.20, 9.0, 3), row(100, 16, 0.36, 17.5, 3),
+             {"regions": 100, "batch": 32, "oom": True},
+             row(36, 8, 0.25, 8.0, 0), {"regions": 36, "batch": 16, "skipped": "time box"}]
+    roi = [_roi_row("bfloat16", 1.0, 1.0, 3.0, 3.0, det=1.2),
+           _roi_row("bfloat16", 1.0, 1.0, 1.0, 1.8, det=1.4),
+           _roi_row("bfloat16", 1.0, 1.0, 2.5, 2.5, det=1.0)]  # 3x, 1.4x, 2.5x: median 2.5, one < 1.5
+    compare = [{"matched": 1.0, "feature_rel_err_median": 0.01, "equal_to_one_image_call": True},
+               {"matched": 0.95, "feature_rel_err_median": 0.02, "equal_to_one_image_call": True}]
+    tool = {"images_per_s": 70.0, "images_per_s_with_start": 30.0, "precision": "bf16", "batch": 8,
+            "workers": 8, "compare": compare}
+    results = {"perf_train": {"rows": train}, "perf_roi": {"rows": roi}, "perf_extract": {"tool": tool}}
+    t = perf.perf_targets(results, dry=False)
+    assert [r["verdict"] for r in t] == ["met", "missed", "met", "missed (median 2.50x, min 1.40x)", "met",
+                                         "reported", "partly (1 of 3 cases)"]
+    assert "36.0% of the dense bf16 spec at batch 16; batch 32 did not fit" in t[0]["measured"]
+    assert "at batch 8; no batch tried ran out of memory" in t[1]["measured"]
+    assert "100 regions batch 16: 17.5 GiB" in t[5]["measured"]
+    # records off the CPU policy, or depending on the batch: the speed alone does not pass
+    compare[1]["feature_rel_err_median"] = 0.2
+    assert perf.perf_targets(results, dry=False)[2]["verdict"] == "met; records NOT within the tolerance"
+    compare[1].update(feature_rel_err_median=0.02, equal_to_one_image_call=False)
+    assert perf.perf_targets(results, dry=False)[2]["verdict"] == "met; records NOT within the tolerance"
+    assert {r["verdict"] for r in perf.perf_targets({}, dry=False)} == {"not measured"}
+
+
+def test_count_syncs_counts_the_warnings_of_sync_debug_mode(monkeypatch):
+    import warnings
+
+    import torch
+
+    ts = _load_benchmark("train_step")
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+    def step():
+        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation")
+
+    count, sites = ts.count_syncs(step)
+    assert count == 3 and sum(sites.values()) == 3 and len(sites) == 2
+    assert all(s.startswith("test_gpu_check.py:") for s in sites)
+    assert modes == ["warn", "default"]  # restored
+
+
+def test_train_step_stops_a_region_count_at_the_first_oom_and_keeps_the_rows(monkeypatch, tmp_path):
+    import torch
+
+    ts = _load_benchmark("train_step")
+    calls = []
+
+    def fake_measure(model, opt, autocast, batch, device, *args, **kwargs):
+        n = len(batch["boxes"])
+        calls.append((batch["boxes"][0].shape[0] - 1, n))
+        if n >= 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return {"step_ms": 10.0 * n, "tflop_per_step": 1e-3 * n, "memory_gib": None, "syncs": None,
+                "sync_sites": None, "shares": None}
+
+    monkeypatch.setattr(ts, "measure", fake_measure)
+    monkeypatch.setattr(ts, "matmul_peak", lambda device, n: 1e12)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    js = tmp_path / "t.json"
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--quick", "--device", "cpu", "--regions", "5", "3",
+                                      "--batch-sizes", "1", "2", "4", "8", "--json", str(js)])
+    ts.main()
+    assert calls == [(5, 1), (5, 2), (5, 4), (3, 1), (3, 2), (3, 4)]  # batch 8 never tried
+    rows = json.loads(js.read_text())["rows"]
+    assert [(r["regions"], r["batch"], r.get("oom", False)) for r in rows] == [
+        (5, 1, False), (5, 2, False), (5, 4, True), (3, 1, False), (3, 2, False), (3, 4, True)]
+    assert rows[1]["images_per_s"] == pytest.approx(100.0) and rows[1]["mfu_meas"] == pytest.approx(0.1)

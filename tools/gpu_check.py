@@ -16,6 +16,10 @@ result recorded even when another step fails:
   4. demo      the demo's two stages (configs/easy_vqa/detector.yaml, export, configs/easy_vqa/e2e.yaml)
                with MODEL.DEVICE cuda and bf16 autocast; stage 2 is SIGKILLed once half way and resumed
   5. ddp       stage 2 on two processes (only with two GPUs)
+  6. perf      only when named (`STEPS=perf`, its own call of at most 8 minutes): every row of issue
+               30's targets (gpu_steps/perf.py): MFU and memory per batch size up to 40 GiB, syncs per
+               training step, extract_rois.py img/s on JPEG files with its records checked against the
+               CPU, every RoIAlign case
 
 `DIR/gpu_report.md` (rewritten after every step, so a run cut short still leaves one) holds the
 machine, versions, pass/fail and wall time per step, every table, and the targets of issue 17 beside
@@ -34,13 +38,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpu_steps import bench, ddp, demo, machine, prepare, pytest_cuda, sanitizer
-from gpu_steps.common import CHECKS, REPO, Step
+from gpu_steps import bench, ddp, demo, machine, perf, prepare, pytest_cuda, sanitizer
+from gpu_steps.common import CHECKS, DEFAULT_CHECKS, REPO, Step
 from gpu_steps.runner import Check, StepFn
 
 CUDA_CAPS = {"wheels": 120, "build": 300, "pytest": 180, "smoke": 60, "memcheck": 120, "racecheck": 120,
              "roi_align": 120, "detector_speed": 150, "extract": 120, "train_step": 150, "stage1": 180,
-             "export": 60, "stage2": 240, "resume": 240, "ddp": 240}  # seconds per step; 240 each dry
+             "export": 60, "stage2": 240, "resume": 240, "ddp": 240,
+             **{key: cap for key, _, cap, _ in perf.STEPS}}  # seconds per step; 240 each dry
 
 
 def run_all(check: Check) -> int:
@@ -90,6 +95,9 @@ def run_all(check: Check) -> int:
         step("resume", "demo", "stage 2 --resume to the end, test accuracy", demo.resume)
     if "ddp" in check.selected:
         step("ddp", "ddp", "stage 2 on two processes (torchrun)", ddp.ddp)
+    if "perf" in check.selected:
+        for key, title, _, fn in perf.STEPS:
+            step(key, "perf", title, fn)
     check.write_report(final=True)
     bad = [s for s in check.steps if s.status in ("fail", "timeout")]
     print(f"[gpu-check] report: {check.out / 'gpu_report.md'}; "
@@ -109,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds for the whole run (default 540 on CUDA, 900 for the dry run)")
     ap.add_argument("--steps", default="",
-                    help=f"comma list of checks to run (default all): {','.join(CHECKS)}")
+                    help=f"comma list of checks to run: {','.join(CHECKS)} "
+                         f"(default {','.join(DEFAULT_CHECKS)})")
     ap.add_argument("--skip", default="", help="comma list of step keys to skip, e.g. build,memcheck,ddp")
     ap.add_argument("--smoke", action="store_true",
                     help="only the RoIAlign smoke program (what the sanitizers run)")

@@ -28,6 +28,7 @@ from detector.config import CfgNode, ConfigError
 from e2e_vl import distributed as du
 from e2e_vl.config import run_length_notes
 from e2e_vl.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from e2e_vl.engine.compile import compile_trunk_and_layers
 from e2e_vl.engine.logger import MetricWriter, ProgressMeter
 from e2e_vl.engine.optim import build_lr_scheduler, build_optimizer, freeze_params, lr_factor
 from e2e_vl.engine.sampler import EpochLoader, ResumableBatchSampler
@@ -130,6 +131,9 @@ def train(cfg: CfgNode, model: VLModel, task: TrainTask, device: torch.device, r
     amp_dtype = AMP_DTYPES[s.AMP.DTYPE]
     if s.GRADIENT_CHECKPOINTING:
         model.enable_gradient_checkpointing()
+    if s.COMPILE:
+        logger.info("SOLVER.COMPILE: torch.compile of %d modules (the trunk and the transformer layers)",
+                    len(compile_trunk_and_layers(model)))
 
     # --- data, optimiser, schedule, scaler ----------------------------------------------------------
     frozen = freeze_params(model, list(s.FREEZE_PARAMS))

@@ -300,10 +300,14 @@ class AnswerHead(Head):
         pos = batch["answer_pos"].to(encoded.text.device)
         logits = self(encoded.text[torch.arange(len(pos), device=pos.device), pos])
         losses = {}
-        # `vqa_labelled`: a batch mixing questions into other samples (pre-training)
         if "vqa_targets" in batch:
-            use = batch.get("vqa_labelled", torch.ones(len(pos), dtype=torch.bool)).to(logits.device)
-            losses["vqa"] = soft_bce_loss(logits[use], batch["vqa_targets"].to(logits.device)[use])
+            targets = batch["vqa_targets"].to(logits.device)
+            labelled = batch.get("vqa_labelled")  # a batch mixing questions into other samples (pre-training)
+            if labelled is None:  # every sample a question: no boolean index (it would wait on the device)
+                losses["vqa"] = soft_bce_loss(logits, targets)
+            else:
+                use = labelled.to(logits.device)
+                losses["vqa"] = soft_bce_loss(logits[use], targets[use])
         return {"vqa_logits": logits, "losses": losses}
 
 

@@ -22,7 +22,7 @@ from detector.modeling import GeneralizedRCNN
 from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads
 from e2e_vl.modeling.hf import BERT_SHAPE_KEYS, bert_text_config, copy_bert_text_side, load_hf_checkpoint
 from e2e_vl.modeling.hf_region_model import HFRegionModel
-from e2e_vl.modeling.region_encoder import ModelOptions, check_region_width, pad_per_image
+from e2e_vl.modeling.region_encoder import ModelOptions, batch_has_images, check_region_width, pad_per_image
 from e2e_vl.modeling.registry import register_model
 
 # LXMERT's object-relationship and cross-modality depths, used when no checkpoint says otherwise.
@@ -121,7 +121,8 @@ class Lxmert(HFRegionModel):
         ids = batch["input_ids"].to(device)
         image_index = batch["sample_image_index"].to(device)
         has_image = image_index >= 0
-        if bool(has_image.any()):
+        any_image = batch_has_images(batch)
+        if any_image:
             features, positions, valid = self.region_inputs(batch)
             slot = image_index.clamp(min=0)
             keep = has_image[:, None, None]  # text-only samples see zeros, not another sample's image
@@ -137,6 +138,6 @@ class Lxmert(HFRegionModel):
             attention_mask=batch["text_mask"].to(device).long(), visual_attention_mask=region_valid.long(),
             token_type_ids=batch["token_type_ids"].to(device),
         )
-        k_len = region_valid.shape[1] if bool(has_image.any()) else 0
+        k_len = region_valid.shape[1] if any_image else 0
         return Encoded(out.language_output, out.vision_output[:, :k_len], region_valid[:, :k_len], has_image,
                        out.pooled_output)

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from detector.checkpoint import CheckpointError, load_checkpoint
 from detector.checkpoint.export import DETECTOR_KEY_PREFIX, TRAINED_PREFIXES
@@ -123,13 +124,22 @@ def token_region_features(sample_objects: torch.Tensor, batch: dict[str, Any], t
     return sample_objects.gather(1, index)
 
 
+def batch_has_images(batch: dict[str, Any]) -> bool:
+    """Whether any sample of the batch has an image: `(sample_image_index >= 0).any()`, decided from the
+    length of the per-image box list (host data: `collate_samples` makes an image slot only for a sample
+    that refers to it), so that a GPU step does not wait on the device for it."""
+    return len(batch.get("boxes") or ()) > 0
+
+
 def check_text_region(batch: dict[str, Any], default_region: int) -> None:
     """A sample that has an image but no region `default_region` (when the batch grounds no word itself)
-    is an error, not a padding feature. Checked on the collated CPU box lists, so a GPU step does not
-    wait on the device for it."""
+    is an error, not a padding feature. Decided from the box lists' lengths (host data: every image is
+    some sample's), so a GPU step waits on the device only to name the samples of a failing batch."""
     if batch.get("text_region_index") is not None:
         return
     counts = [len(b) for b in batch["boxes"]]
+    if all(n > default_region for n in counts):
+        return
     per_sample = [counts[i] if i >= 0 else None for i in batch["sample_image_index"].tolist()]
     if any(n is not None and n <= default_region for n in per_sample):
         raise ValueError(f"MODEL.VLBERT.TEXT_REGION {default_region}: a sample of this batch has no region "
@@ -288,19 +298,20 @@ class RegionEncoder(nn.Module):
 
     def region_appearance(
         self, batch: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
         """The detector's pooled feature of every region of every image, flat over images: appearance
         `[R, C]` (standardised when APPEARANCE_NORM is running), boxes `[R, 4]` (resized-image pixels),
-        the (w, h) of each region's image `[R, 2]`, and the number of regions per image `[N]`."""
+        the (w, h) of each region's image `[R, 2]`, and the number of regions per image (host ints, from
+        the box lists' lengths, so that padding per image never waits on the device)."""
         boxes = [b.to(self.detector.device).float() for b in batch["boxes"]]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_detector):
             res4 = self.detector.features(self.backbone_input(batch))
             appearance = self.detector.region_outputs(res4, boxes, scores=False)["features"]
         if self.appearance_norm is not None:
             appearance = self.appearance_norm(appearance)
-        counts = torch.tensor([len(b) for b in boxes], device=appearance.device)
-        sizes = batch["image_sizes"].to(appearance.device)
-        image_wh = sizes[:, [1, 0]].repeat_interleave(counts, dim=0)
+        counts = [len(b) for b in boxes]
+        wh = batch["image_sizes"].to(appearance.device).flip(1)
+        image_wh = torch.cat([wh[i:i + 1].expand(n, 2) for i, n in enumerate(counts)])
         return appearance, torch.cat(boxes), image_wh, counts
 
     def mask_region_features(self, features: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
@@ -320,10 +331,9 @@ class RegionEncoder(nn.Module):
         return pad_per_image(objects, counts)
 
 
-def pad_per_image(flat: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of all images `[R, D]` -> `[N, K_max, D]` zero-padded, and the validity `[N, K_max]`."""
-    k_max = int(counts.max())
-    valid = torch.arange(k_max, device=counts.device)[None, :] < counts[:, None]
-    padded = flat.new_zeros((len(counts), k_max, flat.shape[1]))
-    padded[valid] = flat
-    return padded, valid
+def pad_per_image(flat: torch.Tensor, counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of all images `[R, D]` -> `[N, K_max, D]` zero-padded, and the validity `[N, K_max]`. The
+    sizes are host ints: no device value decides a shape, so nothing here waits on the device."""
+    rows = flat.split(list(counts))
+    valid = [torch.ones(len(r), dtype=torch.bool, device=flat.device) for r in rows]
+    return pad_sequence(list(rows), batch_first=True), pad_sequence(valid, batch_first=True)

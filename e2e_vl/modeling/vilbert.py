@@ -30,7 +30,8 @@ from e2e_vl.config import register_config
 from detector.modeling import GeneralizedRCNN
 from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads, check_heads
 from e2e_vl.modeling.hf import modern_bert_names
-from e2e_vl.modeling.region_encoder import (Body, ModelOptions, RegionEncoder, check_region_width,
+from e2e_vl.modeling.region_encoder import (Body, ModelOptions, RegionEncoder, batch_has_images,
+                                            check_region_width,
                                             pad_per_image)
 from e2e_vl.modeling.registry import register_model
 
@@ -340,14 +341,14 @@ class ViLBert(RegionEncoder):
         real `[B, 1 + K_max]` ([IMG] always is)."""
         device = has_image.device
         global_location = torch.tensor(GLOBAL_LOCATION, device=device)
-        if not bool(has_image.any()):
+        if not batch_has_images(batch):
             empty = self.image_embeddings(torch.zeros(1, 1, self.appearance_dim, device=device),
                                           global_location.view(1, 1, -1))
             return empty.expand(len(has_image), 1, -1), has_image.new_ones(len(has_image), 1)
         appearance, boxes, image_wh, counts = self.region_appearance(batch)
         features, valid = pad_per_image(self.mask_region_features(appearance, batch), counts)
         locations, _ = pad_per_image(box_locations(boxes, image_wh), counts)
-        mean = features.sum(1) / counts.clamp(min=1)[:, None].to(features.dtype)  # padding rows are zero
+        mean = features.sum(1) / valid.sum(1).clamp(min=1)[:, None].to(features.dtype)  # padding rows: 0
         features = torch.cat([mean[:, None], features], dim=1)
         locations = torch.cat([global_location.expand(len(counts), 1, -1), locations], dim=1)
         valid = torch.cat([valid.new_ones(len(counts), 1), valid], dim=1)

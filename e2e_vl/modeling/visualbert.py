@@ -29,7 +29,7 @@ from detector.modeling import GeneralizedRCNN
 from e2e_vl.modeling.heads import HEADS, Encoded, HeadSpec, build_heads
 from e2e_vl.modeling.hf import BERT_SHAPE_KEYS, bert_text_config, copy_bert_text_side, load_hf_checkpoint
 from e2e_vl.modeling.hf_region_model import HFRegionModel
-from e2e_vl.modeling.region_encoder import Body, ModelOptions, check_region_width
+from e2e_vl.modeling.region_encoder import Body, ModelOptions, batch_has_images, check_region_width
 from e2e_vl.modeling.registry import register_model
 
 
@@ -144,7 +144,7 @@ class VisualBert(HFRegionModel):
         has_image = (batch["sample_image_index"].to(device) >= 0) & self.grounded
         visual, region_valid = None, torch.zeros(len(ids), 0, dtype=torch.bool, device=device)
         visual_types = None  # VisualBertModel's default: visual segment 1 for every region
-        if bool(has_image.any()):
+        if self.grounded and batch_has_images(batch):
             objects, valid = self.encode_regions(batch)
             slot = batch["sample_image_index"].to(device).clamp(min=0)
             visual, region_valid = objects[slot], valid[slot] & has_image[:, None]

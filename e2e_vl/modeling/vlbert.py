@@ -21,7 +21,8 @@ from e2e_vl.modeling.embeddings import VisualLayerNorms
 from e2e_vl.modeling.heads import Encoded, HeadSpec, build_heads, check_heads
 from e2e_vl.modeling.hf import extend_token_types
 from e2e_vl.modeling.init_from import ReleaseState
-from e2e_vl.modeling.region_encoder import (Body, ModelOptions, RegionEncoder, check_text_region,
+from e2e_vl.modeling.region_encoder import (Body, ModelOptions, RegionEncoder, batch_has_images,
+                                            check_text_region,
                                             token_region_features)
 from e2e_vl.modeling.registry import register_model
 from e2e_vl.modeling.vlbert_weights import is_vlbert_release, read_vlbert_release
@@ -189,7 +190,7 @@ class VLBert(RegionEncoder):
         hidden = self.bert.config.hidden_size
         words = self.bert.embeddings.word_embeddings(ids)
 
-        if bool(has_image.any()):
+        if batch_has_images(batch):
             check_text_region(batch, self.text_region)
             objects, valid = self.encode_regions(batch)  # [N, K, h], [N, K]
             slot = image_index.clamp(min=0)

@@ -19,23 +19,27 @@ TARGETS = {  # issue 17
 }
 
 
-def bench(name: str, args_gpu: list[str], args_cpu: list[str], json_out: bool = True) -> StepFn:
-    """The step that runs benchmarks/<name>.py (args_cpu in the dry run) and keeps its JSON results."""
+def bench(name: str, args_gpu: list[str], args_cpu: list[str], json_out: bool = True,
+          key: str | None = None) -> StepFn:
+    """The step that runs benchmarks/<name>.py (args_cpu in the dry run) and keeps its JSON results as
+    `check.results[key]` (default: the name)."""
+    key = key or name
+
     def fn(check: Check, s: Step, timeout: float) -> None:
-        js = check.work / f"bench_{name}.json"
+        js = check.work / f"bench_{key}.json"
         js.unlink(missing_ok=True)
         cmd = [PY, str(REPO / "benchmarks" / f"{name}.py"), *(args_cpu if check.dry else args_gpu)]
         if json_out:
             cmd += ["--json", str(js)]
         s.command = fmt_cmd(cmd)
-        proc = check.run(cmd, timeout, name=f"bench-{name}")
+        proc = check.run(cmd, timeout, name=f"bench-{key}")
         s.table = proc.stdout.strip()
         if check.from_proc(s, proc) and json_out:
             if not js.exists():
                 s.status, s.note = "fail", "no JSON written"
                 return
-            check.results[name] = json.loads(js.read_text())
-            s.note = f"{len(check.results[name].get('rows', []))} rows"
+            check.results[key] = json.loads(js.read_text())
+            s.note = f"{len(check.results[key]['rows'])} rows" if "rows" in check.results[key] else ""
     return fn
 
 
@@ -87,7 +91,7 @@ def targets_from(results: dict, dry: bool) -> list[dict]:
                  "verdict": verdict})
     ts = results.get("train_step") or {}
     mfu = [(r["regions"], r["mfu_spec"] if r.get("mfu_spec") is not None else r["mfu_meas"])
-           for r in ts.get("rows", [])]
+           for r in ts.get("rows", []) if "mfu_meas" in r]
     basis = "of the dense bf16 spec" if any(r.get("mfu_spec") is not None for r in ts.get("rows", [])) else \
         "of the bf16 matmul peak measured in the run"
     rows.append({"target": TARGETS["mfu"], "goal": ">= 35%",

@@ -12,9 +12,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
-CHECKS = ("pytest", "sanitizer", "bench", "demo", "ddp")  # what --steps selects; setup always runs
+CHECKS = ("pytest", "sanitizer", "bench", "demo", "ddp", "perf")  # what --steps selects; setup always runs
+DEFAULT_CHECKS = ("pytest", "sanitizer", "bench", "demo", "ddp")  # without --steps (perf has its own call)
 GROUP_TITLES = {"setup": "0. setup", "pytest": "1. pytest -m cuda", "sanitizer": "2. compute-sanitizer",
-                "bench": "3. benchmarks", "demo": "4. end-to-end demo", "ddp": "5. two-process DDP"}
+                "bench": "3. benchmarks", "demo": "4. end-to-end demo", "ddp": "5. two-process DDP",
+                "perf": "6. perf (issue 30)"}
 ACCURACY = re.compile(r"(\w+) accuracy: ([0-9.]+) \((\d+) questions\)(?:; by type: (.*))?")
 
 

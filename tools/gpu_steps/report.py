@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from .bench import targets_from
 from .common import CHECKS, GROUP_TITLES
+from .perf import perf_targets
 
 if TYPE_CHECKING:
     from .runner import Check
@@ -57,6 +58,11 @@ def write_report(check: Check, final: bool = False) -> None:
               "| --- | --- | --- | --- |"]
     for t in targets_from(check.results, check.dry):
         lines.append(f"| {t['target']} | {t['goal']} | {t['measured']} | {t['verdict']} |")
+    if "perf" in check.selected:
+        lines += ["", "## Perf targets (issue 30)", "", "| target | goal | measured | verdict |",
+                  "| --- | --- | --- | --- |"]
+        for t in perf_targets(check.results, check.dry):
+            lines.append(f"| {t['target']} | {t['goal']} | {t['measured']} | {t['verdict']} |")
     d1, d2 = check.results.get("demo_stage1") or {}, check.results.get("demo_stage2") or {}
     if d1 or d2:
         lines += ["", "## End-to-end demo", "", "| | |", "| --- | --- |"]
@@ -88,6 +94,7 @@ def write_report(check: Check, final: bool = False) -> None:
     (check.out / "gpu_report.json").write_text(json.dumps(
         {"mode": "dry-run" if check.dry else "cuda", "env": check.env_info,
          "steps": [asdict(s) for s in check.steps], "targets": targets_from(check.results, check.dry),
+         "perf_targets": perf_targets(check.results, check.dry) if "perf" in check.selected else [],
          "results": check.results, "finished": final}, indent=1, default=str))
 
 

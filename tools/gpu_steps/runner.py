@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .common import CHECKS, REPO, Proc, Step, fmt_cmd, tail
+from .common import CHECKS, DEFAULT_CHECKS, REPO, Proc, Step, fmt_cmd, tail
 from .report import write_report
 
 StepFn = Callable[["Check", Step, float], None]  # fills step.status/note within the timeout (seconds)
@@ -35,7 +35,7 @@ class Check:
         self.log_path = self.out / "gpu_check_log.txt"
         self.log_path.write_text(f"tools/gpu_check.py {' '.join(sys.argv[1:])}\n")
         self.site = self.work / "site"  # the carried wheels, installed (on PYTHONPATH of every step)
-        selected = set(args.steps.split(",")) if args.steps else set(CHECKS)
+        selected = set(args.steps.split(",")) if args.steps else set(DEFAULT_CHECKS)
         unknown = selected - set(CHECKS)
         if unknown:
             raise SystemExit(f"--steps: unknown {sorted(unknown)}; choose from {','.join(CHECKS)}")
