@@ -237,7 +237,7 @@ def main(args: argparse.Namespace) -> dict:
             _write_eval_record(cfg, task_spec, path, metrics)
     else:
         metrics = train(cfg, model, task, device, resume=args.resume)
-        if rank == 0:
+        if rank == 0 and (Path(cfg.OUTPUT_DIR) / "metrics.jsonl").is_file():  # none when nothing was logged
             from e2e_vl.visualize.curves import write_training_curve
 
             logger.info("training curve -> %s", write_training_curve(cfg.OUTPUT_DIR))
