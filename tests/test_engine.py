@@ -26,7 +26,8 @@ from detector.checkpoint import CheckpointError  # noqa: E402
 from e2e_vl.config import get_train_cfg  # noqa: E402
 from e2e_vl import distributed as du  # noqa: E402
 from e2e_vl.engine.checkpoint import (  # noqa: E402
-    Checkpointer, capture_rng_state, load_checkpoint_file, load_weights_file, restore_rng_state)
+    Checkpointer, capture_rng_state, is_weights_file, load_checkpoint_file, load_weights_file,
+    restore_rng_state)
 from e2e_vl.engine.logger import setup_logging  # noqa: E402
 from e2e_vl.engine.optim import build_optimizer, lr_factor  # noqa: E402
 from e2e_vl.engine.sampler import EpochLoader, ResumableBatchSampler  # noqa: E402
@@ -603,7 +604,7 @@ if __name__ == "__main__":
     worker(sys.argv[1:])
 
 
-def test_model_best_holds_the_weights_only_not_a_second_full_copy(tmp_path, train_net):
+def test_model_best_holds_the_weights_only_not_a_second_full_copy(tmp_path):
     """model_best.pth is for evaluating and fine-tuning: weights, step, metric and config, without the
     optimiser state that only the resumable step checkpoints need (AdamW's two moments: 2x the weights)."""
     from e2e_vl.engine.checkpoint import BEST_KEYS
@@ -622,7 +623,7 @@ def test_model_best_holds_the_weights_only_not_a_second_full_copy(tmp_path, trai
     with pytest.raises(ValueError, match="missing"):  # never resumed from
         load_checkpoint_file(best_path)
     assert load_weights_file(best_path)["step"] == 4  # what --eval-only MODEL.WEIGHTS model_best.pth reads
-    assert train_net._is_training_checkpoint(str(best_path))
+    assert is_weights_file(best_path) and not is_weights_file(REPO / "README.md")
 
 
 def test_solver_compile_compiles_the_model_before_its_first_step(tmp_path, monkeypatch):

@@ -92,11 +92,11 @@ def _load_eval_weights(cfg, model, device) -> str:
     """Weights for --eval-only: MODEL.WEIGHTS if it is a training checkpoint, else MODEL.INIT_FROM (the
     model was built from it, e.g. a fine-tuned VL-BERT release), else the newest checkpoint of OUTPUT_DIR."""
     from e2e_vl.config import ConfigError
-    from e2e_vl.engine.checkpoint import Checkpointer, load_weights_file
+    from e2e_vl.engine.checkpoint import Checkpointer, is_weights_file, load_weights_file
 
     from e2e_vl.modeling.init_from import load_trained_model
 
-    if cfg.MODEL.WEIGHTS and _is_training_checkpoint(cfg.MODEL.WEIGHTS):
+    if cfg.MODEL.WEIGHTS and is_weights_file(cfg.MODEL.WEIGHTS):
         state, path = load_weights_file(cfg.MODEL.WEIGHTS, device), cfg.MODEL.WEIGHTS
     elif cfg.MODEL.INIT_FROM:
         report = getattr(model, "init_report", None)
@@ -118,8 +118,9 @@ def _eval_run_config(cfg):
     """--eval-only of a run's checkpoint (MODEL.WEIGHTS, or the newest of OUTPUT_DIR): the config with the
     MODEL keys of that run (its config.yaml beside the file), so the model it trained is rebuilt."""
     from e2e_vl.config import adopt_run_model
+    from e2e_vl.engine.checkpoint import is_weights_file
 
-    if cfg.MODEL.WEIGHTS and _is_training_checkpoint(cfg.MODEL.WEIGHTS):
+    if cfg.MODEL.WEIGHTS and is_weights_file(cfg.MODEL.WEIGHTS):
         weights, run_config = cfg.MODEL.WEIGHTS, Path(cfg.MODEL.WEIGHTS).parent / "config.yaml"
     elif cfg.MODEL.INIT_FROM:  # a start the config describes, evaluated as built
         return cfg
@@ -127,16 +128,6 @@ def _eval_run_config(cfg):
         weights, run_config = cfg.OUTPUT_DIR, Path(cfg.OUTPUT_DIR) / "config.yaml"
     return adopt_run_model(cfg, run_config, weights) if run_config.is_file() else cfg
 
-
-def _is_training_checkpoint(path: str) -> bool:
-    """A file the trainer wrote (a step checkpoint or the weights-only model_best.pth)."""
-    from e2e_vl.engine.checkpoint import load_weights_file
-
-    try:
-        load_weights_file(path)
-        return True
-    except Exception:  # a detector-only weight file: the build loads it into the detector
-        return False
 
 
 def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -195,6 +186,7 @@ def main(args: argparse.Namespace) -> dict:
     from e2e_vl.config import ConfigError
     from e2e_vl import distributed as du
     from e2e_vl.engine.logger import setup_logging
+    from e2e_vl.engine.checkpoint import is_weights_file
     from e2e_vl.engine.trainer import train
     from e2e_vl.modeling import build_model
 
@@ -220,7 +212,7 @@ def main(args: argparse.Namespace) -> dict:
         _warn_cpu_autocast(cfg.SOLVER.AMP.DTYPE)
     seed_everything(cfg.SEED)  # the same initial weights on every rank
     build_cfg = cfg
-    if args.eval_only and cfg.MODEL.WEIGHTS and _is_training_checkpoint(cfg.MODEL.WEIGHTS):
+    if args.eval_only and cfg.MODEL.WEIGHTS and is_weights_file(cfg.MODEL.WEIGHTS):
         build_cfg = cfg.clone()  # an unfrozen copy: the whole-model checkpoint is loaded below instead
         build_cfg.MODEL.WEIGHTS = ""
     model = build_model(build_cfg, task_spec.arch(cfg)).to(device)

@@ -56,6 +56,17 @@ def load_weights_file(path: str | os.PathLike, map_location: str | torch.device 
     return _load(path, map_location, WEIGHTS_KEYS)
 
 
+def is_weights_file(path: str | os.PathLike) -> bool:
+    """Whether `path` looks like a file the trainer wrote (its top level has "model" and "step"), told
+    without reading its tensors (memory-mapped), so asking costs nothing for a 900 MB checkpoint. A file
+    that looks so but is damaged is then refused with the reason by `load_weights_file`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format torch file (a .pkl, safetensors, an old-format file, ...)
+        return False
+    return isinstance(state, dict) and all(k in state for k in WEIGHTS_KEYS)
+
+
 def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a resumable training checkpoint safely: everything `REQUIRED_KEYS` names must be there."""
     return _load(path, map_location, REQUIRED_KEYS)
