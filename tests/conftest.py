@@ -24,6 +24,14 @@ def pytest_collection_modifyitems(config, items):
         has_d2 = True
     except ImportError:
         has_d2 = False
+    # The longest tests first: pytest-xdist hands tests out in this order, so a test of many minutes that
+    # started late would finish alone on one worker while the other idles. `slow(minutes=...)` marks them;
+    # the others keep their order (a module's tests together, for its module-scoped fixtures).
+    def minutes(item) -> float:
+        mark = item.get_closest_marker("slow")
+        return mark.kwargs.get("minutes", 0.0) if mark else 0.0
+
+    items.sort(key=minutes, reverse=True)
     for item in items:
         if "cuda" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))

@@ -53,7 +53,7 @@ def steps_table(report: str) -> dict[str, tuple[str, str]]:
     return rows
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=1.5)
 def test_cpu_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -18,7 +18,7 @@ import pytest
 from demo_stages import run_script, stage1_detector
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=10)
 @pytest.mark.timeout(3600)  # stage 1 at the demo's size, then pre-training: tens of minutes on 2 busy cores
 def test_pretraining_reads_the_region_and_pixel_masking_takes_the_clue_away(tmp_path):
     weights = stage1_detector(tmp_path, steps=1200, images=0, batch=16, timeout=1800)  # the demo's stage 1

@@ -115,7 +115,7 @@ SMOKE = [  # the demo config on ~4 easy-VQA images, a few small steps at a high 
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=2)
 def test_demo_config_smoke_run_learns_resumes_exactly_and_evaluates(tmp_path):
     weights = stage1_detector(tmp_path)
     stage1 = torch.load(weights, weights_only=True)["model"]
