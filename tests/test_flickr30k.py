@@ -12,72 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from detector.roi_store import RoIRecord, RoIStoreWriter
 from e2e_vl.data.flickr30k import (Flickr30KCollator, Flickr30KDataError, Flickr30KDataset, gt_boxes,
-                                   parse_caption, read_annotation, read_flickr30k, store_boxes)
+                                   parse_caption, read_annotation, read_flickr30k, store_boxes, store_records)
 from e2e_vl.data.transforms import ResizeFlip
 from e2e_vl.evaluation.flickr30k import Flickr30KEvaluator, recall_metrics
+from tiny import FLICKR_H, FLICKR_OBJECTS, FLICKR_SENTENCES, FLICKR_W, write_flickr30k
 
 REPO = Path(__file__).resolve().parents[1]
-H, W = 40, 56
-SENTENCES = {
-    "1000": ["[/EN#1/people A man] in [/EN#2/clothing a red shirt] holds [/EN#3/other two cups] in "
-             "[/EN#4/scene a kitchen] .",
-             "[/EN#1/people The man] drinks [/EN#0/notvisual something] with [/EN#5/bodyparts his hands] ."],
-    "1001": ["[/EN#11/animals A dog] jumps over [/EN#12/other a fence] ."],
-    # chain 7: two boxes, neither alone overlapping their union enough; chain 9: nobndbox
-    "1002": ["[/EN#7/animals Two dogs] sit on [/EN#8/other a mat] .",
-             "[/EN#9/bodyparts Their tails] are hidden by [/EN#7/animals the dogs] ."],
-}
-# image -> [(chain ids, 1-based xmin ymin xmax ymax, or "nobndbox" / "scene")]
-OBJECTS = {
-    "1000": [(["1"], (2, 2, 20, 38)), (["2"], (4, 10, 18, 30)), (["3"], (30, 5, 40, 15)),
-             (["3"], (42, 5, 52, 15)), (["4"], "scene"), (["5"], "nobndbox")],
-    "1001": [(["11"], (5, 5, 30, 35)), (["12"], (1, 20, 56, 40))],
-    "1002": [(["7"], (1, 1, 16, 21)), (["7"], (26, 1, 41, 21)), (["8"], (1, 21, 56, 40)),
-             (["9"], "nobndbox")],
-}
-SPLITS = {"train": ["1000", "1001"], "val": ["1002"], "test": ["1002"]}
-# RoI store boxes (0-based): for 1002 the union of chain 7 ([0, 0, 40, 20]), one of its parts, the mat
-STORE = {"1000": [[1, 1, 19, 37], [29, 4, 51, 14]], "1001": [[4, 4, 29, 34]],
-         "1002": [[0, 0, 40, 20], [0, 0, 15, 20], [0, 20, 55, 39]]}
-
-
-def _xml(image_id: str, objects) -> str:
-    parts = [f"<annotation><filename>{image_id}.jpg</filename><size><width>{W}</width><height>{H}</height>"
-             "<depth>3</depth></size>"]
-    for names, box in objects:
-        tags = "".join(f"<name>{n}</name>" for n in names)
-        if isinstance(box, tuple):
-            x1, y1, x2, y2 = box
-            tags += (f"<bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax>"
-                     "</bndbox>")
-        else:
-            tags += (f"<nobndbox>{int(box == 'nobndbox')}</nobndbox><scene>{int(box == 'scene')}</scene>")
-        parts.append(f"<object>{tags}</object>")
-    return "\n".join(parts) + "</annotation>\n"
-
-
-def write_flickr30k(root: Path, sentences=None, objects=None) -> Path:
-    """The official layout under `root`: Sentences/, Annotations/, train/val/test.txt, the images in
-    flickr30k-images/ and an RoI store rois/ keyed by image id."""
-    sentences, objects = sentences or SENTENCES, objects or OBJECTS
-    for folder in ("Sentences", "Annotations", "flickr30k-images"):
-        (root / folder).mkdir(parents=True)
-    for split, ids in SPLITS.items():
-        (root / f"{split}.txt").write_text("\n".join(ids) + "\n")
-    records = []
-    for image_id, lines in sentences.items():
-        (root / "Sentences" / f"{image_id}.txt").write_text("\n".join(lines) + "\n")
-        (root / "Annotations" / f"{image_id}.xml").write_text(_xml(image_id, objects[image_id]))
-        image = np.full((H, W, 3), 220, np.uint8)
-        cv2.rectangle(image, (4, 4), (30, 30), (30, 120, 200), -1)
-        cv2.imwrite(str(root / "flickr30k-images" / f"{image_id}.jpg"), image)
-        records.append(RoIRecord(image_id, f"{image_id}.jpg", H, W,
-                                 boxes=np.array(STORE[image_id], np.float32)))
-    with RoIStoreWriter(root / "rois", {"fingerprint": "test"}) as writer:
-        writer.write_batch(records)
-    return root
+H, W = FLICKR_H, FLICKR_W
 
 
 @pytest.fixture
@@ -90,7 +32,7 @@ def _dataset(root: Path, split: str, tokenizer, boxes: str = "roi_store") -> Fli
 
     captions, annotations, grounded = read_flickr30k(root, split)
     candidates = (gt_boxes(annotations) if boxes == "gt"
-                  else store_boxes(RoIStore(root / "rois"), sorted(annotations), split))
+                  else store_boxes(store_records(RoIStore(root / "rois"), sorted(annotations), split)))
     return Flickr30KDataset(captions, annotations, grounded, candidates, root / "flickr30k-images", tokenizer,
                             ResizeFlip(H, W))
 
@@ -99,7 +41,7 @@ def _dataset(root: Path, split: str, tokenizer, boxes: str = "roi_store") -> Fli
 # reading
 # ---------------------------------------------------------------------------------------------------
 def test_markup_annotations_and_union_boxes_are_read_as_the_official_reader(flickr_root):
-    caption = parse_caption(SENTENCES["1000"][0], "x:1", "1000")
+    caption = parse_caption(FLICKR_SENTENCES["1000"][0], "x:1", "1000")
     assert " ".join(caption.words) == "A man in a red shirt holds two cups in a kitchen ."
     assert [(p.chain_id, p.types, p.first_word, p.num_words) for p in caption.phrases] == [
         ("1", ("people",), 0, 2), ("2", ("clothing",), 3, 3), ("3", ("other",), 7, 2),
@@ -204,7 +146,8 @@ def test_evaluation_against_union_boxes_leaves_nobndbox_phrases_out(flickr_root,
 # bad input: one error naming the file and the line
 # ---------------------------------------------------------------------------------------------------
 def test_unclosed_markup_is_named_with_its_line(tmp_path):
-    bad = dict(SENTENCES, **{"1000": [SENTENCES["1000"][0], "[/EN#1/people The man drinks water ."]})
+    bad = dict(FLICKR_SENTENCES, **{"1000": [FLICKR_SENTENCES["1000"][0],
+                                             "[/EN#1/people The man drinks water ."]})
     root = write_flickr30k(tmp_path / "f", bad)
     with pytest.raises(Flickr30KDataError, match=r"Sentences[/\\]1000\.txt:2: phrase \[/EN#1 \.\.\. does not "
                                                   r"close \(no '\]' before the end of the line\)"):
@@ -212,7 +155,7 @@ def test_unclosed_markup_is_named_with_its_line(tmp_path):
 
 
 def test_a_phrase_whose_entity_the_xml_lacks_is_named_with_its_line(tmp_path):
-    bad = dict(OBJECTS, **{"1001": [(["12"], (1, 20, 56, 40))]})  # chain 11 gone
+    bad = dict(FLICKR_OBJECTS, **{"1001": [(["12"], (1, 20, 56, 40))]})  # chain 11 gone
     root = write_flickr30k(tmp_path / "f", objects=bad)
     with pytest.raises(Flickr30KDataError, match=r"1001\.txt:1: phrase /EN#11 is not an entity of .*"
                                                   r"Annotations[/\\]1001\.xml"):
@@ -241,7 +184,7 @@ def test_short_training_run(flickr_root, tmp_path, train_net, config):
 
 
 def test_bad_input_stops_train_net_before_training(tmp_path, train_net, capsys):
-    bad = dict(SENTENCES, **{"1001": ["[/EN#11/animals A dog jumps ."]})
+    bad = dict(FLICKR_SENTENCES, **{"1001": ["[/EN#11/animals A dog jumps ."]})
     root = write_flickr30k(tmp_path / "f", bad)
     out = tmp_path / "run"
     assert train_net.cli(_args("tiny.yaml", root, out)) == 2

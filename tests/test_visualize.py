@@ -22,6 +22,7 @@ from transformers import BertConfig, BertModel
 from e2e_vl.visualize.attention import AttentionSite, attention_probabilities, record_projections
 from e2e_vl.visualize.drawing import PALETTE
 from e2e_vl.visualize.grounding import GroundingCase, grounding_table
+from tiny import FLICKR_SENTENCES, write_flickr30k
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "easy_vqa" / "smoke.yaml"
@@ -221,6 +222,76 @@ def test_easy_vqa_grounding_tool_writes_table_plot_and_numbers(trained_run, tmp_
     assert "Baseline (region of highest detector confidence)" in (tmp_path / "grounding.md").read_text()
     plot = Image.open(tmp_path / "grounding.png").convert("RGB")
     assert colour_pixels(plot, PALETTE[2]) > 100  # the baseline's line is drawn
+
+
+def test_flickr30k_grounding_tool_counts_every_boxed_phrase_and_names_a_missing_split(trained_run, tmp_path,
+                                                                                       capsys):
+    root = write_flickr30k(tmp_path / "flickr30k")
+
+    def grounding(*args: str) -> int:
+        return visualize_attention.main([str(trained_run), "--grounding", "5", "--flickr30k", str(root),
+                                         *args])
+
+    out = tmp_path / "train"
+    assert grounding("--split", "train", "--rois", "rois", "--output", str(out)) == 0
+    record = json.loads((out / "grounding.json").read_text())
+    # six phrases with a box; chain 0 (notvisual), the scene chain and the nobndbox chain are left out
+    assert record["num_entities"] == 6 and 0 <= record["baseline"] <= 1
+    assert list(record["accuracy"]) == [f"layer{i}" for i in range(6)]
+    assert "6 entities" in (out / "grounding.md").read_text()
+    assert colour_pixels(Image.open(out / "grounding.png").convert("RGB"), PALETTE[2]) > 100
+    # the annotation's boxes as candidates (no --rois): val's three phrases with a box
+    assert grounding("--output", str(tmp_path / "val")) == 0
+    assert json.loads((tmp_path / "val" / "grounding.json").read_text())["num_entities"] == 3
+    capsys.readouterr()
+    assert grounding("--split", "test", "--rois", "nowhere", "--output", str(tmp_path / "bad")) == 2
+    assert "--rois" in capsys.readouterr().err
+    (root / "test.txt").unlink()
+    assert grounding("--split", "test", "--output", str(tmp_path / "bad")) == 2
+    err = capsys.readouterr().err
+    assert f"split file not found: {root / 'test.txt'}" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "bad").exists()
+
+
+def test_flickr30k_cases_score_the_head_that_attends_from_each_phrase_s_last_piece(trained_run, tmp_path,
+                                                                                    monkeypatch):
+    """Each phrase's word pieces are found in the caption the model read (a repeated word and a word of
+    several pieces included): a head attending to the right region from each phrase's last piece only
+    scores 1.0; the baseline takes the store's detector scores."""
+    from e2e_vl.visualize import grounding
+    from e2e_vl.visualize.attention import TextLayout
+    from e2e_vl.visualize.run_model import load_run
+
+    sentences = {**FLICKR_SENTENCES, "1002": [
+        "A mat lies under [/EN#7/animals two dachshunds] on [/EN#8/other the mat] .",
+        "[/EN#9/bodyparts Their tails] are hidden by [/EN#7/animals the dogs] ."]}
+    root = write_flickr30k(tmp_path / "flickr30k", sentences, scores=True)
+    # attention columns: 0 the whole image, then the store's boxes: 1 chain 7's union, 2 a part of it (right
+    # for no phrase), 3 the mat. Per caption: the position of each phrase's last word piece -> its column.
+    # [CLS] a mat lies under two da ##chs ##hun ##ds on the mat . / [CLS] their tails are hidden by the dogs .
+    right = {"a mat lies under two dachshunds on the mat .": {9: 1, 12: 3},
+             "their tails are hidden by the dogs .": {7: 1}}
+    real_explain = grounding.explain
+
+    def explain(model, image, boxes, text, **kwargs):
+        out = real_explain(model, image, boxes, text, **kwargs)
+        att = np.zeros((2, len(out.tokens), len(boxes) + 1))
+        att[:, :, 2] = 1.0  # every word of both heads looks at the part ...
+        for position, column in right[text.lower()].items():
+            att[0, position] = np.eye(len(boxes) + 1)[column]  # ... but head 0 from each phrase's last piece
+        out.attention = {"layer0": att}
+        return out
+
+    monkeypatch.setattr(grounding, "explain", explain)
+    _, model, _ = load_run(trained_run)
+    cases = grounding.flickr30k_cases(model, (64, 64), root, "val", 0, TextLayout(80), rois="rois")
+    assert [[positions for positions, _ in case.entities] for case in cases] == [
+        [[5, 6, 7, 8, 9], [11, 12]], [[6, 7]]]
+    np.testing.assert_array_equal(cases[0].entities[0][1], [[0, 0, 40, 20]])  # the union of chain 7's boxes
+    table = grounding_table(cases)
+    assert table.num_entities == 3
+    np.testing.assert_array_equal(table.accuracy["layer0"], [1.0, 0.0])
+    assert table.baseline == pytest.approx(2 / 3)  # the store's best-scored box, chain 7's union: not the mat
 
 
 # -- item 5: training curve ------------------------------------------------------------------------------

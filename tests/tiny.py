@@ -1,7 +1,7 @@
 """Tiny models, samples and files that several test modules share (test modules import from here, never
 from each other): a random detector of the ResNet-50 layout at narrow widths, a 2-layer BERT at width 32
-with BERT's uncased vocabulary (so real tokenizer output fits), caption data for pre-training, and a
-hostile checkpoint."""
+with BERT's uncased vocabulary (so real tokenizer output fits), caption data for pre-training, Flickr30K
+Entities files, and a hostile checkpoint."""
 from __future__ import annotations
 
 import json
@@ -119,6 +119,72 @@ def write_caption_data(root: Path) -> None:
     with RoIStoreWriter(root / "rois", {"fingerprint": "test"}) as writer:
         writer.write_batch(records)
     (root / "text.txt").write_text("squares and circles come in colours\nthe sky is blue today\n")
+
+
+# ---- Flickr30K Entities files ------------------------------------------------------------------------
+FLICKR_H, FLICKR_W = 40, 56
+FLICKR_SENTENCES = {
+    "1000": ["[/EN#1/people A man] in [/EN#2/clothing a red shirt] holds [/EN#3/other two cups] in "
+             "[/EN#4/scene a kitchen] .",
+             "[/EN#1/people The man] drinks [/EN#0/notvisual something] with [/EN#5/bodyparts his hands] ."],
+    "1001": ["[/EN#11/animals A dog] jumps over [/EN#12/other a fence] ."],
+    # chain 7: two boxes, neither alone overlapping their union enough; chain 9: nobndbox
+    "1002": ["[/EN#7/animals Two dogs] sit on [/EN#8/other a mat] .",
+             "[/EN#9/bodyparts Their tails] are hidden by [/EN#7/animals the dogs] ."],
+}
+# image -> [(chain ids, 1-based xmin ymin xmax ymax, or "nobndbox" / "scene")]
+FLICKR_OBJECTS = {
+    "1000": [(["1"], (2, 2, 20, 38)), (["2"], (4, 10, 18, 30)), (["3"], (30, 5, 40, 15)),
+             (["3"], (42, 5, 52, 15)), (["4"], "scene"), (["5"], "nobndbox")],
+    "1001": [(["11"], (5, 5, 30, 35)), (["12"], (1, 20, 56, 40))],
+    "1002": [(["7"], (1, 1, 16, 21)), (["7"], (26, 1, 41, 21)), (["8"], (1, 21, 56, 40)),
+             (["9"], "nobndbox")],
+}
+FLICKR_SPLITS = {"train": ["1000", "1001"], "val": ["1002"], "test": ["1002"]}
+# RoI store boxes (0-based): for 1002 the union of chain 7 ([0, 0, 40, 20]), one of its parts, the mat
+FLICKR_STORE = {"1000": [[1, 1, 19, 37], [29, 4, 51, 14]], "1001": [[4, 4, 29, 34]],
+                "1002": [[0, 0, 40, 20], [0, 0, 15, 20], [0, 20, 55, 39]]}
+# detector scores of the store's boxes, written with `write_flickr30k(..., scores=True)`
+FLICKR_STORE_SCORES = {"1000": [0.6, 0.7], "1001": [0.8], "1002": [0.9, 0.2, 0.5]}
+
+
+def _flickr_xml(image_id: str, objects) -> str:
+    parts = [f"<annotation><filename>{image_id}.jpg</filename><size><width>{FLICKR_W}</width>"
+             f"<height>{FLICKR_H}</height><depth>3</depth></size>"]
+    for names, box in objects:
+        tags = "".join(f"<name>{n}</name>" for n in names)
+        if isinstance(box, tuple):
+            x1, y1, x2, y2 = box
+            tags += (f"<bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax>"
+                     "</bndbox>")
+        else:
+            tags += (f"<nobndbox>{int(box == 'nobndbox')}</nobndbox><scene>{int(box == 'scene')}</scene>")
+        parts.append(f"<object>{tags}</object>")
+    return "\n".join(parts) + "</annotation>\n"
+
+
+def write_flickr30k(root: Path, sentences=None, objects=None, scores: bool = False) -> Path:
+    """The official layout under `root`: Sentences/, Annotations/, train/val/test.txt, the images in
+    flickr30k-images/ and an RoI store rois/ keyed by image id (with `scores`, holding the detector's
+    scores of its boxes as extraction writes them)."""
+    sentences, objects = sentences or FLICKR_SENTENCES, objects or FLICKR_OBJECTS
+    for folder in ("Sentences", "Annotations", "flickr30k-images"):
+        (root / folder).mkdir(parents=True)
+    for split, ids in FLICKR_SPLITS.items():
+        (root / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    records = []
+    for image_id, lines in sentences.items():
+        (root / "Sentences" / f"{image_id}.txt").write_text("\n".join(lines) + "\n")
+        (root / "Annotations" / f"{image_id}.xml").write_text(_flickr_xml(image_id, objects[image_id]))
+        image = np.full((FLICKR_H, FLICKR_W, 3), 220, np.uint8)
+        cv2.rectangle(image, (4, 4), (30, 30), (30, 120, 200), -1)
+        cv2.imwrite(str(root / "flickr30k-images" / f"{image_id}.jpg"), image)
+        conf = np.array(FLICKR_STORE_SCORES[image_id], np.float32) if scores else None
+        records.append(RoIRecord(image_id, f"{image_id}.jpg", FLICKR_H, FLICKR_W,
+                                 boxes=np.array(FLICKR_STORE[image_id], np.float32), object_conf=conf))
+    with RoIStoreWriter(root / "rois", {"fingerprint": "test"}) as writer:
+        writer.write_batch(records)
+    return root
 
 
 # ---- a hostile checkpoint ----------------------------------------------------------------------------

@@ -201,12 +201,18 @@ def read_flickr30k(root: str | os.PathLike, split: str, limit: int = 0
     return captions, annotations, grounded
 
 
-def store_boxes(store: Any, image_ids: Sequence[str], source: str) -> dict[str, np.ndarray]:
-    """Each image's boxes from the RoI store (keyed by the image id, the file stem)."""
+def store_records(store: Any, image_ids: Sequence[str], source: str) -> dict[str, Any]:
+    """Each image's record in the RoI store (keyed by the image id, the file stem): its boxes and, when
+    the extraction kept them, the detector's scores (`object_conf`)."""
     from e2e_vl.data.roi_records import require_roi_records
 
     keys = require_roi_records(store, image_ids, source)
-    return {i: np.asarray(store[keys[i]].boxes, np.float32).reshape(-1, 4) for i in image_ids}
+    return {i: store[keys[i]] for i in image_ids}
+
+
+def store_boxes(records: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Each image's boxes from its RoI store record (`store_records`)."""
+    return {i: np.asarray(r.boxes, np.float32).reshape(-1, 4) for i, r in records.items()}
 
 
 def gt_boxes(annotations: dict[str, ImageAnnotation]) -> dict[str, np.ndarray]:

@@ -30,7 +30,7 @@ register_config("DATASETS.FLICKR30K", {
 
 @FLICKR30K_DATASETS.register("flickr30k_train", "flickr30k_val", "flickr30k_test")
 def _flickr30k(name: str, cfg: CfgNode, tokenizer, train: bool):
-    from e2e_vl.data.flickr30k import Flickr30KDataset, gt_boxes, read_flickr30k, store_boxes
+    from e2e_vl.data.flickr30k import Flickr30KDataset, gt_boxes, read_flickr30k, store_boxes, store_records
     from e2e_vl.data.roi_records import open_roi_store
     from e2e_vl.data.transforms import ResizeFlip
 
@@ -41,8 +41,8 @@ def _flickr30k(name: str, cfg: CfgNode, tokenizer, train: bool):
     if (f.TRAIN_BOXES if train else f.TEST_BOXES) == "gt":
         candidates = gt_boxes(annotations)
     else:
-        candidates = store_boxes(open_roi_store(root / d.ROI_STORE), sorted(annotations),
-                                 f"{root / split}.txt (Flickr30K images)")
+        candidates = store_boxes(store_records(open_roi_store(root / d.ROI_STORE), sorted(annotations),
+                                               f"{root / split}.txt (Flickr30K images)"))
     transform = (ResizeFlip(list(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN) if train
                  else ResizeFlip(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST))
     image_dir = root / (d.IMAGE_DIR_TRAIN if train else d.IMAGE_DIR_TEST)

@@ -5,11 +5,14 @@ the region of highest detector confidence.
 
 A data source only supplies `GroundingCase`s (the attention of one image + text, its regions and their
 detector confidences, and the entities as (word positions, ground-truth boxes)): easy-VQA's shape words
-with the shape's box here (`easy_vqa_entities`), Flickr30K-Entities' phrases with their boxes alike.
+with the shape's box (`easy_vqa_cases`), Flickr30K Entities' phrases with their chain's box
+(`flickr30k_cases`).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -145,4 +148,57 @@ def easy_vqa_cases(model, sizes: tuple[int, int], limit: int, layout: TextLayout
         words = entity_positions(explanation.tokens, SHAPES)
         entities = [(positions, boxes[1:2]) for positions in words.values()]
         cases.append(GroundingCase(explanation.attention, boxes, confidences, entities))
+    return cases
+
+
+def flickr30k_cases(model, sizes: tuple[int, int], root: str | os.PathLike, split: str, limit: int,
+                    layout: TextLayout, rois: str | os.PathLike | None = None,
+                    image_dir: str | os.PathLike = "flickr30k-images") -> list[GroundingCase]:
+    """The captions of the first `limit` images of Flickr30K Entities' `split` (the official layout under
+    `root`, read as TASK flickr30k reads it: phrases of chain 0 and of nobndbox / scene chains left out):
+    every word piece of a phrase -> the union of its chain's boxes, so a region is right when its IoU with
+    that union is >= 0.5, as the flickr30k evaluator scores. `grounding_table` reads the phrase's last
+    word piece, the head noun of an English noun phrase.
+
+    The phrase's pieces come from the task's own encoding of the caption (`Flickr30KDataset`: the words'
+    pieces by word index, so a repeated word is told apart), checked against the text the model read.
+    Regions: the image's boxes in the RoI store `rois` (relative to `root`, as DATASETS.ROI_STORE; the
+    detector's proposals, as VisualBERT used), else the annotation's boxes; the whole image is read by the
+    model but is no candidate, as in the task. Confidences: the store's detector scores (`object_conf`)
+    where it holds them, else the model's detector's best class score. Captions are cut at
+    `layout.max_tokens` word pieces, as the task cuts them at DATASETS.FLICKR30K.MAX_TEXT_LEN; a phrase cut
+    off whole is left out."""
+    from e2e_vl.data.flickr30k import Flickr30KDataset, gt_boxes, read_flickr30k, store_boxes, store_records
+    from e2e_vl.data.roi_records import open_roi_store
+    from e2e_vl.data.transforms import ResizeFlip
+    from e2e_vl.visualize.regions import label_boxes
+
+    root = Path(root)
+    captions, annotations, grounded = read_flickr30k(root, split, limit)
+    scores: dict[str, np.ndarray] = {}
+    if rois is None:
+        candidates = gt_boxes(annotations)
+    else:
+        records = store_records(open_roi_store(root / rois, "--rois"), sorted(annotations),
+                                f"{root / split}.txt (Flickr30K images)")
+        candidates = store_boxes(records)
+        scores = {i: np.asarray(r.object_conf, float) for i, r in records.items()
+                  if r.object_conf is not None}
+    dataset = Flickr30KDataset(captions, annotations, grounded, candidates, root / image_dir, model.tokenizer,
+                               ResizeFlip(*sizes), layout.max_tokens)
+    cases = []
+    for index, (caption_index, phrase_ids) in enumerate(dataset.items):
+        sample, caption = dataset[index], dataset.captions[caption_index]
+        explanation = explain(model, sample["image"], sample["boxes"], " ".join(caption.words), layout=layout)
+        read = model.tokenizer.convert_ids_to_tokens(sample["input_ids"][:-1].tolist())  # no closing [SEP]
+        if explanation.tokens[:len(read)] != read:
+            raise ValueError(f"{caption.where}: the model read {explanation.tokens}, not the caption's word "
+                             f"pieces {read}")
+        confidences = scores.get(caption.image_id)
+        if confidences is None:
+            confidences = label_boxes(model.detector, sample["image"], sample["boxes"]).scores[1:]
+        entities = [(np.flatnonzero(pieces).tolist(), np.array([dataset.grounded[k].box]))
+                    for k, pieces in zip(phrase_ids, sample["phrase_tokens"].numpy()) if pieces.any()]
+        cases.append(GroundingCase({site: att[..., 1:] for site, att in explanation.attention.items()},
+                                   dataset.candidates(caption.image_id)[1:], confidences, entities))
     return cases
