@@ -6,7 +6,7 @@ PYTHON     := $(VENV)/bin/python
 STAMP      := $(VENV)/.e2e-vl-installed
 # torch is installed first, on its own, because the extension compiles against it.
 TORCH_SPEC ?= torch torchvision
-PYTEST_ARGS ?= -n 2 --timeout 900
+PYTEST_ARGS ?= -n 2 --timeout 900 --durations 30
 
 .PHONY: setup build test demo bench clean gpu-check gpu-wheels FORCE
 
