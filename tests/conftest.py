@@ -1,6 +1,7 @@
 """Shared test set-up: small, deterministic, CPU by default; GPU and Detectron2 tests skip cleanly."""
 import logging
 import os
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Callable
 import pytest
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Under pytest-xdist every worker already keeps a core busy: more threads per worker only oversubscribe
@@ -42,7 +44,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def train_net():
     """tools/train_net.py as a module; the root-logger handlers its runs install are removed afterwards."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    sys.path.insert(0, str(REPO / "tools"))
     import train_net
 
     root = logging.getLogger()
@@ -120,3 +122,18 @@ def tiny_bert_folder(tmp_path_factory, tokenizer) -> Callable[..., str]:
 def bert_folder(tiny_bert_folder) -> str:
     """The default tiny BERT folder (2 layers of 32, with a pooler)."""
     return tiny_bert_folder()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A VL-BERT run folder written by tools/train_net.py, as a user's run is (config.yaml, model_best.pth,
+    metrics.jsonl, training_curve.png): the easy-VQA smoke model at 64 px, three steps, once a session."""
+    out = tmp_path_factory.mktemp("run") / "vlbert"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file",
+                        str(REPO / "configs" / "easy_vqa" / "smoke.yaml"), "--output-dir", str(out),
+                        "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2", "DATASETS.TRAIN_LIMIT", "24",
+                        "DATASETS.TEST_LIMIT", "4"], capture_output=True, text=True, env=env, cwd=REPO,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out

@@ -2,15 +2,12 @@
 analysis, readable region pictures with a contact sheet, and the training curve of a run.
 
 Runs are the easy-VQA smoke model (configs/easy_vqa/smoke.yaml, 64 px images): VL-BERT trained for three
-steps by tools/train_net.py (so its folder is a real run's), the other architectures built and saved as a
-run folder holds them."""
+steps by tools/train_net.py (conftest's `trained_run`, so its folder is a real run's), the other
+architectures built and saved as a run folder holds them."""
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,23 +35,6 @@ def load_tool(name: str):
 
 visualize_attention = load_tool("visualize_attention")
 plot_run = load_tool("plot_run")
-
-
-def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, str(TOOLS / name), *args], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """A VL-BERT run folder written by train_net.py: config.yaml, model_best.pth, metrics.jsonl."""
-    out = tmp_path_factory.mktemp("run") / "vlbert"
-    r = run_tool("train_net.py", "--config-file", str(SMOKE), "--output-dir", str(out),
-                 "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2", "DATASETS.TRAIN_LIMIT", "24",
-                 "DATASETS.TEST_LIMIT", "4")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
 
 
 def saved_run(arch: str, folder: Path) -> Path:
