@@ -292,3 +292,24 @@ def test_a_run_ends_with_its_training_curve_and_plot_run_redraws_it(trained_run,
     assert plot_run.main([str(bad)]) == 2
     assert "metrics.jsonl line 2: not JSON" in capsys.readouterr().err
     assert not (bad / "training_curve.png").exists()
+
+
+def test_a_run_loads_from_any_directory_after_its_start_files_moved(trained_run, tmp_path, monkeypatch):
+    """A run's config names its detector start (MODEL.WEIGHTS) relative to where it was trained; the run's
+    own checkpoint replaces it, so loading the run for pictures or the page must not look for it."""
+    import shutil
+
+    import yaml
+
+    from e2e_vl.visualize.run_model import load_run
+
+    run = tmp_path / "moved"
+    shutil.copytree(trained_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["MODEL"]["WEIGHTS"] = "output/easy_vqa/detector.pth"  # as `make demo`'s run records it
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)  # no output/ here
+    _, model, weights = load_run(run)
+    assert weights == str(run / "model_best.pth")
+    best = torch.load(run / "model_best.pth", weights_only=True)["model"]
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items() if k in best)

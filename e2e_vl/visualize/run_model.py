@@ -26,11 +26,11 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = (), device: str = "
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"{run}: no config.yaml; is this a run folder (train_net.py's OUTPUT_DIR)?")
-    cfg = load_train_cfg(run / "config.yaml", [*overrides, "MODEL.DEVICE", device])
-    build_cfg = cfg.clone()
-    build_cfg.freeze(False)
-    build_cfg.MODEL.WEIGHTS, build_cfg.MODEL.INIT_FROM = "", ""
-    model = build_model(build_cfg, get_task(cfg.TASK).arch(cfg))
+    # Cleared before the config is checked: the files they name are not read, so a run folder works from
+    # any directory and after its detector file moved.
+    cfg = load_train_cfg(run / "config.yaml",
+                         ["MODEL.WEIGHTS", "", "MODEL.INIT_FROM", "", *overrides, "MODEL.DEVICE", device])
+    model = build_model(cfg, get_task(cfg.TASK).arch(cfg))
     if (run / BEST_NAME).is_file():
         path = run / BEST_NAME
         state = load_weights_file(path, device)
