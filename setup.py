@@ -80,7 +80,9 @@ setup(
         "pycocotools>=2.0.7",
         "opencv-python-headless>=4.8",
         "numpy>=1.24",
-        "pillow>=9",  # Detectron2's uint8 resize is PIL bilinear; ours matches it byte for byte
+        # Detectron2's uint8 resize is PIL bilinear; ours matches it byte for byte. Downscaled bits differ
+        # between Pillow 12 and 13, so one major version (the page's Gradio 6 needs < 13).
+        "pillow>=12,<13",
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "tensorboard>=2.15",
