@@ -1,18 +1,21 @@
-"""The registered architectures side by side on easy-VQA at the same budget: test accuracy overall and by
-answer type, training images/s, parameter counts, with the detector trained jointly or frozen.
+"""The registered architectures side by side on easy-VQA: test accuracy overall and by answer type on all
+9,673 questions, over seeds, with the detector trained jointly or frozen; training images/s, wall time
+against VL-BERT's (the demo's stage 2) in the same invocation, parameter counts.
 
-Every run is `configs/easy_vqa/<arch>.yaml` (`base.yaml` with MODEL.ARCH <arch> where an architecture has
-none), i.e. the demo's detector (stage 1's `output/easy_vqa/detector.pth`, which `make demo` writes), data and
-schedule, for --steps optimiser steps; `frozen` adds MODEL.VL.FREEZE_DETECTOR True. Runs are in this
-process, one after another, with --threads torch threads. Parameters are counted by the model's own
-`parameter_kind`: the detector, the transformer's pre-trained part ("bert") and the layers that start new
-(heads, object embedding, and the transformer layers no checkpoint filled). images/s counts training steps
-only (from the loop's log), not the final evaluation.
+Every run is a real `tools/train_net.py` process, `configs/easy_vqa/<arch>.yaml` (`base.yaml` with MODEL.ARCH
+<arch> where an architecture has none) with `SEED <seed>`: the demo's detector (stage 1's
+`output/easy_vqa/detector.pth`, which `make demo` writes), data, and the architecture's own schedule
+(`--steps N` sets the same MAX_ITER for all); `frozen` adds MODEL.VL.FREEZE_DETECTOR True. The baseline
+is VL-BERT joint at the first seed (the demo's stage 2; run unless `--archs` omits vlbert); each row's
+"x baseline" is its wall time (training + evaluation) over the baseline's. Parameters are counted by the
+model's own `parameter_kind`: the detector, the transformer's pre-trained part and the layers that start new.
+A finished run leaves `result.json` in its folder; `--reuse` reads those back instead of training again, so
+a table can be built over several sittings (wall times are then from different machine loads: say so).
 
-Full run (about 2,000 steps x 4 runs per architecture pair; hours on 2 CPU cores):
+The table in docs/results.md (2-core CPU, 2 threads):
 
-    .venv/bin/python benchmarks/architectures.py --steps 2000 --settings joint frozen --threads 2 \\
-        --json output/architectures/table.json
+    .venv/bin/python benchmarks/architectures.py --seeds 0 1 2 --settings joint --threads 2 --reuse
+    .venv/bin/python benchmarks/architectures.py --seeds 0 --settings frozen --threads 2 --reuse
 
 A quick look (trailing KEY VALUE pairs override every run's config):
 
@@ -24,26 +27,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository's packages, when run as a script from a checkout
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import torch  # noqa: E402
-
-from e2e_vl.config import load_train_cfg  # noqa: E402
-from e2e_vl.modeling.registry import architectures, build_model  # noqa: E402
+from demo_seeds import parse_accuracy, run  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "easy_vqa"
 SETTINGS = {"joint": [], "frozen": ["MODEL.VL.FREEZE_DETECTOR", "True"]}
 PARAMETER_KINDS = ("detector", "bert", "head")
 ANSWER_TYPES = ("yes/no", "colour", "shape")
+BASELINE = "vlbert"
 
 
 def easy_vqa_architectures() -> list[str]:
     """The registered architectures with an easy-VQA config of their own, and TASK vqa's default
     (base.yaml's)."""
+    from e2e_vl.modeling.registry import architectures
     from e2e_vl.tasks import get_task
 
     return sorted({a for a in architectures() if (CONFIGS / f"{a}.yaml").is_file()}
@@ -56,82 +58,101 @@ def arch_config(arch: str) -> tuple[Path, list[str]]:
     return (own, []) if own.is_file() else (CONFIGS / "base.yaml", ["MODEL.ARCH", arch])
 
 
-def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+def count_parameters(config: Path, keys: list[str]) -> dict[str, int]:
+    """Parameters per `parameter_kind` of the model the run builds (random weights: only shapes count)."""
+    from e2e_vl.config import load_train_cfg
+    from e2e_vl.modeling.registry import build_model
+
+    cfg = load_train_cfg(config, [*keys, "MODEL.WEIGHTS", ""])
+    model = build_model(cfg, cfg.MODEL.ARCH)
     counts = dict.fromkeys(PARAMETER_KINDS, 0)
     for name, param in model.named_parameters():
         counts[model.parameter_kind(name)] += param.numel()
     return counts
 
 
-def training_images_per_s(metrics_file: Path, ims_per_batch: int) -> float:
+def training_images_per_s(metrics_file: Path) -> float:
     """Images over the summed time of the logged training steps (evaluation excluded)."""
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     rows = [r for r in rows if "sec_per_step" in r]
-    seconds, previous = 0.0, 0
+    seconds, previous, images = 0.0, 0, 0.0
     for row in rows:
         seconds += row["sec_per_step"] * (row["step"] - previous)
+        images += row["images_per_s"] * row["sec_per_step"] * (row["step"] - previous)
         previous = row["step"]
-    return previous * ims_per_batch / seconds if seconds > 0 else float("nan")
+    return images / seconds if seconds > 0 else float("nan")
 
 
-def run_one(arch: str, setting: str, steps: int, out: Path, overrides: list[str]) -> dict:
-    from e2e_vl.engine.trainer import train
-    from e2e_vl.tasks import get_task
-
+def run_one(arch: str, setting: str, seed: int, steps: int | None, threads: int, out: Path,
+            overrides: list[str], reuse: bool) -> dict:
+    """One train_net run (or its stored result with `reuse`, when it was made by the same command)."""
     config, arch_keys = arch_config(arch)
-    keys = [*arch_keys, *SETTINGS[setting], "SOLVER.MAX_ITER", str(steps),
-            "OUTPUT_DIR", str(out / f"{arch}-{setting}")]
-    cfg = load_train_cfg(config, [*keys, *overrides])
-    if cfg.SOLVER.WARMUP_ITERS >= steps:  # a short budget keeps a proportionate warm-up
-        cfg = load_train_cfg(config, [*keys, "SOLVER.WARMUP_ITERS", str(steps // 10), *overrides])
-    device = torch.device(cfg.MODEL.DEVICE)
-    torch.manual_seed(cfg.SEED)
-    model = build_model(cfg, arch)
-    params = count_parameters(model)
-    start = time.perf_counter()
-    metrics = train(cfg, model, get_task(cfg.TASK).build(cfg, model, device, False), device)
-    wall = time.perf_counter() - start
-    return {"arch": arch, "setting": setting, "steps": steps, "wall_s": wall, "params": params,
-            "images_per_s": training_images_per_s(Path(cfg.OUTPUT_DIR) / "metrics.jsonl",
-                                                  cfg.SOLVER.IMS_PER_BATCH),
-            "metrics": metrics}
+    run_dir = out / f"{arch}-{setting}-seed{seed}"
+    keys = [*arch_keys, *SETTINGS[setting], "SEED", str(seed), *overrides]
+    if steps is not None:
+        keys += ["SOLVER.MAX_ITER", str(steps), "SOLVER.WARMUP_ITERS", str(min(100, steps // 10))]
+    command = ["tools/train_net.py", "--config-file", str(config.relative_to(ROOT)), "--output-dir",
+               str(run_dir), *keys]
+    stored = run_dir / "result.json"
+    if reuse and stored.is_file():
+        result = json.loads(stored.read_text())
+        if result.get("command") == command and result.get("threads") == threads:
+            return result
+    stdout, wall = run(command, threads, run_dir.with_suffix(".log"))
+    result = {"arch": arch, "setting": setting, "seed": seed, "threads": threads, "command": command,
+              "wall_s": round(wall, 1), "images_per_s": training_images_per_s(run_dir / "metrics.jsonl"),
+              "params": count_parameters(config, keys), "metrics": parse_accuracy(stdout)}
+    stored.write_text(json.dumps(result, indent=1))
+    return result
 
 
 def markdown_table(results: list[dict]) -> str:
-    head = ("| arch | detector | accuracy | " + " | ".join(ANSWER_TYPES) +
-            " | train images/s | params detector / transformer / new (M) |")
+    baseline = next((r["wall_s"] for r in results if r["arch"] == BASELINE and r["setting"] == "joint"), None)
+    head = ("| arch | detector | seed | accuracy | " + " | ".join(ANSWER_TYPES) +
+            " | wall (s) | x baseline | train images/s | params detector / transformer / new (M) |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in results:
         m, p = r["metrics"], r["params"]
-        by_type = " | ".join(f"{m.get(f'accuracy/{t}', float('nan')):.3f}" for t in ANSWER_TYPES)
-        lines.append(f"| {r['arch']} | {r['setting']} | {m.get('accuracy', float('nan')):.3f} | {by_type} | "
-                     f"{r['images_per_s']:.1f} | " + " / ".join(f"{p[k] / 1e6:.2f}" for k in PARAMETER_KINDS)
-                     + " |")
+        by_type = " | ".join(f"{m.get(t, float('nan')):.4f}" for t in ANSWER_TYPES)
+        ratio = f"{r['wall_s'] / baseline:.2f}" if baseline else "-"
+        lines.append(f"| {r['arch']} | {r['setting']} | {r['seed']} | {m['accuracy']:.4f} | {by_type} | "
+                     f"{r['wall_s']:.0f} | {ratio} | {r['images_per_s']:.1f} | "
+                     + " / ".join(f"{p[k] / 1e6:.2f}" for k in PARAMETER_KINDS) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = architectures()
+    from e2e_vl.modeling.registry import architectures
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2000, help="optimiser steps per run (same for all)")
-    parser.add_argument("--archs", nargs="+", default=easy_vqa_architectures(), choices=names,
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimiser steps for every run (default: each config's own SOLVER.MAX_ITER)")
+    parser.add_argument("--archs", nargs="+", default=easy_vqa_architectures(), choices=architectures(),
                         help="default: those with configs/easy_vqa/<arch>.yaml, and vlbert (base.yaml)")
-    parser.add_argument("--settings", nargs="+", default=["joint", "frozen"], choices=list(SETTINGS))
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--settings", nargs="+", default=["joint"], choices=list(SETTINGS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every run")
     parser.add_argument("--out", type=Path, default=ROOT / "output" / "architectures", help="run folders")
+    parser.add_argument("--reuse", action="store_true", help="read back runs whose result.json exists")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("overrides", nargs="*", help="KEY VALUE pairs for every run's config")
     args = parser.parse_args(argv)
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    torch.set_num_threads(args.threads)
+    jobs = [(arch, setting, seed) for setting in args.settings for seed in args.seeds for arch in args.archs]
+    if BASELINE in args.archs:  # the baseline first (also for a frozen-only table: --reuse reads it back)
+        baseline = (BASELINE, "joint", args.seeds[0])
+        jobs = [baseline, *(job for job in jobs if job != baseline)]
     results = []
-    for arch in args.archs:
-        for setting in args.settings:
-            results.append(run_one(arch, setting, args.steps, args.out, list(args.overrides)))
-            print(f"{arch} {setting}: {json.dumps(results[-1]['metrics'])}", flush=True)
-    print(f"\neasy-VQA, {args.steps} steps per run, {args.threads} thread(s)\n")
+    for arch, setting, seed in jobs:
+        results.append(run_one(arch, setting, seed, args.steps, args.threads, args.out,
+                               list(args.overrides), args.reuse))
+        last = results[-1]
+        print(f"{arch} {setting} seed {seed}: {last['metrics']['accuracy']:.4f} in {last['wall_s']:.0f} s",
+              flush=True)
+    steps = f"{args.steps} steps per run" if args.steps else "each config's schedule"
+    print(f"\neasy-VQA, {steps}, {args.threads} thread(s)\n")
     print(markdown_table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
