@@ -13,8 +13,8 @@ SPEC = importlib.util.spec_from_file_location("bench_architectures", REPO / "ben
 bench = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(bench)
 
-TINY = ["--steps", "2", "--threads", "1", "--archs", "vlbert", "MODEL.WEIGHTS", "", "DATASETS.TEST_LIMIT", "8",
-        "DATALOADER.NUM_WORKERS", "0"]
+TINY = ["--steps", "2", "--threads", "1", "--archs", "vlbert",
+        "MODEL.WEIGHTS", "", "DATASETS.TEST_LIMIT", "8", "DATALOADER.NUM_WORKERS", "0"]
 
 
 def row(arch: str, setting: str, wall: float) -> dict:
