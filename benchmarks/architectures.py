@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))  # the repository's packages, when run as a script
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from demo_seeds import parse_accuracy, run  # noqa: E402
+from detector.atomic import atomic_write_text  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "easy_vqa"
 SETTINGS = {"joint": [], "frozen": ["MODEL.VL.FREEZE_DETECTOR", "True"]}
@@ -102,7 +103,7 @@ def run_one(arch: str, setting: str, seed: int, steps: int | None, threads: int,
     result = {"arch": arch, "setting": setting, "seed": seed, "threads": threads, "command": command,
               "wall_s": round(wall, 1), "images_per_s": training_images_per_s(run_dir / "metrics.jsonl"),
               "params": count_parameters(config, keys), "metrics": parse_accuracy(stdout)}
-    stored.write_text(json.dumps(result, indent=1))
+    atomic_write_text(stored, json.dumps(result, indent=1))  # a stopped run never leaves half a file
     return result
 
 
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimiser steps for every run (default: each config's own SOLVER.MAX_ITER)")
+                        help="optimiser steps for every run, with SOLVER.WARMUP_ITERS min(100, N // 10) "
+                             "(default: each config's own SOLVER.MAX_ITER and warm-up)")
     parser.add_argument("--archs", nargs="+", default=easy_vqa_architectures(), choices=architectures(),
                         help="default: those with configs/easy_vqa/<arch>.yaml, and vlbert (base.yaml)")
     parser.add_argument("--settings", nargs="+", default=["joint"], choices=list(SETTINGS))

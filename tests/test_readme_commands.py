@@ -176,9 +176,11 @@ def _runnable(command: Command, train_net) -> bool:
 
 def test_the_cheap_commands_run_at_tiny_size(tmp_path, train_net, monkeypatch):
     """In the order printed (a --resume or --eval-only follows its training run), in a scratch folder so
-    that relative output folders stay out of the checkout."""
+    that relative output folders stay out of the checkout. Chosen in that folder too: a config that reads
+    a relative file (the demo's stage-1 `output/easy_vqa/detector.pth`) is then never runnable, whether
+    or not the checkout has run `make demo`."""
+    monkeypatch.chdir(tmp_path)
     runnable = [c for c in COMMANDS if _runnable(c, train_net)]
     assert any(c.source.startswith("tools/train_net.py") for c in runnable)
-    monkeypatch.chdir(tmp_path)
     for command in runnable:
         assert train_net.cli([*_in_repo(command.args), *TINY]) == 0, f"{command.source}: `{command.text}`"

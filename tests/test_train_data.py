@@ -158,21 +158,47 @@ def test_question_dataclass_defaults():
     assert Question(1, 2, "q").scores == {}
 
 
-def test_region_labels_agree_with_every_colour_and_shape_answer():
+def test_question_facts_read_the_answer_and_the_question_words():
+    from e2e_vl.data.easy_vqa import question_facts
+
+    facts = question_facts
+    assert facts("what is the color of the circle?", "red") == ({"shape": "circle", "colour": "red"}, {})
+    assert facts("what is the teal shape?", "triangle") == ({"colour": "teal", "shape": "triangle"}, {})
+    assert question_facts("what shape is present?", "circle") == ({"shape": "circle"}, {})
+    assert question_facts("is there a red shape?", "yes") == ({"colour": "red"}, {})
+    assert question_facts("is there a red shape?", "no") == ({}, {"colour": "red"})
+    assert question_facts("is there not a circle in the image?", "no") == ({"shape": "circle"}, {})
+    assert question_facts("is no gray shape present?", "yes") == ({}, {"colour": "gray"})
+    assert question_facts("does the image not contain a rectangle?", "yes") == ({}, {"shape": "rectangle"})
+
+
+def test_region_labels_agree_with_every_question_and_contradictions_raise(monkeypatch):
     import easy_vqa
 
     from e2e_vl.data.collate import collate_region_samples
-    from e2e_vl.data.easy_vqa import COLOURS, REGION_CLASSES, SHAPES, EasyVQARegions, region_class_labels
+    from e2e_vl.data.easy_vqa import REGION_CLASSES, EasyVQARegions, question_facts, region_class_labels
 
     labels = region_class_labels("test")
-    assert 500 < len(labels) < 1000  # images asked both "what color" and "what shape" questions
-    _, answers, image_ids = easy_vqa.get_test_questions()
+    assert len(labels) == 888  # 603 from the colour and shape answers alone
     checked = 0
-    for answer, image_id in zip(answers, image_ids):
-        if image_id in labels and (answer in COLOURS or answer in SHAPES):
-            assert answer in REGION_CLASSES[labels[image_id]].split()
+    for text, answer, image_id in zip(*easy_vqa.get_test_questions()):
+        if image_id in labels:
+            colour, shape = REGION_CLASSES[labels[image_id]].split()
+            known, ruled_out = question_facts(text, answer)
+            assert known.get("colour", colour) == colour and known.get("shape", shape) == shape, text
+            assert ruled_out.get("colour") != colour and ruled_out.get("shape") != shape, text
             checked += 1
-    assert checked > 2 * len(labels)
+    assert checked > 5 * len(labels)
+    assert len(region_class_labels("train")) == 3578
+    for questions, message in (
+            ((["is there a circle?", "what shape is present?"], ["yes", "triangle"], [7, 7]),
+             r"test image 7: .*'what shape is present\?'.* says shape 'triangle', another question 'circle'"),
+            ((["is there not a red shape?", "what color is the shape?"], ["yes", "red"], [7, 7]),
+             r"test image 7: colour 'red' is both stated and ruled out")):
+        monkeypatch.setattr(easy_vqa, "get_test_questions", lambda q=questions: q)
+        with pytest.raises(ValueError, match=message):
+            region_class_labels("test")
+    monkeypatch.undo()
 
     ds = EasyVQARegions("test", 96, 96, limit=3)
     item = ds[0]
@@ -187,6 +213,32 @@ def test_region_labels_agree_with_every_colour_and_shape_answer():
         collate_region_samples([bad])
     with pytest.raises(KeyError, match="region_labels"):
         collate_region_samples([{k: v for k, v in ds[2].items() if k != "region_labels"}])
+
+
+def test_region_evaluator_reports_the_worst_class_and_logs_the_confusions(caplog):
+    from e2e_vl.evaluation.regions import RegionEvaluator
+
+    # labels and predictions of 8 regions; -1: not an object (the whole-image box), not scored
+    labels = [0, 0, 0, 1, 1, 1, 1, -1]
+    predicted = [0, 0, 1, 1, 1, 1, 2, 0]
+    items = [{"label": torch.tensor([y]), "logits": torch.nn.functional.one_hot(torch.tensor([p]), 3).float()}
+             for y, p in zip(labels, predicted)]
+
+    def collate(batch):
+        return {"region_labels": torch.cat([b["label"] for b in batch]),
+                "logits": torch.cat([b["logits"] for b in batch])}
+
+    class Model(torch.nn.Module):
+        def forward(self, batch):
+            return {"region_labels": batch["region_labels"], "class_logits": batch["logits"]}
+
+    names = ["circle", "square", "background"]
+    with caplog.at_level("INFO", logger="e2e_vl.evaluation.regions"):
+        metrics = RegionEvaluator(items, collate, 3, torch.device("cpu"), names)(Model())
+    assert metrics == {"num_regions": 7.0, "region_accuracy": 5 / 7, "worst_class_accuracy": 2 / 3}
+    assert "circle -> square: 1; square -> background: 1" in caplog.text
+    with pytest.raises(ValueError, match="3 class logits per region, the evaluator names 2 classes"):
+        RegionEvaluator(items, collate, 3, torch.device("cpu"), names[:2])(Model())
 
 
 def test_easy_vqa_captions_name_the_region_class_and_feed_pretraining():

@@ -39,5 +39,5 @@ def build_regions_task(cfg: CfgNode, model, device: torch.device, eval_only: boo
         test_set = REGION_DATASETS.build("DATASETS.TEST", d.TEST,
                                          (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST), d.TEST_LIMIT)
         evaluate = RegionEvaluator(test_set, collate_region_samples, cfg.TEST.IMS_PER_BATCH, device,
-                                   cfg.DATALOADER.NUM_WORKERS)
+                                   [*REGION_CLASSES, "background"], cfg.DATALOADER.NUM_WORKERS)
     return TrainTask(train_set, collate_region_samples, evaluate, metric="region_accuracy")
