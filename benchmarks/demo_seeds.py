@@ -60,14 +60,24 @@ def parse_accuracy(stdout: str) -> dict[str, float]:
     return result
 
 
-def stage1(out: Path, threads: int, overrides: list[str]) -> tuple[Path, float]:
+def parse_metrics(stdout: str) -> dict[str, float]:
+    """train_net's closing "key: value  key: value" line (TASK regions) -> {key: value}."""
+    for line in reversed(stdout.splitlines()):
+        pairs = re.findall(r"([\w/]+): ([0-9.]+|nan)", line)
+        if pairs and not line.startswith("["):
+            return {k: float(v) for k, v in pairs}
+    raise ValueError(f"no metrics line in the run's output:\n{stdout[-1000:]}")
+
+
+def stage1(out: Path, threads: int, overrides: list[str]) -> tuple[Path, float, dict[str, float]]:
+    """The exported stage-1 detector, the wall seconds of training + export, and stage 1's test metrics."""
     weights = out / f"threads{threads}" / "detector.pth"
     run_dir = out / f"threads{threads}" / "detector"
-    _, wall = run(["tools/train_net.py", "--config-file", "configs/easy_vqa/detector.yaml", "--output-dir",
-                   str(run_dir), *overrides], threads, run_dir.with_suffix(".log"))
+    stdout, wall = run(["tools/train_net.py", "--config-file", "configs/easy_vqa/detector.yaml",
+                        "--output-dir", str(run_dir), *overrides], threads, run_dir.with_suffix(".log"))
     _, wall_export = run(["tools/export_detector.py", "--checkpoint", str(run_dir), "--output", str(weights),
                           "--overwrite"], threads, run_dir.with_suffix(".export.log"))
-    return weights, wall + wall_export
+    return weights, wall + wall_export, parse_metrics(stdout)
 
 
 def stage2(out: Path, weights: Path, setting: str, seed: int, threads: int, overrides: list[str]) -> dict:
@@ -80,7 +90,7 @@ def stage2(out: Path, weights: Path, setting: str, seed: int, threads: int, over
             **parse_accuracy(stdout)}
 
 
-def table(rows: list[dict], stage1_s: dict[int, float]) -> str:
+def table(rows: list[dict], stage1_s: dict[int, float], stage1_metrics: dict[int, dict] | None = None) -> str:
     types = ("yes/no", "colour", "shape")
     lines = ["| setting | threads | seed | accuracy | " + " | ".join(types) + " | stage 2 + eval (s) |",
              "| --- | --- | --- | --- | " + " | ".join("---" for _ in types) + " | --- |"]
@@ -98,6 +108,9 @@ def table(rows: list[dict], stage1_s: dict[int, float]) -> str:
     lines.append("")
     lines.append("stage 1 + export (s): "
                  + ", ".join(f"{t} threads {s:.0f}" for t, s in sorted(stage1_s.items())))
+    for t, m in sorted((stage1_metrics or {}).items()):
+        lines.append(f"stage 1, {t} threads: region accuracy {m['region_accuracy']:.4f}, worst class "
+                     f"{m.get('worst_class_accuracy', float('nan')):.4f} ({m['num_regions']:.0f} test boxes)")
     return "\n".join(lines)
 
 
@@ -114,13 +127,15 @@ def main() -> None:
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE")
     args = p.parse_args()
 
-    weights, stage1_s = {}, {}
+    weights, stage1_s, stage1_metrics = {}, {}, {}
     for threads in args.threads:
         if args.stage1 is not None:
             weights[threads], stage1_s[threads] = args.stage1, 0.0
         else:
-            weights[threads], stage1_s[threads] = stage1(args.out, threads, args.opts)
-            print(f"stage 1, {threads} threads: {stage1_s[threads]:.0f} s", flush=True)
+            weights[threads], stage1_s[threads], stage1_metrics[threads] = stage1(args.out, threads,
+                                                                                  args.opts)
+            print(f"stage 1, {threads} threads: {stage1_s[threads]:.0f} s, region accuracy "
+                  f"{stage1_metrics[threads]['region_accuracy']:.4f}", flush=True)
     jobs = [(setting, seed, threads) for threads in args.threads for setting in args.settings
             for seed in args.seeds]
     rows: list[dict] = []
@@ -134,10 +149,11 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         rows = list(pool.map(one, jobs))
-    text = table(rows, stage1_s)
+    text = table(rows, stage1_s, stage1_metrics)
     print(text)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "stage1_s": stage1_s}, indent=1))
+        args.json.write_text(json.dumps({"rows": rows, "stage1_s": stage1_s, "stage1": stage1_metrics},
+                                        indent=1))
 
 
 if __name__ == "__main__":
