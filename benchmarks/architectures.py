@@ -9,8 +9,9 @@ Every run is a real `tools/train_net.py` process, `configs/easy_vqa/<arch>.yaml`
 is VL-BERT joint at the first seed (the demo's stage 2; run unless `--archs` omits vlbert); each row's
 "x baseline" is its wall time (training + evaluation) over the baseline's. Parameters are counted by the
 model's own `parameter_kind`: the detector, the transformer's pre-trained part and the layers that start new.
-A finished run leaves `result.json` in its folder; `--reuse` reads those back instead of training again, so
-a table can be built over several sittings (wall times are then from different machine loads: say so).
+A finished run leaves `result.json` in its folder; `--reuse` reads those back instead of training again
+(only those made by the same command from the same stage-1 file), so a table can be built over several
+sittings (wall times are then from different machine loads: say so).
 
 The table in docs/results.md (2-core CPU, 2 threads):
 
@@ -59,6 +60,19 @@ def arch_config(arch: str) -> tuple[Path, list[str]]:
     return (own, []) if own.is_file() else (CONFIGS / "base.yaml", ["MODEL.ARCH", arch])
 
 
+def starting_detector(config: Path, keys: list[str]) -> str:
+    """SHA-256 of the run's MODEL.WEIGHTS file ("" for none): with --reuse, the same command started from
+    another stage-1 export (make demo writes it again after a change to stage 1) is another run."""
+    import hashlib
+
+    from e2e_vl.config import load_train_cfg
+
+    weights = load_train_cfg(config, keys).MODEL.WEIGHTS
+    if not weights or not (ROOT / weights).is_file():
+        return ""
+    return hashlib.sha256((ROOT / weights).read_bytes()).hexdigest()
+
+
 def count_parameters(config: Path, keys: list[str]) -> dict[str, int]:
     """Parameters per `parameter_kind` of the model the run builds (random weights: only shapes count)."""
     from e2e_vl.config import load_train_cfg
@@ -95,12 +109,14 @@ def run_one(arch: str, setting: str, seed: int, steps: int | None, threads: int,
     command = ["tools/train_net.py", "--config-file", str(config.relative_to(ROOT)), "--output-dir",
                str(run_dir), *keys]
     stored = run_dir / "result.json"
+    detector = starting_detector(config, keys)
     if reuse and stored.is_file():
         result = json.loads(stored.read_text())
-        if result.get("command") == command and result.get("threads") == threads:
+        if [result.get(k) for k in ("command", "threads", "detector")] == [command, threads, detector]:
             return result
     stdout, wall = run(command, threads, run_dir.with_suffix(".log"))
     result = {"arch": arch, "setting": setting, "seed": seed, "threads": threads, "command": command,
+              "detector": detector,
               "wall_s": round(wall, 1), "images_per_s": training_images_per_s(run_dir / "metrics.jsonl"),
               "params": count_parameters(config, keys), "metrics": parse_accuracy(stdout)}
     atomic_write_text(stored, json.dumps(result, indent=1))  # a stopped run never leaves half a file

@@ -51,3 +51,19 @@ def test_a_run_is_stored_and_read_back_only_for_the_same_command(tmp_path, monke
     assert bench.main([*TINY[:6], "--out", str(out), "--reuse", *TINY[6:]]) == 0  # read back
     with pytest.raises(AssertionError, match="trained again"):  # another command is another run
         bench.main([*TINY[:6], "--out", str(out), "--reuse", *TINY[6:], "SEED", "0"])
+    # The same command from another stage-1 file is another run too.
+    assert stored["detector"] == ""  # MODEL.WEIGHTS ""
+    stored["detector"] = "0" * 64
+    (out / "vlbert-joint-seed0" / "result.json").write_text(json.dumps(stored))
+    with pytest.raises(AssertionError, match="trained again"):
+        bench.main([*TINY[:6], "--out", str(out), "--reuse", *TINY[6:]])
+
+
+def test_the_starting_detector_is_told_by_its_content(tmp_path):
+    weights = tmp_path / "detector.pth"
+    weights.write_bytes(b"stage 1")
+    config = REPO / "configs" / "easy_vqa" / "base.yaml"
+    first = bench.starting_detector(config, ["MODEL.WEIGHTS", str(weights)])
+    assert len(first) == 64 and bench.starting_detector(config, ["MODEL.WEIGHTS", ""]) == ""
+    weights.write_bytes(b"stage 1, trained again")
+    assert bench.starting_detector(config, ["MODEL.WEIGHTS", str(weights)]) != first

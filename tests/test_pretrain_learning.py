@@ -6,9 +6,9 @@ image, and no better once the shape box's pixels are zeroed before the backbone.
 What it can meet: one configuration. Stage 1 runs with 2 threads (`run_script`), the probe with seed 0
 and 1 thread (its `--threads` default), so on one machine every run is the same run.
 
-Margins (pinned configuration, probe seed 0; more seeds in docs/results.md): with the image colour and
-shape 1.000 (thresholds 0.75 and 0.8675); pixels zeroed 0.250 / 0.700 and text only 0.220 / 0.670 against
-ceilings of 0.330 / 0.815. Over probe seeds 0-4 and seed 0 at 2 threads the smallest margin is 0.075.
+Margins (pinned configuration, probe seed 0): with the image colour 1.000 and shape 0.980 (thresholds 0.765
+and 0.860); pixels zeroed 0.265 / 0.720 and text only 0.110 / 0.555 against ceilings of 0.345 / 0.800.
+Probe seeds 1-2 (docs/results.md): the smallest margin is 0.030 (seed 1, shape with the image).
 """
 from __future__ import annotations
 
