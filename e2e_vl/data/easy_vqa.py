@@ -2,7 +2,7 @@
 
 Three uses: VQA (`build_easy_vqa`: images with their questions), the detector's pre-training stand-in
 (`EasyVQARegions`: the shape box labelled with the image's colour-shape class, read off the training
-questions' answers), since no Visual Genome weights can be downloaded for the embedded demo, and
+questions and their answers), since no Visual Genome weights can be downloaded for the embedded demo, and
 captions for VL-BERT pre-training (`easy_vqa_captions`: "a <colour> <shape>" with the image's regions).
 
 Regions per image: box 0 is the whole image, box 1 the shape. The shape's box is derived from the
