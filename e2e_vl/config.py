@@ -82,12 +82,6 @@ def _vl_defaults() -> dict:
         # "running": standardise the detector's appearance features per channel with running statistics
         # before the object projection (for detectors not trained on the data; see RunningStandardize).
         "APPEARANCE_NORM": "none",
-        # Start every new layer of the transformer (those no file filled: LXMERT's relationship and
-        # cross-modality encoders, ViLBERT's visual stream and co-attention) with its residual branches at
-        # zero, so at the first step it passes its input through and the pre-trained text encoder's output
-        # reaches the heads undisturbed (as Flamingo's gated cross-attention starts closed). Random otherwise,
-        # as the papers start them. `RegionEncoder.zero_new_residual_branches`.
-        "ZERO_INIT_NEW_BRANCHES": False,
         # Weight of each loss in "loss" (names as in the model's "losses"; absent losses are skipped).
         # LXMERT weighted its masked-object losses (FEAT_REGRESSION, OBJ_LABEL) 1 / 0.15.
         "LOSS_WEIGHTS": {"MLM": 1.0, "MLM_TEXT": 1.0, "MRC": 1.0, "VQA": 1.0, "REF": 1.0, "VCR": 1.0,

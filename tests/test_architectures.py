@@ -149,45 +149,6 @@ def test_vcr_head_scores_choices_and_starts_from_bert_s_pooler(arch, bert_folder
     assert out["vcr_logits"].shape == (1, 4) and torch.isfinite(out["losses"]["vcr"])
 
 
-# ViLBERT at the tiny BERT's size: one visual layer, co-attention before text layer 1 and visual layer 0.
-TINY_VILBERT = ("MODEL.VILBERT.V_HIDDEN_SIZE", "24", "MODEL.VILBERT.V_NUM_HIDDEN_LAYERS", "1",
-                "MODEL.VILBERT.V_NUM_ATTENTION_HEADS", "2", "MODEL.VILBERT.V_INTERMEDIATE_SIZE", "48",
-                "MODEL.VILBERT.BI_HIDDEN_SIZE", "16", "MODEL.VILBERT.BI_NUM_ATTENTION_HEADS", "2",
-                "MODEL.VILBERT.V_BIATTENTION_ID", "[0]", "MODEL.VILBERT.T_BIATTENTION_ID", "[1]")
-# The new residual branches MODEL.VL.ZERO_INIT_NEW_BRANCHES closes: LXMERT's one relationship layer (2) and
-# cross-modality layer (5); ViLBERT's visual layer (2) and both halves of its co-attention layer (2 each).
-NEW_BRANCHES = {"lxmert": 7, "vilbert": 6}
-
-
-@pytest.mark.parametrize("arch", sorted(NEW_BRANCHES))
-def test_zero_init_new_branches_starts_the_new_layers_closed_and_training_opens_them(arch, bert_folder):
-    sizes = TINY_VILBERT if arch == "vilbert" else ()
-    model = build(arch, bert_folder, "MODEL.VL.ZERO_INIT_NEW_BRANCHES", "True", *sizes).eval()
-    zeroed = model.zero_new_residual_branches()
-    assert len(zeroed) == NEW_BRANCHES[arch]
-    assert all(model.parameter_kind(f"{name}.weight") == "head" for name in zeroed)
-    weights = {name: model.get_submodule(name).weight for name in zeroed}
-    assert all(not w.any() for w in weights.values())
-    # Closed: the text outputs do not depend on the image yet (the new layers only pass their input on).
-    batch = mixed_batch()
-    before = model.encode(batch).text
-    batch["images"][0] = 255 - batch["images"][0]
-    torch.testing.assert_close(model.encode(batch).text, before)
-    random = build(arch, bert_folder, *sizes).eval()
-    assert not torch.allclose(random.encode(batch).text[0], random.encode(mixed_batch()).text[0], atol=1e-5)
-    # One step opens them: every zeroed projection moves.
-    model.train()
-    model(mixed_batch())["loss"].backward()
-    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
-    assert all(w.any() for w in weights.values())
-
-
-@pytest.mark.parametrize("arch", ["visualbert", "vlbert"])
-def test_zero_init_new_branches_is_refused_when_no_transformer_layer_is_new(arch, bert_folder):
-    with pytest.raises(ConfigError, match="ZERO_INIT_NEW_BRANCHES.*no new layers"):
-        build(arch, bert_folder, "MODEL.VL.ZERO_INIT_NEW_BRANCHES", "True")
-
-
 # Whether the architecture's transformer supports SOLVER.GRADIENT_CHECKPOINTING (transformers' LXMERT does
 # not).
 CHECKPOINTING = {"visualbert": True, "lxmert": False}

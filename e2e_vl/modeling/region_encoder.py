@@ -180,8 +180,6 @@ class RegionEncoder(nn.Module):
         model = cls.from_body(cfg, detector, body, options)
         load_pretrained_heads(model.heads, body.heads_folder, cfg.MODEL.VL)
         model.load_released_weights(cfg)
-        if cfg.MODEL.VL.ZERO_INIT_NEW_BRANCHES:
-            model.zero_new_residual_branches()
         if cfg.MODEL.INIT_FROM:
             model.init_report = init_model_weights(model, cfg.MODEL.INIT_FROM,
                                                    detector_loaded=detector_loaded)
@@ -202,24 +200,6 @@ class RegionEncoder(nn.Module):
 
     def load_released_weights(self, cfg: CfgNode) -> None:
         """Weights the architecture reads itself after its heads exist (ViLBERT's release); default none."""
-
-    def zero_new_residual_branches(self) -> list[str]:
-        """Zero every new transformer layer's projection back into its residual stream (a Linear named
-        `*output.dense`, BERT's name for it, that `parameter_kind` calls new and that is not a head), so each
-        new layer starts as LayerNorm(input). Returns their names; a ConfigError when there are none (the
-        switch would do nothing: every transformer layer came from a file)."""
-        zeroed = []
-        for name, module in self.named_modules():
-            if (isinstance(module, nn.Linear) and name.endswith("output.dense")
-                    and not name.startswith("heads.") and self.parameter_kind(f"{name}.weight") == "head"):
-                nn.init.zeros_(module.weight)
-                nn.init.zeros_(module.bias)
-                zeroed.append(name)
-        if not zeroed:
-            raise ConfigError("MODEL.VL.ZERO_INIT_NEW_BRANCHES: this model's transformer has no new layers "
-                              "(every one came from a file); set it False")
-        logger.info("MODEL.VL.ZERO_INIT_NEW_BRANCHES: %d residual branches start at zero", len(zeroed))
-        return zeroed
 
     @classmethod
     def reads_release(cls, obj: Any) -> bool:
