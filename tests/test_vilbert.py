@@ -161,6 +161,58 @@ def test_bad_connection_points_or_widths_are_config_errors(key, value):
         dataclasses.replace(SIZES, **{key.lower(): value}).check(3)
 
 
+# -- new layers started from the text stream (MODEL.VILBERT.NEW_LAYERS_FROM_TEXT) ----------------------
+# The visual stream and co-attention as wide as TEXT, with its heads (2) and feed-forward width.
+TEXT_WIDE = ["MODEL.VILBERT.V_HIDDEN_SIZE", "32", "MODEL.VILBERT.V_INTERMEDIATE_SIZE", "64",
+             "MODEL.VILBERT.BI_HIDDEN_SIZE", "32"]
+
+
+def from_text_cfg(bert_folder: str, *overrides: str):
+    return tiny_cfg(bert_folder, *TEXT_WIDE, "MODEL.VILBERT.NEW_LAYERS_FROM_TEXT", "True", *overrides)
+
+
+def test_new_layers_from_text_start_as_copies_of_the_text_layers_at_berts_rate(vilbert_bert_folder):
+    random_start = build_model(tiny_cfg(vilbert_bert_folder, *TEXT_WIDE), "vilbert")
+    model = build_model(from_text_cfg(vilbert_bert_folder), "vilbert")
+    text = model.bert.encoder.layer
+    for i, layer in enumerate(model.image_layers):  # visual layer i <- text layer i
+        for key, tensor in layer.state_dict().items():
+            assert torch.equal(tensor, text[i].state_dict()[key]), (i, key)
+    for co_layer, t in zip(model.co_layers, SIZES.t_biattention_id):  # co-attention before text layer t
+        source = text[t]
+        for block in (co_layer.text, co_layer.image):
+            for ours, theirs in ((block.cross.query, source.attention.self.query),
+                                 (block.cross.value, source.attention.self.value),
+                                 (block.cross_output.LayerNorm, source.attention.output.LayerNorm),
+                                 (block.intermediate.dense, source.intermediate.dense),
+                                 (block.output.dense, source.output.dense)):
+                assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)
+    assert not torch.equal(random_start.co_layers[0].text.cross.key.weight, text[1].attention.self.key.weight)
+    # Copied layers learn at BERT's rate; what is still new (embedding, poolers) at the head's.
+    for name in ("co_layers.1.image.cross.query.weight", "image_layers.0.output.dense.weight"):
+        assert model.parameter_kind(name) == "bert" and random_start.parameter_kind(name) == "head", name
+    assert model.parameter_kind("image_embeddings.features.weight") == "head"
+    assert model.parameter_kind("image_pooler.dense.weight") == "head"
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("V_HIDDEN_SIZE", "24", "'MODEL.VILBERT.V_HIDDEN_SIZE' must be its 32, got 24"),
+    ("BI_NUM_ATTENTION_HEADS", "4", "'MODEL.VILBERT.BI_NUM_ATTENTION_HEADS' must be its 2, got 4"),
+    ("V_INTERMEDIATE_SIZE", "48", "'MODEL.VILBERT.V_INTERMEDIATE_SIZE' must be its 64, got 48"),
+])
+def test_new_layers_from_text_refuse_sizes_other_than_the_text_streams(vilbert_bert_folder, key, value,
+                                                                       named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        build_model(from_text_cfg(vilbert_bert_folder, f"MODEL.VILBERT.{key}", value), "vilbert")
+
+
+def test_new_layers_from_text_and_released_weights_are_one_or_the_other(tmp_path):
+    (tmp_path / "vilbert.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match="NEW_LAYERS_FROM_TEXT' starts the layers that 'MODEL.VILBERT"):
+        load_train_cfg(None, ["MODEL.ARCH", "vilbert", "MODEL.VILBERT.WEIGHTS", str(tmp_path / "vilbert.bin"),
+                              "MODEL.VILBERT.NEW_LAYERS_FROM_TEXT", "True"])
+
+
 # -- released checkpoints ------------------------------------------------------------------------
 def released_state(text: dict, sizes: ViLBertSizes, feature_size: int, seed: int = 0
                    ) -> dict[str, torch.Tensor]:

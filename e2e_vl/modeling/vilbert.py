@@ -48,6 +48,9 @@ def _check_vilbert_keys(cfg: CfgNode) -> None:
     if weights and not os.path.isfile(weights):
         raise ConfigError(f"'MODEL.VILBERT.WEIGHTS' {weights} does not exist (a released ViLBERT file, "
                           "pretrained_model.bin or multi_task_model.bin)")
+    if weights and cfg.MODEL.VILBERT.NEW_LAYERS_FROM_TEXT:
+        raise ConfigError("'MODEL.VILBERT.NEW_LAYERS_FROM_TEXT' starts the layers that "
+                          f"'MODEL.VILBERT.WEIGHTS' {weights} fills: set one of them")
 
 
 register_config("MODEL.VILBERT", {
@@ -69,6 +72,10 @@ register_config("MODEL.VILBERT", {
     "T_BIATTENTION_ID": [6, 7, 8, 9, 10, 11],
     "V_HIDDEN_DROPOUT_PROB": 0.1,
     "V_ATTENTION_PROBS_DROPOUT_PROB": 0.1,
+    # Without WEIGHTS: start the visual stream and the co-attention as copies of the text stream's
+    # pre-trained layers, not at random (`ViLBert.start_new_layers_from_text`), and train them at BERT's
+    # rate. Needs both as wide as the text stream, with its heads and feed-forward width.
+    "NEW_LAYERS_FROM_TEXT": False,
 }, _check_vilbert_keys, owner=__name__)
 
 
@@ -282,6 +289,7 @@ class ViLBert(RegionEncoder):
         self.loss_weights = dict(options.loss_weights)
         self.connections = list(zip(sizes.t_biattention_id, sizes.v_biattention_id))
         self.image_embeddings = ImageEmbeddings(self.appearance_dim, image)
+        self.sizes = sizes
         self.image_layers = nn.ModuleList(BertLayer(image) for _ in range(sizes.v_num_hidden_layers))
         self.co_layers = nn.ModuleList(
             CoAttentionLayer(text, image, sizes.bi_hidden_size, sizes.bi_num_attention_heads)
@@ -299,6 +307,8 @@ class ViLBert(RegionEncoder):
         # True once a ViLBERT checkpoint filled the visual stream and co-attention: then they train at
         # BERT's rate.
         self.streams_pretrained = False
+        # True once `start_new_layers_from_text` filled the visual layers and the co-attention.
+        self.layers_from_text = False
         self.gradient_checkpointing = False
 
     body_prefixes = tuple(f"{part}." for part in STREAM_PARTS)
@@ -316,13 +326,54 @@ class ViLBert(RegionEncoder):
         """MODEL.VILBERT.WEIGHTS, when set: the whole two-stream encoder (and the MLM head)."""
         if cfg.MODEL.VILBERT.WEIGHTS:
             load_vilbert_weights(self, cfg.MODEL.VILBERT.WEIGHTS)
+        elif cfg.MODEL.VILBERT.NEW_LAYERS_FROM_TEXT:
+            self.start_new_layers_from_text()
+
+    def start_new_layers_from_text(self) -> None:
+        """Visual layer i <- text layer i; the co-attention layer before text layer t <- text layer t, on both
+        sides: its queries, keys and values from the layer's self-attention, its output projection and
+        LayerNorm from the attention's, its feed-forward from the layer's.
+
+        Why: the co-attention otherwise starts from random and has to learn from nothing which word matches
+        which region; copied from pre-trained attention, its query-key product starts as one that scores
+        similar tokens high (docs/results.md, "The architectures on easy-VQA"). A ConfigError names the
+        MODEL.VILBERT key whose size differs from the text stream's."""
+        text, sizes = self.bert.config, self.sizes
+        for key, ours, wanted in (
+                ("V_HIDDEN_SIZE", sizes.v_hidden_size, text.hidden_size),
+                ("BI_HIDDEN_SIZE", sizes.bi_hidden_size, text.hidden_size),
+                ("V_NUM_ATTENTION_HEADS", sizes.v_num_attention_heads, text.num_attention_heads),
+                ("BI_NUM_ATTENTION_HEADS", sizes.bi_num_attention_heads, text.num_attention_heads),
+                ("V_INTERMEDIATE_SIZE", sizes.v_intermediate_size, text.intermediate_size)):
+            if ours != wanted:
+                raise ConfigError(f"MODEL.VILBERT.NEW_LAYERS_FROM_TEXT copies the text stream's layers: "
+                                  f"'MODEL.VILBERT.{key}' must be its {wanted}, got {ours}")
+        if sizes.v_num_hidden_layers > text.num_hidden_layers:
+            raise ConfigError(f"MODEL.VILBERT.NEW_LAYERS_FROM_TEXT: 'MODEL.VILBERT.V_NUM_HIDDEN_LAYERS' "
+                              f"{sizes.v_num_hidden_layers} is more than the text stream's "
+                              f"{text.num_hidden_layers} layers")
+        text_layers = self.bert.encoder.layer
+        for layer, source in zip(self.image_layers, text_layers):
+            layer.load_state_dict(source.state_dict())
+        for co_layer, (t, _) in zip(self.co_layers, self.connections):
+            source = text_layers[t]
+            for block in (co_layer.text, co_layer.image):
+                block.cross.load_state_dict(source.attention.self.state_dict())
+                block.cross_output.load_state_dict(source.attention.output.state_dict())
+                block.intermediate.load_state_dict(source.intermediate.state_dict())
+                block.output.load_state_dict(source.output.state_dict())
+        self.layers_from_text = True
+        logger.info("MODEL.VILBERT.NEW_LAYERS_FROM_TEXT: %d visual and %d co-attention layers start from the "
+                    "text stream's", len(self.image_layers), len(self.co_layers))
 
     # -- parameter groups for the engine ------------------------------------------------------------------
     def parameter_kind(self, name: str) -> str:
-        """'detector'; 'bert' for the text stream, and for the rest of the two-stream encoder when it came
-        from a ViLBERT checkpoint; 'head' otherwise (new layers)."""
+        """'detector'; 'bert' for the text stream, for the rest of the two-stream encoder when it came
+        from a ViLBERT checkpoint, and for the visual layers and co-attention when they started from the
+        text stream's; 'head' otherwise (new layers)."""
         part = name.split(".", 1)[0]
-        if part == "bert" or (part in STREAM_PARTS and self.streams_pretrained):
+        if (part == "bert" or (part in STREAM_PARTS and self.streams_pretrained)
+                or (part in ("image_layers", "co_layers") and self.layers_from_text)):
             return "bert"
         return RegionEncoder.parameter_kind(name)
 
